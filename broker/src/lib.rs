@@ -1,0 +1,1 @@
+//! The Backbone broker library.

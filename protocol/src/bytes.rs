@@ -1,0 +1,190 @@
+//! Byte newtypes with a fixed wire layout.
+//!
+//! Fixed-size values travel as their raw bytes with no length prefix;
+//! variable-size bytes ([`Blob`]) travel as a `u64` little-endian length and the
+//! bytes. Deserialization of a [`Blob`] borrows from the input first, so a
+//! forged length is rejected as truncated input before anything is allocated.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::ser::{SerializeTuple, Serializer};
+use serde::{Deserialize, Serialize};
+
+macro_rules! fixed_bytes {
+    ($(#[$meta:meta])* $name:ident, $len:expr) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub [u8; $len]);
+
+        impl $name {
+            /// Length in bytes.
+            pub const LEN: usize = $len;
+
+            /// The raw bytes.
+            pub fn as_bytes(&self) -> &[u8; $len] {
+                &self.0
+            }
+
+            /// A value filled from the operating system's secure random source.
+            pub fn random() -> Self {
+                let mut bytes = [0u8; $len];
+                rand::fill(&mut bytes[..]);
+                Self(bytes)
+            }
+        }
+
+        impl From<[u8; $len]> for $name {
+            fn from(bytes: [u8; $len]) -> Self {
+                Self(bytes)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), hex::encode(self.0))
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut tuple = serializer.serialize_tuple($len)?;
+                for byte in &self.0 {
+                    tuple.serialize_element(byte)?;
+                }
+                tuple.end()
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct FixedVisitor;
+                impl<'de> Visitor<'de> for FixedVisitor {
+                    type Value = [u8; $len];
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "{} bytes", $len)
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                        let mut out = [0u8; $len];
+                        for (index, slot) in out.iter_mut().enumerate() {
+                            *slot = seq
+                                .next_element()?
+                                .ok_or_else(|| de::Error::invalid_length(index, &self))?;
+                        }
+                        Ok(out)
+                    }
+                }
+                deserializer.deserialize_tuple($len, FixedVisitor).map($name)
+            }
+        }
+    };
+}
+
+fixed_bytes!(
+    /// An ed25519 signature.
+    Signature,
+    64
+);
+fixed_bytes!(
+    /// A 32-byte single-use random challenge.
+    Nonce,
+    32
+);
+fixed_bytes!(
+    /// The broker node's stable identifier, bound into auth signatures.
+    ServerId,
+    32
+);
+fixed_bytes!(
+    /// A broker-assigned message id, unique per accepted send.
+    MessageId,
+    16
+);
+fixed_bytes!(
+    /// An X25519 public key used to seal envelopes to an identity.
+    EncryptionKey,
+    32
+);
+
+/// Variable-length opaque bytes (envelopes, addresses of other nodes).
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Blob(pub Vec<u8>);
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Envelope bytes are never printed: logs must not carry ciphertext.
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BlobVisitor;
+        impl<'de> Visitor<'de> for BlobVisitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+                Ok(v)
+            }
+        }
+        deserializer.deserialize_bytes(BlobVisitor).map(Blob)
+    }
+}
+
+/// Short UTF-8 text (error messages, node addresses), borrowed on decode like [`Blob`].
+#[derive(Clone, PartialEq, Eq, Hash, Default, Debug)]
+pub struct Text(pub String);
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("UTF-8 text")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(v.to_owned())
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(v)
+            }
+        }
+        deserializer.deserialize_str(TextVisitor).map(Text)
+    }
+}

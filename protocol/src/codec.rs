@@ -1,0 +1,371 @@
+//! Framing, and the only module in the workspace that names `bincode`.
+//!
+//! A frame on the wire is:
+//!
+//! ```text
+//! length: u32 big-endian   number of bytes that follow (version + body)
+//! version: u8              PROTOCOL_VERSION
+//! body                     the Frame, bincode 2 "fixed-int little-endian" layout:
+//!                          tag u32 LE, then the variant's fields in order
+//! ```
+//!
+//! Decoding is a pure function over a byte slice. It returns
+//! [`Decoded::Incomplete`] when more bytes are needed, never panics, rejects a
+//! length above the caller's limit before buffering it, and borrows variable
+//! fields from the input first so a forged inner length cannot make it
+//! allocate more than the bytes actually present.
+
+use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::PROTOCOL_VERSION;
+use crate::frame::{ErrorCode, Frame};
+
+/// The largest frame length any peer may configure: 16 MiB.
+pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Bytes before the body: the length prefix and the version byte.
+pub const HEADER_LEN: usize = 5;
+
+type Config = Configuration<LittleEndian, Fixint, Limit<MAX_FRAME_LEN>>;
+
+const CONFIG: Config = bincode::config::standard()
+    .with_little_endian()
+    .with_fixed_int_encoding()
+    .with_limit::<MAX_FRAME_LEN>();
+
+/// Which frames a decoder accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A broker reading an unauthenticated client: only Hello and Auth.
+    PreAuth,
+    /// Any frame.
+    Any,
+}
+
+/// The result of a successful decode attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// The input holds no complete frame yet; at least `needed` more bytes are required.
+    Incomplete {
+        /// How many more bytes are needed at least.
+        needed: usize,
+    },
+    /// One frame, and how many input bytes it used.
+    Frame {
+        /// The frame.
+        frame: Frame,
+        /// Bytes consumed from the input.
+        consumed: usize,
+    },
+}
+
+/// Why input could not be decoded. Each maps to a stable [`ErrorCode`].
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum DecodeError {
+    /// The length prefix exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Declared length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The version byte is not one this crate speaks.
+    #[error("unsupported protocol version {version}")]
+    UnsupportedVersion {
+        /// The version byte found.
+        version: u8,
+    },
+    /// The frame tag is unknown.
+    #[error("unknown frame type {tag}")]
+    UnknownFrameType {
+        /// The tag found.
+        tag: u32,
+    },
+    /// A frame other than Hello/Auth before authentication.
+    #[error("frame type {tag} is not allowed before authentication")]
+    NotAuthenticated {
+        /// The tag found.
+        tag: u32,
+    },
+    /// The body ended before its fields did (or an inner length points past the end).
+    #[error("frame body is truncated")]
+    Truncated,
+    /// Bytes remain after the body.
+    #[error("{extra} trailing bytes after the frame body")]
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+    /// The body does not decode for another reason (bad option tag, bad UTF-8, ...).
+    #[error("malformed frame body: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// The stable wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownFrameType { .. } => ErrorCode::UnknownFrameType,
+            DecodeError::NotAuthenticated { .. } => ErrorCode::NotAuthenticated,
+            DecodeError::Truncated => ErrorCode::TruncatedFrame,
+            DecodeError::TrailingBytes { .. } => ErrorCode::TrailingBytes,
+            DecodeError::Malformed(_) => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug, Error)]
+pub enum EncodeError {
+    /// The encoded frame would exceed [`MAX_FRAME_LEN`].
+    #[error("encoded frame exceeds {MAX_FRAME_LEN} bytes")]
+    TooLarge,
+    /// The serializer failed.
+    #[error("encoding failed: {0}")]
+    Serializer(String),
+}
+
+impl From<bincode::error::EncodeError> for EncodeError {
+    fn from(error: bincode::error::EncodeError) -> Self {
+        EncodeError::Serializer(error.to_string())
+    }
+}
+
+fn map_decode_error(error: bincode::error::DecodeError) -> DecodeError {
+    use bincode::error::DecodeError as E;
+    match error {
+        E::UnexpectedEnd { .. } => DecodeError::Truncated,
+        E::LimitExceeded => DecodeError::Truncated,
+        other => DecodeError::Malformed(other.to_string()),
+    }
+}
+
+/// Appends one frame, header included, to `out`.
+pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, PROTOCOL_VERSION]);
+    if let Err(error) = bincode::serde::encode_into_std_write(frame, out, CONFIG) {
+        out.truncate(start);
+        return Err(error.into());
+    }
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge);
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Encodes one frame into a fresh buffer.
+pub fn frame_to_vec(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    encode_frame(frame, &mut out)?;
+    Ok(out)
+}
+
+/// Tries to decode one frame from the start of `input`.
+///
+/// `max_frame_len` is the caller's limit on the length prefix (at most
+/// [`MAX_FRAME_LEN`]); `phase` restricts which frame types are accepted.
+pub fn decode_frame(input: &[u8], max_frame_len: usize, phase: Phase) -> Result<Decoded, DecodeError> {
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    let Some(prefix) = input.get(..4) else {
+        return Ok(Decoded::Incomplete { needed: 4 - input.len() });
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > max {
+        return Err(DecodeError::FrameTooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(DecodeError::Truncated);
+    }
+    let total = 4 + len;
+    let Some(frame_bytes) = input.get(4..total) else {
+        return Ok(Decoded::Incomplete { needed: total - input.len() });
+    };
+    let version = frame_bytes[0];
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion { version });
+    }
+    let body = &frame_bytes[1..];
+    let tag = peek_tag(body)?;
+    if tag as usize >= Frame::TAG_NAMES.len() {
+        return Err(DecodeError::UnknownFrameType { tag });
+    }
+    if phase == Phase::PreAuth && !Frame::tag_allowed_before_auth(tag) {
+        return Err(DecodeError::NotAuthenticated { tag });
+    }
+    let frame = decode_exact::<Frame>(body)?;
+    Ok(Decoded::Frame { frame, consumed: total })
+}
+
+/// The frame tag at the start of a body.
+pub fn peek_tag(body: &[u8]) -> Result<u32, DecodeError> {
+    body.get(..4)
+        .map(|tag| u32::from_le_bytes([tag[0], tag[1], tag[2], tag[3]]))
+        .ok_or(DecodeError::Truncated)
+}
+
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, used): (T, usize) =
+        bincode::serde::borrow_decode_from_slice(bytes, CONFIG).map_err(map_decode_error)?;
+    if used != bytes.len() {
+        return Err(DecodeError::TrailingBytes { extra: bytes.len() - used });
+    }
+    Ok(value)
+}
+
+/// Encodes any serde value with the wire layout, without a frame header.
+///
+/// The broker uses this for its stored records so that the serialization
+/// library stays named in this one module.
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    Ok(bincode::serde::encode_to_vec(value, CONFIG)?)
+}
+
+/// Decodes a value written by [`encode_value`]; the whole input must be used.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_exact(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes::{Blob, Text};
+    use crate::frame::{ErrorFrame, Hello, Ping, Send};
+    use crate::identity::Address;
+
+    fn ping() -> Vec<u8> {
+        frame_to_vec(&Frame::Ping(Ping { nonce: 7 })).expect("encodes")
+    }
+
+    #[test]
+    fn a_frame_round_trips_and_partial_input_is_incomplete() {
+        let bytes = ping();
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                decode_frame(&bytes[..cut], 1024, Phase::Any),
+                Ok(Decoded::Incomplete { .. })
+            ));
+        }
+        assert_eq!(
+            decode_frame(&bytes, 1024, Phase::Any),
+            Ok(Decoded::Frame { frame: Frame::Ping(Ping { nonce: 7 }), consumed: bytes.len() })
+        );
+    }
+
+    #[test]
+    fn two_frames_back_to_back_decode_one_at_a_time() {
+        let mut bytes = ping();
+        let first_len = bytes.len();
+        encode_frame(&Frame::Hello(Hello { min_version: 1, max_version: 1 }), &mut bytes).expect("encodes");
+        let Ok(Decoded::Frame { consumed, .. }) = decode_frame(&bytes, 1024, Phase::Any) else {
+            panic!("first frame must decode");
+        };
+        assert_eq!(consumed, first_len);
+        assert!(matches!(
+            decode_frame(&bytes[consumed..], 1024, Phase::PreAuth),
+            Ok(Decoded::Frame { frame: Frame::Hello(_), .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_length_is_rejected_before_the_body_arrives() {
+        let mut bytes = ping();
+        bytes[..4].copy_from_slice(&2000u32.to_be_bytes());
+        assert_eq!(
+            decode_frame(&bytes[..6], 1024, Phase::Any),
+            Err(DecodeError::FrameTooLarge { len: 2000, max: 1024 })
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_unknown_tags_versions_and_empty_frames_are_typed_errors() {
+        let mut bytes = ping();
+        bytes.push(0xff);
+        let len = (bytes.len() - 4) as u32;
+        bytes[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::TrailingBytes { extra: 1 }));
+
+        let mut unknown = ping();
+        unknown[5..9].copy_from_slice(&99u32.to_le_bytes());
+        assert_eq!(decode_frame(&unknown, 1024, Phase::Any), Err(DecodeError::UnknownFrameType { tag: 99 }));
+
+        let mut version = ping();
+        version[4] = 9;
+        assert_eq!(
+            decode_frame(&version, 1024, Phase::Any),
+            Err(DecodeError::UnsupportedVersion { version: 9 })
+        );
+
+        assert_eq!(decode_frame(&[0, 0, 0, 0], 1024, Phase::Any), Err(DecodeError::Truncated));
+        assert_eq!(decode_frame(&[0, 0, 0, 1, 1], 1024, Phase::Any), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn only_hello_and_auth_pass_before_authentication() {
+        assert_eq!(decode_frame(&ping(), 1024, Phase::PreAuth), Err(DecodeError::NotAuthenticated { tag: 16 }));
+        let error = frame_to_vec(&Frame::Error(ErrorFrame::new(0, ErrorCode::Internal, "x"))).expect("encodes");
+        assert_eq!(decode_frame(&error, 1024, Phase::PreAuth), Err(DecodeError::NotAuthenticated { tag: 14 }));
+    }
+
+    #[test]
+    fn a_forged_inner_length_is_truncated_not_an_allocation() {
+        let send = Frame::Send(Send {
+            request_id: 1,
+            ttl_secs: 60,
+            recipients: vec![Address([1; 32])],
+            envelope: Blob(vec![5; 8]),
+        });
+        let mut bytes = frame_to_vec(&send).expect("encodes");
+        // The envelope length is the u64 right before its 8 bytes at the end.
+        let at = bytes.len() - 8 - 8;
+        bytes[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        assert_eq!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Truncated));
+        // Same for the recipient list's length.
+        let mut bytes = frame_to_vec(&send).expect("encodes");
+        bytes[5 + 4 + 8 + 4..5 + 4 + 8 + 4 + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode_frame(&bytes, 1024, Phase::Any).is_err());
+    }
+
+    #[test]
+    fn bad_utf8_and_bad_option_tags_are_malformed() {
+        let error = Frame::Error(ErrorFrame {
+            request_id: 0,
+            code: 1,
+            retry_after_ms: None,
+            message: Text("ab".into()),
+        });
+        let mut bytes = frame_to_vec(&error).expect("encodes");
+        let last = bytes.len() - 1;
+        bytes[last] = 0xff;
+        assert!(matches!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Malformed(_))));
+
+        let mut bytes = frame_to_vec(&error).expect("encodes");
+        // The option tag follows tag (4), request_id (8) and code (2).
+        bytes[5 + 4 + 8 + 2] = 7;
+        assert!(matches!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn every_decode_error_has_a_distinct_code() {
+        let errors = [
+            DecodeError::FrameTooLarge { len: 0, max: 0 },
+            DecodeError::UnsupportedVersion { version: 0 },
+            DecodeError::UnknownFrameType { tag: 0 },
+            DecodeError::NotAuthenticated { tag: 0 },
+            DecodeError::Truncated,
+            DecodeError::TrailingBytes { extra: 0 },
+            DecodeError::Malformed(String::new()),
+        ];
+        let codes: std::collections::HashSet<_> = errors.iter().map(DecodeError::code).collect();
+        assert_eq!(codes.len(), errors.len());
+    }
+}

@@ -1,0 +1,412 @@
+//! Every frame of the wire protocol.
+//!
+//! The order of [`Frame`]'s variants is the wire tag (a `u32`), so variants are
+//! only ever appended, never reordered; the golden vectors in
+//! `docs/protocol.md` guard this. Requests carry a client-chosen non-zero
+//! `request_id` that the response echoes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bytes::{Blob, MessageId, Nonce, ServerId, Signature, Text};
+use crate::card::IdentityCard;
+use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
+
+/// One protocol frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Tag 0, client → broker, first frame: the versions the client speaks.
+    Hello(Hello),
+    /// Tag 1, broker → client: the chosen version and a single-use challenge.
+    Challenge(Challenge),
+    /// Tag 2, client → broker: the signed challenge response.
+    Auth(Auth),
+    /// Tag 3, broker → client: authentication succeeded.
+    AuthOk(AuthOk),
+    /// Tag 4, client → broker: register a device of the authenticated identity.
+    RegisterDevice(RegisterDevice),
+    /// Tag 5, client → broker: publish the authenticated identity's card.
+    PublishCard(PublishCard),
+    /// Tag 6, client → broker: fetch the card of an address.
+    FetchCard(FetchCard),
+    /// Tag 7, broker → client: the card asked for.
+    CardResult(CardResult),
+    /// Tag 8, client → broker: store an envelope for 1..N recipients.
+    Send(Send),
+    /// Tag 9, broker → client: the send is durable for the listed recipients.
+    SendAck(SendAck),
+    /// Tag 10, broker → client: push of one stored envelope.
+    Deliver(Deliver),
+    /// Tag 11, client → broker: cumulative acknowledgement of delivered envelopes.
+    Ack(Ack),
+    /// Tag 12, client → broker: delete envelopes from the own mailbox.
+    Delete(Delete),
+    /// Tag 13, broker → client: a request without other result succeeded.
+    Done(Done),
+    /// Tag 14, either direction: an error with a stable code.
+    Error(ErrorFrame),
+    /// Tag 15, broker → client: the request belongs on another node.
+    Redirect(Redirect),
+    /// Tag 16, either direction: liveness probe.
+    Ping(Ping),
+    /// Tag 17, either direction: answer to [`Frame::Ping`].
+    Pong(Pong),
+}
+
+impl Frame {
+    /// The wire tag of each variant, in order. Keep in sync with the enum.
+    pub const TAG_NAMES: [&'static str; 18] = [
+        "Hello",
+        "Challenge",
+        "Auth",
+        "AuthOk",
+        "RegisterDevice",
+        "PublishCard",
+        "FetchCard",
+        "CardResult",
+        "Send",
+        "SendAck",
+        "Deliver",
+        "Ack",
+        "Delete",
+        "Done",
+        "Error",
+        "Redirect",
+        "Ping",
+        "Pong",
+    ];
+
+    /// The wire tag of this frame.
+    pub fn tag(&self) -> u32 {
+        match self {
+            Frame::Hello(_) => 0,
+            Frame::Challenge(_) => 1,
+            Frame::Auth(_) => 2,
+            Frame::AuthOk(_) => 3,
+            Frame::RegisterDevice(_) => 4,
+            Frame::PublishCard(_) => 5,
+            Frame::FetchCard(_) => 6,
+            Frame::CardResult(_) => 7,
+            Frame::Send(_) => 8,
+            Frame::SendAck(_) => 9,
+            Frame::Deliver(_) => 10,
+            Frame::Ack(_) => 11,
+            Frame::Delete(_) => 12,
+            Frame::Done(_) => 13,
+            Frame::Error(_) => 14,
+            Frame::Redirect(_) => 15,
+            Frame::Ping(_) => 16,
+            Frame::Pong(_) => 17,
+        }
+    }
+
+    /// Whether a broker accepts this tag from a client that has not authenticated.
+    pub fn tag_allowed_before_auth(tag: u32) -> bool {
+        matches!(tag, 0 | 2)
+    }
+}
+
+/// Version negotiation; the broker picks the highest version both speak.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Lowest protocol version the client speaks.
+    pub min_version: u8,
+    /// Highest protocol version the client speaks.
+    pub max_version: u8,
+}
+
+/// The broker's answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The version used on this connection from now on.
+    pub version: u8,
+    /// The broker's stable id, bound into the auth signature.
+    pub server_id: ServerId,
+    /// 32 random bytes, valid once.
+    pub nonce: Nonce,
+    /// How long the nonce stays valid, in milliseconds (at most 60 000).
+    pub expires_in_ms: u32,
+}
+
+/// The signed challenge response (see [`crate::auth`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The identity's signing key; the session's address is its hash.
+    pub identity_key: PublicKey,
+    /// The device certificate, or `None` when the identity key itself signs.
+    pub device: Option<DeviceCertificate>,
+    /// The device key's signature over the auth transcript.
+    pub signature: Signature,
+}
+
+/// Authentication succeeded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthOk {
+    /// The authenticated identity's address.
+    pub address: Address,
+    /// The authenticated device.
+    pub device_id: DeviceId,
+    /// The device's cursor: every envelope up to this sequence is acknowledged.
+    pub acked_seq: u64,
+}
+
+/// Registers another device of the authenticated identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterDevice {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The device certificate, issued by the authenticated identity.
+    pub certificate: DeviceCertificate,
+}
+
+/// Publishes the authenticated identity's card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishCard {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The card; it must belong to the authenticated identity.
+    pub card: IdentityCard,
+}
+
+/// Asks for the card of `address`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchCard {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Whose card.
+    pub address: Address,
+}
+
+/// The card asked for; the client verifies it against the address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardResult {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The stored card.
+    pub card: IdentityCard,
+}
+
+/// Stores one envelope for each recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Send {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Time to live in seconds; the broker caps it at its configured maximum.
+    pub ttl_secs: u32,
+    /// 1..N distinct recipients.
+    pub recipients: Vec<Address>,
+    /// Opaque, end-to-end encrypted bytes.
+    pub envelope: Blob,
+}
+
+/// Per-recipient outcome of a [`Send`]: stored recipients and failed ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendAck {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The id the broker gave the message.
+    pub message_id: MessageId,
+    /// Recipients for which the envelope is durable, with its sequence number there.
+    pub stored: Vec<Stored>,
+    /// Recipients for which the send failed.
+    pub failed: Vec<Failed>,
+}
+
+/// The envelope is durable in `address`'s mailbox at `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    /// The recipient.
+    pub address: Address,
+    /// The envelope's sequence number in that mailbox.
+    pub seq: u64,
+}
+
+/// The envelope was not stored for `address`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    /// The recipient.
+    pub address: Address,
+    /// Why, as a stable [`ErrorCode`] value.
+    pub code: u16,
+    /// When retrying makes sense, after how many milliseconds.
+    pub retry_after_ms: Option<u32>,
+}
+
+/// One envelope pushed to a device, in sequence order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver {
+    /// Sequence number in the recipient's mailbox.
+    pub seq: u64,
+    /// The broker's id for the message.
+    pub message_id: MessageId,
+    /// The sending identity as authenticated by the broker.
+    pub sender: Option<Address>,
+    /// When the broker stored it, milliseconds since the Unix epoch.
+    pub stored_at_ms: u64,
+    /// When it expires, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// The opaque envelope.
+    pub envelope: Blob,
+}
+
+/// Cumulative ack: every envelope with `seq <= up_to_seq` was processed by this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Highest processed sequence number.
+    pub up_to_seq: u64,
+}
+
+/// Deletes envelopes from the authenticated identity's mailbox, for all its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delete {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Sequence numbers to delete; unknown ones are ignored.
+    pub seqs: Vec<u64>,
+}
+
+/// A request succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The request this answers.
+    pub request_id: u64,
+}
+
+/// An error with a stable code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// The failed request, or 0 for a connection-level error.
+    pub request_id: u64,
+    /// A stable [`ErrorCode`] value; unknown codes must be handled as generic failures.
+    pub code: u16,
+    /// When retrying makes sense, after how many milliseconds.
+    pub retry_after_ms: Option<u32>,
+    /// Human-readable detail, for logs and people, never for program logic.
+    pub message: Text,
+}
+
+/// The address's home is another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// The request this answers, or 0 for the session itself.
+    pub request_id: u64,
+    /// `host:port` of the node to reconnect to.
+    pub node: Text,
+}
+
+/// Liveness probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Echoed in the [`Pong`].
+    pub nonce: u64,
+}
+
+/// Answer to [`Ping`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The ping's nonce.
+    pub nonce: u64,
+}
+
+macro_rules! error_codes {
+    ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
+        /// Stable numeric error codes. Values never change meaning.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ErrorCode {
+            $($(#[$meta])* $name = $value,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+
+            /// The code for a wire value, if known.
+            pub fn from_u16(value: u16) -> Option<Self> {
+                match value {
+                    $($value => Some(ErrorCode::$name),)*
+                    _ => None,
+                }
+            }
+
+            /// Whether the same request may succeed if retried later.
+            pub fn is_retryable(self) -> bool {
+                match self {
+                    $(ErrorCode::$name => $retryable,)*
+                }
+            }
+
+            /// The code's name, as documented.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => stringify!($name),)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame's body does not decode.
+    MalformedFrame = 1, false;
+    /// The frame's length exceeds the limit.
+    FrameTooLarge = 2, false;
+    /// The protocol version is not supported.
+    UnsupportedVersion = 3, false;
+    /// The frame tag is unknown.
+    UnknownFrameType = 4, false;
+    /// The frame has bytes after its body.
+    TrailingBytes = 5, false;
+    /// The frame ended before its body did.
+    TruncatedFrame = 6, false;
+    /// A frame other than Hello/Auth arrived before authentication.
+    NotAuthenticated = 10, false;
+    /// The auth response did not verify.
+    AuthFailed = 11, false;
+    /// The challenge expired before the response arrived.
+    ChallengeExpired = 12, false;
+    /// The challenge was already answered, or none was issued.
+    ChallengeReused = 13, false;
+    /// The connection did not authenticate within the deadline.
+    AuthTimeout = 14, false;
+    /// The device is not registered for this identity.
+    DeviceNotRegistered = 15, false;
+    /// The device certificate is invalid.
+    InvalidCertificate = 16, false;
+    /// A frame arrived in a state where it makes no sense.
+    UnexpectedFrame = 17, false;
+    /// No card is stored for the address.
+    UnknownAddress = 20, false;
+    /// The card does not verify or does not belong to the sender.
+    InvalidCard = 21, false;
+    /// More recipients than the broker allows, or none, or duplicates.
+    InvalidRecipients = 22, false;
+    /// The envelope exceeds the size limit.
+    EnvelopeTooLarge = 23, false;
+    /// The TTL is zero.
+    InvalidTtl = 24, false;
+    /// The request names something that does not exist.
+    NotFound = 25, false;
+    /// The authenticated identity may not do this.
+    Forbidden = 26, false;
+    /// Too many requests; retry after the given time.
+    RateLimited = 30, true;
+    /// A storage quota is exhausted.
+    QuotaExceeded = 31, false;
+    /// The shard owning the recipient is unavailable; retry later.
+    ShardUnavailable = 32, true;
+    /// The broker is overloaded; retry later.
+    Overloaded = 33, true;
+    /// The broker is shutting down; reconnect later.
+    ShuttingDown = 34, true;
+    /// An internal error.
+    Internal = 50, true;
+    /// Storage failed; nothing was acknowledged.
+    StorageFailure = 51, true;
+}
+
+impl ErrorFrame {
+    /// An error frame for `code`.
+    pub fn new(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { request_id, code: code as u16, retry_after_ms: None, message: Text(message.into()) }
+    }
+}
