@@ -1,1 +1,26 @@
-//! The Backbone broker library.
+//! The Backbone broker.
+//!
+//! Layout:
+//! - [`config`]: the configuration, its file, environment overrides and validation.
+//! - [`server`]: wiring and the accept loop; [`server::Broker`] is the running broker.
+//! - [`session`]: one connection — handshake, auth, requests, delivery to a device.
+//! - [`wire`]: frame I/O over a QUIC stream.
+//! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
+//! - [`supervisor`]: the root of the supervision tree and the expiry actor.
+//! - [`store`]: storage behind a narrow trait; the only module naming sled, and the group-commit writer.
+//! - [`tls`], [`transport`]: certificates and QUIC tuning.
+//! - [`metrics_http`]: `/metrics` and `/health`.
+
+pub mod config;
+pub mod mailbox;
+pub mod metrics_http;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod supervisor;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use config::Config;
+pub use server::{Broker, StartOptions};

@@ -1,1 +1,295 @@
-fn main() {}
+//! `backbone-cli`: keys, sending and listening from a terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
+use backbone_client::{Client, ClientError, ClientOptions, ConnectConfig, Credentials, Trust};
+use backbone_protocol::{Address, ErrorCode};
+use clap::{Args, Parser, Subcommand};
+
+/// Command-line client for the Backbone broker: end-to-end encrypted messages
+/// between identities, addressed by `bb1...` addresses.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new identity key file and print its address.
+    Keygen {
+        /// Where to write the key file (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the address of a key file.
+    Address {
+        /// The key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Encrypt a message to one or more addresses and send it.
+    Send(SendArgs),
+    /// Receive messages: prints each decrypted message and acknowledges it.
+    Listen(ListenArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Broker address, host:port (UDP).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    server: String,
+    /// Certificate to trust (the broker prints its path; default: the one a
+    /// broker with default settings generates in ./backbone-data).
+    #[arg(long, conflicts_with = "fingerprint")]
+    ca: Option<PathBuf>,
+    /// SHA-256 fingerprint of the broker's certificate (the broker prints it), instead of --ca.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// TLS server name to verify (default: the host of --server, or localhost for an IP).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Your identity key file.
+    #[arg(long)]
+    key: PathBuf,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Recipient address (repeat for several).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// How long the broker keeps the message.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// The message text.
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    message: Option<String>,
+    /// Send this file's contents instead.
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit after this long (with --count: fail if fewer arrived).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// One JSON object per message instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit codes, documented in `--help` of the README.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const UNREACHABLE: u8 = 3;
+    pub const CERTIFICATE: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const TIMEOUT: u8 = 6;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Unreachable(_)) => exit::UNREACHABLE,
+        Some(ClientError::CertificateMismatch(_)) => exit::CERTIFICATE,
+        Some(ClientError::Timeout) => exit::TIMEOUT,
+        Some(ClientError::Server { .. } | ClientError::Closed { .. }) => exit::REFUSED,
+        _ => exit::FAILURE,
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Keygen { out, force } => {
+            let keys = IdentityKeys::generate();
+            let address = keys.address();
+            keyfile::save(
+                &out,
+                &KeyFile::Identity(keys),
+                SaveOptions { overwrite: force },
+            )?;
+            println!("{address}");
+        }
+        Command::Address { key } => println!("{}", keyfile::load_identity(&key)?.address()),
+        Command::Send(args) => send(args).await?,
+        Command::Listen(args) => return listen(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
+    let keys = keyfile::load_identity(&args.key)?;
+    let trust = match (&args.fingerprint, &args.ca) {
+        (Some(fingerprint), _) => Trust::Fingerprint(fingerprint.clone()),
+        (None, Some(ca)) => Trust::CaFile(ca.clone()),
+        (None, None) => {
+            let default = PathBuf::from("./backbone-data/tls/cert.pem");
+            if !default.exists() {
+                anyhow::bail!(
+                    "no --ca or --fingerprint given and {} does not exist",
+                    default.display()
+                );
+            }
+            Trust::CaFile(default)
+        }
+    };
+    let mut connect = ConnectConfig::new(args.server.clone(), trust);
+    connect.server_name = args.server_name.clone().or_else(|| {
+        let host = args
+            .server
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&args.server);
+        host.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+            .then(|| "localhost".to_owned())
+    });
+    let mut options =
+        ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
+    options.credentials = Credentials::primary(&keys.signing);
+    let client = Client::connect(options).await?;
+    client
+        .publish_card()
+        .await
+        .context("publishing this identity's card")?;
+    Ok(client)
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let recipients = args
+        .to
+        .iter()
+        .map(|text| {
+            text.parse::<Address>()
+                .with_context(|| format!("recipient {text:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let body = match (&args.message, &args.file) {
+        (Some(message), _) => message.clone().into_bytes(),
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, None) => unreachable!("clap requires --message or --file"),
+    };
+    let client = connect(&args.server).await?;
+    let ack = client.send(&recipients, &body, args.ttl).await?;
+    for stored in &ack.stored {
+        println!("delivered to {} (seq {})", stored.address, stored.seq);
+    }
+    for failed in &ack.failed {
+        let name = ErrorCode::from_u16(failed.code)
+            .map(ErrorCode::name)
+            .unwrap_or("unknown");
+        eprintln!("not delivered to {}: {name}", failed.address);
+    }
+    if !ack.failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} recipients failed",
+            ack.failed.len(),
+            recipients.len()
+        );
+    }
+    Ok(())
+}
+
+async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&args.server).await?;
+    if !args.json {
+        eprintln!("listening as {}", client.address());
+    }
+    let deadline = args
+        .timeout
+        .map(|timeout| tokio::time::Instant::now() + timeout);
+    let mut received = 0u64;
+    while args.count.is_none_or(|count| received < count) {
+        let next = client.next_message();
+        let message = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+            None => next.await,
+        };
+        let Some(message) = message else {
+            anyhow::bail!("connection to the broker ended")
+        };
+        match message {
+            Ok(message) => {
+                received += 1;
+                print_message(&message, args.json);
+                client.ack(message.delivery.seq).await?;
+            }
+            Err((delivery, error)) => {
+                eprintln!("rejected envelope seq {}: {error}", delivery.seq);
+                client.ack(delivery.seq).await?;
+            }
+        }
+    }
+    // Give the last ack a moment to leave before the connection closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Some(count) = args.count
+        && received < count
+    {
+        eprintln!("timed out after {received} of {count} messages");
+        return Ok(ExitCode::from(exit::TIMEOUT));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_message(message: &backbone_client::Message, json: bool) {
+    let text = String::from_utf8_lossy(&message.opened.plaintext);
+    if json {
+        let value = serde_json::json!({
+            "seq": message.delivery.seq,
+            "message_id": hex::encode(message.delivery.message_id.as_bytes()),
+            "sender": message.opened.sender.to_string(),
+            "sent_at_ms": message.opened.sent_at_ms,
+            "text": text,
+        });
+        println!("{value}");
+    } else {
+        println!("from {}: {text}", message.opened.sender);
+    }
+}

@@ -50,7 +50,9 @@ pub enum AuthError {
 /// The device key an [`Auth`] frame claims: the certified device key, or the
 /// identity key itself when the identity authenticates as its own primary device.
 pub fn claimed_device_key(auth: &Auth) -> PublicKey {
-    auth.device.map(|cert| cert.device_key).unwrap_or(auth.identity_key)
+    auth.device
+        .map(|cert| cert.device_key)
+        .unwrap_or(auth.identity_key)
 }
 
 /// Verifies an auth response against the challenge this connection issued.
@@ -68,7 +70,13 @@ pub fn verify_auth(
         cert.verify_for(&auth.identity_key.address())?;
     }
     let device_key = claimed_device_key(auth);
-    let transcript = auth_transcript(nonce, tls_exporter, server_id, &auth.identity_key, &device_key);
+    let transcript = auth_transcript(
+        nonce,
+        tls_exporter,
+        server_id,
+        &auth.identity_key,
+        &device_key,
+    );
     device_key.verify(domain::AUTH, &transcript, &auth.signature)?;
     Ok(())
 }
@@ -82,10 +90,19 @@ pub fn sign_auth(
     tls_exporter: &[u8; TLS_EXPORTER_LEN],
     server_id: &ServerId,
 ) -> Auth {
-    let transcript =
-        auth_transcript(nonce, tls_exporter, server_id, &identity_key, &device.public());
+    let transcript = auth_transcript(
+        nonce,
+        tls_exporter,
+        server_id,
+        &identity_key,
+        &device.public(),
+    );
     let signature: Signature = device.sign(domain::AUTH, &transcript);
-    Auth { identity_key, device: certificate, signature }
+    Auth {
+        identity_key,
+        device: certificate,
+        signature,
+    }
 }
 
 #[cfg(test)]
@@ -106,11 +123,25 @@ mod tests {
     #[test]
     fn primary_and_certified_devices_authenticate() {
         let (identity, device, nonce, exporter, server) = fixture();
-        let primary = sign_auth(identity.public(), &identity, None, &nonce, &exporter, &server);
+        let primary = sign_auth(
+            identity.public(),
+            &identity,
+            None,
+            &nonce,
+            &exporter,
+            &server,
+        );
         assert_eq!(verify_auth(&primary, &nonce, &exporter, &server), Ok(()));
 
         let cert = DeviceCertificate::issue(&identity, device.public(), 7);
-        let secondary = sign_auth(identity.public(), &device, Some(cert), &nonce, &exporter, &server);
+        let secondary = sign_auth(
+            identity.public(),
+            &device,
+            Some(cert),
+            &nonce,
+            &exporter,
+            &server,
+        );
         assert_eq!(verify_auth(&secondary, &nonce, &exporter, &server), Ok(()));
         assert_eq!(claimed_device_key(&secondary), device.public());
     }
@@ -118,11 +149,21 @@ mod tests {
     #[test]
     fn a_response_for_another_nonce_session_or_server_fails() {
         let (identity, _, nonce, exporter, server) = fixture();
-        let auth = sign_auth(identity.public(), &identity, None, &nonce, &exporter, &server);
+        let auth = sign_auth(
+            identity.public(),
+            &identity,
+            None,
+            &nonce,
+            &exporter,
+            &server,
+        );
         let bad = Err(AuthError::Signature(SignatureError::BadSignature));
         assert_eq!(verify_auth(&auth, &Nonce([9; 32]), &exporter, &server), bad);
         assert_eq!(verify_auth(&auth, &nonce, &[9; 32], &server), bad);
-        assert_eq!(verify_auth(&auth, &nonce, &exporter, &ServerId([9; 32])), bad);
+        assert_eq!(
+            verify_auth(&auth, &nonce, &exporter, &ServerId([9; 32])),
+            bad
+        );
     }
 
     #[test]
@@ -130,7 +171,14 @@ mod tests {
         let (identity, device, nonce, exporter, server) = fixture();
         let stranger = Keypair::from_secret_bytes([6; 32]);
         let cert = DeviceCertificate::issue(&stranger, device.public(), 7);
-        let auth = sign_auth(identity.public(), &device, Some(cert), &nonce, &exporter, &server);
+        let auth = sign_auth(
+            identity.public(),
+            &device,
+            Some(cert),
+            &nonce,
+            &exporter,
+            &server,
+        );
         assert_eq!(
             verify_auth(&auth, &nonce, &exporter, &server),
             Err(AuthError::Certificate(CertificateError::WrongIdentity))

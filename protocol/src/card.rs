@@ -68,8 +68,10 @@ impl IdentityCard {
 
     /// Checks the card's own signature.
     pub fn verify_signature(&self) -> Result<(), CardError> {
-        let signed = Self::signed_bytes(&self.signing_key, &self.encryption_key, self.created_at_ms);
-        self.signing_key.verify(domain::IDENTITY_CARD, &signed, &self.signature)?;
+        let signed =
+            Self::signed_bytes(&self.signing_key, &self.encryption_key, self.created_at_ms);
+        self.signing_key
+            .verify(domain::IDENTITY_CARD, &signed, &self.signature)?;
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 //! fields from the input first so a forged inner length cannot make it
 //! allocate more than the bytes actually present.
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -174,10 +174,16 @@ pub fn frame_to_vec(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
 ///
 /// `max_frame_len` is the caller's limit on the length prefix (at most
 /// [`MAX_FRAME_LEN`]); `phase` restricts which frame types are accepted.
-pub fn decode_frame(input: &[u8], max_frame_len: usize, phase: Phase) -> Result<Decoded, DecodeError> {
+pub fn decode_frame(
+    input: &[u8],
+    max_frame_len: usize,
+    phase: Phase,
+) -> Result<Decoded, DecodeError> {
     let max = max_frame_len.min(MAX_FRAME_LEN);
     let Some(prefix) = input.get(..4) else {
-        return Ok(Decoded::Incomplete { needed: 4 - input.len() });
+        return Ok(Decoded::Incomplete {
+            needed: 4 - input.len(),
+        });
     };
     let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
     if len > max {
@@ -188,7 +194,9 @@ pub fn decode_frame(input: &[u8], max_frame_len: usize, phase: Phase) -> Result<
     }
     let total = 4 + len;
     let Some(frame_bytes) = input.get(4..total) else {
-        return Ok(Decoded::Incomplete { needed: total - input.len() });
+        return Ok(Decoded::Incomplete {
+            needed: total - input.len(),
+        });
     };
     let version = frame_bytes[0];
     if version != PROTOCOL_VERSION {
@@ -203,7 +211,10 @@ pub fn decode_frame(input: &[u8], max_frame_len: usize, phase: Phase) -> Result<
         return Err(DecodeError::NotAuthenticated { tag });
     }
     let frame = decode_exact::<Frame>(body)?;
-    Ok(Decoded::Frame { frame, consumed: total })
+    Ok(Decoded::Frame {
+        frame,
+        consumed: total,
+    })
 }
 
 /// The frame tag at the start of a body.
@@ -217,7 +228,9 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let (value, used): (T, usize) =
         bincode::serde::borrow_decode_from_slice(bytes, CONFIG).map_err(map_decode_error)?;
     if used != bytes.len() {
-        return Err(DecodeError::TrailingBytes { extra: bytes.len() - used });
+        return Err(DecodeError::TrailingBytes {
+            extra: bytes.len() - used,
+        });
     }
     Ok(value)
 }
@@ -257,7 +270,10 @@ mod tests {
         }
         assert_eq!(
             decode_frame(&bytes, 1024, Phase::Any),
-            Ok(Decoded::Frame { frame: Frame::Ping(Ping { nonce: 7 }), consumed: bytes.len() })
+            Ok(Decoded::Frame {
+                frame: Frame::Ping(Ping { nonce: 7 }),
+                consumed: bytes.len()
+            })
         );
     }
 
@@ -265,14 +281,24 @@ mod tests {
     fn two_frames_back_to_back_decode_one_at_a_time() {
         let mut bytes = ping();
         let first_len = bytes.len();
-        encode_frame(&Frame::Hello(Hello { min_version: 1, max_version: 1 }), &mut bytes).expect("encodes");
+        encode_frame(
+            &Frame::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+            }),
+            &mut bytes,
+        )
+        .expect("encodes");
         let Ok(Decoded::Frame { consumed, .. }) = decode_frame(&bytes, 1024, Phase::Any) else {
             panic!("first frame must decode");
         };
         assert_eq!(consumed, first_len);
         assert!(matches!(
             decode_frame(&bytes[consumed..], 1024, Phase::PreAuth),
-            Ok(Decoded::Frame { frame: Frame::Hello(_), .. })
+            Ok(Decoded::Frame {
+                frame: Frame::Hello(_),
+                ..
+            })
         ));
     }
 
@@ -282,7 +308,10 @@ mod tests {
         bytes[..4].copy_from_slice(&2000u32.to_be_bytes());
         assert_eq!(
             decode_frame(&bytes[..6], 1024, Phase::Any),
-            Err(DecodeError::FrameTooLarge { len: 2000, max: 1024 })
+            Err(DecodeError::FrameTooLarge {
+                len: 2000,
+                max: 1024
+            })
         );
     }
 
@@ -292,11 +321,17 @@ mod tests {
         bytes.push(0xff);
         let len = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&len.to_be_bytes());
-        assert_eq!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::TrailingBytes { extra: 1 }));
+        assert_eq!(
+            decode_frame(&bytes, 1024, Phase::Any),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        );
 
         let mut unknown = ping();
         unknown[5..9].copy_from_slice(&99u32.to_le_bytes());
-        assert_eq!(decode_frame(&unknown, 1024, Phase::Any), Err(DecodeError::UnknownFrameType { tag: 99 }));
+        assert_eq!(
+            decode_frame(&unknown, 1024, Phase::Any),
+            Err(DecodeError::UnknownFrameType { tag: 99 })
+        );
 
         let mut version = ping();
         version[4] = 9;
@@ -305,15 +340,28 @@ mod tests {
             Err(DecodeError::UnsupportedVersion { version: 9 })
         );
 
-        assert_eq!(decode_frame(&[0, 0, 0, 0], 1024, Phase::Any), Err(DecodeError::Truncated));
-        assert_eq!(decode_frame(&[0, 0, 0, 1, 1], 1024, Phase::Any), Err(DecodeError::Truncated));
+        assert_eq!(
+            decode_frame(&[0, 0, 0, 0], 1024, Phase::Any),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode_frame(&[0, 0, 0, 1, 1], 1024, Phase::Any),
+            Err(DecodeError::Truncated)
+        );
     }
 
     #[test]
     fn only_hello_and_auth_pass_before_authentication() {
-        assert_eq!(decode_frame(&ping(), 1024, Phase::PreAuth), Err(DecodeError::NotAuthenticated { tag: 16 }));
-        let error = frame_to_vec(&Frame::Error(ErrorFrame::new(0, ErrorCode::Internal, "x"))).expect("encodes");
-        assert_eq!(decode_frame(&error, 1024, Phase::PreAuth), Err(DecodeError::NotAuthenticated { tag: 14 }));
+        assert_eq!(
+            decode_frame(&ping(), 1024, Phase::PreAuth),
+            Err(DecodeError::NotAuthenticated { tag: 16 })
+        );
+        let error = frame_to_vec(&Frame::Error(ErrorFrame::new(0, ErrorCode::Internal, "x")))
+            .expect("encodes");
+        assert_eq!(
+            decode_frame(&error, 1024, Phase::PreAuth),
+            Err(DecodeError::NotAuthenticated { tag: 14 })
+        );
     }
 
     #[test]
@@ -328,7 +376,10 @@ mod tests {
         // The envelope length is the u64 right before its 8 bytes at the end.
         let at = bytes.len() - 8 - 8;
         bytes[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
-        assert_eq!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Truncated));
+        assert_eq!(
+            decode_frame(&bytes, 1024, Phase::Any),
+            Err(DecodeError::Truncated)
+        );
         // Same for the recipient list's length.
         let mut bytes = frame_to_vec(&send).expect("encodes");
         bytes[5 + 4 + 8 + 4..5 + 4 + 8 + 4 + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -346,12 +397,18 @@ mod tests {
         let mut bytes = frame_to_vec(&error).expect("encodes");
         let last = bytes.len() - 1;
         bytes[last] = 0xff;
-        assert!(matches!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&bytes, 1024, Phase::Any),
+            Err(DecodeError::Malformed(_))
+        ));
 
         let mut bytes = frame_to_vec(&error).expect("encodes");
         // The option tag follows tag (4), request_id (8) and code (2).
         bytes[5 + 4 + 8 + 2] = 7;
-        assert!(matches!(decode_frame(&bytes, 1024, Phase::Any), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&bytes, 1024, Phase::Any),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -367,5 +424,144 @@ mod tests {
         ];
         let codes: std::collections::HashSet<_> = errors.iter().map(DecodeError::code).collect();
         assert_eq!(codes.len(), errors.len());
+    }
+}
+
+/// A sans-IO receive buffer: feed it bytes as they arrive, take frames out.
+///
+/// Invalid frames whose length prefix was readable are skipped, so one bad
+/// frame costs the peer an error response rather than the whole stream; an
+/// oversize length or a pre-auth violation is fatal.
+#[derive(Debug)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    max_frame_len: usize,
+}
+
+/// A frame that could not be taken from a [`FrameBuffer`].
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum BufferError {
+    /// The frame was invalid and has been skipped; the stream can continue.
+    #[error("invalid frame skipped: {0}")]
+    Skipped(DecodeError),
+    /// The stream cannot continue.
+    #[error("fatal frame error: {0}")]
+    Fatal(DecodeError),
+}
+
+impl BufferError {
+    /// The decode error behind it.
+    pub fn decode_error(&self) -> &DecodeError {
+        match self {
+            BufferError::Skipped(error) | BufferError::Fatal(error) => error,
+        }
+    }
+}
+
+impl FrameBuffer {
+    /// An empty buffer with a frame length limit.
+    pub fn new(max_frame_len: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(16 * 1024),
+            start: 0,
+            max_frame_len,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self, phase: Phase) -> Result<Option<Frame>, BufferError> {
+        let available = &self.buf[self.start..];
+        match decode_frame(available, self.max_frame_len, phase) {
+            Ok(Decoded::Frame { frame, consumed }) => {
+                self.start += consumed;
+                Ok(Some(frame))
+            }
+            Ok(Decoded::Incomplete { .. }) => Ok(None),
+            Err(error) => {
+                let recoverable = !matches!(
+                    error,
+                    DecodeError::FrameTooLarge { .. } | DecodeError::NotAuthenticated { .. }
+                );
+                let len = available
+                    .get(..4)
+                    .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize + 4);
+                match len {
+                    Some(len) if recoverable && available.len() >= len => {
+                        self.start += len;
+                        Err(BufferError::Skipped(error))
+                    }
+                    _ => Err(BufferError::Fatal(error)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+    use crate::frame::Ping;
+
+    #[test]
+    fn frames_split_across_chunks_come_out_whole_and_bad_ones_are_skipped() {
+        let mut bytes = frame_to_vec(&Frame::Ping(Ping { nonce: 1 })).expect("encodes");
+        let mut bad = frame_to_vec(&Frame::Ping(Ping { nonce: 2 })).expect("encodes");
+        bad[5..9].copy_from_slice(&77u32.to_le_bytes());
+        bytes.extend_from_slice(&bad);
+        bytes.extend_from_slice(&frame_to_vec(&Frame::Ping(Ping { nonce: 3 })).expect("encodes"));
+        let mut buffer = FrameBuffer::new(1024);
+        let mut seen = Vec::new();
+        for byte in bytes {
+            buffer.extend(&[byte]);
+            loop {
+                match buffer.next_frame(Phase::Any) {
+                    Ok(Some(frame)) => seen.push(Ok(frame)),
+                    Ok(None) => break,
+                    Err(error) => seen.push(Err(error)),
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                Ok(Frame::Ping(Ping { nonce: 1 })),
+                Err(BufferError::Skipped(DecodeError::UnknownFrameType {
+                    tag: 77
+                })),
+                Ok(Frame::Ping(Ping { nonce: 3 })),
+            ]
+        );
+        assert_eq!(buffer.buffered(), 0);
+    }
+
+    #[test]
+    fn oversize_and_pre_auth_violations_are_fatal() {
+        let mut buffer = FrameBuffer::new(8);
+        buffer.extend(&frame_to_vec(&Frame::Ping(Ping { nonce: 1 })).expect("encodes"));
+        assert!(matches!(
+            buffer.next_frame(Phase::Any),
+            Err(BufferError::Fatal(DecodeError::FrameTooLarge { .. }))
+        ));
+        let mut buffer = FrameBuffer::new(1024);
+        buffer.extend(&frame_to_vec(&Frame::Ping(Ping { nonce: 1 })).expect("encodes"));
+        assert!(matches!(
+            buffer.next_frame(Phase::PreAuth),
+            Err(BufferError::Fatal(DecodeError::NotAuthenticated { .. }))
+        ));
     }
 }

@@ -407,6 +407,11 @@ error_codes! {
 impl ErrorFrame {
     /// An error frame for `code`.
     pub fn new(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { request_id, code: code as u16, retry_after_ms: None, message: Text(message.into()) }
+        Self {
+            request_id,
+            code: code as u16,
+            retry_after_ms: None,
+            message: Text(message.into()),
+        }
     }
 }

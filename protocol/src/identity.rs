@@ -67,7 +67,8 @@ impl PublicKey {
         message: &[u8],
         signature: &Signature,
     ) -> Result<(), SignatureError> {
-        let key = VerifyingKey::from_bytes(self.as_bytes()).map_err(|_| SignatureError::InvalidKey)?;
+        let key =
+            VerifyingKey::from_bytes(self.as_bytes()).map_err(|_| SignatureError::InvalidKey)?;
         let mut signed = Vec::with_capacity(domain.len() + message.len());
         signed.extend_from_slice(domain);
         signed.extend_from_slice(message);
@@ -184,7 +185,11 @@ impl fmt::Display for Address {
         let mut raw = [0u8; 36];
         raw[..32].copy_from_slice(&self.0);
         raw[32..].copy_from_slice(&self.checksum());
-        write!(f, "{ADDRESS_PREFIX}{}", data_encoding::BASE32_DNSSEC.encode(&raw))
+        write!(
+            f,
+            "{ADDRESS_PREFIX}{}",
+            data_encoding::BASE32_DNSSEC.encode(&raw)
+        )
     }
 }
 
@@ -258,7 +263,11 @@ impl DeviceCertificate {
     }
 
     /// `identity_key || device_key || issued_at_ms (u64 LE)`.
-    pub fn signed_bytes(identity_key: &PublicKey, device_key: &PublicKey, issued_at_ms: u64) -> Vec<u8> {
+    pub fn signed_bytes(
+        identity_key: &PublicKey,
+        device_key: &PublicKey,
+        issued_at_ms: u64,
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(72);
         out.extend_from_slice(identity_key.as_bytes());
         out.extend_from_slice(device_key.as_bytes());
@@ -269,7 +278,8 @@ impl DeviceCertificate {
     /// Checks the identity's signature.
     pub fn verify(&self) -> Result<(), CertificateError> {
         let signed = Self::signed_bytes(&self.identity_key, &self.device_key, self.issued_at_ms);
-        self.identity_key.verify(domain::DEVICE_CERTIFICATE, &signed, &self.signature)?;
+        self.identity_key
+            .verify(domain::DEVICE_CERTIFICATE, &signed, &self.signature)?;
         Ok(())
     }
 
@@ -302,18 +312,36 @@ mod tests {
         let mut chars: Vec<char> = text.chars().collect();
         chars[10] = if chars[10] == 'a' { 'b' } else { 'a' };
         let typo: String = chars.into_iter().collect();
-        assert_eq!(typo.parse::<Address>(), Err(AddressParseError::ChecksumMismatch));
-        assert_eq!("xx1abc".parse::<Address>(), Err(AddressParseError::WrongPrefix));
-        assert_eq!("bb1abc".parse::<Address>(), Err(AddressParseError::BadEncoding));
-        assert_eq!("bb1!!!".parse::<Address>(), Err(AddressParseError::BadEncoding));
+        assert_eq!(
+            typo.parse::<Address>(),
+            Err(AddressParseError::ChecksumMismatch)
+        );
+        assert_eq!(
+            "xx1abc".parse::<Address>(),
+            Err(AddressParseError::WrongPrefix)
+        );
+        assert_eq!(
+            "bb1abc".parse::<Address>(),
+            Err(AddressParseError::BadEncoding)
+        );
+        assert_eq!(
+            "bb1!!!".parse::<Address>(),
+            Err(AddressParseError::BadEncoding)
+        );
         assert_eq!("".parse::<Address>(), Err(AddressParseError::WrongPrefix));
-        assert_eq!(text[..text.len() - 2].parse::<Address>(), Err(AddressParseError::BadEncoding));
+        assert_eq!(
+            text[..text.len() - 2].parse::<Address>(),
+            Err(AddressParseError::BadEncoding)
+        );
     }
 
     #[test]
     fn address_is_blake3_of_the_public_key() {
         let key = Keypair::from_secret_bytes([1; 32]);
-        assert_eq!(key.address().0, *blake3::hash(key.public().as_bytes()).as_bytes());
+        assert_eq!(
+            key.address().0,
+            *blake3::hash(key.public().as_bytes()).as_bytes()
+        );
     }
 
     #[test]
@@ -324,11 +352,17 @@ mod tests {
         assert_eq!(cert.verify_for(&identity.address()), Ok(()));
 
         let stranger = Keypair::from_secret_bytes([3; 32]);
-        assert_eq!(cert.verify_for(&stranger.address()), Err(CertificateError::WrongIdentity));
+        assert_eq!(
+            cert.verify_for(&stranger.address()),
+            Err(CertificateError::WrongIdentity)
+        );
 
         let mut forged = cert;
         forged.device_key = stranger.public();
-        assert_eq!(forged.verify(), Err(CertificateError::Signature(SignatureError::BadSignature)));
+        assert_eq!(
+            forged.verify(),
+            Err(CertificateError::Signature(SignatureError::BadSignature))
+        );
 
         // A certificate "issued" by the device itself for the identity's address fails.
         let mut self_signed = DeviceCertificate::issue(&device, device.public(), 1_000);
@@ -340,9 +374,13 @@ mod tests {
     fn signatures_are_domain_separated() {
         let key = Keypair::from_secret_bytes([4; 32]);
         let signature = key.sign(domain::AUTH, b"message");
-        assert_eq!(key.public().verify(domain::AUTH, b"message", &signature), Ok(()));
         assert_eq!(
-            key.public().verify(domain::IDENTITY_CARD, b"message", &signature),
+            key.public().verify(domain::AUTH, b"message", &signature),
+            Ok(())
+        );
+        assert_eq!(
+            key.public()
+                .verify(domain::IDENTITY_CARD, b"message", &signature),
             Err(SignatureError::BadSignature)
         );
     }

@@ -1,0 +1,508 @@
+//! Broker configuration: serde structs with defaults, a TOML file, environment
+//! overrides and validation.
+//!
+//! Precedence, lowest first: embedded defaults, the config file,
+//! `BACKBONE__SECTION__KEY=value` environment variables, command-line flags.
+//! Every key is described in the shipped `config/backbone.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "BACKBONE__";
+
+/// The whole broker configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where to listen and store data.
+    pub server: ServerConfig,
+    /// Certificate and key.
+    pub tls: TlsConfig,
+    /// Metrics and health endpoint.
+    pub metrics: MetricsConfig,
+    /// Authentication timing.
+    pub auth: AuthConfig,
+    /// Limits on requests.
+    pub limits: LimitsConfig,
+    /// Mailbox actors.
+    pub mailbox: MailboxConfig,
+    /// The expiry sweep.
+    pub expiry: ExpiryConfig,
+    /// QUIC transport tuning.
+    pub transport: TransportConfig,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// Directory for the store and the generated certificate.
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: PathBuf::from("./backbone-data"),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[tls]`: without both paths, a self-signed certificate is generated under `<data_dir>/tls/`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or IPs for the generated certificate, besides `localhost` and `127.0.0.1`.
+    pub generated_names: Vec<String>,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address serving `/metrics` and `/health`; `None` disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9700))),
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long a challenge nonce stays valid (at most 60 s).
+    #[serde(with = "humantime_serde")]
+    pub challenge_ttl: Duration,
+    /// A connection not authenticated by then is closed.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            challenge_ttl: Duration::from_secs(60),
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most recipients in one send.
+    pub max_recipients: usize,
+    /// Largest envelope.
+    pub max_envelope_size: ByteSize,
+    /// Longest TTL; longer requests are capped to it.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Unacknowledged pushes in flight per device.
+    pub push_window: usize,
+    /// Requests one connection may have in progress before the broker stops reading from it.
+    pub max_inflight_requests: usize,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_recipients: 100,
+            max_envelope_size: ByteSize::mib(1),
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
+            push_window: 256,
+            max_inflight_requests: 256,
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The frame limit: the largest envelope plus room for the largest recipient list.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_envelope_size.as_u64() as usize + self.max_recipients * 32 + 4096
+    }
+}
+
+/// `[mailbox]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// A mailbox actor with no connected device and no activity for this long stops.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[expiry]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpiryConfig {
+    /// How often the sweep runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Most envelopes deleted per storage call.
+    pub batch: usize,
+}
+
+impl Default for ExpiryConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            batch: 1000,
+        }
+    }
+}
+
+/// `[transport]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// Connection-level receive window (quinn's default is unbounded).
+    pub receive_window: ByteSize,
+    /// Per-stream receive window.
+    pub stream_receive_window: ByteSize,
+    /// Send window per connection.
+    pub send_window: ByteSize,
+    /// Bidirectional streams a client may open at once.
+    pub max_concurrent_bidi_streams: u32,
+    /// Idle connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// The broker sends keep-alives this often.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// UDP socket receive buffer; the kernel may cap it (net.core.rmem_max).
+    pub udp_recv_buffer: ByteSize,
+    /// UDP socket send buffer; the kernel may cap it (net.core.wmem_max).
+    pub udp_send_buffer: ByteSize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            receive_window: ByteSize::mib(8),
+            stream_receive_window: ByteSize::mib(4),
+            send_window: ByteSize::mib(8),
+            max_concurrent_bidi_streams: 4,
+            idle_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(15),
+            udp_recv_buffer: ByteSize::mib(4),
+            udp_send_buffer: ByteSize::mib(4),
+        }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file, or the file merged with the environment, is not valid.
+    #[error("invalid configuration{}: {message}", origin.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, if any.
+        origin: Option<PathBuf>,
+        /// What is wrong, with the key.
+        message: String,
+    },
+    /// An environment override is not usable.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads the file (if any), applies `BACKBONE__...` overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|error| ConfigError::Parse {
+                        origin: Some(path.to_owned()),
+                        message: error.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
+                apply_env_override(&mut table, &name, key, &value)?;
+            }
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|error: toml::de::Error| ConfigError::Parse {
+                    origin: path.map(Path::to_owned),
+                    message: error.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        }
+        if self.auth.challenge_ttl.is_zero() || self.auth.challenge_ttl > Duration::from_secs(60) {
+            return invalid("auth.challenge_ttl", "must be between 1ms and 60s");
+        }
+        if self.auth.deadline.is_zero() {
+            return invalid("auth.deadline", "must be greater than zero");
+        }
+        if self.limits.max_recipients == 0 {
+            return invalid("limits.max_recipients", "must be at least 1");
+        }
+        if self.limits.max_envelope_size.as_u64() == 0 {
+            return invalid("limits.max_envelope_size", "must be greater than zero");
+        }
+        if self.limits.max_frame_len() > backbone_protocol::codec::MAX_FRAME_LEN {
+            return invalid(
+                "limits.max_envelope_size",
+                format!(
+                    "with limits.max_recipients the frame limit exceeds the protocol maximum of {}",
+                    ByteSize(backbone_protocol::codec::MAX_FRAME_LEN as u64)
+                ),
+            );
+        }
+        if self.limits.max_ttl < Duration::from_secs(1) {
+            return invalid("limits.max_ttl", "must be at least 1s");
+        }
+        if self.limits.push_window == 0 || self.limits.push_window > 65_536 {
+            return invalid("limits.push_window", "must be between 1 and 65536");
+        }
+        if self.limits.max_inflight_requests == 0 {
+            return invalid("limits.max_inflight_requests", "must be at least 1");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.expiry.interval.is_zero() || self.expiry.batch == 0 {
+            return invalid("expiry", "interval and batch must be greater than zero");
+        }
+        if self.transport.receive_window.as_u64() < 64 * 1024
+            || self.transport.stream_receive_window.as_u64() < 64 * 1024
+        {
+            return invalid(
+                "transport.receive_window",
+                "windows must be at least 64 KiB",
+            );
+        }
+        if self.transport.stream_receive_window > self.transport.receive_window {
+            return invalid(
+                "transport.stream_receive_window",
+                "must not exceed transport.receive_window",
+            );
+        }
+        if self.transport.max_concurrent_bidi_streams == 0 {
+            return invalid(
+                "transport.max_concurrent_bidi_streams",
+                "must be at least 1",
+            );
+        }
+        if self.transport.keep_alive >= self.transport.idle_timeout {
+            return invalid(
+                "transport.keep_alive",
+                "must be shorter than transport.idle_timeout",
+            );
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls", "set both cert and key, or neither");
+        }
+        Ok(())
+    }
+}
+
+/// `BACKBONE__LIMITS__MAX_RECIPIENTS=50` sets `limits.max_recipients`. The value is
+/// parsed as a TOML value when it is one (numbers, booleans, arrays) and taken
+/// as a string otherwise (`127.0.0.1:7700`, `10s`, `1 MiB`).
+fn apply_env_override(
+    table: &mut toml::Table,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let parts: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(ConfigError::Env {
+            name: name.to_owned(),
+            message: "empty key segment".into(),
+        });
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (leaf, sections) = parts.split_last().expect("split yields at least one part");
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+            name: name.to_owned(),
+            message: format!("{section} is not a section"),
+        })?;
+    }
+    current.insert(leaf.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_ones() {
+        let config = Config::load(None, []).expect("defaults load");
+        assert_eq!(
+            config.server.listen,
+            "127.0.0.1:7700".parse().expect("addr")
+        );
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9700".parse().expect("addr"))
+        );
+        assert_eq!(config.auth.deadline, Duration::from_secs(10));
+        assert_eq!(config.limits.max_recipients, 100);
+        assert_eq!(config.limits.max_envelope_size, ByteSize::mib(1));
+    }
+
+    #[test]
+    fn the_shipped_config_file_parses_and_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/backbone.toml");
+        let shipped = Config::load(Some(&path), []).expect("shipped config loads");
+        let defaults = Config::default();
+        assert_eq!(
+            toml::to_string(&shipped).expect("serializes"),
+            toml::to_string(&defaults).expect("serializes")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_apply_with_types() {
+        let env = [
+            (
+                "BACKBONE__LIMITS__MAX_RECIPIENTS".to_owned(),
+                "7".to_owned(),
+            ),
+            (
+                "BACKBONE__SERVER__LISTEN".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
+            ("BACKBONE__AUTH__DEADLINE".to_owned(), "3s".to_owned()),
+            (
+                "BACKBONE__LIMITS__MAX_ENVELOPE_SIZE".to_owned(),
+                "64 KiB".to_owned(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let config = Config::load(None, env).expect("loads");
+        assert_eq!(config.limits.max_recipients, 7);
+        assert_eq!(config.server.listen.port(), 9999);
+        assert_eq!(config.auth.deadline, Duration::from_secs(3));
+        assert_eq!(config.limits.max_envelope_size, ByteSize::kib(64));
+    }
+
+    #[test]
+    fn bad_values_get_clear_errors_naming_the_key() {
+        let cases = [
+            ("BACKBONE__AUTH__CHALLENGE_TTL", "2m", "auth.challenge_ttl"),
+            (
+                "BACKBONE__LIMITS__MAX_RECIPIENTS",
+                "0",
+                "limits.max_recipients",
+            ),
+            (
+                "BACKBONE__LIMITS__MAX_ENVELOPE_SIZE",
+                "1 GiB",
+                "limits.max_envelope_size",
+            ),
+            ("BACKBONE__LIMITS__NO_SUCH_KEY", "1", "no_such_key"),
+            ("BACKBONE__SERVER__LISTEN", "not-an-address", "listen"),
+            (
+                "BACKBONE__TRANSPORT__KEEP_ALIVE",
+                "2m",
+                "transport.keep_alive",
+            ),
+        ];
+        for (name, value, expected) in cases {
+            let error = Config::load(None, [(name.to_owned(), value.to_owned())])
+                .expect_err("must be rejected");
+            assert!(
+                error.to_string().contains(expected),
+                "{name}={value}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_file_names_the_path() {
+        let error =
+            Config::load(Some(Path::new("/nonexistent/backbone.toml")), []).expect_err("fails");
+        assert!(error.to_string().contains("/nonexistent/backbone.toml"));
+    }
+}

@@ -1,0 +1,607 @@
+//! One client connection: handshake, authentication, requests, delivery.
+//!
+//! The client opens one bidirectional stream and everything flows over it:
+//! requests and their responses (matched by `request_id`) and pushed
+//! [`Deliver`] frames. The reader loop dispatches requests; sends run as
+//! tasks bounded by a semaphore, so a client that floods requests stops being
+//! read and QUIC flow control pushes back. A delivery task per session pushes
+//! envelopes in sequence order with at most `push_window` unacknowledged.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use backbone_protocol::auth::{self, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
+use backbone_protocol::bytes::{Blob, MessageId, Nonce};
+use backbone_protocol::codec::{BufferError, Phase};
+use backbone_protocol::frame::{
+    AuthOk, CardResult, Challenge, Deliver, Done, ErrorCode, ErrorFrame, Failed, Pong, Send,
+    SendAck, Stored,
+};
+use backbone_protocol::{Address, DeviceId, Frame, PROTOCOL_VERSION};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::server::Shared;
+use crate::store::StoredEnvelope;
+use crate::wire::{FrameReader, ReadError, spawn_writer};
+
+/// Queue of outgoing frames per connection.
+const OUT_QUEUE: usize = 1024;
+
+/// Closes the connection with an error code as the QUIC application close code.
+fn close(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
+    metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
+    connection.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
+    metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
+    Frame::Error(ErrorFrame::new(request_id, code, message))
+}
+
+/// An authenticated session.
+struct Session {
+    address: Address,
+    device: DeviceId,
+    acked_seq: u64,
+}
+
+/// Serves one incoming connection to the end.
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let span = info_span!("conn", %remote, address = tracing::field::Empty);
+    async move {
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                debug!(%error, "handshake failed");
+                return;
+            }
+        };
+        metrics::gauge!("backbone_connections").increment(1.0);
+        run(&shared, &connection).await;
+        metrics::gauge!("backbone_connections").decrement(1.0);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(shared: &Arc<Shared>, connection: &quinn::Connection) {
+    let deadline = shared.config.auth.deadline;
+    let mut shutdown = shared.shutdown.clone();
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(deadline, authenticate(shared, connection)) => handshake,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            return close(connection, ErrorCode::ShuttingDown, "broker is shutting down");
+        }
+    };
+    let (session, reader, out) = match handshake {
+        Err(_) => {
+            return close(
+                connection,
+                ErrorCode::AuthTimeout,
+                "not authenticated in time",
+            );
+        }
+        Ok(Err((code, reason))) => return close(connection, code, &reason),
+        Ok(Ok(parts)) => parts,
+    };
+    tracing::Span::current().record("address", tracing::field::display(&session.address));
+    metrics::gauge!("backbone_sessions").increment(1.0);
+    serve_authenticated(shared, connection, session, reader, out).await;
+    metrics::gauge!("backbone_sessions").decrement(1.0);
+}
+
+type HandshakeError = (ErrorCode, String);
+
+async fn authenticate(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+) -> Result<(Session, FrameReader, mpsc::Sender<Frame>), HandshakeError> {
+    let (send, recv) = connection
+        .accept_bi()
+        .await
+        .map_err(|error| (ErrorCode::UnexpectedFrame, format!("no stream: {error}")))?;
+    let mut reader = FrameReader::new(recv, shared.max_frame_len);
+    let (out, rx) = mpsc::channel(OUT_QUEUE);
+    spawn_writer(send, rx);
+
+    let hello = match next_pre_auth(&mut reader).await? {
+        Frame::Hello(hello) => hello,
+        other => {
+            return Err((
+                ErrorCode::UnexpectedFrame,
+                format!("expected Hello, got tag {}", other.tag()),
+            ));
+        }
+    };
+    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
+        return Err((
+            ErrorCode::UnsupportedVersion,
+            format!("this broker speaks version {PROTOCOL_VERSION} only"),
+        ));
+    }
+    let nonce = Nonce::random();
+    let issued = Instant::now();
+    let ttl = shared.config.auth.challenge_ttl;
+    send_frame(
+        &out,
+        Frame::Challenge(Challenge {
+            version: PROTOCOL_VERSION,
+            server_id: shared.server_id,
+            nonce,
+            expires_in_ms: ttl.as_millis() as u32,
+        }),
+    )
+    .await?;
+
+    let auth = match next_pre_auth(&mut reader).await? {
+        Frame::Auth(auth) => auth,
+        other => {
+            return Err((
+                ErrorCode::UnexpectedFrame,
+                format!("expected Auth, got tag {}", other.tag()),
+            ));
+        }
+    };
+    if issued.elapsed() > ttl {
+        return Err((ErrorCode::ChallengeExpired, "challenge expired".into()));
+    }
+    let mut exporter = [0u8; TLS_EXPORTER_LEN];
+    connection
+        .export_keying_material(&mut exporter, TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| (ErrorCode::Internal, "TLS exporter unavailable".into()))?;
+    auth::verify_auth(&auth, &nonce, &exporter, &shared.server_id).map_err(
+        |error| match error {
+            auth::AuthError::Certificate(_) => (ErrorCode::InvalidCertificate, error.to_string()),
+            auth::AuthError::Signature(_) => (ErrorCode::AuthFailed, error.to_string()),
+        },
+    )?;
+    let address = auth.identity_key.address();
+    let device = auth::claimed_device_key(&auth).device_id();
+    let store = shared.store.clone();
+    let certified = auth.device.is_some();
+    let acked_seq = blocking(move || -> Result<Option<u64>, (ErrorCode, String)> {
+        if certified
+            && store
+                .device(&address, &device)
+                .map_err(storage_error)?
+                .is_none()
+        {
+            return Err((
+                ErrorCode::DeviceNotRegistered,
+                "device is not registered".into(),
+            ));
+        }
+        store.cursor(&address, &device).map_err(storage_error)
+    })
+    .await??
+    .unwrap_or(0);
+    send_frame(
+        &out,
+        Frame::AuthOk(AuthOk {
+            address,
+            device_id: device,
+            acked_seq,
+        }),
+    )
+    .await?;
+    Ok((
+        Session {
+            address,
+            device,
+            acked_seq,
+        },
+        reader,
+        out,
+    ))
+}
+
+fn storage_error(error: crate::store::StoreError) -> (ErrorCode, String) {
+    (ErrorCode::StorageFailure, error.to_string())
+}
+
+async fn blocking<T: std::marker::Send + 'static>(
+    work: impl FnOnce() -> T + std::marker::Send + 'static,
+) -> Result<T, (ErrorCode, String)> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| {
+        (
+            ErrorCode::Internal,
+            format!("blocking task failed: {error}"),
+        )
+    })
+}
+
+async fn next_pre_auth(reader: &mut FrameReader) -> Result<Frame, HandshakeError> {
+    match reader.next(Phase::PreAuth).await {
+        Ok(frame) => Ok(frame),
+        Err(ReadError::Closed) => Err((ErrorCode::UnexpectedFrame, "stream closed".into())),
+        Err(ReadError::Frame(error)) => Err((
+            error.decode_error().code(),
+            error.decode_error().to_string(),
+        )),
+    }
+}
+
+async fn send_frame(out: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), HandshakeError> {
+    out.send(frame)
+        .await
+        .map_err(|_| (ErrorCode::Internal, "connection writer stopped".into()))
+}
+
+async fn serve_authenticated(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+    session: Session,
+    mut reader: FrameReader,
+    out: mpsc::Sender<Frame>,
+) {
+    let session = Arc::new(session);
+    let (ack_tx, ack_rx) = watch::channel(session.acked_seq);
+    let delivery = tokio::spawn(
+        deliver(shared.clone(), session.clone(), out.clone(), ack_rx).in_current_span(),
+    );
+    let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let frame = tokio::select! {
+            frame = reader.next(Phase::Any) => frame,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Frame(BufferError::Skipped(error))) => {
+                debug!(%error, "invalid frame skipped");
+                if out
+                    .send(error_frame(0, error.code(), error.to_string()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Err(ReadError::Frame(BufferError::Fatal(error))) => {
+                close(connection, error.code(), &error.to_string());
+                break;
+            }
+        };
+        match frame {
+            Frame::Send(send) => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
+                tokio::spawn(
+                    async move {
+                        let response = handle_send(&shared, &session, send).await;
+                        let _ = out.send(response).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
+            }
+            Frame::Ack(ack) => {
+                ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
+            }
+            Frame::Ping(ping) => {
+                let _ = out.send(Frame::Pong(Pong { nonce: ping.nonce })).await;
+            }
+            Frame::Pong(_) => {}
+            Frame::Error(error) => {
+                debug!(code = error.code, message = %error.message, "client reported an error")
+            }
+            request => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
+                tokio::spawn(
+                    async move {
+                        let response = handle_request(&shared, &session, request).await;
+                        let _ = out.send(response).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
+            }
+        }
+    }
+    // Let in-flight requests finish (bounded by the shutdown grace), then stop.
+    let all = shared.config.limits.max_inflight_requests as u32;
+    let _ = tokio::time::timeout(
+        shared.config.server.shutdown_grace,
+        permits.acquire_many(all),
+    )
+    .await;
+    drop(ack_tx);
+    let _ = delivery.await;
+    if *shared.shutdown.borrow() {
+        close(
+            connection,
+            ErrorCode::ShuttingDown,
+            "broker is shutting down",
+        );
+    }
+}
+
+async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Frame {
+    let limits = &shared.config.limits;
+    let id = send.request_id;
+    if send.recipients.is_empty() || send.recipients.len() > limits.max_recipients {
+        return error_frame(
+            id,
+            ErrorCode::InvalidRecipients,
+            format!("between 1 and {} recipients", limits.max_recipients),
+        );
+    }
+    let unique: HashSet<_> = send.recipients.iter().collect();
+    if unique.len() != send.recipients.len() {
+        return error_frame(id, ErrorCode::InvalidRecipients, "duplicate recipient");
+    }
+    if send.envelope.0.len() as u64 > limits.max_envelope_size.as_u64() {
+        return error_frame(
+            id,
+            ErrorCode::EnvelopeTooLarge,
+            format!("envelope exceeds {}", limits.max_envelope_size),
+        );
+    }
+    if send.ttl_secs == 0 {
+        return error_frame(id, ErrorCode::InvalidTtl, "ttl must be at least one second");
+    }
+    let ttl_ms = (u64::from(send.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
+    let stored_at_ms = (shared.clock)();
+    let message_id = MessageId::random();
+    let template = StoredEnvelope {
+        seq: 0,
+        message_id,
+        sender: Some(session.address),
+        stored_at_ms,
+        expires_at_ms: stored_at_ms + ttl_ms,
+        envelope: send.envelope.0,
+    };
+    let mut stored = Vec::with_capacity(send.recipients.len());
+    let mut failed = Vec::new();
+    let outcomes: Vec<_> = if let [only] = send.recipients[..] {
+        vec![(only, shared.registry.append(&only, template).await)]
+    } else {
+        let mut tasks = tokio::task::JoinSet::new();
+        for recipient in send.recipients {
+            let (shared, envelope) = (shared.clone(), template.clone());
+            tasks.spawn(async move {
+                (
+                    recipient,
+                    shared.registry.append(&recipient, envelope).await,
+                )
+            });
+        }
+        tasks.join_all().await
+    };
+    for (address, outcome) in outcomes {
+        match outcome {
+            Ok(seq) => stored.push(Stored { address, seq }),
+            Err(error) => {
+                warn!(%error, "append failed");
+                let code = error.code();
+                metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
+                failed.push(Failed {
+                    address,
+                    code: code as u16,
+                    retry_after_ms: code.is_retryable().then_some(1000),
+                })
+            }
+        }
+    }
+    metrics::counter!("backbone_envelopes_accepted_total").increment(stored.len() as u64);
+    Frame::SendAck(SendAck {
+        request_id: id,
+        message_id,
+        stored,
+        failed,
+    })
+}
+
+async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame) -> Frame {
+    let store = shared.store.clone();
+    let address = session.address;
+    match request {
+        Frame::PublishCard(publish) => {
+            let id = publish.request_id;
+            if let Err(error) = publish.card.verify(&address) {
+                return error_frame(id, ErrorCode::InvalidCard, error.to_string());
+            }
+            respond(
+                id,
+                blocking(move || store.put_card(&publish.card)).await,
+                |()| Frame::Done(Done { request_id: id }),
+            )
+        }
+        Frame::FetchCard(fetch) => {
+            let id = fetch.request_id;
+            match blocking(move || store.card(&fetch.address)).await {
+                Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
+                    request_id: id,
+                    card,
+                }),
+                Ok(Ok(None)) => {
+                    error_frame(id, ErrorCode::UnknownAddress, "no card for this address")
+                }
+                Ok(Err(error)) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
+                Err((code, message)) => error_frame(id, code, message),
+            }
+        }
+        Frame::RegisterDevice(register) => {
+            let id = register.request_id;
+            if let Err(error) = register.certificate.verify_for(&address) {
+                return error_frame(id, ErrorCode::InvalidCertificate, error.to_string());
+            }
+            respond(
+                id,
+                blocking(move || store.put_device(&address, &register.certificate)).await,
+                |()| Frame::Done(Done { request_id: id }),
+            )
+        }
+        Frame::Delete(delete) => {
+            let id = delete.request_id;
+            match shared.writer.delete(address, delete.seqs).await {
+                Ok(count) => {
+                    metrics::counter!("backbone_envelopes_deleted_total").increment(count as u64);
+                    Frame::Done(Done { request_id: id })
+                }
+                Err(error) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
+            }
+        }
+        Frame::Hello(_) | Frame::Auth(_) => error_frame(
+            0,
+            ErrorCode::ChallengeReused,
+            "already authenticated; challenges are single use",
+        ),
+        other => error_frame(
+            0,
+            ErrorCode::UnexpectedFrame,
+            format!(
+                "{} is not a client request",
+                Frame::TAG_NAMES[other.tag() as usize]
+            ),
+        ),
+    }
+}
+
+fn respond<T>(
+    id: u64,
+    result: Result<Result<T, crate::store::StoreError>, (ErrorCode, String)>,
+    ok: impl FnOnce(T) -> Frame,
+) -> Frame {
+    match result {
+        Ok(Ok(value)) => ok(value),
+        Ok(Err(error)) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
+        Err((code, message)) => error_frame(id, code, message),
+    }
+}
+
+/// Pushes the mailbox to one device: first what is stored after its cursor,
+/// then live envelopes, in sequence order, never more than `push_window`
+/// unacknowledged. Ends when the session's ack channel closes.
+async fn deliver(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    out: mpsc::Sender<Frame>,
+    mut acks: watch::Receiver<u64>,
+) {
+    let window = shared.config.limits.push_window;
+    let (tx, mut live) = mpsc::channel::<Arc<StoredEnvelope>>(window);
+    let lagged = Arc::new(AtomicBool::new(false));
+    let subscriber = shared.registry.next_subscriber_id();
+    let address = session.address;
+    let mut known_head = match shared
+        .registry
+        .subscribe(&address, subscriber, tx, lagged.clone())
+        .await
+    {
+        Ok(head) => head,
+        Err(error) => {
+            warn!(%error, "cannot subscribe to mailbox");
+            let _ = out
+                .send(error_frame(0, error.code(), error.to_string()))
+                .await;
+            return;
+        }
+    };
+    let mut acked = session.acked_seq;
+    let mut sent = acked;
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+
+    'session: loop {
+        // Catch up from the store while behind and the window has room.
+        while sent < known_head && in_flight.len() < window {
+            let store = shared.store.clone();
+            let (from, limit, now) = (sent + 1, window - in_flight.len(), (shared.clock)());
+            let batch = match tokio::task::spawn_blocking(move || {
+                store.read_from(&address, from, limit, now)
+            })
+            .await
+            {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(error)) => {
+                    warn!(%error, "reading the mailbox failed");
+                    break 'session;
+                }
+                Err(_) => break 'session,
+            };
+            if batch.is_empty() {
+                sent = known_head;
+                break;
+            }
+            for envelope in batch {
+                known_head = known_head.max(envelope.seq);
+                sent = envelope.seq;
+                in_flight.push_back(envelope.seq);
+                if out.send(deliver_frame(&shared, &envelope)).await.is_err() {
+                    break 'session;
+                }
+            }
+        }
+        tokio::select! {
+            envelope = live.recv() => {
+                let Some(envelope) = envelope else { break };
+                known_head = known_head.max(envelope.seq);
+                if envelope.seq == sent + 1 && in_flight.len() < window {
+                    sent = envelope.seq;
+                    if envelope.expires_at_ms > (shared.clock)() {
+                        in_flight.push_back(envelope.seq);
+                        if out.send(deliver_frame(&shared, &envelope)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            changed = acks.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let up_to = (*acks.borrow_and_update()).min(sent);
+                if up_to > acked {
+                    let newly = in_flight.iter().take_while(|seq| **seq <= up_to).count();
+                    in_flight.drain(..newly);
+                    metrics::counter!("backbone_envelopes_acked_total").increment(newly as u64);
+                    acked = up_to;
+                    let (writer, device) = (shared.writer.clone(), session.device);
+                    tokio::spawn(async move {
+                        if let Err(error) = writer.set_cursor(address, device, up_to).await {
+                            warn!(%error, "persisting a cursor failed");
+                        }
+                    });
+                }
+            }
+        }
+        if lagged.swap(false, Ordering::AcqRel) {
+            // Live envelopes were dropped for this slow device: learn the head
+            // from the store and catch up from there.
+            let store = shared.store.clone();
+            if let Ok(Ok(head)) =
+                tokio::task::spawn_blocking(move || store.head_seq(&address)).await
+            {
+                known_head = known_head.max(head);
+            }
+        }
+    }
+    shared.registry.unsubscribe(&address, subscriber);
+}
+
+fn deliver_frame(shared: &Shared, envelope: &StoredEnvelope) -> Frame {
+    let now = (shared.clock)();
+    metrics::histogram!("backbone_push_delay_seconds")
+        .record(now.saturating_sub(envelope.stored_at_ms) as f64 / 1000.0);
+    metrics::counter!("backbone_envelopes_pushed_total").increment(1);
+    Frame::Deliver(Deliver {
+        seq: envelope.seq,
+        message_id: envelope.message_id,
+        sender: envelope.sender,
+        stored_at_ms: envelope.stored_at_ms,
+        expires_at_ms: envelope.expires_at_ms,
+        envelope: Blob(envelope.envelope.clone()),
+    })
+}

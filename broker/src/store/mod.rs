@@ -1,0 +1,669 @@
+//! Durable storage for mailboxes, cursors, cards and device certificates.
+//!
+//! Everything the broker must remember across a restart goes through the
+//! narrow [`Store`] trait. There are two implementations with the same
+//! semantics:
+//!
+//! - [`SledStore`]: the on-disk store, and the only module that names `sled`.
+//! - [`MemoryStore`]: a `BTreeMap` behind a mutex, for fast tests and simulation.
+//!
+//! All [`Store`] methods block. Nothing on the tokio runtime calls them
+//! directly: appends, cursor moves and deletes go through the group-commit
+//! [`Writer`] thread (one flush covers many appends), and reads and expiry
+//! sweeps run in `spawn_blocking`.
+//!
+//! **Architecture Invariant:** an append is acknowledged only after the flush
+//! that covers it has returned. Cursor moves, deletes and expiry are not
+//! flushed on their own: losing one in a crash only means an envelope is
+//! delivered again or expires again, which at-least-once delivery allows.
+//!
+//! **Architecture Invariant:** a mailbox's head sequence number never goes
+//! backwards, even when every envelope in it has been deleted or expired, so a
+//! sequence number is never handed out twice for the same address.
+//!
+//! Stored records are serialized with
+//! [`backbone_protocol::codec::encode_value`], so the serialization library
+//! stays named in one module of the workspace.
+
+use std::sync::Arc;
+
+use backbone_protocol::bytes::{MessageId, ServerId};
+use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
+use serde::{Deserialize, Serialize};
+
+mod memory;
+mod sled_store;
+mod writer;
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+pub use writer::{WriteHandle, Writer};
+
+/// One envelope as stored in a mailbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEnvelope {
+    /// Position in the mailbox, assigned by the mailbox actor; starts at 1.
+    pub seq: u64,
+    /// The broker-assigned id returned to the sender.
+    pub message_id: MessageId,
+    /// The authenticated sender, if the sender chose to reveal it.
+    pub sender: Option<Address>,
+    /// When the broker accepted the envelope, milliseconds since the Unix epoch.
+    pub stored_at_ms: u64,
+    /// When the envelope stops being delivered, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// The sealed envelope bytes; opaque to the broker.
+    pub envelope: Vec<u8>,
+}
+
+/// One envelope to append to one mailbox.
+#[derive(Clone, Debug)]
+pub struct Append {
+    /// The mailbox.
+    pub address: Address,
+    /// The envelope, with its sequence number already assigned. Shared so the
+    /// mailbox actor can push the same allocation to subscribers once durable.
+    pub envelope: Arc<StoredEnvelope>,
+}
+
+/// Why a storage operation failed.
+///
+/// `Clone` because the group-commit writer reports one batch failure to every
+/// waiter of that batch.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The storage backend (disk, file system, database engine) reported an error.
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+    /// A stored record or key does not have the layout this code writes.
+    #[error("corrupt record in the store: {what}")]
+    Corrupt {
+        /// Which record, and what is wrong with it.
+        what: String,
+    },
+    /// A record could not be serialized (for example it exceeds the codec's size limit).
+    #[error("record could not be encoded: {0}")]
+    Encode(String),
+    /// The store or its writer thread has shut down.
+    #[error("the store is closed")]
+    Closed,
+    /// A failure injected on purpose by a test or simulation (see
+    /// [`MemoryStore::inject_append_failures`]).
+    #[error("injected storage failure")]
+    Injected,
+}
+
+/// The broker's storage interface. Every method blocks.
+pub trait Store: Send + Sync + 'static {
+    /// Writes all appends (envelope + expiry index entry + mailbox head), then
+    /// makes them durable (flush) before returning. Blocking.
+    ///
+    /// On error nothing is acknowledged, but some of the items may still have
+    /// been written and become visible.
+    fn append_batch(&self, items: &[Append]) -> Result<(), StoreError>;
+
+    /// Envelopes of `address` with `seq >= from_seq` in ascending order, at most
+    /// `limit`, skipping any with `expires_at_ms <= now_ms`.
+    fn read_from(
+        &self,
+        address: &Address,
+        from_seq: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredEnvelope>, StoreError>;
+
+    /// Highest seq ever assigned in the mailbox (0 if none). Survives deletion
+    /// and expiry of all envelopes, because a head record is persisted.
+    fn head_seq(&self, address: &Address) -> Result<u64, StoreError>;
+
+    /// Lowest stored seq (`None` if empty). Envelopes that have expired but not
+    /// yet been swept by [`Store::expire`] still count as stored.
+    fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, StoreError>;
+
+    /// The last sequence number `device` acknowledged in `address`'s mailbox.
+    fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError>;
+
+    /// Stores `max(existing, seq)`. Not flushed by itself (a later flush covers it).
+    fn set_cursor(&self, address: &Address, device: &DeviceId, seq: u64) -> Result<(), StoreError>;
+
+    /// Deletes the listed seqs of the mailbox (and their expiry index entries);
+    /// returns how many existed. Not flushed by itself.
+    fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError>;
+
+    /// Deletes up to `limit` envelopes with `expires_at_ms <= now_ms`, found
+    /// through an expiry index keyed `(expires_at_ms BE, address, seq BE)`,
+    /// never a full scan. Earliest expiry goes first. Returns how many were deleted.
+    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Stores `card` under `card.address()`, replacing any previous card. The
+    /// caller has verified it.
+    fn put_card(&self, card: &IdentityCard) -> Result<(), StoreError>;
+
+    /// The card stored for `address`.
+    fn card(&self, address: &Address) -> Result<Option<IdentityCard>, StoreError>;
+
+    /// Stores `cert` under `(address, cert.device_key.device_id())`. The caller
+    /// has verified it.
+    fn put_device(&self, address: &Address, cert: &DeviceCertificate) -> Result<(), StoreError>;
+
+    /// The certificate stored for `device` of `address`.
+    fn device(
+        &self,
+        address: &Address,
+        device: &DeviceId,
+    ) -> Result<Option<DeviceCertificate>, StoreError>;
+
+    /// Returns the node's persistent [`ServerId`], creating a random one on first call.
+    fn server_id(&self) -> Result<ServerId, StoreError>;
+
+    /// Flushes everything to disk.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Bytes used on disk (approximate), for metrics.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The conformance suite every [`Store`] must pass, and a property test that
+    //! compares both implementations against a plain reference model.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use backbone_protocol::Keypair;
+    use backbone_protocol::bytes::EncryptionKey;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    pub(crate) fn address(n: u8) -> Address {
+        Address([n; 32])
+    }
+
+    pub(crate) fn envelope(seq: u64, stored_at_ms: u64, expires_at_ms: u64) -> StoredEnvelope {
+        StoredEnvelope {
+            seq,
+            message_id: MessageId([seq as u8; 16]),
+            sender: seq.is_multiple_of(2).then(|| address(0xee)),
+            stored_at_ms,
+            expires_at_ms,
+            envelope: vec![seq as u8; (seq % 7) as usize + 1],
+        }
+    }
+
+    pub(crate) fn append(address: Address, envelope: StoredEnvelope) -> Append {
+        Append {
+            address,
+            envelope: Arc::new(envelope),
+        }
+    }
+
+    fn seqs(envelopes: &[StoredEnvelope]) -> Vec<u64> {
+        envelopes.iter().map(|envelope| envelope.seq).collect()
+    }
+
+    /// Checks every method of a fresh, empty store.
+    fn conformance_suite(store: &dyn Store) {
+        let a = address(1);
+        let b = address(2);
+        let device = DeviceId([7; 32]);
+
+        // Empty store.
+        assert_eq!(store.head_seq(&a), Ok(0));
+        assert_eq!(store.oldest_seq(&a), Ok(None));
+        assert_eq!(store.read_from(&a, 0, 10, 0), Ok(vec![]));
+        assert_eq!(store.cursor(&a, &device), Ok(None));
+        assert_eq!(store.card(&a), Ok(None));
+        assert_eq!(store.device(&a, &device), Ok(None));
+        assert_eq!(store.expire(u64::MAX, 10), Ok(0));
+
+        // Appends across two mailboxes in one batch; records round-trip exactly.
+        let batch: Vec<Append> = (1..=5)
+            .map(|seq| append(a, envelope(seq, 100, 1_000 + seq)))
+            .chain((1..=2).map(|seq| append(b, envelope(seq, 100, 5_000))))
+            .collect();
+        store.append_batch(&batch).expect("append");
+        assert_eq!(store.head_seq(&a), Ok(5));
+        assert_eq!(store.head_seq(&b), Ok(2));
+        assert_eq!(store.oldest_seq(&a), Ok(Some(1)));
+        let all = store.read_from(&a, 0, 100, 0).expect("read");
+        assert_eq!(
+            all,
+            (1..=5)
+                .map(|seq| envelope(seq, 100, 1_000 + seq))
+                .collect::<Vec<_>>()
+        );
+
+        // from_seq and limit.
+        assert_eq!(
+            store.read_from(&a, 3, 100, 0).map(|e| seqs(&e)),
+            Ok(vec![3, 4, 5])
+        );
+        assert_eq!(
+            store.read_from(&a, 2, 2, 0).map(|e| seqs(&e)),
+            Ok(vec![2, 3])
+        );
+        assert_eq!(store.read_from(&a, 2, 0, 0).map(|e| seqs(&e)), Ok(vec![]));
+        assert_eq!(store.read_from(&a, 6, 10, 0).map(|e| seqs(&e)), Ok(vec![]));
+        assert_eq!(
+            store.read_from(&b, 0, 10, 0).map(|e| seqs(&e)),
+            Ok(vec![1, 2])
+        );
+
+        // Expired envelopes are hidden from reads before any sweep.
+        assert_eq!(
+            store.read_from(&a, 0, 10, 1_003).map(|e| seqs(&e)),
+            Ok(vec![4, 5])
+        );
+        // The limit counts returned envelopes, not skipped ones.
+        assert_eq!(
+            store.read_from(&a, 0, 1, 1_003).map(|e| seqs(&e)),
+            Ok(vec![4])
+        );
+        assert_eq!(store.oldest_seq(&a), Ok(Some(1)));
+
+        // Cursors only move forward and are per (address, device).
+        store.set_cursor(&a, &device, 3).expect("cursor");
+        assert_eq!(store.cursor(&a, &device), Ok(Some(3)));
+        store.set_cursor(&a, &device, 2).expect("cursor");
+        assert_eq!(store.cursor(&a, &device), Ok(Some(3)));
+        store.set_cursor(&a, &device, 4).expect("cursor");
+        assert_eq!(store.cursor(&a, &device), Ok(Some(4)));
+        assert_eq!(store.cursor(&b, &device), Ok(None));
+        assert_eq!(store.cursor(&a, &DeviceId([8; 32])), Ok(None));
+
+        // Delete counts only what existed, and only in the named mailbox.
+        assert_eq!(store.delete(&a, &[1, 3, 3, 99]), Ok(2));
+        assert_eq!(store.delete(&a, &[1]), Ok(0));
+        assert_eq!(
+            store.read_from(&a, 0, 10, 0).map(|e| seqs(&e)),
+            Ok(vec![2, 4, 5])
+        );
+        assert_eq!(store.oldest_seq(&a), Ok(Some(2)));
+        assert_eq!(
+            store.read_from(&b, 0, 10, 0).map(|e| seqs(&e)),
+            Ok(vec![1, 2])
+        );
+
+        // Expiry follows the index: earliest first, bounded by the limit, and
+        // deleted envelopes (seq 1 and 3) are no longer in the index.
+        assert_eq!(store.expire(1_004, 1), Ok(1));
+        assert_eq!(
+            store.read_from(&a, 0, 10, 0).map(|e| seqs(&e)),
+            Ok(vec![4, 5])
+        );
+        assert_eq!(store.expire(1_004, 10), Ok(1));
+        assert_eq!(store.expire(1_004, 10), Ok(0));
+        assert_eq!(store.read_from(&a, 0, 10, 0).map(|e| seqs(&e)), Ok(vec![5]));
+        assert_eq!(
+            store.read_from(&b, 0, 10, 0).map(|e| seqs(&e)),
+            Ok(vec![1, 2])
+        );
+
+        // The head survives the mailbox being emptied, and appends continue after it.
+        assert_eq!(store.delete(&a, &[5]), Ok(1));
+        assert_eq!(store.oldest_seq(&a), Ok(None));
+        assert_eq!(store.head_seq(&a), Ok(5));
+        store
+            .append_batch(&[append(a, envelope(6, 200, 9_000))])
+            .expect("append");
+        assert_eq!(store.head_seq(&a), Ok(6));
+        assert_eq!(store.oldest_seq(&a), Ok(Some(6)));
+
+        // An empty batch is a flush and changes nothing.
+        store.append_batch(&[]).expect("empty batch");
+        assert_eq!(store.head_seq(&a), Ok(6));
+
+        // Cards and device certificates.
+        let identity = Keypair::from_secret_bytes([3; 32]);
+        let card = IdentityCard::sign(&identity, EncryptionKey([4; 32]), 10);
+        store.put_card(&card).expect("card");
+        assert_eq!(store.card(&identity.address()), Ok(Some(card)));
+        let newer = IdentityCard::sign(&identity, EncryptionKey([5; 32]), 11);
+        store.put_card(&newer).expect("card");
+        assert_eq!(store.card(&identity.address()), Ok(Some(newer)));
+        assert_eq!(store.card(&a), Ok(None));
+
+        let device_key = Keypair::from_secret_bytes([6; 32]).public();
+        let cert = DeviceCertificate::issue(&identity, device_key, 12);
+        store
+            .put_device(&identity.address(), &cert)
+            .expect("device");
+        assert_eq!(
+            store.device(&identity.address(), &device_key.device_id()),
+            Ok(Some(cert))
+        );
+        assert_eq!(store.device(&a, &device_key.device_id()), Ok(None));
+        assert_eq!(store.device(&identity.address(), &device), Ok(None));
+
+        // The server id is created once and then stable.
+        let server_id = store.server_id().expect("server id");
+        assert_eq!(store.server_id(), Ok(server_id));
+
+        store.flush().expect("flush");
+        assert!(store.size_on_disk().is_ok());
+    }
+
+    #[test]
+    fn memory_store_passes_the_conformance_suite() {
+        conformance_suite(&MemoryStore::new());
+    }
+
+    #[test]
+    fn sled_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        conformance_suite(&SledStore::open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn store_expiry_removes_only_expired_envelopes_and_reads_hide_them_early() {
+        fn check(store: &dyn Store) {
+            let a = address(1);
+            let b = address(2);
+            let items = vec![
+                append(a, envelope(1, 0, 50)),
+                append(a, envelope(2, 0, 500)),
+                append(b, envelope(1, 0, 40)),
+                append(a, envelope(3, 0, 60)),
+                append(b, envelope(2, 0, 900)),
+            ];
+            store.append_batch(&items).expect("append");
+            // Before any sweep, reads at t=100 already hide the three expired ones.
+            assert_eq!(
+                store.read_from(&a, 0, 10, 100).map(|e| seqs(&e)),
+                Ok(vec![2])
+            );
+            assert_eq!(
+                store.read_from(&b, 0, 10, 100).map(|e| seqs(&e)),
+                Ok(vec![2])
+            );
+            // Expiry is inclusive: expires_at_ms == now is expired.
+            assert_eq!(
+                store.read_from(&a, 0, 10, 50).map(|e| seqs(&e)),
+                Ok(vec![2, 3])
+            );
+            assert_eq!(store.expire(39, 10), Ok(0));
+            assert_eq!(store.expire(100, 10), Ok(3));
+            assert_eq!(store.read_from(&a, 0, 10, 0).map(|e| seqs(&e)), Ok(vec![2]));
+            assert_eq!(store.read_from(&b, 0, 10, 0).map(|e| seqs(&e)), Ok(vec![2]));
+            assert_eq!(store.head_seq(&a), Ok(3));
+            assert_eq!(store.expire(u64::MAX, 10), Ok(2));
+            assert_eq!(store.oldest_seq(&a), Ok(None));
+            assert_eq!(store.oldest_seq(&b), Ok(None));
+            assert_eq!(store.head_seq(&a), Ok(3));
+            assert_eq!(store.head_seq(&b), Ok(2));
+        }
+        check(&MemoryStore::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        check(&SledStore::open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn store_head_survives_deleting_every_envelope() {
+        fn check(store: &dyn Store) {
+            let a = address(9);
+            let items: Vec<Append> = (1..=3)
+                .map(|seq| append(a, envelope(seq, 0, 100)))
+                .collect();
+            store.append_batch(&items).expect("append");
+            assert_eq!(store.delete(&a, &[1, 2, 3]), Ok(3));
+            assert_eq!(store.oldest_seq(&a), Ok(None));
+            assert_eq!(store.head_seq(&a), Ok(3));
+        }
+        check(&MemoryStore::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let on_disk = SledStore::open(dir.path()).expect("open");
+        check(&on_disk);
+        drop(on_disk);
+        let reopened = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.head_seq(&address(9)), Ok(3));
+        assert_eq!(reopened.oldest_seq(&address(9)), Ok(None));
+    }
+
+    // ---- Property test against a reference model -------------------------
+
+    const ADDRESSES: u8 = 3;
+    const DEVICES: u8 = 2;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Append `count` envelopes with increasing seqs to one mailbox.
+        Append {
+            mailbox: u8,
+            count: u8,
+            ttl_ms: u64,
+        },
+        /// Delete seqs given as offsets below the head (some out of range).
+        Delete {
+            mailbox: u8,
+            offsets: Vec<u8>,
+        },
+        SetCursor {
+            mailbox: u8,
+            device: u8,
+            seq: u64,
+        },
+        /// Advance the clock, then sweep.
+        Expire {
+            advance_ms: u64,
+            limit: usize,
+        },
+        Read {
+            mailbox: u8,
+            from_seq: u64,
+            limit: usize,
+        },
+        /// Flush, close and reopen (a no-op for the memory store).
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..ADDRESSES, 1u8..4, 0u64..60)
+                .prop_map(|(mailbox, count, ttl_ms)| Op::Append { mailbox, count, ttl_ms }),
+            2 => (0..ADDRESSES, prop::collection::vec(0u8..8, 0..4))
+                .prop_map(|(mailbox, offsets)| Op::Delete { mailbox, offsets }),
+            2 => (0..ADDRESSES, 0..DEVICES, 0u64..20)
+                .prop_map(|(mailbox, device, seq)| Op::SetCursor { mailbox, device, seq }),
+            2 => (0u64..30, 0usize..5).prop_map(|(advance_ms, limit)| Op::Expire { advance_ms, limit }),
+            2 => (0..ADDRESSES, 0u64..15, 0usize..6)
+                .prop_map(|(mailbox, from_seq, limit)| Op::Read { mailbox, from_seq, limit }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// The obvious implementation the stores are compared against.
+    #[derive(Default)]
+    struct Model {
+        now_ms: u64,
+        envelopes: BTreeMap<(u8, u64), StoredEnvelope>,
+        heads: BTreeMap<u8, u64>,
+        cursors: BTreeMap<(u8, u8), u64>,
+    }
+
+    impl Model {
+        fn head(&self, mailbox: u8) -> u64 {
+            self.heads.get(&mailbox).copied().unwrap_or(0)
+        }
+
+        fn visible(&self, mailbox: u8, from_seq: u64, limit: usize) -> Vec<StoredEnvelope> {
+            self.envelopes
+                .range((mailbox, from_seq)..=(mailbox, u64::MAX))
+                .map(|(_, envelope)| envelope.clone())
+                .filter(|envelope| envelope.expires_at_ms > self.now_ms)
+                .take(limit)
+                .collect()
+        }
+
+        fn expire(&mut self, limit: usize) -> usize {
+            let order: BTreeSet<(u64, u8, u64)> = self
+                .envelopes
+                .iter()
+                .filter(|(_, envelope)| envelope.expires_at_ms <= self.now_ms)
+                .map(|(&(mailbox, seq), envelope)| (envelope.expires_at_ms, mailbox, seq))
+                .collect();
+            let doomed: Vec<_> = order.into_iter().take(limit).collect();
+            for (_, mailbox, seq) in &doomed {
+                self.envelopes.remove(&(*mailbox, *seq));
+            }
+            doomed.len()
+        }
+    }
+
+    /// Holds the store under test; `reopen` replaces it for the sled store.
+    trait Subject {
+        fn store(&self) -> &dyn Store;
+        fn reopen(&mut self);
+    }
+
+    impl Subject for MemoryStore {
+        fn store(&self) -> &dyn Store {
+            self
+        }
+        fn reopen(&mut self) {}
+    }
+
+    /// Fields drop in order: the store closes before its directory is removed.
+    struct SledSubject {
+        store: Option<SledStore>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Subject for SledSubject {
+        fn store(&self) -> &dyn Store {
+            self.store.as_ref().expect("store is open")
+        }
+        fn reopen(&mut self) {
+            let store = self.store.take().expect("store is open");
+            store.flush().expect("flush before close");
+            drop(store);
+            self.store = Some(open_sled(self.dir.path()));
+        }
+    }
+
+    fn open_sled(path: &Path) -> SledStore {
+        SledStore::open(path).expect("open sled store")
+    }
+
+    fn device_id(device: u8) -> DeviceId {
+        DeviceId([0xd0 + device; 32])
+    }
+
+    fn run_model(subject: &mut dyn Subject, ops: &[Op]) -> Result<(), TestCaseError> {
+        let mut model = Model::default();
+        for op in ops {
+            match op.clone() {
+                Op::Append {
+                    mailbox,
+                    count,
+                    ttl_ms,
+                } => {
+                    let first = model.head(mailbox) + 1;
+                    let items: Vec<Append> = (first..first + u64::from(count))
+                        .map(|seq| {
+                            let stored = envelope(seq, model.now_ms, model.now_ms + ttl_ms);
+                            model.envelopes.insert((mailbox, seq), stored.clone());
+                            append(address(mailbox), stored)
+                        })
+                        .collect();
+                    model.heads.insert(mailbox, first + u64::from(count) - 1);
+                    subject.store().append_batch(&items).expect("append");
+                }
+                Op::Delete { mailbox, offsets } => {
+                    let head = model.head(mailbox);
+                    let doomed: Vec<u64> = offsets
+                        .iter()
+                        .map(|offset| (head + 2).saturating_sub(u64::from(*offset)))
+                        .collect();
+                    let mut expected = 0;
+                    for seq in &doomed {
+                        if model.envelopes.remove(&(mailbox, *seq)).is_some() {
+                            expected += 1;
+                        }
+                    }
+                    let deleted = subject
+                        .store()
+                        .delete(&address(mailbox), &doomed)
+                        .expect("delete");
+                    prop_assert_eq!(deleted, expected);
+                }
+                Op::SetCursor {
+                    mailbox,
+                    device,
+                    seq,
+                } => {
+                    let cursor = model.cursors.entry((mailbox, device)).or_insert(seq);
+                    *cursor = (*cursor).max(seq);
+                    subject
+                        .store()
+                        .set_cursor(&address(mailbox), &device_id(device), seq)
+                        .expect("cursor");
+                }
+                Op::Expire { advance_ms, limit } => {
+                    model.now_ms += advance_ms;
+                    let expected = model.expire(limit);
+                    prop_assert_eq!(
+                        subject.store().expire(model.now_ms, limit).expect("expire"),
+                        expected
+                    );
+                }
+                Op::Read {
+                    mailbox,
+                    from_seq,
+                    limit,
+                } => {
+                    let read = subject
+                        .store()
+                        .read_from(&address(mailbox), from_seq, limit, model.now_ms)
+                        .expect("read");
+                    prop_assert_eq!(read, model.visible(mailbox, from_seq, limit));
+                }
+                Op::Reopen => subject.reopen(),
+            }
+            // After every step the full visible state must agree.
+            for mailbox in 0..ADDRESSES {
+                let store = subject.store();
+                let address = address(mailbox);
+                prop_assert_eq!(store.head_seq(&address).expect("head"), model.head(mailbox));
+                let oldest = model
+                    .envelopes
+                    .range((mailbox, 0)..=(mailbox, u64::MAX))
+                    .next()
+                    .map(|(k, _)| k.1);
+                prop_assert_eq!(store.oldest_seq(&address).expect("oldest"), oldest);
+                prop_assert_eq!(
+                    store
+                        .read_from(&address, 0, usize::MAX, model.now_ms)
+                        .expect("read"),
+                    model.visible(mailbox, 0, usize::MAX)
+                );
+                for device in 0..DEVICES {
+                    prop_assert_eq!(
+                        store.cursor(&address, &device_id(device)).expect("cursor"),
+                        model.cursors.get(&(mailbox, device)).copied()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn memory_store_matches_the_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+            run_model(&mut MemoryStore::new(), &ops)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn sled_store_matches_the_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = open_sled(dir.path());
+            run_model(&mut SledSubject { store: Some(store), dir }, &ops)?;
+        }
+    }
+}

@@ -1,0 +1,672 @@
+//! The on-disk [`Store`], and the only module in the workspace that names `sled`.
+//!
+//! # Layout
+//!
+//! One sled database with these trees. Integers in keys are big-endian so
+//! that sled's byte order is numeric order; `address` is the 32 raw bytes.
+//!
+//! | tree        | key                                          | value |
+//! |-------------|----------------------------------------------|-------|
+//! | `envelopes` | `address(32) ‖ seq(u64 BE)`                  | `expires_at_ms(u64 BE) ‖ encode_value(StoredEnvelope)` |
+//! | `expiry`    | `expires_at_ms(u64 BE) ‖ address(32) ‖ seq(u64 BE)` | empty |
+//! | `heads`     | `address(32)`                                | highest seq ever assigned, `u64 BE` |
+//! | `cursors`   | `address(32) ‖ device_id(32)`                | acknowledged seq, `u64 BE` |
+//! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
+//! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
+//! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
+//!
+//! An envelope value starts with a copy of its expiry time so that reads can
+//! skip expired envelopes, and deletes can find the expiry index entry,
+//! without decoding the envelope.
+//!
+//! # Crash ordering
+//!
+//! sled makes each tree's batch atomic but not a batch across trees, and the
+//! writes of [`Store::append_batch`] only become durable together at the flush
+//! that ends it. A crash before that flush may keep any subset of them, so the
+//! order of writes is chosen to make every partial state harmless:
+//!
+//! - Appends write the expiry entry and the head before the envelope. An
+//!   expiry entry whose envelope is missing (or has another expiry) is dropped
+//!   by [`Store::expire`] without counting it; an envelope never lacks its index
+//!   entry, so it cannot escape expiry.
+//! - Deletes remove the envelope before its expiry entry, for the same reason.
+//! - [`Store::head_seq`] is the larger of the head record and the highest
+//!   stored seq, so a head never falls below a stored envelope even if the head
+//!   record was lost.
+//!
+//! None of these writes was acknowledged before the crash, so losing them is
+//! allowed; only their partial effects need care.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use backbone_protocol::bytes::ServerId;
+use backbone_protocol::codec::{decode_value, encode_value};
+use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Append, Store, StoreError, StoredEnvelope};
+
+const ADDRESS_LEN: usize = 32;
+const SEQ_LEN: usize = 8;
+const ENVELOPE_KEY_LEN: usize = ADDRESS_LEN + SEQ_LEN;
+const EXPIRY_KEY_LEN: usize = 8 + ADDRESS_LEN + SEQ_LEN;
+const SERVER_ID_KEY: &[u8] = b"server_id";
+
+/// How long [`SledStore::open`] waits for a just-closed store's lock to be released.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    envelopes: sled::Tree,
+    expiry: sled::Tree,
+    heads: sled::Tree,
+    cursors: sled::Tree,
+    cards: sled::Tree,
+    devices: sled::Tree,
+    meta: sled::Tree,
+    /// Held while envelopes, the expiry index and heads are changed together
+    /// (append, delete, expire), so a concurrent sweep never sees an expiry
+    /// entry whose envelope is about to be written and drops it as stale.
+    mutation: Mutex<()>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        match error {
+            sled::Error::Corruption { .. } => StoreError::Corrupt {
+                what: format!("sled reported corruption: {error}"),
+            },
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in the directory `path`.
+    ///
+    /// sled runs in high-throughput mode with its periodic flush disabled:
+    /// durability comes only from the explicit flushes of
+    /// [`Store::append_batch`] and [`Store::flush`].
+    ///
+    /// If the directory's lock is held, opening retries for up to
+    /// two seconds: sled 0.34 releases its file lock from a background
+    /// thread some moments after the last handle is dropped
+    /// (spacejam/sled#1234), so an immediate reopen in the same process (a
+    /// restart in tests) would otherwise fail. A store held open by a live
+    /// process still fails, with [`StoreError::Backend`].
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_lock_wait(path, LOCK_WAIT)
+    }
+
+    fn open_with_lock_wait(path: &Path, lock_wait: Duration) -> Result<Self, StoreError> {
+        let config = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None);
+        let deadline = Instant::now() + lock_wait;
+        let mut backoff = Duration::from_millis(5);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(error))
+                    if is_lock_held(&error) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                result => break result?,
+            }
+        };
+        Ok(Self {
+            envelopes: db.open_tree("envelopes")?,
+            expiry: db.open_tree("expiry")?,
+            heads: db.open_tree("heads")?,
+            cursors: db.open_tree("cursors")?,
+            cards: db.open_tree("cards")?,
+            devices: db.open_tree("devices")?,
+            meta: db.open_tree("meta")?,
+            db,
+            mutation: Mutex::new(()),
+        })
+    }
+
+    fn lock_mutations(&self) -> MutexGuard<'_, ()> {
+        // The lock guards no data of its own, so a panic while it was held
+        // leaves nothing inconsistent behind it.
+        self.mutation.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stored_head(&self, address: &Address) -> Result<u64, StoreError> {
+        self.heads
+            .get(address.0)?
+            .map(|value| decode_u64(&value, "mailbox head"))
+            .transpose()
+            .map(|head| head.unwrap_or(0))
+    }
+
+    /// The highest stored envelope seq of `address`.
+    fn last_stored_seq(&self, address: &Address) -> Result<Option<u64>, StoreError> {
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        match self.envelopes.range(range).next_back() {
+            Some(entry) => Ok(Some(split_envelope_key(&entry?.0)?.1)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn append_batch(&self, items: &[Append]) -> Result<(), StoreError> {
+        {
+            let _guard = self.lock_mutations();
+            let mut envelopes = sled::Batch::default();
+            let mut expiry = sled::Batch::default();
+            let mut batch_heads: BTreeMap<Address, u64> = BTreeMap::new();
+            for item in items {
+                let envelope = &item.envelope;
+                envelopes.insert(
+                    &envelope_key(&item.address, envelope.seq)[..],
+                    encode_envelope(envelope)?,
+                );
+                expiry.insert(
+                    &expiry_key(envelope.expires_at_ms, &item.address, envelope.seq)[..],
+                    &[][..],
+                );
+                let head = batch_heads.entry(item.address).or_insert(0);
+                *head = (*head).max(envelope.seq);
+            }
+            let mut heads = sled::Batch::default();
+            for (address, seq) in batch_heads {
+                if seq > self.stored_head(&address)? {
+                    heads.insert(&address.0[..], &seq.to_be_bytes()[..]);
+                }
+            }
+            // See "Crash ordering" in the module documentation.
+            self.expiry.apply_batch(expiry)?;
+            self.heads.apply_batch(heads)?;
+            self.envelopes.apply_batch(envelopes)?;
+        }
+        self.flush()?;
+        metrics::counter!("backbone_store_appends_total").increment(items.len() as u64);
+        Ok(())
+    }
+
+    fn read_from(
+        &self,
+        address: &Address,
+        from_seq: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let range = envelope_key(address, from_seq)..=envelope_key(address, u64::MAX);
+        for entry in self.envelopes.range(range) {
+            let (key, value) = entry?;
+            if envelope_expiry(&value)? <= now_ms {
+                continue;
+            }
+            out.push(decode_envelope(&key, &value)?);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {
+        let stored = self.last_stored_seq(address)?.unwrap_or(0);
+        Ok(self.stored_head(address)?.max(stored))
+    }
+
+    fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, StoreError> {
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        match self.envelopes.range(range).next() {
+            Some(entry) => Ok(Some(split_envelope_key(&entry?.0)?.1)),
+            None => Ok(None),
+        }
+    }
+
+    fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        self.cursors
+            .get(pair_key(address, &device.0))?
+            .map(|value| decode_u64(&value, "cursor"))
+            .transpose()
+    }
+
+    fn set_cursor(&self, address: &Address, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        let mut corrupt = false;
+        self.cursors
+            .fetch_and_update(pair_key(address, &device.0), |old| {
+                let merged = match old.map(|value| decode_u64(value, "cursor")) {
+                    None => seq,
+                    Some(Ok(existing)) => existing.max(seq),
+                    Some(Err(_)) => {
+                        corrupt = true;
+                        return old.map(<[u8]>::to_vec);
+                    }
+                };
+                corrupt = false;
+                Some(merged.to_be_bytes().to_vec())
+            })?;
+        if corrupt {
+            return Err(StoreError::Corrupt {
+                what: "cursor: not a u64".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError> {
+        let _guard = self.lock_mutations();
+        let mut deleted = 0;
+        for &seq in seqs {
+            if let Some(value) = self.envelopes.remove(envelope_key(address, seq))? {
+                self.expiry
+                    .remove(expiry_key(envelope_expiry(&value)?, address, seq))?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let _guard = self.lock_mutations();
+        // Every index key with expires_at_ms <= now_ms sorts below the 8-byte
+        // prefix now_ms + 1.
+        let due = match now_ms.checked_add(1) {
+            Some(bound) => self.expiry.range(..bound.to_be_bytes()),
+            None => self.expiry.iter(),
+        };
+        let mut deleted = 0;
+        for entry in due {
+            let (index_key, _) = entry?;
+            let (expires_at_ms, address, seq) = split_expiry_key(&index_key)?;
+            let key = envelope_key(&address, seq);
+            let matches = match self.envelopes.get(key)? {
+                Some(value) => envelope_expiry(&value)? == expires_at_ms,
+                None => false,
+            };
+            if matches {
+                self.envelopes.remove(key)?;
+                deleted += 1;
+            }
+            // A stale entry (see "Crash ordering") is dropped without counting it.
+            self.expiry.remove(&index_key)?;
+            if deleted == limit {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn put_card(&self, card: &IdentityCard) -> Result<(), StoreError> {
+        self.cards.insert(card.address().0, encode(card)?)?;
+        Ok(())
+    }
+
+    fn card(&self, address: &Address) -> Result<Option<IdentityCard>, StoreError> {
+        self.cards
+            .get(address.0)?
+            .map(|value| decode(&value, "identity card"))
+            .transpose()
+    }
+
+    fn put_device(&self, address: &Address, cert: &DeviceCertificate) -> Result<(), StoreError> {
+        let key = pair_key(address, &cert.device_key.device_id().0);
+        self.devices.insert(key, encode(cert)?)?;
+        Ok(())
+    }
+
+    fn device(
+        &self,
+        address: &Address,
+        device: &DeviceId,
+    ) -> Result<Option<DeviceCertificate>, StoreError> {
+        self.devices
+            .get(pair_key(address, &device.0))?
+            .map(|value| decode(&value, "device certificate"))
+            .transpose()
+    }
+
+    fn server_id(&self) -> Result<ServerId, StoreError> {
+        if let Some(value) = self.meta.get(SERVER_ID_KEY)? {
+            return decode_server_id(&value);
+        }
+        let fresh = ServerId::random();
+        // Compare-and-swap so two first callers agree on one id.
+        match self
+            .meta
+            .compare_and_swap(SERVER_ID_KEY, None::<&[u8]>, Some(&fresh.0[..]))?
+        {
+            Ok(()) => {
+                // The id is bound into auth signatures; it must not change
+                // after a crash, so make it durable before handing it out.
+                self.flush()?;
+                Ok(fresh)
+            }
+            Err(raced) => match raced.current {
+                Some(value) => decode_server_id(&value),
+                None => Err(StoreError::Corrupt {
+                    what: "server id vanished".into(),
+                }),
+            },
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.db.flush();
+        metrics::histogram!("backbone_store_flush_seconds").record(started.elapsed().as_secs_f64());
+        result?;
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Whether sled failed to open because another handle holds the directory's
+/// lock. sled 0.34 reports it as an `Other` I/O error with this message.
+fn is_lock_held(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || error.to_string().contains("could not acquire lock")
+}
+
+fn envelope_key(address: &Address, seq: u64) -> [u8; ENVELOPE_KEY_LEN] {
+    let mut key = [0u8; ENVELOPE_KEY_LEN];
+    key[..ADDRESS_LEN].copy_from_slice(&address.0);
+    key[ADDRESS_LEN..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn split_envelope_key(key: &[u8]) -> Result<(Address, u64), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("envelope key of {} bytes", key.len()),
+    };
+    let (address, seq) = key.split_at_checked(ADDRESS_LEN).ok_or_else(corrupt)?;
+    let address: [u8; ADDRESS_LEN] = address.try_into().map_err(|_| corrupt())?;
+    let seq: [u8; SEQ_LEN] = seq.try_into().map_err(|_| corrupt())?;
+    Ok((Address(address), u64::from_be_bytes(seq)))
+}
+
+fn expiry_key(expires_at_ms: u64, address: &Address, seq: u64) -> [u8; EXPIRY_KEY_LEN] {
+    let mut key = [0u8; EXPIRY_KEY_LEN];
+    key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&envelope_key(address, seq));
+    key
+}
+
+fn split_expiry_key(key: &[u8]) -> Result<(u64, Address, u64), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("expiry key of {} bytes", key.len()),
+    };
+    if key.len() != EXPIRY_KEY_LEN {
+        return Err(corrupt());
+    }
+    let (expires_at_ms, rest) = key.split_at(8);
+    let (address, seq) = split_envelope_key(rest)?;
+    Ok((decode_u64(expires_at_ms, "expiry key")?, address, seq))
+}
+
+fn pair_key(address: &Address, device: &[u8; 32]) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..ADDRESS_LEN].copy_from_slice(&address.0);
+    key[ADDRESS_LEN..].copy_from_slice(device);
+    key
+}
+
+fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what: format!("{what}: {} bytes, not 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn decode_server_id(bytes: &[u8]) -> Result<ServerId, StoreError> {
+    let bytes: [u8; ServerId::LEN] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what: format!("server id of {} bytes", bytes.len()),
+    })?;
+    Ok(ServerId(bytes))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    encode_value(value).map_err(|error| StoreError::Encode(error.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    decode_value(bytes).map_err(|error| StoreError::Corrupt {
+        what: format!("{what}: {error}"),
+    })
+}
+
+fn encode_envelope(envelope: &StoredEnvelope) -> Result<Vec<u8>, StoreError> {
+    let mut value = envelope.expires_at_ms.to_be_bytes().to_vec();
+    value.extend_from_slice(&encode(envelope)?);
+    Ok(value)
+}
+
+/// The expiry time copied in front of an envelope value.
+fn envelope_expiry(value: &[u8]) -> Result<u64, StoreError> {
+    match value.get(..8) {
+        Some(prefix) => decode_u64(prefix, "envelope expiry"),
+        None => Err(StoreError::Corrupt {
+            what: format!("envelope value of {} bytes", value.len()),
+        }),
+    }
+}
+
+fn decode_envelope(key: &[u8], value: &[u8]) -> Result<StoredEnvelope, StoreError> {
+    let (_, seq) = split_envelope_key(key)?;
+    let envelope: StoredEnvelope = decode(&value[8..], "envelope")?;
+    if envelope.seq != seq || envelope.expires_at_ms != envelope_expiry(value)? {
+        return Err(StoreError::Corrupt {
+            what: format!("envelope under seq {seq} disagrees with its key or expiry prefix"),
+        });
+    }
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use backbone_protocol::Keypair;
+    use backbone_protocol::bytes::{EncryptionKey, MessageId};
+
+    use super::*;
+
+    fn envelope(seq: u64, expires_at_ms: u64) -> StoredEnvelope {
+        StoredEnvelope {
+            seq,
+            message_id: MessageId([seq as u8; 16]),
+            sender: Some(Address([0xaa; 32])),
+            stored_at_ms: 1,
+            expires_at_ms,
+            envelope: vec![seq as u8; 100],
+        }
+    }
+
+    fn append(address: Address, envelope: StoredEnvelope) -> Append {
+        Append {
+            address,
+            envelope: Arc::new(envelope),
+        }
+    }
+
+    #[test]
+    fn sled_store_keeps_everything_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Address([1; 32]);
+        let identity = Keypair::from_secret_bytes([2; 32]);
+        let card = IdentityCard::sign(&identity, EncryptionKey([3; 32]), 4);
+        let device_key = Keypair::from_secret_bytes([5; 32]).public();
+        let cert = DeviceCertificate::issue(&identity, device_key, 6);
+        let device = device_key.device_id();
+
+        let store = SledStore::open(dir.path()).expect("open");
+        let server_id = store.server_id().expect("server id");
+        let items: Vec<Append> = (1..=4).map(|seq| append(a, envelope(seq, 1_000))).collect();
+        store.append_batch(&items).expect("append");
+        store.set_cursor(&a, &device, 2).expect("cursor");
+        store.delete(&a, &[1, 2]).expect("delete");
+        store.put_card(&card).expect("card");
+        store
+            .put_device(&identity.address(), &cert)
+            .expect("device");
+        store.flush().expect("flush");
+        drop(store);
+
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.server_id(), Ok(server_id));
+        assert_eq!(store.head_seq(&a), Ok(4));
+        assert_eq!(store.oldest_seq(&a), Ok(Some(3)));
+        assert_eq!(
+            store.read_from(&a, 0, 10, 0),
+            Ok(vec![envelope(3, 1_000), envelope(4, 1_000)])
+        );
+        assert_eq!(store.cursor(&a, &device), Ok(Some(2)));
+        assert_eq!(store.card(&identity.address()), Ok(Some(card)));
+        assert_eq!(store.device(&identity.address(), &device), Ok(Some(cert)));
+        // The expiry index survived too.
+        assert_eq!(store.expire(1_000, 10), Ok(2));
+        assert_eq!(store.oldest_seq(&a), Ok(None));
+        assert_eq!(store.head_seq(&a), Ok(4));
+        assert!(store.size_on_disk().expect("size") > 0);
+    }
+
+    #[test]
+    fn sled_store_expire_uses_the_index_not_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = Address([1; 32]);
+        store
+            .append_batch(&[append(a, envelope(1, 10))])
+            .expect("append");
+        // An envelope written behind the index's back is invisible to expiry:
+        // only a full scan could find it.
+        let hidden = envelope(2, 10);
+        store
+            .envelopes
+            .insert(
+                envelope_key(&a, 2),
+                encode_envelope(&hidden).expect("encode"),
+            )
+            .expect("insert");
+        assert_eq!(store.expire(100, 10), Ok(1));
+        assert_eq!(store.oldest_seq(&a), Ok(Some(2)));
+        assert_eq!(store.expiry.len(), 0);
+    }
+
+    #[test]
+    fn sled_store_drops_stale_index_entries_without_counting_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = Address([1; 32]);
+        // Entries left by a crash: one without an envelope, one whose envelope
+        // was rewritten with another expiry.
+        store
+            .expiry
+            .insert(expiry_key(5, &a, 7), &[][..])
+            .expect("insert");
+        store
+            .append_batch(&[append(a, envelope(1, 5))])
+            .expect("append");
+        store
+            .append_batch(&[append(a, envelope(1, 50))])
+            .expect("rewrite");
+        store
+            .append_batch(&[append(a, envelope(2, 6))])
+            .expect("append");
+        assert_eq!(store.expire(10, 1), Ok(1));
+        assert_eq!(store.read_from(&a, 0, 10, 10), Ok(vec![envelope(1, 50)]));
+        assert_eq!(store.expire(100, 10), Ok(1));
+        assert_eq!(store.expiry.len(), 0);
+    }
+
+    #[test]
+    fn sled_store_head_never_falls_below_a_stored_envelope() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = Address([1; 32]);
+        store
+            .append_batch(&[append(a, envelope(3, 10))])
+            .expect("append");
+        // A crash that kept the envelope but lost the head record.
+        store.heads.remove(a.0).expect("remove");
+        assert_eq!(store.head_seq(&a), Ok(3));
+    }
+
+    #[test]
+    fn sled_store_reports_corrupt_records_as_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = Address([1; 32]);
+        let device = DeviceId([2; 32]);
+        store
+            .envelopes
+            .insert(envelope_key(&a, 1), &[1, 2, 3][..])
+            .expect("insert");
+        // A valid, unexpired expiry prefix followed by garbage.
+        store
+            .envelopes
+            .insert(
+                envelope_key(&a, 2),
+                &[0, 0, 0, 0, 0, 0, 0, 9, 1, 2, 3, 4][..],
+            )
+            .expect("insert");
+        store
+            .cursors
+            .insert(pair_key(&a, &device.0), &[1][..])
+            .expect("insert");
+        store.cards.insert(a.0, &[9; 5][..]).expect("insert");
+        store
+            .meta
+            .insert(SERVER_ID_KEY, &[1; 3][..])
+            .expect("insert");
+        assert!(matches!(
+            store.read_from(&a, 1, 1, 0),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.read_from(&a, 2, 1, 0),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.cursor(&a, &device),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.set_cursor(&a, &device, 5),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(store.card(&a), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(store.server_id(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn sled_store_refuses_a_second_open_of_the_same_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _store = SledStore::open(dir.path()).expect("open");
+        assert!(matches!(
+            SledStore::open_with_lock_wait(dir.path(), Duration::from_millis(20)),
+            Err(StoreError::Backend(_))
+        ));
+    }
+}

@@ -1,0 +1,161 @@
+//! The root of the supervision tree and the expiry actor.
+//!
+//! ```text
+//! RootSupervisor
+//! ├── ExpiryActor            periodic sweep through the expiry index
+//! └── MailboxActor × N       one per active address, spawned on demand by the Registry
+//! ```
+//!
+//! A failed expiry actor is restarted; a failed mailbox actor is logged and
+//! dropped from the registry, and the next caller spawns a fresh one that
+//! re-reads its head from the store (nothing acknowledged lives only in memory).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use crate::mailbox::MailboxContext;
+use crate::store::Store;
+
+/// The root supervisor.
+pub struct RootSupervisor;
+
+/// Arguments of the root supervisor.
+pub struct RootArgs {
+    /// Shared mailbox context (for cleaning up failed mailboxes).
+    pub mailboxes: Arc<MailboxContext>,
+    /// Expiry settings.
+    pub expiry: ExpiryArgs,
+}
+
+/// State of the root supervisor.
+pub struct RootState {
+    mailboxes: Arc<MailboxContext>,
+    expiry: ExpiryArgs,
+    expiry_actor: ActorRef<ExpiryMsg>,
+}
+
+/// Messages to the root supervisor: none besides supervision events.
+#[derive(Debug)]
+pub enum RootMsg {}
+
+impl Actor for RootSupervisor {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (expiry_actor, _) =
+            Actor::spawn_linked(None, ExpiryActor, args.expiry.clone(), myself.get_cell()).await?;
+        Ok(RootState {
+            mailboxes: args.mailboxes,
+            expiry: args.expiry,
+            expiry_actor,
+        })
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if cell.get_id() == state.expiry_actor.get_id() {
+                    tracing::error!(%error, "expiry actor failed; restarting it");
+                    let (actor, _) = Actor::spawn_linked(
+                        None,
+                        ExpiryActor,
+                        state.expiry.clone(),
+                        myself.get_cell(),
+                    )
+                    .await?;
+                    state.expiry_actor = actor;
+                } else {
+                    tracing::error!(%error, "mailbox actor failed; it will be respawned on demand");
+                    state
+                        .mailboxes
+                        .actors
+                        .retain(|_, actor| actor.get_id() != cell.get_id());
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state
+                    .mailboxes
+                    .actors
+                    .retain(|_, actor| actor.get_id() != cell.get_id());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Settings of the expiry actor.
+#[derive(Clone)]
+pub struct ExpiryArgs {
+    /// The store to sweep.
+    pub store: Arc<dyn Store>,
+    /// Sweep period.
+    pub interval: Duration,
+    /// Most deletions per storage call.
+    pub batch: usize,
+    /// The clock, in Unix milliseconds (injectable for tests).
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+/// Deletes expired envelopes through the store's expiry index.
+pub struct ExpiryActor;
+
+/// Messages of the expiry actor.
+#[derive(Debug)]
+pub enum ExpiryMsg {
+    /// Run one sweep.
+    Sweep,
+}
+
+impl Actor for ExpiryActor {
+    type Msg = ExpiryMsg;
+    type State = ExpiryArgs;
+    type Arguments = ExpiryArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.interval, || ExpiryMsg::Sweep);
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ExpiryMsg::Sweep => {
+                let now = (state.clock)();
+                loop {
+                    let store = state.store.clone();
+                    let batch = state.batch;
+                    // A sweep is blocking storage work: run it off the runtime.
+                    let deleted =
+                        tokio::task::spawn_blocking(move || store.expire(now, batch)).await??;
+                    metrics::counter!("backbone_envelopes_expired_total").increment(deleted as u64);
+                    if deleted < batch {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The QUIC endpoint, tuned on purpose: explicit windows (quinn's connection
+//! receive window is unbounded by default), stream limits, idle timeout,
+//! keep-alive, and large UDP socket buffers (with the kernel's default of
+//! about 208 KiB, handshakes stall under load).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{IdleTimeout, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::{Config, TransportConfig};
+
+/// The QUIC transport parameters derived from the config.
+pub fn transport_config(config: &TransportConfig) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .receive_window(VarInt::from_u64(config.receive_window.as_u64())?)
+        .stream_receive_window(VarInt::from_u64(config.stream_receive_window.as_u64())?)
+        .send_window(config.send_window.as_u64())
+        .max_concurrent_bidi_streams(VarInt::from_u32(config.max_concurrent_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(IdleTimeout::try_from(config.idle_timeout)?))
+        .keep_alive_interval(Some(config.keep_alive));
+    Ok(transport)
+}
+
+/// Binds the UDP socket with the configured buffers and builds the endpoint.
+pub fn server_endpoint(
+    config: &Config,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(&config.transport)?));
+    let listen = config.server.listen;
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    let wanted_recv = config.transport.udp_recv_buffer.as_u64() as usize;
+    let wanted_send = config.transport.udp_send_buffer.as_u64() as usize;
+    // Failing to enlarge the buffers is not fatal; the sizes obtained are logged.
+    let _ = socket.set_recv_buffer_size(wanted_recv);
+    let _ = socket.set_send_buffer_size(wanted_send);
+    socket
+        .bind(&listen.into())
+        .with_context(|| format!("cannot bind UDP {listen}"))?;
+    let got_recv = socket.recv_buffer_size().unwrap_or(0);
+    let got_send = socket.send_buffer_size().unwrap_or(0);
+    if got_recv < wanted_recv || got_send < wanted_send {
+        warn!(
+            got_recv,
+            got_send,
+            wanted_recv,
+            wanted_send,
+            "kernel capped the UDP buffers; raise net.core.rmem_max and net.core.wmem_max"
+        );
+    } else {
+        info!(got_recv, got_send, "UDP socket buffers");
+    }
+    let socket: std::net::UdpSocket = socket.into();
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok(endpoint)
+}

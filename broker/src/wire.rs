@@ -1,0 +1,79 @@
+//! Frame I/O over one QUIC stream: a reader feeding the protocol's sans-IO
+//! [`FrameBuffer`], and a writer task that batches outgoing frames into few
+//! stream writes.
+
+use backbone_protocol::Frame;
+use backbone_protocol::codec::{self, BufferError, FrameBuffer, Phase};
+use tokio::sync::mpsc;
+
+/// Reads frames from a receive stream.
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buffer: FrameBuffer,
+}
+
+/// What went wrong reading a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The peer finished or reset the stream, or the connection closed.
+    #[error("stream closed")]
+    Closed,
+    /// The frame was invalid (skipped or fatal).
+    #[error(transparent)]
+    Frame(#[from] BufferError),
+}
+
+impl FrameReader {
+    /// A reader with the given frame size limit.
+    pub fn new(recv: quinn::RecvStream, max_frame_len: usize) -> Self {
+        Self {
+            recv,
+            buffer: FrameBuffer::new(max_frame_len),
+        }
+    }
+
+    /// The next frame.
+    pub async fn next(&mut self, phase: Phase) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(frame) = self.buffer.next_frame(phase)? {
+                return Ok(frame);
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.buffer.extend(&chunk.bytes),
+                Ok(None) | Err(_) => return Err(ReadError::Closed),
+            }
+        }
+    }
+}
+
+/// Spawns the task that writes frames from `rx` to `send`, coalescing
+/// whatever is queued into one write. It ends when every sender is dropped or
+/// the stream fails, and finishes the stream on the way out.
+pub fn spawn_writer(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Frame>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        while let Some(frame) = rx.recv().await {
+            buf.clear();
+            encode_logged(&frame, &mut buf);
+            while buf.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(frame) => encode_logged(&frame, &mut buf),
+                    Err(_) => break,
+                }
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    })
+}
+
+fn encode_logged(frame: &Frame, buf: &mut Vec<u8>) {
+    if let Err(error) = codec::encode_frame(frame, buf) {
+        tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
+    }
+}

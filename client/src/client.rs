@@ -1,0 +1,613 @@
+//! The persistent client: one background task keeps a connection to the
+//! broker, reconnecting with jittered exponential backoff; requests are
+//! matched to responses by id; pushed envelopes arrive on a stream, in
+//! sequence order, without ones already acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backbone_protocol::bytes::{Blob, MessageId};
+use backbone_protocol::frame::{
+    Ack, Delete, FetchCard, PublishCard, RegisterDevice, Send, SendAck,
+};
+use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use crate::envelope::{self, EncryptionKeypair, Opened};
+use crate::error::ClientError;
+use crate::transport::{ConnectConfig, Credentials, RawConnection, unexpected};
+
+/// Reconnect backoff.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (0-based): exponential, capped, with
+    /// 50–100 % jitter so a fleet of clients does not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exponential = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        exponential.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+/// Everything a [`Client`] needs.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Where and how to connect.
+    pub connect: ConnectConfig,
+    /// Device credentials.
+    pub credentials: Credentials,
+    /// The identity's signing key, needed to sign sealed envelopes (`send`).
+    pub identity: Option<Keypair>,
+    /// The identity's encryption key, needed to open envelopes (`next_message`).
+    pub encryption: Option<EncryptionKeypair>,
+    /// How long a request waits for its response.
+    pub request_timeout: Duration,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Pushed envelopes buffered before the client stops reading from the broker.
+    pub delivery_buffer: usize,
+}
+
+impl ClientOptions {
+    /// Options for an identity authenticating as its own primary device.
+    pub fn primary(
+        connect: ConnectConfig,
+        identity: Keypair,
+        encryption: EncryptionKeypair,
+    ) -> Self {
+        Self {
+            connect,
+            credentials: Credentials::primary(&identity),
+            identity: Some(identity),
+            encryption: Some(encryption),
+            request_timeout: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            delivery_buffer: 1024,
+        }
+    }
+}
+
+/// One envelope pushed by the broker, still sealed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Sequence number in this mailbox; ack it when processed.
+    pub seq: u64,
+    /// The broker's message id.
+    pub message_id: MessageId,
+    /// The sender as authenticated by the broker.
+    pub sender: Option<Address>,
+    /// When the broker stored it (Unix ms).
+    pub stored_at_ms: u64,
+    /// When it expires (Unix ms).
+    pub expires_at_ms: u64,
+    /// The sealed bytes.
+    pub envelope: Vec<u8>,
+}
+
+/// A delivered and opened message.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// The delivery it came in.
+    pub delivery: Delivery,
+    /// The verified contents.
+    pub opened: Opened,
+}
+
+/// Connection state, observable through [`Client::status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Connected and authenticated.
+    Connected,
+    /// Waiting to reconnect after a failure.
+    Reconnecting,
+    /// Stopped for good, with the reason.
+    Stopped(String),
+}
+
+enum Command {
+    Request {
+        frame: Frame,
+        reply: oneshot::Sender<Result<Frame, ClientError>>,
+    },
+    Ack(u64),
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Frame, ClientError>>>>>;
+
+/// A persistent, authenticated connection to a broker.
+pub struct Client {
+    options: ClientOptions,
+    address: Address,
+    commands: mpsc::Sender<Command>,
+    deliveries: Mutex<mpsc::Receiver<Delivery>>,
+    status: watch::Receiver<Status>,
+    next_request: AtomicU64,
+    cards: std::sync::Mutex<HashMap<Address, IdentityCard>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Connects and authenticates; fails if the first attempt fails. Later
+    /// disconnects are repaired in the background.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let (connection, _ok) =
+            connect_following_redirects(&options.connect, &options.credentials).await?;
+        let address = options.credentials.identity_key.address();
+        let (commands, command_rx) = mpsc::channel(1024);
+        let (delivery_tx, deliveries) = mpsc::channel(options.delivery_buffer);
+        let (status_tx, status) = watch::channel(Status::Connected);
+        let task = tokio::spawn(connection_loop(
+            options.clone(),
+            connection,
+            command_rx,
+            delivery_tx,
+            status_tx,
+        ));
+        Ok(Client {
+            options,
+            address,
+            commands,
+            deliveries: Mutex::new(deliveries),
+            status,
+            next_request: AtomicU64::new(1),
+            cards: std::sync::Mutex::new(HashMap::new()),
+            task,
+        })
+    }
+
+    /// This client's identity address.
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// The current connection status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the client is connected (after a reconnect).
+    pub async fn wait_connected(&self) -> Result<(), ClientError> {
+        let mut status = self.status.clone();
+        let result = status
+            .wait_for(|s| !matches!(s, Status::Reconnecting))
+            .await;
+        match result.map(|s| s.clone()) {
+            Ok(Status::Connected) => Ok(()),
+            Ok(Status::Stopped(reason)) => Err(ClientError::Disconnected(reason)),
+            _ => Err(ClientError::Disconnected("client stopped".into())),
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn request(&self, frame: Frame) -> Result<Frame, ClientError> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(Command::Request { frame, reply })
+            .await
+            .map_err(|_| ClientError::Disconnected("client stopped".into()))?;
+        match tokio::time::timeout(self.options.request_timeout, response).await {
+            Err(_) => Err(ClientError::Timeout),
+            Ok(Err(_)) => Err(ClientError::Disconnected("connection lost".into())),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    async fn expect_done(&self, frame: Frame) -> Result<(), ClientError> {
+        match self.request(frame).await? {
+            Frame::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Publishes this identity's card, built from its keys.
+    pub async fn publish_card(&self) -> Result<IdentityCard, ClientError> {
+        let identity = self.options.identity.as_ref().ok_or(ClientError::Protocol(
+            "publishing a card needs the identity key".into(),
+        ))?;
+        let encryption = self
+            .options
+            .encryption
+            .as_ref()
+            .ok_or(ClientError::Protocol(
+                "publishing a card needs the encryption key".into(),
+            ))?;
+        let card = IdentityCard::sign(
+            identity,
+            encryption.public(),
+            backbone_protocol::unix_millis_now(),
+        );
+        self.expect_done(Frame::PublishCard(PublishCard {
+            request_id: self.request_id(),
+            card,
+        }))
+        .await?;
+        Ok(card)
+    }
+
+    /// Registers another device of this identity.
+    pub async fn register_device(&self, certificate: DeviceCertificate) -> Result<(), ClientError> {
+        self.expect_done(Frame::RegisterDevice(RegisterDevice {
+            request_id: self.request_id(),
+            certificate,
+        }))
+        .await
+    }
+
+    /// Fetches the card of `address` and verifies it belongs to that address.
+    /// Verified cards are cached for the client's lifetime.
+    pub async fn fetch_card(&self, address: &Address) -> Result<IdentityCard, ClientError> {
+        if let Some(card) = self.cards.lock().expect("card cache lock").get(address) {
+            return Ok(*card);
+        }
+        let card = match self
+            .request(Frame::FetchCard(FetchCard {
+                request_id: self.request_id(),
+                address: *address,
+            }))
+            .await?
+        {
+            Frame::CardResult(result) => result.card,
+            other => return Err(unexpected(other)),
+        };
+        card.verify(address)?;
+        self.cards
+            .lock()
+            .expect("card cache lock")
+            .insert(*address, card);
+        Ok(card)
+    }
+
+    /// Sends opaque bytes to `recipients` (no encryption: the caller's bytes as they are).
+    pub async fn send_envelope(
+        &self,
+        recipients: &[Address],
+        envelope: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
+        let frame = Frame::Send(Send {
+            request_id: self.request_id(),
+            ttl_secs,
+            recipients: recipients.to_vec(),
+            envelope: Blob(envelope),
+        });
+        match self.request(frame).await? {
+            Frame::SendAck(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Seals `plaintext` to every recipient's verified card, signs it, and sends it.
+    pub async fn send(
+        &self,
+        recipients: &[Address],
+        plaintext: &[u8],
+        ttl: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let identity = self.options.identity.as_ref().ok_or(ClientError::Protocol(
+            "sending needs the identity key".into(),
+        ))?;
+        let mut keys = Vec::with_capacity(recipients.len());
+        for recipient in recipients {
+            keys.push((*recipient, self.fetch_card(recipient).await?.encryption_key));
+        }
+        let sealed = envelope::seal(
+            identity,
+            &keys,
+            plaintext,
+            backbone_protocol::unix_millis_now(),
+        )?;
+        self.send_envelope(recipients, sealed, ttl).await
+    }
+
+    /// The next pushed envelope, still sealed; `None` once the client stopped.
+    pub async fn next_delivery(&self) -> Option<Delivery> {
+        self.deliveries.lock().await.recv().await
+    }
+
+    /// The next pushed envelope, opened and verified. A tampered or
+    /// mis-addressed envelope is an `Err`; the caller decides whether to ack it.
+    pub async fn next_message(&self) -> Option<Result<Message, (Delivery, ClientError)>> {
+        let delivery = self.next_delivery().await?;
+        let Some(encryption) = &self.options.encryption else {
+            return Some(Err((
+                delivery,
+                ClientError::Protocol("opening needs the encryption key".into()),
+            )));
+        };
+        // The broker authenticated the sender; the signature inside must agree.
+        let opened = match delivery.sender {
+            Some(sender) => {
+                envelope::open_expecting(&self.address, encryption, &delivery.envelope, &sender)
+            }
+            None => envelope::open(&self.address, encryption, &delivery.envelope),
+        };
+        Some(match opened {
+            Ok(opened) => Ok(Message { delivery, opened }),
+            Err(error) => Err((delivery, error.into())),
+        })
+    }
+
+    /// Acknowledges every delivery up to and including `seq` (cumulative).
+    pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Ack(seq))
+            .await
+            .map_err(|_| ClientError::Disconnected("client stopped".into()))
+    }
+
+    /// Deletes envelopes from this identity's mailbox (for all its devices).
+    pub async fn delete(&self, seqs: Vec<u64>) -> Result<(), ClientError> {
+        self.expect_done(Frame::Delete(Delete {
+            request_id: self.request_id(),
+            seqs,
+        }))
+        .await
+    }
+}
+
+async fn connect_following_redirects(
+    config: &ConnectConfig,
+    credentials: &Credentials,
+) -> Result<(RawConnection, backbone_protocol::frame::AuthOk), ClientError> {
+    let mut config = config.clone();
+    for _ in 0..4 {
+        let mut connection = RawConnection::connect(&config).await?;
+        match connection.authenticate(credentials).await {
+            Ok(ok) => return Ok((connection, ok)),
+            Err(ClientError::Redirect(node)) => {
+                debug!(%node, "following redirect");
+                config.server = node;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(ClientError::Protocol("too many redirects".into()))
+}
+
+async fn connection_loop(
+    options: ClientOptions,
+    first: RawConnection,
+    mut commands: mpsc::Receiver<Command>,
+    deliveries: mpsc::Sender<Delivery>,
+    status: watch::Sender<Status>,
+) {
+    let mut connection = Some(first);
+    let mut last_acked = 0u64;
+    let mut last_delivered = 0u64;
+    let mut attempt = 0u32;
+    loop {
+        let raw = match connection.take() {
+            Some(raw) => raw,
+            None => {
+                let _ = status.send(Status::Reconnecting);
+                tokio::time::sleep(options.backoff.delay(attempt)).await;
+                attempt = attempt.saturating_add(1);
+                match connect_following_redirects(&options.connect, &options.credentials).await {
+                    Ok((raw, _)) => raw,
+                    Err(error) if error.is_retryable() => {
+                        debug!(%error, "reconnect failed; retrying");
+                        continue;
+                    }
+                    Err(error) => {
+                        warn!(%error, "reconnect failed for good");
+                        let _ = status.send(Status::Stopped(error.to_string()));
+                        return;
+                    }
+                }
+            }
+        };
+        attempt = 0;
+        let _ = status.send(Status::Connected);
+        let outcome = run_connection(
+            raw,
+            &mut commands,
+            &deliveries,
+            &mut last_acked,
+            &mut last_delivered,
+        )
+        .await;
+        match outcome {
+            Outcome::ClientDropped => return,
+            Outcome::Lost(error) => debug!(%error, "connection lost; reconnecting"),
+        }
+    }
+}
+
+enum Outcome {
+    ClientDropped,
+    Lost(ClientError),
+}
+
+async fn run_connection(
+    raw: RawConnection,
+    commands: &mut mpsc::Receiver<Command>,
+    deliveries: &mpsc::Sender<Delivery>,
+    last_acked: &mut u64,
+    last_delivered: &mut u64,
+) -> Outcome {
+    let (connection, _endpoint, mut send, mut recv, mut buffer) = raw.into_parts();
+    let pending: Pending = Arc::default();
+    // The ack of the previous connection may have been lost with it.
+    let mut out = Vec::new();
+    if *last_acked > 0 {
+        let _ = backbone_protocol::codec::encode_frame(
+            &Frame::Ack(Ack {
+                up_to_seq: *last_acked,
+            }),
+            &mut out,
+        );
+    }
+    let delivered = Arc::new(AtomicU64::new(*last_delivered));
+    let reader = {
+        let (pending, deliveries, delivered) =
+            (pending.clone(), deliveries.clone(), delivered.clone());
+        tokio::spawn(async move {
+            loop {
+                loop {
+                    match buffer.next_frame(backbone_protocol::codec::Phase::Any) {
+                        Ok(Some(frame)) => {
+                            if !dispatch(frame, &pending, &deliveries, &delivered).await {
+                                return ClientError::Disconnected("client stopped".into());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => return ClientError::Protocol(error.to_string()),
+                    }
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => buffer.extend(&chunk.bytes),
+                    Ok(None) => return ClientError::Disconnected("stream finished".into()),
+                    Err(error) => return ClientError::Disconnected(error.to_string()),
+                }
+            }
+        })
+    };
+    tokio::pin!(reader);
+    let outcome = loop {
+        if !out.is_empty() {
+            if let Err(error) = send.write_all(&out).await {
+                break Outcome::Lost(ClientError::Disconnected(error.to_string()));
+            }
+            out.clear();
+        }
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else { break Outcome::ClientDropped };
+                queue(command, &pending, &mut out, last_acked);
+                while out.len() < 256 * 1024 {
+                    match commands.try_recv() {
+                        Ok(command) => queue(command, &pending, &mut out, last_acked),
+                        Err(_) => break,
+                    }
+                }
+            }
+            error = &mut reader => {
+                break Outcome::Lost(error.unwrap_or_else(|e| ClientError::Disconnected(e.to_string())));
+            }
+        }
+    };
+    *last_delivered = delivered.load(Ordering::Acquire);
+    reader.abort();
+    for (_, reply) in pending.lock().expect("pending lock").drain() {
+        let _ = reply.send(Err(ClientError::Disconnected("connection lost".into())));
+    }
+    connection.close(quinn::VarInt::from_u32(0), b"");
+    outcome
+}
+
+fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>, last_acked: &mut u64) {
+    let frame = match command {
+        Command::Request { frame, reply } => {
+            if let Some(id) = request_id(&frame) {
+                pending.lock().expect("pending lock").insert(id, reply);
+            }
+            frame
+        }
+        Command::Ack(seq) => {
+            if seq <= *last_acked {
+                return;
+            }
+            *last_acked = seq;
+            Frame::Ack(Ack { up_to_seq: seq })
+        }
+    };
+    if let Err(error) = backbone_protocol::codec::encode_frame(&frame, out) {
+        warn!(%error, "cannot encode a request");
+    }
+}
+
+fn request_id(frame: &Frame) -> Option<u64> {
+    match frame {
+        Frame::Send(f) => Some(f.request_id),
+        Frame::PublishCard(f) => Some(f.request_id),
+        Frame::FetchCard(f) => Some(f.request_id),
+        Frame::RegisterDevice(f) => Some(f.request_id),
+        Frame::Delete(f) => Some(f.request_id),
+        _ => None,
+    }
+}
+
+fn response_id(frame: &Frame) -> Option<u64> {
+    match frame {
+        Frame::SendAck(f) => Some(f.request_id),
+        Frame::CardResult(f) => Some(f.request_id),
+        Frame::Done(f) => Some(f.request_id),
+        Frame::Error(f) => Some(f.request_id),
+        Frame::Redirect(f) => Some(f.request_id),
+        _ => None,
+    }
+}
+
+/// Routes one frame from the broker; `false` when the client is gone.
+async fn dispatch(
+    frame: Frame,
+    pending: &Pending,
+    deliveries: &mpsc::Sender<Delivery>,
+    delivered: &AtomicU64,
+) -> bool {
+    if let Frame::Deliver(deliver) = frame {
+        // After a reconnect the broker resends from the persisted cursor;
+        // what this client already handed out is not handed out twice.
+        if deliver.seq <= delivered.load(Ordering::Acquire) {
+            return true;
+        }
+        delivered.store(deliver.seq, Ordering::Release);
+        let delivery = Delivery {
+            seq: deliver.seq,
+            message_id: deliver.message_id,
+            sender: deliver.sender,
+            stored_at_ms: deliver.stored_at_ms,
+            expires_at_ms: deliver.expires_at_ms,
+            envelope: deliver.envelope.0,
+        };
+        return deliveries.send(delivery).await.is_ok();
+    }
+    if let Frame::Ping(ping) = frame {
+        debug!(nonce = ping.nonce, "ping from broker");
+        return true;
+    }
+    match response_id(&frame) {
+        Some(id) if id != 0 => {
+            if let Some(reply) = pending.lock().expect("pending lock").remove(&id) {
+                let _ = reply.send(Ok(frame));
+            }
+        }
+        _ => {
+            if let Frame::Error(error) = frame {
+                warn!(code = error.code, message = %error.message, "broker reported a connection error");
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,162 @@
+//! The broker under test: spawned locally or given by address, and sampled
+//! from /proc when it runs on this machine.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use backbone_client::{ConnectConfig, Trust};
+
+use crate::TargetArgs;
+
+/// A broker to connect to.
+pub struct Target {
+    /// How clients connect.
+    pub connect: ConnectConfig,
+    /// Shared client endpoints.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// The broker's PID, when local.
+    pub pid: Option<u32>,
+    child: Mutex<Option<Child>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// CPU time and resident memory of a process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcSample {
+    /// User + system CPU seconds.
+    pub cpu_seconds: f64,
+    /// Resident set size in bytes.
+    pub rss_bytes: u64,
+}
+
+impl Target {
+    /// Spawns a broker or describes the given one.
+    pub async fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
+        let endpoints = (0..args.endpoints.max(1))
+            .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if args.spawn_broker {
+            return spawn(endpoints).await;
+        }
+        let Some(server) = args.server.clone() else {
+            bail!("give --server HOST:PORT (with --ca or --fingerprint), or --spawn-broker");
+        };
+        let trust = match (&args.fingerprint, &args.ca) {
+            (Some(fingerprint), _) => Trust::Fingerprint(fingerprint.clone()),
+            (None, Some(ca)) => Trust::CaFile(ca.clone()),
+            (None, None) => bail!("give --ca or --fingerprint for --server"),
+        };
+        let mut connect = ConnectConfig::new(server, trust);
+        connect.server_name = Some("localhost".into());
+        Ok(Target {
+            connect,
+            endpoints,
+            pid: args.broker_pid,
+            child: Mutex::new(None),
+            _dir: None,
+        })
+    }
+
+    /// A connect config using the `index`-th shared endpoint.
+    pub fn connect_config(&self, index: usize) -> ConnectConfig {
+        let mut config = self.connect.clone();
+        config.endpoint = Some(self.endpoints[index % self.endpoints.len()].clone());
+        config
+    }
+
+    /// Samples the broker process, if local.
+    pub fn sample(&self) -> Option<ProcSample> {
+        let pid = self.pid?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        // Linux reports CPU time in USER_HZ, which is 100 on every mainstream configuration.
+        Some(ProcSample {
+            cpu_seconds: ticks / 100.0,
+            rss_bytes: rss_kib * 1024,
+        })
+    }
+
+    /// Stops a spawned broker.
+    pub async fn stop(&self) {
+        let child = self.child.lock().expect("child lock").take();
+        if let Some(mut child) = child {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            for _ in 0..100 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn spawn(endpoints: Vec<quinn::Endpoint>) -> anyhow::Result<Target> {
+    let binary = std::env::current_exe()?.with_file_name("backbone");
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p backbone-broker`",
+            binary.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(&binary)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("BACKBONE__METRICS__LISTEN", "127.0.0.1:0")
+        .env("BACKBONE__LIMITS__MAX_CONNECTIONS", "200000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stdout = child.stdout.take().context("broker stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut cert = None;
+    while let Some(line) = lines.next().transpose()? {
+        if let Some(path) = line.strip_prefix("certificate: ") {
+            cert = Some(PathBuf::from(path.trim()));
+        }
+        if line.starts_with("fingerprint: ") {
+            break;
+        }
+    }
+    // Keep draining stdout so the broker never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let cert = cert.context("the broker did not print its certificate path")?;
+    let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(cert));
+    connect.server_name = Some("localhost".into());
+    let pid = Some(child.id());
+    Ok(Target {
+        connect,
+        endpoints,
+        pid,
+        child: Mutex::new(Some(child)),
+        _dir: Some(dir),
+    })
+}

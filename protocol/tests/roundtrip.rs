@@ -1,0 +1,458 @@
+//! Property tests of the frame codec.
+//!
+//! Every [`Frame`] variant is generated from strategies that cover the whole
+//! value space of its fields (fixed byte arrays, optional fields, lists,
+//! blobs up to 2 KiB, arbitrary Unicode text), and the tests check:
+//!
+//! - an encoded frame decodes to itself and consumes exactly its bytes;
+//! - every strict prefix of an encoding is `Incomplete`, never an error;
+//! - arbitrary bytes never panic the decoder, in either phase;
+//! - a frame with one byte of its version or body changed either decodes
+//!   (and then re-encodes to exactly the changed bytes, because the layout
+//!   is canonical) or fails with a typed [`DecodeError`].
+
+use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text};
+use backbone_protocol::codec::{MAX_FRAME_LEN, decode_frame, frame_to_vec};
+use backbone_protocol::frame::{
+    Ack, Auth, AuthOk, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame, Failed, FetchCard,
+    Hello, Ping, Pong, PublishCard, Redirect, RegisterDevice, Send, SendAck, Stored,
+};
+use backbone_protocol::{
+    Address, DecodeError, Decoded, DeviceCertificate, DeviceId, Frame, IdentityCard, Phase,
+    PublicKey,
+};
+use proptest::array::uniform;
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+/// The frame limit used by the tests: the protocol's hard cap, so that no
+/// generated frame is rejected for size and the codec paths are what is tested.
+const LIMIT: usize = MAX_FRAME_LEN;
+
+// ----- Strategies for the field types -------------------------------------
+
+fn address() -> impl Strategy<Value = Address> {
+    uniform::<_, 32>(any::<u8>()).prop_map(Address)
+}
+
+fn device_id() -> impl Strategy<Value = DeviceId> {
+    uniform::<_, 32>(any::<u8>()).prop_map(DeviceId)
+}
+
+fn public_key() -> impl Strategy<Value = PublicKey> {
+    uniform::<_, 32>(any::<u8>()).prop_map(PublicKey)
+}
+
+fn signature() -> impl Strategy<Value = Signature> {
+    uniform::<_, 64>(any::<u8>()).prop_map(Signature)
+}
+
+fn nonce() -> impl Strategy<Value = Nonce> {
+    uniform::<_, 32>(any::<u8>()).prop_map(Nonce)
+}
+
+fn server_id() -> impl Strategy<Value = ServerId> {
+    uniform::<_, 32>(any::<u8>()).prop_map(ServerId)
+}
+
+fn message_id() -> impl Strategy<Value = MessageId> {
+    uniform::<_, 16>(any::<u8>()).prop_map(MessageId)
+}
+
+fn encryption_key() -> impl Strategy<Value = EncryptionKey> {
+    uniform::<_, 32>(any::<u8>()).prop_map(EncryptionKey)
+}
+
+fn blob() -> impl Strategy<Value = Blob> {
+    vec(any::<u8>(), 0..2048).prop_map(Blob)
+}
+
+fn text() -> impl Strategy<Value = Text> {
+    // Any Unicode scalar values, so multi-byte UTF-8 sequences are covered.
+    any::<String>().prop_map(Text)
+}
+
+/// Structurally valid but not necessarily correctly signed: the codec does
+/// not check signatures, so random bytes exercise it fully.
+fn device_certificate() -> impl Strategy<Value = DeviceCertificate> {
+    (public_key(), public_key(), any::<u64>(), signature()).prop_map(
+        |(identity_key, device_key, issued_at_ms, signature)| DeviceCertificate {
+            identity_key,
+            device_key,
+            issued_at_ms,
+            signature,
+        },
+    )
+}
+
+fn identity_card() -> impl Strategy<Value = IdentityCard> {
+    (public_key(), encryption_key(), any::<u64>(), signature()).prop_map(
+        |(signing_key, encryption_key, created_at_ms, signature)| IdentityCard {
+            signing_key,
+            encryption_key,
+            created_at_ms,
+            signature,
+        },
+    )
+}
+
+// ----- Strategies for each frame struct ------------------------------------
+
+fn hello() -> impl Strategy<Value = Hello> {
+    (any::<u8>(), any::<u8>()).prop_map(|(min_version, max_version)| Hello {
+        min_version,
+        max_version,
+    })
+}
+
+fn challenge() -> impl Strategy<Value = Challenge> {
+    (any::<u8>(), server_id(), nonce(), any::<u32>()).prop_map(
+        |(version, server_id, nonce, expires_in_ms)| Challenge {
+            version,
+            server_id,
+            nonce,
+            expires_in_ms,
+        },
+    )
+}
+
+fn auth() -> impl Strategy<Value = Auth> {
+    (
+        public_key(),
+        proptest::option::of(device_certificate()),
+        signature(),
+    )
+        .prop_map(|(identity_key, device, signature)| Auth {
+            identity_key,
+            device,
+            signature,
+        })
+}
+
+fn auth_ok() -> impl Strategy<Value = AuthOk> {
+    (address(), device_id(), any::<u64>()).prop_map(|(address, device_id, acked_seq)| AuthOk {
+        address,
+        device_id,
+        acked_seq,
+    })
+}
+
+fn register_device() -> impl Strategy<Value = RegisterDevice> {
+    (any::<u64>(), device_certificate()).prop_map(|(request_id, certificate)| RegisterDevice {
+        request_id,
+        certificate,
+    })
+}
+
+fn publish_card() -> impl Strategy<Value = PublishCard> {
+    (any::<u64>(), identity_card()).prop_map(|(request_id, card)| PublishCard { request_id, card })
+}
+
+fn fetch_card() -> impl Strategy<Value = FetchCard> {
+    (any::<u64>(), address()).prop_map(|(request_id, address)| FetchCard {
+        request_id,
+        address,
+    })
+}
+
+fn card_result() -> impl Strategy<Value = CardResult> {
+    (any::<u64>(), identity_card()).prop_map(|(request_id, card)| CardResult { request_id, card })
+}
+
+fn send() -> impl Strategy<Value = Send> {
+    (any::<u64>(), any::<u32>(), vec(address(), 0..8), blob()).prop_map(
+        |(request_id, ttl_secs, recipients, envelope)| Send {
+            request_id,
+            ttl_secs,
+            recipients,
+            envelope,
+        },
+    )
+}
+
+fn stored() -> impl Strategy<Value = Stored> {
+    (address(), any::<u64>()).prop_map(|(address, seq)| Stored { address, seq })
+}
+
+fn failed() -> impl Strategy<Value = Failed> {
+    (address(), any::<u16>(), any::<Option<u32>>()).prop_map(|(address, code, retry_after_ms)| {
+        Failed {
+            address,
+            code,
+            retry_after_ms,
+        }
+    })
+}
+
+fn send_ack() -> impl Strategy<Value = SendAck> {
+    (
+        any::<u64>(),
+        message_id(),
+        vec(stored(), 0..8),
+        vec(failed(), 0..8),
+    )
+        .prop_map(|(request_id, message_id, stored, failed)| SendAck {
+            request_id,
+            message_id,
+            stored,
+            failed,
+        })
+}
+
+fn deliver() -> impl Strategy<Value = Deliver> {
+    (
+        any::<u64>(),
+        message_id(),
+        proptest::option::of(address()),
+        any::<u64>(),
+        any::<u64>(),
+        blob(),
+    )
+        .prop_map(
+            |(seq, message_id, sender, stored_at_ms, expires_at_ms, envelope)| Deliver {
+                seq,
+                message_id,
+                sender,
+                stored_at_ms,
+                expires_at_ms,
+                envelope,
+            },
+        )
+}
+
+fn ack() -> impl Strategy<Value = Ack> {
+    any::<u64>().prop_map(|up_to_seq| Ack { up_to_seq })
+}
+
+fn delete() -> impl Strategy<Value = Delete> {
+    (any::<u64>(), vec(any::<u64>(), 0..32))
+        .prop_map(|(request_id, seqs)| Delete { request_id, seqs })
+}
+
+fn done() -> impl Strategy<Value = Done> {
+    any::<u64>().prop_map(|request_id| Done { request_id })
+}
+
+fn error_frame() -> impl Strategy<Value = ErrorFrame> {
+    (any::<u64>(), any::<u16>(), any::<Option<u32>>(), text()).prop_map(
+        |(request_id, code, retry_after_ms, message)| ErrorFrame {
+            request_id,
+            code,
+            retry_after_ms,
+            message,
+        },
+    )
+}
+
+fn redirect() -> impl Strategy<Value = Redirect> {
+    (any::<u64>(), text()).prop_map(|(request_id, node)| Redirect { request_id, node })
+}
+
+fn ping() -> impl Strategy<Value = Ping> {
+    any::<u64>().prop_map(|nonce| Ping { nonce })
+}
+
+fn pong() -> impl Strategy<Value = Pong> {
+    any::<u64>().prop_map(|nonce| Pong { nonce })
+}
+
+/// Any frame, each of the 18 variants equally likely.
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        hello().prop_map(Frame::Hello),
+        challenge().prop_map(Frame::Challenge),
+        auth().prop_map(Frame::Auth),
+        auth_ok().prop_map(Frame::AuthOk),
+        register_device().prop_map(Frame::RegisterDevice),
+        publish_card().prop_map(Frame::PublishCard),
+        fetch_card().prop_map(Frame::FetchCard),
+        card_result().prop_map(Frame::CardResult),
+        send().prop_map(Frame::Send),
+        send_ack().prop_map(Frame::SendAck),
+        deliver().prop_map(Frame::Deliver),
+        ack().prop_map(Frame::Ack),
+        delete().prop_map(Frame::Delete),
+        done().prop_map(Frame::Done),
+        error_frame().prop_map(Frame::Error),
+        redirect().prop_map(Frame::Redirect),
+        ping().prop_map(Frame::Ping),
+        pong().prop_map(Frame::Pong),
+    ]
+}
+
+// ----- Checks -----------------------------------------------------------------
+
+/// Encodes `frame` and checks that it decodes to itself, using all its bytes.
+fn check_round_trip(frame: &Frame) -> Result<(), TestCaseError> {
+    let bytes = frame_to_vec(frame).map_err(|error| TestCaseError::fail(error.to_string()))?;
+    let tag_bytes = frame.tag().to_le_bytes();
+    prop_assert_eq!(&bytes[5..9], &tag_bytes[..], "the body starts with the tag");
+    prop_assert_eq!(
+        decode_frame(&bytes, LIMIT, Phase::Any),
+        Ok(Decoded::Frame {
+            frame: frame.clone(),
+            consumed: bytes.len()
+        })
+    );
+    Ok(())
+}
+
+/// A strategy for a valid frame's encoding, for the tests that corrupt it.
+fn encoded_frame() -> impl Strategy<Value = Vec<u8>> {
+    frame().prop_map(|frame| frame_to_vec(&frame).expect("generated frames are below the limit"))
+}
+
+/// Round trips, one test per variant so a failure names the variant at once.
+macro_rules! round_trip_tests {
+    ($($test:ident: $strategy:expr => $variant:path;)*) => {
+        proptest! {
+            $(
+                #[test]
+                fn $test(value in $strategy) {
+                    check_round_trip(&$variant(value))?;
+                }
+            )*
+        }
+    };
+}
+
+round_trip_tests! {
+    hello_round_trips: hello() => Frame::Hello;
+    challenge_round_trips: challenge() => Frame::Challenge;
+    auth_round_trips: auth() => Frame::Auth;
+    auth_ok_round_trips: auth_ok() => Frame::AuthOk;
+    register_device_round_trips: register_device() => Frame::RegisterDevice;
+    publish_card_round_trips: publish_card() => Frame::PublishCard;
+    fetch_card_round_trips: fetch_card() => Frame::FetchCard;
+    card_result_round_trips: card_result() => Frame::CardResult;
+    send_round_trips: send() => Frame::Send;
+    send_ack_round_trips: send_ack() => Frame::SendAck;
+    deliver_round_trips: deliver() => Frame::Deliver;
+    ack_round_trips: ack() => Frame::Ack;
+    delete_round_trips: delete() => Frame::Delete;
+    done_round_trips: done() => Frame::Done;
+    error_round_trips: error_frame() => Frame::Error;
+    redirect_round_trips: redirect() => Frame::Redirect;
+    ping_round_trips: ping() => Frame::Ping;
+    pong_round_trips: pong() => Frame::Pong;
+}
+
+proptest! {
+    /// Arbitrary bytes are an error, `Incomplete` or (rarely) a frame, and
+    /// never a panic, whichever phase the decoder is in.
+    #[test]
+    fn random_bytes_never_panic(bytes in vec(any::<u8>(), 0..4096)) {
+        for phase in [Phase::Any, Phase::PreAuth] {
+            if let Ok(Decoded::Frame { consumed, .. }) = decode_frame(&bytes, LIMIT, phase) {
+                prop_assert!(consumed <= bytes.len());
+            }
+        }
+    }
+
+    /// Random bodies behind a well-formed header reach the body decoder, which
+    /// random bytes alone rarely do because the length prefix is usually too large.
+    #[test]
+    fn random_bodies_behind_a_valid_header_never_panic(
+        tag in 0u32..20,
+        rest in vec(any::<u8>(), 0..512),
+    ) {
+        let mut bytes = Vec::with_capacity(9 + rest.len());
+        bytes.extend_from_slice(&((1 + 4 + rest.len()) as u32).to_be_bytes());
+        bytes.push(backbone_protocol::PROTOCOL_VERSION);
+        bytes.extend_from_slice(&tag.to_le_bytes());
+        bytes.extend_from_slice(&rest);
+        for phase in [Phase::Any, Phase::PreAuth] {
+            match decode_frame(&bytes, LIMIT, phase) {
+                Ok(Decoded::Frame { consumed, .. }) => prop_assert_eq!(consumed, bytes.len()),
+                Ok(Decoded::Incomplete { .. }) => {
+                    prop_assert!(false, "a complete frame must not be Incomplete");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Every strict prefix of a valid encoding asks for more bytes.
+    #[test]
+    fn every_strict_prefix_is_incomplete(bytes in encoded_frame()) {
+        for cut in 0..bytes.len() {
+            match decode_frame(&bytes[..cut], LIMIT, Phase::Any) {
+                Ok(Decoded::Incomplete { needed }) => {
+                    prop_assert!(needed > 0 && cut + needed <= bytes.len());
+                }
+                other => prop_assert!(false, "prefix of {} bytes gave {:?}", cut, other),
+            }
+        }
+    }
+
+    /// Changing one byte after the length prefix gives a typed error or a frame
+    /// whose encoding is exactly the changed bytes.
+    #[test]
+    fn a_changed_byte_is_a_typed_error_or_a_canonical_frame(
+        bytes in encoded_frame(),
+        position in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let mut changed = bytes.clone();
+        // Position 4 is the version byte; the body follows it.
+        let at = 4 + position.index(changed.len() - 4);
+        changed[at] ^= flip;
+        for phase in [Phase::Any, Phase::PreAuth] {
+            match decode_frame(&changed, LIMIT, phase) {
+                Ok(Decoded::Frame { frame, consumed }) => {
+                    prop_assert_eq!(consumed, changed.len());
+                    let again = frame_to_vec(&frame)
+                        .map_err(|error| TestCaseError::fail(error.to_string()))?;
+                    prop_assert_eq!(&again, &changed, "decoded frames re-encode to their bytes");
+                }
+                Ok(Decoded::Incomplete { .. }) => {
+                    prop_assert!(false, "the length prefix was untouched, so the frame is complete");
+                }
+                Err(error) => {
+                    // Every typed error maps to a stable wire code.
+                    let _ = error.code();
+                    if at == 4 {
+                        prop_assert_eq!(
+                            error,
+                            DecodeError::UnsupportedVersion { version: bytes[4] ^ flip }
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Two frames back to back decode one after the other.
+    #[test]
+    fn concatenated_frames_decode_in_order(first in frame(), second in frame()) {
+        let mut bytes = frame_to_vec(&first).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let first_len = bytes.len();
+        bytes.extend(frame_to_vec(&second).map_err(|e| TestCaseError::fail(e.to_string()))?);
+        prop_assert_eq!(
+            decode_frame(&bytes, LIMIT, Phase::Any),
+            Ok(Decoded::Frame { frame: first, consumed: first_len })
+        );
+        prop_assert_eq!(
+            decode_frame(&bytes[first_len..], LIMIT, Phase::Any),
+            Ok(Decoded::Frame { frame: second, consumed: bytes.len() - first_len })
+        );
+    }
+
+    /// Before authentication exactly Hello and Auth pass; every other valid
+    /// frame is rejected as `NotAuthenticated` without its body being decoded.
+    #[test]
+    fn pre_auth_phase_admits_only_hello_and_auth(frame in frame()) {
+        let bytes = frame_to_vec(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let decoded = decode_frame(&bytes, LIMIT, Phase::PreAuth);
+        match frame {
+            Frame::Hello(_) | Frame::Auth(_) => prop_assert_eq!(
+                decoded,
+                Ok(Decoded::Frame { frame, consumed: bytes.len() })
+            ),
+            other => prop_assert_eq!(
+                decoded,
+                Err(DecodeError::NotAuthenticated { tag: other.tag() })
+            ),
+        }
+    }
+}
