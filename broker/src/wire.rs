@@ -54,7 +54,8 @@ pub fn spawn_writer(
     mut rx: mpsc::Receiver<Frame>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(64 * 1024);
+        // Grows with the largest batch written; idle connections keep it empty.
+        let mut buf = Vec::new();
         while let Some(frame) = rx.recv().await {
             buf.clear();
             encode_logged(&frame, &mut buf);

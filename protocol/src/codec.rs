@@ -462,8 +462,9 @@ impl BufferError {
 impl FrameBuffer {
     /// An empty buffer with a frame length limit.
     pub fn new(max_frame_len: usize) -> Self {
+        // No capacity up front: an idle connection should cost next to nothing.
         Self {
-            buf: Vec::with_capacity(16 * 1024),
+            buf: Vec::new(),
             start: 0,
             max_frame_len,
         }
