@@ -8,7 +8,7 @@ use backbone_client::ClientError;
 use backbone_client::transport::{Credentials, RawConnection};
 use backbone_protocol::auth::sign_auth;
 use backbone_protocol::bytes::Signature;
-use backbone_protocol::frame::{Hello, Ping};
+use backbone_protocol::frame::{Auth, Challenge, Hello, Ping};
 use backbone_protocol::{DeviceCertificate, ErrorCode, Frame, Keypair, PROTOCOL_VERSION};
 use support::TestBroker;
 
@@ -17,6 +17,27 @@ fn hello() -> Frame {
         min_version: PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
     })
+}
+
+/// Sends Hello, takes the challenge and signs a valid response (not sent).
+async fn challenge_and_sign(
+    connection: &mut RawConnection,
+    identity: &Keypair,
+) -> (Challenge, Auth) {
+    connection.send(&hello()).await.expect("sends");
+    let Frame::Challenge(challenge) = connection.recv().await.expect("challenge") else {
+        panic!("no challenge")
+    };
+    let exporter = connection.tls_exporter().expect("exporter");
+    let auth = sign_auth(
+        identity.public(),
+        identity,
+        None,
+        &challenge.nonce,
+        &exporter,
+        &challenge.server_id,
+    );
+    (challenge, auth)
 }
 
 /// The connection was closed by the broker with `code`.
@@ -57,19 +78,7 @@ async fn a_bad_signature_is_refused() {
     let mut connection = RawConnection::connect(&broker.connect_config())
         .await
         .expect("connects");
-    connection.send(&hello()).await.expect("sends");
-    let Frame::Challenge(challenge) = connection.recv().await.expect("challenge") else {
-        panic!("no challenge")
-    };
-    let exporter = connection.tls_exporter().expect("exporter");
-    let mut auth = sign_auth(
-        identity.public(),
-        &identity,
-        None,
-        &challenge.nonce,
-        &exporter,
-        &challenge.server_id,
-    );
+    let (_, mut auth) = challenge_and_sign(&mut connection, &identity).await;
     auth.signature = Signature([7; 64]);
     connection.send(&Frame::Auth(auth)).await.expect("sends");
     expect_closed_with(&mut connection, ErrorCode::AuthFailed).await;
@@ -83,19 +92,7 @@ async fn a_response_replayed_on_another_connection_is_refused() {
     let mut first = RawConnection::connect(&broker.connect_config())
         .await
         .expect("connects");
-    first.send(&hello()).await.expect("sends");
-    let Frame::Challenge(challenge) = first.recv().await.expect("challenge") else {
-        panic!("no challenge")
-    };
-    let exporter = first.tls_exporter().expect("exporter");
-    let auth = sign_auth(
-        identity.public(),
-        &identity,
-        None,
-        &challenge.nonce,
-        &exporter,
-        &challenge.server_id,
-    );
+    let (_, auth) = challenge_and_sign(&mut first, &identity).await;
     first.send(&Frame::Auth(auth.clone())).await.expect("sends");
     assert!(matches!(
         first.recv().await.expect("auth ok"),
@@ -135,21 +132,9 @@ async fn an_expired_challenge_is_refused() {
     let mut connection = RawConnection::connect(&broker.connect_config())
         .await
         .expect("connects");
-    connection.send(&hello()).await.expect("sends");
-    let Frame::Challenge(challenge) = connection.recv().await.expect("challenge") else {
-        panic!("no challenge")
-    };
+    let (challenge, auth) = challenge_and_sign(&mut connection, &identity).await;
     assert_eq!(challenge.expires_in_ms, 200);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let exporter = connection.tls_exporter().expect("exporter");
-    let auth = sign_auth(
-        identity.public(),
-        &identity,
-        None,
-        &challenge.nonce,
-        &exporter,
-        &challenge.server_id,
-    );
     connection.send(&Frame::Auth(auth)).await.expect("sends");
     expect_closed_with(&mut connection, ErrorCode::ChallengeExpired).await;
     broker.shutdown().await;

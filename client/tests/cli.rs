@@ -47,12 +47,21 @@ impl Drop for BrokerProcess {
 }
 
 fn start_broker(data_dir: &Path, port: u16, log: PathBuf) -> BrokerProcess {
+    start_broker_with_metrics(data_dir, port, log, "127.0.0.1:0")
+}
+
+fn start_broker_with_metrics(
+    data_dir: &Path,
+    port: u16,
+    log: PathBuf,
+    metrics: &str,
+) -> BrokerProcess {
     let log_file = std::fs::File::create(&log).expect("log file");
     let child = Command::new(broker_binary())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(data_dir)
-        .env("BACKBONE__METRICS__LISTEN", "127.0.0.1:0")
+        .args(["--metrics-listen", metrics])
         .env("RUST_LOG", "debug")
         .stdout(log_file.try_clone().expect("clone"))
         .stderr(log_file)
@@ -223,6 +232,22 @@ fn errors_are_understandable_and_exit_codes_distinct() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("k.key");
     stdout(&run_cli(&["keygen", "--out", key.to_str().expect("utf8")]));
+    let listen_pinned_to_a_wrong_fingerprint = |port: u16| {
+        let server = format!("127.0.0.1:{port}");
+        let key = key.to_str().expect("utf8");
+        let wrong = "0".repeat(64);
+        run_cli(&[
+            "listen",
+            "--server",
+            &server,
+            "--fingerprint",
+            &wrong,
+            "--key",
+            key,
+            "--timeout",
+            "1s",
+        ])
+    };
     let again = run_cli(&["keygen", "--out", key.to_str().expect("utf8")]);
     assert!(
         !again.status.success(),
@@ -249,17 +274,7 @@ fn errors_are_understandable_and_exit_codes_distinct() {
 
     // Nothing listens on this port: unreachable, exit code 3.
     let port = free_udp_port();
-    let output = run_cli(&[
-        "listen",
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--fingerprint",
-        &"0".repeat(64),
-        "--key",
-        key.to_str().expect("utf8"),
-        "--timeout",
-        "1s",
-    ]);
+    let output = listen_pinned_to_a_wrong_fingerprint(port);
     assert_eq!(
         output.status.code(),
         Some(3),
@@ -271,17 +286,7 @@ fn errors_are_understandable_and_exit_codes_distinct() {
     let data = dir.path().join("data");
     let port = free_udp_port();
     let _broker = start_broker(&data, port, dir.path().join("broker.log"));
-    let output = run_cli(&[
-        "listen",
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--fingerprint",
-        &"0".repeat(64),
-        "--key",
-        key.to_str().expect("utf8"),
-        "--timeout",
-        "1s",
-    ]);
+    let output = listen_pinned_to_a_wrong_fingerprint(port);
     assert_eq!(
         output.status.code(),
         Some(4),
@@ -311,4 +316,140 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint reachable");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_envelope_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut broker =
+        start_broker_with_metrics(&data, port, dir.path().join("broker.log"), &metrics);
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let ca = ca.to_str().expect("utf8");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    let (alice_key, bob_key) = (
+        alice_key.to_str().expect("utf8"),
+        bob_key.to_str().expect("utf8"),
+    );
+    stdout(&run_cli(&["keygen", "--out", alice_key]));
+    let bob = stdout(&run_cli(&["keygen", "--out", bob_key]));
+
+    let health = http_get(&metrics, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+
+    // Bob publishes his card and goes offline; Alice's sends are acknowledged.
+    stdout(&run_cli(&[
+        "listen",
+        "--server",
+        &server,
+        "--ca",
+        ca,
+        "--key",
+        bob_key,
+        "--timeout",
+        "200ms",
+    ]));
+    for n in 0..5 {
+        stdout(&run_cli(&[
+            "send",
+            "--server",
+            &server,
+            "--ca",
+            ca,
+            "--key",
+            alice_key,
+            "--to",
+            &bob,
+            "--message",
+            &format!("durable {n}"),
+        ]));
+    }
+    let scraped = http_get(&metrics, "/metrics");
+    assert!(
+        scraped.contains("backbone_envelopes_accepted_total 5"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("backbone_store_flush_seconds"),
+        "{scraped}"
+    );
+
+    // SIGKILL: no shutdown path runs. What was acknowledged must still be there.
+    broker.child.kill().expect("kill -9");
+    broker.child.wait().expect("reaped");
+    let broker = start_broker_with_metrics(&data, port, dir.path().join("broker2.log"), &metrics);
+    let output = run_cli(&[
+        "listen",
+        "--server",
+        &server,
+        "--ca",
+        ca,
+        "--key",
+        bob_key,
+        "--count",
+        "5",
+        "--timeout",
+        "30s",
+        "--json",
+    ]);
+    let printed = stdout(&output);
+    let texts: Vec<String> = printed
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).expect("json")["text"]
+                .as_str()
+                .expect("text")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..5).map(|n| format!("durable {n}")).collect::<Vec<_>>()
+    );
+
+    // SIGTERM: graceful shutdown, exit status 0.
+    let pid = broker.child.id().to_string();
+    let mut broker = broker;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = broker.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(dir.path().join("broker2.log")).expect("log");
+    assert!(log.contains("shutdown complete"), "{log}");
 }
