@@ -80,8 +80,6 @@ async fn respond(
             if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
                 metrics::gauge!("backbone_store_bytes").set(bytes as f64);
             }
-            metrics::gauge!("backbone_mailbox_actors_registered")
-                .set(shared.registry.active() as f64);
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ("GET", "/health") => {

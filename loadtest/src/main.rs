@@ -6,6 +6,7 @@
 //! acknowledged envelope must arrive exactly once per recipient.
 
 mod broker;
+mod plot;
 mod report;
 mod scenarios;
 
@@ -27,6 +28,9 @@ pub struct Cli {
     /// Write the full result as JSON to this file.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
+    /// Draw latency percentiles and throughput over time to this SVG file.
+    #[arg(long, global = true)]
+    plot: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long, global = true)]
     quiet: bool,
@@ -168,6 +172,10 @@ fn main() -> anyhow::Result<()> {
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
             println!("full result written to {}", path.display());
+        }
+        if let Some(path) = &cli.plot {
+            plot::draw(&result, path)?;
+            println!("plot written to {}", path.display());
         }
         if result.lost > 0 {
             anyhow::bail!("{} acknowledged envelopes were not delivered", result.lost);
