@@ -566,3 +566,32 @@ async fn idle_mailbox_actors_stop_so_memory_follows_active_mailboxes() {
     next_delivery(&client, WAIT).await;
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_forged_card_served_by_the_broker_is_rejected_by_the_client() {
+    // The store plays a malicious broker: under Bob's address it serves a card
+    // with Bob's signing key but Mallory's encryption key.
+    let store = std::sync::Arc::new(backbone_broker::store::MemoryStore::new());
+    let (alice, bob, mallory) = (Identity::new(), Identity::new(), Identity::new());
+    let genuine = IdentityCard::sign(&bob.signing, bob.encryption.public(), 1);
+    let forged = IdentityCard {
+        encryption_key: mallory.encryption.public(),
+        ..genuine
+    };
+    backbone_broker::store::Store::put_card(store.as_ref(), &forged).expect("stored");
+    let broker = TestBroker::start_with_store(store).await;
+    let alice_client = backbone_client::Client::connect(alice.options(&broker))
+        .await
+        .expect("connects");
+    let error = alice_client
+        .fetch_card(&bob.address())
+        .await
+        .expect_err("forged card refused");
+    assert!(matches!(error, ClientError::Card(_)), "{error}");
+    let error = alice_client
+        .send(&[bob.address()], b"for bob only", HOUR)
+        .await
+        .expect_err("nothing sealed to mallory");
+    assert!(matches!(error, ClientError::Card(_)), "{error}");
+    broker.shutdown().await;
+}

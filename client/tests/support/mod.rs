@@ -13,6 +13,8 @@ use backbone_protocol::Keypair;
 
 pub struct TestBroker {
     pub broker: Option<Broker>,
+    /// A store to use instead of sled under the data dir.
+    pub store: Option<Arc<dyn backbone_broker::store::Store>>,
     pub dir: tempfile::TempDir,
     pub config: Config,
     pub clock: Arc<AtomicU64>,
@@ -33,6 +35,22 @@ impl TestBroker {
         Self::start_with(|_| {}).await
     }
 
+    /// A broker serving from `store` (to play a misbehaving broker's data).
+    pub async fn start_with_store(store: Arc<dyn backbone_broker::store::Store>) -> TestBroker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = test_config(dir.path());
+        let clock = Arc::new(AtomicU64::new(backbone_protocol::unix_millis_now()));
+        let mut broker = TestBroker {
+            broker: None,
+            store: Some(store),
+            dir,
+            config,
+            clock,
+        };
+        broker.restart().await;
+        broker
+    }
+
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
@@ -40,6 +58,7 @@ impl TestBroker {
         let clock = Arc::new(AtomicU64::new(backbone_protocol::unix_millis_now()));
         let mut broker = TestBroker {
             broker: None,
+            store: None,
             dir,
             config,
             clock,
@@ -64,7 +83,7 @@ impl TestBroker {
             match Broker::start(
                 config.clone(),
                 StartOptions {
-                    store: None,
+                    store: self.store.clone(),
                     clock: Some(clock.clone()),
                 },
             )
