@@ -20,6 +20,8 @@ pub struct Target {
     pub endpoints: Vec<quinn::Endpoint>,
     /// The broker's PID, when local.
     pub pid: Option<u32>,
+    /// The broker's metrics/health address, when spawned.
+    pub metrics: Option<String>,
     child: Mutex<Option<Child>>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -40,7 +42,7 @@ impl Target {
             .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))
             .collect::<Result<Vec<_>, _>>()?;
         if args.spawn_broker {
-            return spawn(endpoints).await;
+            return spawn(endpoints, &args.broker_env).await;
         }
         let Some(server) = args.server.clone() else {
             bail!("give --server HOST:PORT (with --ca or --fingerprint), or --spawn-broker");
@@ -56,6 +58,7 @@ impl Target {
             connect,
             endpoints,
             pid: args.broker_pid,
+            metrics: None,
             child: Mutex::new(None),
             _dir: None,
         })
@@ -112,7 +115,10 @@ impl Target {
     }
 }
 
-async fn spawn(endpoints: Vec<quinn::Endpoint>) -> anyhow::Result<Target> {
+async fn spawn(
+    endpoints: Vec<quinn::Endpoint>,
+    env: &[(String, String)],
+) -> anyhow::Result<Target> {
     let binary = std::env::current_exe()?.with_file_name("backbone");
     if !binary.exists() {
         bail!(
@@ -131,18 +137,21 @@ async fn spawn(endpoints: Vec<quinn::Endpoint>) -> anyhow::Result<Target> {
         .env("BACKBONE__METRICS__LISTEN", "127.0.0.1:0")
         .env("BACKBONE__LIMITS__MAX_CONNECTIONS", "200000")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().cloned())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let stdout = child.stdout.take().context("broker stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let mut cert = None;
+    let (mut cert, mut metrics) = (None, None);
     while let Some(line) = lines.next().transpose()? {
         if let Some(path) = line.strip_prefix("certificate: ") {
             cert = Some(PathBuf::from(path.trim()));
         }
-        if line.starts_with("fingerprint: ") {
+        // The last line the broker prints at start-up.
+        if let Some(rest) = line.strip_prefix("metrics: http://") {
+            metrics = rest.split('/').next().map(str::to_owned);
             break;
         }
     }
@@ -156,7 +165,26 @@ async fn spawn(endpoints: Vec<quinn::Endpoint>) -> anyhow::Result<Target> {
         connect,
         endpoints,
         pid,
+        metrics,
         child: Mutex::new(Some(child)),
         _dir: Some(dir),
     })
+}
+
+/// `GET /health` of a spawned broker: the number of live mailbox actors.
+pub fn mailbox_actors(metrics: &str) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(metrics)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /health HTTP/1.1\r\nhost: loadtest\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .context("health response has no body")?;
+    let health: serde_json::Value = serde_json::from_str(body)?;
+    health["mailbox_actors"]
+        .as_u64()
+        .context("health response lacks mailbox_actors")
 }

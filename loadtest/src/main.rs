@@ -56,6 +56,10 @@ pub struct TargetArgs {
     /// PID of a local broker to sample CPU and memory from (automatic with --spawn-broker).
     #[arg(long, global = true)]
     broker_pid: Option<u32>,
+    /// Extra environment for a spawned broker, KEY=VALUE (repeatable), e.g.
+    /// `--broker-env BACKBONE__MAILBOX__IDLE_TIMEOUT=2s`.
+    #[arg(long, global = true, value_parser = parse_env_pair)]
+    broker_env: Vec<(String, String)>,
     /// Client UDP endpoints to spread connections over.
     #[arg(long, global = true, default_value_t = 4)]
     endpoints: usize,
@@ -72,6 +76,32 @@ pub enum Scenario {
     OfflineCatchup(CatchupArgs),
     /// Handshake + auth rate, then idle connections held to measure memory per connection.
     ConnectStorm(StormArgs),
+    /// Store one envelope in each of many mailboxes, wait past the broker's
+    /// mailbox idle timeout, then report live mailbox actors and memory.
+    IdleMailboxes(IdleArgs),
+}
+
+/// `idle-mailboxes`.
+#[derive(Args, Clone)]
+pub struct IdleArgs {
+    /// Mailboxes that each receive one envelope.
+    #[arg(long, default_value_t = 100_000)]
+    pub mailboxes: usize,
+    /// Sender connections.
+    #[arg(long, default_value_t = 20)]
+    pub senders: usize,
+    /// Envelope size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// How long to wait after the last send; must exceed the broker's `mailbox.idle_timeout`.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
 /// `steady`.

@@ -62,6 +62,19 @@ pub struct ConnectFigures {
     pub broker_bytes_per_connection: Option<f64>,
 }
 
+/// The idle-mailboxes figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IdleFigures {
+    /// Mailboxes holding a stored envelope.
+    pub mailboxes: u64,
+    /// Live mailbox actors right after the last send.
+    pub actors_after_sends: u64,
+    /// Live mailbox actors after the settle time.
+    pub actors_after_settle: u64,
+    /// Broker resident memory after the settle time.
+    pub rss_after_settle_bytes: Option<u64>,
+}
+
 /// Everything a run measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RunResult {
@@ -97,6 +110,8 @@ pub struct RunResult {
     pub broker: Option<BrokerUsage>,
     /// Connect-storm figures.
     pub connect: Option<ConnectFigures>,
+    /// Idle-mailboxes figures.
+    pub idle: Option<IdleFigures>,
 }
 
 /// Prints the human table.
@@ -121,6 +136,12 @@ pub fn print(result: &RunResult) {
                 bytes / 1024.0
             );
         }
+    } else if result.idle.is_some() {
+        println!("duration        {:.1} s of sends", result.seconds);
+        println!(
+            "throughput      {:.0} acknowledged sends/s",
+            result.acked_per_s
+        );
     } else {
         println!("duration        {:.1} s", result.seconds);
         println!(
@@ -137,6 +158,16 @@ pub fn print(result: &RunResult) {
         );
         print_latency("send→ack", &result.send_ack);
         print_latency("send→push", &result.push);
+    }
+    if let Some(idle) = &result.idle {
+        println!("mailboxes       {} holding an envelope", idle.mailboxes);
+        println!(
+            "mailbox actors  {} after the sends, {} after settling",
+            idle.actors_after_sends, idle.actors_after_settle
+        );
+        if let Some(rss) = idle.rss_after_settle_bytes {
+            println!("broker RSS      {} MiB after settling", rss / (1 << 20));
+        }
     }
     if let Some(broker) = &result.broker {
         println!(

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{Semaphore, watch};
 
 use crate::broker::Target;
-use crate::report::{BrokerUsage, ConnectFigures, Percentiles, RunResult};
+use crate::report::{BrokerUsage, ConnectFigures, IdleFigures, Percentiles, RunResult};
 use crate::{Cli, Scenario, SteadyArgs};
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -52,6 +52,7 @@ pub async fn run(cli: &Cli, target: &Target) -> anyhow::Result<RunResult> {
             steady(cli, target, steady_args, Some((offline, args.per_mailbox))).await
         }
         Scenario::ConnectStorm(args) => connect_storm(cli, target, args).await,
+        Scenario::IdleMailboxes(args) => idle_mailboxes(cli, target, args).await,
     }
 }
 
@@ -522,6 +523,7 @@ async fn steady(
         acked_per_second: merged.per_second,
         broker,
         connect: None,
+        idle: None,
     })
 }
 
@@ -603,6 +605,89 @@ async fn connect_storm(
             rate_per_s: connected as f64 / seconds,
             handshake: Percentiles::of(&handshake),
             broker_bytes_per_connection: per_connection,
+        }),
+        ..RunResult::default()
+    })
+}
+
+async fn idle_mailboxes(
+    cli: &Cli,
+    target: &Target,
+    args: crate::IdleArgs,
+) -> anyhow::Result<RunResult> {
+    let metrics = target
+        .metrics
+        .clone()
+        .context("idle-mailboxes reads the broker's /health: use --spawn-broker")?;
+    anyhow::ensure!(
+        args.mailboxes > 0 && args.senders > 0,
+        "mailboxes and senders must be positive"
+    );
+    let addresses: Arc<Vec<Address>> = Arc::new(
+        (0..args.mailboxes)
+            .map(|_| Address(rand::random()))
+            .collect(),
+    );
+    let senders: Vec<Party> = (0..args.senders).map(|_| Party::new()).collect();
+    let clients = connect_all(cli, target, &senders, false, "connecting senders").await?;
+    let bar = progress(cli, "storing one envelope per mailbox");
+    let epoch = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
+    let lanes = args.senders * 8;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sender, client) in clients.iter().enumerate() {
+        for lane in 0..8 {
+            let global_lane = sender * 8 + lane;
+            let plan = SendPlan {
+                sender,
+                recipients: addresses.clone(),
+                size: args.size,
+                fanout: 1,
+                opaque: true,
+                epoch,
+                deadline: None,
+                fixed: Some(
+                    (0..args.mailboxes)
+                        .filter(|n| n % lanes == global_lane)
+                        .collect(),
+                ),
+                interval: None,
+                acked: acked.clone(),
+            };
+            tasks.spawn(send_loop(client.clone(), plan, lane));
+        }
+    }
+    let mut errors = BTreeMap::new();
+    let mut stored = 0u64;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined?;
+        stored += result.acked;
+        for (name, count) in result.errors {
+            *errors.entry(name).or_default() += count;
+        }
+    }
+    let seconds = epoch.elapsed().as_secs_f64();
+    let actors_after_sends = crate::broker::mailbox_actors(&metrics)?;
+    bar.set_message("waiting past the mailbox idle timeout");
+    tokio::time::sleep(args.settle).await;
+    let actors_after_settle = crate::broker::mailbox_actors(&metrics)?;
+    bar.finish_and_clear();
+    Ok(RunResult {
+        scenario: format!(
+            "idle-mailboxes mailboxes={} senders={} settle={:?}",
+            args.mailboxes, args.senders, args.settle
+        ),
+        opaque: true,
+        seconds,
+        sends: args.mailboxes as u64,
+        acked: stored,
+        acked_per_s: stored as f64 / seconds,
+        errors,
+        idle: Some(IdleFigures {
+            mailboxes: stored,
+            actors_after_sends,
+            actors_after_settle,
+            rss_after_settle_bytes: target.sample().map(|s| s.rss_bytes),
         }),
         ..RunResult::default()
     })
