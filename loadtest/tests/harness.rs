@@ -1,0 +1,102 @@
+//! The harness end to end: the real binary spawns the real broker, runs short
+//! scenarios, and its JSON and SVG outputs carry verified results.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn loadtest() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_backbone-loadtest"))
+}
+
+/// `--spawn-broker` runs the `backbone` binary next to this one; build it if needed.
+fn ensure_broker_binary() {
+    if !loadtest().with_file_name("backbone").exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the broker failed");
+    }
+}
+
+fn run(args: &[&str]) -> serde_json::Value {
+    ensure_broker_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("result.json");
+    let output = Command::new(loadtest())
+        .args(["--spawn-broker", "--quiet", "--json"])
+        .arg(&json)
+        .args(args)
+        .output()
+        .expect("loadtest runs");
+    assert!(
+        output.status.success(),
+        "loadtest failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid json")
+}
+
+#[test]
+fn steady_verifies_every_delivery_and_writes_json_and_svg() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("run.svg");
+    let svg_arg = svg.to_str().expect("utf8");
+    let result = run(&[
+        "--plot",
+        svg_arg,
+        "steady",
+        "--mailboxes",
+        "10",
+        "--senders",
+        "2",
+        "--inflight",
+        "2",
+        "--duration",
+        "2s",
+    ]);
+    let acked = result["acked"].as_u64().expect("acked");
+    assert!(acked > 0, "{result}");
+    assert_eq!(result["expected_deliveries"].as_u64(), Some(acked));
+    assert_eq!(result["delivered"].as_u64(), Some(acked));
+    assert_eq!(result["lost"].as_u64(), Some(0));
+    assert_eq!(result["duplicates"].as_u64(), Some(0));
+    assert!(result["send_ack"]["p99_us"].as_u64().expect("p99") > 0);
+    assert!(result["push"]["count"].as_u64().expect("count") >= acked);
+    assert!(
+        result["broker"]["cpu_seconds"]
+            .as_f64()
+            .expect("broker sampled")
+            > 0.0
+    );
+    assert!(
+        std::fs::read_to_string(&svg)
+            .expect("svg written")
+            .starts_with("<svg")
+    );
+}
+
+#[test]
+fn idle_mailboxes_settle_to_the_connected_ones() {
+    let result = run(&[
+        "--broker-env",
+        "BACKBONE__MAILBOX__IDLE_TIMEOUT=500ms",
+        "idle-mailboxes",
+        "--mailboxes",
+        "200",
+        "--senders",
+        "2",
+        "--settle",
+        "2s",
+    ]);
+    assert_eq!(result["idle"]["mailboxes"].as_u64(), Some(200), "{result}");
+    // Only the two senders' own mailboxes (connected sessions) stay active.
+    assert!(
+        result["idle"]["actors_after_settle"]
+            .as_u64()
+            .expect("actors")
+            <= 2,
+        "{result}"
+    );
+}
