@@ -36,6 +36,8 @@ pub struct Config {
     pub expiry: ExpiryConfig,
     /// QUIC transport tuning.
     pub transport: TransportConfig,
+    /// Membership of a sharded fleet.
+    pub fleet: FleetConfig,
 }
 
 /// `[server]`.
@@ -225,6 +227,39 @@ impl Default for TransportConfig {
     }
 }
 
+/// `[fleet]`: without `file`, the broker is a single node owning every slot.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The fleet map shared by every node (see `config/fleet.toml`).
+    pub file: Option<PathBuf>,
+    /// This node's name in the fleet map.
+    pub node: Option<String>,
+    /// UDP address of the node-to-node listener.
+    pub listen: SocketAddr,
+    /// Directory with `ca.pem` and `<node>.pem`/`<node>.key` (`backbone fleet pki`).
+    pub pki_dir: Option<PathBuf>,
+    /// How long a forwarded request may wait for the owner's durable ack.
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    /// The retry-after sent with `ShardUnavailable`.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            node: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            pki_dir: None,
+            forward_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Why configuration could not be loaded.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -370,6 +405,19 @@ impl Config {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls", "set both cert and key, or neither");
+        }
+        if self.fleet.file.is_some() && (self.fleet.node.is_none() || self.fleet.pki_dir.is_none())
+        {
+            return invalid(
+                "fleet",
+                "with fleet.file set, fleet.node and fleet.pki_dir are required",
+            );
+        }
+        if self.fleet.forward_timeout.is_zero() || self.fleet.retry_after.is_zero() {
+            return invalid(
+                "fleet",
+                "forward_timeout and retry_after must be greater than zero",
+            );
         }
         Ok(())
     }

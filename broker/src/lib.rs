@@ -5,6 +5,8 @@
 //! - [`server`]: wiring and the accept loop; [`server::Broker`] is the running broker.
 //! - [`session`]: one connection — handshake, auth, requests, delivery to a device.
 //! - [`wire`]: frame I/O over a QUIC stream.
+//! - [`route`]: storing an accepted envelope for local and remote recipients.
+//! - [`fleet`]: sharding — the fleet map, certificates, node-to-node links.
 //! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
 //! - [`supervisor`]: the root of the supervision tree and the expiry actor.
 //! - [`store`]: storage behind a narrow trait; the only module naming sled, and the group-commit writer.
@@ -12,8 +14,10 @@
 //! - [`metrics_http`]: `/metrics` and `/health`.
 
 pub mod config;
+pub mod fleet;
 pub mod mailbox;
 pub mod metrics_http;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod store;

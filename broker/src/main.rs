@@ -20,6 +20,40 @@ enum Command {
     /// Run the broker. With no flags it uses embedded defaults: data in
     /// ./backbone-data, QUIC on 127.0.0.1:7700, metrics on 127.0.0.1:9700.
     Serve(ServeArgs),
+    /// Fleet administration.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Exit 0 if the broker's /health answers 200 (for container healthchecks).
+    Healthcheck {
+        /// The health URL (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:9700/health")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Create the fleet CA (once) and a certificate for each listed node that
+    /// has none yet, in DIR. Rerun with more nodes to add them.
+    Pki {
+        /// Directory for ca.pem, ca.key and <node>.pem/<node>.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names, as in the fleet map (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Extra DNS names or IPs for every node certificate.
+        #[arg(long = "san")]
+        extra_names: Vec<String>,
+    },
+    /// Validate a fleet map and print each node's slots, the epoch and digest.
+    Check {
+        /// The fleet file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -46,7 +80,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Fleet(command) => return fleet(command),
+        Command::Healthcheck { url, timeout_secs } => {
+            return healthcheck(&url, std::time::Duration::from_secs(timeout_secs));
+        }
+    };
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
@@ -80,4 +120,87 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+    match command {
+        FleetCommand::Pki {
+            dir,
+            nodes,
+            extra_names,
+        } => {
+            if let Some(bad) = nodes.iter().find(|n| {
+                n.is_empty()
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            }) {
+                anyhow::bail!("node name {bad:?}: use letters, digits, '-' and '.' only");
+            }
+            let written = backbone_broker::fleet::pki::generate(&dir, &nodes, &extra_names)?;
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            if written.is_empty() {
+                println!("nothing to do: every node already has a certificate");
+            }
+            Ok(())
+        }
+        FleetCommand::Check { file } => {
+            let map = backbone_broker::fleet::FleetMap::load(&file)?;
+            println!("epoch {} digest {}", map.epoch(), hex::encode(map.digest()));
+            for node in map.nodes() {
+                let ranges: Vec<String> = map
+                    .slot_ranges(&node.name)
+                    .into_iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                println!(
+                    "{}: {} slots [{}] peer {} public {}",
+                    node.name,
+                    node.slot_count,
+                    ranges.join(", "),
+                    node.peer,
+                    node.public
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: the broker serves /health itself, so the image
+/// needs no curl.
+fn healthcheck(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.take(64 * 1024).read_to_string(&mut response)?;
+    let status = response.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        anyhow::bail!("unhealthy: {status:?}")
+    }
 }

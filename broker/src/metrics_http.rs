@@ -88,11 +88,14 @@ async fn respond(
             } else {
                 "ok"
             };
-            let body = format!(
-                "{{\"status\":\"{status}\",\"server_id\":\"{}\",\"mailbox_actors\":{}}}\n",
-                hex::encode(shared.server_id.as_bytes()),
-                shared.registry.active()
-            );
+            let body = serde_json::json!({
+                "status": status,
+                "server_id": hex::encode(shared.server_id.as_bytes()),
+                "mailbox_actors": shared.registry.active(),
+                "fleet": shared.fleet.health(),
+            })
+            .to_string()
+                + "\n";
             let code = if status == "ok" {
                 "200 OK"
             } else {

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::mailbox::{MailboxContext, Registry};
 use crate::store::{SledStore, Store, WriteHandle, Writer};
 use crate::supervisor::{ExpiryArgs, RootArgs, RootSupervisor};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub clock: Clock,
     /// Becomes `true` when shutdown begins.
     pub shutdown: watch::Receiver<bool>,
+    /// The fleet map, this node's place in it, and links to its peers.
+    pub fleet: Fleet,
 }
 
 /// Options for starting a broker beyond its config (tests and embedding).
@@ -60,12 +63,15 @@ pub struct Broker {
     pub metrics_addr: Option<SocketAddr>,
     /// SHA-256 fingerprint of the certificate served.
     pub fingerprint: String,
-    /// The certificate file clients can trust.
+    /// The certificate file clients can trust (the fleet CA in a fleet).
     pub cert_path: PathBuf,
+    /// The bound node-to-node address, in a fleet.
+    pub peer_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
+    peer_server: Option<tokio::task::JoinHandle<()>>,
     writer: Writer,
     supervisor: ractor::ActorRef<crate::supervisor::RootMsg>,
 }
@@ -77,6 +83,41 @@ impl Broker {
         let data_dir = &config.server.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let mut fleet = Fleet::from_config(&config, config.server.listen.to_string())?;
+        // A fleet node serves its fleet certificate to clients too (unless a
+        // certificate is configured), so clients trust one CA for every node.
+        let (material, cert_path) = match (fleet.credentials(), &config.tls.cert) {
+            (Some(credentials), None) => {
+                let ca_path = config
+                    .fleet
+                    .pki_dir
+                    .as_ref()
+                    .map(|dir| dir.join("ca.pem"))
+                    .unwrap_or_default();
+                let material = tls::TlsMaterial {
+                    chain: credentials.material.chain.clone(),
+                    key: credentials.material.key.clone_key(),
+                    cert_path: credentials.material.cert_path.clone(),
+                };
+                (material, ca_path)
+            }
+            _ => {
+                let material = tls::load_or_generate(&config.tls, data_dir)?;
+                let path = material.cert_path.clone();
+                (material, path)
+            }
+        };
+        let fingerprint = tls::fingerprint(&material.chain[0]);
+        let tls_config = tls::server_config(material)?;
+        let endpoint = transport::server_endpoint(&config, tls_config)?;
+        let quic_addr = endpoint.local_addr()?;
+
+        let (stop, shutdown) = watch::channel(false);
+        let peer = fleet.start_links(&config, shutdown.clone())?;
+        let peer_addr = peer.as_ref().map(|(_, addr)| *addr);
+
+        // The store is opened only once every socket is bound: a start that
+        // fails on a busy port leaves the store untouched.
         let store: Arc<dyn Store> = match options.store {
             Some(store) => store,
             None => {
@@ -92,13 +133,6 @@ impl Broker {
             .unwrap_or_else(|| Arc::new(backbone_protocol::unix_millis_now));
         let server_id = store.server_id()?;
         let (writer, write_handle) = Writer::start(store.clone());
-
-        let material = tls::load_or_generate(&config.tls, data_dir)?;
-        let fingerprint = tls::fingerprint(&material.chain[0]);
-        let cert_path = material.cert_path.clone();
-        let tls_config = tls::server_config(material)?;
-        let endpoint = transport::server_endpoint(&config, tls_config)?;
-        let quic_addr = endpoint.local_addr()?;
 
         let context = Arc::new(MailboxContext {
             store: store.clone(),
@@ -123,7 +157,6 @@ impl Broker {
         .await?;
         let registry = Registry::new(context, Some(supervisor.get_cell()));
 
-        let (stop, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             max_frame_len: config.limits.max_frame_len(),
             config,
@@ -133,7 +166,19 @@ impl Broker {
             server_id,
             clock,
             shutdown,
+            fleet,
         });
+        metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
+        metrics::gauge!("backbone_fleet_slots_owned").set(shared.fleet.local_slots() as f64);
+        let mut peer_server = None;
+        if let Some((peer_endpoint, peer_addr)) = peer {
+            peer_server = Some(tokio::spawn(crate::fleet::peer::serve(
+                shared.clone(),
+                peer_endpoint,
+            )));
+            info!(%peer_addr, node = shared.fleet.local_name(), epoch = shared.fleet.map().epoch(),
+                slots = shared.fleet.local_slots(), "fleet listener up");
+        }
         let metrics_addr = match shared.config.metrics.listen {
             Some(addr) => Some(metrics_http::serve(addr, shared.clone()).await?),
             None => None,
@@ -145,13 +190,24 @@ impl Broker {
             metrics_addr,
             fingerprint,
             cert_path,
+            peer_addr,
             shared,
             endpoint,
             stop,
             accept,
+            peer_server,
             writer,
             supervisor,
         })
+    }
+
+    /// Each peer link's state (empty for a single node).
+    pub fn link_states(&self) -> Vec<(String, crate::fleet::LinkState)> {
+        self.shared
+            .fleet
+            .links()
+            .map(crate::fleet::Links::states)
+            .unwrap_or_default()
     }
 
     /// Active mailbox actors (for tests and status).
@@ -165,6 +221,9 @@ impl Broker {
         let _ = self.stop.send(true);
         self.endpoint.set_server_config(None);
         let _ = self.accept.await;
+        if let Some(peer_server) = self.peer_server {
+            let _ = peer_server.await;
+        }
         self.endpoint.close(
             quinn::VarInt::from_u32(backbone_protocol::ErrorCode::ShuttingDown as u32),
             b"shutdown",

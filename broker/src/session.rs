@@ -13,22 +13,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use backbone_protocol::auth::{self, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
-use backbone_protocol::bytes::{Blob, MessageId, Nonce};
+use backbone_protocol::bytes::{Blob, MessageId, Nonce, Text};
 use backbone_protocol::codec::{BufferError, Phase};
+use backbone_protocol::fleet::{PeerCardResult, PeerFetchCard, PeerFrame};
 use backbone_protocol::frame::{
-    AuthOk, CardResult, Challenge, Deliver, Done, ErrorCode, ErrorFrame, Failed, Pong, Send,
-    SendAck, Stored,
+    AuthOk, CardResult, Challenge, Deliver, Done, ErrorCode, ErrorFrame, Pong, Redirect, Send,
+    SendAck,
 };
 use backbone_protocol::{Address, DeviceId, Frame, PROTOCOL_VERSION};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::fleet::Route;
+use crate::route::{StoreTemplate, store_everywhere};
 use crate::server::Shared;
 use crate::store::StoredEnvelope;
 use crate::wire::{FrameReader, ReadError, spawn_writer};
 
 /// Queue of outgoing frames per connection.
 const OUT_QUEUE: usize = 1024;
+
+/// How long a redirected connection stays open for the client to read the redirect.
+const REDIRECT_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Closes the connection with an error code as the QUIC application close code.
 fn close(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -86,7 +92,21 @@ async fn run(shared: &Arc<Shared>, connection: &quinn::Connection) {
             );
         }
         Ok(Err((code, reason))) => return close(connection, code, &reason),
-        Ok(Ok(parts)) => parts,
+        Ok(Ok(Handshake::Redirect { out, node })) => {
+            metrics::counter!("backbone_redirects_total").increment(1);
+            let redirect = Frame::Redirect(Redirect {
+                request_id: 0,
+                node: Text(node),
+            });
+            if out.send(redirect).await.is_ok() {
+                drop(out);
+                // The client closes once it has read the redirect; closing
+                // first could discard the frame.
+                let _ = tokio::time::timeout(REDIRECT_LINGER, connection.closed()).await;
+            }
+            return connection.close(quinn::VarInt::from_u32(0), b"redirected");
+        }
+        Ok(Ok(Handshake::Session(session, reader, out))) => (session, reader, out),
     };
     tracing::Span::current().record("address", tracing::field::display(&session.address));
     metrics::gauge!("backbone_sessions").increment(1.0);
@@ -96,10 +116,21 @@ async fn run(shared: &Arc<Shared>, connection: &quinn::Connection) {
 
 type HandshakeError = (ErrorCode, String);
 
+/// How a successful handshake continues.
+enum Handshake {
+    /// The address lives here: serve it.
+    Session(Session, FrameReader, mpsc::Sender<Frame>),
+    /// The address lives on another node: send a redirect to `node` (`host:port`).
+    Redirect {
+        out: mpsc::Sender<Frame>,
+        node: String,
+    },
+}
+
 async fn authenticate(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
-) -> Result<(Session, FrameReader, mpsc::Sender<Frame>), HandshakeError> {
+) -> Result<Handshake, HandshakeError> {
     let (send, recv) = connection
         .accept_bi()
         .await
@@ -160,6 +191,12 @@ async fn authenticate(
         },
     )?;
     let address = auth.identity_key.address();
+    if let Route::Remote(node) = shared.fleet.route(&address) {
+        return Ok(Handshake::Redirect {
+            out,
+            node: node.public.clone(),
+        });
+    }
     let device = auth::claimed_device_key(&auth).device_id();
     let store = shared.store.clone();
     let certified = auth.device.is_some();
@@ -188,7 +225,7 @@ async fn authenticate(
         }),
     )
     .await?;
-    Ok((
+    Ok(Handshake::Session(
         Session {
             address,
             device,
@@ -355,46 +392,14 @@ async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Fra
     let ttl_ms = (u64::from(send.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
     let stored_at_ms = (shared.clock)();
     let message_id = MessageId::random();
-    let template = StoredEnvelope {
-        seq: 0,
+    let template = StoreTemplate {
         message_id,
         sender: Some(session.address),
         stored_at_ms,
         expires_at_ms: stored_at_ms + ttl_ms,
         envelope: send.envelope.0,
     };
-    let mut stored = Vec::with_capacity(send.recipients.len());
-    let mut failed = Vec::new();
-    let outcomes: Vec<_> = if let [only] = send.recipients[..] {
-        vec![(only, shared.registry.append(&only, template).await)]
-    } else {
-        let mut tasks = tokio::task::JoinSet::new();
-        for recipient in send.recipients {
-            let (shared, envelope) = (shared.clone(), template.clone());
-            tasks.spawn(async move {
-                (
-                    recipient,
-                    shared.registry.append(&recipient, envelope).await,
-                )
-            });
-        }
-        tasks.join_all().await
-    };
-    for (address, outcome) in outcomes {
-        match outcome {
-            Ok(seq) => stored.push(Stored { address, seq }),
-            Err(error) => {
-                warn!(%error, "append failed");
-                let code = error.code();
-                metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
-                failed.push(Failed {
-                    address,
-                    code: code as u16,
-                    retry_after_ms: code.is_retryable().then_some(1000),
-                })
-            }
-        }
-    }
+    let (stored, failed) = store_everywhere(shared, send.recipients, template).await;
     metrics::counter!("backbone_envelopes_accepted_total").increment(stored.len() as u64);
     Frame::SendAck(SendAck {
         request_id: id,
@@ -421,6 +426,9 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
         }
         Frame::FetchCard(fetch) => {
             let id = fetch.request_id;
+            if let Route::Remote(node) = shared.fleet.route(&fetch.address) {
+                return fetch_remote_card(shared, &node.name, id, fetch.address).await;
+            }
             match blocking(move || store.card(&fetch.address)).await {
                 Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
                     request_id: id,
@@ -467,6 +475,46 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
                 Frame::TAG_NAMES[other.tag() as usize]
             ),
         ),
+    }
+}
+
+async fn fetch_remote_card(shared: &Shared, node: &str, id: u64, address: Address) -> Frame {
+    let Some(links) = shared.fleet.links() else {
+        return error_frame(id, ErrorCode::Internal, "no fleet links");
+    };
+    let answer = links
+        .request(node, |request_id| {
+            PeerFrame::FetchCard(PeerFetchCard {
+                request_id,
+                address,
+            })
+        })
+        .await;
+    match answer {
+        Ok(PeerFrame::CardResult(PeerCardResult {
+            result: Ok(card), ..
+        })) => Frame::CardResult(CardResult {
+            request_id: id,
+            card,
+        }),
+        Ok(PeerFrame::CardResult(PeerCardResult {
+            result: Err(code), ..
+        })) => {
+            let code = ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal);
+            error_frame(id, code, format!("card lookup on node {node} failed"))
+        }
+        Ok(_) => error_frame(
+            id,
+            ErrorCode::Internal,
+            "unexpected answer from the owner node",
+        ),
+        Err(error) => {
+            let mut frame = ErrorFrame::new(id, ErrorCode::ShardUnavailable, error.to_string());
+            frame.retry_after_ms = Some(shared.fleet.retry_after_ms());
+            metrics::counter!("backbone_errors_total", "code" => ErrorCode::ShardUnavailable.name())
+                .increment(1);
+            Frame::Error(frame)
+        }
     }
 }
 

@@ -68,6 +68,11 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> Result<TlsMateri
             (cert, key)
         }
     };
+    load_pair(cert_path, &key_path)
+}
+
+/// Loads a PEM certificate chain and its PEM key.
+pub fn load_pair(cert_path: PathBuf, key_path: &Path) -> Result<TlsMaterial, TlsError> {
     let chain = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|error| TlsError::Pem {
@@ -80,8 +85,8 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> Result<TlsMateri
             message: "no certificate found".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|error| TlsError::Pem {
-        path: key_path.clone(),
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| TlsError::Pem {
+        path: key_path.to_owned(),
         message: error.to_string(),
     })?;
     Ok(TlsMaterial {
@@ -112,7 +117,7 @@ fn generate(
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

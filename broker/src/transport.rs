@@ -3,6 +3,7 @@
 //! keep-alive, and large UDP socket buffers (with the kernel's default of
 //! about 208 KiB, handshakes stall under load).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -27,22 +28,31 @@ pub fn transport_config(config: &TransportConfig) -> anyhow::Result<quinn::Trans
     Ok(transport)
 }
 
-/// Binds the UDP socket with the configured buffers and builds the endpoint.
+/// Binds the client-facing endpoint on `server.listen`.
 pub fn server_endpoint(
     config: &Config,
     tls: rustls::ServerConfig,
 ) -> anyhow::Result<quinn::Endpoint> {
+    bind_endpoint(&config.transport, config.server.listen, tls)
+}
+
+/// Binds a UDP socket on `listen` with the configured buffers and builds an
+/// endpoint serving `tls` with the configured transport parameters.
+pub fn bind_endpoint(
+    transport: &TransportConfig,
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(&config.transport)?));
-    let listen = config.server.listen;
+    server.transport_config(Arc::new(transport_config(transport)?));
     let socket = Socket::new(
         Domain::for_address(listen),
         Type::DGRAM,
         Some(Protocol::UDP),
     )?;
-    let wanted_recv = config.transport.udp_recv_buffer.as_u64() as usize;
-    let wanted_send = config.transport.udp_send_buffer.as_u64() as usize;
+    let wanted_recv = transport.udp_recv_buffer.as_u64() as usize;
+    let wanted_send = transport.udp_send_buffer.as_u64() as usize;
     // Failing to enlarge the buffers is not fatal; the sizes obtained are logged.
     let _ = socket.set_recv_buffer_size(wanted_recv);
     let _ = socket.set_send_buffer_size(wanted_send);

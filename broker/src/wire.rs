@@ -50,18 +50,27 @@ impl FrameReader {
 /// whatever is queued into one write. It ends when every sender is dropped or
 /// the stream fails, and finishes the stream on the way out.
 pub fn spawn_writer(
+    send: quinn::SendStream,
+    rx: mpsc::Receiver<Frame>,
+) -> tokio::task::JoinHandle<()> {
+    spawn_writer_with(send, rx, encode_logged)
+}
+
+/// [`spawn_writer`] for any frame type, encoded by `encode`.
+pub fn spawn_writer_with<T: Send + 'static>(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<T>,
+    encode: fn(&T, &mut Vec<u8>),
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Grows with the largest batch written; idle connections keep it empty.
         let mut buf = Vec::new();
         while let Some(frame) = rx.recv().await {
             buf.clear();
-            encode_logged(&frame, &mut buf);
+            encode(&frame, &mut buf);
             while buf.len() < 256 * 1024 {
                 match rx.try_recv() {
-                    Ok(frame) => encode_logged(&frame, &mut buf),
+                    Ok(frame) => encode(&frame, &mut buf),
                     Err(_) => break,
                 }
             }

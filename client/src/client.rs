@@ -387,6 +387,8 @@ async fn connect_following_redirects(
             Ok(ok) => return Ok((connection, ok)),
             Err(ClientError::Redirect(node)) => {
                 debug!(%node, "following redirect");
+                // An explicit `server_name` applies to every node; without
+                // one, the name comes from the new node's host.
                 config.server = node;
             }
             Err(error) => return Err(error),

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::PROTOCOL_VERSION;
+use crate::fleet::PeerFrame;
 use crate::frame::{ErrorCode, Frame};
 
 /// The largest frame length any peer may configure: 16 MiB.
@@ -148,9 +149,14 @@ fn map_decode_error(error: bincode::error::DecodeError) -> DecodeError {
 
 /// Appends one frame, header included, to `out`.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_framed(frame, out)
+}
+
+/// Appends `value` with the frame header (length, version) to `out`.
+fn encode_framed<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, PROTOCOL_VERSION]);
-    if let Err(error) = bincode::serde::encode_into_std_write(frame, out, CONFIG) {
+    if let Err(error) = bincode::serde::encode_into_std_write(value, out, CONFIG) {
         out.truncate(start);
         return Err(error.into());
     }
@@ -233,6 +239,41 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
         });
     }
     Ok(value)
+}
+
+/// Appends one node-to-node frame, header included, to `out`.
+pub fn encode_peer_frame(frame: &PeerFrame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_framed(frame, out)
+}
+
+/// Tries to decode one node-to-node frame from the start of `input`:
+/// `Ok(None)` when more bytes are needed, else the frame and the bytes it used.
+/// Any error is fatal for the link.
+pub fn decode_peer_frame(
+    input: &[u8],
+    max_frame_len: usize,
+) -> Result<Option<(PeerFrame, usize)>, DecodeError> {
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    let Some(prefix) = input.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > max {
+        return Err(DecodeError::FrameTooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(DecodeError::Truncated);
+    }
+    let Some(frame_bytes) = input.get(4..4 + len) else {
+        return Ok(None);
+    };
+    if frame_bytes[0] != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            version: frame_bytes[0],
+        });
+    }
+    let frame = decode_exact::<PeerFrame>(&frame_bytes[1..])?;
+    Ok(Some((frame, 4 + len)))
 }
 
 /// Encodes any serde value with the wire layout, without a frame header.

@@ -11,6 +11,7 @@
 //! - [`card`]: the self-certifying [`card::IdentityCard`].
 //! - [`auth`]: the bytes a device signs to answer an auth challenge.
 //! - [`frame`]: every frame on the wire and the stable [`frame::ErrorCode`]s.
+//! - [`fleet`]: slots of the address space and the node-to-node frames.
 //! - [`codec`]: framing and the single place that names the serialization
 //!   library, with hard size limits.
 
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod bytes;
 pub mod card;
 pub mod codec;
+pub mod fleet;
 pub mod frame;
 pub mod identity;
 

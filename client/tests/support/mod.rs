@@ -90,7 +90,14 @@ impl TestBroker {
             .await
             {
                 Ok(broker) => break broker,
-                Err(error) if attempts < 50 && format!("{error:#}").contains("in use") => {
+                // sled's background flusher releases the store's file lock a
+                // moment after the last handle is dropped.
+                Err(error)
+                    if attempts < 50
+                        && ["in use", "could not acquire lock"]
+                            .iter()
+                            .any(|m| format!("{error:#}").contains(m)) =>
+                {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -174,5 +181,175 @@ pub async fn next_delivery(client: &Client, limit: Duration) -> backbone_client:
 pub async fn assert_no_delivery(client: &Client, wait: Duration) {
     if let Ok(Some(delivery)) = tokio::time::timeout(wait, client.next_delivery()).await {
         panic!("unexpected delivery of seq {}", delivery.seq);
+    }
+}
+
+/// A fleet of brokers on loopback sharing a fleet map and a fleet CA.
+pub struct TestFleet {
+    pub nodes: Vec<TestBroker>,
+    pub pki: tempfile::TempDir,
+    pub map: backbone_broker::fleet::FleetMap,
+}
+
+/// Ports the OS hands out now; used right away for the fleet map, so another
+/// process taking one in between is unlikely (and fails the start loudly).
+fn free_udp_ports(count: usize) -> Vec<u16> {
+    let sockets: Vec<_> = (0..count)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    sockets
+        .iter()
+        .map(|s| s.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// The text of a fleet map over `names` splitting the slots evenly.
+pub fn fleet_map_text(epoch: u64, nodes: &[(String, u16, u16)]) -> String {
+    let slots = usize::from(backbone_protocol::fleet::SLOT_COUNT);
+    let per = slots.div_ceil(nodes.len());
+    let mut text = format!("epoch = {epoch}\n");
+    for (i, (name, public, peer)) in nodes.iter().enumerate() {
+        let first = i * per;
+        let last = ((i + 1) * per).min(slots) - 1;
+        text.push_str(&format!(
+            "[[node]]\nname = \"{name}\"\npeer = \"127.0.0.1:{peer}\"\npublic = \"127.0.0.1:{public}\"\nslots = [\"{first}-{last}\"]\n"
+        ));
+    }
+    text
+}
+
+impl TestFleet {
+    /// Starts `count` nodes and waits until every link is up.
+    pub async fn start(count: usize) -> TestFleet {
+        let fleet = Self::start_with(count, |_, _| {}).await;
+        fleet.wait_links_up().await;
+        fleet
+    }
+
+    /// Starts `count` nodes without waiting for links; `adjust(index, config)`
+    /// may change each config.
+    pub async fn start_with(count: usize, adjust: impl Fn(usize, &mut Config)) -> TestFleet {
+        let pki = tempfile::tempdir().expect("tempdir");
+        let ports = free_udp_ports(count * 2);
+        let names: Vec<String> = (0..count).map(|i| format!("node-{i}")).collect();
+        let entries: Vec<(String, u16, u16)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.clone(), ports[2 * i], ports[2 * i + 1]))
+            .collect();
+        let map_path = pki.path().join("fleet.toml");
+        std::fs::write(&map_path, fleet_map_text(1, &entries)).expect("write map");
+        backbone_broker::fleet::pki::generate(pki.path(), &names, &[]).expect("pki");
+        let map = backbone_broker::fleet::FleetMap::load(&map_path).expect("map");
+        let mut nodes = Vec::new();
+        for (i, (name, public, peer)) in entries.iter().enumerate() {
+            let node = TestBroker::start_with(|config| {
+                config.server.listen = format!("127.0.0.1:{public}").parse().expect("addr");
+                config.fleet.file = Some(map_path.clone());
+                config.fleet.node = Some(name.clone());
+                config.fleet.listen = format!("127.0.0.1:{peer}").parse().expect("addr");
+                config.fleet.pki_dir = Some(pki.path().to_owned());
+                config.fleet.forward_timeout = Duration::from_secs(3);
+                adjust(i, config);
+            })
+            .await;
+            nodes.push(node);
+        }
+        TestFleet { nodes, pki, map }
+    }
+
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.pki.path().join("ca.pem")
+    }
+
+    /// Index of the node owning `address`.
+    pub fn home_of(&self, address: &backbone_protocol::Address) -> usize {
+        let owner = &self.map.owner(address).name;
+        owner
+            .strip_prefix("node-")
+            .and_then(|i| i.parse().ok())
+            .expect("node-N")
+    }
+
+    /// A fresh identity whose mailbox lives on node `index`.
+    pub fn identity_on(&self, index: usize) -> Identity {
+        loop {
+            let identity = Identity::new();
+            if self.home_of(&identity.address()) == index {
+                return identity;
+            }
+        }
+    }
+
+    /// Connection settings for node `index` (possibly not the home node).
+    pub fn connect_config(&self, index: usize) -> ConnectConfig {
+        ConnectConfig::new(
+            self.nodes[index].config.server.listen.to_string(),
+            Trust::CaFile(self.ca()),
+        )
+    }
+
+    /// Client options for `identity` entering the fleet through node `index`.
+    pub fn options(&self, identity: &Identity, index: usize) -> ClientOptions {
+        let mut options = ClientOptions::primary(
+            self.connect_config(index),
+            identity.signing.clone(),
+            identity.encryption.clone(),
+        );
+        options.request_timeout = Duration::from_secs(10);
+        options
+    }
+
+    /// Connects through node `index` and publishes the card.
+    pub async fn connect(&self, identity: &Identity, index: usize) -> Client {
+        let client = Client::connect(self.options(identity, index))
+            .await
+            .expect("connects");
+        client.publish_card().await.expect("publishes card");
+        client
+    }
+
+    /// Waits until every running node has every link to a running peer up.
+    pub async fn wait_links_up(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let running: Vec<String> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.broker.is_some())
+                .map(|(i, _)| format!("node-{i}"))
+                .collect();
+            let all_up = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.broker.as_ref())
+                .all(|b| {
+                    b.link_states()
+                        .iter()
+                        .filter(|(name, _)| running.contains(name))
+                        .all(|(_, state)| *state == backbone_broker::fleet::LinkState::Up)
+                });
+            if all_up {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fleet links did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(&mut self, index: usize) {
+        if let Some(broker) = self.nodes[index].broker.take() {
+            broker.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    pub async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
     }
 }

@@ -1,0 +1,199 @@
+//! Storing one accepted envelope for its recipients, wherever they live:
+//! locally through the mailbox actors, on other nodes through fleet links.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use backbone_protocol::Address;
+use backbone_protocol::bytes::{Blob, MessageId};
+use backbone_protocol::fleet::{Forward, PeerFrame};
+use backbone_protocol::frame::{ErrorCode, Failed, Stored};
+use tracing::warn;
+
+use crate::fleet::Route;
+use crate::server::Shared;
+use crate::store::StoredEnvelope;
+
+/// What every recipient's copy of an envelope shares.
+#[derive(Clone, Debug)]
+pub struct StoreTemplate {
+    /// Broker-assigned id.
+    pub message_id: MessageId,
+    /// The authenticated sender.
+    pub sender: Option<Address>,
+    /// When the send was accepted.
+    pub stored_at_ms: u64,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// The opaque envelope.
+    pub envelope: Vec<u8>,
+}
+
+impl StoreTemplate {
+    fn envelope(&self) -> StoredEnvelope {
+        StoredEnvelope {
+            seq: 0,
+            message_id: self.message_id,
+            sender: self.sender,
+            stored_at_ms: self.stored_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            envelope: self.envelope.clone(),
+        }
+    }
+}
+
+fn failed(shared: &Shared, address: Address, code: ErrorCode) -> Failed {
+    metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
+    Failed {
+        address,
+        code: code as u16,
+        retry_after_ms: code.is_retryable().then(|| shared.fleet.retry_after_ms()),
+    }
+}
+
+/// Stores the envelope for `recipients` this node owns, each durably, and
+/// refuses the others with `ShardUnavailable`: a node never stores for a slot
+/// it does not own (a peer routing by another map gets a clear refusal).
+pub async fn store_for(
+    shared: &Arc<Shared>,
+    recipients: Vec<Address>,
+    template: &StoreTemplate,
+) -> (Vec<Stored>, Vec<Failed>) {
+    let mut stored = Vec::with_capacity(recipients.len());
+    let mut refused = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut single = None;
+    let local: Vec<Address> = recipients
+        .into_iter()
+        .filter(|address| match shared.fleet.route(address) {
+            Route::Local => true,
+            Route::Remote(_) => {
+                refused.push(failed(shared, *address, ErrorCode::ShardUnavailable));
+                false
+            }
+        })
+        .collect();
+    if let [only] = local[..] {
+        single = Some((
+            only,
+            shared.registry.append(&only, template.envelope()).await,
+        ));
+    } else {
+        for recipient in local {
+            let (shared, envelope) = (shared.clone(), template.envelope());
+            tasks.spawn(async move {
+                (
+                    recipient,
+                    shared.registry.append(&recipient, envelope).await,
+                )
+            });
+        }
+    }
+    let outcomes = single.into_iter().chain(tasks.join_all().await);
+    for (address, outcome) in outcomes {
+        match outcome {
+            Ok(seq) => stored.push(Stored { address, seq }),
+            Err(error) => {
+                warn!(%error, "append failed");
+                refused.push(failed(shared, address, error.code()));
+            }
+        }
+    }
+    (stored, refused)
+}
+
+/// Stores the envelope for every recipient: local ones here, the others on
+/// their owner nodes, all concurrently. Returns once every owner answered
+/// (or its link failed or timed out).
+pub async fn store_everywhere(
+    shared: &Arc<Shared>,
+    recipients: Vec<Address>,
+    template: StoreTemplate,
+) -> (Vec<Stored>, Vec<Failed>) {
+    let mut local = Vec::new();
+    let mut remote: HashMap<String, Vec<Address>> = HashMap::new();
+    for address in recipients {
+        match shared.fleet.route(&address) {
+            Route::Local => local.push(address),
+            Route::Remote(node) => remote.entry(node.name.clone()).or_default().push(address),
+        }
+    }
+    if remote.is_empty() {
+        return store_for(shared, local, &template).await;
+    }
+    let template = Arc::new(template);
+    let mut forwards = tokio::task::JoinSet::new();
+    for (node, addresses) in remote {
+        let (shared, template) = (shared.clone(), template.clone());
+        forwards.spawn(async move { forward(&shared, node, addresses, &template).await });
+    }
+    let (mut stored, mut refused) = store_for(shared, local, &template).await;
+    for (more_stored, more_failed) in forwards.join_all().await {
+        stored.extend(more_stored);
+        refused.extend(more_failed);
+    }
+    (stored, refused)
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    node: String,
+    recipients: Vec<Address>,
+    template: &StoreTemplate,
+) -> (Vec<Stored>, Vec<Failed>) {
+    let Some(links) = shared.fleet.links() else {
+        let refused = recipients
+            .into_iter()
+            .map(|address| failed(shared, address, ErrorCode::ShardUnavailable))
+            .collect();
+        return (Vec::new(), refused);
+    };
+    metrics::counter!("backbone_fleet_forwards_sent_total", "peer" => node.clone()).increment(1);
+    let answer = links
+        .request(&node, |request_id| {
+            PeerFrame::Forward(Forward {
+                request_id,
+                message_id: template.message_id,
+                sender: template.sender,
+                stored_at_ms: template.stored_at_ms,
+                expires_at_ms: template.expires_at_ms,
+                recipients: recipients.clone(),
+                envelope: Blob(template.envelope.clone()),
+            })
+        })
+        .await;
+    match answer {
+        Ok(PeerFrame::ForwardAck(ack)) => {
+            // Only recipients that were asked for count; anything else the
+            // peer claims is ignored, and a recipient it does not mention failed.
+            let mut stored = Vec::new();
+            let mut refused = Vec::new();
+            for address in recipients {
+                if let Some(s) = ack.stored.iter().find(|s| s.address == address) {
+                    stored.push(*s);
+                } else if let Some(f) = ack.failed.iter().find(|f| f.address == address) {
+                    refused.push(*f);
+                } else {
+                    refused.push(failed(shared, address, ErrorCode::Internal));
+                }
+            }
+            (stored, refused)
+        }
+        Ok(_) => {
+            warn!(peer = %node, "peer answered a forward with the wrong frame");
+            let refused = recipients
+                .into_iter()
+                .map(|address| failed(shared, address, ErrorCode::Internal))
+                .collect();
+            (Vec::new(), refused)
+        }
+        Err(error) => {
+            warn!(%error, "forward failed");
+            let refused = recipients
+                .into_iter()
+                .map(|address| failed(shared, address, ErrorCode::ShardUnavailable))
+                .collect();
+            (Vec::new(), refused)
+        }
+    }
+}
