@@ -53,7 +53,8 @@ fn failed(shared: &Shared, address: Address, code: ErrorCode) -> Failed {
 
 /// Stores the envelope for `recipients` this node owns, each durably, and
 /// refuses the others with `ShardUnavailable`: a node never stores for a slot
-/// it does not own (a peer routing by another map gets a clear refusal).
+/// it does not own (a peer routing by another map gets a clear refusal), nor
+/// for one still being handed over to it.
 pub async fn store_for(
     shared: &Arc<Shared>,
     recipients: Vec<Address>,
@@ -66,8 +67,8 @@ pub async fn store_for(
     let local: Vec<Address> = recipients
         .into_iter()
         .filter(|address| match shared.fleet.route(address) {
-            Route::Local => true,
-            Route::Remote(_) => {
+            Route::Local if !shared.fleet.is_importing(address) => true,
+            Route::Local | Route::Remote(_) => {
                 refused.push(failed(shared, *address, ErrorCode::ShardUnavailable));
                 false
             }

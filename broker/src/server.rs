@@ -132,6 +132,7 @@ impl Broker {
             .clock
             .unwrap_or_else(|| Arc::new(backbone_protocol::unix_millis_now));
         let server_id = store.server_id()?;
+        let outgoing_moves = fleet.init_handoffs(store.as_ref())?;
         let (writer, write_handle) = Writer::start(store.clone());
 
         let context = Arc::new(MailboxContext {
@@ -170,6 +171,9 @@ impl Broker {
         });
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
         metrics::gauge!("backbone_fleet_slots_owned").set(shared.fleet.local_slots() as f64);
+        for m in outgoing_moves {
+            tokio::spawn(crate::fleet::handoff::hand_over(shared.clone(), m));
+        }
         let mut peer_server = None;
         if let Some((peer_endpoint, peer_addr)) = peer {
             peer_server = Some(tokio::spawn(crate::fleet::peer::serve(
@@ -208,6 +212,11 @@ impl Broker {
             .links()
             .map(crate::fleet::Links::states)
             .unwrap_or_default()
+    }
+
+    /// The fleet section of `/health`: node, epoch, slots, links, handoffs.
+    pub fn fleet_status(&self) -> serde_json::Value {
+        self.shared.fleet.health()
     }
 
     /// Active mailbox actors (for tests and status).

@@ -197,6 +197,12 @@ async fn authenticate(
             node: node.public.clone(),
         });
     }
+    if shared.fleet.is_importing(&address) {
+        return Err((
+            ErrorCode::ShardUnavailable,
+            "this mailbox is being handed over to this node; retry shortly".into(),
+        ));
+    }
     let device = auth::claimed_device_key(&auth).device_id();
     let store = shared.store.clone();
     let certified = auth.device.is_some();
@@ -429,6 +435,13 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             if let Route::Remote(node) = shared.fleet.route(&fetch.address) {
                 return fetch_remote_card(shared, &node.name, id, fetch.address).await;
             }
+            if shared.fleet.is_importing(&fetch.address) {
+                return shard_unavailable(
+                    shared,
+                    id,
+                    "this card is being handed over to this node",
+                );
+            }
             match blocking(move || store.card(&fetch.address)).await {
                 Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
                     request_id: id,
@@ -508,14 +521,16 @@ async fn fetch_remote_card(shared: &Shared, node: &str, id: u64, address: Addres
             ErrorCode::Internal,
             "unexpected answer from the owner node",
         ),
-        Err(error) => {
-            let mut frame = ErrorFrame::new(id, ErrorCode::ShardUnavailable, error.to_string());
-            frame.retry_after_ms = Some(shared.fleet.retry_after_ms());
-            metrics::counter!("backbone_errors_total", "code" => ErrorCode::ShardUnavailable.name())
-                .increment(1);
-            Frame::Error(frame)
-        }
+        Err(error) => shard_unavailable(shared, id, error.to_string()),
     }
+}
+
+fn shard_unavailable(shared: &Shared, id: u64, message: impl Into<String>) -> Frame {
+    let mut frame = ErrorFrame::new(id, ErrorCode::ShardUnavailable, message);
+    frame.retry_after_ms = Some(shared.fleet.retry_after_ms());
+    metrics::counter!("backbone_errors_total", "code" => ErrorCode::ShardUnavailable.name())
+        .increment(1);
+    Frame::Error(frame)
 }
 
 fn respond<T>(

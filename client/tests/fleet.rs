@@ -157,3 +157,213 @@ async fn nodes_with_different_maps_refuse_to_route_to_each_other() {
     assert_eq!(error.code(), Some(ErrorCode::ShardUnavailable), "{error}");
     fleet.shutdown().await;
 }
+
+/// An identity whose address falls in `slots`.
+fn identity_in(slots: std::ops::RangeInclusive<u16>) -> support::Identity {
+    loop {
+        let identity = support::Identity::new();
+        if slots.contains(&backbone_protocol::fleet::slot_of(&identity.address())) {
+            return identity;
+        }
+    }
+}
+
+/// Growing the fleet: a third node takes over half of node 0's slots, with
+/// their stored envelopes and cursors, while a sender keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    // Epoch 1: node-0 owns 0-2047, node-1 owns 2048-4095.
+    let mut fleet = TestFleet::start(2).await;
+    let mover = identity_in(1024..=2047); // node-0, then node-2
+    let stayer = identity_in(0..=1023); // node-0 throughout
+    let sender = identity_in(2048..=4095); // node-1 throughout
+    let mover_client = fleet.connect(&mover, 0).await;
+    fleet.connect(&stayer, 0).await;
+    let sender_client = Arc::new(fleet.connect(&sender, 1).await);
+
+    // Five envelopes for the mover; it reads and acknowledges two of them.
+    for n in 0..5u64 {
+        let ack = sender_client
+            .send_envelope(&[mover.address()], n.to_le_bytes().to_vec(), HOUR)
+            .await
+            .expect("sent");
+        assert_eq!(ack.stored.len(), 1);
+    }
+    for expected in 1..=2 {
+        let delivery = next_delivery(&mover_client, WAIT).await;
+        assert_eq!(delivery.seq, expected);
+        mover_client.ack(delivery.seq).await.expect("ack");
+    }
+    // Let the cursor reach the store, then go offline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(mover_client);
+
+    // Traffic through the whole procedure: numbered envelopes to both
+    // recipients, each retried with a new number until acknowledged.
+    let acked: Arc<Mutex<BTreeMap<[u8; 32], BTreeSet<u64>>>> = Arc::default();
+    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (client, acked, attempted, stop) = (
+            sender_client.clone(),
+            acked.clone(),
+            attempted.clone(),
+            stop.clone(),
+        );
+        let recipients = [mover.address(), stayer.address()];
+        tokio::spawn(async move {
+            let mut next = 1_000u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                next += 1;
+                attempted.lock().expect("lock").insert(next);
+                if let Ok(ack) = client
+                    .send_envelope(&recipients, next.to_le_bytes().to_vec(), HOUR)
+                    .await
+                {
+                    for stored in ack.stored {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .entry(stored.address.0)
+                            .or_default()
+                            .insert(next);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Epoch 2: node-2 owns 1024-2047, moved from node-0.
+    let ports = support::free_udp_ports(2);
+    let old = std::fs::read_to_string(fleet.map_path()).expect("map");
+    let node0 = old
+        .split("[[node]]")
+        .nth(1)
+        .expect("node-0")
+        .replace("0-2047", "0-1023");
+    let node1 = old.split("[[node]]").nth(2).expect("node-1");
+    let epoch2 = format!(
+        "epoch = 2\n[[node]]{node0}[[node]]{node1}[[node]]\nname = \"node-2\"\npeer = \"127.0.0.1:{}\"\npublic = \"127.0.0.1:{}\"\nslots = [\"1024-2047\"]\n\n[[move]]\nfrom = \"node-0\"\nto = \"node-2\"\nslots = [\"1024-2047\"]\n",
+        ports[1], ports[0]
+    );
+    std::fs::write(fleet.map_path(), epoch2).expect("write map");
+    fleet.add_node("node-2", ports[0], ports[1]).await;
+    // Rolling restart of the old nodes onto the new map.
+    for index in 0..2 {
+        fleet.nodes[index].restart().await;
+    }
+    fleet.wait_links_up().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = fleet.nodes[2].broker().fleet_status();
+        let source = fleet.nodes[0].broker().fleet_status();
+        if status["importing_slots"] == 0 && source["handoffs"][0]["state"] == "done" {
+            assert_eq!(status["handoffs"][0]["state"], "imported", "{status}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {source}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Keep sending a moment on the new map, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    traffic.await.expect("traffic task");
+
+    // The mover, entering through node-1, lands on node-2 and resumes after
+    // its cursor: envelopes 3..5 first, then the traffic, nothing twice.
+    let mover_client = fleet.connect(&mover, 1).await;
+    let mut delivered = Vec::new();
+    let mut seqs = Vec::new();
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_secs(2), mover_client.next_delivery()).await
+    {
+        seqs.push(delivery.seq);
+        delivered.push(u64::from_le_bytes(
+            delivery.envelope[..8].try_into().expect("8 bytes"),
+        ));
+        mover_client.ack(delivery.seq).await.expect("ack");
+    }
+    assert_eq!(&delivered[..3], &[2, 3, 4], "resumes after the cursor");
+    assert_eq!(seqs[0], 3);
+    let unique: BTreeSet<u64> = delivered.iter().copied().collect();
+    assert_eq!(unique.len(), delivered.len(), "duplicates in {delivered:?}");
+    let acked_mover = acked
+        .lock()
+        .expect("lock")
+        .remove(&mover.address().0)
+        .unwrap_or_default();
+    let lost: Vec<_> = acked_mover.difference(&unique).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let attempted = attempted.lock().expect("lock").clone();
+    assert!(
+        unique.iter().all(|n| *n < 5 || attempted.contains(n)),
+        "delivered something never sent"
+    );
+    assert!(
+        acked_mover.len() > 10,
+        "too little traffic was acknowledged: {acked_mover:?}"
+    );
+    println!(
+        "mover: sent {} attempts, acked {}, delivered {}, lost {}, duplicated {}",
+        attempted.len(),
+        acked_mover.len(),
+        unique.len(),
+        lost.len(),
+        delivered.len() - unique.len()
+    );
+
+    // node-0 kept nothing of the moved slots.
+    fleet.stop(0).await;
+    let store = backbone_broker::store::SledStore::open(&fleet.nodes[0].dir.path().join("store"))
+        .expect("open node-0's store");
+    use backbone_broker::store::Store;
+    let left = store
+        .addresses(&|address| (1024..=2047).contains(&backbone_protocol::fleet::slot_of(address)))
+        .expect("scan");
+    assert!(
+        left.is_empty(),
+        "node-0 still holds {} moved mailboxes",
+        left.len()
+    );
+    assert!(
+        !store
+            .addresses(&|a| *a == stayer.address())
+            .expect("scan")
+            .is_empty()
+    );
+    drop(store);
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_cannot_link_under_another_nodes_name() {
+    // node-1 presents node-0's certificate (issued by the same fleet CA) while
+    // calling itself node-1: node-0 refuses the link.
+    let fleet = TestFleet::start_with(2, |index, config| {
+        if index == 1 {
+            let pki = config.fleet.pki_dir.clone().expect("pki");
+            let forged = pki.join("forged");
+            std::fs::create_dir_all(&forged).expect("dir");
+            std::fs::copy(pki.join("ca.pem"), forged.join("ca.pem")).expect("ca");
+            std::fs::copy(pki.join("node-0.pem"), forged.join("node-1.pem")).expect("cert");
+            std::fs::copy(pki.join("node-0.key"), forged.join("node-1.key")).expect("key");
+            config.fleet.pki_dir = Some(forged);
+        }
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reason = loop {
+        let states = fleet.nodes[1].broker().link_states();
+        if let [(_, LinkState::Refused(reason))] = &states[..] {
+            break reason.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(reason.contains("does not name node node-1"), "{reason}");
+    fleet.shutdown().await;
+}

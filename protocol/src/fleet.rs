@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::bytes::{Blob, MessageId, Text};
 use crate::card::IdentityCard;
 use crate::frame::{Failed, Stored};
-use crate::identity::Address;
+use crate::identity::{Address, DeviceCertificate, DeviceId};
 
 /// The fixed number of slots the address space is divided into.
 pub const SLOT_COUNT: u16 = 4096;
@@ -50,6 +50,13 @@ pub enum PeerFrame {
     FetchCard(PeerFetchCard),
     /// Tag 6, acceptor → dialer: the card, if stored.
     CardResult(PeerCardResult),
+    /// Tag 7, dialer → acceptor: mailboxes of slots handed over to the acceptor.
+    Import(Import),
+    /// Tag 8, dialer → acceptor: every mailbox of the move has been imported.
+    HandoffDone(HandoffDone),
+    /// Tag 9, acceptor → dialer: the outcome of an [`PeerFrame::Import`] or
+    /// [`PeerFrame::HandoffDone`], after the acceptor's flush.
+    HandoffAck(HandoffAck),
 }
 
 /// A node introducing itself and its fleet map.
@@ -121,10 +128,80 @@ pub struct PeerCardResult {
     pub result: Result<IdentityCard, u16>,
 }
 
+/// One envelope of a mailbox being handed over, with its sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferEnvelope {
+    /// Its sequence number in the mailbox (kept, so cursors stay valid).
+    pub seq: u64,
+    /// The broker-assigned message id.
+    pub message_id: MessageId,
+    /// The authenticated sender.
+    pub sender: Option<Address>,
+    /// When it was accepted.
+    pub stored_at_ms: u64,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// The opaque envelope.
+    pub envelope: Blob,
+}
+
+/// A mailbox, or a part of one, moving to its new owner. Importing merges:
+/// envelopes are written under their sequence numbers, the head and cursors
+/// only ever grow, so a part imported twice changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxTransfer {
+    /// Whose mailbox.
+    pub address: Address,
+    /// The highest sequence number ever assigned.
+    pub head: u64,
+    /// Stored envelopes (possibly a part of them).
+    pub envelopes: Vec<TransferEnvelope>,
+    /// Each device's acknowledged sequence number.
+    pub cursors: Vec<(DeviceId, u64)>,
+    /// The identity card, if published.
+    pub card: Option<IdentityCard>,
+    /// Registered device certificates.
+    pub devices: Vec<DeviceCertificate>,
+}
+
+/// Mailboxes of moving slots, sent by their previous owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Import {
+    /// Chosen by the dialer.
+    pub request_id: u64,
+    /// The epoch of the map whose `[[move]]` this executes.
+    pub epoch: u64,
+    /// The mailboxes.
+    pub mailboxes: Vec<MailboxTransfer>,
+}
+
+/// The previous owner has sent every mailbox of these slots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffDone {
+    /// Chosen by the dialer.
+    pub request_id: u64,
+    /// The epoch of the map whose `[[move]]` this completes.
+    pub epoch: u64,
+    /// The slots, as inclusive ranges.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// The answer to [`Import`] and [`HandoffDone`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffAck {
+    /// The request this answers.
+    pub request_id: u64,
+    /// `Ok` once durable, else a stable error code and a reason.
+    pub result: Result<(), (u16, Text)>,
+}
+
 impl PeerFrame {
     /// The request id of a request or response, `None` for link control frames.
     pub fn request_id(&self) -> Option<u64> {
         match self {
+            PeerFrame::Import(f) => Some(f.request_id),
+            PeerFrame::HandoffDone(f) => Some(f.request_id),
+            PeerFrame::HandoffAck(f) => Some(f.request_id),
             PeerFrame::Forward(f) => Some(f.request_id),
             PeerFrame::ForwardAck(f) => Some(f.request_id),
             PeerFrame::FetchCard(f) => Some(f.request_id),

@@ -217,10 +217,21 @@ impl Links {
         states
     }
 
-    /// Sends the request `build(id)` to `node` and waits for its answer.
+    /// Sends the request `build(id)` to `node` and waits for its answer, at
+    /// most `fleet.forward_timeout`.
     pub async fn request(
         &self,
         node: &str,
+        build: impl FnOnce(u64) -> PeerFrame,
+    ) -> Result<PeerFrame, LinkError> {
+        self.request_with_timeout(node, self.timeout, build).await
+    }
+
+    /// [`Links::request`] with its own timeout.
+    pub async fn request_with_timeout(
+        &self,
+        node: &str,
+        timeout: Duration,
         build: impl FnOnce(u64) -> PeerFrame,
     ) -> Result<PeerFrame, LinkError> {
         let link = self
@@ -248,7 +259,7 @@ impl Links {
             link.forget(id);
             return Err(unavailable(link));
         }
-        match tokio::time::timeout(self.timeout, answer).await {
+        match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(_)) => Err(unavailable(link)),
             Err(_) => {

@@ -21,11 +21,33 @@ pub struct Node {
     pub slot_count: usize,
 }
 
+/// Slots whose owner changes in this epoch: `from` hands their mailboxes to
+/// `to`, which serves them only once the handover is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The previous owner.
+    pub from: String,
+    /// The new owner (it owns the slots in this map).
+    pub to: String,
+    /// The slots, as inclusive ranges.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl Move {
+    /// Whether `slot` is part of this move.
+    pub fn contains(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|&(first, last)| (first..=last).contains(&slot))
+    }
+}
+
 /// The validated slot-to-node map with its epoch.
 #[derive(Clone, Debug)]
 pub struct FleetMap {
     epoch: u64,
     nodes: Vec<Node>,
+    moves: Vec<Move>,
     /// `owners[slot]` is an index into `nodes`.
     owners: Vec<u16>,
     digest: [u8; 32],
@@ -61,6 +83,16 @@ struct FleetFile {
     epoch: u64,
     #[serde(rename = "node")]
     nodes: Vec<NodeFile>,
+    #[serde(rename = "move", default)]
+    moves: Vec<MoveFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveFile {
+    from: String,
+    to: String,
+    slots: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +113,7 @@ impl FleetMap {
             public,
             slot_count: SLOT_COUNT as usize,
         }];
-        Self::with_owners(0, nodes, vec![0; SLOT_COUNT as usize])
+        Self::with_owners(0, nodes, vec![0; SLOT_COUNT as usize], Vec::new())
     }
 
     /// Reads and validates a fleet file.
@@ -179,10 +211,49 @@ impl FleetMap {
                 SLOT_COUNT - 1
             ));
         }
-        Ok(Self::with_owners(file.epoch, nodes, owners))
+        let mut moves: Vec<Move> = Vec::new();
+        for entry in &file.moves {
+            let known = |name: &str| nodes.iter().any(|node| node.name == name);
+            if !known(&entry.from) || !known(&entry.to) || entry.from == entry.to {
+                return invalid(format!(
+                    "move from {:?} to {:?}: both must be nodes of the map, and differ",
+                    entry.from, entry.to
+                ));
+            }
+            let mut slots = Vec::new();
+            for range in &entry.slots {
+                let (first, last) = parse_range(range).ok_or_else(|| {
+                    FleetError::Invalid(format!(
+                        "move to {}: slot range {range:?} is invalid",
+                        entry.to
+                    ))
+                })?;
+                for slot in first..=last {
+                    let owner = &nodes[usize::from(owners[usize::from(slot)])].name;
+                    if *owner != entry.to {
+                        return invalid(format!(
+                            "move to {}: slot {slot} is owned by {owner} in this map",
+                            entry.to
+                        ));
+                    }
+                    if moves.iter().any(|m| m.contains(slot))
+                        || slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+                    {
+                        return invalid(format!("slot {slot} is in two moves"));
+                    }
+                }
+                slots.push((first, last));
+            }
+            moves.push(Move {
+                from: entry.from.clone(),
+                to: entry.to.clone(),
+                slots,
+            });
+        }
+        Ok(Self::with_owners(file.epoch, nodes, owners, moves))
     }
 
-    fn with_owners(epoch: u64, nodes: Vec<Node>, owners: Vec<u16>) -> Self {
+    fn with_owners(epoch: u64, nodes: Vec<Node>, owners: Vec<u16>, moves: Vec<Move>) -> Self {
         // Canonical form: the epoch, then each slot's owner by name and
         // addresses, so the order of [[node]] entries does not matter.
         let mut hasher = blake3::Hasher::new_derive_key("backbone 2026 fleet map v1");
@@ -194,12 +265,25 @@ impl FleetMap {
                 hasher.update(field.as_bytes());
             }
         }
+        for slot in 0..SLOT_COUNT {
+            if let Some(m) = moves.iter().find(|m| m.contains(slot)) {
+                hasher.update(&slot.to_le_bytes());
+                hasher.update(&(m.from.len() as u32).to_le_bytes());
+                hasher.update(m.from.as_bytes());
+            }
+        }
         Self {
             epoch,
             nodes,
+            moves,
             owners,
             digest: *hasher.finalize().as_bytes(),
         }
+    }
+
+    /// The slot moves this epoch executes.
+    pub fn moves(&self) -> &[Move] {
+        &self.moves
     }
 
     /// The map's epoch (0 for a single node without a fleet file).
@@ -373,6 +457,47 @@ mod tests {
             }
             let map = FleetMap::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(map.nodes().len(), 3, "{file}");
+        }
+    }
+
+    #[test]
+    fn moves_must_go_to_the_new_owner_and_count_in_the_digest() {
+        let with_d = THREE.replace("\"2730-4094\", \"4095\"", "\"2730-4000\"")
+            + "[[node]]\nname = \"d\"\npeer = \"d:7701\"\npublic = \"127.0.0.1:7714\"\nslots = [\"4001-4095\"]\n";
+        let moved =
+            format!("{with_d}[[move]]\nfrom = \"c\"\nto = \"d\"\nslots = [\"4001-4095\"]\n");
+        let map = FleetMap::parse(&moved).expect("valid");
+        assert_eq!(
+            map.moves(),
+            &[Move {
+                from: "c".into(),
+                to: "d".into(),
+                slots: vec![(4001, 4095)]
+            }]
+        );
+        assert!(map.moves()[0].contains(4001) && !map.moves()[0].contains(4000));
+        let without = FleetMap::parse(&with_d).expect("valid");
+        assert_ne!(map.digest(), without.digest());
+        for (bad, expected) in [
+            (
+                moved.replace("to = \"d\"\nslots = [\"4001", "to = \"d\"\nslots = [\"4000"),
+                "slot 4000 is owned by c",
+            ),
+            (
+                format!("{moved}[[move]]\nfrom = \"b\"\nto = \"d\"\nslots = [\"4095\"]\n"),
+                "slot 4095 is in two moves",
+            ),
+            (
+                moved.replace("from = \"c\"", "from = \"zz\""),
+                "both must be nodes",
+            ),
+            (
+                moved.replace("from = \"c\"", "from = \"d\""),
+                "both must be nodes",
+            ),
+        ] {
+            let error = FleetMap::parse(&bad).expect_err(expected).to_string();
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
         }
     }
 

@@ -14,21 +14,25 @@
 //! - [`link`]: outgoing links, one per peer, with reconnect.
 //! - [`peer`]: the node-to-node listener serving forwarded requests.
 
+pub mod handoff;
 pub mod link;
 pub mod map;
 pub mod peer;
 pub mod pki;
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use backbone_protocol::Address;
-use backbone_protocol::fleet::SLOT_COUNT;
+use backbone_protocol::fleet::{SLOT_COUNT, slot_of};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::store::{Store, StoreError};
 pub use link::{LinkState, Links};
-pub use map::{FleetMap, Node};
+pub use map::{FleetMap, Move, Node};
 
 /// Where an address's mailbox lives.
 #[derive(Debug)]
@@ -46,6 +50,16 @@ pub struct Fleet {
     links: Option<Links>,
     credentials: Option<pki::NodeCredentials>,
     retry_after: Duration,
+    /// Slots this node owns but does not serve yet: their previous owner has
+    /// not finished handing them over.
+    importing: Vec<AtomicBool>,
+    /// Progress of each move this node takes part in, for `/health`.
+    handoffs: Mutex<Vec<(Move, String)>>,
+}
+
+/// The store key recording that `to` has every mailbox of a move.
+fn handoff_key(direction: &str, epoch: u64, peer: &str) -> String {
+    format!("handoff/{direction}/{epoch}/{peer}")
 }
 
 impl Fleet {
@@ -56,13 +70,12 @@ impl Fleet {
         let fleet = &config.fleet;
         let (Some(file), Some(node), Some(pki_dir)) = (&fleet.file, &fleet.node, &fleet.pki_dir)
         else {
-            return Ok(Fleet {
-                map: FleetMap::single(public),
-                local: "local".into(),
-                links: None,
-                credentials: None,
-                retry_after: fleet.retry_after,
-            });
+            return Ok(Fleet::new(
+                FleetMap::single(public),
+                "local".into(),
+                None,
+                fleet.retry_after,
+            ));
         };
         let map = FleetMap::load(file)?;
         if map.node(node).is_none() {
@@ -78,13 +91,93 @@ impl Fleet {
         }
         let credentials = pki::load(pki_dir, node)
             .with_context(|| format!("cannot load fleet certificates for {node}"))?;
-        Ok(Fleet {
+        Ok(Fleet::new(
             map,
-            local: node.clone(),
+            node.clone(),
+            Some(credentials),
+            fleet.retry_after,
+        ))
+    }
+
+    fn new(
+        map: FleetMap,
+        local: String,
+        credentials: Option<pki::NodeCredentials>,
+        retry_after: Duration,
+    ) -> Fleet {
+        Fleet {
+            map,
+            local,
             links: None,
-            credentials: Some(credentials),
-            retry_after: fleet.retry_after,
-        })
+            credentials,
+            retry_after,
+            importing: (0..SLOT_COUNT).map(|_| AtomicBool::new(false)).collect(),
+            handoffs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Reads handoff progress from the store: slots moving here whose import
+    /// is not complete stop being served until it is. Returns the moves out
+    /// of this node, which [`handoff::hand_over`] runs (or finishes).
+    pub fn init_handoffs(&self, store: &dyn Store) -> Result<Vec<Move>, StoreError> {
+        let epoch = self.map.epoch();
+        let mut outgoing = Vec::new();
+        let mut progress = Vec::new();
+        for m in self.map.moves() {
+            if m.to == self.local {
+                let done = store.meta(&handoff_key("in", epoch, &m.from))?.is_some();
+                if !done {
+                    for slot in (0..SLOT_COUNT).filter(|&slot| m.contains(slot)) {
+                        self.importing[usize::from(slot)].store(true, Ordering::Release);
+                    }
+                }
+                let state = if done { "imported" } else { "importing" };
+                progress.push((m.clone(), state.to_owned()));
+            } else if m.from == self.local {
+                outgoing.push(m.clone());
+                progress.push((m.clone(), "pending".to_owned()));
+            }
+        }
+        *self.handoffs.lock().unwrap_or_else(|e| e.into_inner()) = progress;
+        Ok(outgoing)
+    }
+
+    /// Whether `address` lives here but is still being handed over to this node.
+    pub fn is_importing(&self, address: &Address) -> bool {
+        self.importing[usize::from(slot_of(address))].load(Ordering::Acquire)
+    }
+
+    /// The move bringing slots from `peer` to this node, if this epoch has one.
+    pub fn move_from(&self, peer: &str) -> Option<&Move> {
+        self.map
+            .moves()
+            .iter()
+            .find(|m| m.from == peer && m.to == self.local)
+    }
+
+    /// Records that every mailbox of `m` arrived (durably, in `store`) and
+    /// starts serving its slots.
+    pub fn finish_import(&self, m: &Move, store: &dyn Store) -> Result<(), StoreError> {
+        store.put_meta(&handoff_key("in", self.map.epoch(), &m.from), b"done")?;
+        store.flush()?;
+        for slot in (0..SLOT_COUNT).filter(|&slot| m.contains(slot)) {
+            self.importing[usize::from(slot)].store(false, Ordering::Release);
+        }
+        self.set_handoff_state(m, "imported".into());
+        Ok(())
+    }
+
+    /// Updates the progress shown for `m`.
+    pub fn set_handoff_state(&self, m: &Move, state: String) {
+        let mut handoffs = self.handoffs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = handoffs.iter_mut().find(|(known, _)| known == m) {
+            entry.1 = state;
+        }
+    }
+
+    /// The store key marking `m` as fully handed over by this node.
+    pub fn handoff_out_key(&self, m: &Move) -> String {
+        handoff_key("out", self.map.epoch(), &m.to)
     }
 
     /// Whether this broker is part of a multi-node fleet.
@@ -182,7 +275,23 @@ impl Fleet {
             .into_iter()
             .map(|(first, last)| format!("{first}-{last}"))
             .collect();
+        let importing = self
+            .importing
+            .iter()
+            .filter(|flag| flag.load(Ordering::Acquire))
+            .count();
+        let handoffs: Vec<_> = self
+            .handoffs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(m, state)| {
+                serde_json::json!({"from": m.from, "to": m.to, "slots": m.slots, "state": state})
+            })
+            .collect();
         serde_json::json!({
+            "importing_slots": importing,
+            "handoffs": handoffs,
             "node": self.local,
             "epoch": self.map.epoch(),
             "map_digest": hex::encode(self.map.digest()),

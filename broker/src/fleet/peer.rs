@@ -6,11 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backbone_protocol::bytes::Text;
-use backbone_protocol::fleet::{ForwardAck, PeerCardResult, PeerFrame, PeerHello, PeerRefuse};
+use backbone_protocol::fleet::{
+    ForwardAck, HandoffAck, MailboxTransfer, PeerCardResult, PeerFrame, PeerHello, PeerRefuse,
+    slot_of,
+};
 use backbone_protocol::frame::ErrorCode;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::handoff::to_export;
 use super::link::{PeerReader, encode_peer_logged};
 use crate::route::{StoreTemplate, store_for};
 use crate::server::Shared;
@@ -55,6 +60,24 @@ pub async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
 }
 
+/// Checks that the peer's certificate (already verified against the fleet
+/// CA by TLS) names the node it claims to be, so one node cannot act for another.
+fn certified_name(connection: &quinn::Connection, node: &str) -> Result<(), String> {
+    let chain = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "the peer presented no certificate".to_owned())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| "the peer presented no certificate".to_owned())?;
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|error| format!("unreadable peer certificate: {error:?}"))?;
+    let name =
+        ServerName::try_from(node).map_err(|_| format!("{node:?} is not a valid node name"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the peer's certificate does not name node {node}"))
+}
+
 fn refusal(shared: &Shared, hello: &PeerHello) -> Option<String> {
     let map = shared.fleet.map();
     if map.node(&hello.node.0).is_none() {
@@ -91,7 +114,11 @@ async fn serve_peer(shared: Arc<Shared>, connection: quinn::Connection) {
         Ok(Ok(PeerFrame::Hello(hello))) => hello,
         _ => return connection.close(quinn::VarInt::from_u32(1), b"expected hello"),
     };
-    if let Some(reason) = refusal(&shared, &hello) {
+    let reason = match certified_name(&connection, &hello.node.0) {
+        Ok(()) => refusal(&shared, &hello),
+        Err(reason) => Some(reason),
+    };
+    if let Some(reason) = reason {
         warn!(%reason, "refusing a fleet link");
         let _ = out
             .send(PeerFrame::Refuse(PeerRefuse {
@@ -130,10 +157,10 @@ async fn serve_peer(shared: Arc<Shared>, connection: quinn::Connection) {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (shared, out) = (shared.clone(), out.clone());
+        let (shared, out, peer) = (shared.clone(), out.clone(), hello.node.0.clone());
         tokio::spawn(
             async move {
-                if let Some(answer) = answer(&shared, frame).await {
+                if let Some(answer) = answer(&shared, &peer, frame).await {
                     let _ = out.send(answer).await;
                 }
                 drop(permit);
@@ -151,8 +178,16 @@ async fn serve_peer(shared: Arc<Shared>, connection: quinn::Connection) {
     let _ = writer.await;
 }
 
-async fn answer(shared: &Arc<Shared>, frame: PeerFrame) -> Option<PeerFrame> {
+async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<PeerFrame> {
     match frame {
+        PeerFrame::Import(import) => {
+            let result = import_mailboxes(shared, peer, import.epoch, import.mailboxes).await;
+            Some(handoff_ack(import.request_id, result))
+        }
+        PeerFrame::HandoffDone(done) => {
+            let result = finish_import(shared, peer, done.epoch, done.slots).await;
+            Some(handoff_ack(done.request_id, result))
+        }
         PeerFrame::Forward(forward) => {
             metrics::counter!("backbone_fleet_forwards_received_total").increment(1);
             let template = StoreTemplate {
@@ -191,4 +226,92 @@ async fn answer(shared: &Arc<Shared>, frame: PeerFrame) -> Option<PeerFrame> {
             None
         }
     }
+}
+
+fn handoff_ack(request_id: u64, result: Result<(), (ErrorCode, String)>) -> PeerFrame {
+    PeerFrame::HandoffAck(HandoffAck {
+        request_id,
+        result: result.map_err(|(code, reason)| (code as u16, Text(reason))),
+    })
+}
+
+/// The move `peer` executes towards this node at `epoch`, if it is one.
+fn incoming_move<'a>(
+    shared: &'a Shared,
+    peer: &str,
+    epoch: u64,
+) -> Result<&'a super::Move, (ErrorCode, String)> {
+    if epoch != shared.fleet.map().epoch() {
+        return Err((
+            ErrorCode::ShardUnavailable,
+            format!(
+                "handover for epoch {epoch}, this node runs epoch {}",
+                shared.fleet.map().epoch()
+            ),
+        ));
+    }
+    shared.fleet.move_from(peer).ok_or_else(|| {
+        (
+            ErrorCode::UnexpectedFrame,
+            format!("the fleet map moves no slots from {peer} to this node"),
+        )
+    })
+}
+
+async fn import_mailboxes(
+    shared: &Arc<Shared>,
+    peer: &str,
+    epoch: u64,
+    mailboxes: Vec<MailboxTransfer>,
+) -> Result<(), (ErrorCode, String)> {
+    let m = incoming_move(shared, peer, epoch)?;
+    // Only mailboxes of the moving slots, and only while they are still
+    // being imported: a finished import is never overwritten by a late copy.
+    for mailbox in &mailboxes {
+        let slot = slot_of(&mailbox.address);
+        if !m.contains(slot) || !shared.fleet.is_importing(&mailbox.address) {
+            return Err((
+                ErrorCode::ShardUnavailable,
+                format!("slot {slot} is not being imported from {peer}"),
+            ));
+        }
+    }
+    let count = mailboxes.len();
+    let store = shared.store.clone();
+    tokio::task::spawn_blocking(move || {
+        for mailbox in mailboxes {
+            store.import_mailbox(&to_export(mailbox))?;
+        }
+        store.flush()
+    })
+    .await
+    .map_err(|error| (ErrorCode::Internal, error.to_string()))?
+    .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
+    metrics::counter!("backbone_fleet_handoff_mailboxes_received_total").increment(count as u64);
+    Ok(())
+}
+
+async fn finish_import(
+    shared: &Arc<Shared>,
+    peer: &str,
+    epoch: u64,
+    slots: Vec<(u16, u16)>,
+) -> Result<(), (ErrorCode, String)> {
+    let m = incoming_move(shared, peer, epoch)?.clone();
+    if slots != m.slots {
+        return Err((
+            ErrorCode::UnexpectedFrame,
+            format!(
+                "handover of {slots:?} does not match the map's move of {:?}",
+                m.slots
+            ),
+        ));
+    }
+    let inner = shared.clone();
+    tokio::task::spawn_blocking(move || inner.fleet.finish_import(&m, inner.store.as_ref()))
+        .await
+        .map_err(|error| (ErrorCode::Internal, error.to_string()))?
+        .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
+    info!(from = %peer, "slot handover received; serving the slots");
+    Ok(())
 }

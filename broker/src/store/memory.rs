@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use backbone_protocol::bytes::ServerId;
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
-use super::{Append, Store, StoreError, StoredEnvelope};
+use super::{Append, MailboxExport, Store, StoreError, StoredEnvelope};
 
 /// A [`Store`] held entirely in memory.
 #[derive(Debug, Default)]
@@ -29,6 +29,7 @@ struct Inner {
     cards: HashMap<Address, IdentityCard>,
     devices: HashMap<(Address, DeviceId), DeviceCertificate>,
     server_id: Option<ServerId>,
+    meta: HashMap<String, Vec<u8>>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
     failing_appends: u32,
     /// Successful `append_batch` calls so far.
@@ -182,6 +183,112 @@ impl Store for MemoryStore {
         device: &DeviceId,
     ) -> Result<Option<DeviceCertificate>, StoreError> {
         Ok(self.lock()?.devices.get(&(*address, *device)).copied())
+    }
+
+    fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
+        let inner = self.lock()?;
+        let all: BTreeSet<Address> = inner
+            .envelopes
+            .keys()
+            .map(|(address, _)| *address)
+            .chain(inner.heads.keys().copied())
+            .chain(inner.cursors.keys().map(|(address, _)| *address))
+            .chain(inner.cards.keys().copied())
+            .chain(inner.devices.keys().map(|(address, _)| *address))
+            .filter(|address| filter(address))
+            .collect();
+        Ok(all.into_iter().collect())
+    }
+
+    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError> {
+        let head = self.head_seq(address)?;
+        let inner = self.lock()?;
+        let envelopes = inner
+            .envelopes
+            .range((*address, 0)..=(*address, u64::MAX))
+            .map(|(_, envelope)| envelope.clone())
+            .collect();
+        let mut cursors: Vec<(DeviceId, u64)> = inner
+            .cursors
+            .iter()
+            .filter(|((owner, _), _)| owner == address)
+            .map(|((_, device), seq)| (*device, *seq))
+            .collect();
+        cursors.sort();
+        let mut devices: Vec<(DeviceId, DeviceCertificate)> = inner
+            .devices
+            .iter()
+            .filter(|((owner, _), _)| owner == address)
+            .map(|((_, device), cert)| (*device, *cert))
+            .collect();
+        devices.sort_by_key(|(device, _)| *device);
+        Ok(MailboxExport {
+            address: *address,
+            head,
+            envelopes,
+            cursors,
+            card: inner.cards.get(address).copied(),
+            devices: devices.into_iter().map(|(_, cert)| cert).collect(),
+        })
+    }
+
+    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError> {
+        let address = export.address;
+        let mut inner = self.lock()?;
+        for envelope in &export.envelopes {
+            if let Some(old) = inner
+                .envelopes
+                .insert((address, envelope.seq), envelope.clone())
+            {
+                inner.expiry.remove(&(old.expires_at_ms, address, old.seq));
+            }
+            inner
+                .expiry
+                .insert((envelope.expires_at_ms, address, envelope.seq));
+        }
+        let head = inner.heads.entry(address).or_insert(0);
+        *head = (*head).max(export.head);
+        for (device, seq) in &export.cursors {
+            let cursor = inner.cursors.entry((address, *device)).or_insert(*seq);
+            *cursor = (*cursor).max(*seq);
+        }
+        if let Some(card) = export.card {
+            inner.cards.insert(address, card);
+        }
+        for cert in &export.devices {
+            inner
+                .devices
+                .insert((address, cert.device_key.device_id()), *cert);
+        }
+        Ok(())
+    }
+
+    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let keys: Vec<(Address, u64)> = inner
+            .envelopes
+            .range((*address, 0)..=(*address, u64::MAX))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in keys {
+            if let Some(old) = inner.envelopes.remove(&key) {
+                inner.expiry.remove(&(old.expires_at_ms, key.0, key.1));
+            }
+        }
+        inner.heads.remove(address);
+        inner.cursors.retain(|(owner, _), _| owner != address);
+        inner.cards.remove(address);
+        inner.devices.retain(|(owner, _), _| owner != address);
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.meta.get(key).cloned())
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.lock()?.meta.insert(key.to_owned(), value.to_vec());
+        Ok(())
     }
 
     fn server_id(&self) -> Result<ServerId, StoreError> {

@@ -56,6 +56,23 @@ pub struct StoredEnvelope {
     pub envelope: Vec<u8>,
 }
 
+/// Everything stored for one address: what moves when its slot changes owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailboxExport {
+    /// Whose.
+    pub address: Address,
+    /// The highest sequence number ever assigned ([`Store::head_seq`]).
+    pub head: u64,
+    /// Stored envelopes in sequence order (expired but unswept ones included).
+    pub envelopes: Vec<StoredEnvelope>,
+    /// Each device's cursor.
+    pub cursors: Vec<(DeviceId, u64)>,
+    /// The identity card.
+    pub card: Option<IdentityCard>,
+    /// Registered device certificates.
+    pub devices: Vec<DeviceCertificate>,
+}
+
 /// One envelope to append to one mailbox.
 #[derive(Clone, Debug)]
 pub struct Append {
@@ -152,6 +169,29 @@ pub trait Store: Send + Sync + 'static {
         address: &Address,
         device: &DeviceId,
     ) -> Result<Option<DeviceCertificate>, StoreError>;
+
+    /// Every address with any record (envelope, head, cursor, card or device)
+    /// for which `filter` holds, ascending. Visits each address once, not
+    /// each record.
+    fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
+
+    /// Everything stored for `address`.
+    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError>;
+
+    /// Merges `export` in: envelopes are written under their sequence numbers
+    /// (with expiry index entries), the head and cursors only grow, the card
+    /// and devices are replaced. Importing the same export twice changes
+    /// nothing. Not flushed by itself.
+    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
+
+    /// Deletes every record of `address`. Not flushed by itself.
+    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError>;
+
+    /// A node-level value stored under `key` (for example handoff progress).
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores a node-level value. Not flushed by itself.
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
 
     /// Returns the node's persistent [`ServerId`], creating a random one on first call.
     fn server_id(&self) -> Result<ServerId, StoreError>;
@@ -343,6 +383,89 @@ mod tests {
 
         store.flush().expect("flush");
         assert!(store.size_on_disk().is_ok());
+    }
+
+    /// Export, import, purge and meta, on two fresh stores of the same kind.
+    fn handoff_suite(from: &dyn Store, to: &dyn Store) {
+        let (a, b, c) = (address(1), address(2), address(3));
+        let device = DeviceId([7; 32]);
+        let identity = Keypair::from_secret_bytes([3; 32]);
+        let owner = identity.address();
+        let batch: Vec<Append> = (1..=4)
+            .map(|seq| append(owner, envelope(seq, 100, 1_000 + seq)))
+            .chain([append(b, envelope(1, 100, 5_000))])
+            .collect();
+        from.append_batch(&batch).expect("append");
+        from.delete(&owner, &[4]).expect("delete"); // the head stays 4
+        from.set_cursor(&owner, &device, 2).expect("cursor");
+        let card = IdentityCard::sign(&identity, EncryptionKey([4; 32]), 10);
+        from.put_card(&card).expect("card");
+        let device_key = Keypair::from_secret_bytes([6; 32]).public();
+        let cert = DeviceCertificate::issue(&identity, device_key, 12);
+        from.put_device(&owner, &cert).expect("device");
+        from.set_cursor(&c, &device, 9).expect("cursor only");
+
+        let mut all = vec![owner, b, c];
+        all.sort();
+        assert_eq!(from.addresses(&|_| true), Ok(all));
+        assert_eq!(from.addresses(&|x| *x == b || *x == a), Ok(vec![b]));
+
+        let export = from.export_mailbox(&owner).expect("export");
+        assert_eq!(export.head, 4);
+        assert_eq!(seqs(&export.envelopes), vec![1, 2, 3]);
+        assert_eq!(export.cursors, vec![(device, 2)]);
+        assert_eq!(export.card, Some(card));
+        assert_eq!(export.devices, vec![cert]);
+
+        // The receiving store already saw a later cursor: it is kept.
+        to.set_cursor(&owner, &device, 3).expect("cursor");
+        to.import_mailbox(&export).expect("import");
+        to.import_mailbox(&export).expect("import twice");
+        assert_eq!(to.head_seq(&owner), Ok(4));
+        assert_eq!(
+            to.read_from(&owner, 0, 10, 0),
+            Ok((1..=3).map(|seq| envelope(seq, 100, 1_000 + seq)).collect())
+        );
+        assert_eq!(to.cursor(&owner, &device), Ok(Some(3)));
+        assert_eq!(to.card(&owner), Ok(Some(card)));
+        assert_eq!(to.device(&owner, &device_key.device_id()), Ok(Some(cert)));
+        // Imported envelopes are indexed for expiry.
+        assert_eq!(to.expire(1_002, 10), Ok(2));
+        // Appends continue after the imported head.
+        assert_eq!(to.addresses(&|_| true), Ok(vec![owner]));
+
+        from.purge_mailbox(&owner).expect("purge");
+        assert_eq!(from.export_mailbox(&owner).map(|e| e.head), Ok(0));
+        assert_eq!(from.read_from(&owner, 0, 10, 0), Ok(vec![]));
+        assert_eq!(from.cursor(&owner, &device), Ok(None));
+        assert_eq!(from.card(&owner), Ok(None));
+        assert_eq!(from.device(&owner, &device_key.device_id()), Ok(None));
+        // Its expiry entries went too: only b's envelope is left to expire.
+        assert_eq!(from.expire(u64::MAX, 10), Ok(1));
+        let mut left = vec![b, c];
+        left.sort();
+        assert_eq!(from.addresses(&|_| true), Ok(left));
+
+        assert_eq!(from.meta("handoff"), Ok(None));
+        from.put_meta("handoff", b"done").expect("meta");
+        assert_eq!(from.meta("handoff"), Ok(Some(b"done".to_vec())));
+    }
+
+    #[test]
+    fn memory_store_passes_the_handoff_suite() {
+        handoff_suite(&MemoryStore::new(), &MemoryStore::new());
+    }
+
+    #[test]
+    fn sled_store_passes_the_handoff_suite() {
+        let (one, two) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        handoff_suite(
+            &SledStore::open(one.path()).expect("open"),
+            &SledStore::open(two.path()).expect("open"),
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
 //! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
+//! | `meta`      | `"node/" ‖ key`                              | node-level values ([`Store::put_meta`]), e.g. handoff progress |
 //!
 //! An envelope value starts with a copy of its expiry time so that reads can
 //! skip expired envelopes, and deletes can find the expiry index entry,
@@ -49,7 +50,7 @@ use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Append, Store, StoreError, StoredEnvelope};
+use super::{Append, MailboxExport, Store, StoreError, StoredEnvelope};
 
 const ADDRESS_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
@@ -344,6 +345,156 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
+        let mut all = std::collections::BTreeSet::new();
+        for tree in [
+            &self.envelopes,
+            &self.heads,
+            &self.cursors,
+            &self.cards,
+            &self.devices,
+        ] {
+            // Skip-scan: read one key, then seek past every key of its address.
+            let mut next = Some([0u8; ADDRESS_LEN]);
+            while let Some(start) = next {
+                let Some(entry) = tree.range(start..).next() else {
+                    break;
+                };
+                let (key, _) = entry?;
+                let address = Address(
+                    key.get(..ADDRESS_LEN)
+                        .and_then(|a| a.try_into().ok())
+                        .ok_or_else(|| StoreError::Corrupt {
+                            what: format!("key of {} bytes has no address", key.len()),
+                        })?,
+                );
+                if filter(&address) {
+                    all.insert(address);
+                }
+                next = successor(&address.0);
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError> {
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        let envelopes = self
+            .envelopes
+            .range(range)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode_envelope(&key, &value)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut cursors = Vec::new();
+        for entry in self.cursors.scan_prefix(address.0) {
+            let (key, value) = entry?;
+            let device =
+                DeviceId(
+                    key[ADDRESS_LEN..]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt {
+                            what: "cursor key".into(),
+                        })?,
+                );
+            cursors.push((device, decode_u64(&value, "cursor")?));
+        }
+        let devices = self
+            .devices
+            .scan_prefix(address.0)
+            .map(|entry| decode(&entry?.1, "device certificate"))
+            .collect::<Result<Vec<DeviceCertificate>, StoreError>>()?;
+        Ok(MailboxExport {
+            address: *address,
+            head: self.head_seq(address)?,
+            envelopes,
+            cursors,
+            card: self.card(address)?,
+            devices,
+        })
+    }
+
+    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError> {
+        let address = &export.address;
+        {
+            let _guard = self.lock_mutations();
+            // Same order as appends (see "Crash ordering"): index, head, envelope.
+            for envelope in &export.envelopes {
+                let key = envelope_key(address, envelope.seq);
+                if let Some(old) = self.envelopes.get(key)? {
+                    let old_expiry = envelope_expiry(&old)?;
+                    if old_expiry != envelope.expires_at_ms {
+                        self.expiry
+                            .remove(expiry_key(old_expiry, address, envelope.seq))?;
+                    }
+                }
+                self.expiry.insert(
+                    expiry_key(envelope.expires_at_ms, address, envelope.seq),
+                    &[][..],
+                )?;
+            }
+            let top = export
+                .envelopes
+                .iter()
+                .map(|envelope| envelope.seq)
+                .max()
+                .unwrap_or(0)
+                .max(export.head);
+            if top > self.stored_head(address)? {
+                self.heads.insert(address.0, &top.to_be_bytes()[..])?;
+            }
+            for envelope in &export.envelopes {
+                self.envelopes.insert(
+                    envelope_key(address, envelope.seq),
+                    encode_envelope(envelope)?,
+                )?;
+            }
+        }
+        for (device, seq) in &export.cursors {
+            self.set_cursor(address, device, *seq)?;
+        }
+        if let Some(card) = &export.card {
+            self.put_card(card)?;
+        }
+        for cert in &export.devices {
+            self.put_device(address, cert)?;
+        }
+        Ok(())
+    }
+
+    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
+        {
+            let _guard = self.lock_mutations();
+            let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+            for entry in self.envelopes.range(range) {
+                let (key, value) = entry?;
+                let (_, seq) = split_envelope_key(&key)?;
+                // Envelope before its index entry (see "Crash ordering").
+                self.envelopes.remove(&key)?;
+                self.expiry
+                    .remove(expiry_key(envelope_expiry(&value)?, address, seq))?;
+            }
+            self.heads.remove(address.0)?;
+        }
+        for tree in [&self.cursors, &self.devices] {
+            for entry in tree.scan_prefix(address.0) {
+                tree.remove(entry?.0)?;
+            }
+        }
+        self.cards.remove(address.0)?;
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(meta_key(key))?.map(|value| value.to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(meta_key(key), value)?;
+        Ok(())
+    }
+
     fn server_id(&self) -> Result<ServerId, StoreError> {
         if let Some(value) = self.meta.get(SERVER_ID_KEY)? {
             return decode_server_id(&value);
@@ -387,6 +538,26 @@ impl Store for SledStore {
 fn is_lock_held(error: &std::io::Error) -> bool {
     error.kind() == std::io::ErrorKind::WouldBlock
         || error.to_string().contains("could not acquire lock")
+}
+
+/// The smallest 32-byte key greater than every key starting with `prefix`,
+/// `None` after the last address.
+fn successor(prefix: &[u8; ADDRESS_LEN]) -> Option<[u8; ADDRESS_LEN]> {
+    let mut next = *prefix;
+    for byte in next.iter_mut().rev() {
+        if *byte == u8::MAX {
+            *byte = 0;
+        } else {
+            *byte += 1;
+            return Some(next);
+        }
+    }
+    None
+}
+
+/// Node-level values live in `meta` under `"node/" ‖ key`, apart from the server id.
+fn meta_key(key: &str) -> Vec<u8> {
+    [b"node/".as_slice(), key.as_bytes()].concat()
 }
 
 fn envelope_key(address: &Address, seq: u64) -> [u8; ENVELOPE_KEY_LEN] {

@@ -352,7 +352,7 @@ mod tests {
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
     use super::*;
-    use crate::store::{MemoryStore, StoredEnvelope};
+    use crate::store::{MailboxExport, MemoryStore, StoredEnvelope};
 
     /// A [`MemoryStore`] that counts `append_batch` calls, can make each one
     /// slow like a real fsync, and can hold the first one until released.
@@ -449,6 +449,24 @@ mod tests {
             device: &DeviceId,
         ) -> Result<Option<DeviceCertificate>, StoreError> {
             self.inner.device(address, device)
+        }
+        fn addresses(&self, f: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
+            self.inner.addresses(f)
+        }
+        fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError> {
+            self.inner.export_mailbox(address)
+        }
+        fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError> {
+            self.inner.import_mailbox(export)
+        }
+        fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
+            self.inner.purge_mailbox(address)
+        }
+        fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.meta(key)
+        }
+        fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_meta(key, value)
         }
         fn server_id(&self) -> Result<ServerId, StoreError> {
             self.inner.server_id()

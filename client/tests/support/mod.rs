@@ -193,7 +193,7 @@ pub struct TestFleet {
 
 /// Ports the OS hands out now; used right away for the fleet map, so another
 /// process taking one in between is unlikely (and fails the start loudly).
-fn free_udp_ports(count: usize) -> Vec<u16> {
+pub fn free_udp_ports(count: usize) -> Vec<u16> {
     let sockets: Vec<_> = (0..count)
         .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
         .collect();
@@ -256,6 +256,30 @@ impl TestFleet {
             nodes.push(node);
         }
         TestFleet { nodes, pki, map }
+    }
+
+    /// The fleet map file every node loads.
+    pub fn map_path(&self) -> std::path::PathBuf {
+        self.pki.path().join("fleet.toml")
+    }
+
+    /// Issues a certificate for `name` and starts it as a new node on the
+    /// given ports with the (already rewritten) map file.
+    pub async fn add_node(&mut self, name: &str, public: u16, peer: u16) {
+        backbone_broker::fleet::pki::generate(self.pki.path(), &[name.to_owned()], &[])
+            .expect("pki");
+        let (map_path, pki) = (self.map_path(), self.pki.path().to_owned());
+        let node = TestBroker::start_with(|config| {
+            config.server.listen = format!("127.0.0.1:{public}").parse().expect("addr");
+            config.fleet.file = Some(map_path);
+            config.fleet.node = Some(name.to_owned());
+            config.fleet.listen = format!("127.0.0.1:{peer}").parse().expect("addr");
+            config.fleet.pki_dir = Some(pki);
+            config.fleet.forward_timeout = Duration::from_secs(3);
+        })
+        .await;
+        self.nodes.push(node);
+        self.map = backbone_broker::fleet::FleetMap::load(&self.map_path()).expect("map");
     }
 
     pub fn ca(&self) -> std::path::PathBuf {

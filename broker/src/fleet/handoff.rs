@@ -1,0 +1,292 @@
+//! Handing slots over to a new owner (growing a fleet).
+//!
+//! A fleet map may list `[[move]]` entries: slots that `from` owned in the
+//! previous epoch and `to` owns in this one. Once both nodes run this epoch:
+//!
+//! 1. `to` owns the slots but refuses to serve them (`ShardUnavailable`,
+//!    retryable) until the handover completes; `from` no longer owns them, so
+//!    it accepts no writes for them either and redirects their clients.
+//! 2. `from` sends every mailbox of those slots (envelopes with their
+//!    sequence numbers, head, cursors, card, devices) in [`Import`] batches;
+//!    `to` merges each batch and flushes before acknowledging it.
+//! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
+//!    serving the slots.
+//! 4. `from` records the move as done and deletes its copies.
+//!
+//! Every step is idempotent, so a crash or a broken link anywhere just means
+//! the task starts over: imports merge (heads and cursors only grow), and the
+//! copies on `from` are deleted only after `to` confirmed the whole move.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backbone_protocol::bytes::Blob;
+use backbone_protocol::fleet::{
+    HandoffDone, Import, MailboxTransfer, PeerFrame, TransferEnvelope, slot_of,
+};
+use tracing::{info, warn};
+
+use super::Move;
+use crate::server::Shared;
+use crate::store::MailboxExport;
+
+/// Envelope bytes per [`Import`] frame, well under the frame limit.
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// How long `to` may take to store one batch.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before starting over after a failure.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs the handover of `m` from this node until it is complete (or the
+/// broker shuts down), retrying after any failure.
+pub async fn hand_over(shared: Arc<Shared>, m: Move) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let attempt = tokio::select! {
+            attempt = attempt(&shared, &m) => attempt,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match attempt {
+            Ok(moved) => {
+                info!(to = %m.to, mailboxes = moved, "slot handover complete");
+                shared.fleet.set_handoff_state(&m, "done".into());
+                return;
+            }
+            Err(reason) => {
+                warn!(to = %m.to, %reason, "slot handover interrupted; retrying");
+                shared
+                    .fleet
+                    .set_handoff_state(&m, format!("retrying: {reason}"));
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| format!("blocking task failed: {error}"))?
+        .map_err(|error| format!("storage: {error}"))
+}
+
+/// One pass: transfer (unless already confirmed), then delete the local
+/// copies. Returns how many mailboxes were deleted here.
+async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
+    let store = shared.store.clone();
+    let done_key = shared.fleet.handoff_out_key(m);
+    let done = {
+        let (store, key) = (store.clone(), done_key.clone());
+        blocking(move || store.meta(&key)).await?.is_some()
+    };
+    let slots = m.clone();
+    let addresses = {
+        let store = store.clone();
+        blocking(move || store.addresses(&|address| slots.contains(slot_of(address)))).await?
+    };
+    if !done {
+        transfer(shared, m, &addresses).await?;
+        let store = store.clone();
+        blocking(move || {
+            store.put_meta(&done_key, b"done")?;
+            store.flush()
+        })
+        .await?;
+    }
+    shared
+        .fleet
+        .set_handoff_state(m, format!("deleting {} local copies", addresses.len()));
+    let count = addresses.len();
+    blocking(move || {
+        for address in &addresses {
+            store.purge_mailbox(address)?;
+        }
+        store.flush()
+    })
+    .await?;
+    Ok(count)
+}
+
+async fn transfer(
+    shared: &Arc<Shared>,
+    m: &Move,
+    addresses: &[backbone_protocol::Address],
+) -> Result<(), String> {
+    let links = shared
+        .fleet
+        .links()
+        .ok_or_else(|| "no fleet links".to_owned())?;
+    let epoch = shared.fleet.map().epoch();
+    let mut batch: Vec<MailboxTransfer> = Vec::new();
+    let mut batch_bytes = 0;
+    for (done, address) in addresses.iter().enumerate() {
+        shared.fleet.set_handoff_state(
+            m,
+            format!("transferring {done}/{} mailboxes", addresses.len()),
+        );
+        let export = {
+            let (store, address) = (shared.store.clone(), *address);
+            blocking(move || store.export_mailbox(&address)).await?
+        };
+        for part in split(export) {
+            batch_bytes += part
+                .envelopes
+                .iter()
+                .map(|e| e.envelope.0.len() + 128)
+                .sum::<usize>()
+                + 256;
+            batch.push(part);
+            if batch_bytes >= BATCH_BYTES {
+                send_import(links, &m.to, epoch, std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        send_import(links, &m.to, epoch, batch).await?;
+    }
+    let answer = links
+        .request_with_timeout(&m.to, BATCH_TIMEOUT, |request_id| {
+            PeerFrame::HandoffDone(HandoffDone {
+                request_id,
+                epoch,
+                slots: m.slots.clone(),
+            })
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    check_ack(answer)
+}
+
+async fn send_import(
+    links: &super::Links,
+    to: &str,
+    epoch: u64,
+    mailboxes: Vec<MailboxTransfer>,
+) -> Result<(), String> {
+    let count = mailboxes.len();
+    let answer = links
+        .request_with_timeout(to, BATCH_TIMEOUT, |request_id| {
+            PeerFrame::Import(Import {
+                request_id,
+                epoch,
+                mailboxes,
+            })
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    check_ack(answer)?;
+    metrics::counter!("backbone_fleet_handoff_mailboxes_sent_total").increment(count as u64);
+    Ok(())
+}
+
+fn check_ack(answer: PeerFrame) -> Result<(), String> {
+    match answer {
+        PeerFrame::HandoffAck(ack) => ack
+            .result
+            .map_err(|(code, reason)| format!("refused ({code}): {}", reason.0)),
+        _ => Err("unexpected answer".into()),
+    }
+}
+
+/// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
+/// first carries the head, cursors, card and devices.
+fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
+    let mut parts = vec![MailboxTransfer {
+        address: export.address,
+        head: export.head,
+        envelopes: Vec::new(),
+        cursors: export.cursors,
+        card: export.card,
+        devices: export.devices,
+    }];
+    let mut bytes = 0;
+    for envelope in export.envelopes {
+        if bytes + envelope.envelope.len() > BATCH_BYTES && bytes > 0 {
+            parts.push(MailboxTransfer {
+                address: export.address,
+                head: export.head,
+                envelopes: Vec::new(),
+                cursors: Vec::new(),
+                card: None,
+                devices: Vec::new(),
+            });
+            bytes = 0;
+        }
+        bytes += envelope.envelope.len();
+        let last = parts.len() - 1;
+        parts[last].envelopes.push(TransferEnvelope {
+            seq: envelope.seq,
+            message_id: envelope.message_id,
+            sender: envelope.sender,
+            stored_at_ms: envelope.stored_at_ms,
+            expires_at_ms: envelope.expires_at_ms,
+            envelope: Blob(envelope.envelope),
+        });
+    }
+    parts
+}
+
+/// The receiving side: a [`MailboxTransfer`] as the store's import format.
+pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
+    MailboxExport {
+        address: transfer.address,
+        head: transfer.head,
+        envelopes: transfer
+            .envelopes
+            .into_iter()
+            .map(|e| crate::store::StoredEnvelope {
+                seq: e.seq,
+                message_id: e.message_id,
+                sender: e.sender,
+                stored_at_ms: e.stored_at_ms,
+                expires_at_ms: e.expires_at_ms,
+                envelope: e.envelope.0,
+            })
+            .collect(),
+        cursors: transfer.cursors,
+        card: transfer.card,
+        devices: transfer.devices,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use backbone_protocol::Address;
+    use backbone_protocol::bytes::MessageId;
+
+    use super::*;
+    use crate::store::StoredEnvelope;
+
+    #[test]
+    fn a_large_mailbox_splits_and_round_trips() {
+        let envelopes: Vec<StoredEnvelope> = (1..=5)
+            .map(|seq| StoredEnvelope {
+                seq,
+                message_id: MessageId([seq as u8; 16]),
+                sender: None,
+                stored_at_ms: 1,
+                expires_at_ms: 2,
+                envelope: vec![seq as u8; 1024 * 1024],
+            })
+            .collect();
+        let export = MailboxExport {
+            address: Address([1; 32]),
+            head: 9,
+            envelopes: envelopes.clone(),
+            cursors: vec![],
+            card: None,
+            devices: vec![],
+        };
+        let parts = split(export.clone());
+        assert_eq!(parts.len(), 3, "2 MiB of envelopes per part");
+        assert!(parts.iter().all(|p| p.head == 9));
+        let rejoined: Vec<StoredEnvelope> = parts
+            .into_iter()
+            .flat_map(|part| to_export(part).envelopes)
+            .collect();
+        assert_eq!(rejoined, envelopes);
+    }
+}
