@@ -53,7 +53,7 @@ impl Target {
             (None, None) => bail!("give --ca or --fingerprint for --server"),
         };
         let mut connect = ConnectConfig::new(server, trust);
-        connect.server_name = Some("localhost".into());
+        connect.server_name = args.server_name.clone();
         Ok(Target {
             connect,
             endpoints,

@@ -53,6 +53,10 @@ pub struct TargetArgs {
     /// Certificate fingerprint to pin instead of --ca.
     #[arg(long, global = true)]
     fingerprint: Option<String>,
+    /// TLS server name to verify (default: the host part of --server; a
+    /// fleet is entered through any node and redirects are followed).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
     /// PID of a local broker to sample CPU and memory from (automatic with --spawn-broker).
     #[arg(long, global = true)]
     broker_pid: Option<u32>,
