@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use backbone_broker::fleet::LinkState;
 use backbone_protocol::ErrorCode;
+use backbone_protocol::bytes::Text;
+use backbone_protocol::fleet::{HandoffAck, HandoffDone, Import, PeerFrame, PeerHello};
 use support::{TestFleet, next_delivery};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -156,6 +158,52 @@ async fn nodes_with_different_maps_refuse_to_route_to_each_other() {
         .expect_err("no route to bob's card");
     assert_eq!(error.code(), Some(ErrorCode::ShardUnavailable), "{error}");
     fleet.shutdown().await;
+}
+
+/// Sends one request to node `to` over a fresh peer link, as node `as_node`
+/// (with that node's fleet certificate), and returns the answer.
+async fn peer_request(
+    fleet: &TestFleet,
+    as_node: &str,
+    to: usize,
+    build: impl FnOnce(u64) -> PeerFrame,
+) -> PeerFrame {
+    use backbone_broker::fleet::{link::PeerReader, pki};
+    use backbone_protocol::codec::{MAX_FRAME_LEN, encode_peer_frame};
+    let credentials = pki::load(fleet.pki.path(), as_node).expect("credentials");
+    let tls = pki::peer_client_config(&credentials).expect("tls");
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let peer = fleet.nodes[to].broker().peer_addr.expect("peer listener");
+    let connection = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(std::sync::Arc::new(tls)),
+            peer,
+            &format!("node-{to}"),
+        )
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, recv) = connection.open_bi().await.expect("stream");
+    let map = backbone_broker::fleet::FleetMap::load(&fleet.map_path()).expect("map");
+    let mut bytes = Vec::new();
+    let hello = PeerHello {
+        node: Text(as_node.to_owned()),
+        epoch: map.epoch(),
+        map_digest: map.digest(),
+    };
+    encode_peer_frame(&PeerFrame::Hello(hello), &mut bytes).expect("encode");
+    encode_peer_frame(&build(1), &mut bytes).expect("encode");
+    send.write_all(&bytes).await.expect("write");
+    let mut reader = PeerReader::new(recv, MAX_FRAME_LEN);
+    let welcome = reader.next().await.expect("welcome");
+    assert!(matches!(welcome, PeerFrame::Welcome(_)), "{welcome:?}");
+    let answer = tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    connection.close(0u32.into(), b"done");
+    answer
 }
 
 /// An identity whose address falls in `slots`.
@@ -316,6 +364,69 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         delivered.len() - unique.len()
     );
 
+    // node-0 replays the handover as if it had missed node-2's answer: the
+    // finished move is acknowledged and nothing is merged again; a mailbox
+    // outside the move is refused.
+    let mut replay = backbone_protocol::fleet::MailboxTransfer {
+        address: mover.address(),
+        head: 999,
+        envelopes: vec![backbone_protocol::fleet::TransferEnvelope {
+            seq: 999,
+            message_id: backbone_protocol::bytes::MessageId([9; 16]),
+            sender: None,
+            stored_at_ms: 1,
+            expires_at_ms: u64::MAX,
+            envelope: backbone_protocol::bytes::Blob(vec![9; 8]),
+        }],
+        cursors: vec![],
+        card: None,
+        devices: vec![],
+    };
+    let answer = peer_request(&fleet, "node-0", 2, |request_id| {
+        PeerFrame::Import(Import {
+            request_id,
+            epoch: 2,
+            mailboxes: vec![replay.clone()],
+        })
+    })
+    .await;
+    assert!(
+        matches!(
+            answer,
+            PeerFrame::HandoffAck(HandoffAck { result: Ok(()), .. })
+        ),
+        "{answer:?}"
+    );
+    let answer = peer_request(&fleet, "node-0", 2, |request_id| {
+        PeerFrame::HandoffDone(HandoffDone {
+            request_id,
+            epoch: 2,
+            slots: vec![(1024, 2047)],
+        })
+    })
+    .await;
+    assert!(
+        matches!(
+            answer,
+            PeerFrame::HandoffAck(HandoffAck { result: Ok(()), .. })
+        ),
+        "{answer:?}"
+    );
+    replay.address = stayer.address();
+    let answer = peer_request(&fleet, "node-0", 2, |request_id| {
+        PeerFrame::Import(Import {
+            request_id,
+            epoch: 2,
+            mailboxes: vec![replay.clone()],
+        })
+    })
+    .await;
+    assert!(
+        matches!(&answer, PeerFrame::HandoffAck(HandoffAck { result: Err((code, _)), .. })
+            if *code == ErrorCode::UnexpectedFrame as u16),
+        "{answer:?}"
+    );
+
     // node-0 kept nothing of the moved slots.
     fleet.stop(0).await;
     let store = backbone_broker::store::SledStore::open(&fleet.nodes[0].dir.path().join("store"))
@@ -335,6 +446,13 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
             .expect("scan")
             .is_empty()
     );
+    drop(store);
+    // ...and node-2 merged nothing from the replay.
+    fleet.stop(2).await;
+    let store = backbone_broker::store::SledStore::open(&fleet.nodes[2].dir.path().join("store"))
+        .expect("open node-2's store");
+    let head = store.head_seq(&mover.address()).expect("head");
+    assert!((5..999).contains(&head), "head {head}");
     drop(store);
     fleet.shutdown().await;
 }

@@ -147,6 +147,13 @@ impl Fleet {
         self.importing[usize::from(slot_of(address))].load(Ordering::Acquire)
     }
 
+    /// Whether the slots of `m` (a move to this node) still wait for their mailboxes.
+    pub fn is_move_importing(&self, m: &Move) -> bool {
+        m.slots
+            .first()
+            .is_some_and(|&(first, _)| self.importing[usize::from(first)].load(Ordering::Acquire))
+    }
+
     /// The move bringing slots from `peer` to this node, if this epoch has one.
     pub fn move_from(&self, peer: &str) -> Option<&Move> {
         self.map
