@@ -240,6 +240,17 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
             .expect("sent");
         assert_eq!(ack.stored.len(), 1);
     }
+    // Three large envelopes too, so the handover needs more than one batch
+    // and frames beyond the client frame limit.
+    for n in 100..103u64 {
+        let mut payload = n.to_le_bytes().to_vec();
+        payload.resize(900 * 1024, n as u8);
+        let ack = sender_client
+            .send_envelope(&[mover.address()], payload, HOUR)
+            .await
+            .expect("sent");
+        assert_eq!(ack.stored.len(), 1);
+    }
     for expected in 1..=2 {
         let delivery = next_delivery(&mover_client, WAIT).await;
         assert_eq!(delivery.seq, expected);
@@ -335,7 +346,11 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         ));
         mover_client.ack(delivery.seq).await.expect("ack");
     }
-    assert_eq!(&delivered[..3], &[2, 3, 4], "resumes after the cursor");
+    assert_eq!(
+        &delivered[..6],
+        &[2, 3, 4, 100, 101, 102],
+        "resumes after the cursor"
+    );
     assert_eq!(seqs[0], 3);
     let unique: BTreeSet<u64> = delivered.iter().copied().collect();
     assert_eq!(unique.len(), delivered.len(), "duplicates in {delivered:?}");
@@ -348,7 +363,9 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     let attempted = attempted.lock().expect("lock").clone();
     assert!(
-        unique.iter().all(|n| *n < 5 || attempted.contains(n)),
+        unique
+            .iter()
+            .all(|n| *n < 5 || (100..103).contains(n) || attempted.contains(n)),
         "delivered something never sent"
     );
     assert!(

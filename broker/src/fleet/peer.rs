@@ -107,7 +107,8 @@ async fn serve_peer(shared: Arc<Shared>, connection: quinn::Connection) {
     else {
         return;
     };
-    let mut reader = PeerReader::new(recv, shared.max_frame_len);
+    // Peers are authenticated fleet nodes; handover batches exceed the client frame limit.
+    let mut reader = PeerReader::new(recv, backbone_protocol::codec::MAX_FRAME_LEN);
     let (out, rx) = mpsc::channel::<PeerFrame>(PEER_INFLIGHT);
     let writer = spawn_writer_with(send, rx, encode_peer_logged);
     let hello = match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
