@@ -49,10 +49,15 @@ enum FleetCommand {
         #[arg(long = "san")]
         extra_names: Vec<String>,
     },
-    /// Validate a fleet map and print each node's slots, the epoch and digest.
+    /// Validate a fleet map and print each node's slots, moves, epoch and
+    /// digest. With --previous, also check that every slot changing owner
+    /// is in a [[move]] from its previous owner.
     Check {
         /// The fleet file.
         file: PathBuf,
+        /// The map the fleet runs now, to check the transition from.
+        #[arg(long)]
+        previous: Option<PathBuf>,
     },
 }
 
@@ -137,6 +142,14 @@ fn fleet(command: FleetCommand) -> anyhow::Result<()> {
             }) {
                 anyhow::bail!("node name {bad:?}: use letters, digits, '-' and '.' only");
             }
+            if let Some(bad) = nodes
+                .iter()
+                .find(|n| backbone_broker::fleet::map::reserved_name(n))
+            {
+                anyhow::bail!(
+                    "node name {bad:?} is reserved: every node certificate also names localhost and its loopback IP"
+                );
+            }
             let written = backbone_broker::fleet::pki::generate(&dir, &nodes, &extra_names)?;
             for path in &written {
                 println!("wrote {}", path.display());
@@ -146,7 +159,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        FleetCommand::Check { file } => {
+        FleetCommand::Check { file, previous } => {
             let map = backbone_broker::fleet::FleetMap::load(&file)?;
             println!("epoch {} digest {}", map.epoch(), hex::encode(map.digest()));
             for node in map.nodes() {
@@ -169,6 +182,21 @@ fn fleet(command: FleetCommand) -> anyhow::Result<()> {
                     node.peer,
                     node.public
                 );
+            }
+            for m in map.moves() {
+                let ranges: Vec<String> = m.slots.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                println!("move {} -> {}: [{}]", m.from, m.to, ranges.join(", "));
+            }
+            if let Some(previous) = previous {
+                let previous = backbone_broker::fleet::FleetMap::load(&previous)?;
+                let problems = backbone_broker::fleet::map::check_transition(&previous, &map);
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    anyhow::bail!("the transition from epoch {} is not safe", previous.epoch());
+                }
+                println!("transition from epoch {} checked", previous.epoch());
             }
             Ok(())
         }

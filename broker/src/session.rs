@@ -514,7 +514,12 @@ async fn fetch_remote_card(shared: &Shared, node: &str, id: u64, address: Addres
             result: Err(code), ..
         })) => {
             let code = ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal);
-            error_frame(id, code, format!("card lookup on node {node} failed"))
+            let message = format!("card lookup on node {node} failed");
+            if code == ErrorCode::ShardUnavailable {
+                shard_unavailable(shared, id, message)
+            } else {
+                error_frame(id, code, message)
+            }
         }
         Ok(_) => error_frame(
             id,

@@ -178,7 +178,7 @@ async fn send_import(
         .await
         .map_err(|error| error.to_string())?;
     check_ack(answer)?;
-    metrics::counter!("backbone_fleet_handoff_mailboxes_sent_total").increment(count as u64);
+    metrics::counter!("backbone_fleet_handoff_transfers_sent_total").increment(count as u64);
     Ok(())
 }
 

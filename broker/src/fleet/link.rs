@@ -105,6 +105,12 @@ impl Link {
                 LinkState::Down(reason) if *current == LinkState::Up => {
                     warn!(peer = %self.node.name, %reason, "fleet link down")
                 }
+                // A link that fails to come up is logged once per new reason,
+                // not once per attempt.
+                LinkState::Down(reason) if !matches!(&*current, LinkState::Down(old) if old == reason) =>
+                {
+                    warn!(peer = %self.node.name, %reason, "fleet link cannot be established")
+                }
                 LinkState::Refused(reason) => {
                     warn!(peer = %self.node.name, %reason, "fleet link refused")
                 }
@@ -255,11 +261,21 @@ impl Links {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, reply);
-        if link.tx.send(build(id)).await.is_err() {
-            link.forget(id);
-            return Err(unavailable(link));
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, link.tx.send(build(id))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                link.forget(id);
+                return Err(unavailable(link));
+            }
+            Err(_) => {
+                link.forget(id);
+                return Err(LinkError::Timeout {
+                    node: node.to_owned(),
+                });
+            }
         }
-        match tokio::time::timeout(timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(_)) => Err(unavailable(link)),
             Err(_) => {

@@ -162,6 +162,12 @@ impl FleetMap {
                     node.name
                 ));
             }
+            if reserved_name(&node.name) {
+                return invalid(format!(
+                    "node name {:?} is reserved: every node certificate also names localhost and its loopback IP",
+                    node.name
+                ));
+            }
             if nodes.iter().any(|n: &Node| n.name == node.name) {
                 return invalid(format!("node {} is listed twice", node.name));
             }
@@ -214,6 +220,15 @@ impl FleetMap {
         let mut moves: Vec<Move> = Vec::new();
         for entry in &file.moves {
             let known = |name: &str| nodes.iter().any(|node| node.name == name);
+            if moves
+                .iter()
+                .any(|m| m.from == entry.from && m.to == entry.to)
+            {
+                return invalid(format!(
+                    "two [[move]] entries from {} to {}: list all their slots in one",
+                    entry.from, entry.to
+                ));
+            }
             if !known(&entry.from) || !known(&entry.to) || entry.from == entry.to {
                 return invalid(format!(
                     "move from {:?} to {:?}: both must be nodes of the map, and differ",
@@ -260,6 +275,15 @@ impl FleetMap {
         hasher.update(&epoch.to_le_bytes());
         for &owner in &owners {
             let node = &nodes[usize::from(owner)];
+            for field in [&node.name, &node.peer, &node.public] {
+                hasher.update(&(field.len() as u32).to_le_bytes());
+                hasher.update(field.as_bytes());
+            }
+        }
+        // Every node's addresses, including nodes owning no slot.
+        let mut names: Vec<&Node> = nodes.iter().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        for node in names {
             for field in [&node.name, &node.peer, &node.public] {
                 hasher.update(&(field.len() as u32).to_le_bytes());
                 hasher.update(field.as_bytes());
@@ -330,6 +354,47 @@ impl FleetMap {
         }
         ranges
     }
+}
+
+/// Names a node may not take: every node certificate also carries them.
+pub fn reserved_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// Checks that `next` moves slots the way `previous` requires: every slot
+/// whose owner changes is in a `[[move]]` from its previous owner, and every
+/// move starts where `previous` had the slots. Returns one line per problem.
+pub fn check_transition(previous: &FleetMap, next: &FleetMap) -> Vec<String> {
+    let mut problems = Vec::new();
+    if next.epoch() <= previous.epoch() {
+        problems.push(format!(
+            "the new epoch {} must be greater than {}",
+            next.epoch(),
+            previous.epoch()
+        ));
+    }
+    for slot in 0..SLOT_COUNT {
+        let before = &previous.owner_of_slot(slot).name;
+        let after = &next.owner_of_slot(slot).name;
+        let moving = next.moves().iter().find(|m| m.contains(slot));
+        match moving {
+            Some(m) if m.from != *before => problems.push(format!(
+                "slot {slot}: the move names {} as its previous owner, but it was {before}",
+                m.from
+            )),
+            None if before != after => problems.push(format!(
+                "slot {slot} changes from {before} to {after} without a [[move]]: its mailboxes would be stranded"
+            )),
+            _ => {}
+        }
+    }
+    // Report long runs once: the first few problems are enough to act on.
+    if problems.len() > 10 {
+        let more = problems.len() - 10;
+        problems.truncate(10);
+        problems.push(format!("... and {more} more"));
+    }
+    problems
 }
 
 fn parse_range(text: &str) -> Option<(u16, u16)> {
@@ -488,6 +553,13 @@ mod tests {
                 "slot 4095 is in two moves",
             ),
             (
+                moved.replace(
+                    "to = \"d\"\nslots = [\"4001-4095\"]",
+                    "to = \"d\"\nslots = [\"4001-4050\"]\n[[move]]\nfrom = \"c\"\nto = \"d\"\nslots = [\"4051-4095\"]",
+                ),
+                "two [[move]] entries from c to d",
+            ),
+            (
                 moved.replace("from = \"c\"", "from = \"zz\""),
                 "both must be nodes",
             ),
@@ -499,6 +571,37 @@ mod tests {
             let error = FleetMap::parse(&bad).expect_err(expected).to_string();
             assert!(error.contains(expected), "{error:?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn a_transition_needs_a_move_from_the_previous_owner_for_every_changed_slot() {
+        let previous = FleetMap::parse(THREE).expect("valid");
+        let with_d = THREE
+            .replace("epoch = 3", "epoch = 4")
+            .replace("\"2730-4094\", \"4095\"", "\"2730-4000\"")
+            + "[[node]]\nname = \"d\"\npeer = \"d:7701\"\npublic = \"127.0.0.1:7714\"\nslots = [\"4001-4095\"]\n";
+        let good = format!("{with_d}[[move]]\nfrom = \"c\"\nto = \"d\"\nslots = [\"4001-4095\"]\n");
+        let next = FleetMap::parse(&good).expect("valid");
+        assert_eq!(check_transition(&previous, &next), Vec::<String>::new());
+
+        let stranded = FleetMap::parse(&with_d).expect("valid");
+        let problems = check_transition(&previous, &stranded);
+        assert!(
+            problems[0].contains("slot 4001 changes from c to d without a [[move]]"),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 11, "ten lines and a summary: {problems:?}");
+
+        let wrong_from =
+            FleetMap::parse(&good.replace("from = \"c\"", "from = \"a\"")).expect("valid");
+        let problems = check_transition(&previous, &wrong_from);
+        assert!(
+            problems[0].contains("names a as its previous owner, but it was c"),
+            "{problems:?}"
+        );
+
+        let same_epoch = check_transition(&previous, &previous);
+        assert!(same_epoch[0].contains("must be greater"), "{same_epoch:?}");
     }
 
     #[test]

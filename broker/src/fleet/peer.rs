@@ -206,7 +206,11 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
             }))
         }
         PeerFrame::FetchCard(fetch) => {
-            let result = if matches!(shared.fleet.route(&fetch.address), super::Route::Local) {
+            let result = if !matches!(shared.fleet.route(&fetch.address), super::Route::Local)
+                || shared.fleet.is_importing(&fetch.address)
+            {
+                Err(ErrorCode::ShardUnavailable as u16)
+            } else {
                 let store = shared.store.clone();
                 match tokio::task::spawn_blocking(move || store.card(&fetch.address)).await {
                     Ok(Ok(Some(card))) => Ok(card),
@@ -214,8 +218,6 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
                     Ok(Err(_)) => Err(ErrorCode::StorageFailure as u16),
                     Err(_) => Err(ErrorCode::Internal as u16),
                 }
-            } else {
-                Err(ErrorCode::ShardUnavailable as u16)
             };
             Some(PeerFrame::CardResult(PeerCardResult {
                 request_id: fetch.request_id,
@@ -297,7 +299,7 @@ async fn import_mailboxes(
     .await
     .map_err(|error| (ErrorCode::Internal, error.to_string()))?
     .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
-    metrics::counter!("backbone_fleet_handoff_mailboxes_received_total").increment(count as u64);
+    metrics::counter!("backbone_fleet_handoff_transfers_received_total").increment(count as u64);
     Ok(())
 }
 
