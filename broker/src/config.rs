@@ -129,6 +129,17 @@ pub struct LimitsConfig {
     pub max_inflight_requests: usize,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most connections still in their handshake or not yet authenticated;
+    /// more are refused (handshake floods, slowloris clients).
+    pub max_unauthenticated: usize,
+    /// New connections per second above which clients must prove their
+    /// address with a QUIC Retry first (0: always).
+    pub retry_above_rate: u32,
+    /// Envelope copies (one per recipient) an identity may send per second,
+    /// on average; 0 disables the limit.
+    pub send_rate: u32,
+    /// Envelope copies an identity may send at once after being idle.
+    pub send_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -140,6 +151,10 @@ impl Default for LimitsConfig {
             push_window: 256,
             max_inflight_requests: 256,
             max_connections: 100_000,
+            max_unauthenticated: 2_000,
+            retry_above_rate: 2_000,
+            send_rate: 1_000,
+            send_burst: 2_000,
         }
     }
 }
@@ -373,6 +388,15 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return invalid("limits.max_unauthenticated", "must be at least 1");
+        }
+        if self.limits.send_rate > 0 && self.limits.send_burst < self.limits.max_recipients as u32 {
+            return invalid(
+                "limits.send_burst",
+                "must be at least limits.max_recipients, or a send to many recipients could never pass",
+            );
         }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {
             return invalid("expiry", "interval and batch must be greater than zero");

@@ -12,7 +12,7 @@ use backbone_protocol::bytes::ServerId;
 use dashmap::DashMap;
 use ractor::Actor;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::fleet::Fleet;
@@ -44,6 +44,20 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// The fleet map, this node's place in it, and links to its peers.
     pub fleet: Fleet,
+    /// Per-identity send rate (`limits.send_rate`), if limited.
+    pub send_limiter: Option<governor::DefaultKeyedRateLimiter<backbone_protocol::Address>>,
+    /// New-connection rate above which QUIC Retry is required.
+    pub connect_limiter: Option<governor::DefaultDirectRateLimiter>,
+    /// Connections accepted and not yet authenticated (or closed).
+    pub unauthenticated: AtomicUsize,
+    /// QUIC Retry packets sent (address validation), for tests and metrics.
+    pub retries: std::sync::atomic::AtomicU64,
+}
+
+fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
+    let rate = std::num::NonZeroU32::new(rate)?;
+    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(rate);
+    Some(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 /// Options for starting a broker beyond its config (tests and embedding).
@@ -112,6 +126,7 @@ impl Broker {
         let endpoint = transport::server_endpoint(&config, tls_config)?;
         let quic_addr = endpoint.local_addr()?;
 
+        let config_limits = config.limits.clone();
         let (stop, shutdown) = watch::channel(false);
         let peer = fleet.start_links(&config, shutdown.clone())?;
         let peer_addr = peer.as_ref().map(|(_, addr)| *addr);
@@ -168,7 +183,19 @@ impl Broker {
             clock,
             shutdown,
             fleet,
+            send_limiter: quota(config_limits.send_rate, config_limits.send_burst)
+                .map(governor::RateLimiter::dashmap),
+            connect_limiter: quota(
+                config_limits.retry_above_rate,
+                config_limits.retry_above_rate,
+            )
+            .map(governor::RateLimiter::direct),
+            unauthenticated: AtomicUsize::new(0),
+            retries: std::sync::atomic::AtomicU64::new(0),
         });
+        if shared.send_limiter.is_some() {
+            tokio::spawn(forget_idle_senders(shared.clone()));
+        }
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
         metrics::gauge!("backbone_fleet_slots_owned").set(shared.fleet.local_slots() as f64);
         for m in outgoing_moves {
@@ -219,6 +246,11 @@ impl Broker {
         self.shared.fleet.health()
     }
 
+    /// QUIC Retry packets sent so far (address validation).
+    pub fn retries(&self) -> u64 {
+        self.shared.retries.load(Ordering::Relaxed)
+    }
+
     /// Active mailbox actors (for tests and status).
     pub fn active_mailboxes(&self) -> usize {
         self.shared.registry.active()
@@ -258,12 +290,34 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let Some(incoming) = incoming else { break };
-        if connections.load(Ordering::Relaxed) >= shared.config.limits.max_connections {
+        let limits = &shared.config.limits;
+        if connections.load(Ordering::Relaxed) >= limits.max_connections {
             warn!("connection limit reached; refusing a connection");
-            metrics::counter!("backbone_connections_refused_total").increment(1);
+            metrics::counter!("backbone_connections_refused_total", "reason" => "connections")
+                .increment(1);
             incoming.refuse();
             continue;
         }
+        if shared.unauthenticated.load(Ordering::Relaxed) >= limits.max_unauthenticated {
+            debug!("too many unauthenticated connections; refusing a connection");
+            metrics::counter!("backbone_connections_refused_total", "reason" => "unauthenticated")
+                .increment(1);
+            incoming.refuse();
+            continue;
+        }
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let over_rate = match &shared.connect_limiter {
+                Some(limiter) => limiter.check().is_err(),
+                None => true, // retry_above_rate = 0: validate every address
+            };
+            if over_rate {
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("backbone_quic_retries_total").increment(1);
+                let _ = incoming.retry();
+                continue;
+            }
+        }
+        shared.unauthenticated.fetch_add(1, Ordering::Relaxed);
         connections.fetch_add(1, Ordering::Relaxed);
         let (shared, connections) = (shared.clone(), connections.clone());
         sessions.spawn(async move {
@@ -285,5 +339,22 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             "sessions still busy after the grace period; aborting them"
         );
         sessions.abort_all();
+    }
+}
+
+/// Drops rate-limit state of identities that have not sent for a while, so
+/// the limiter's memory follows active senders.
+async fn forget_idle_senders(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if let Some(limiter) = &shared.send_limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }

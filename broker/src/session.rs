@@ -59,6 +59,7 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let span = info_span!("conn", %remote, address = tracing::field::Empty);
     async move {
+        let unauthenticated = Unauthenticated(&shared);
         let connection = match incoming.await {
             Ok(connection) => connection,
             Err(error) => {
@@ -67,14 +68,27 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
         };
         metrics::gauge!("backbone_connections").increment(1.0);
-        run(&shared, &connection).await;
+        run(&shared, &connection, unauthenticated).await;
         metrics::gauge!("backbone_connections").decrement(1.0);
     }
     .instrument(span)
     .await
 }
 
-async fn run(shared: &Arc<Shared>, connection: &quinn::Connection) {
+/// Counts the connection as unauthenticated until dropped.
+struct Unauthenticated<'a>(&'a Shared);
+
+impl Drop for Unauthenticated<'_> {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+    unauthenticated: Unauthenticated<'_>,
+) {
     let deadline = shared.config.auth.deadline;
     let mut shutdown = shared.shutdown.clone();
     let handshake = tokio::select! {
@@ -108,6 +122,7 @@ async fn run(shared: &Arc<Shared>, connection: &quinn::Connection) {
         }
         Ok(Ok(Handshake::Session(session, reader, out))) => (session, reader, out),
     };
+    drop(unauthenticated);
     tracing::Span::current().record("address", tracing::field::display(&session.address));
     metrics::gauge!("backbone_sessions").increment(1.0);
     serve_authenticated(shared, connection, session, reader, out).await;
@@ -394,6 +409,22 @@ async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Fra
     }
     if send.ttl_secs == 0 {
         return error_frame(id, ErrorCode::InvalidTtl, "ttl must be at least one second");
+    }
+    if let Some(limiter) = &shared.send_limiter {
+        let copies = std::num::NonZeroU32::new(send.recipients.len() as u32)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        if let Ok(Err(not_until)) = limiter.check_key_n(&session.address, copies) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+            let mut frame = ErrorFrame::new(
+                id,
+                ErrorCode::RateLimited,
+                format!("over {} envelope copies per second", limits.send_rate),
+            );
+            frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+            metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
+                .increment(1);
+            return Frame::Error(frame);
+        }
     }
     let ttl_ms = (u64::from(send.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
     let stored_at_ms = (shared.clock)();

@@ -136,6 +136,11 @@ async fn spawn(
         .arg(dir.path())
         .env("BACKBONE__METRICS__LISTEN", "127.0.0.1:0")
         .env("BACKBONE__LIMITS__MAX_CONNECTIONS", "200000")
+        // The harness measures the broker's capacity, not its abuse limits:
+        // a few senders carry the whole load, and storms open connections
+        // as fast as they can. `--broker-env` can set these back.
+        .env("BACKBONE__LIMITS__SEND_RATE", "0")
+        .env("BACKBONE__LIMITS__MAX_UNAUTHENTICATED", "100000")
         .env("RUST_LOG", "warn")
         .envs(env.iter().cloned())
         .stdout(Stdio::piped())

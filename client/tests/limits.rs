@@ -1,0 +1,137 @@
+//! Abuse limits against a real broker: the per-identity send rate, the cap
+//! on unauthenticated connections, and QUIC address validation (Retry).
+
+mod support;
+
+use std::time::Duration;
+
+use backbone_client::transport::RawConnection;
+use backbone_client::{Client, ClientError};
+use backbone_protocol::ErrorCode;
+use support::{Identity, TestBroker};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn an_identity_over_its_send_rate_is_refused_with_retry_after() {
+    let broker = TestBroker::start_with(|config| {
+        config.limits.max_recipients = 3;
+        config.limits.send_rate = 2;
+        config.limits.send_burst = 3;
+    })
+    .await;
+    let (alice, bob, carol) = (Identity::new(), Identity::new(), Identity::new());
+    bob.connect(&broker).await;
+    let alice_client = alice.connect(&broker).await;
+    let carol_client = carol.connect(&broker).await;
+
+    // The burst is three copies: two sends to one recipient and one more.
+    for _ in 0..3 {
+        alice_client
+            .send_envelope(&[bob.address()], vec![1], HOUR)
+            .await
+            .expect("within the burst");
+    }
+    let error = alice_client
+        .send_envelope(&[bob.address()], vec![1], HOUR)
+        .await
+        .expect_err("over the rate");
+    assert_eq!(error.code(), Some(ErrorCode::RateLimited), "{error}");
+    let ClientError::Server {
+        retry_after_ms: Some(wait),
+        ..
+    } = error
+    else {
+        panic!("no retry-after: {error:?}");
+    };
+    assert!(
+        (1..=500).contains(&wait),
+        "one copy at 2/s is due within 500 ms: {wait}"
+    );
+
+    // Another identity has its own budget, fan-out counts every copy.
+    let error = carol_client
+        .send_envelope(&[bob.address(), alice.address()], vec![1], HOUR)
+        .await
+        .map(|_| ())
+        .and(
+            carol_client
+                .send_envelope(&[bob.address(), alice.address()], vec![1], HOUR)
+                .await
+                .map(|_| ()),
+        )
+        .expect_err("four copies exceed a burst of three");
+    assert_eq!(error.code(), Some(ErrorCode::RateLimited));
+
+    // After the advertised wait, alice may send again.
+    tokio::time::sleep(Duration::from_millis(u64::from(wait) + 20)).await;
+    alice_client
+        .send_envelope(&[bob.address()], vec![1], HOUR)
+        .await
+        .expect("allowed again after retry-after");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_capped() {
+    let broker = TestBroker::start_with(|config| {
+        config.limits.max_unauthenticated = 1;
+        config.auth.deadline = Duration::from_secs(30);
+    })
+    .await;
+    // A connection that never authenticates holds the only pre-auth place.
+    let idle = RawConnection::connect(&broker.connect_config())
+        .await
+        .expect("first connection");
+    let alice = Identity::new();
+    let refused = Client::connect(alice.options(&broker)).await;
+    assert!(
+        refused.is_err(),
+        "a second unauthenticated connection is refused"
+    );
+
+    // Once it goes away, clients get in again (the close reaches the broker
+    // asynchronously, so allow a few attempts).
+    drop(idle);
+    let mut attempts = 0;
+    let client = loop {
+        match Client::connect(alice.options(&broker)).await {
+            Ok(client) => break client,
+            Err(error) if attempts < 50 => {
+                attempts += 1;
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("still refused: {error}"),
+        }
+    };
+    // Authenticated connections do not count against the pre-auth cap.
+    let bob = Identity::new();
+    let second = Client::connect(bob.options(&broker)).await;
+    assert!(
+        second.is_ok(),
+        "an authenticated connection frees its place"
+    );
+    drop((client, second));
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn address_validation_is_required_above_the_connection_rate() {
+    // retry_above_rate = 0: every new client must answer a QUIC Retry first.
+    let broker = TestBroker::start_with(|config| config.limits.retry_above_rate = 0).await;
+    let alice = Identity::new();
+    let client = alice.connect(&broker).await;
+    client
+        .publish_card()
+        .await
+        .expect("works over the validated connection");
+    assert!(broker.broker().retries() >= 1, "a Retry was sent");
+    broker.shutdown().await;
+
+    // Below the rate, no Retry: one round trip less.
+    let broker = TestBroker::start().await;
+    alice.connect(&broker).await;
+    assert_eq!(broker.broker().retries(), 0);
+    broker.shutdown().await;
+}
