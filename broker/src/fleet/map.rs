@@ -515,14 +515,19 @@ mod tests {
     #[test]
     fn the_shipped_fleet_files_are_valid() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let load = |file: &str| {
+            FleetMap::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+        };
         for file in ["fleet.toml", "fleet-compose.toml"] {
-            let path = root.join(file);
-            if file == "fleet-compose.toml" && !path.exists() {
-                continue;
-            }
-            let map = FleetMap::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
-            assert_eq!(map.nodes().len(), 3, "{file}");
+            assert_eq!(load(file).nodes().len(), 3, "{file}");
         }
+        // The demo's growth step is a safe transition from the demo's map.
+        let grown = load("fleet-compose-grow.toml");
+        assert_eq!(grown.nodes().len(), 4);
+        assert_eq!(
+            check_transition(&load("fleet-compose.toml"), &grown),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
