@@ -43,9 +43,20 @@ const FAULT: Duration = Duration::from_secs(10);
 const AFTER: Duration = Duration::from_secs(5);
 /// Longest wait for the fleet to be healthy with every link up.
 const READY_LIMIT: Duration = Duration::from_secs(30);
-/// Longest drain. A client whose connection died silently (a partition)
-/// notices only at QUIC's idle timeout, 30 s, then reconnects.
+/// Longest drain. A client whose node was killed notices only at QUIC's
+/// idle timeout: 30 s after the last packet it received, or after the next
+/// keep-alive it sent (every 10 s), so up to 40 s after the kill, even when
+/// the node has long been back (its new process cannot reset the old
+/// connection). The drain starts about 25 s after the kill.
 const DRAIN_LIMIT: Duration = Duration::from_secs(45);
+
+/// "between 1.0s and 2.0s", from the first and last client to notice.
+fn noticed(range: Option<(Duration, Duration)>) -> String {
+    match range {
+        Some((first, last)) => format!("between {first:.1?} and {last:.1?}"),
+        None => "never (no client lost its connection)".to_owned(),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Docker; run with --ignored (see docs/operations.md)"]
@@ -83,9 +94,11 @@ async fn killed_node_loses_nothing() {
         "{TEST}: during the {:.1?} outage of {}: {unavailable} copies to its recipients \
          failed with ShardUnavailable, {acked_elsewhere} copies to the other nodes' \
          recipients were acked; back (all links up) {ready:.1?} after docker start, \
-         then {acked_to_victim_after} copies to its recipients acked",
+         then {acked_to_victim_after} copies to its recipients acked; its clients noticed \
+         their connections were gone {} after the kill",
         outage_end - outage_start,
-        NODES[victim]
+        NODES[victim],
+        noticed(summary.lost_connection_noticed(victim, outage_start)),
     ));
     summary.report_and_check(TEST);
     assert!(
@@ -116,8 +129,9 @@ async fn partitioned_node_heals() {
     let network = fleet.disconnect(victim).await;
     let cut = Instant::now();
     tokio::time::sleep(FAULT).await;
-    fleet.reconnect(victim, &network).await;
+    // Timed from before the command: the network may be back before it returns.
     let healed = Instant::now();
+    fleet.reconnect(victim, &network).await;
 
     // Poll until the other nodes show their link to the victim up and a
     // send forwarded to one of its recipients has been acked since the heal.
@@ -153,9 +167,11 @@ async fn partitioned_node_heals() {
         "{TEST}: during the {:.1?} partition of {}: {unavailable} copies to its recipients \
          failed with ShardUnavailable, {acked_elsewhere} copies to the other nodes' recipients \
          were acked; after the heal: links up in {links_up:.1?}, first forwarded send to it \
-         acked in {forwarded:.1?}",
+         acked in {forwarded:.1?}; its clients noticed their connections were gone {} after \
+         the cut",
         healed - cut,
-        NODES[victim]
+        NODES[victim],
+        noticed(summary.lost_connection_noticed(victim, cut)),
     ));
     summary.report_and_check(TEST);
     let heal_time = heal_time.expect("the fleet did not heal within 30 s");
@@ -184,7 +200,9 @@ async fn rolling_restart_loses_nothing() {
     tokio::time::sleep(WARM_UP).await;
 
     let mut restarts = Vec::new();
+    let mut restart_times = Vec::new();
     for (victim, name) in NODES.iter().enumerate() {
+        restart_times.push(Instant::now());
         let took = fleet.restart(victim).await;
         let ready = fleet.wait_ready(READY_LIMIT).await;
         fleet.log(&format!(
@@ -204,9 +222,22 @@ async fn rolling_restart_loses_nothing() {
             })
         })
         .collect();
+    let noticed_restart: Vec<String> = restart_times
+        .iter()
+        .enumerate()
+        .map(|(node, &at)| {
+            format!(
+                "{} {}",
+                NODES[node],
+                noticed(summary.lost_connection_noticed(node, at))
+            )
+        })
+        .collect();
     report(&format!(
-        "{TEST}: {}; afterwards acked copies per node's recipients {acked_after:?}",
-        restarts.join(", ")
+        "{TEST}: {}; clients noticed the restart of their home node: {}; afterwards acked \
+         copies per node's recipients {acked_after:?}",
+        restarts.join(", "),
+        noticed_restart.join(", ")
     ));
     summary.report_and_check(TEST);
     assert!(

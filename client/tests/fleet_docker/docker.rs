@@ -183,6 +183,26 @@ pub fn client_addr(index: usize) -> String {
     format!("127.0.0.1:{}", 7711 + index)
 }
 
+/// Progress lines of one test, stamped with the seconds since it started.
+/// They go through `eprintln!`, which libtest captures: shown with
+/// `--nocapture` or when the test fails.
+#[derive(Clone, Debug)]
+pub struct Log {
+    project: String,
+    started: Instant,
+}
+
+impl Log {
+    /// Writes one progress line.
+    pub fn line(&self, line: &str) {
+        eprintln!(
+            "[{:6.1}s {}] {line}",
+            self.started.elapsed().as_secs_f64(),
+            self.project
+        );
+    }
+}
+
 /// A running compose project of the three nodes; `down -v` when dropped,
 /// even when the test panics, after saving the nodes' logs.
 pub struct DockerFleet {
@@ -191,7 +211,7 @@ pub struct DockerFleet {
     containers: Vec<String>,
     map: FleetMap,
     pki: tempfile::TempDir,
-    started: Instant,
+    log: Log,
 }
 
 impl DockerFleet {
@@ -203,13 +223,17 @@ impl DockerFleet {
             .expect("image build task");
         let map = FleetMap::load(&repo_root().join("config/fleet-compose.toml"))
             .expect("config/fleet-compose.toml loads");
+        let project = format!("bbtest-{name}");
         let mut fleet = DockerFleet {
-            project: format!("bbtest-{name}"),
+            log: Log {
+                project: project.clone(),
+                started: Instant::now(),
+            },
+            project,
             image,
             containers: Vec::new(),
             map,
             pki: tempfile::tempdir().expect("tempdir"),
-            started: Instant::now(),
         };
         // A previous run killed before its guard ran may have left the project.
         fleet.compose_blocking(&["down", "-v", "-t", "1"]);
@@ -240,14 +264,14 @@ impl DockerFleet {
         fleet
     }
 
-    /// A progress line, with the seconds since the fleet started (captured
-    /// by libtest, so shown when a test fails).
+    /// A progress line (see [`Log`]).
     pub fn log(&self, line: &str) {
-        eprintln!(
-            "[{:6.1}s {}] {line}",
-            self.started.elapsed().as_secs_f64(),
-            self.project
-        );
+        self.log.line(line);
+    }
+
+    /// The test's progress log, for the traffic to write to.
+    pub fn logger(&self) -> Log {
+        self.log.clone()
     }
 
     /// The fleet CA certificate, to trust every node.

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::check::{Ledger, PayloadId, Verdict};
-use super::docker::{DockerFleet, NODES, client_addr};
+use super::docker::{DockerFleet, Log, NODES, client_addr};
 use crate::support::Identity;
 
 /// Recipients homed on each node.
@@ -34,6 +34,8 @@ const NO_ANSWER_RETRY: Duration = Duration::from_secs(1);
 /// A drain is over once every acknowledged copy arrived and nothing new
 /// arrived for this long (so late duplicates are seen too).
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
+/// How often a client's connection status is sampled.
+const STATUS_POLL: Duration = Duration::from_millis(50);
 
 /// Payloads start with this, then the run's nonce, the sender and its counter.
 const MAGIC: &[u8; 8] = b"bbfleet1";
@@ -94,6 +96,12 @@ struct Record {
     events: Vec<SendEvent>,
     retries: u64,
     skipped_ticks: u64,
+    reconnects: u64,
+    longest_reconnect: Duration,
+    /// When a client noticed its connection was gone, and its home node.
+    connections_lost: Vec<(Instant, usize)>,
+    /// Clients that gave up for good, with the reason.
+    stopped: Vec<String>,
 }
 
 /// Running traffic; [`Traffic::finish`] stops it and returns the [`Summary`].
@@ -101,7 +109,8 @@ pub struct Traffic {
     record: Arc<Mutex<Record>>,
     stop: watch::Sender<bool>,
     senders: Vec<JoinHandle<()>>,
-    recipients: Vec<JoinHandle<()>>,
+    /// Receiving tasks and status watchers, aborted after the drain.
+    background: Vec<JoinHandle<()>>,
 }
 
 /// The recipients, as senders address them.
@@ -142,12 +151,59 @@ fn identity_on(fleet: &DockerFleet, home: usize) -> Identity {
     }
 }
 
-async fn connect(fleet: &DockerFleet, identity: &Identity, entry: usize) -> Client {
+async fn connect(fleet: &DockerFleet, identity: &Identity, entry: usize) -> Arc<Client> {
     let client = Client::connect(options(fleet, identity, entry))
         .await
         .unwrap_or_else(|error| panic!("connecting through {}: {error}", NODES[entry]));
     client.publish_card().await.expect("publishes its card");
-    client
+    Arc::new(client)
+}
+
+/// Samples a client's connection status and logs and records its changes,
+/// so a slow drain can be told apart from a lost message. A connection that
+/// died silently still reads `Connected` until QUIC's idle timeout says
+/// otherwise; the `Reconnecting` line shows when the client noticed.
+async fn watch_status(
+    who: String,
+    home: usize,
+    client: Arc<Client>,
+    record: Arc<Mutex<Record>>,
+    log: Log,
+) {
+    let mut last = Status::Connected;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(STATUS_POLL).await;
+        let status = client.status();
+        if status == last {
+            continue;
+        }
+        let now = Instant::now();
+        match &status {
+            Status::Reconnecting => {
+                log.line(&format!("{who}: connection lost, reconnecting"));
+                since = now;
+                let mut record = record.lock().expect("record lock");
+                record.connections_lost.push((now, home));
+            }
+            Status::Connected => {
+                let took = now - since;
+                log.line(&format!("{who}: connected again after {took:.1?}"));
+                let mut record = record.lock().expect("record lock");
+                record.reconnects += 1;
+                record.longest_reconnect = record.longest_reconnect.max(took);
+            }
+            Status::Stopped(reason) => {
+                log.line(&format!("{who}: stopped for good: {reason}"));
+                record
+                    .lock()
+                    .expect("record lock")
+                    .stopped
+                    .push(format!("{who}: {reason}"));
+            }
+        }
+        last = status;
+    }
 }
 
 impl Traffic {
@@ -160,8 +216,8 @@ impl Traffic {
             homes: Vec::new(),
             by_node: vec![Vec::new(); NODES.len()],
         };
-        let mut recipient_tasks = Vec::new();
-        for home in 0..NODES.len() {
+        let mut background = Vec::new();
+        for (home, home_name) in NODES.iter().enumerate() {
             for k in 0..RECIPIENTS_PER_NODE {
                 let identity = identity_on(fleet, home);
                 // Through each of the other two nodes in turn, never home.
@@ -171,18 +227,33 @@ impl Traffic {
                 recipients.addresses.push(identity.address());
                 recipients.homes.push(home);
                 recipients.by_node[home].push(index);
-                recipient_tasks.push(tokio::spawn(receive(index, client, record.clone(), run)));
+                background.push(tokio::spawn(watch_status(
+                    format!("recipient {index} (home {home_name}, via {})", NODES[entry]),
+                    home,
+                    client.clone(),
+                    record.clone(),
+                    fleet.logger(),
+                )));
+                background.push(tokio::spawn(receive(index, client, record.clone(), run)));
             }
         }
         let recipients = Arc::new(recipients);
         let (stop, stopped) = watch::channel(false);
         let mut sender_tasks = Vec::new();
-        for home in 0..NODES.len() {
+        for (home, home_name) in NODES.iter().enumerate() {
             for _ in 0..SENDERS_PER_NODE {
                 let identity = identity_on(fleet, home);
                 let client = connect(fleet, &identity, home).await;
+                let index = sender_tasks.len() as u32;
+                background.push(tokio::spawn(watch_status(
+                    format!("sender {index} (home {home_name})"),
+                    home,
+                    client.clone(),
+                    record.clone(),
+                    fleet.logger(),
+                )));
                 let sender = Sender {
-                    index: sender_tasks.len() as u32,
+                    index,
                     home,
                     client,
                     recipients: recipients.clone(),
@@ -201,7 +272,7 @@ impl Traffic {
             record,
             stop,
             senders: sender_tasks,
-            recipients: recipient_tasks,
+            background,
         }
     }
 
@@ -265,8 +336,8 @@ impl Traffic {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        for recipient in &self.recipients {
-            recipient.abort();
+        for task in &self.background {
+            task.abort();
         }
         let record = std::mem::take(&mut *self.record.lock().expect("record lock"));
         fleet.log(&format!(
@@ -279,12 +350,16 @@ impl Traffic {
             events: record.events,
             retries: record.retries,
             skipped_ticks: record.skipped_ticks,
+            reconnects: record.reconnects,
+            longest_reconnect: record.longest_reconnect,
+            connections_lost: record.connections_lost,
+            stopped: record.stopped,
         }
     }
 }
 
 /// Receives, records and acks until aborted.
-async fn receive(index: usize, client: Client, record: Arc<Mutex<Record>>, run: u64) {
+async fn receive(index: usize, client: Arc<Client>, record: Arc<Mutex<Record>>, run: u64) {
     while let Some(delivery) = client.next_delivery().await {
         {
             let mut record = record.lock().expect("record lock");
@@ -302,7 +377,7 @@ async fn receive(index: usize, client: Client, record: Arc<Mutex<Record>>, run: 
 struct Sender {
     index: u32,
     home: usize,
-    client: Client,
+    client: Arc<Client>,
     recipients: Arc<Recipients>,
     record: Arc<Mutex<Record>>,
     run: u64,
@@ -436,6 +511,15 @@ pub struct Summary {
     pub retries: u64,
     /// Sender ticks skipped because the sender was reconnecting.
     pub skipped_ticks: u64,
+    /// Reconnections of all clients, senders and recipients.
+    pub reconnects: u64,
+    /// The longest a client took from noticing a lost connection to being
+    /// connected again.
+    pub longest_reconnect: Duration,
+    /// When a client noticed its connection was gone, and its home node.
+    pub connections_lost: Vec<(Instant, usize)>,
+    /// Clients that gave up for good.
+    pub stopped: Vec<String>,
 }
 
 impl Summary {
@@ -460,12 +544,29 @@ impl Summary {
             .count()
     }
 
+    /// How long after `since` the clients homed on `home` noticed that their
+    /// connection was gone: the first and the last of them, if any did.
+    pub fn lost_connection_noticed(
+        &self,
+        home: usize,
+        since: Instant,
+    ) -> Option<(Duration, Duration)> {
+        let delays: Vec<Duration> = self
+            .connections_lost
+            .iter()
+            .filter(|&&(at, h)| h == home && at >= since)
+            .map(|&(at, _)| at - since)
+            .collect();
+        Some((*delays.iter().min()?, *delays.iter().max()?))
+    }
+
     /// The senders' view in one line: how many copies ended which way.
     pub fn outcomes(&self) -> String {
         let count =
             |f: &dyn Fn(Outcome) -> bool| self.events.iter().filter(|e| f(e.outcome)).count();
         format!(
-            "acked={} shard_unavailable={} other_retryable={} no_answer={} rejected={} missing={} retries={} skipped_ticks={}",
+            "acked={} shard_unavailable={} other_retryable={} no_answer={} rejected={} missing={} \
+             retries={} skipped_ticks={}; clients reconnected {} times (longest {:.1?})",
             count(&|o| o == Outcome::Acked),
             count(&|o| o == Outcome::Unavailable),
             count(&|o| matches!(o, Outcome::Retryable(_))),
@@ -474,14 +575,20 @@ impl Summary {
             count(&|o| o == Outcome::Missing),
             self.retries,
             self.skipped_ticks,
+            self.reconnects,
+            self.longest_reconnect,
         )
     }
 
-    /// Everything that fails the test: the checker's failures, and any copy
+    /// Everything that fails the test: the checker's failures, any copy
     /// the broker refused for good or left out of its ack (the senders only
-    /// ever make valid sends, so either is a broker bug).
+    /// ever make valid sends, so either is a broker bug), and any client
+    /// that stopped reconnecting.
     pub fn failures(&self) -> Vec<String> {
         let mut failures = self.verdict.failures();
+        if !self.stopped.is_empty() {
+            failures.push(format!("clients gave up: {:?}", self.stopped));
+        }
         let odd: Vec<_> = self
             .events
             .iter()
