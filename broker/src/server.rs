@@ -123,12 +123,13 @@ impl Broker {
         };
         let fingerprint = tls::fingerprint(&material.chain[0]);
         let tls_config = tls::server_config(material)?;
-        let endpoint = transport::server_endpoint(&config, tls_config)?;
+        let reset_key = tls::reset_key(data_dir)?;
+        let endpoint = transport::server_endpoint(&config, tls_config, &reset_key)?;
         let quic_addr = endpoint.local_addr()?;
 
         let config_limits = config.limits.clone();
         let (stop, shutdown) = watch::channel(false);
-        let peer = fleet.start_links(&config, shutdown.clone())?;
+        let peer = fleet.start_links(&config, shutdown.clone(), &reset_key)?;
         let peer_addr = peer.as_ref().map(|(_, addr)| *addr);
 
         // The store is opened only once every socket is bound: a start that

@@ -71,6 +71,35 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> Result<TlsMateri
     load_pair(cert_path, &key_path)
 }
 
+/// The node's QUIC stateless-reset key, created once under
+/// `<data_dir>/tls/reset.key` (0600) and reused on every start. With the same
+/// key, a restarted broker can tell clients of its previous run that their
+/// connection is gone (a stateless reset) on their next packet, instead of
+/// leaving them to wait out the idle timeout.
+pub fn reset_key(data_dir: &Path) -> Result<Vec<u8>, TlsError> {
+    let dir = data_dir.join("tls");
+    let path = dir.join("reset.key");
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TlsError::Io { path, source }
+    };
+    match std::fs::read(&path) {
+        Ok(key) if key.len() == 32 => return Ok(key),
+        Ok(_) => {
+            return Err(TlsError::Pem {
+                path,
+                message: "a reset key is 32 bytes; delete the file to make a new one".into(),
+            });
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io(&path)(error)),
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let key: [u8; 32] = rand::random();
+    write_private(&path, &key).map_err(io(&path))?;
+    Ok(key.to_vec())
+}
+
 /// Loads a PEM certificate chain and its PEM key.
 pub fn load_pair(cert_path: PathBuf, key_path: &Path) -> Result<TlsMaterial, TlsError> {
     let chain = CertificateDer::pem_file_iter(&cert_path)
@@ -161,6 +190,17 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         server_config(second).expect("rustls accepts it");
+    }
+
+    #[test]
+    fn the_reset_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = reset_key(dir.path()).expect("made");
+        assert_eq!(first.len(), 32);
+        assert_eq!(reset_key(dir.path()).expect("read"), first);
+        std::fs::write(dir.path().join("tls/reset.key"), b"short").expect("write");
+        let error = reset_key(dir.path()).expect_err("refused");
+        assert!(error.to_string().contains("reset.key"), "{error}");
     }
 
     #[test]

@@ -32,8 +32,9 @@ pub fn transport_config(config: &TransportConfig) -> anyhow::Result<quinn::Trans
 pub fn server_endpoint(
     config: &Config,
     tls: rustls::ServerConfig,
+    reset_key: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
-    bind_endpoint(&config.transport, config.server.listen, tls)
+    bind_endpoint(&config.transport, config.server.listen, tls, reset_key)
 }
 
 /// Binds a UDP socket on `listen` with the configured buffers and builds an
@@ -42,6 +43,7 @@ pub fn bind_endpoint(
     transport: &TransportConfig,
     listen: SocketAddr,
     tls: rustls::ServerConfig,
+    reset_key: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -73,8 +75,22 @@ pub fn bind_endpoint(
         info!(got_recv, got_send, "UDP socket buffers");
     }
     let socket: std::net::UdpSocket = socket.into();
+    // A reset key kept across restarts lets the next run reset the previous
+    // run's connections (see `tls::reset_key`). The next run must also
+    // recognise the previous run's connection ids as its own, or it drops
+    // their packets without a reset; so the id generator's key is derived
+    // from the same secret.
+    let cid_key = blake3::derive_key("backbone 2026 quic connection id key", reset_key);
+    let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("8 of 32 bytes"));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_key,
+    )));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -453,3 +453,53 @@ fn kill_9_loses_no_acknowledged_envelope_and_sigterm_exits_cleanly() {
     let log = std::fs::read_to_string(dir.path().join("broker2.log")).expect("log");
     assert!(log.contains("shutdown complete"), "{log}");
 }
+
+/// After a crash, the restarted broker resets the previous run's connections
+/// (its stateless-reset key survives in the data directory), so a connected
+/// client notices on its next keep-alive instead of at the 30 s idle timeout.
+#[test]
+fn clients_of_a_crashed_broker_notice_on_their_next_packet() {
+    use backbone_client::{Client, ClientOptions, ConnectConfig, Status, Trust};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let mut broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut connect = ConnectConfig::new(
+        format!("127.0.0.1:{port}"),
+        Trust::CaFile(data.join("tls/cert.pem")),
+    );
+    connect.server_name = Some("localhost".into());
+    connect.keep_alive = Duration::from_secs(1);
+    let client = runtime.block_on(async {
+        Client::connect(ClientOptions::primary(
+            connect,
+            backbone_protocol::Keypair::generate(),
+            backbone_client::envelope::EncryptionKeypair::generate(),
+        ))
+        .await
+        .expect("connects")
+    });
+
+    broker.child.kill().expect("kill -9");
+    broker.child.wait().expect("reaped");
+    let _broker = start_broker(&data, port, dir.path().join("broker2.log"));
+    let restarted = Instant::now();
+    // The client's idle timeout is quinn's 30 s: noticing well before it
+    // means the new run's reset reached it.
+    while client.status() == Status::Connected {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "the client still believes in its old connection; the broker logged:\n{}",
+            std::fs::read_to_string(dir.path().join("broker2.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), client.wait_connected())
+            .await
+            .expect("reconnects in time")
+            .expect("reconnects");
+    });
+}

@@ -245,3 +245,62 @@ async fn rolling_restart_loses_nothing() {
         "after the rolling restart some node's recipients get nothing acked: {acked_after:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Docker; run with --ignored (see docs/operations.md)"]
+async fn growing_the_fleet_loses_nothing() {
+    const TEST: &str = "growing_the_fleet_loses_nothing";
+    /// Traffic between two steps of the procedure.
+    const BETWEEN: Duration = Duration::from_secs(2);
+    /// Longest wait for the handover once every node runs the new map.
+    const HANDOFF_LIMIT: Duration = Duration::from_secs(60);
+    let mut fleet = DockerFleet::start("grow").await;
+    let traffic = Traffic::start(&fleet).await;
+    tokio::time::sleep(WARM_UP).await;
+
+    // The procedure of docs/operations.md, "Growing a fleet", as
+    // docker/compose.grow.yaml scripts it: node-d starts on the epoch-2 map,
+    // then the old nodes are restarted onto it one at a time.
+    let began = Instant::now();
+    fleet.grow().await;
+    fleet.wait_healthy(3, READY_LIMIT).await;
+    tokio::time::sleep(BETWEEN).await;
+    let mut steps = Vec::new();
+    for (index, name) in NODES.iter().enumerate() {
+        let took = fleet.recreate(index).await;
+        let healthy = fleet.wait_healthy(index, READY_LIMIT).await;
+        steps.push(format!(
+            "{name} recreated in {took:.1?}, healthy {healthy:.1?} later"
+        ));
+        tokio::time::sleep(BETWEEN).await;
+    }
+    let all_moved = Instant::now();
+    let ready = fleet.wait_ready(READY_LIMIT).await;
+    let handoff = fleet.wait_handoff(HANDOFF_LIMIT).await;
+    let done = Instant::now();
+    fleet.log(&format!(
+        "all four nodes linked {ready:.1?} and the handover done {handoff:.1?} after the last restart"
+    ));
+    tokio::time::sleep(AFTER).await;
+
+    let summary = traffic.finish(&fleet, DRAIN_LIMIT).await;
+    // Recipients homed on node-c before the move: one of them now lives on node-d.
+    let acked_to_c_after = summary.count_since(done, |e| {
+        e.recipient_home == 2 && e.outcome == Outcome::Acked
+    });
+    let unavailable_during =
+        summary.count_between(began, done, |e| e.outcome == Outcome::Unavailable);
+    report(&format!(
+        "{TEST}: {}; handover done {:.1?} after the last restart ({:.1?} after node-d started); \
+         {unavailable_during} copies failed with ShardUnavailable during the procedure, \
+         {acked_to_c_after} copies to node-c's former recipients acked after it",
+        steps.join(", "),
+        done - all_moved,
+        done - began,
+    ));
+    summary.report_and_check(TEST);
+    assert!(
+        acked_to_c_after > 0,
+        "sends to the moved and kept recipients do not succeed after the handover"
+    );
+}

@@ -515,9 +515,8 @@ mod tests {
     #[test]
     fn the_shipped_fleet_files_are_valid() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-        let load = |file: &str| {
-            FleetMap::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
-        };
+        let load =
+            |file: &str| FleetMap::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         for file in ["fleet.toml", "fleet-compose.toml"] {
             assert_eq!(load(file).nodes().len(), 3, "{file}");
         }

@@ -203,6 +203,7 @@ impl Fleet {
         &mut self,
         config: &Config,
         shutdown: watch::Receiver<bool>,
+        reset_key: &[u8],
     ) -> anyhow::Result<Option<(quinn::Endpoint, std::net::SocketAddr)>> {
         let Some(credentials) = &self.credentials else {
             return Ok(None);
@@ -211,6 +212,7 @@ impl Fleet {
             &config.transport,
             config.fleet.listen,
             pki::peer_server_config(credentials)?,
+            reset_key,
         )
         .context("cannot bind the fleet listener (fleet.listen)")?;
         let bound = endpoint.local_addr()?;

@@ -17,6 +17,13 @@ use tokio::time::Instant;
 /// The nodes, in the order of their published ports (index 0 is node-a).
 pub const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
+/// Every node name by index, including `node-d`, which
+/// `docker/compose.grow.yaml` adds when the fleet grows.
+pub const ALL_NODES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
+
+/// The slots `config/fleet-compose-grow.toml` moves from node-c to node-d.
+pub const MOVED_SLOTS: std::ops::RangeInclusive<u16> = 3413..=4095;
+
 /// The image tag the tests build. Not `backbone:dev`: a test run must not
 /// replace the image someone is trying out by hand, nor run theirs.
 const TEST_IMAGE: &str = "backbone:fleet-test";
@@ -139,29 +146,15 @@ impl Health {
             .map(|(_, state)| state.as_str())
     }
 
-    /// Healthy with every link up.
-    pub fn ready(&self) -> bool {
-        self.ok && self.peers.len() == NODES.len() - 1 && self.peers.iter().all(|(_, s)| s == "up")
+    /// Healthy with every link up, in a fleet of `nodes` nodes.
+    pub fn ready(&self, nodes: usize) -> bool {
+        self.ok && self.peers.len() == nodes - 1 && self.peers.iter().all(|(_, s)| s == "up")
     }
 }
 
 /// `GET /health` on node `index`; `None` if it does not answer in time.
 pub async fn health(index: usize) -> Option<Health> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 9711 + index as u16));
-    let body = tokio::time::timeout(HEALTH_TIMEOUT, async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8(response).ok()?;
-        Some(text.split_once("\r\n\r\n")?.1.to_owned())
-    })
-    .await
-    .ok()??;
-    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let json = health_json(index).await?;
     let peers = json["fleet"]["peers"]
         .as_array()?
         .iter()
@@ -176,6 +169,25 @@ pub async fn health(index: usize) -> Option<Health> {
         ok: json["status"] == "ok",
         peers,
     })
+}
+
+/// The whole `/health` document of node `index`.
+pub async fn health_json(index: usize) -> Option<serde_json::Value> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 9711 + index as u16));
+    let body = tokio::time::timeout(HEALTH_TIMEOUT, async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8(response).ok()?;
+        Some(text.split_once("\r\n\r\n")?.1.to_owned())
+    })
+    .await
+    .ok()??;
+    serde_json::from_str(&body).ok()
 }
 
 /// The client address (QUIC, UDP) of node `index` on the host.
@@ -210,6 +222,10 @@ pub struct DockerFleet {
     image: &'static str,
     containers: Vec<String>,
     map: FleetMap,
+    /// Compose files in use (the growth step adds one).
+    files: Vec<PathBuf>,
+    /// How many nodes run (4 after [`DockerFleet::grow`]).
+    node_count: usize,
     pki: tempfile::TempDir,
     log: Log,
 }
@@ -233,6 +249,8 @@ impl DockerFleet {
             image,
             containers: Vec::new(),
             map,
+            files: vec![repo_root().join("docker/compose.yaml")],
+            node_count: NODES.len(),
             pki: tempfile::tempdir().expect("tempdir"),
         };
         // A previous run killed before its guard ran may have left the project.
@@ -291,10 +309,11 @@ impl DockerFleet {
     fn compose_command(&self, args: &[&str]) -> std::process::Command {
         let program = compose_program();
         let mut command = std::process::Command::new(program[0]);
+        command.args(&program[1..]);
+        for file in &self.files {
+            command.arg("-f").arg(file);
+        }
         command
-            .args(&program[1..])
-            .arg("-f")
-            .arg(repo_root().join("docker/compose.yaml"))
             .args(["-p", &self.project])
             .args(args)
             .env("BACKBONE_IMAGE", self.image)
@@ -342,13 +361,13 @@ impl DockerFleet {
     /// SIGKILL: the process dies at once, without draining or flushing.
     /// Docker does not restart a container killed on purpose.
     pub async fn kill(&self, index: usize) {
-        self.log(&format!("docker kill {}", NODES[index]));
+        self.log(&format!("docker kill {}", ALL_NODES[index]));
         self.docker(&["kill", &self.containers[index]]).await;
     }
 
     /// Starts a stopped node again, on the same data volume.
     pub async fn start_node(&self, index: usize) {
-        self.log(&format!("docker start {}", NODES[index]));
+        self.log(&format!("docker start {}", ALL_NODES[index]));
         self.docker(&["start", &self.containers[index]]).await;
     }
 
@@ -356,7 +375,7 @@ impl DockerFleet {
     /// shutdown grace, well inside the 20 s given here) and starts again.
     /// Returns how long `docker restart` took.
     pub async fn restart(&self, index: usize) -> Duration {
-        self.log(&format!("docker restart {}", NODES[index]));
+        self.log(&format!("docker restart {}", ALL_NODES[index]));
         let started = Instant::now();
         self.docker(&["restart", "-t", "20", &self.containers[index]])
             .await;
@@ -388,7 +407,7 @@ impl DockerFleet {
         let network = self.network(index).await;
         self.log(&format!(
             "docker network disconnect {network} {}",
-            NODES[index]
+            ALL_NODES[index]
         ));
         self.docker(&["network", "disconnect", &network, &self.containers[index]])
             .await;
@@ -401,13 +420,13 @@ impl DockerFleet {
     pub async fn reconnect(&self, index: usize, network: &str) {
         self.log(&format!(
             "docker network connect {network} {}",
-            NODES[index]
+            ALL_NODES[index]
         ));
         self.docker(&[
             "network",
             "connect",
             "--alias",
-            NODES[index],
+            ALL_NODES[index],
             network,
             &self.containers[index],
         ])
@@ -420,10 +439,14 @@ impl DockerFleet {
         let started = Instant::now();
         loop {
             let mut states = Vec::new();
-            for index in 0..NODES.len() {
+            for index in 0..self.node_count {
                 states.push(health(index).await);
             }
-            if states.iter().all(|s| s.as_ref().is_some_and(Health::ready)) {
+            let nodes = self.node_count;
+            if states
+                .iter()
+                .all(|s| s.as_ref().is_some_and(|h| h.ready(nodes)))
+            {
                 return started.elapsed();
             }
             assert!(
@@ -436,15 +459,85 @@ impl DockerFleet {
 
     /// Whether every other node reports its link to node `index` up.
     pub async fn others_link_up_to(&self, index: usize) -> bool {
-        for other in (0..NODES.len()).filter(|&other| other != index) {
+        for other in (0..self.node_count).filter(|&other| other != index) {
             let up = health(other)
                 .await
-                .is_some_and(|h| h.link_to(NODES[index]) == Some("up"));
+                .is_some_and(|h| h.link_to(ALL_NODES[index]) == Some("up"));
             if !up {
                 return false;
             }
         }
         true
+    }
+
+    /// The growth step of `docker/compose.grow.yaml`: issues node-d's
+    /// certificate from the same CA and starts node-d on the epoch-2 map.
+    /// The old nodes keep running the epoch-1 map until [`DockerFleet::recreate`].
+    pub async fn grow(&mut self) {
+        self.files
+            .push(repo_root().join("docker/compose.grow.yaml"));
+        self.log("compose run fleet-pki (node-d's certificate)");
+        self.compose(&["run", "--rm", "fleet-pki"]).await;
+        self.log("compose up node-d (epoch 2)");
+        self.compose(&["up", "-d", "--no-deps", "node-d"]).await;
+        let id = self.compose(&["ps", "-q", "node-d"]).await;
+        self.containers.push(id.trim().to_owned());
+        self.node_count = ALL_NODES.len();
+        self.map = FleetMap::load(&repo_root().join("config/fleet-compose-grow.toml"))
+            .expect("config/fleet-compose-grow.toml loads");
+    }
+
+    /// Recreates node `index` with the current compose files (a graceful
+    /// stop, then a start on the new configuration); returns how long it took.
+    pub async fn recreate(&mut self, index: usize) -> Duration {
+        let node = ALL_NODES[index];
+        self.log(&format!("compose up {node} (recreated on the current map)"));
+        let started = Instant::now();
+        self.compose(&["up", "-d", "--no-deps", node]).await;
+        let id = self.compose(&["ps", "-q", node]).await;
+        self.containers[index] = id.trim().to_owned();
+        started.elapsed()
+    }
+
+    /// Waits until node `index` answers `/health` with status ok.
+    pub async fn wait_healthy(&self, index: usize, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            if health(index).await.is_some_and(|h| h.ok) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} not healthy after {limit:?}",
+                ALL_NODES[index]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until node-c reports its handover to node-d done and node-d
+    /// imports nothing any more; returns how long that took.
+    pub async fn wait_handoff(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let from = health_json(2).await;
+            let to = health_json(3).await;
+            let done = from
+                .as_ref()
+                .is_some_and(|h| h["fleet"]["handoffs"][0]["state"] == "done");
+            let imported = to.as_ref().is_some_and(|h| {
+                h["fleet"]["importing_slots"] == 0
+                    && h["fleet"]["handoffs"][0]["state"] == "imported"
+            });
+            if done && imported {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "handover not done after {limit:?}: node-c {from:?}, node-d {to:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Saves every node's log under the test's target tmpdir; returns the path.

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::check::{Ledger, PayloadId, Verdict};
-use super::docker::{DockerFleet, Log, NODES, client_addr};
+use super::docker::{DockerFleet, Log, MOVED_SLOTS, NODES, client_addr};
 use crate::support::Identity;
 
 /// Recipients homed on each node.
@@ -151,6 +151,22 @@ fn identity_on(fleet: &DockerFleet, home: usize) -> Identity {
     }
 }
 
+/// The `k`-th identity homed on `home`. On node-c the first is in the slots
+/// the growth step moves to node-d and the second is not, so a grown fleet
+/// always moves some live mailboxes and keeps some.
+fn identity_for(fleet: &DockerFleet, home: usize, k: usize) -> Identity {
+    if home != 2 || k > 1 {
+        return identity_on(fleet, home);
+    }
+    loop {
+        let identity = identity_on(fleet, home);
+        let slot = backbone_protocol::fleet::slot_of(&identity.address());
+        if MOVED_SLOTS.contains(&slot) == (k == 0) {
+            return identity;
+        }
+    }
+}
+
 async fn connect(fleet: &DockerFleet, identity: &Identity, entry: usize) -> Arc<Client> {
     let client = Client::connect(options(fleet, identity, entry))
         .await
@@ -219,7 +235,7 @@ impl Traffic {
         let mut background = Vec::new();
         for (home, home_name) in NODES.iter().enumerate() {
             for k in 0..RECIPIENTS_PER_NODE {
-                let identity = identity_on(fleet, home);
+                let identity = identity_for(fleet, home, k);
                 // Through each of the other two nodes in turn, never home.
                 let entry = (home + 1 + k % (NODES.len() - 1)) % NODES.len();
                 let client = connect(fleet, &identity, entry).await;
@@ -241,8 +257,8 @@ impl Traffic {
         let (stop, stopped) = watch::channel(false);
         let mut sender_tasks = Vec::new();
         for (home, home_name) in NODES.iter().enumerate() {
-            for _ in 0..SENDERS_PER_NODE {
-                let identity = identity_on(fleet, home);
+            for k in 0..SENDERS_PER_NODE {
+                let identity = identity_for(fleet, home, k);
                 let client = connect(fleet, &identity, home).await;
                 let index = sender_tasks.len() as u32;
                 background.push(tokio::spawn(watch_status(
