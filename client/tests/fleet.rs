@@ -131,15 +131,7 @@ async fn nodes_with_different_maps_refuse_to_route_to_each_other() {
         }
     })
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let reason = loop {
-        let states = fleet.nodes[0].broker().link_states();
-        if let [(_, LinkState::Refused(reason))] = &states[..] {
-            break reason.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let reason = refusal_seen_by(&fleet, 0).await;
     assert!(reason.contains("fleet map mismatch"), "{reason}");
     assert!(reason.contains("epoch 2"), "{reason}");
 
@@ -158,6 +150,19 @@ async fn nodes_with_different_maps_refuse_to_route_to_each_other() {
         .expect_err("no route to bob's card");
     assert_eq!(error.code(), Some(ErrorCode::ShardUnavailable), "{error}");
     fleet.shutdown().await;
+}
+
+/// Waits until node `index`'s only link is refused; returns the reason.
+async fn refusal_seen_by(fleet: &TestFleet, index: usize) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let states = fleet.nodes[index].broker().link_states();
+        if let [(_, LinkState::Refused(reason))] = &states[..] {
+            return reason.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Sends one request to node `to` over a fresh peer link, as node `as_node`
@@ -490,15 +495,7 @@ async fn a_node_cannot_link_under_another_nodes_name() {
         }
     })
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let reason = loop {
-        let states = fleet.nodes[1].broker().link_states();
-        if let [(_, LinkState::Refused(reason))] = &states[..] {
-            break reason.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let reason = refusal_seen_by(&fleet, 1).await;
     assert!(reason.contains("does not name node node-1"), "{reason}");
     fleet.shutdown().await;
 }
