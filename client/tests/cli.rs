@@ -2,86 +2,17 @@
 //! newcomer would run them, plus the zero-knowledge check: a random canary in
 //! the messages appears neither in the broker's data directory nor in its logs.
 
+mod process;
+
 use std::io::Read;
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use process::{free_udp_port, start_broker, start_broker_with_metrics};
 
 fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_backbone-cli"))
-}
-
-/// The broker binary sits next to the CLI in the target directory; build it if
-/// this test runs before anything else built it.
-fn broker_binary() -> PathBuf {
-    let path = cli().with_file_name("backbone");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the broker failed");
-    }
-    path
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-struct BrokerProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_broker(data_dir: &Path, port: u16, log: PathBuf) -> BrokerProcess {
-    start_broker_with_metrics(data_dir, port, log, "127.0.0.1:0")
-}
-
-fn start_broker_with_metrics(
-    data_dir: &Path,
-    port: u16,
-    log: PathBuf,
-    metrics: &str,
-) -> BrokerProcess {
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(broker_binary())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--metrics-listen", metrics])
-        .env("RUST_LOG", "debug")
-        .stdout(log_file.try_clone().expect("clone"))
-        .stderr(log_file)
-        .spawn()
-        .expect("broker starts");
-    let cert = data_dir.join("tls/cert.pem");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("listening")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "broker did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(cert.exists());
-    BrokerProcess { child, log }
 }
 
 fn run_cli(args: &[&str]) -> std::process::Output {

@@ -1,0 +1,109 @@
+//! A real `backbone` process for tests: built if missing, started on a free
+//! loopback port with a data directory, its output in a log file, killed
+//! when dropped.
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// The broker binary sits next to the test's target directory's binaries;
+/// build it if this test runs before anything else built it.
+pub fn broker_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_backbone-cli")).with_file_name("backbone");
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the broker failed");
+    }
+    path
+}
+
+/// A UDP port free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running broker process.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BrokerProcess {
+    /// SIGKILL, and reap the process.
+    pub fn kill_9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+
+    /// Waits until the broker logs that it listens.
+    pub fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts a broker and waits until it listens.
+pub fn start_broker(data_dir: &Path, port: u16, log: PathBuf) -> BrokerProcess {
+    start_broker_with_metrics(data_dir, port, log, "127.0.0.1:0")
+}
+
+/// Starts a broker with its metrics on `metrics` and waits until it listens.
+pub fn start_broker_with_metrics(
+    data_dir: &Path,
+    port: u16,
+    log: PathBuf,
+    metrics: &str,
+) -> BrokerProcess {
+    let broker = spawn_broker(data_dir, port, log, metrics, "debug");
+    broker.wait_listening();
+    assert!(data_dir.join("tls/cert.pem").exists());
+    broker
+}
+
+/// Starts a broker without waiting for it.
+pub fn spawn_broker(
+    data_dir: &Path,
+    port: u16,
+    log: PathBuf,
+    metrics: &str,
+    log_level: &str,
+) -> BrokerProcess {
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(broker_binary())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--metrics-listen", metrics])
+        .env("RUST_LOG", log_level)
+        .stdout(log_file.try_clone().expect("clone"))
+        .stderr(log_file)
+        .spawn()
+        .expect("broker starts");
+    BrokerProcess { child, log }
+}
