@@ -27,7 +27,7 @@ use tokio::sync::watch;
 /// Cycles in the default (CI) run.
 const CYCLES: u32 = 6;
 const SENDERS: usize = 3;
-const RECIPIENTS: usize = 3;
+const RECIPIENTS: usize = 4;
 /// Pause between two sends of one sender.
 const SEND_EVERY: Duration = Duration::from_millis(5);
 /// Marks this run's payloads: 8 bytes of run id, then sender and counter.
@@ -70,6 +70,30 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(CYCLES);
+    let verdict = crash_loop(cycles, false).await;
+    assert!(
+        verdict.acked > 100,
+        "too little was acknowledged: {verdict:?}"
+    );
+    let failures = verdict.failures();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// The same loop against a broker that acknowledges appends before writing
+/// them (a test-only sabotage, see the `unsafe-early-ack` feature): the
+/// checker must see acknowledged envelopes lost. A checker that passed here
+/// would prove nothing above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_broker_that_acks_before_the_flush() {
+    let verdict = crash_loop(4, true).await;
+    assert!(
+        verdict.lost > 0,
+        "acking before the flush lost nothing across 4 crashes: {verdict:?}"
+    );
+}
+
+/// Runs the loop for `cycles` crashes and returns the checker's verdict.
+async fn crash_loop(cycles: u32, early_ack: bool) -> check::Verdict {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let port = free_udp_port();
@@ -80,6 +104,10 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
             dir.path().join(format!("broker-{n}.log")),
             "127.0.0.1:0",
             "info",
+            &[(
+                "BACKBONE_UNSAFE_EARLY_ACK",
+                if early_ack { "1" } else { "0" },
+            )],
         )
     };
     let mut broker: BrokerProcess = start(0);
@@ -92,12 +120,12 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
     let addresses: Vec<_> = recipients.iter().map(Identity::address).collect();
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
-    for (index, identity) in recipients.iter().enumerate() {
-        let client = Client::connect(options(port, &ca, identity))
-            .await
-            .expect("recipient connects");
+    // Even recipients stay connected (pushes, reconnects after each crash);
+    // odd ones connect only after the loop and read everything from the
+    // store, so a write that never became durable shows as a loss there.
+    let receive = |index: usize, client: Client| {
         let ledger = ledger.clone();
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             while let Some(delivery) = client.next_delivery().await {
                 match decode(run, &delivery.envelope) {
                     Some(id) => ledger.lock().expect("ledger").delivered((id, index)),
@@ -105,7 +133,13 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
                 }
                 let _ = client.ack(delivery.seq).await;
             }
-        }));
+        })
+    };
+    for (index, identity) in recipients.iter().enumerate().step_by(2) {
+        let client = Client::connect(options(port, &ca, identity))
+            .await
+            .expect("recipient connects");
+        tasks.push(receive(index, client));
     }
     let mut senders = Vec::new();
     for sender in 0..SENDERS as u32 {
@@ -150,6 +184,17 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
     let mut early_kills = 0;
     for cycle in 0..cycles {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
+        if early_ack {
+            // Kill right after an acknowledgement, inside the window where
+            // the sabotaged broker has acked but not yet written.
+            let acked = ledger.lock().expect("ledger").verdict().acked;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while ledger.lock().expect("ledger").verdict().acked == acked
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
         broker.kill_9();
         if cycle % 2 == 1 {
             runs += 1;
@@ -167,7 +212,14 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
         let _ = tokio::time::timeout(Duration::from_secs(10), sender).await;
     }
 
-    // Drain: every acknowledged copy arrived and nothing new for 2 s, or 60 s.
+    for (index, identity) in recipients.iter().enumerate().skip(1).step_by(2) {
+        let client = Client::connect(options(port, &ca, identity))
+            .await
+            .expect("offline recipient connects");
+        tasks.push(receive(index, client));
+    }
+
+    // Drain.
     let drain_started = Instant::now();
     let mut last_count = (0, Instant::now());
     loop {
@@ -178,7 +230,11 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
         if count != last_count.0 {
             last_count = (count, Instant::now());
         }
-        if (done && last_count.1.elapsed() > Duration::from_secs(2))
+        // Done: everything acknowledged arrived and 2 s passed quietly; or
+        // nothing arrived for 8 s (what is missing then is lost); or 60 s.
+        let quiet = last_count.1.elapsed();
+        if (done && quiet > Duration::from_secs(2))
+            || quiet > Duration::from_secs(8)
             || drain_started.elapsed() > Duration::from_secs(60)
         {
             break;
@@ -190,13 +246,13 @@ async fn acknowledged_envelopes_survive_a_crash_loop() {
     }
     let verdict = ledger.lock().expect("ledger").verdict();
     println!(
-        "crash loop: {cycles} cycles ({early_kills} killed during recovery): {}",
+        "crash loop{}: {cycles} cycles ({early_kills} killed during recovery): {}",
+        if early_ack {
+            " (broker acking early)"
+        } else {
+            ""
+        },
         verdict.summary()
     );
-    assert!(
-        verdict.acked > 100,
-        "too little was acknowledged: {verdict:?}"
-    );
-    let failures = verdict.failures();
-    assert!(failures.is_empty(), "{failures:?}");
+    verdict
 }

@@ -233,7 +233,12 @@ impl Batch {
     }
 
     /// Applies the requests in order with as few flushes as possible, then answers them.
-    fn commit(self, store: &dyn Store) {
+    #[cfg_attr(not(feature = "unsafe-early-ack"), allow(unused_mut))]
+    fn commit(mut self, store: &dyn Store) {
+        #[cfg(feature = "unsafe-early-ack")]
+        if early_ack::enabled() {
+            self.ack_appends_early();
+        }
         let mut commit = Commit {
             store,
             pending: Vec::new(),
@@ -300,6 +305,42 @@ impl Batch {
                 }
             }
         }
+    }
+}
+
+/// Test-only sabotage, compiled in only with the `unsafe-early-ack` feature
+/// (which the test suite enables and no release build has) and active only
+/// with `BACKBONE_UNSAFE_EARLY_ACK=1`: appends are acknowledged before they
+/// are written, and written a moment later. It exists so the crash-loop test
+/// can show that its checker catches a broker that acks before the flush.
+#[cfg(feature = "unsafe-early-ack")]
+mod early_ack {
+    use std::sync::OnceLock;
+
+    pub fn enabled() -> bool {
+        static ENABLED: OnceLock<bool> = OnceLock::new();
+        *ENABLED.get_or_init(|| {
+            let on = std::env::var("BACKBONE_UNSAFE_EARLY_ACK").is_ok_and(|v| v == "1");
+            if on {
+                tracing::error!(
+                    "BACKBONE_UNSAFE_EARLY_ACK=1: acknowledging appends before they are durable"
+                );
+            }
+            on
+        })
+    }
+}
+
+#[cfg(feature = "unsafe-early-ack")]
+impl Batch {
+    fn ack_appends_early(&mut self) {
+        for request in &mut self.requests {
+            if let Request::Append { done, .. } = request {
+                let (unheard, _) = oneshot::channel();
+                let _ = std::mem::replace(done, unheard).send(Ok(()));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

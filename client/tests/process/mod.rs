@@ -8,18 +8,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// The broker binary sits next to the test's target directory's binaries;
-/// build it if this test runs before anything else built it.
+/// The broker binary of this target directory, brought up to date once per
+/// test process (with the test-only `unsafe-early-ack` feature compiled in,
+/// inert unless `BACKBONE_UNSAFE_EARLY_ACK=1` is set), so the tests never run
+/// a stale broker.
 pub fn broker_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_backbone-cli")).with_file_name("backbone");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the broker failed");
-    }
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
+                .args(["--features", "unsafe-early-ack"])
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the broker failed");
+            PathBuf::from(env!("CARGO_BIN_EXE_backbone-cli")).with_file_name("backbone")
+        })
+        .clone()
 }
 
 /// A UDP port free a moment ago.
@@ -80,7 +85,7 @@ pub fn start_broker_with_metrics(
     log: PathBuf,
     metrics: &str,
 ) -> BrokerProcess {
-    let broker = spawn_broker(data_dir, port, log, metrics, "debug");
+    let broker = spawn_broker(data_dir, port, log, metrics, "debug", &[]);
     broker.wait_listening();
     assert!(data_dir.join("tls/cert.pem").exists());
     broker
@@ -93,6 +98,7 @@ pub fn spawn_broker(
     log: PathBuf,
     metrics: &str,
     log_level: &str,
+    env: &[(&str, &str)],
 ) -> BrokerProcess {
     let log_file = std::fs::File::create(&log).expect("log file");
     let child = Command::new(broker_binary())
@@ -101,6 +107,7 @@ pub fn spawn_broker(
         .arg(data_dir)
         .args(["--metrics-listen", metrics])
         .env("RUST_LOG", log_level)
+        .envs(env.iter().copied())
         .stdout(log_file.try_clone().expect("clone"))
         .stderr(log_file)
         .spawn()
