@@ -55,12 +55,12 @@ pub enum MailboxMsg {
         /// The senders to answer.
         replies: Vec<RpcReplyPort<Result<u64, StoreError>>>,
     },
-    /// Register a device session; answered with the current durable head.
+    /// Register a device session; answered with the mailbox's durable head.
     Subscribe {
         /// The subscription.
         subscriber: Subscriber,
-        /// The highest durable sequence number at subscription time.
-        reply: RpcReplyPort<u64>,
+        /// The highest durable sequence number, kept current by the actor.
+        reply: RpcReplyPort<Arc<AtomicU64>>,
     },
     /// Remove a subscription.
     Unsubscribe {
@@ -92,8 +92,11 @@ pub struct MailboxState {
     context: Arc<MailboxContext>,
     /// The last sequence number handed out.
     last_seq: u64,
-    /// The highest sequence number known durable.
-    durable_seq: u64,
+    /// The highest sequence number known durable, shared with subscribers:
+    /// they never read past it from the store, because an envelope the
+    /// writer has inserted but not yet flushed is visible to reads and may
+    /// still vanish in a crash (and its sequence number be reused).
+    durable_seq: Arc<AtomicU64>,
     pending_writes: usize,
     subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
@@ -159,7 +162,7 @@ impl Actor for MailboxActor {
             address,
             context: args.context,
             last_seq: head,
-            durable_seq: head,
+            durable_seq: Arc::new(AtomicU64::new(head)),
             pending_writes: 0,
             subscribers: HashMap::new(),
             last_activity: Instant::now(),
@@ -224,14 +227,14 @@ impl Actor for MailboxActor {
                 }
                 if result.is_ok() {
                     for envelope in envelopes {
-                        state.durable_seq = state.durable_seq.max(envelope.seq);
+                        state.durable_seq.fetch_max(envelope.seq, Ordering::AcqRel);
                         notify(&state.subscribers, &envelope);
                     }
                 }
             }
             MailboxMsg::Subscribe { subscriber, reply } => {
                 state.last_activity = Instant::now();
-                let _ = reply.send(state.durable_seq);
+                let _ = reply.send(state.durable_seq.clone());
                 state.subscribers.insert(subscriber.id, subscriber);
             }
             MailboxMsg::Unsubscribe { id } => {
@@ -394,14 +397,15 @@ impl Registry {
         Ok(result?)
     }
 
-    /// Subscribes a device session; returns the durable head at that moment.
+    /// Subscribes a device session; returns the mailbox's durable head, which
+    /// the actor keeps current.
     pub async fn subscribe(
         &self,
         address: &Address,
         id: u64,
         tx: mpsc::Sender<Arc<StoredEnvelope>>,
         lagged: Arc<AtomicBool>,
-    ) -> Result<u64, MailboxError> {
+    ) -> Result<Arc<AtomicU64>, MailboxError> {
         self.call(address, |reply| MailboxMsg::Subscribe {
             subscriber: Subscriber {
                 id,

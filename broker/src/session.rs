@@ -595,12 +595,15 @@ async fn deliver(
     let lagged = Arc::new(AtomicBool::new(false));
     let subscriber = shared.registry.next_subscriber_id();
     let address = session.address;
-    let mut known_head = match shared
+    // Only envelopes up to the durable head are ever pushed: the store's
+    // reads also see envelopes inserted but not yet flushed, which a crash
+    // may still take back (and their sequence numbers be handed out again).
+    let durable = match shared
         .registry
         .subscribe(&address, subscriber, tx, lagged.clone())
         .await
     {
-        Ok(head) => head,
+        Ok(durable) => durable,
         Err(error) => {
             warn!(%error, "cannot subscribe to mailbox");
             let _ = out
@@ -609,6 +612,7 @@ async fn deliver(
             return;
         }
     };
+    let mut known_head = durable.load(Ordering::Acquire);
     let mut acked = session.acked_seq;
     let mut sent = acked;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
@@ -617,7 +621,9 @@ async fn deliver(
         // Catch up from the store while behind and the window has room.
         while sent < known_head && in_flight.len() < window {
             let store = shared.store.clone();
-            let (from, limit, now) = (sent + 1, window - in_flight.len(), (shared.clock)());
+            let behind = usize::try_from(known_head - sent).unwrap_or(usize::MAX);
+            let limit = (window - in_flight.len()).min(behind);
+            let (from, now) = (sent + 1, (shared.clock)());
             let batch = match tokio::task::spawn_blocking(move || {
                 store.read_from(&address, from, limit, now)
             })
@@ -630,12 +636,16 @@ async fn deliver(
                 }
                 Err(_) => break 'session,
             };
-            if batch.is_empty() {
+            let ready: Vec<_> = batch
+                .into_iter()
+                .take_while(|envelope| envelope.seq <= known_head)
+                .collect();
+            if ready.is_empty() {
+                // Nothing durable is left below the head (expired or deleted).
                 sent = known_head;
                 break;
             }
-            for envelope in batch {
-                known_head = known_head.max(envelope.seq);
+            for envelope in ready {
                 sent = envelope.seq;
                 in_flight.push_back(envelope.seq);
                 if out.send(deliver_frame(&shared, &envelope)).await.is_err() {
@@ -677,14 +687,9 @@ async fn deliver(
             }
         }
         if lagged.swap(false, Ordering::AcqRel) {
-            // Live envelopes were dropped for this slow device: learn the head
-            // from the store and catch up from there.
-            let store = shared.store.clone();
-            if let Ok(Ok(head)) =
-                tokio::task::spawn_blocking(move || store.head_seq(&address)).await
-            {
-                known_head = known_head.max(head);
-            }
+            // Live envelopes were dropped for this slow device: catch up from
+            // the store, up to the durable head.
+            known_head = known_head.max(durable.load(Ordering::Acquire));
         }
     }
     shared.registry.unsubscribe(&address, subscriber);
