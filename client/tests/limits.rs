@@ -135,3 +135,63 @@ async fn address_validation_is_required_above_the_connection_rate() {
     assert_eq!(broker.broker().retries(), 0);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_cannot_open_streams_without_end() {
+    let broker = TestBroker::start().await;
+    let raw = RawConnection::connect(&broker.connect_config())
+        .await
+        .expect("connects");
+    let limit = broker.config.transport.max_concurrent_bidi_streams;
+    let connection = raw.connection().clone();
+    let mut open = Vec::new();
+    // The first stream is the one `connect` opened for the protocol.
+    for _ in 1..limit {
+        let (mut send, recv) = connection.open_bi().await.expect("within the limit");
+        // A stream exists for the peer only once something is sent on it.
+        send.write_all(&[0]).await.expect("write");
+        open.push((send, recv));
+    }
+    let beyond = tokio::time::timeout(Duration::from_millis(500), connection.open_bi()).await;
+    assert!(
+        beyond.is_err(),
+        "a stream beyond transport.max_concurrent_bidi_streams opened"
+    );
+    drop(open);
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_reads_does_not_hold_up_others() {
+    let broker = TestBroker::start_with(|config| config.limits.send_rate = 0).await;
+    let (stuck, alice, bob) = (Identity::new(), Identity::new(), Identity::new());
+    // The stuck device authenticates and then never reads its stream again.
+    let mut raw = RawConnection::connect(&broker.connect_config())
+        .await
+        .expect("connects");
+    raw.authenticate(&backbone_client::transport::Credentials::primary(
+        &stuck.signing,
+    ))
+    .await
+    .expect("authenticates");
+    let bob_client = bob.connect(&broker).await;
+    let alice_client = alice.connect(&broker).await;
+    // Far more than the push window and the stream's flow-control window.
+    let big = vec![7u8; 32 * 1024];
+    for _ in 0..400 {
+        alice_client
+            .send_envelope(&[stuck.address()], big.clone(), HOUR)
+            .await
+            .expect("stored for the stuck device");
+    }
+    // Bob still gets his messages at once.
+    let ack = alice_client
+        .send_envelope(&[bob.address()], b"still flowing".to_vec(), HOUR)
+        .await
+        .expect("sent");
+    assert_eq!(ack.stored.len(), 1);
+    let delivery = support::next_delivery(&bob_client, Duration::from_secs(5)).await;
+    assert_eq!(delivery.envelope, b"still flowing");
+    drop(raw);
+    broker.shutdown().await;
+}
