@@ -57,15 +57,16 @@ pub struct Fleet {
     handoffs: Mutex<Vec<(Move, String)>>,
 }
 
-/// The store key recording that `to` has every mailbox of a move.
+/// The store key recording that a move finished, on this node's side
+/// (`in`: every mailbox arrived; `out`: the new owner confirmed them all).
 fn handoff_key(direction: &str, epoch: u64, peer: &str) -> String {
     format!("handoff/{direction}/{epoch}/{peer}")
 }
 
 impl Fleet {
     /// The fleet of a broker: a single node without `fleet.file`, else the
-    /// loaded map with this node in it and links to every peer (dialed lazily
-    /// in the background once [`Fleet::start_links`] runs).
+    /// loaded map with this node in it; [`Fleet::start_links`] then dials
+    /// every peer in the background.
     pub fn from_config(config: &Config, public: String) -> anyhow::Result<Fleet> {
         let fleet = &config.fleet;
         let (Some(file), Some(node), Some(pki_dir)) = (&fleet.file, &fleet.node, &fleet.pki_dir)
