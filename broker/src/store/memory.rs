@@ -6,7 +6,7 @@
 //! [`MemoryStore::inject_append_failures`] makes appends fail on demand.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use backbone_protocol::bytes::ServerId;
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
@@ -17,6 +17,9 @@ use super::{Append, MailboxExport, Store, StoreError, StoredEnvelope};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// While `true`, appends wait after writing (see [`MemoryStore::hold_appends`]).
+    held: Mutex<bool>,
+    released: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +51,19 @@ impl MemoryStore {
         if let Ok(mut inner) = self.lock() {
             inner.failing_appends = count;
         }
+    }
+
+    /// Until [`MemoryStore::release_appends`], every [`Store::append_batch`]
+    /// writes its envelopes (reads see them) and then waits before returning:
+    /// a flush that has not returned yet, the state a crash could still undo.
+    pub fn hold_appends(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets held and later appends return.
+    pub fn release_appends(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.released.notify_all();
     }
 
     /// How many `append_batch` calls have succeeded; each stands for one flush.
@@ -87,6 +103,11 @@ impl Store for MemoryStore {
             *head = (*head).max(envelope.seq);
         }
         inner.append_batches += 1;
+        drop(inner);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
         metrics::counter!("backbone_store_appends_total").increment(items.len() as u64);
         Ok(())
     }
