@@ -127,7 +127,13 @@ impl Broker {
         let endpoint = transport::server_endpoint(&config, tls_config, &reset_key)?;
         let quic_addr = endpoint.local_addr()?;
 
-        let config_limits = config.limits.clone();
+        let send_limiter = quota(config.limits.send_rate, config.limits.send_burst)
+            .map(governor::RateLimiter::dashmap);
+        let connect_limiter = quota(
+            config.limits.retry_above_rate,
+            config.limits.retry_above_rate,
+        )
+        .map(governor::RateLimiter::direct);
         let (stop, shutdown) = watch::channel(false);
         let peer = fleet.start_links(&config, shutdown.clone(), &reset_key)?;
         let peer_addr = peer.as_ref().map(|(_, addr)| *addr);
@@ -184,13 +190,8 @@ impl Broker {
             clock,
             shutdown,
             fleet,
-            send_limiter: quota(config_limits.send_rate, config_limits.send_burst)
-                .map(governor::RateLimiter::dashmap),
-            connect_limiter: quota(
-                config_limits.retry_above_rate,
-                config_limits.retry_above_rate,
-            )
-            .map(governor::RateLimiter::direct),
+            send_limiter,
+            connect_limiter,
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
         });
