@@ -330,8 +330,7 @@ fn kill_9_loses_no_acknowledged_envelope_and_sigterm_exits_cleanly() {
     );
 
     // SIGKILL: no shutdown path runs. What was acknowledged must still be there.
-    broker.child.kill().expect("kill -9");
-    broker.child.wait().expect("reaped");
+    broker.kill_9();
     let broker = start_broker_with_metrics(&data, port, dir.path().join("broker2.log"), &metrics);
     let output = run_cli(&[
         "listen",
@@ -413,8 +412,7 @@ fn clients_of_a_crashed_broker_notice_on_their_next_packet() {
         .expect("connects")
     });
 
-    broker.child.kill().expect("kill -9");
-    broker.child.wait().expect("reaped");
+    broker.kill_9();
     let _broker = start_broker(&data, port, dir.path().join("broker2.log"));
     let restarted = Instant::now();
     // The client's idle timeout is quinn's 30 s: noticing well before it

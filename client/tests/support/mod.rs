@@ -90,14 +90,7 @@ impl TestBroker {
             .await
             {
                 Ok(broker) => break broker,
-                // sled's background flusher releases the store's file lock a
-                // moment after the last handle is dropped.
-                Err(error)
-                    if attempts < 50
-                        && ["in use", "could not acquire lock"]
-                            .iter()
-                            .any(|m| format!("{error:#}").contains(m)) =>
-                {
+                Err(error) if attempts < 50 && format!("{error:#}").contains("in use") => {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -218,6 +211,23 @@ pub fn fleet_map_text(epoch: u64, nodes: &[(String, u16, u16)]) -> String {
     text
 }
 
+/// Makes `config` the node `name` of a loopback fleet.
+fn fleet_node_config(
+    config: &mut Config,
+    name: &str,
+    public: u16,
+    peer: u16,
+    map_path: &std::path::Path,
+    pki: &std::path::Path,
+) {
+    config.server.listen = format!("127.0.0.1:{public}").parse().expect("addr");
+    config.fleet.file = Some(map_path.to_owned());
+    config.fleet.node = Some(name.to_owned());
+    config.fleet.listen = format!("127.0.0.1:{peer}").parse().expect("addr");
+    config.fleet.pki_dir = Some(pki.to_owned());
+    config.fleet.forward_timeout = Duration::from_secs(3);
+}
+
 impl TestFleet {
     /// Starts `count` nodes and waits until every link is up.
     pub async fn start(count: usize) -> TestFleet {
@@ -244,12 +254,7 @@ impl TestFleet {
         let mut nodes = Vec::new();
         for (i, (name, public, peer)) in entries.iter().enumerate() {
             let node = TestBroker::start_with(|config| {
-                config.server.listen = format!("127.0.0.1:{public}").parse().expect("addr");
-                config.fleet.file = Some(map_path.clone());
-                config.fleet.node = Some(name.clone());
-                config.fleet.listen = format!("127.0.0.1:{peer}").parse().expect("addr");
-                config.fleet.pki_dir = Some(pki.path().to_owned());
-                config.fleet.forward_timeout = Duration::from_secs(3);
+                fleet_node_config(config, name, *public, *peer, &map_path, pki.path());
                 adjust(i, config);
             })
             .await;
@@ -270,12 +275,7 @@ impl TestFleet {
             .expect("pki");
         let (map_path, pki) = (self.map_path(), self.pki.path().to_owned());
         let node = TestBroker::start_with(|config| {
-            config.server.listen = format!("127.0.0.1:{public}").parse().expect("addr");
-            config.fleet.file = Some(map_path);
-            config.fleet.node = Some(name.to_owned());
-            config.fleet.listen = format!("127.0.0.1:{peer}").parse().expect("addr");
-            config.fleet.pki_dir = Some(pki);
-            config.fleet.forward_timeout = Duration::from_secs(3);
+            fleet_node_config(config, name, public, peer, &map_path, &pki);
         })
         .await;
         self.nodes.push(node);
