@@ -332,8 +332,20 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         assert!(tokio::time::Instant::now() < deadline, "{status} {source}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Keep sending a moment on the new map, then stop.
+    // Keep sending on the new map until a fair amount reached the mover (on
+    // a busy machine the procedure may have left little), then stop.
+    let enough = tokio::time::Instant::now() + Duration::from_secs(20);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    while acked
+        .lock()
+        .expect("lock")
+        .get(&mover.address().0)
+        .map_or(0, BTreeSet::len)
+        <= 10
+        && tokio::time::Instant::now() < enough
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     traffic.await.expect("traffic task");
 
