@@ -140,6 +140,10 @@ pub struct LimitsConfig {
     pub send_rate: u32,
     /// Envelope copies an identity may send at once after being idle.
     pub send_burst: u32,
+    /// Most unexpired envelopes one mailbox may hold; 0: no limit.
+    pub mailbox_max_envelopes: u64,
+    /// Most envelope bytes one mailbox may hold; 0: no limit.
+    pub mailbox_max_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -155,6 +159,8 @@ impl Default for LimitsConfig {
             retry_above_rate: 2_000,
             send_rate: 1_000,
             send_burst: 2_000,
+            mailbox_max_envelopes: 100_000,
+            mailbox_max_bytes: ByteSize::mib(512),
         }
     }
 }

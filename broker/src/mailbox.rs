@@ -22,7 +22,12 @@ use dashmap::DashMap;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Append, Store, StoreError, StoredEnvelope, WriteHandle};
+use crate::server::Clock;
+use crate::store::{Append, MailboxUsage, Store, StoreError, StoredEnvelope, WriteHandle};
+
+/// How often a mailbox that looks full may recount what it stores, to notice
+/// room freed by expiry (deletes by the owner reset the count at once).
+const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A device session's subscription to its mailbox.
 #[derive(Debug)]
@@ -43,8 +48,8 @@ pub enum MailboxMsg {
     Append {
         /// The envelope; `seq` is assigned by the actor.
         envelope: StoredEnvelope,
-        /// Answered after the flush.
-        reply: RpcReplyPort<Result<u64, StoreError>>,
+        /// Answered after the flush, or at once if the mailbox is full.
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
     },
     /// Internal: the writer finished a batch of this mailbox's appends.
     Durable {
@@ -53,7 +58,7 @@ pub enum MailboxMsg {
         /// The flush outcome.
         result: Result<(), StoreError>,
         /// The senders to answer.
-        replies: Vec<RpcReplyPort<Result<u64, StoreError>>>,
+        replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
     },
     /// Register a device session; answered with the mailbox's durable head.
     Subscribe {
@@ -67,8 +72,43 @@ pub enum MailboxMsg {
         /// The subscription id.
         id: u64,
     },
+    /// Envelopes were deleted from the mailbox outside the actor: its quota
+    /// count is stale and is taken again before the next append.
+    Freed,
     /// Internal timer: stop if idle.
     IdleCheck,
+}
+
+/// How much one mailbox may hold; 0 means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MailboxQuota {
+    /// Most unexpired envelopes stored.
+    pub max_envelopes: u64,
+    /// Most envelope bytes stored (the sum of the opaque envelope lengths).
+    pub max_bytes: u64,
+}
+
+impl MailboxQuota {
+    fn is_unlimited(&self) -> bool {
+        self.max_envelopes == 0 && self.max_bytes == 0
+    }
+
+    /// Why `usage` plus one envelope of `len` bytes would be over the quota.
+    fn refusal(&self, usage: MailboxUsage, len: u64) -> Option<String> {
+        if self.max_envelopes != 0 && usage.envelopes + 1 > self.max_envelopes {
+            return Some(format!(
+                "the mailbox holds its limit of {} envelopes",
+                self.max_envelopes
+            ));
+        }
+        if self.max_bytes != 0 && usage.bytes + len > self.max_bytes {
+            return Some(format!(
+                "the mailbox would hold more than its limit of {} envelope bytes",
+                self.max_bytes
+            ));
+        }
+        None
+    }
 }
 
 /// What every mailbox actor shares.
@@ -81,6 +121,10 @@ pub struct MailboxContext {
     pub idle_timeout: Duration,
     /// The registry, so an idle actor can remove itself.
     pub actors: DashMap<Address, ActorRef<MailboxMsg>>,
+    /// Per-mailbox storage limits.
+    pub quota: MailboxQuota,
+    /// The broker's clock, to tell expired envelopes when counting usage.
+    pub clock: Clock,
 }
 
 /// The mailbox actor; holds no state of its own (see [`MailboxState`]).
@@ -98,6 +142,14 @@ pub struct MailboxState {
     /// still vanish in a crash (and its sequence number be reused).
     durable_seq: Arc<AtomicU64>,
     pending_writes: usize,
+    /// What the mailbox stores plus what is being written, for the quota: an
+    /// upper bound, because expiry and deletes outside the actor only lower
+    /// the real figure. `None` until first counted, and after a delete.
+    usage: Option<MailboxUsage>,
+    /// When `usage` was last counted from the store.
+    counted_at: Option<Instant>,
+    /// Envelopes handed to the writer and not yet reported durable.
+    in_flight: MailboxUsage,
     subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
     forwarder: mpsc::UnboundedSender<PendingWrite>,
@@ -106,7 +158,7 @@ pub struct MailboxState {
 struct PendingWrite {
     done: oneshot::Receiver<Result<(), StoreError>>,
     envelopes: Vec<Arc<StoredEnvelope>>,
-    replies: Vec<RpcReplyPort<Result<u64, StoreError>>>,
+    replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
 }
 
 /// Arguments for spawning a mailbox actor.
@@ -150,7 +202,8 @@ impl Actor for MailboxActor {
                 })) = actor.cast(message)
                 {
                     for (reply, envelope) in replies.into_iter().zip(envelopes) {
-                        let _ = reply.send(result.clone().map(|()| envelope.seq));
+                        let outcome = result.clone().map(|()| envelope.seq);
+                        let _ = reply.send(outcome.map_err(MailboxError::Store));
                     }
                 }
             }
@@ -164,6 +217,9 @@ impl Actor for MailboxActor {
             last_seq: head,
             durable_seq: Arc::new(AtomicU64::new(head)),
             pending_writes: 0,
+            usage: None,
+            counted_at: None,
+            in_flight: MailboxUsage::default(),
             subscribers: HashMap::new(),
             last_activity: Instant::now(),
             forwarder,
@@ -195,6 +251,11 @@ impl Actor for MailboxActor {
                 reply,
             } => {
                 state.last_activity = Instant::now();
+                if let Some(refusal) = state.admit(envelope.envelope.len() as u64).await? {
+                    metrics::counter!("backbone_quota_refusals_total").increment(1);
+                    let _ = reply.send(Err(MailboxError::QuotaExceeded(refusal)));
+                    return Ok(());
+                }
                 state.last_seq += 1;
                 envelope.seq = state.last_seq;
                 let envelope = Arc::new(envelope);
@@ -223,7 +284,22 @@ impl Actor for MailboxActor {
             } => {
                 state.pending_writes -= 1;
                 for (reply, envelope) in replies.into_iter().zip(&envelopes) {
-                    let _ = reply.send(result.clone().map(|()| envelope.seq));
+                    let outcome = result.clone().map(|()| envelope.seq);
+                    let _ = reply.send(outcome.map_err(MailboxError::Store));
+                }
+                if !state.context.quota.is_unlimited() {
+                    for envelope in &envelopes {
+                        let len = envelope.envelope.len() as u64;
+                        state.in_flight.envelopes = state.in_flight.envelopes.saturating_sub(1);
+                        state.in_flight.bytes = state.in_flight.bytes.saturating_sub(len);
+                        // Not stored (or not durably): stop counting it. A
+                        // partial write that did become visible is found by
+                        // the next recount.
+                        if let (Err(_), Some(usage)) = (&result, &mut state.usage) {
+                            usage.envelopes = usage.envelopes.saturating_sub(1);
+                            usage.bytes = usage.bytes.saturating_sub(len);
+                        }
+                    }
                 }
                 if result.is_ok() {
                     for envelope in envelopes {
@@ -241,6 +317,7 @@ impl Actor for MailboxActor {
                 state.last_activity = Instant::now();
                 state.subscribers.remove(&id);
             }
+            MailboxMsg::Freed => state.usage = None,
             MailboxMsg::IdleCheck => {
                 state
                     .subscribers
@@ -263,6 +340,47 @@ impl Actor for MailboxActor {
     }
 }
 
+impl MailboxState {
+    /// Checks one more envelope of `len` bytes against the quota and counts
+    /// it; returns why it is refused instead, if it is. Counting reads the
+    /// whole mailbox, so it happens when the actor first needs it, after a
+    /// delete, and, while the mailbox looks full, at most once per
+    /// [`RECOUNT_INTERVAL`] to notice room freed by expiry.
+    async fn admit(&mut self, len: u64) -> Result<Option<String>, ActorProcessingErr> {
+        let quota = self.context.quota;
+        if quota.is_unlimited() {
+            return Ok(None);
+        }
+        let stale = self
+            .counted_at
+            .is_none_or(|at| at.elapsed() >= RECOUNT_INTERVAL);
+        let full = |usage: Option<MailboxUsage>| usage.and_then(|u| quota.refusal(u, len));
+        if self.usage.is_none() || (full(self.usage).is_some() && stale) {
+            let store = self.context.store.clone();
+            let (address, now_ms) = (self.address, (self.context.clock)());
+            let counted =
+                tokio::task::spawn_blocking(move || store.usage(&address, now_ms)).await??;
+            // Appends in flight may or may not be in the store's count yet;
+            // adding them keeps the figure an upper bound.
+            self.usage = Some(MailboxUsage {
+                envelopes: counted.envelopes + self.in_flight.envelopes,
+                bytes: counted.bytes + self.in_flight.bytes,
+            });
+            self.counted_at = Some(Instant::now());
+        }
+        if let Some(refusal) = full(self.usage) {
+            return Ok(Some(refusal));
+        }
+        if let Some(usage) = &mut self.usage {
+            usage.envelopes += 1;
+            usage.bytes += len;
+        }
+        self.in_flight.envelopes += 1;
+        self.in_flight.bytes += len;
+        Ok(None)
+    }
+}
+
 fn notify(subscribers: &HashMap<u64, Subscriber>, envelope: &Arc<StoredEnvelope>) {
     for subscriber in subscribers.values() {
         if subscriber.tx.try_send(envelope.clone()).is_err() {
@@ -277,6 +395,9 @@ pub enum MailboxError {
     /// Storage failed; nothing was acknowledged.
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
+    /// The mailbox holds as much as its quota allows.
+    #[error("mailbox quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// The actor did not answer in time.
     #[error("mailbox did not answer in time")]
     Timeout,
@@ -290,6 +411,7 @@ impl MailboxError {
     pub fn code(&self) -> ErrorCode {
         match self {
             MailboxError::Store(_) => ErrorCode::StorageFailure,
+            MailboxError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             MailboxError::Timeout => ErrorCode::Overloaded,
             MailboxError::Unavailable(_) => ErrorCode::Internal,
         }
@@ -388,13 +510,19 @@ impl Registry {
         address: &Address,
         envelope: StoredEnvelope,
     ) -> Result<u64, MailboxError> {
-        let result = self
-            .call(address, |reply| MailboxMsg::Append {
-                envelope: envelope.clone(),
-                reply,
-            })
-            .await?;
-        Ok(result?)
+        self.call(address, |reply| MailboxMsg::Append {
+            envelope: envelope.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Tells a live mailbox actor that envelopes were deleted outside it, so
+    /// its quota count is taken again.
+    pub fn freed(&self, address: &Address) {
+        if let Some(actor) = self.context.actors.get(address) {
+            let _ = actor.cast(MailboxMsg::Freed);
+        }
     }
 
     /// Subscribes a device session; returns the mailbox's durable head, which

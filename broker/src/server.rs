@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::fleet::Fleet;
-use crate::mailbox::{MailboxContext, Registry};
+use crate::mailbox::{MailboxContext, MailboxQuota, Registry};
 use crate::store::{SledStore, Store, WriteHandle, Writer};
 use crate::supervisor::{ExpiryArgs, RootArgs, RootSupervisor};
 use crate::{metrics_http, tls, transport};
@@ -162,6 +162,11 @@ impl Broker {
             writer: write_handle.clone(),
             idle_timeout: config.mailbox.idle_timeout,
             actors: DashMap::new(),
+            quota: MailboxQuota {
+                max_envelopes: config.limits.mailbox_max_envelopes,
+                max_bytes: config.limits.mailbox_max_bytes.as_u64(),
+            },
+            clock: clock.clone(),
         });
         let expiry = ExpiryArgs {
             store: store.clone(),

@@ -501,6 +501,9 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             match shared.writer.delete(address, delete.seqs).await {
                 Ok(count) => {
                     metrics::counter!("backbone_envelopes_deleted_total").increment(count as u64);
+                    if count > 0 {
+                        shared.registry.freed(&address);
+                    }
                     Frame::Done(Done { request_id: id })
                 }
                 Err(error) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use backbone_client::transport::RawConnection;
 use backbone_client::{Client, ClientError};
 use backbone_protocol::ErrorCode;
-use support::{Identity, TestBroker};
+use support::{Identity, TestBroker, next_delivery};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -193,5 +193,108 @@ async fn a_receiver_that_never_reads_does_not_hold_up_others() {
     let delivery = support::next_delivery(&bob_client, Duration::from_secs(5)).await;
     assert_eq!(delivery.envelope, b"still flowing");
     drop(raw);
+    broker.shutdown().await;
+}
+
+/// The codes of the recipients a send failed for.
+fn failed_codes(ack: &backbone_protocol::frame::SendAck) -> Vec<Option<ErrorCode>> {
+    ack.failed
+        .iter()
+        .map(|failed| ErrorCode::from_u16(failed.code))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_full_mailbox_refuses_more_until_envelopes_are_deleted_or_expire() {
+    let broker = TestBroker::start_with(|config| {
+        config.limits.mailbox_max_envelopes = 3;
+        config.limits.mailbox_max_bytes = bytesize::ByteSize::b(1_000);
+        config.expiry.interval = Duration::from_millis(20);
+    })
+    .await;
+    let (alice, bob, carol) = (Identity::new(), Identity::new(), Identity::new());
+    let bob_client = bob.connect(&broker).await;
+    let alice_client = alice.connect(&broker).await;
+    carol.connect(&broker).await;
+
+    // Three envelopes fill bob's count; the fourth is refused for bob only,
+    // while carol, in the same send, still gets hers.
+    for _ in 0..3 {
+        let ack = alice_client
+            .send_envelope(&[bob.address()], vec![1; 10], HOUR)
+            .await
+            .expect("send");
+        assert!(ack.failed.is_empty(), "{ack:?}");
+    }
+    let ack = alice_client
+        .send_envelope(&[bob.address(), carol.address()], vec![1; 10], HOUR)
+        .await
+        .expect("send");
+    assert_eq!(failed_codes(&ack), [Some(ErrorCode::QuotaExceeded)]);
+    assert_eq!(ack.failed[0].address, bob.address());
+    assert_eq!(ack.failed[0].retry_after_ms, None, "not retryable as such");
+    assert_eq!(ack.stored.len(), 1);
+    assert_eq!(ack.stored[0].address, carol.address());
+
+    // Bob deletes one envelope: there is room for exactly one more.
+    let first = next_delivery(&bob_client, Duration::from_secs(5)).await;
+    bob_client.delete(vec![first.seq]).await.expect("delete");
+    let ack = alice_client
+        .send_envelope(&[bob.address()], vec![1; 10], HOUR)
+        .await
+        .expect("send");
+    assert!(ack.failed.is_empty(), "room after a delete: {ack:?}");
+    let ack = alice_client
+        .send_envelope(&[bob.address()], vec![1; 10], HOUR)
+        .await
+        .expect("send");
+    assert_eq!(failed_codes(&ack), [Some(ErrorCode::QuotaExceeded)]);
+
+    // The byte limit: carol's mailbox holds one 10-byte envelope, so 990
+    // more bytes fit and 991 do not.
+    let ack = alice_client
+        .send_envelope(&[carol.address()], vec![2; 991], HOUR)
+        .await
+        .expect("send");
+    assert_eq!(failed_codes(&ack), [Some(ErrorCode::QuotaExceeded)]);
+    let ack = alice_client
+        .send_envelope(&[carol.address()], vec![2; 990], HOUR)
+        .await
+        .expect("send");
+    assert!(ack.failed.is_empty(), "exactly at the byte limit: {ack:?}");
+
+    // Expiry frees room too: short-lived envelopes fill dave's mailbox,
+    // expire, and after the broker's recount interval he accepts again.
+    let dave = Identity::new();
+    dave.connect(&broker).await;
+    for _ in 0..3 {
+        let ack = alice_client
+            .send_envelope(&[dave.address()], vec![3; 10], Duration::from_secs(1))
+            .await
+            .expect("send");
+        assert!(ack.failed.is_empty(), "{ack:?}");
+    }
+    let ack = alice_client
+        .send_envelope(&[dave.address()], vec![3; 10], HOUR)
+        .await
+        .expect("send");
+    assert_eq!(failed_codes(&ack), [Some(ErrorCode::QuotaExceeded)]);
+    broker.advance_clock(Duration::from_secs(2));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ack = alice_client
+            .send_envelope(&[dave.address()], vec![3; 10], HOUR)
+            .await
+            .expect("send");
+        if ack.failed.is_empty() {
+            break;
+        }
+        assert_eq!(failed_codes(&ack), [Some(ErrorCode::QuotaExceeded)]);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expired envelopes never made room"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     broker.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use backbone_protocol::bytes::ServerId;
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
-use super::{Append, MailboxExport, Store, StoreError, StoredEnvelope};
+use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
 
 /// A [`Store`] held entirely in memory.
 #[derive(Debug, Default)]
@@ -128,6 +128,19 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .envelopes
+            .range((*address, 0)..=(*address, u64::MAX))
+            .map(|(_, envelope)| envelope)
+            .filter(|envelope| envelope.expires_at_ms > now_ms)
+            .fold(MailboxUsage::default(), |usage, envelope| MailboxUsage {
+                envelopes: usage.envelopes + 1,
+                bytes: usage.bytes + envelope.envelope.len() as u64,
+            }))
     }
 
     fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {

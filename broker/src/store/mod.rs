@@ -73,6 +73,16 @@ pub struct MailboxExport {
     pub devices: Vec<DeviceCertificate>,
 }
 
+/// What a mailbox holds, as counted against its quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MailboxUsage {
+    /// Stored envelopes that have not expired.
+    pub envelopes: u64,
+    /// The sum of their opaque envelope lengths (the bytes senders sent,
+    /// without the broker's own per-envelope fields).
+    pub bytes: u64,
+}
+
 /// One envelope to append to one mailbox.
 #[derive(Clone, Debug)]
 pub struct Append {
@@ -128,6 +138,11 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<StoredEnvelope>, StoreError>;
+
+    /// The envelopes of `address` with `expires_at_ms > now_ms`, and their
+    /// total envelope length. Reads the whole mailbox: used for quota checks
+    /// when a mailbox actor starts or recounts, not per append.
+    fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError>;
 
     /// Highest seq ever assigned in the mailbox (0 if none). Survives deletion
     /// and expiry of all envelopes, because a head record is persisted.
@@ -755,11 +770,19 @@ mod tests {
                     .next()
                     .map(|(k, _)| k.1);
                 prop_assert_eq!(store.oldest_seq(&address).expect("oldest"), oldest);
+                let visible = model.visible(mailbox, 0, usize::MAX);
+                prop_assert_eq!(
+                    store.usage(&address, model.now_ms).expect("usage"),
+                    MailboxUsage {
+                        envelopes: visible.len() as u64,
+                        bytes: visible.iter().map(|e| e.envelope.len() as u64).sum(),
+                    }
+                );
                 prop_assert_eq!(
                     store
                         .read_from(&address, 0, usize::MAX, model.now_ms)
                         .expect("read"),
-                    model.visible(mailbox, 0, usize::MAX)
+                    visible
                 );
                 for device in 0..DEVICES {
                     prop_assert_eq!(

@@ -50,7 +50,7 @@ use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Append, MailboxExport, Store, StoreError, StoredEnvelope};
+use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
 
 const ADDRESS_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
@@ -225,6 +225,20 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError> {
+        let mut usage = MailboxUsage::default();
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        for entry in self.envelopes.range(range) {
+            let (key, value) = entry?;
+            if envelope_expiry(&value)? <= now_ms {
+                continue;
+            }
+            usage.envelopes += 1;
+            usage.bytes += decode_envelope(&key, &value)?.envelope.len() as u64;
+        }
+        Ok(usage)
     }
 
     fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {

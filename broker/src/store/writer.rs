@@ -393,7 +393,7 @@ mod tests {
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
     use super::*;
-    use crate::store::{MailboxExport, MemoryStore, StoredEnvelope};
+    use crate::store::{MailboxExport, MailboxUsage, MemoryStore, StoredEnvelope};
 
     /// A [`MemoryStore`] that counts `append_batch` calls, can make each one
     /// slow like a real fsync, and can hold the first one until released.
@@ -447,6 +447,9 @@ mod tests {
             now: u64,
         ) -> Result<Vec<StoredEnvelope>, StoreError> {
             self.inner.read_from(a, from, limit, now)
+        }
+        fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError> {
+            self.inner.usage(address, now_ms)
         }
         fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {
             self.inner.head_seq(address)
