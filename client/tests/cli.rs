@@ -432,3 +432,76 @@ fn clients_of_a_crashed_broker_notice_on_their_next_packet() {
             .expect("reconnects");
     });
 }
+
+#[test]
+fn a_broker_refuses_to_start_on_a_damaged_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let mut broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let ca = ca.to_str().expect("utf8");
+    let key = dir.path().join("alice.key");
+    let key = key.to_str().expect("utf8");
+    let alice = stdout(&run_cli(&["keygen", "--out", key]));
+    stdout(&run_cli(&[
+        "listen",
+        "--server",
+        &server,
+        "--ca",
+        ca,
+        "--key",
+        key,
+        "--timeout",
+        "200ms",
+    ]));
+    for n in 0..20 {
+        stdout(&run_cli(&[
+            "send",
+            "--server",
+            &server,
+            "--ca",
+            ca,
+            "--key",
+            key,
+            "--to",
+            &alice,
+            "--message",
+            &format!("note to self {n}"),
+        ]));
+    }
+    broker.kill_9();
+
+    // Lose the last three quarters of sled's data file, as a bad disk might.
+    let db = data.join("store/db");
+    let len = std::fs::metadata(&db).expect("sled data file").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .expect("open")
+        .set_len(len / 4)
+        .expect("truncate");
+
+    let log = dir.path().join("restart.log");
+    let mut restarted = process::spawn_broker(&data, port, log.clone(), "127.0.0.1:0", "info", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = restarted.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker started on a damaged store: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(&log).expect("log");
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("the store is damaged"), "{output}");
+    assert!(
+        output.contains("Restore the store from a backup"),
+        "{output}"
+    );
+}

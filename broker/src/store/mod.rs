@@ -108,6 +108,14 @@ pub enum StoreError {
         /// Which record, and what is wrong with it.
         what: String,
     },
+    /// The store has lost writes it had confirmed durable, or its
+    /// bookkeeping of them is unreadable: a damaged data file. The broker
+    /// refuses to start on it rather than serve what survived.
+    #[error("the store is damaged: {what}")]
+    Damaged {
+        /// What was found, and what the operator can do.
+        what: String,
+    },
     /// A record could not be serialized (for example it exceeds the codec's size limit).
     #[error("record could not be encoded: {0}")]
     Encode(String),
@@ -115,7 +123,7 @@ pub enum StoreError {
     #[error("the store is closed")]
     Closed,
     /// A failure injected on purpose by a test or simulation (see
-    /// [`MemoryStore::inject_append_failures`]).
+    /// [`MemoryStore::inject_append_failures`] and the sled store's fail points).
     #[error("injected storage failure")]
     Injected,
 }
