@@ -595,6 +595,13 @@ mod tests {
             advance_ms: u64,
             limit: usize,
         },
+        /// Arm a storage failure: the write after `writes` more succeed fails
+        /// (sled only; see the sled store's fail points).
+        FailAfter {
+            writes: u32,
+        },
+        /// Close without flushing and reopen (sled only).
+        Crash,
         Read {
             mailbox: u8,
             from_seq: u64,
@@ -616,6 +623,8 @@ mod tests {
             2 => (0..ADDRESSES, 0u64..15, 0usize..6)
                 .prop_map(|(mailbox, from_seq, limit)| Op::Read { mailbox, from_seq, limit }),
             1 => Just(Op::Reopen),
+            2 => (0u32..12).prop_map(|writes| Op::FailAfter { writes }),
+            1 => Just(Op::Crash),
         ]
     }
 
@@ -657,10 +666,15 @@ mod tests {
         }
     }
 
-    /// Holds the store under test; `reopen` replaces it for the sled store.
+    /// Holds the store under test; `reopen` and `crash` replace it for the
+    /// sled store, whose fail points `fail_after` arms.
     trait Subject {
         fn store(&self) -> &dyn Store;
         fn reopen(&mut self);
+        fn crash(&mut self);
+        fn fail_after(&self, writes: u32);
+        /// Whether an armed failure fired since the last call.
+        fn fired(&self) -> bool;
     }
 
     impl Subject for MemoryStore {
@@ -668,6 +682,11 @@ mod tests {
             self
         }
         fn reopen(&mut self) {}
+        fn crash(&mut self) {}
+        fn fail_after(&self, _writes: u32) {}
+        fn fired(&self) -> bool {
+            false
+        }
     }
 
     /// Fields drop in order: the store closes before its directory is removed.
@@ -686,6 +705,97 @@ mod tests {
             drop(store);
             self.store = Some(open_sled(self.dir.path()));
         }
+        fn crash(&mut self) {
+            drop(self.store.take());
+            self.store = Some(open_sled(self.dir.path()));
+        }
+        fn fail_after(&self, writes: u32) {
+            self.store
+                .as_ref()
+                .expect("store is open")
+                .fail_after(writes, None);
+        }
+        fn fired(&self) -> bool {
+            self.store
+                .as_ref()
+                .expect("store is open")
+                .take_fired()
+                .is_some()
+        }
+    }
+
+    /// What the model knows for sure when a failure or crash has left the
+    /// store somewhere between two states.
+    #[derive(Default)]
+    struct Certain {
+        /// Every envelope ever handed to `append_batch`: nothing else may appear.
+        ever: BTreeMap<(u8, u64), StoredEnvelope>,
+        /// Acknowledged envelopes no delete or expiry has touched: none may vanish.
+        acked: BTreeSet<(u8, u64)>,
+        /// The highest acknowledged seq per mailbox: the head may not fall below it.
+        acked_heads: BTreeMap<u8, u64>,
+        /// The highest cursor ever set: no higher one may appear.
+        cursors: BTreeMap<(u8, u8), u64>,
+    }
+
+    /// After an injected failure or a crash: checks that the store is in one
+    /// of the states the failure allows, then takes it as the model's state.
+    fn reconcile(
+        store: &dyn Store,
+        model: &mut Model,
+        certain: &Certain,
+    ) -> Result<(), TestCaseError> {
+        model.envelopes.clear();
+        model.heads.clear();
+        model.cursors.clear();
+        for mailbox in 0..ADDRESSES {
+            let export = store.export_mailbox(&address(mailbox)).expect("export");
+            for envelope in export.envelopes {
+                let key = (mailbox, envelope.seq);
+                prop_assert_eq!(
+                    certain.ever.get(&key),
+                    Some(&envelope),
+                    "an envelope that was never appended"
+                );
+                model.envelopes.insert(key, envelope);
+            }
+            let acked_head = certain.acked_heads.get(&mailbox).copied().unwrap_or(0);
+            prop_assert!(export.head >= acked_head, "head fell below an ack");
+            if export.head > 0 {
+                model.heads.insert(mailbox, export.head);
+            }
+            for (device, seq) in export.cursors {
+                let device = device.0[0] - 0xd0;
+                let highest = certain.cursors.get(&(mailbox, device)).copied();
+                prop_assert!(Some(seq) <= highest, "a cursor never set");
+                model.cursors.insert((mailbox, device), seq);
+            }
+        }
+        for key in &certain.acked {
+            prop_assert!(
+                model.envelopes.contains_key(key),
+                "acknowledged envelope {:?} lost",
+                key
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a storage call's outcome agrees with the fail point: it fails
+    /// with `Injected` exactly when the armed failure fired during it.
+    fn faulted<T: std::fmt::Debug>(
+        subject: &dyn Subject,
+        outcome: &Result<T, StoreError>,
+    ) -> Result<bool, TestCaseError> {
+        let fired = subject.fired();
+        match outcome {
+            Ok(_) => prop_assert!(!fired, "an injected failure was swallowed"),
+            Err(error) => prop_assert!(
+                fired && *error == StoreError::Injected,
+                "unexpected error {error}"
+            ),
+        }
+        Ok(fired)
     }
 
     fn open_sled(path: &Path) -> SledStore {
@@ -698,6 +808,7 @@ mod tests {
 
     fn run_model(subject: &mut dyn Subject, ops: &[Op]) -> Result<(), TestCaseError> {
         let mut model = Model::default();
+        let mut certain = Certain::default();
         for op in ops {
             match op.clone() {
                 Op::Append {
@@ -706,15 +817,28 @@ mod tests {
                     ttl_ms,
                 } => {
                     let first = model.head(mailbox) + 1;
-                    let items: Vec<Append> = (first..first + u64::from(count))
-                        .map(|seq| {
-                            let stored = envelope(seq, model.now_ms, model.now_ms + ttl_ms);
-                            model.envelopes.insert((mailbox, seq), stored.clone());
-                            append(address(mailbox), stored)
-                        })
+                    let stored: Vec<StoredEnvelope> = (first..first + u64::from(count))
+                        .map(|seq| envelope(seq, model.now_ms, model.now_ms + ttl_ms))
                         .collect();
-                    model.heads.insert(mailbox, first + u64::from(count) - 1);
-                    subject.store().append_batch(&items).expect("append");
+                    let items: Vec<Append> = stored
+                        .iter()
+                        .map(|e| append(address(mailbox), e.clone()))
+                        .collect();
+                    for e in &stored {
+                        certain.ever.insert((mailbox, e.seq), e.clone());
+                    }
+                    let outcome = subject.store().append_batch(&items);
+                    if faulted(subject, &outcome)? {
+                        reconcile(subject.store(), &mut model, &certain)?;
+                    } else {
+                        for e in stored {
+                            certain.acked.insert((mailbox, e.seq));
+                            model.envelopes.insert((mailbox, e.seq), e);
+                        }
+                        let head = first + u64::from(count) - 1;
+                        model.heads.insert(mailbox, head);
+                        certain.acked_heads.insert(mailbox, head);
+                    }
                 }
                 Op::Delete { mailbox, offsets } => {
                     let head = model.head(mailbox);
@@ -724,35 +848,58 @@ mod tests {
                         .collect();
                     let mut expected = 0;
                     for seq in &doomed {
+                        certain.acked.remove(&(mailbox, *seq));
                         if model.envelopes.remove(&(mailbox, *seq)).is_some() {
                             expected += 1;
                         }
                     }
-                    let deleted = subject
-                        .store()
-                        .delete(&address(mailbox), &doomed)
-                        .expect("delete");
-                    prop_assert_eq!(deleted, expected);
+                    let outcome = subject.store().delete(&address(mailbox), &doomed);
+                    if faulted(subject, &outcome)? {
+                        reconcile(subject.store(), &mut model, &certain)?;
+                    } else {
+                        prop_assert_eq!(outcome.expect("delete"), expected);
+                    }
                 }
                 Op::SetCursor {
                     mailbox,
                     device,
                     seq,
                 } => {
-                    let cursor = model.cursors.entry((mailbox, device)).or_insert(seq);
-                    *cursor = (*cursor).max(seq);
-                    subject
-                        .store()
-                        .set_cursor(&address(mailbox), &device_id(device), seq)
-                        .expect("cursor");
+                    let highest = certain.cursors.entry((mailbox, device)).or_insert(seq);
+                    *highest = (*highest).max(seq);
+                    let outcome =
+                        subject
+                            .store()
+                            .set_cursor(&address(mailbox), &device_id(device), seq);
+                    if faulted(subject, &outcome)? {
+                        reconcile(subject.store(), &mut model, &certain)?;
+                    } else {
+                        let cursor = model.cursors.entry((mailbox, device)).or_insert(seq);
+                        *cursor = (*cursor).max(seq);
+                    }
                 }
                 Op::Expire { advance_ms, limit } => {
                     model.now_ms += advance_ms;
+                    // Whatever has expired may go, whether or not this sweep finishes.
+                    let now_ms = model.now_ms;
+                    certain.acked.retain(|key| {
+                        certain
+                            .ever
+                            .get(key)
+                            .is_some_and(|e| e.expires_at_ms > now_ms)
+                    });
                     let expected = model.expire(limit);
-                    prop_assert_eq!(
-                        subject.store().expire(model.now_ms, limit).expect("expire"),
-                        expected
-                    );
+                    let outcome = subject.store().expire(model.now_ms, limit);
+                    if faulted(subject, &outcome)? {
+                        reconcile(subject.store(), &mut model, &certain)?;
+                    } else {
+                        prop_assert_eq!(outcome.expect("expire"), expected);
+                    }
+                }
+                Op::FailAfter { writes } => subject.fail_after(writes),
+                Op::Crash => {
+                    subject.crash();
+                    reconcile(subject.store(), &mut model, &certain)?;
                 }
                 Op::Read {
                     mailbox,
@@ -765,7 +912,12 @@ mod tests {
                         .expect("read");
                     prop_assert_eq!(read, model.visible(mailbox, from_seq, limit));
                 }
-                Op::Reopen => subject.reopen(),
+                Op::Reopen => {
+                    // A clean reopen: disarm any armed failure so the flush
+                    // before closing succeeds.
+                    subject.fail_after(u32::MAX);
+                    subject.reopen();
+                }
             }
             // After every step the full visible state must agree.
             for mailbox in 0..ADDRESSES {
