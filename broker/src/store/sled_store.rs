@@ -229,9 +229,12 @@ impl SledStore {
             .map(|value| decode_u64(&value, "write epoch"))
             .transpose()?
             .unwrap_or(0);
-        let epoch_file = open_epoch_file(&path.join(EPOCH_FILE), epoch)?;
+        let (epoch_file, had_epoch_file) = open_epoch_file(&path.join(EPOCH_FILE), epoch)?;
         let envelopes = db.open_tree("envelopes")?;
-        let count = check_envelope_count(&envelopes)?;
+        // Without an epoch file the store is new, from before these checks,
+        // or an operator deleted the file to accept a damaged store's
+        // surviving records: the count is taken afresh.
+        let count = check_envelope_count(&envelopes, had_epoch_file)?;
         Ok(Self {
             envelopes,
             expiry: db.open_tree("expiry")?,
@@ -828,9 +831,9 @@ fn open_catching_panics(config: &sled::Config) -> Result<sled::Result<sled::Db>,
 }
 
 /// Counts the envelope tree's keys and compares them with its recorded count
-/// (see "Detecting a damaged store"); returns the count. A tree without a
-/// count (a store from before it existed) gets one.
-fn check_envelope_count(envelopes: &sled::Tree) -> Result<u64, StoreError> {
+/// (see "Detecting a damaged store"); returns the count. Unless `enforce`,
+/// or if the tree has no count yet, the tree's count is recorded as found.
+fn check_envelope_count(envelopes: &sled::Tree, enforce: bool) -> Result<u64, StoreError> {
     let recorded = envelopes
         .get(COUNT_KEY)?
         .map(|value| decode_u64(&value, "envelope count"))
@@ -842,15 +845,17 @@ fn check_envelope_count(envelopes: &sled::Tree) -> Result<u64, StoreError> {
         }
     }
     match recorded {
-        Some(recorded) if recorded != counted => Err(StoreError::Damaged {
+        Some(recorded) if recorded != counted && enforce => Err(StoreError::Damaged {
             what: format!(
                 "the envelope tree records {recorded} envelopes but holds {counted}: part of \
                  it is missing or was altered, most likely because a data file is damaged. \
-                 Restore the store from a backup"
+                 Restore the store from a backup; to serve only what survived instead, keep \
+                 a copy of the directory and delete {EPOCH_FILE} in it"
             ),
         }),
-        Some(_) => Ok(counted),
-        None => {
+        Some(recorded) if recorded == counted => Ok(counted),
+        _ => {
+            tracing::warn!(counted, "recording the envelope count found in the store");
             envelopes.insert(COUNT_KEY, &counted.to_be_bytes()[..])?;
             Ok(counted)
         }
@@ -860,7 +865,8 @@ fn check_envelope_count(envelopes: &sled::Tree) -> Result<u64, StoreError> {
 /// Opens `backbone.epoch` and checks the store against it: a store whose
 /// write epoch is below the recorded one has lost confirmed writes. A missing
 /// file is created (a new store, or one from before this check existed).
-fn open_epoch_file(path: &Path, store_epoch: u64) -> Result<EpochFile, StoreError> {
+/// Also returns whether the file held an epoch.
+fn open_epoch_file(path: &Path, store_epoch: u64) -> Result<(EpochFile, bool), StoreError> {
     let backend = |error: std::io::Error| {
         StoreError::Backend(format!("cannot use {}: {error}", path.display()))
     };
@@ -901,14 +907,16 @@ fn open_epoch_file(path: &Path, store_epoch: u64) -> Result<EpochFile, StoreErro
         .open(path)
         .map_err(backend)?;
     let recorded = recorded.unwrap_or(0);
-    if store_epoch > recorded || existing.is_none_or(|bytes| bytes.is_empty()) {
+    if store_epoch > recorded || existing.as_ref().is_none_or(|bytes| bytes.is_empty()) {
         write_epoch_slot(&file, store_epoch).map_err(backend)?;
         file.sync_all().map_err(backend)?;
     }
-    Ok(EpochFile {
+    let had_epoch = existing.is_some_and(|bytes| !bytes.is_empty());
+    let epoch_file = EpochFile {
         file,
         recorded: store_epoch.max(recorded),
-    })
+    };
+    Ok((epoch_file, had_epoch))
 }
 
 /// Writes `epoch` into its slot (slots alternate by parity).
@@ -1408,6 +1416,18 @@ mod fault_tests {
                         "{what}"
                     );
                     refused += 1;
+                    if !what.contains("could not recover") {
+                        // The documented override: without the epoch file the
+                        // store opens and serves what survived.
+                        std::fs::remove_file(dir.path().join(EPOCH_FILE)).expect("remove");
+                        let store = SledStore::open(dir.path()).expect("accepted damage");
+                        match store.read_from(&a, 0, usize::MAX, 0) {
+                            Ok(survivors) => assert!(survivors.len() as u64 <= ENVELOPES),
+                            Err(error) => assert!(matches!(error, StoreError::Corrupt { .. })),
+                        }
+                        drop(store);
+                        SledStore::open(dir.path()).expect("and again after that");
+                    }
                 }
                 // sled itself may notice, for example in its header.
                 Err(StoreError::Corrupt { .. }) => refused += 1,
