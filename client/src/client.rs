@@ -16,7 +16,7 @@ use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
-use crate::envelope::{self, EncryptionKeypair, Opened};
+use crate::envelope::{self, EncryptionKeypair, Opened, Padding};
 use crate::error::ClientError;
 use crate::transport::{ConnectConfig, Credentials, RawConnection, unexpected};
 
@@ -67,6 +67,9 @@ pub struct ClientOptions {
     pub backoff: Backoff,
     /// Pushed envelopes buffered before the client stops reading from the broker.
     pub delivery_buffer: usize,
+    /// How [`Client::send`] pads envelopes (by default to powers of two
+    /// from 256 bytes, so the broker learns only a size bucket).
+    pub padding: Padding,
 }
 
 impl ClientOptions {
@@ -84,6 +87,7 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
             delivery_buffer: 1024,
+            padding: Padding::default(),
         }
     }
 }
@@ -321,11 +325,12 @@ impl Client {
         for recipient in recipients {
             keys.push((*recipient, self.fetch_card(recipient).await?.encryption_key));
         }
-        let sealed = envelope::seal(
+        let sealed = envelope::seal_with(
             identity,
             &keys,
             plaintext,
             backbone_protocol::unix_millis_now(),
+            self.options.padding,
         )?;
         self.send_envelope(recipients, sealed, ttl).await
     }

@@ -6,21 +6,35 @@
 //! so the message is encrypted once under a random single-use content key
 //! `K`, and `K` is sealed to each recipient's encryption key with HPKE.
 //!
-//! # Byte layout (version 1)
+//! # Byte layout (version 2)
 //!
 //! All integers are little-endian. Lengths are in bytes.
 //!
 //! ```text
 //! envelope   = header || body
-//! header     = version (1, = 0x01)
+//! header     = version (1, = 0x02)
 //!              || count (u16, 1..=MAX_RECIPIENTS)
 //!              || slot * count
 //! slot       = address (32) || enc (32) || sealed_key (48)
 //! body       = ChaCha20-Poly1305(key = K, nonce = 12 zero bytes,
 //!                                aad = header, plaintext = inner)
 //!              (length = length(inner) + 16)
-//! inner      = sender_key (32) || sent_at_ms (u64) || signature (64) || plaintext
+//! inner      = sender_key (32) || sent_at_ms (u64) || signature (64)
+//!              || plaintext_len (u32) || plaintext || padding
+//! padding    = zero bytes, as many as make the whole envelope the size of
+//!              its bucket (see [`Padding`]); checked to be zero on open
 //! ```
+//!
+//! Version 1, which [`open`] still reads, has no `plaintext_len` and no
+//! padding: `inner = sender_key || sent_at_ms || signature || plaintext`.
+//!
+//! # Padding
+//!
+//! The broker sees every envelope's length. By default ([`Padding::default`])
+//! the whole envelope is padded to the next power of two, at least 256 bytes,
+//! so a stored or transmitted length tells only that bucket. The padding is
+//! inside the AEAD body, so it is authenticated like the message, and it is
+//! stripped on open.
 //!
 //! - `K` is 32 random bytes, fresh for every envelope.
 //! - `address` is a recipient's 32-byte address. Addresses in one header are
@@ -66,8 +80,44 @@ type HpkeKem = hpke::kem::X25519HkdfSha256;
 type HpkeKdf = hpke::kdf::HkdfSha256;
 type HpkeAead = hpke::aead::ChaCha20Poly1305;
 
-/// The envelope format version this module writes and reads.
-pub const VERSION: u8 = 0x01;
+/// The envelope format version this module writes.
+pub const VERSION: u8 = 0x02;
+
+/// The earlier format version, without padding, which [`open`] still reads.
+pub const VERSION_1: u8 = 0x01;
+
+/// How [`seal_with`] pads envelopes, so their length reveals only a size bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// No padding: the envelope's length reveals the plaintext's.
+    None,
+    /// The whole envelope is padded to the next power of two, and to at
+    /// least `min` bytes.
+    PowersOfTwo {
+        /// The smallest bucket.
+        min: usize,
+    },
+}
+
+impl Default for Padding {
+    /// Powers of two from 256 bytes.
+    fn default() -> Self {
+        Padding::PowersOfTwo { min: 256 }
+    }
+}
+
+impl Padding {
+    /// The length an envelope of `unpadded` bytes is padded to.
+    pub fn padded_len(self, unpadded: usize) -> usize {
+        match self {
+            Padding::None => unpadded,
+            Padding::PowersOfTwo { min } => unpadded
+                .max(min)
+                .checked_next_power_of_two()
+                .unwrap_or(unpadded),
+        }
+    }
+}
 
 /// The most recipients one envelope may name.
 ///
@@ -95,7 +145,9 @@ const SEALED_KEY_LEN: usize = CONTENT_KEY_LEN + TAG_LEN;
 const SLOT_LEN: usize = 32 + ENC_LEN + SEALED_KEY_LEN;
 /// Length of the inner prefix: sender key, timestamp and signature.
 const INNER_PREFIX_LEN: usize = 32 + 8 + 64;
-/// Length of the smallest possible body (empty plaintext).
+/// Length of the plaintext length field of version 2.
+const LENGTH_LEN: usize = 4;
+/// Length of the smallest possible body (empty plaintext, version 1).
 const MIN_BODY_LEN: usize = INNER_PREFIX_LEN + TAG_LEN;
 
 /// Length of the header of an envelope with `count` recipients.
@@ -203,6 +255,9 @@ pub enum EnvelopeError {
     /// The cipher refused to encrypt; only possible for absurdly large plaintexts.
     #[error("could not encrypt the envelope")]
     EncryptFailed,
+    /// The plaintext is longer than the format's 32-bit length field allows.
+    #[error("the plaintext is too long for an envelope")]
+    PlaintextTooLong,
     /// The envelope does not name this address: it was mis-addressed.
     #[error("the envelope is not addressed to this identity")]
     NotForMe,
@@ -223,7 +278,8 @@ pub enum EnvelopeError {
     },
 }
 
-/// Seals `plaintext` from `sender` to every recipient.
+/// Seals `plaintext` from `sender` to every recipient, padded by
+/// [`Padding::default`].
 ///
 /// Each recipient is its address and its encryption key, which the caller
 /// takes from that address's verified [`backbone_protocol::IdentityCard`].
@@ -233,18 +289,52 @@ pub fn seal(
     plaintext: &[u8],
     sent_at_ms: u64,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    seal_signed_by(sender.public(), sender, recipients, plaintext, sent_at_ms)
+    seal_with(
+        sender,
+        recipients,
+        plaintext,
+        sent_at_ms,
+        Padding::default(),
+    )
 }
 
-/// [`seal`], with the claimed sender key separate from the key that signs.
-///
-/// They differ only in tests that forge envelopes.
+/// [`seal`] with the given padding.
+pub fn seal_with(
+    sender: &Keypair,
+    recipients: &[(Address, EncryptionKey)],
+    plaintext: &[u8],
+    sent_at_ms: u64,
+    padding: Padding,
+) -> Result<Vec<u8>, EnvelopeError> {
+    seal_signed_by(
+        sender.public(),
+        sender,
+        recipients,
+        plaintext,
+        sent_at_ms,
+        Layout::Version2(padding),
+    )
+}
+
+/// Which format [`seal_signed_by`] writes.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// The current format, with this padding.
+    Version2(Padding),
+    /// The old unpadded format; only tests write it, to check it still opens.
+    #[cfg(test)]
+    Version1,
+}
+
+/// [`seal_with`], with the claimed sender key separate from the key that
+/// signs (they differ only in tests that forge envelopes), in either layout.
 fn seal_signed_by(
     claimed_sender: PublicKey,
     signer: &Keypair,
     recipients: &[(Address, EncryptionKey)],
     plaintext: &[u8],
     sent_at_ms: u64,
+    layout: Layout,
 ) -> Result<Vec<u8>, EnvelopeError> {
     if recipients.is_empty() {
         return Err(EnvelopeError::NoRecipients);
@@ -262,10 +352,18 @@ fn seal_signed_by(
     rand::fill(&mut content_key[..]);
 
     let count = u16::try_from(recipients.len()).map_err(|_| EnvelopeError::TooManyRecipients)?;
-    let mut envelope = Vec::with_capacity(
-        header_len(recipients.len()) + INNER_PREFIX_LEN + plaintext.len() + TAG_LEN,
-    );
-    envelope.push(VERSION);
+    let plaintext_len =
+        u32::try_from(plaintext.len()).map_err(|_| EnvelopeError::PlaintextTooLong)?;
+    let (version, length_len, padding) = match layout {
+        Layout::Version2(padding) => (VERSION, LENGTH_LEN, padding),
+        #[cfg(test)]
+        Layout::Version1 => (VERSION_1, 0, Padding::None),
+    };
+    let unpadded =
+        header_len(recipients.len()) + INNER_PREFIX_LEN + length_len + plaintext.len() + TAG_LEN;
+    let padded = padding.padded_len(unpadded);
+    let mut envelope = Vec::with_capacity(padded);
+    envelope.push(version);
     envelope.extend_from_slice(&count.to_le_bytes());
     let mut rng = rand::rng();
     for (address, key) in recipients {
@@ -291,11 +389,15 @@ fn seal_signed_by(
         SIGNATURE_DOMAIN,
         &signed_bytes(&envelope[..header_end], sent_at_ms, plaintext),
     );
-    let mut inner = Vec::with_capacity(INNER_PREFIX_LEN + plaintext.len());
+    let mut inner = Vec::with_capacity(padded - header_end - TAG_LEN);
     inner.extend_from_slice(claimed_sender.as_bytes());
     inner.extend_from_slice(&sent_at_ms.to_le_bytes());
     inner.extend_from_slice(signature.as_bytes());
+    if length_len > 0 {
+        inner.extend_from_slice(&plaintext_len.to_le_bytes());
+    }
     inner.extend_from_slice(plaintext);
+    inner.resize(padded - header_end - TAG_LEN, 0);
 
     let body = body_cipher(&content_key)
         .encrypt(
@@ -353,9 +455,26 @@ pub fn open(
     let (sent_at_ms, rest) = rest
         .split_first_chunk::<8>()
         .ok_or(EnvelopeError::Malformed("inner too short"))?;
-    let (signature, plaintext) = rest
+    let (signature, rest) = rest
         .split_first_chunk::<64>()
         .ok_or(EnvelopeError::Malformed("inner too short"))?;
+    let plaintext = match parsed.version {
+        VERSION_1 => rest,
+        _ => {
+            let (length, rest) = rest
+                .split_first_chunk::<LENGTH_LEN>()
+                .ok_or(EnvelopeError::Malformed("inner too short"))?;
+            let length = u32::from_le_bytes(*length) as usize;
+            if length > rest.len() {
+                return Err(EnvelopeError::Malformed("plaintext length beyond the body"));
+            }
+            let (plaintext, padding) = rest.split_at(length);
+            if padding.iter().any(|&byte| byte != 0) {
+                return Err(EnvelopeError::Malformed("non-zero padding"));
+            }
+            plaintext
+        }
+    };
     let sender_key = PublicKey(*sender_key);
     let sent_at_ms = u64::from_le_bytes(*sent_at_ms);
 
@@ -416,6 +535,7 @@ fn body_nonce() -> Nonce {
 
 /// An envelope split into its parts, with every length checked.
 struct Parsed<'a> {
+    version: u8,
     header: &'a [u8],
     body: &'a [u8],
 }
@@ -454,7 +574,7 @@ fn parse(envelope: &[u8]) -> Result<Parsed<'_>, EnvelopeError> {
     let (&version, rest) = envelope
         .split_first()
         .ok_or(EnvelopeError::Malformed("empty"))?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(EnvelopeError::UnsupportedVersion(version));
     }
     let (count, _) = rest
@@ -475,7 +595,11 @@ fn parse(envelope: &[u8]) -> Result<Parsed<'_>, EnvelopeError> {
     if body.len() < MIN_BODY_LEN {
         return Err(EnvelopeError::Malformed("truncated body"));
     }
-    let parsed = Parsed { header, body };
+    let parsed = Parsed {
+        version,
+        header,
+        body,
+    };
     // `count` is bounded by MAX_RECIPIENTS and the slots were length-checked
     // against the input, so this allocation is small and input-backed.
     let mut addresses: Vec<Address> = parsed.slots().map(|slot| slot.address).collect();
@@ -521,10 +645,17 @@ mod tests {
     #[test]
     fn a_single_recipient_opens_what_was_sealed() {
         let (alice, bob) = (Party::new(1), Party::new(2));
-        let envelope = seal(&alice.signing, &[bob.recipient()], b"hello bob", 1_234).unwrap();
+        let envelope = seal_with(
+            &alice.signing,
+            &[bob.recipient()],
+            b"hello bob",
+            1_234,
+            Padding::None,
+        )
+        .unwrap();
         assert_eq!(
             envelope.len(),
-            header_len(1) + INNER_PREFIX_LEN + 9 + TAG_LEN
+            header_len(1) + INNER_PREFIX_LEN + LENGTH_LEN + 9 + TAG_LEN
         );
         assert_eq!(envelope[0], VERSION);
         assert_eq!(envelope[1..3], 1u16.to_le_bytes());
@@ -552,10 +683,10 @@ mod tests {
         let alice = Party::new(1);
         let recipients: Vec<Party> = (2..7).map(Party::new).collect();
         let list: Vec<_> = recipients.iter().map(Party::recipient).collect();
-        let envelope = seal(&alice.signing, &list, b"to all", 99).unwrap();
+        let envelope = seal_with(&alice.signing, &list, b"to all", 99, Padding::None).unwrap();
         assert_eq!(
             envelope.len(),
-            header_len(5) + INNER_PREFIX_LEN + 6 + TAG_LEN
+            header_len(5) + INNER_PREFIX_LEN + LENGTH_LEN + 6 + TAG_LEN
         );
         let addresses: Vec<Address> = recipients.iter().map(Party::address).collect();
         for party in &recipients {
@@ -569,9 +700,92 @@ mod tests {
     #[test]
     fn an_empty_plaintext_gives_the_smallest_envelope() {
         let (alice, bob) = (Party::new(1), Party::new(2));
-        let envelope = seal(&alice.signing, &[bob.recipient()], b"", 0).unwrap();
-        assert_eq!(envelope.len(), 235);
+        let envelope =
+            seal_with(&alice.signing, &[bob.recipient()], b"", 0, Padding::None).unwrap();
+        assert_eq!(envelope.len(), 239);
         assert_eq!(bob.open(&envelope).unwrap().plaintext, b"");
+        // Padded, the smallest envelope is the smallest bucket.
+        let padded = seal(&alice.signing, &[bob.recipient()], b"", 0).unwrap();
+        assert_eq!(padded.len(), 256);
+        assert_eq!(bob.open(&padded).unwrap().plaintext, b"");
+    }
+
+    #[test]
+    fn padded_lengths_reveal_only_the_bucket() {
+        let (alice, bob, carol) = (Party::new(1), Party::new(2), Party::new(3));
+        let mut lengths = std::collections::BTreeSet::new();
+        for len in (0..5_000)
+            .step_by(97)
+            .chain([1_000, 1_777, 1_778, 1_779, 1_780])
+        {
+            let plaintext = vec![0x5a; len];
+            for recipients in [
+                vec![bob.recipient()],
+                vec![bob.recipient(), carol.recipient()],
+            ] {
+                let envelope = seal(&alice.signing, &recipients, &plaintext, 1).unwrap();
+                assert!(envelope.len().is_power_of_two() && envelope.len() >= 256);
+                let unpadded = header_len(recipients.len()) + INNER_PREFIX_LEN + LENGTH_LEN;
+                assert!(envelope.len() >= unpadded + len + TAG_LEN);
+                assert!(envelope.len() < 2 * (unpadded + len + TAG_LEN).max(256));
+                assert_eq!(bob.open(&envelope).unwrap().plaintext, plaintext);
+                lengths.insert(envelope.len());
+            }
+        }
+        assert_eq!(
+            lengths.into_iter().collect::<Vec<_>>(),
+            [256, 512, 1024, 2048, 4096, 8192]
+        );
+        // The exact bucket edge: 1,779 bytes of plaintext fill 2,048 exactly.
+        let edge = header_len(1) + INNER_PREFIX_LEN + LENGTH_LEN + TAG_LEN;
+        let fits = seal(
+            &alice.signing,
+            &[bob.recipient()],
+            &vec![1; 2_048 - edge],
+            1,
+        )
+        .unwrap();
+        assert_eq!(fits.len(), 2_048);
+        let over = seal(
+            &alice.signing,
+            &[bob.recipient()],
+            &vec![1; 2_049 - edge],
+            1,
+        )
+        .unwrap();
+        assert_eq!(over.len(), 4_096);
+        let custom = seal_with(
+            &alice.signing,
+            &[bob.recipient()],
+            b"x",
+            1,
+            Padding::PowersOfTwo { min: 4_096 },
+        )
+        .unwrap();
+        assert_eq!(custom.len(), 4_096);
+    }
+
+    #[test]
+    fn version_1_envelopes_still_open() {
+        let (alice, bob) = (Party::new(1), Party::new(2));
+        let old = seal_signed_by(
+            alice.signing.public(),
+            &alice.signing,
+            &[bob.recipient()],
+            b"from an older client",
+            8,
+            Layout::Version1,
+        )
+        .unwrap();
+        assert_eq!(old[0], VERSION_1);
+        assert_eq!(old.len(), header_len(1) + INNER_PREFIX_LEN + 20 + TAG_LEN);
+        let opened = bob.open(&old).unwrap();
+        assert_eq!(opened.plaintext, b"from an older client");
+        assert_eq!(opened.sender, alice.address());
+        // The version byte is signed: relabelling it breaks the envelope.
+        let mut relabelled = old.clone();
+        relabelled[0] = VERSION;
+        assert!(bob.open(&relabelled).is_err());
     }
 
     #[test]
@@ -640,6 +854,7 @@ mod tests {
             &[bob.recipient()],
             b"x",
             5,
+            Layout::Version2(Padding::default()),
         )
         .unwrap();
         assert_eq!(bob.open(&forged), Err(EnvelopeError::BadSignature));
@@ -724,8 +939,8 @@ mod tests {
         let bob = Party::new(2);
         assert_eq!(bob.open(&[]), Err(EnvelopeError::Malformed("empty")));
         assert_eq!(
-            bob.open(&[2, 1, 0]),
-            Err(EnvelopeError::UnsupportedVersion(2))
+            bob.open(&[3, 1, 0]),
+            Err(EnvelopeError::UnsupportedVersion(3))
         );
         assert_eq!(
             bob.open(&[1, 1]),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
 use backbone_client::{Client, ClientError, ClientOptions, ConnectConfig, Credentials, Trust};
 use backbone_protocol::{Address, ErrorCode};
@@ -78,6 +79,14 @@ struct SendArgs {
     /// Send this file's contents instead.
     #[arg(long)]
     file: Option<PathBuf>,
+    /// Smallest padding bucket in bytes: the sealed envelope is padded to
+    /// the next power of two at least this large, so the broker learns only
+    /// a size bucket.
+    #[arg(long, default_value_t = 256, conflicts_with = "no_padding")]
+    pad_min: usize,
+    /// Do not pad: the envelope's length reveals the message's.
+    #[arg(long)]
+    no_padding: bool,
 }
 
 #[derive(Args)]
@@ -159,6 +168,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
+    connect_padded(args, Padding::default()).await
+}
+
+async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
     let keys = keyfile::load_identity(&args.key)?;
     let trust = match (&args.fingerprint, &args.ca) {
         (Some(fingerprint), _) => Trust::Fingerprint(fingerprint.clone()),
@@ -189,6 +202,7 @@ async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
     let mut options =
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);
+    options.padding = padding;
     let client = Client::connect(options).await?;
     client
         .publish_card()
@@ -213,7 +227,12 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --message or --file"),
     };
-    let client = connect(&args.server).await?;
+    let padding = if args.no_padding {
+        Padding::None
+    } else {
+        Padding::PowersOfTwo { min: args.pad_min }
+    };
+    let client = connect_padded(&args.server, padding).await?;
     let ack = client.send(&recipients, &body, args.ttl).await?;
     for stored in &ack.stored {
         println!("delivered to {} (seq {})", stored.address, stored.seq);

@@ -43,6 +43,32 @@ async fn a_message_to_an_online_recipient_is_pushed_and_opened() {
 }
 
 #[tokio::test]
+async fn the_broker_sees_only_padded_sizes() {
+    let broker = TestBroker::start().await;
+    let (alice, bob) = (Identity::new(), Identity::new());
+    let bob_client = bob.connect(&broker).await;
+    let alice_client = alice.connect(&broker).await;
+    // 1 and 17 bytes fall in the 256-byte bucket (17 fills it exactly), 200
+    // and 273 in the 512-byte one.
+    let mut lengths = Vec::new();
+    for len in [1, 17, 200, 273] {
+        alice_client
+            .send(&[bob.address()], &vec![b'x'; len], HOUR)
+            .await
+            .expect("sent");
+        let message = tokio::time::timeout(WAIT, bob_client.next_message())
+            .await
+            .expect("in time")
+            .expect("running")
+            .expect("opens");
+        assert_eq!(message.opened.plaintext.len(), len, "padding is stripped");
+        lengths.push(message.delivery.envelope.len());
+    }
+    assert_eq!(lengths, [256, 256, 512, 512]);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_offline_recipient_catches_up_in_order_on_connect() {
     let broker = TestBroker::start().await;
     let (alice, bob) = (Identity::new(), Identity::new());
