@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! cargo run --release --manifest-path fuzz/Cargo.toml --bin replay -- \
-//!     [all|decode_frame|verify_card_and_auth] [--seconds N] [--seed S] [PATH ...]
+//!     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
+//!     [--seconds N] [--seed S] [PATH ...]
 //! ```
 //!
 //! On a panic the offending input is written to
@@ -38,6 +39,16 @@ const TARGETS: &[Target] = &[
         run: backbone_fuzz::verify_card_and_auth_target,
         seeds: backbone_fuzz::verify_card_and_auth_seeds,
     },
+    Target {
+        name: "auth_handshake",
+        run: backbone_fuzz::auth_handshake_target,
+        seeds: backbone_fuzz::auth_handshake_seeds,
+    },
+    Target {
+        name: "decode_peer_frame",
+        run: backbone_fuzz::decode_peer_frame_target,
+        seeds: backbone_fuzz::decode_peer_frame_seeds,
+    },
 ];
 
 /// Command-line options.
@@ -48,7 +59,8 @@ struct Options {
     paths: Vec<PathBuf>,
 }
 
-const USAGE: &str = "usage: replay [all|decode_frame|verify_card_and_auth] \
+const USAGE: &str = "usage: replay \
+                     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
                      [--seconds N] [--seed S] [CORPUS_PATH ...]";
 
 fn parse_options() -> Result<Options, String> {
