@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use backbone_protocol::auth::{self, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
+use backbone_protocol::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
 use backbone_protocol::bytes::{Blob, MessageId, Nonce, Text};
 use backbone_protocol::codec::{BufferError, Phase};
 use backbone_protocol::fleet::{PeerCardResult, PeerFetchCard, PeerFrame};
 use backbone_protocol::frame::{
-    AuthOk, CardResult, Challenge, Deliver, Done, ErrorCode, ErrorFrame, Pong, Redirect, Send,
-    SendAck,
+    AuthOk, CardResult, Deliver, Done, ErrorCode, ErrorFrame, Pong, Redirect, Send, SendAck,
 };
-use backbone_protocol::{Address, DeviceId, Frame, PROTOCOL_VERSION};
+use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
+use backbone_protocol::{Address, DeviceId, Frame};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -154,58 +154,34 @@ async fn authenticate(
     let (out, rx) = mpsc::channel(OUT_QUEUE);
     spawn_writer(send, rx);
 
-    let hello = match next_pre_auth(&mut reader).await? {
-        Frame::Hello(hello) => hello,
-        other => {
-            return Err((
-                ErrorCode::UnexpectedFrame,
-                format!("expected Hello, got tag {}", other.tag()),
-            ));
-        }
-    };
-    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
-        return Err((
-            ErrorCode::UnsupportedVersion,
-            format!("this broker speaks version {PROTOCOL_VERSION} only"),
-        ));
-    }
-    let nonce = Nonce::random();
-    let issued = Instant::now();
-    let ttl = shared.config.auth.challenge_ttl;
-    send_frame(
-        &out,
-        Frame::Challenge(Challenge {
-            version: PROTOCOL_VERSION,
-            server_id: shared.server_id,
-            nonce,
-            expires_in_ms: ttl.as_millis() as u32,
-        }),
-    )
-    .await?;
-
-    let auth = match next_pre_auth(&mut reader).await? {
-        Frame::Auth(auth) => auth,
-        other => {
-            return Err((
-                ErrorCode::UnexpectedFrame,
-                format!("expected Auth, got tag {}", other.tag()),
-            ));
-        }
-    };
-    if issued.elapsed() > ttl {
-        return Err((ErrorCode::ChallengeExpired, "challenge expired".into()));
-    }
-    let mut exporter = [0u8; TLS_EXPORTER_LEN];
+    let mut tls_exporter = [0u8; TLS_EXPORTER_LEN];
     connection
-        .export_keying_material(&mut exporter, TLS_EXPORTER_LABEL, b"")
+        .export_keying_material(&mut tls_exporter, TLS_EXPORTER_LABEL, b"")
         .map_err(|_| (ErrorCode::Internal, "TLS exporter unavailable".into()))?;
-    auth::verify_auth(&auth, &nonce, &exporter, &shared.server_id).map_err(
-        |error| match error {
-            auth::AuthError::Certificate(_) => (ErrorCode::InvalidCertificate, error.to_string()),
-            auth::AuthError::Signature(_) => (ErrorCode::AuthFailed, error.to_string()),
-        },
-    )?;
-    let address = auth.identity_key.address();
+    let mut handshake = ServerHandshake::new(HandshakeParams {
+        server_id: shared.server_id,
+        nonce: Nonce::random(),
+        // The configuration caps the time to live at 60 s.
+        challenge_ttl_ms: u32::try_from(shared.config.auth.challenge_ttl.as_millis())
+            .unwrap_or(u32::MAX),
+        tls_exporter,
+    });
+    // The handshake's clock: milliseconds since the stream was accepted.
+    let started = Instant::now();
+    let verified = loop {
+        let frame = next_pre_auth(&mut reader).await?;
+        let now_ms = started.elapsed().as_millis() as u64;
+        match handshake
+            .handle(frame, now_ms)
+            .map_err(|error| (error.code(), error.to_string()))?
+        {
+            HandshakeStep::SendChallenge(challenge) => {
+                send_frame(&out, Frame::Challenge(challenge)).await?;
+            }
+            HandshakeStep::Authenticated(verified) => break verified,
+        }
+    };
+    let address = verified.address;
     if let Route::Remote(node) = shared.fleet.route(&address) {
         return Ok(Handshake::Redirect {
             out,
@@ -218,9 +194,9 @@ async fn authenticate(
             "this mailbox is being handed over to this node; retry shortly".into(),
         ));
     }
-    let device = auth::claimed_device_key(&auth).device_id();
+    let device = verified.device_id;
+    let certified = verified.certified;
     let store = shared.store.clone();
-    let certified = auth.device.is_some();
     let acked_seq = blocking(move || -> Result<Option<u64>, (ErrorCode, String)> {
         if certified
             && store

@@ -2,19 +2,30 @@
 //! `fuzz_targets/` and by the stable-toolchain `replay` driver.
 //!
 //! Each target takes arbitrary bytes and must never panic. Beyond "no
-//! panic", the targets assert the codec's properties: a decoded frame
-//! re-encodes to exactly the bytes it was decoded from (the layout is
-//! canonical) and decodes again to an equal frame.
+//! panic", the targets assert the codec's properties (a decoded client or
+//! peer frame re-encodes to exactly the bytes it was decoded from, since the
+//! layout is canonical, and decodes again to an equal frame) and the auth
+//! handshake's (see [`auth_handshake_target`]).
 
-use backbone_protocol::auth::{self, TLS_EXPORTER_LEN, sign_auth};
-use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Text};
-use backbone_protocol::codec::{self, MAX_FRAME_LEN, decode_frame, frame_to_vec};
+use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};
+use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text};
+use backbone_protocol::codec::{
+    self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
+};
+use backbone_protocol::fleet::{
+    Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
+    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, TransferEnvelope,
+};
 use backbone_protocol::frame::{
     Ack, Auth, AuthOk, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame, Failed, FetchCard,
     Hello, Ping, Pong, PublishCard, Redirect, RegisterDevice, Send, SendAck, Stored,
 };
+use backbone_protocol::handshake::{
+    HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
+};
 use backbone_protocol::{
-    Address, Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, Phase,
+    Address, Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, PROTOCOL_VERSION,
+    Phase,
 };
 
 /// A small frame limit, as a broker configured for small envelopes would use,
@@ -270,6 +281,417 @@ fn sample_frames() -> Vec<Frame> {
     ]
 }
 
+/// The challenge time to live of the `auth_handshake` target. Short, so that
+/// the clock steps of an input (at most 65 535 ms each) reach it easily.
+pub const HANDSHAKE_TTL_MS: u32 = 1000;
+
+/// The machine the `auth_handshake` target drives: the fixed challenge of
+/// [`FIXED_NONCE`], [`FIXED_EXPORTER`] and [`FIXED_SERVER_ID`].
+fn fixed_handshake() -> ServerHandshake {
+    ServerHandshake::new(HandshakeParams {
+        server_id: FIXED_SERVER_ID,
+        nonce: FIXED_NONCE,
+        challenge_ttl_ms: HANDSHAKE_TTL_MS,
+        tls_exporter: FIXED_EXPORTER,
+    })
+}
+
+/// Target `auth_handshake`: [`run_auth_handshake`], whose result only the
+/// tests need.
+pub fn auth_handshake_target(data: &[u8]) {
+    run_auth_handshake(data);
+}
+
+/// How an `auth_handshake` input ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HandshakeOutcome {
+    /// Frames handed to the machine.
+    pub frames: usize,
+    /// The machine's final state.
+    pub state: HandshakeState,
+}
+
+/// Interprets `data` as a connection's pre-auth traffic and feeds it into a
+/// [`ServerHandshake`] with a fixed nonce, server id and TLS exporter,
+/// checking every answer against an independent reference model.
+///
+/// The input is a sequence of steps, each starting with an op byte:
+///
+/// - `op % 4 == 0`: advance the clock by the next two bytes (`u16` LE) in
+///   milliseconds;
+/// - `op % 4 == 1` or `3`: decode one frame from what follows, in
+///   [`Phase::PreAuth`] under a 4 KiB limit, as the broker reads an
+///   unauthenticated client, and hand it to the machine;
+/// - `op % 4 == 2`: the same in [`Phase::Any`], so the machine also sees
+///   frames the broker's decoder would have refused.
+///
+/// The input ends at its end, at an incomplete frame, or at a decode error
+/// (the broker closes the connection there). Properties: nothing panics; a
+/// challenge is issued only for a `Hello` that includes version 1, and only
+/// once; `Authenticated` comes only after exactly one challenge, only before
+/// the time to live elapsed, only for an `Auth` that `verify_auth`
+/// independently accepts for the fixed nonce, exporter and server id, with
+/// the address and device that `Auth` names, and at most once; every refusal
+/// carries the code the model expects; after a refusal the machine stays
+/// failed and after success it stays authenticated.
+pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
+    let mut handshake = fixed_handshake();
+    let mut model = HandshakeState::AwaitingHello;
+    let mut now_ms: u64 = 0;
+    let mut frames = 0;
+    let mut challenges = 0;
+    let mut authentications = 0;
+    while let Some((&op, rest)) = data.split_first() {
+        data = rest;
+        let phase = match op % 4 {
+            0 => {
+                let Some((step, rest)) = data.split_first_chunk::<2>() else {
+                    break;
+                };
+                now_ms += u64::from(u16::from_le_bytes(*step));
+                data = rest;
+                continue;
+            }
+            2 => Phase::Any,
+            _ => Phase::PreAuth,
+        };
+        let Ok(Decoded::Frame { frame, consumed }) = decode_frame(data, SMALL_LIMIT, phase) else {
+            break;
+        };
+        data = &data[consumed..];
+        frames += 1;
+
+        let expected = expected_handshake_step(model, &frame, now_ms);
+        let before = handshake.state();
+        assert_eq!(
+            before, model,
+            "the machine and the model agree on the state"
+        );
+        match handshake.handle(frame, now_ms) {
+            Ok(HandshakeStep::SendChallenge(challenge)) => {
+                assert_eq!(expected, Ok(ModelStep::Challenge));
+                assert_eq!(before, HandshakeState::AwaitingHello);
+                challenges += 1;
+                assert_eq!(challenges, 1, "one challenge per handshake");
+                assert_eq!(
+                    challenge,
+                    Challenge {
+                        version: PROTOCOL_VERSION,
+                        server_id: FIXED_SERVER_ID,
+                        nonce: FIXED_NONCE,
+                        expires_in_ms: HANDSHAKE_TTL_MS,
+                    }
+                );
+                model = HandshakeState::AwaitingAuth {
+                    issued_at_ms: now_ms,
+                };
+            }
+            Ok(HandshakeStep::Authenticated(verified)) => {
+                let HandshakeState::AwaitingAuth { issued_at_ms } = before else {
+                    panic!("authenticated from {before:?}");
+                };
+                assert_eq!(challenges, 1, "authenticated without exactly one challenge");
+                assert_eq!(authentications, 0, "authenticated twice");
+                assert!(now_ms - issued_at_ms <= u64::from(HANDSHAKE_TTL_MS));
+                // `expected` holds `verify_auth`'s own verdict on this Auth.
+                assert_eq!(expected, Ok(ModelStep::Authenticated(verified)));
+                authentications += 1;
+                model = HandshakeState::Authenticated;
+            }
+            Err(error) => {
+                assert_eq!(Err(error.code()), expected, "{error}");
+                if before != HandshakeState::Authenticated {
+                    model = HandshakeState::Failed;
+                }
+            }
+        }
+        let after = handshake.state();
+        assert_eq!(after, model, "the machine and the model agree on the state");
+        if matches!(
+            before,
+            HandshakeState::Authenticated | HandshakeState::Failed
+        ) {
+            assert_eq!(after, before, "an ended handshake stays ended");
+        }
+    }
+    HandshakeOutcome {
+        frames,
+        state: handshake.state(),
+    }
+}
+
+/// The reference model's answer to a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum ModelStep {
+    Challenge,
+    Authenticated(Verified),
+}
+
+/// What the handshake must answer to `frame` in `state` at `now_ms`, written
+/// independently of the machine from the handshake's description in
+/// `docs/protocol.md`.
+fn expected_handshake_step(
+    state: HandshakeState,
+    frame: &Frame,
+    now_ms: u64,
+) -> Result<ModelStep, ErrorCode> {
+    match (state, frame) {
+        (HandshakeState::Authenticated | HandshakeState::Failed, _) => {
+            Err(ErrorCode::ChallengeReused)
+        }
+        (HandshakeState::AwaitingHello, Frame::Hello(hello)) => {
+            if hello.min_version <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.max_version {
+                Ok(ModelStep::Challenge)
+            } else {
+                Err(ErrorCode::UnsupportedVersion)
+            }
+        }
+        (HandshakeState::AwaitingAuth { issued_at_ms }, Frame::Auth(answer)) => {
+            if now_ms - issued_at_ms > u64::from(HANDSHAKE_TTL_MS) {
+                return Err(ErrorCode::ChallengeExpired);
+            }
+            match auth::verify_auth(answer, &FIXED_NONCE, &FIXED_EXPORTER, &FIXED_SERVER_ID) {
+                Ok(()) => Ok(ModelStep::Authenticated(Verified {
+                    address: answer.identity_key.address(),
+                    device_id: answer
+                        .device
+                        .map_or(answer.identity_key, |certificate| certificate.device_key)
+                        .device_id(),
+                    certified: answer.device.is_some(),
+                })),
+                Err(AuthError::Certificate(_)) => Err(ErrorCode::InvalidCertificate),
+                Err(AuthError::Signature(_)) => Err(ErrorCode::AuthFailed),
+            }
+        }
+        (HandshakeState::AwaitingHello | HandshakeState::AwaitingAuth { .. }, _) => {
+            Err(ErrorCode::UnexpectedFrame)
+        }
+    }
+}
+
+/// Inputs for `auth_handshake`: complete handshakes with genuinely signed
+/// `Auth` frames (primary and certified device, answered at once and exactly
+/// at the time to live), and each refusal: expired, replayed for another
+/// nonce, forged certificate, bad signature, out of order, wrong version, a
+/// second `Auth`, a frame the pre-auth decoder refuses.
+pub fn auth_handshake_seeds() -> Vec<Vec<u8>> {
+    let identity = Keypair::from_secret_bytes([1; 32]);
+    let device = Keypair::from_secret_bytes([2; 32]);
+    let stranger = Keypair::from_secret_bytes([6; 32]);
+    let hello = handshake_frame(Frame::Hello(Hello {
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+    }));
+    let primary = handshake_frame(Frame::Auth(primary_auth(&identity)));
+    let certified_auth = |certificate| {
+        handshake_frame(Frame::Auth(sign_auth(
+            identity.public(),
+            &device,
+            Some(certificate),
+            &FIXED_NONCE,
+            &FIXED_EXPORTER,
+            &FIXED_SERVER_ID,
+        )))
+    };
+    let certified = certified_auth(DeviceCertificate::issue(
+        &identity,
+        device.public(),
+        1_700_000_000_000,
+    ));
+    let forged = certified_auth(DeviceCertificate::issue(
+        &stranger,
+        device.public(),
+        1_700_000_000_000,
+    ));
+    let replayed = handshake_frame(Frame::Auth(sign_auth(
+        identity.public(),
+        &identity,
+        None,
+        &Nonce([0x99; 32]),
+        &FIXED_EXPORTER,
+        &FIXED_SERVER_ID,
+    )));
+    let mut bad_signature = primary_auth(&identity);
+    bad_signature.signature = Signature([7; 64]);
+    let bad_signature = handshake_frame(Frame::Auth(bad_signature));
+    let wrong_version = handshake_frame(Frame::Hello(Hello {
+        min_version: 2,
+        max_version: 3,
+    }));
+    let mut ping = handshake_frame(Frame::Ping(Ping { nonce: 1 }));
+    // Op 2: decoded in Phase::Any, so the Ping reaches the machine.
+    ping[0] = 2;
+    let in_time = clock_step(u16::try_from(HANDSHAKE_TTL_MS).expect("fits"));
+    let too_late = clock_step(u16::try_from(HANDSHAKE_TTL_MS + 1).expect("fits"));
+    [
+        vec![&hello, &primary],
+        vec![&hello, &certified],
+        vec![&hello, &in_time, &primary],
+        vec![&hello, &too_late, &primary],
+        vec![&hello, &replayed],
+        vec![&hello, &forged],
+        vec![&hello, &bad_signature],
+        vec![&hello, &primary, &primary],
+        vec![&hello, &hello, &primary],
+        vec![&primary, &hello, &primary],
+        vec![&wrong_version, &hello, &primary],
+        vec![&hello, &ping, &primary],
+    ]
+    .into_iter()
+    .map(|steps| steps.into_iter().flatten().copied().collect())
+    .collect()
+}
+
+/// An `auth_handshake` step that hands `frame` to the machine (op 1).
+fn handshake_frame(frame: Frame) -> Vec<u8> {
+    let mut step = vec![1];
+    step.extend(frame_to_vec(&frame).expect("seed frames encode"));
+    step
+}
+
+/// An `auth_handshake` step that advances the clock by `ms` (op 0).
+fn clock_step(ms: u16) -> Vec<u8> {
+    let mut step = vec![0];
+    step.extend(ms.to_le_bytes());
+    step
+}
+
+/// Target `decode_peer_frame`: decodes `data` as a stream of node-to-node
+/// frames under two limits and checks every frame it yields, as
+/// [`decode_frame_target`] does for client frames.
+pub fn decode_peer_frame_target(data: &[u8]) {
+    for limit in [MAX_FRAME_LEN, SMALL_LIMIT] {
+        decode_peer_stream(data, limit);
+    }
+}
+
+/// Decodes peer frames one after another until the input is used up,
+/// incomplete or invalid, as a node-to-node link's read loop does.
+fn decode_peer_stream(mut data: &[u8], limit: usize) {
+    loop {
+        match decode_peer_frame(data, limit) {
+            Ok(Some((frame, consumed))) => {
+                assert!(consumed >= codec::HEADER_LEN && consumed <= data.len());
+                assert!(
+                    consumed - 4 <= limit,
+                    "a frame above the limit was accepted"
+                );
+                check_peer_re_encoding(&frame, &data[..consumed]);
+                data = &data[consumed..];
+            }
+            Ok(None) => return,
+            Err(error) => {
+                let _ = error.code();
+                return;
+            }
+        }
+    }
+}
+
+/// A decoded peer frame re-encodes to the exact bytes it came from, and
+/// those decode to an equal frame.
+fn check_peer_re_encoding(frame: &PeerFrame, original: &[u8]) {
+    let mut encoded = Vec::new();
+    encode_peer_frame(frame, &mut encoded).expect("a decoded peer frame re-encodes");
+    assert_eq!(encoded, original, "the encoding is canonical");
+    assert_eq!(
+        decode_peer_frame(&encoded, MAX_FRAME_LEN),
+        Ok(Some((frame.clone(), encoded.len()))),
+        "a re-encoded peer frame decodes to itself"
+    );
+}
+
+/// Valid inputs for `decode_peer_frame`: one encoding of every peer frame
+/// type, plus all of them back to back.
+pub fn decode_peer_frame_seeds() -> Vec<Vec<u8>> {
+    let mut seeds: Vec<Vec<u8>> = sample_peer_frames()
+        .iter()
+        .map(|frame| {
+            let mut bytes = Vec::new();
+            encode_peer_frame(frame, &mut bytes).expect("sample peer frames encode");
+            bytes
+        })
+        .collect();
+    seeds.push(seeds.concat());
+    seeds
+}
+
+/// One node-to-node frame of every type, with fixed contents.
+fn sample_peer_frames() -> Vec<PeerFrame> {
+    let identity = Keypair::from_secret_bytes([1; 32]);
+    let device = Keypair::from_secret_bytes([2; 32]);
+    let address = identity.address();
+    let certificate = DeviceCertificate::issue(&identity, device.public(), 1_700_000_000_000);
+    let card = IdentityCard::sign(&identity, EncryptionKey([0x55; 32]), 1_700_000_000_000);
+    let hello = PeerHello {
+        node: Text::from("node1"),
+        epoch: 3,
+        map_digest: [0x66; 32],
+    };
+    let envelope = Blob(vec![0xde, 0xad, 0xbe, 0xef]);
+    vec![
+        PeerFrame::Hello(hello.clone()),
+        PeerFrame::Welcome(hello),
+        PeerFrame::Refuse(PeerRefuse {
+            reason: Text::from("different fleet map"),
+        }),
+        PeerFrame::Forward(Forward {
+            request_id: 1,
+            message_id: MessageId([0x44; 16]),
+            sender: Some(address),
+            stored_at_ms: 1_700_000_000_000,
+            expires_at_ms: 1_700_003_600_000,
+            recipients: vec![address, device.address()],
+            envelope: envelope.clone(),
+        }),
+        PeerFrame::ForwardAck(ForwardAck {
+            request_id: 1,
+            stored: vec![Stored { address, seq: 7 }],
+            failed: vec![Failed {
+                address: device.address(),
+                code: ErrorCode::QuotaExceeded as u16,
+                retry_after_ms: None,
+            }],
+        }),
+        PeerFrame::FetchCard(PeerFetchCard {
+            request_id: 2,
+            address,
+        }),
+        PeerFrame::CardResult(PeerCardResult {
+            request_id: 2,
+            result: Ok(card),
+        }),
+        PeerFrame::Import(Import {
+            request_id: 3,
+            epoch: 4,
+            mailboxes: vec![MailboxTransfer {
+                address,
+                head: 8,
+                envelopes: vec![TransferEnvelope {
+                    seq: 8,
+                    message_id: MessageId([0x45; 16]),
+                    sender: None,
+                    stored_at_ms: 1_700_000_000_000,
+                    expires_at_ms: 1_700_003_600_000,
+                    envelope,
+                }],
+                cursors: vec![(device.public().device_id(), 7)],
+                card: Some(card),
+                devices: vec![certificate],
+            }],
+        }),
+        PeerFrame::HandoffDone(HandoffDone {
+            request_id: 4,
+            epoch: 4,
+            slots: vec![(0, 2047), (4000, 4095)],
+        }),
+        PeerFrame::HandoffAck(HandoffAck {
+            request_id: 4,
+            result: Err((ErrorCode::StorageFailure as u16, Text::from("disk full"))),
+        }),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +706,70 @@ mod tests {
         for seed in verify_card_and_auth_seeds() {
             verify_card_and_auth_target(&seed);
         }
+        for seed in decode_peer_frame_seeds() {
+            decode_peer_frame_target(&seed);
+        }
+    }
+
+    #[test]
+    fn handshake_seeds_reach_success_and_every_refusal() {
+        use HandshakeState::{Authenticated, Failed};
+        let outcomes: Vec<HandshakeOutcome> = auth_handshake_seeds()
+            .iter()
+            .map(|seed| run_auth_handshake(seed))
+            .collect();
+        let expected = [
+            (2, Authenticated), // primary device
+            (2, Authenticated), // certified device
+            (2, Authenticated), // answered exactly at the time to live
+            (2, Failed),        // expired
+            (2, Failed),        // signed for another nonce
+            (2, Failed),        // forged certificate
+            (2, Failed),        // bad signature
+            (3, Authenticated), // the second Auth is refused
+            (3, Failed),        // second Hello
+            (3, Failed),        // Auth before Hello
+            (3, Failed),        // wrong version
+            (3, Failed),        // Ping instead of Auth
+        ]
+        .map(|(frames, state)| HandshakeOutcome { frames, state });
+        assert_eq!(outcomes, expected);
+    }
+
+    #[test]
+    fn the_handshake_target_stops_at_a_frame_the_broker_would_not_accept() {
+        // A Ping decoded as the broker does (pre-auth) ends the input.
+        let mut ping = handshake_frame(Frame::Ping(Ping { nonce: 1 }));
+        ping.extend(auth_handshake_seeds().swap_remove(0));
+        assert_eq!(
+            run_auth_handshake(&ping),
+            HandshakeOutcome {
+                frames: 0,
+                state: HandshakeState::AwaitingHello
+            }
+        );
+    }
+
+    #[test]
+    fn peer_seeds_cover_every_peer_frame_type() {
+        // An exhaustive match: a new peer frame type fails to compile here
+        // until it has a seed.
+        fn tag(frame: &PeerFrame) -> usize {
+            match frame {
+                PeerFrame::Hello(_) => 0,
+                PeerFrame::Welcome(_) => 1,
+                PeerFrame::Refuse(_) => 2,
+                PeerFrame::Forward(_) => 3,
+                PeerFrame::ForwardAck(_) => 4,
+                PeerFrame::FetchCard(_) => 5,
+                PeerFrame::CardResult(_) => 6,
+                PeerFrame::Import(_) => 7,
+                PeerFrame::HandoffDone(_) => 8,
+                PeerFrame::HandoffAck(_) => 9,
+            }
+        }
+        let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
+        assert_eq!(tags, (0..10).collect::<Vec<_>>());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   form, device certificates.
 //! - [`card`]: the self-certifying [`card::IdentityCard`].
 //! - [`auth`]: the bytes a device signs to answer an auth challenge.
+//! - [`handshake`]: the broker's side of the auth handshake as a sans-IO
+//!   state machine ([`handshake::ServerHandshake`]).
 //! - [`frame`]: every frame on the wire and the stable [`frame::ErrorCode`]s.
 //! - [`fleet`]: slots of the address space and the node-to-node frames.
 //! - [`codec`]: framing and the single place that names the serialization
@@ -21,6 +23,7 @@ pub mod card;
 pub mod codec;
 pub mod fleet;
 pub mod frame;
+pub mod handshake;
 pub mod identity;
 
 pub use card::IdentityCard;

@@ -9,8 +9,13 @@
 //!
 //! ```text
 //! cargo run --release --manifest-path fuzz/Cargo.toml --bin replay -- \
-//!     [all|decode_frame|verify_card_and_auth] [--seconds N] [--seed S] [PATH ...]
+//!     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
+//!     [--seconds N] [--seed S] [--write-seeds] [PATH ...]
 //! ```
+//!
+//! `--write-seeds` writes the targets' seed inputs to `fuzz/corpus/<target>/`
+//! and exits, so that libFuzzer (which reads only that directory) starts from
+//! them too; the `auth_handshake` target needs that to reach a valid signature.
 //!
 //! On a panic the offending input is written to
 //! `fuzz/artifacts/<target>/crash-<hash>` (replayable with this driver or a
@@ -38,6 +43,16 @@ const TARGETS: &[Target] = &[
         run: backbone_fuzz::verify_card_and_auth_target,
         seeds: backbone_fuzz::verify_card_and_auth_seeds,
     },
+    Target {
+        name: "auth_handshake",
+        run: backbone_fuzz::auth_handshake_target,
+        seeds: backbone_fuzz::auth_handshake_seeds,
+    },
+    Target {
+        name: "decode_peer_frame",
+        run: backbone_fuzz::decode_peer_frame_target,
+        seeds: backbone_fuzz::decode_peer_frame_seeds,
+    },
 ];
 
 /// Command-line options.
@@ -46,10 +61,13 @@ struct Options {
     seconds: u64,
     seed: u64,
     paths: Vec<PathBuf>,
+    /// Write the seeds to `fuzz/corpus/<target>/` instead of fuzzing.
+    write_seeds: bool,
 }
 
-const USAGE: &str = "usage: replay [all|decode_frame|verify_card_and_auth] \
-                     [--seconds N] [--seed S] [CORPUS_PATH ...]";
+const USAGE: &str = "usage: replay \
+                     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
+                     [--seconds N] [--seed S] [--write-seeds] [CORPUS_PATH ...]";
 
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
@@ -60,6 +78,7 @@ fn parse_options() -> Result<Options, String> {
             .map(|elapsed| elapsed.as_nanos() as u64)
             .unwrap_or(1),
         paths: Vec::new(),
+        write_seeds: false,
     };
     let mut args = std::env::args().skip(1);
     let mut first = true;
@@ -75,6 +94,7 @@ fn parse_options() -> Result<Options, String> {
                 let value = args.next().ok_or("--seed needs a value")?;
                 options.seed = value.parse().map_err(|_| format!("bad --seed {value}"))?;
             }
+            "--write-seeds" => options.write_seeds = true,
             "-h" | "--help" => return Err(USAGE.to_owned()),
             "all" if first => {}
             name if first && TARGETS.iter().any(|target| target.name == name) => {
@@ -311,6 +331,32 @@ fn fuzz(target: &Target, options: &Options, deadline: Instant) -> bool {
     true
 }
 
+/// Writes each target's seeds to `fuzz/corpus/<target>/seed-<n>`.
+fn write_seeds(targets: &[&Target]) -> ExitCode {
+    for target in targets {
+        let directory = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("corpus")
+            .join(target.name);
+        let seeds = (target.seeds)();
+        let written = std::fs::create_dir_all(&directory).and_then(|()| {
+            seeds.iter().enumerate().try_for_each(|(index, seed)| {
+                std::fs::write(directory.join(format!("seed-{index:02}")), seed)
+            })
+        });
+        if let Err(error) = written {
+            eprintln!("{}: could not write the seeds ({error})", target.name);
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "{}: {} seeds written to {}",
+            target.name,
+            seeds.len(),
+            directory.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let options = match parse_options() {
         Ok(options) => options,
@@ -319,6 +365,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if options.write_seeds {
+        return write_seeds(&options.targets);
+    }
     // Panics are reported once, with the input, by `run_one`.
     std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
     println!(
