@@ -80,6 +80,7 @@ async fn respond(
             if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
                 metrics::gauge!("backbone_store_bytes").set(bytes as f64);
             }
+            record_process_gauges();
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ("GET", "/health") => {
@@ -117,4 +118,20 @@ async fn respond(
     stream.write_all(header.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Samples the process-wide gauges a leak would move: live tokio tasks and
+/// open file descriptors. They are read when scraped, like
+/// `backbone_store_bytes`, so an idle broker pays nothing for them.
+fn record_process_gauges() {
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    metrics::gauge!("backbone_tokio_tasks").set(tasks as f64);
+    // Linux only; elsewhere the gauge is simply absent.
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        // The directory handle being read is itself one of the entries.
+        let fds = entries.count().saturating_sub(1);
+        metrics::gauge!("backbone_open_fds").set(fds as f64);
+    }
 }

@@ -1,8 +1,9 @@
 //! The broker under test: spawned locally or given by address, and sampled
 //! from /proc when it runs on this machine.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub struct Target {
     /// The broker's metrics/health address, when spawned.
     pub metrics: Option<String>,
     child: Mutex<Option<Child>>,
-    _dir: Option<tempfile::TempDir>,
+    dir: Option<tempfile::TempDir>,
 }
 
 /// CPU time and resident memory of a process.
@@ -33,6 +34,8 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
     /// Resident set size in bytes.
     pub rss_bytes: u64,
+    /// Operating-system threads.
+    pub threads: u64,
 }
 
 impl Target {
@@ -60,7 +63,7 @@ impl Target {
             pid: args.broker_pid,
             metrics: None,
             child: Mutex::new(None),
-            _dir: None,
+            dir: None,
         })
     }
 
@@ -73,26 +76,12 @@ impl Target {
 
     /// Samples the broker process, if local.
     pub fn sample(&self) -> Option<ProcSample> {
-        let pid = self.pid?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        // Linux reports CPU time in USER_HZ, which is 100 on every mainstream configuration.
-        Some(ProcSample {
-            cpu_seconds: ticks / 100.0,
-            rss_bytes: rss_kib * 1024,
-        })
+        proc_sample(self.pid?)
+    }
+
+    /// The data directory of a spawned broker.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(tempfile::TempDir::path)
     }
 
     /// Stops a spawned broker.
@@ -113,6 +102,36 @@ impl Target {
             let _ = child.wait();
         }
     }
+}
+
+/// CPU time, resident memory and threads of process `pid`, from /proc.
+pub fn proc_sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    // Linux reports CPU time in USER_HZ, which is 100 on every mainstream configuration.
+    Some(ProcSample {
+        cpu_seconds: ticks / 100.0,
+        rss_bytes: field("VmRSS:")? * 1024,
+        threads: field("Threads:")?,
+    })
+}
+
+/// Open file descriptors of process `pid`, from /proc.
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
 async fn spawn(
@@ -172,24 +191,76 @@ async fn spawn(
         pid,
         metrics,
         child: Mutex::new(Some(child)),
-        _dir: Some(dir),
+        dir: Some(dir),
     })
+}
+
+/// The body of `GET path` on a broker's metrics/health address.
+fn http_get(metrics: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(metrics)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: loadtest\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .with_context(|| format!("{path} response has no body"))
+}
+
+/// `GET /metrics`: every series without labels, by name.
+pub fn scrape(metrics: &str) -> anyhow::Result<HashMap<String, f64>> {
+    Ok(parse_unlabelled(&http_get(metrics, "/metrics")?))
+}
+
+fn parse_unlabelled(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.contains('{'))
+        .filter_map(|line| {
+            let (name, value) = line.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Bytes the files under `dir` occupy on disk (allocated blocks, as `du` counts).
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => disk_usage(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            // A file removed between listing and stat (sled replaces its snapshots).
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// `GET /health` of a spawned broker: the number of live mailbox actors.
 pub fn mailbox_actors(metrics: &str) -> anyhow::Result<u64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(metrics)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET /health HTTP/1.1\r\nhost: loadtest\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .context("health response has no body")?;
-    let health: serde_json::Value = serde_json::from_str(body)?;
+    let body = http_get(metrics, "/health")?;
+    let health: serde_json::Value = serde_json::from_str(&body)?;
     health["mailbox_actors"]
         .as_u64()
         .context("health response lacks mailbox_actors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_reads_unlabelled_series_and_skips_comments_and_labels() {
+        let text = "# TYPE backbone_tokio_tasks gauge\nbackbone_tokio_tasks 812\n\
+                    backbone_errors_total{code=\"RateLimited\"} 3\nbackbone_open_fds 17\n";
+        let series = parse_unlabelled(text);
+        assert_eq!(series.get("backbone_tokio_tasks"), Some(&812.0));
+        assert_eq!(series.get("backbone_open_fds"), Some(&17.0));
+        assert_eq!(series.len(), 2);
+    }
 }

@@ -9,6 +9,7 @@ mod broker;
 mod plot;
 mod report;
 mod scenarios;
+mod soak;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +84,87 @@ pub enum Scenario {
     /// Store one envelope in each of many mailboxes, wait past the broker's
     /// mailbox idle timeout, then report live mailbox actors and memory.
     IdleMailboxes(IdleArgs),
+    /// Long mixed load (steady sends, connect/send/receive/disconnect churn,
+    /// short TTLs expiring), then checks that the broker's memory, file
+    /// descriptors and tasks stayed flat and its disk use stayed proportional
+    /// to live data. Needs --spawn-broker.
+    Soak(SoakArgs),
+}
+
+/// `soak`.
+#[derive(Args, Clone)]
+pub struct SoakArgs {
+    /// How long to run the load, warm-up included.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Load before the first measured window; must be at least --ttl, so
+    /// that the live data has reached its steady size when measuring starts.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Length of the first (right after warm-up) and last windows whose
+    /// averages are compared.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// How often to sample the broker.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+    /// Always-connected recipient mailboxes (their deliveries are verified).
+    #[arg(long, default_value_t = 200)]
+    pub mailboxes: usize,
+    /// Always-connected sender connections.
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Sends in flight per sender.
+    #[arg(long, default_value_t = 4)]
+    pub inflight: usize,
+    /// Steady send rate in messages/s over all senders.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// Envelope payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// TTL of the steady sends that are not short-lived.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Fraction of steady sends given a short TTL instead of --ttl.
+    #[arg(long, default_value_t = 0.25)]
+    pub short_ttl_fraction: f64,
+    /// Shortest short TTL (whole seconds).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub short_ttl_min: Duration,
+    /// Longest short TTL (whole seconds).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub short_ttl_max: Duration,
+    /// Identities used by the churn connections; each is offline between its visits.
+    #[arg(long, default_value_t = 200)]
+    pub churn_identities: usize,
+    /// Churn connections opened per second (each connects, authenticates,
+    /// sends, receives, acks, deletes and disconnects).
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_rate: f64,
+    /// Churn connections in progress at once, at most.
+    #[arg(long, default_value_t = 8)]
+    pub churn_workers: usize,
+    /// Short-TTL sends per churn connection, to other churn identities.
+    #[arg(long, default_value_t = 5)]
+    pub churn_sends: usize,
+    /// How long a churn connection waits for its pending envelopes.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub churn_linger: Duration,
+    /// Fail if resident memory grows more than this (percent, last window
+    /// against the first).
+    #[arg(long, default_value_t = 5.0)]
+    pub max_rss_growth: f64,
+    /// Fail if the broker's live tokio tasks grow more than this (percent,
+    /// last window average against the first).
+    #[arg(long, default_value_t = 5.0)]
+    pub max_task_growth: f64,
+    /// Fail if open file descriptors after warm-up vary by more than this.
+    #[arg(long, default_value_t = 8)]
+    pub max_fd_spread: u64,
+    /// Fail if disk use exceeds live data by more than this factor (last window).
+    #[arg(long, default_value_t = 20.0)]
+    pub max_disk_factor: f64,
 }
 
 /// `idle-mailboxes`.
@@ -213,6 +295,17 @@ fn main() -> anyhow::Result<()> {
         }
         if result.lost > 0 {
             anyhow::bail!("{} acknowledged envelopes were not delivered", result.lost);
+        }
+        if let Some(soak) = &result.soak {
+            let failed: Vec<&str> = soak
+                .checks
+                .iter()
+                .filter(|check| !check.pass)
+                .map(|check| check.name.as_str())
+                .collect();
+            if !failed.is_empty() {
+                anyhow::bail!("soak checks failed: {}", failed.join(", "));
+            }
         }
         Ok(())
     })

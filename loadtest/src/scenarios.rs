@@ -20,7 +20,7 @@ use crate::{Cli, Scenario, SteadyArgs};
 
 const TTL: Duration = Duration::from_secs(3600);
 /// Payload header: delivery key (u64) and send time in ns since the run epoch (u64).
-const HEADER: usize = 16;
+pub(crate) const HEADER: usize = 16;
 
 /// Runs the chosen scenario.
 pub async fn run(cli: &Cli, target: &Target) -> anyhow::Result<RunResult> {
@@ -53,20 +53,21 @@ pub async fn run(cli: &Cli, target: &Target) -> anyhow::Result<RunResult> {
         }
         Scenario::ConnectStorm(args) => connect_storm(cli, target, args).await,
         Scenario::IdleMailboxes(args) => idle_mailboxes(cli, target, args).await,
+        Scenario::Soak(args) => crate::soak::run(cli, target, args).await,
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
 }
 
-struct Party {
-    signing: Keypair,
-    encryption: EncryptionKeypair,
+pub(crate) struct Party {
+    pub(crate) signing: Keypair,
+    pub(crate) encryption: EncryptionKeypair,
 }
 
 impl Party {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             signing: Keypair::generate(),
             encryption: EncryptionKeypair::generate(),
@@ -74,7 +75,7 @@ impl Party {
     }
 }
 
-fn progress(cli: &Cli, message: &str) -> ProgressBar {
+pub(crate) fn progress(cli: &Cli, message: &str) -> ProgressBar {
     if cli.quiet {
         return ProgressBar::hidden();
     }
@@ -88,7 +89,7 @@ fn progress(cli: &Cli, message: &str) -> ProgressBar {
     bar
 }
 
-async fn connect_all(
+pub(crate) async fn connect_all(
     cli: &Cli,
     target: &Target,
     parties: &[Party],
@@ -129,14 +130,14 @@ async fn connect_all(
         .collect())
 }
 
-struct ReceiverResult {
-    received: HashSet<u64>,
-    duplicates: u64,
-    push: Histogram<u64>,
+pub(crate) struct ReceiverResult {
+    pub(crate) received: HashSet<u64>,
+    pub(crate) duplicates: u64,
+    pub(crate) push: Histogram<u64>,
 }
 
 /// Receives until `stop`, acking everything, recording arrival latency.
-fn spawn_receiver(
+pub(crate) fn spawn_receiver(
     client: Arc<Client>,
     opaque: bool,
     epoch: Instant,
@@ -524,6 +525,7 @@ async fn steady(
         broker,
         connect: None,
         idle: None,
+        soak: None,
     })
 }
 

@@ -100,3 +100,73 @@ fn idle_mailboxes_settle_to_the_connected_ones() {
         "{result}"
     );
 }
+
+#[test]
+fn a_short_soak_samples_the_broker_and_judges_every_check() {
+    // Twenty seconds of the real mix at a low rate. The thresholds are
+    // loosened: this checks the machinery, not the broker (memory still
+    // settles in so short a run); the 10-minute soak in docs/reliability.md
+    // judges the broker.
+    let result = run(&[
+        "--opaque",
+        "soak",
+        "--duration",
+        "20s",
+        "--warmup",
+        "5s",
+        "--window",
+        "5s",
+        "--sample-every",
+        "1s",
+        "--mailboxes",
+        "10",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--ttl",
+        "5s",
+        "--short-ttl-min",
+        "1s",
+        "--short-ttl-max",
+        "3s",
+        "--churn-identities",
+        "20",
+        "--churn-rate",
+        "5",
+        "--max-rss-growth",
+        "1000",
+        "--max-task-growth",
+        "1000",
+        "--max-fd-spread",
+        "1000",
+        "--max-disk-factor",
+        "1000000",
+    ]);
+    assert_eq!(result["lost"].as_u64(), Some(0), "{result}");
+    assert!(result["expected_deliveries"].as_u64().expect("owed") > 0);
+    let soak = &result["soak"];
+    let samples = soak["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 15, "{soak}");
+    let last = samples.last().expect("a sample");
+    assert!(last["tasks"].as_u64().expect("tasks scraped") > 0, "{last}");
+    assert!(last["fds"].as_u64().expect("fds") > 0, "{last}");
+    assert!(last["disk_bytes"].as_u64().expect("disk") > 0, "{last}");
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["live_bytes"].as_u64().expect("live") > 0),
+        "{soak}"
+    );
+    assert!(
+        soak["churn_connections"].as_u64().expect("churn") > 10,
+        "{soak}"
+    );
+    assert!(
+        soak["broker_expired"].as_u64().expect("expired") > 0,
+        "{soak}"
+    );
+    let checks = soak["checks"].as_array().expect("checks");
+    assert_eq!(checks.len(), 5, "{soak}");
+    assert!(checks.iter().all(|c| c["pass"] == true), "{soak}");
+}
