@@ -7,6 +7,7 @@
 //! layout is canonical, and decodes again to an equal frame) and the auth
 //! handshake's (see [`auth_handshake_target`]).
 
+use backbone_client::envelope::{self, EncryptionKeypair, Padding};
 use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};
 use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text};
 use backbone_protocol::codec::{
@@ -692,9 +693,98 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
     ]
 }
 
+/// The sender of every `open_envelope` seed.
+fn envelope_sender() -> Keypair {
+    Keypair::from_secret_bytes([0x41; 32])
+}
+
+/// The recipient the `open_envelope` target opens as.
+fn envelope_recipient() -> (Address, EncryptionKeypair) {
+    let identity = Keypair::from_secret_bytes([0x42; 32]);
+    (
+        identity.address(),
+        EncryptionKeypair::from_secret_bytes([0x43; 32]),
+    )
+}
+
+/// What the seeds' sender signed: `(sent_at_ms, plaintext)`. Envelopes are
+/// sealed with fresh random keys, so a corpus from another run holds other
+/// bytes; what it cannot hold is another signed message.
+const SIGNED_MESSAGES: &[(u64, &[u8])] = &[
+    (1, b""),
+    (2, b"hello"),
+    (
+        3,
+        b"a longer message that spans more than one block of the cipher stream",
+    ),
+];
+
+/// Target `open_envelope`: opens `data` as the fixed recipient. Nothing may
+/// panic, and an envelope that opens must carry the fixed sender's
+/// signature over one of [`SIGNED_MESSAGES`]: anything else would be a forgery.
+pub fn open_envelope_target(data: &[u8]) {
+    let (me, key) = envelope_recipient();
+    if let Ok(opened) = envelope::open(&me, &key, data) {
+        assert_eq!(opened.sender, envelope_sender().address(), "forged sender");
+        assert!(
+            SIGNED_MESSAGES
+                .iter()
+                .any(|(at, text)| *at == opened.sent_at_ms && *text == opened.plaintext),
+            "an envelope opened with a message the sender never signed"
+        );
+        assert!(opened.recipients.contains(&me));
+    }
+}
+
+/// Seeds for `open_envelope`: each signed message sealed to the recipient,
+/// padded and unpadded, alone and with a second recipient.
+pub fn open_envelope_seeds() -> Vec<Vec<u8>> {
+    let sender = envelope_sender();
+    let (me, key) = envelope_recipient();
+    let other = (
+        Keypair::from_secret_bytes([0x44; 32]).address(),
+        EncryptionKeypair::from_secret_bytes([0x45; 32]).public(),
+    );
+    let mut seeds = Vec::new();
+    for (at, text) in SIGNED_MESSAGES {
+        for padding in [Padding::default(), Padding::None] {
+            for recipients in [vec![(me, key.public())], vec![(me, key.public()), other]] {
+                seeds.push(
+                    envelope::seal_with(&sender, &recipients, text, *at, padding)
+                        .expect("seal a seed"),
+                );
+            }
+        }
+    }
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_seeds_open_and_pass_the_target() {
+        let (me, key) = envelope_recipient();
+        let seeds = open_envelope_seeds();
+        assert_eq!(seeds.len(), SIGNED_MESSAGES.len() * 4);
+        for seed in &seeds {
+            assert!(envelope::open(&me, &key, seed).is_ok());
+            open_envelope_target(seed);
+        }
+    }
+
+    #[test]
+    fn the_envelope_target_catches_an_unexpected_message() {
+        let (me, key) = envelope_recipient();
+        let sealed =
+            envelope::seal(&envelope_sender(), &[(me, key.public())], b"not a seed", 9).unwrap();
+        let caught = std::panic::catch_unwind(|| open_envelope_target(&sealed));
+        assert!(
+            caught.is_err(),
+            "a message the sender never signed went unnoticed"
+        );
+    }
 
     #[test]
     fn seeds_cover_every_frame_type_and_pass_the_targets() {

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo run --release --manifest-path fuzz/Cargo.toml --bin replay -- \
-//!     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
+//!     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame|open_envelope] \
 //!     [--seconds N] [--seed S] [--write-seeds] [PATH ...]
 //! ```
 //!
@@ -53,6 +53,11 @@ const TARGETS: &[Target] = &[
         run: backbone_fuzz::decode_peer_frame_target,
         seeds: backbone_fuzz::decode_peer_frame_seeds,
     },
+    Target {
+        name: "open_envelope",
+        run: backbone_fuzz::open_envelope_target,
+        seeds: backbone_fuzz::open_envelope_seeds,
+    },
 ];
 
 /// Command-line options.
@@ -66,7 +71,7 @@ struct Options {
 }
 
 const USAGE: &str = "usage: replay \
-                     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame] \
+                     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame|open_envelope] \
                      [--seconds N] [--seed S] [--write-seeds] [CORPUS_PATH ...]";
 
 fn parse_options() -> Result<Options, String> {
