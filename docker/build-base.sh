@@ -8,7 +8,8 @@
 # debuerreotype's `debuerreotype-slimify`) and imported with `docker import`.
 #
 # It needs root: debootstrap creates device nodes, chroots into the new
-# system and sets file ownership.
+# system and sets file ownership. If debootstrap is missing, it is installed
+# with apt-get from Debian's packages.
 #
 # Usage: docker/build-base.sh [--force]
 #   --force          rebuild even if debian:bookworm-slim already exists
@@ -40,10 +41,17 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 command -v debootstrap >/dev/null || PATH="$PATH:/usr/sbin:/sbin"
-command -v debootstrap >/dev/null || {
-    echo "build-base: debootstrap is not installed (apt-get install debootstrap)" >&2
-    exit 1
-}
+if ! command -v debootstrap >/dev/null; then
+    # A fresh machine of this project's kind has Debian's package archive but
+    # not debootstrap: install it from there, as the tests need it.
+    command -v apt-get >/dev/null || {
+        echo "build-base: debootstrap is not installed and there is no apt-get to install it" >&2
+        exit 1
+    }
+    log "installing debootstrap from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
 
 rootfs="$(mktemp -d /tmp/backbone-rootfs.XXXXXX)"
 cleanup() {

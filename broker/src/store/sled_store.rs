@@ -252,6 +252,22 @@ impl SledStore {
         })
     }
 
+    /// Every record of every tree, default tree included, as `(tree name,
+    /// key, value)`: what a metadata audit compares against the documented
+    /// list of stored fields (see `docs/security.md`). Reads everything.
+    pub fn dump(&self) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut records = Vec::new();
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name)?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            for entry in tree.iter() {
+                let (key, value) = entry?;
+                records.push((name.clone(), key.to_vec(), value.to_vec()));
+            }
+        }
+        Ok(records)
+    }
+
     /// Passes the fail point `site`: in test builds, fails if a test armed a
     /// failure that is due here.
     #[cfg_attr(not(test), allow(clippy::unused_self, unused_variables))]
