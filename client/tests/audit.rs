@@ -86,7 +86,10 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
             Ok(name) if name.starts_with("node/handoff/") => "meta node/handoff".into(),
             _ => format!("unaudited meta key {key:?}"),
         },
-        _ => format!("unaudited record in tree {tree:?} with a {}-byte key", key.len()),
+        _ => format!(
+            "unaudited record in tree {tree:?} with a {}-byte key",
+            key.len()
+        ),
     }
 }
 
@@ -94,8 +97,12 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
 fn classify_file(relative: &Path) -> String {
     let text = relative.to_string_lossy();
     let name = match text.as_ref() {
-        "tls/cert.pem" | "tls/key.pem" | "tls/reset.key" | "store/backbone.epoch"
-        | "store/conf" | "store/db" => text.as_ref(),
+        "tls/cert.pem"
+        | "tls/key.pem"
+        | "tls/reset.key"
+        | "store/backbone.epoch"
+        | "store/conf"
+        | "store/db" => text.as_ref(),
         other if other.starts_with("store/blobs/") => "store/blobs",
         other if other.starts_with("store/snap.") => "store/snap",
         other => return format!("unaudited file {other}"),
@@ -236,9 +243,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     }
 
     // Every field of every stored type is named in its row.
-    let stored = store
-        .export_mailbox(&bob.address())
-        .expect("bob's mailbox");
+    let stored = store.export_mailbox(&bob.address()).expect("bob's mailbox");
     let envelope: &StoredEnvelope = stored.envelopes.first().expect("an envelope is left");
     let card: IdentityCard = store.card(&bob.address()).expect("read").expect("card");
     let device_record = stored.devices.first().expect("a device");
@@ -267,13 +272,19 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         .map(|bytes| ("envelope bytes".to_owned(), bytes[200..].to_vec()))
         .collect();
     for identity in [&alice, &bob] {
-        let card = store.card(&identity.address()).expect("read").expect("card");
+        let card = store
+            .card(&identity.address())
+            .expect("read")
+            .expect("card");
         secrets.push(("card encryption key".into(), card.encryption_key.0.to_vec()));
         secrets.push(("card signature".into(), card.signature.0.to_vec()));
     }
     for (what, bytes) in secrets {
         for rendering in renderings(&bytes) {
-            assert!(!log.contains(&rendering), "the log holds {what}: {rendering}");
+            assert!(
+                !log.contains(&rendering),
+                "the log holds {what}: {rendering}"
+            );
         }
     }
 }

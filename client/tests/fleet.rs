@@ -57,6 +57,33 @@ async fn clients_are_redirected_home_and_sends_cross_nodes() {
 }
 
 #[tokio::test]
+async fn a_full_mailbox_on_another_node_refuses_with_quota_exceeded() {
+    let fleet = TestFleet::start_with(2, |_, config| config.limits.mailbox_max_envelopes = 1).await;
+    let alice = fleet.identity_on(0);
+    let bob = fleet.identity_on(1);
+    fleet.connect(&bob, 1).await;
+    let alice_client = fleet.connect(&alice, 0).await;
+    let ack = alice_client
+        .send_envelope(&[bob.address()], vec![1], HOUR)
+        .await
+        .expect("sent");
+    assert_eq!(ack.stored.len(), 1, "{ack:?}");
+    // The owner node refuses; the code crosses the fleet link unchanged.
+    let ack = alice_client
+        .send_envelope(&[bob.address(), alice.address()], vec![2], HOUR)
+        .await
+        .expect("sent");
+    assert_eq!(ack.failed.len(), 1, "{ack:?}");
+    assert_eq!(ack.failed[0].address, bob.address());
+    assert_eq!(
+        ErrorCode::from_u16(ack.failed[0].code),
+        Some(ErrorCode::QuotaExceeded)
+    );
+    assert_eq!(ack.stored.len(), 1, "alice's own copy is stored: {ack:?}");
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_down_owner_fails_only_its_recipients_and_recovers() {
     let mut fleet = TestFleet::start(3).await;
     let alice = fleet.identity_on(0);
