@@ -316,7 +316,10 @@ async fn an_authenticated_session_cannot_send_sealed() {
     let bob = Identity::new();
     let bob_client = bob.connect(&broker).await;
     let capability = DeliveryCapability::random();
-    bob_client.register_capability(&capability).await.expect("registers");
+    bob_client
+        .register_capability(&capability)
+        .await
+        .expect("registers");
 
     // On an authenticated session the broker knows the sender, so a sealed
     // send there would only pretend to hide it.
@@ -364,7 +367,10 @@ async fn a_mailbox_holds_at_most_max_capabilities() {
     let capabilities: Vec<DeliveryCapability> =
         (0..3).map(|_| DeliveryCapability::random()).collect();
     for capability in &capabilities[..2] {
-        bob_client.register_capability(capability).await.expect("fits");
+        bob_client
+            .register_capability(capability)
+            .await
+            .expect("fits");
     }
     let error = bob_client
         .register_capability(&capabilities[2])
@@ -385,7 +391,10 @@ async fn a_mailbox_holds_at_most_max_capabilities() {
         .register_capability(&capabilities[2])
         .await
         .expect("fits again");
-    assert_eq!(bob_client.list_capabilities().await.expect("lists").len(), 2);
+    assert_eq!(
+        bob_client.list_capabilities().await.expect("lists").len(),
+        2
+    );
     broker.shutdown().await;
 }
 
@@ -395,7 +404,10 @@ async fn a_sealed_send_through_another_node_is_checked_and_stored_by_the_owner()
     let bob = fleet.identity_on(1);
     let bob_client = fleet.connect(&bob, 1).await;
     let capability = DeliveryCapability::random();
-    bob_client.register_capability(&capability).await.expect("registers");
+    bob_client
+        .register_capability(&capability)
+        .await
+        .expect("registers");
 
     // Alice's anonymous session is on node 0; Bob's mailbox on node 1.
     let alice = Identity::new();

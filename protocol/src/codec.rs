@@ -393,7 +393,8 @@ mod tests {
 
     #[test]
     fn only_hello_auth_and_anonymous_pass_before_authentication() {
-        let anonymous = frame_to_vec(&Frame::Anonymous(crate::frame::Anonymous {})).expect("encodes");
+        let anonymous =
+            frame_to_vec(&Frame::Anonymous(crate::frame::Anonymous {})).expect("encodes");
         assert!(matches!(
             decode_frame(&anonymous, 1024, Phase::PreAuth),
             Ok(Decoded::Frame {

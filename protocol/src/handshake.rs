@@ -272,7 +272,11 @@ impl ServerHandshake {
         Ok(())
     }
 
-    fn anonymous(&mut self, issued_at_ms: u64, now_ms: u64) -> Result<HandshakeStep, HandshakeError> {
+    fn anonymous(
+        &mut self,
+        issued_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<HandshakeStep, HandshakeError> {
         self.check_expiry(issued_at_ms, now_ms)?;
         self.state = HandshakeState::Anonymous;
         Ok(HandshakeStep::Anonymous)

@@ -188,11 +188,9 @@ fn capability_hash() -> impl Strategy<Value = CapabilityHash> {
 }
 
 fn register_capability() -> impl Strategy<Value = RegisterCapability> {
-    (any::<u64>(), capability_hash()).prop_map(|(request_id, capability_hash)| {
-        RegisterCapability {
-            request_id,
-            capability_hash,
-        }
+    (any::<u64>(), capability_hash()).prop_map(|(request_id, capability_hash)| RegisterCapability {
+        request_id,
+        capability_hash,
     })
 }
 

@@ -209,8 +209,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes the capability hash `hash` of `address`; returns whether it
     /// was registered. Not flushed by itself.
-    fn revoke_capability(&self, address: &Address, hash: &CapabilityHash)
-    -> Result<bool, StoreError>;
+    fn revoke_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+    ) -> Result<bool, StoreError>;
 
     /// Whether `hash` is registered for `address`.
     fn has_capability(&self, address: &Address, hash: &CapabilityHash) -> Result<bool, StoreError>;
