@@ -480,10 +480,9 @@ fn expected_handshake_step(
     now_ms: u64,
 ) -> Result<ModelStep, ErrorCode> {
     match (state, frame) {
-        (
-            HandshakeState::Authenticated | HandshakeState::Anonymous | HandshakeState::Failed,
-            _,
-        ) => Err(ErrorCode::ChallengeReused),
+        (HandshakeState::Authenticated | HandshakeState::Anonymous | HandshakeState::Failed, _) => {
+            Err(ErrorCode::ChallengeReused)
+        }
         (HandshakeState::AwaitingHello, Frame::Hello(hello)) => {
             if hello.min_version <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.max_version {
                 Ok(ModelStep::Challenge)
