@@ -144,6 +144,16 @@ pub struct LimitsConfig {
     pub mailbox_max_envelopes: u64,
     /// Most envelope bytes one mailbox may hold; 0: no limit.
     pub mailbox_max_bytes: ByteSize,
+    /// Sealed sends one delivery capability may admit per second, on
+    /// average, counted on the recipient's node; 0 disables the limit.
+    pub sealed_rate: u32,
+    /// Sealed sends one delivery capability may admit at once after being idle.
+    pub sealed_burst: u32,
+    /// Sealed sends one anonymous connection may make per second (and at
+    /// once); 0 disables the limit.
+    pub anonymous_rate: u32,
+    /// Most delivery capability hashes one mailbox may hold.
+    pub max_capabilities: usize,
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +171,10 @@ impl Default for LimitsConfig {
             send_burst: 2_000,
             mailbox_max_envelopes: 100_000,
             mailbox_max_bytes: ByteSize::mib(512),
+            sealed_rate: 10,
+            sealed_burst: 50,
+            anonymous_rate: 100,
+            max_capabilities: 1_000,
         }
     }
 }
@@ -402,6 +416,18 @@ impl Config {
             return invalid(
                 "limits.send_burst",
                 "must be at least limits.max_recipients, or a send to many recipients could never pass",
+            );
+        }
+        if self.limits.sealed_rate > 0 && self.limits.sealed_burst == 0 {
+            return invalid(
+                "limits.sealed_burst",
+                "must be at least 1 while limits.sealed_rate is set, or no sealed send could pass",
+            );
+        }
+        if self.limits.max_capabilities == 0 || self.limits.max_capabilities > 100_000 {
+            return invalid(
+                "limits.max_capabilities",
+                "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
             );
         }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use backbone_protocol::Address;
-use backbone_protocol::bytes::{Blob, MessageId};
-use backbone_protocol::fleet::{Forward, PeerFrame};
+use backbone_protocol::bytes::{Blob, CapabilityHash, MessageId};
+use backbone_protocol::fleet::{Forward, PeerFrame, SealedForward};
 use backbone_protocol::frame::{ErrorCode, Failed, Stored};
 use tracing::warn;
 
@@ -126,7 +126,21 @@ pub async fn store_everywhere(
     let mut forwards = tokio::task::JoinSet::new();
     for (node, addresses) in remote {
         let (shared, template) = (shared.clone(), template.clone());
-        forwards.spawn(async move { forward(&shared, node, addresses, &template).await });
+        forwards.spawn(async move {
+            let frame_recipients = addresses.clone();
+            forward(&shared, node, addresses, |request_id| {
+                PeerFrame::Forward(Forward {
+                    request_id,
+                    message_id: template.message_id,
+                    sender: template.sender,
+                    stored_at_ms: template.stored_at_ms,
+                    expires_at_ms: template.expires_at_ms,
+                    recipients: frame_recipients,
+                    envelope: Blob(template.envelope.clone()),
+                })
+            })
+            .await
+        });
     }
     let (mut stored, mut refused) = store_for(shared, local, &template).await;
     for (more_stored, more_failed) in forwards.join_all().await {
@@ -136,11 +150,95 @@ pub async fn store_everywhere(
     (stored, refused)
 }
 
+/// Stores a sealed envelope (`template.sender` is `None`) for `recipient`,
+/// admitted by the capability whose hash is `capability_hash`: here when
+/// this node owns the recipient, else on its owner through a
+/// [`SealedForward`]. The owner decides; see [`store_sealed_for`].
+pub async fn store_sealed(
+    shared: &Arc<Shared>,
+    recipient: Address,
+    capability_hash: CapabilityHash,
+    template: StoreTemplate,
+) -> (Vec<Stored>, Vec<Failed>) {
+    match shared.fleet.route(&recipient) {
+        Route::Local => store_sealed_for(shared, recipient, &capability_hash, &template).await,
+        Route::Remote(node) => {
+            let node = node.name.clone();
+            forward(shared, node, vec![recipient], |request_id| {
+                PeerFrame::SealedForward(SealedForward {
+                    request_id,
+                    message_id: template.message_id,
+                    stored_at_ms: template.stored_at_ms,
+                    expires_at_ms: template.expires_at_ms,
+                    recipient,
+                    capability_hash,
+                    envelope: Blob(template.envelope.clone()),
+                })
+            })
+            .await
+        }
+    }
+}
+
+/// The owner's side of a sealed send: refuses a recipient this node does not
+/// serve (`ShardUnavailable`), a capability hash the recipient has not
+/// registered (`UnknownCapability`, also after a revocation) and a capability
+/// over its rate (`RateLimited` with a retry-after), then stores like any
+/// other envelope. The capability is checked before the rate limit, so
+/// unknown hashes never take room in the limiter.
+pub async fn store_sealed_for(
+    shared: &Arc<Shared>,
+    recipient: Address,
+    capability_hash: &CapabilityHash,
+    template: &StoreTemplate,
+) -> (Vec<Stored>, Vec<Failed>) {
+    let refuse = |failure: Failed| (Vec::new(), vec![failure]);
+    if !matches!(shared.fleet.route(&recipient), Route::Local)
+        || shared.fleet.is_importing(&recipient)
+    {
+        // A slot being imported may not have its capability hashes yet.
+        return refuse(failed(shared, recipient, ErrorCode::ShardUnavailable));
+    }
+    let store = shared.store.clone();
+    let hash = *capability_hash;
+    let known = tokio::task::spawn_blocking(move || store.has_capability(&recipient, &hash)).await;
+    match known {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            metrics::counter!("backbone_sealed_refused_total", "reason" => "unknown_capability")
+                .increment(1);
+            return refuse(failed(shared, recipient, ErrorCode::UnknownCapability));
+        }
+        Ok(Err(error)) => {
+            warn!(%error, "capability lookup failed");
+            return refuse(failed(shared, recipient, ErrorCode::StorageFailure));
+        }
+        Err(_) => return refuse(failed(shared, recipient, ErrorCode::Internal)),
+    }
+    if let Some(limiter) = &shared.sealed_limiter
+        && let Err(not_until) = limiter.check_key(capability_hash)
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
+            .increment(1);
+        metrics::counter!("backbone_sealed_refused_total", "reason" => "capability_rate")
+            .increment(1);
+        return refuse(Failed {
+            address: recipient,
+            code: ErrorCode::RateLimited as u16,
+            retry_after_ms: Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32),
+        });
+    }
+    let (stored, refused) = store_for(shared, vec![recipient], template).await;
+    metrics::counter!("backbone_sealed_envelopes_stored_total").increment(stored.len() as u64);
+    (stored, refused)
+}
+
 async fn forward(
     shared: &Arc<Shared>,
     node: String,
     recipients: Vec<Address>,
-    template: &StoreTemplate,
+    build: impl FnOnce(u64) -> PeerFrame,
 ) -> (Vec<Stored>, Vec<Failed>) {
     let Some(links) = shared.fleet.links() else {
         let refused = recipients
@@ -150,19 +248,7 @@ async fn forward(
         return (Vec::new(), refused);
     };
     metrics::counter!("backbone_fleet_forwards_sent_total", "peer" => node.clone()).increment(1);
-    let answer = links
-        .request(&node, |request_id| {
-            PeerFrame::Forward(Forward {
-                request_id,
-                message_id: template.message_id,
-                sender: template.sender,
-                stored_at_ms: template.stored_at_ms,
-                expires_at_ms: template.expires_at_ms,
-                recipients: recipients.clone(),
-                envelope: Blob(template.envelope.clone()),
-            })
-        })
-        .await;
+    let answer = links.request(&node, build).await;
     match answer {
         Ok(PeerFrame::ForwardAck(ack)) => {
             // Only recipients that were asked for count; anything else the

@@ -46,6 +46,13 @@ pub struct Shared {
     pub fleet: Fleet,
     /// Per-identity send rate (`limits.send_rate`), if limited.
     pub send_limiter: Option<governor::DefaultKeyedRateLimiter<backbone_protocol::Address>>,
+    /// Per-capability sealed send rate (`limits.sealed_rate`), if limited;
+    /// checked on the recipient's node.
+    pub sealed_limiter:
+        Option<governor::DefaultKeyedRateLimiter<backbone_protocol::bytes::CapabilityHash>>,
+    /// The per-connection sealed send rate of anonymous sessions
+    /// (`limits.anonymous_rate`), if limited; each session gets its own limiter.
+    pub anonymous_quota: Option<governor::Quota>,
     /// New-connection rate above which QUIC Retry is required.
     pub connect_limiter: Option<governor::DefaultDirectRateLimiter>,
     /// Connections accepted and not yet authenticated (or closed).
@@ -129,6 +136,9 @@ impl Broker {
 
         let send_limiter = quota(config.limits.send_rate, config.limits.send_burst)
             .map(governor::RateLimiter::dashmap);
+        let sealed_limiter = quota(config.limits.sealed_rate, config.limits.sealed_burst)
+            .map(governor::RateLimiter::dashmap);
+        let anonymous_quota = quota(config.limits.anonymous_rate, config.limits.anonymous_rate);
         let connect_limiter = quota(
             config.limits.retry_above_rate,
             config.limits.retry_above_rate,
@@ -196,11 +206,13 @@ impl Broker {
             shutdown,
             fleet,
             send_limiter,
+            sealed_limiter,
+            anonymous_quota,
             connect_limiter,
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
         });
-        if shared.send_limiter.is_some() {
+        if shared.send_limiter.is_some() || shared.sealed_limiter.is_some() {
             tokio::spawn(forget_idle_senders(shared.clone()));
         }
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
@@ -360,6 +372,10 @@ async fn forget_idle_senders(shared: Arc<Shared>) {
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         if let Some(limiter) = &shared.send_limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some(limiter) = &shared.sealed_limiter {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

@@ -6,6 +6,12 @@
 //! tasks bounded by a semaphore, so a client that floods requests stops being
 //! read and QUIC flow control pushes back. A delivery task per session pushes
 //! envelopes in sequence order with at most `push_window` unacknowledged.
+//!
+//! A client may instead answer the challenge with `Anonymous`: the session
+//! then names no identity (none is recorded in its span either), has no
+//! mailbox and no delivery task, and serves only `SealedSend`, `FetchCard`
+//! (a sealed sender needs the recipient's card) and `Ping`. Every other
+//! request is refused with `NotAuthenticated` and the session goes on.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -17,7 +23,8 @@ use backbone_protocol::bytes::{Blob, MessageId, Nonce, Text};
 use backbone_protocol::codec::{BufferError, Phase};
 use backbone_protocol::fleet::{PeerCardResult, PeerFetchCard, PeerFrame};
 use backbone_protocol::frame::{
-    AuthOk, CardResult, Deliver, Done, ErrorCode, ErrorFrame, Pong, Redirect, Send, SendAck,
+    AuthOk, Capabilities, CardResult, Deliver, Done, ErrorCode, ErrorFrame, FetchCard, Pong,
+    Redirect, SealedSend, Send, SendAck,
 };
 use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
 use backbone_protocol::{Address, DeviceId, Frame};
@@ -25,7 +32,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::fleet::Route;
-use crate::route::{StoreTemplate, store_everywhere};
+use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
 use crate::store::StoredEnvelope;
 use crate::wire::{FrameReader, ReadError, spawn_writer};
@@ -120,6 +127,14 @@ async fn run(
             }
             return connection.close(quinn::VarInt::from_u32(0), b"redirected");
         }
+        Ok(Ok(Handshake::Anonymous(reader, out))) => {
+            drop(unauthenticated);
+            debug!("anonymous session");
+            metrics::gauge!("backbone_anonymous_sessions").increment(1.0);
+            serve_anonymous(shared, connection, reader, out).await;
+            metrics::gauge!("backbone_anonymous_sessions").decrement(1.0);
+            return;
+        }
         Ok(Ok(Handshake::Session(session, reader, out))) => (session, reader, out),
     };
     drop(unauthenticated);
@@ -135,6 +150,8 @@ type HandshakeError = (ErrorCode, String);
 enum Handshake {
     /// The address lives here: serve it.
     Session(Session, FrameReader, mpsc::Sender<Frame>),
+    /// The client chose an anonymous session, already confirmed.
+    Anonymous(FrameReader, mpsc::Sender<Frame>),
     /// The address lives on another node: send a redirect to `node` (`host:port`).
     Redirect {
         out: mpsc::Sender<Frame>,
@@ -179,6 +196,11 @@ async fn authenticate(
                 send_frame(&out, Frame::Challenge(challenge)).await?;
             }
             HandshakeStep::Authenticated(verified) => break verified,
+            HandshakeStep::Anonymous => {
+                // `Done` for request 0, the session itself, confirms it.
+                send_frame(&out, Frame::Done(Done { request_id: 0 })).await?;
+                return Ok(Handshake::Anonymous(reader, out));
+            }
         }
     };
     let address = verified.address;
@@ -437,30 +459,69 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
                 |()| Frame::Done(Done { request_id: id }),
             )
         }
-        Frame::FetchCard(fetch) => {
-            let id = fetch.request_id;
-            if let Route::Remote(node) = shared.fleet.route(&fetch.address) {
-                return fetch_remote_card(shared, &node.name, id, fetch.address).await;
-            }
-            if shared.fleet.is_importing(&fetch.address) {
-                return shard_unavailable(
-                    shared,
-                    id,
-                    "this card is being handed over to this node",
-                );
-            }
-            match blocking(move || store.card(&fetch.address)).await {
-                Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
-                    request_id: id,
-                    card,
-                }),
-                Ok(Ok(None)) => {
-                    error_frame(id, ErrorCode::UnknownAddress, "no card for this address")
+        Frame::FetchCard(fetch) => fetch_card(shared, fetch).await,
+        Frame::RegisterCapability(register) => {
+            let id = register.request_id;
+            let max = shared.config.limits.max_capabilities;
+            let hash = register.capability_hash;
+            // Flushed before `Done`: a contact may be handed the capability
+            // as soon as it is confirmed.
+            let registered = blocking(move || {
+                let added = store.register_capability(&address, &hash, max)?;
+                store.flush()?;
+                Ok(added)
+            })
+            .await;
+            respond(id, registered, |added| {
+                if added {
+                    metrics::counter!("backbone_capabilities_registered_total").increment(1);
+                    Frame::Done(Done { request_id: id })
+                } else {
+                    error_frame(
+                        id,
+                        ErrorCode::TooManyCapabilities,
+                        format!("this mailbox already holds {max} capabilities; revoke some first"),
+                    )
                 }
-                Ok(Err(error)) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
-                Err((code, message)) => error_frame(id, code, message),
-            }
+            })
         }
+        Frame::RevokeCapability(revoke) => {
+            let id = revoke.request_id;
+            let hash = revoke.capability_hash;
+            // Flushed before `Done`: a revocation must survive a crash.
+            let revoked = blocking(move || {
+                let existed = store.revoke_capability(&address, &hash)?;
+                store.flush()?;
+                Ok(existed)
+            })
+            .await;
+            respond(id, revoked, |existed| {
+                if existed {
+                    metrics::counter!("backbone_capabilities_revoked_total").increment(1);
+                    Frame::Done(Done { request_id: id })
+                } else {
+                    error_frame(id, ErrorCode::NotFound, "no such capability is registered")
+                }
+            })
+        }
+        Frame::ListCapabilities(list) => {
+            let id = list.request_id;
+            respond(
+                id,
+                blocking(move || store.capabilities(&address)).await,
+                |hashes| {
+                    Frame::Capabilities(Capabilities {
+                        request_id: id,
+                        hashes,
+                    })
+                },
+            )
+        }
+        Frame::SealedSend(send) => error_frame(
+            send.request_id,
+            ErrorCode::UnexpectedFrame,
+            "SealedSend needs an anonymous session: on this one the broker knows the sender",
+        ),
         Frame::RegisterDevice(register) => {
             let id = register.request_id;
             if let Err(error) = register.certificate.verify_for(&address) {
@@ -485,7 +546,7 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
                 Err(error) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
             }
         }
-        Frame::Hello(_) | Frame::Auth(_) => error_frame(
+        Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_) => error_frame(
             0,
             ErrorCode::ChallengeReused,
             "already authenticated; challenges are single use",
@@ -499,6 +560,219 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             ),
         ),
     }
+}
+
+/// Answers a card lookup, for authenticated and anonymous sessions alike.
+async fn fetch_card(shared: &Arc<Shared>, fetch: FetchCard) -> Frame {
+    let id = fetch.request_id;
+    if let Route::Remote(node) = shared.fleet.route(&fetch.address) {
+        return fetch_remote_card(shared, &node.name, id, fetch.address).await;
+    }
+    if shared.fleet.is_importing(&fetch.address) {
+        return shard_unavailable(shared, id, "this card is being handed over to this node");
+    }
+    let store = shared.store.clone();
+    match blocking(move || store.card(&fetch.address)).await {
+        Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
+            request_id: id,
+            card,
+        }),
+        Ok(Ok(None)) => error_frame(id, ErrorCode::UnknownAddress, "no card for this address"),
+        Ok(Err(error)) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
+        Err((code, message)) => error_frame(id, code, message),
+    }
+}
+
+/// Serves an anonymous session: sealed sends, card lookups and pings, until
+/// the client closes or the broker shuts down. Requests run as tasks bounded
+/// by the same per-connection semaphore as an authenticated session's.
+async fn serve_anonymous(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+    mut reader: FrameReader,
+    out: mpsc::Sender<Frame>,
+) {
+    let limiter = shared
+        .anonymous_quota
+        .map(|quota| Arc::new(governor::RateLimiter::direct(quota)));
+    let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let frame = tokio::select! {
+            frame = reader.next(Phase::Any) => frame,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Frame(BufferError::Skipped(error))) => {
+                debug!(%error, "invalid frame skipped");
+                if out
+                    .send(error_frame(0, error.code(), error.to_string()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Err(ReadError::Frame(BufferError::Fatal(error))) => {
+                close(connection, error.code(), &error.to_string());
+                break;
+            }
+        };
+        let request = match frame {
+            Frame::Ping(ping) => {
+                let _ = out.send(Frame::Pong(Pong { nonce: ping.nonce })).await;
+                continue;
+            }
+            Frame::Pong(_) => continue,
+            Frame::Error(error) => {
+                debug!(code = error.code, message = %error.message, "client reported an error");
+                continue;
+            }
+            request @ (Frame::SealedSend(_) | Frame::FetchCard(_)) => request,
+            Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_) => {
+                let refusal = error_frame(
+                    0,
+                    ErrorCode::ChallengeReused,
+                    "the handshake is over; challenges are single use",
+                );
+                if out.send(refusal).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            other => {
+                let refusal = error_frame(
+                    request_id_of(&other),
+                    ErrorCode::NotAuthenticated,
+                    format!(
+                        "{} needs an authenticated session; this one is anonymous",
+                        Frame::TAG_NAMES[other.tag() as usize]
+                    ),
+                );
+                if out.send(refusal).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (shared, out, limiter) = (shared.clone(), out.clone(), limiter.clone());
+        tokio::spawn(
+            async move {
+                let response = match request {
+                    Frame::SealedSend(send) => {
+                        handle_sealed_send(&shared, limiter.as_deref(), send).await
+                    }
+                    Frame::FetchCard(fetch) => fetch_card(&shared, fetch).await,
+                    other => error_frame(
+                        request_id_of(&other),
+                        ErrorCode::Internal,
+                        "unhandled anonymous request",
+                    ),
+                };
+                let _ = out.send(response).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+    let all = shared.config.limits.max_inflight_requests as u32;
+    let _ = tokio::time::timeout(
+        shared.config.server.shutdown_grace,
+        permits.acquire_many(all),
+    )
+    .await;
+    if *shared.shutdown.borrow() {
+        close(
+            connection,
+            ErrorCode::ShuttingDown,
+            "broker is shutting down",
+        );
+    }
+}
+
+/// The request id a refusal of `frame` answers, 0 for frames without one.
+fn request_id_of(frame: &Frame) -> u64 {
+    match frame {
+        Frame::RegisterDevice(f) => f.request_id,
+        Frame::PublishCard(f) => f.request_id,
+        Frame::FetchCard(f) => f.request_id,
+        Frame::Send(f) => f.request_id,
+        Frame::Delete(f) => f.request_id,
+        Frame::RegisterCapability(f) => f.request_id,
+        Frame::RevokeCapability(f) => f.request_id,
+        Frame::ListCapabilities(f) => f.request_id,
+        Frame::SealedSend(f) => f.request_id,
+        _ => 0,
+    }
+}
+
+/// A sealed send: the same envelope and TTL checks as [`handle_send`], the
+/// connection's own rate limit, then [`store_sealed`], which checks the
+/// capability on the recipient's owner node. A refused capability or a
+/// capability over its rate is a per-recipient failure in the `SendAck`
+/// (that is how the owner node reports it), not an `Error` frame.
+async fn handle_sealed_send(
+    shared: &Arc<Shared>,
+    limiter: Option<&governor::DefaultDirectRateLimiter>,
+    send: SealedSend,
+) -> Frame {
+    let limits = &shared.config.limits;
+    let id = send.request_id;
+    if send.envelope.0.len() as u64 > limits.max_envelope_size.as_u64() {
+        return error_frame(
+            id,
+            ErrorCode::EnvelopeTooLarge,
+            format!("envelope exceeds {}", limits.max_envelope_size),
+        );
+    }
+    if send.ttl_secs == 0 {
+        return error_frame(id, ErrorCode::InvalidTtl, "ttl must be at least one second");
+    }
+    if let Some(limiter) = limiter
+        && let Err(not_until) = limiter.check()
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+        let mut frame = ErrorFrame::new(
+            id,
+            ErrorCode::RateLimited,
+            format!(
+                "over {} sealed sends per second on this connection",
+                limits.anonymous_rate
+            ),
+        );
+        frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
+            .increment(1);
+        metrics::counter!("backbone_sealed_refused_total", "reason" => "connection_rate")
+            .increment(1);
+        return Frame::Error(frame);
+    }
+    let ttl_ms = (u64::from(send.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
+    let stored_at_ms = (shared.clock)();
+    let message_id = MessageId::random();
+    let template = StoreTemplate {
+        message_id,
+        // The point of a sealed send: the broker stores no sender.
+        sender: None,
+        stored_at_ms,
+        expires_at_ms: stored_at_ms + ttl_ms,
+        envelope: send.envelope.0,
+    };
+    let (stored, failed) =
+        store_sealed(shared, send.recipient, send.capability.hash(), template).await;
+    metrics::counter!("backbone_envelopes_accepted_total").increment(stored.len() as u64);
+    Frame::SendAck(SendAck {
+        request_id: id,
+        message_id,
+        stored,
+        failed,
+    })
 }
 
 async fn fetch_remote_card(shared: &Shared, node: &str, id: u64, address: Address) -> Frame {

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backbone_protocol::bytes::{Blob, MessageId};
+use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId};
 use backbone_protocol::frame::{
-    Ack, Delete, FetchCard, PublishCard, RegisterDevice, Send, SendAck,
+    Ack, Delete, FetchCard, ListCapabilities, PublishCard, RegisterCapability, RegisterDevice,
+    RevokeCapability, Send, SendAck,
 };
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -99,7 +100,8 @@ pub struct Delivery {
     pub seq: u64,
     /// The broker's message id.
     pub message_id: MessageId,
-    /// The sender as authenticated by the broker.
+    /// The sender as authenticated by the broker; `None` for a sealed send,
+    /// whose sender only the envelope's signature names.
     pub sender: Option<Address>,
     /// When the broker stored it (Unix ms).
     pub stored_at_ms: u64,
@@ -335,6 +337,48 @@ impl Client {
         self.send_envelope(recipients, sealed, ttl).await
     }
 
+    /// Registers `capability`'s hash with this identity's mailbox, so sealed
+    /// sends presenting it are accepted. Hand the capability itself to one
+    /// contact, inside an end-to-end encrypted message; the broker only ever
+    /// sees its hash. Fails with `TooManyCapabilities` when the mailbox holds
+    /// the broker's maximum.
+    pub async fn register_capability(
+        &self,
+        capability: &DeliveryCapability,
+    ) -> Result<CapabilityHash, ClientError> {
+        let capability_hash = capability.hash();
+        self.expect_done(Frame::RegisterCapability(RegisterCapability {
+            request_id: self.request_id(),
+            capability_hash,
+        }))
+        .await?;
+        Ok(capability_hash)
+    }
+
+    /// Revokes a registered capability hash: sealed sends presenting its
+    /// capability are refused with `UnknownCapability` from then on. Fails
+    /// with `NotFound` when it is not registered.
+    pub async fn revoke_capability(&self, hash: &CapabilityHash) -> Result<(), ClientError> {
+        self.expect_done(Frame::RevokeCapability(RevokeCapability {
+            request_id: self.request_id(),
+            capability_hash: *hash,
+        }))
+        .await
+    }
+
+    /// The capability hashes registered with this identity's mailbox, ascending.
+    pub async fn list_capabilities(&self) -> Result<Vec<CapabilityHash>, ClientError> {
+        match self
+            .request(Frame::ListCapabilities(ListCapabilities {
+                request_id: self.request_id(),
+            }))
+            .await?
+        {
+            Frame::Capabilities(list) => Ok(list.hashes),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The next pushed envelope, still sealed; `None` once the client stopped.
     pub async fn next_delivery(&self) -> Option<Delivery> {
         self.deliveries.lock().await.recv().await
@@ -350,7 +394,9 @@ impl Client {
                 ClientError::Protocol("opening needs the encryption key".into()),
             )));
         };
-        // The broker authenticated the sender; the signature inside must agree.
+        // The broker authenticated the sender; the signature inside must
+        // agree. A sealed delivery has no broker-side sender: the signature
+        // alone names and verifies it.
         let opened = match delivery.sender {
             Some(sender) => {
                 envelope::open_expecting(&self.address, encryption, &delivery.envelope, &sender)
@@ -561,6 +607,9 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::FetchCard(f) => Some(f.request_id),
         Frame::RegisterDevice(f) => Some(f.request_id),
         Frame::Delete(f) => Some(f.request_id),
+        Frame::RegisterCapability(f) => Some(f.request_id),
+        Frame::RevokeCapability(f) => Some(f.request_id),
+        Frame::ListCapabilities(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -572,6 +621,7 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::Done(f) => Some(f.request_id),
         Frame::Error(f) => Some(f.request_id),
         Frame::Redirect(f) => Some(f.request_id),
+        Frame::Capabilities(f) => Some(f.request_id),
         _ => None,
     }
 }

@@ -75,6 +75,8 @@
 //! - [`client`]: the persistent [`Client`].
 //! - [`transport`]: TLS trust, [`transport::RawConnection`] and the auth handshake.
 //! - [`envelope`]: sealing and opening envelopes (HPKE + ChaCha20-Poly1305, ed25519).
+//! - [`sealed`]: [`SealedSender`], an anonymous connection that sends sealed
+//!   envelopes admitted by a [`DeliveryCapability`] the recipient handed out.
 //! - [`keyfile`]: key files on disk.
 //! - [`error`][]: [`ClientError`].
 
@@ -82,8 +84,11 @@ pub mod client;
 pub mod envelope;
 pub mod error;
 pub mod keyfile;
+pub mod sealed;
 pub mod transport;
 
+pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
 pub use client::{Backoff, Client, ClientOptions, Delivery, Message, Status};
 pub use error::ClientError;
+pub use sealed::{SealedOptions, SealedSender};
 pub use transport::{ConnectConfig, Credentials, Trust};

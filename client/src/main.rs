@@ -7,7 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
-use backbone_client::{Client, ClientError, ClientOptions, ConnectConfig, Credentials, Trust};
+use backbone_client::{
+    CapabilityHash, Client, ClientError, ClientOptions, ConnectConfig, Credentials,
+    DeliveryCapability, SealedOptions, SealedSender, Trust,
+};
 use backbone_protocol::{Address, ErrorCode};
 use clap::{Args, Parser, Subcommand};
 
@@ -41,6 +44,31 @@ enum Command {
     Send(SendArgs),
     /// Receive messages: prints each decrypted message and acknowledges it.
     Listen(ListenArgs),
+    /// Delivery capabilities: let a contact send to you without the broker
+    /// learning who sends (see `send --sealed`).
+    #[command(subcommand)]
+    Capability(CapabilityCommand),
+}
+
+#[derive(Subcommand)]
+enum CapabilityCommand {
+    /// Create a capability, register its hash with your mailbox and print
+    /// the capability (hex) once. Give it to exactly one contact, inside an
+    /// end-to-end encrypted message; the broker only ever sees its hash.
+    Create(ServerArgs),
+    /// Revoke a capability: sealed sends presenting it are refused from now on.
+    Revoke {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The capability's hash as `capability list` prints it (or, with
+        /// --secret, the capability itself).
+        hash: String,
+        /// The argument is the capability itself, not its hash.
+        #[arg(long)]
+        secret: bool,
+    },
+    /// Print the hashes of your registered capabilities, one per line.
+    List(ServerArgs),
 }
 
 #[derive(Args)]
@@ -87,6 +115,14 @@ struct SendArgs {
     /// Do not pad: the envelope's length reveals the message's.
     #[arg(long)]
     no_padding: bool,
+    /// Send over an anonymous connection: the broker learns neither who
+    /// sends nor stores a sender; the recipient still verifies it from the
+    /// signature inside the envelope. Needs --capability and exactly one --to.
+    #[arg(long, requires = "capability")]
+    sealed: bool,
+    /// The delivery capability (hex) the recipient gave you, for --sealed.
+    #[arg(long, requires = "sealed")]
+    capability: Option<String>,
 }
 
 #[derive(Args)]
@@ -163,6 +199,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Address { key } => println!("{}", keyfile::load_identity(&key)?.address()),
         Command::Send(args) => send(args).await?,
         Command::Listen(args) => return listen(args).await,
+        Command::Capability(command) => capability(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -171,8 +208,8 @@ async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
     connect_padded(args, Padding::default()).await
 }
 
-async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
-    let keys = keyfile::load_identity(&args.key)?;
+/// Where and how to reach the broker, from the flags.
+fn connect_config(args: &ServerArgs) -> anyhow::Result<ConnectConfig> {
     let trust = match (&args.fingerprint, &args.ca) {
         (Some(fingerprint), _) => Trust::Fingerprint(fingerprint.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
@@ -199,6 +236,12 @@ async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<C
             .is_ok()
             .then(|| "localhost".to_owned())
     });
+    Ok(connect)
+}
+
+async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
+    let keys = keyfile::load_identity(&args.key)?;
+    let connect = connect_config(args)?;
     let mut options =
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);
@@ -232,8 +275,27 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
     } else {
         Padding::PowersOfTwo { min: args.pad_min }
     };
-    let client = connect_padded(&args.server, padding).await?;
-    let ack = client.send(&recipients, &body, args.ttl).await?;
+    let ack = match &args.capability {
+        Some(capability) => {
+            let [recipient] = recipients[..] else {
+                anyhow::bail!("--sealed sends to exactly one --to");
+            };
+            let capability = DeliveryCapability::from_hex(capability).context("--capability")?;
+            let keys = keyfile::load_identity(&args.server.key)?;
+            let mut options = SealedOptions::new(keys.signing.clone());
+            options.padding = padding;
+            let sender = SealedSender::connect(connect_config(&args.server)?, options).await?;
+            let ack = sender
+                .send_sealed(&recipient, &capability, &body, args.ttl)
+                .await?;
+            sender.close().await;
+            ack
+        }
+        None => {
+            let client = connect_padded(&args.server, padding).await?;
+            client.send(&recipients, &body, args.ttl).await?
+        }
+    };
     for stored in &ack.stored {
         println!("delivered to {} (seq {})", stored.address, stored.seq);
     }
@@ -249,6 +311,44 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
             ack.failed.len(),
             recipients.len()
         );
+    }
+    Ok(())
+}
+
+async fn capability(command: CapabilityCommand) -> anyhow::Result<()> {
+    match command {
+        CapabilityCommand::Create(server) => {
+            let client = connect(&server).await?;
+            let capability = DeliveryCapability::random();
+            let hash = client.register_capability(&capability).await?;
+            println!("{}", capability.to_hex());
+            eprintln!(
+                "registered capability {hash}; give the line above to one contact, \
+                 inside an end-to-end encrypted message"
+            );
+        }
+        CapabilityCommand::Revoke {
+            server,
+            hash,
+            secret,
+        } => {
+            let hash = if secret {
+                DeliveryCapability::from_hex(&hash)
+                    .context("capability")?
+                    .hash()
+            } else {
+                hash.parse::<CapabilityHash>().context("capability hash")?
+            };
+            let client = connect(&server).await?;
+            client.revoke_capability(&hash).await?;
+            eprintln!("revoked capability {hash}");
+        }
+        CapabilityCommand::List(server) => {
+            let client = connect(&server).await?;
+            for hash in client.list_capabilities().await? {
+                println!("{hash}");
+            }
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The connection layer: TLS trust, one QUIC connection with its single
-//! bidirectional stream, and the authentication handshake.
+//! bidirectional stream, and the handshake (authenticated or anonymous).
 //!
 //! [`RawConnection`] sends and receives frames as they are; tests use it to
 //! send what a well-behaved client never would.
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN, sign_auth};
 use backbone_protocol::codec::{self, FrameBuffer, Phase};
-use backbone_protocol::frame::{AuthOk, Hello};
+use backbone_protocol::frame::{Anonymous, AuthOk, Done, Hello};
 use backbone_protocol::{DeviceCertificate, Frame, Keypair, PROTOCOL_VERSION, PublicKey};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -387,6 +387,26 @@ impl RawConnection {
         self.send(&Frame::Auth(auth)).await?;
         match self.recv().await? {
             Frame::AuthOk(ok) => Ok(ok),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs Hello → Challenge → Anonymous and waits for the broker's
+    /// confirmation (`Done` for request 0). The session names no identity:
+    /// it can only send sealed envelopes and fetch cards.
+    pub async fn open_anonymous(&mut self) -> Result<(), ClientError> {
+        self.send(&Frame::Hello(Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+        }))
+        .await?;
+        match self.recv().await? {
+            Frame::Challenge(_) => {}
+            other => return Err(unexpected(other)),
+        }
+        self.send(&Frame::Anonymous(Anonymous {})).await?;
+        match self.recv().await? {
+            Frame::Done(Done { request_id: 0 }) => Ok(()),
             other => Err(unexpected(other)),
         }
     }

@@ -505,3 +505,97 @@ fn a_broker_refuses_to_start_on_a_damaged_store() {
         "{output}"
     );
 }
+
+#[test]
+fn a_sealed_send_through_the_cli_names_its_sender_only_inside_the_envelope() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    let alice = stdout(&run_cli(&[
+        "keygen",
+        "--out",
+        alice_key.to_str().expect("utf8"),
+    ]));
+    let bob = stdout(&run_cli(&[
+        "keygen",
+        "--out",
+        bob_key.to_str().expect("utf8"),
+    ]));
+    let as_bob = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--server",
+            &server,
+            "--ca",
+            ca.to_str().expect("utf8"),
+            "--key",
+            bob_key.to_str().expect("utf8"),
+        ]);
+        run_cli(&all)
+    };
+
+    // Bob creates a capability (the broker may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let capability = loop {
+        let output = as_bob(&["capability", "create"]);
+        if output.status.success() {
+            break stdout(&output);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capability create never succeeded: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(capability.len(), 64, "{capability}");
+    let listed = stdout(&as_bob(&["capability", "list"]));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let hash = listed.trim().to_owned();
+
+    let send_sealed = |text: &str| {
+        run_cli(&[
+            "send",
+            "--sealed",
+            "--capability",
+            &capability,
+            "--server",
+            &server,
+            "--ca",
+            ca.to_str().expect("utf8"),
+            "--key",
+            alice_key.to_str().expect("utf8"),
+            "--to",
+            &bob,
+            "--message",
+            text,
+        ])
+    };
+    stdout(&send_sealed("sealed via the cli"));
+    let received = stdout(&as_bob(&[
+        "listen",
+        "--count",
+        "1",
+        "--timeout",
+        "30s",
+        "--json",
+    ]));
+    let line: serde_json::Value = serde_json::from_str(&received).expect("json line");
+    assert_eq!(line["text"], "sealed via the cli");
+    assert_eq!(line["sender"], alice);
+
+    // Revoked by its hash, the capability no longer admits a send.
+    stdout(&as_bob(&["capability", "revoke", &hash]));
+    assert_eq!(stdout(&as_bob(&["capability", "list"])), "");
+    let refused = send_sealed("after the revocation");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("UnknownCapability"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -261,6 +261,11 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
     let stayer = identity_in(0..=1023); // node-0 throughout
     let sender = identity_in(2048..=4095); // node-1 throughout
     let mover_client = fleet.connect(&mover, 0).await;
+    let capability = backbone_client::DeliveryCapability::random();
+    mover_client
+        .register_capability(&capability)
+        .await
+        .expect("registers a capability");
     fleet.connect(&stayer, 0).await;
     let sender_client = Arc::new(fleet.connect(&sender, 1).await);
 
@@ -396,6 +401,11 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         "resumes after the cursor"
     );
     assert_eq!(seqs[0], 3);
+    // The capability hash moved with the mailbox.
+    assert_eq!(
+        mover_client.list_capabilities().await.expect("lists"),
+        vec![capability.hash()]
+    );
     let unique: BTreeSet<u64> = delivered.iter().copied().collect();
     assert_eq!(unique.len(), delivered.len(), "duplicates in {delivered:?}");
     let acked_mover = acked
@@ -442,6 +452,7 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         cursors: vec![],
         card: None,
         devices: vec![],
+        capabilities: vec![],
     };
     let answer = peer_request(&fleet, "node-0", 2, |request_id| {
         PeerFrame::Import(Import {

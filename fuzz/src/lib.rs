@@ -9,17 +9,20 @@
 
 use backbone_client::envelope::{self, EncryptionKeypair, Padding};
 use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};
-use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text};
+use backbone_protocol::bytes::{
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text,
+};
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, TransferEnvelope,
+    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward, TransferEnvelope,
 };
 use backbone_protocol::frame::{
-    Ack, Auth, AuthOk, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame, Failed, FetchCard,
-    Hello, Ping, Pong, PublishCard, Redirect, RegisterDevice, Send, SendAck, Stored,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
+    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
 };
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
@@ -63,7 +66,10 @@ fn decode_stream(mut data: &[u8], limit: usize, phase: Phase) {
                     "a frame above the limit was accepted"
                 );
                 if phase == Phase::PreAuth {
-                    assert!(matches!(frame, Frame::Hello(_) | Frame::Auth(_)));
+                    assert!(matches!(
+                        frame,
+                        Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_)
+                    ));
                 }
                 check_re_encoding(&frame, &data[..consumed]);
                 data = &data[consumed..];
@@ -204,6 +210,7 @@ fn sample_frames() -> Vec<Frame> {
     let certificate = DeviceCertificate::issue(&identity, device.public(), 1_700_000_000_000);
     let card = IdentityCard::sign(&identity, EncryptionKey([0x55; 32]), 1_700_000_000_000);
     let envelope = Blob(vec![0xde, 0xad, 0xbe, 0xef]);
+    let capability = DeliveryCapability([0x66; 32]);
     vec![
         Frame::Hello(Hello {
             min_version: 1,
@@ -279,6 +286,27 @@ fn sample_frames() -> Vec<Frame> {
         }),
         Frame::Ping(Ping { nonce: 9 }),
         Frame::Pong(Pong { nonce: 9 }),
+        Frame::RegisterCapability(RegisterCapability {
+            request_id: 8,
+            capability_hash: capability.hash(),
+        }),
+        Frame::RevokeCapability(RevokeCapability {
+            request_id: 9,
+            capability_hash: capability.hash(),
+        }),
+        Frame::ListCapabilities(ListCapabilities { request_id: 10 }),
+        Frame::Capabilities(Capabilities {
+            request_id: 10,
+            hashes: vec![capability.hash()],
+        }),
+        Frame::Anonymous(Anonymous {}),
+        Frame::SealedSend(SealedSend {
+            request_id: 11,
+            ttl_secs: 3600,
+            recipient: address,
+            capability,
+            envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+        }),
     ]
 }
 
@@ -332,9 +360,11 @@ pub struct HandshakeOutcome {
 /// once; `Authenticated` comes only after exactly one challenge, only before
 /// the time to live elapsed, only for an `Auth` that `verify_auth`
 /// independently accepts for the fixed nonce, exporter and server id, with
-/// the address and device that `Auth` names, and at most once; every refusal
+/// the address and device that `Auth` names, and at most once; an anonymous
+/// session opens only for `Anonymous` after exactly one challenge and before
+/// the time to live elapsed, and is never followed by authentication; every refusal
 /// carries the code the model expects; after a refusal the machine stays
-/// failed and after success it stays authenticated.
+/// failed and after success it stays authenticated (or anonymous).
 pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
     let mut handshake = fixed_handshake();
     let mut model = HandshakeState::AwaitingHello;
@@ -387,6 +417,15 @@ pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
                     issued_at_ms: now_ms,
                 };
             }
+            Ok(HandshakeStep::Anonymous) => {
+                let HandshakeState::AwaitingAuth { issued_at_ms } = before else {
+                    panic!("anonymous from {before:?}");
+                };
+                assert_eq!(challenges, 1, "anonymous without exactly one challenge");
+                assert!(now_ms - issued_at_ms <= u64::from(HANDSHAKE_TTL_MS));
+                assert_eq!(expected, Ok(ModelStep::Anonymous));
+                model = HandshakeState::Anonymous;
+            }
             Ok(HandshakeStep::Authenticated(verified)) => {
                 let HandshakeState::AwaitingAuth { issued_at_ms } = before else {
                     panic!("authenticated from {before:?}");
@@ -401,7 +440,10 @@ pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
             }
             Err(error) => {
                 assert_eq!(Err(error.code()), expected, "{error}");
-                if before != HandshakeState::Authenticated {
+                if !matches!(
+                    before,
+                    HandshakeState::Authenticated | HandshakeState::Anonymous
+                ) {
                     model = HandshakeState::Failed;
                 }
             }
@@ -410,7 +452,7 @@ pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
         assert_eq!(after, model, "the machine and the model agree on the state");
         if matches!(
             before,
-            HandshakeState::Authenticated | HandshakeState::Failed
+            HandshakeState::Authenticated | HandshakeState::Anonymous | HandshakeState::Failed
         ) {
             assert_eq!(after, before, "an ended handshake stays ended");
         }
@@ -426,6 +468,7 @@ pub fn run_auth_handshake(mut data: &[u8]) -> HandshakeOutcome {
 enum ModelStep {
     Challenge,
     Authenticated(Verified),
+    Anonymous,
 }
 
 /// What the handshake must answer to `frame` in `state` at `now_ms`, written
@@ -437,7 +480,7 @@ fn expected_handshake_step(
     now_ms: u64,
 ) -> Result<ModelStep, ErrorCode> {
     match (state, frame) {
-        (HandshakeState::Authenticated | HandshakeState::Failed, _) => {
+        (HandshakeState::Authenticated | HandshakeState::Anonymous | HandshakeState::Failed, _) => {
             Err(ErrorCode::ChallengeReused)
         }
         (HandshakeState::AwaitingHello, Frame::Hello(hello)) => {
@@ -462,6 +505,13 @@ fn expected_handshake_step(
                 })),
                 Err(AuthError::Certificate(_)) => Err(ErrorCode::InvalidCertificate),
                 Err(AuthError::Signature(_)) => Err(ErrorCode::AuthFailed),
+            }
+        }
+        (HandshakeState::AwaitingAuth { issued_at_ms }, Frame::Anonymous(_)) => {
+            if now_ms - issued_at_ms > u64::from(HANDSHAKE_TTL_MS) {
+                Err(ErrorCode::ChallengeExpired)
+            } else {
+                Ok(ModelStep::Anonymous)
             }
         }
         (HandshakeState::AwaitingHello | HandshakeState::AwaitingAuth { .. }, _) => {
@@ -522,6 +572,7 @@ pub fn auth_handshake_seeds() -> Vec<Vec<u8>> {
     let mut ping = handshake_frame(Frame::Ping(Ping { nonce: 1 }));
     // Op 2: decoded in Phase::Any, so the Ping reaches the machine.
     ping[0] = 2;
+    let anonymous = handshake_frame(Frame::Anonymous(Anonymous {}));
     let in_time = clock_step(u16::try_from(HANDSHAKE_TTL_MS).expect("fits"));
     let too_late = clock_step(u16::try_from(HANDSHAKE_TTL_MS + 1).expect("fits"));
     [
@@ -537,6 +588,11 @@ pub fn auth_handshake_seeds() -> Vec<Vec<u8>> {
         vec![&primary, &hello, &primary],
         vec![&wrong_version, &hello, &primary],
         vec![&hello, &ping, &primary],
+        vec![&hello, &anonymous],
+        vec![&hello, &in_time, &anonymous],
+        vec![&hello, &too_late, &anonymous],
+        vec![&hello, &anonymous, &primary],
+        vec![&anonymous, &hello, &anonymous],
     ]
     .into_iter()
     .map(|steps| steps.into_iter().flatten().copied().collect())
@@ -679,6 +735,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                 cursors: vec![(device.public().device_id(), 7)],
                 card: Some(card),
                 devices: vec![certificate],
+                capabilities: vec![DeliveryCapability([0x66; 32]).hash()],
             }],
         }),
         PeerFrame::HandoffDone(HandoffDone {
@@ -689,6 +746,15 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
         PeerFrame::HandoffAck(HandoffAck {
             request_id: 4,
             result: Err((ErrorCode::StorageFailure as u16, Text::from("disk full"))),
+        }),
+        PeerFrame::SealedForward(SealedForward {
+            request_id: 5,
+            message_id: MessageId([0x46; 16]),
+            stored_at_ms: 1_700_000_000_000,
+            expires_at_ms: 1_700_003_600_000,
+            recipient: address,
+            capability_hash: DeliveryCapability([0x66; 32]).hash(),
+            envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
         }),
     ]
 }
@@ -803,7 +869,7 @@ mod tests {
 
     #[test]
     fn handshake_seeds_reach_success_and_every_refusal() {
-        use HandshakeState::{Authenticated, Failed};
+        use HandshakeState::{Anonymous, Authenticated, Failed};
         let outcomes: Vec<HandshakeOutcome> = auth_handshake_seeds()
             .iter()
             .map(|seed| run_auth_handshake(seed))
@@ -821,6 +887,11 @@ mod tests {
             (3, Failed),        // Auth before Hello
             (3, Failed),        // wrong version
             (3, Failed),        // Ping instead of Auth
+            (2, Anonymous),     // anonymous session
+            (2, Anonymous),     // anonymous exactly at the time to live
+            (2, Failed),        // anonymous too late
+            (3, Anonymous),     // an Auth after Anonymous is refused
+            (3, Failed),        // Anonymous before Hello
         ]
         .map(|(frames, state)| HandshakeOutcome { frames, state });
         assert_eq!(outcomes, expected);
@@ -856,10 +927,11 @@ mod tests {
                 PeerFrame::Import(_) => 7,
                 PeerFrame::HandoffDone(_) => 8,
                 PeerFrame::HandoffAck(_) => 9,
+                PeerFrame::SealedForward(_) => 10,
             }
         }
         let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
-        assert_eq!(tags, (0..10).collect::<Vec<_>>());
+        assert_eq!(tags, (0..11).collect::<Vec<_>>());
     }
 
     #[test]

@@ -13,6 +13,26 @@ use serde::{Deserialize, Serialize};
 
 macro_rules! fixed_bytes {
     ($(#[$meta:meta])* $name:ident, $len:expr) => {
+        fixed_bytes!(@common $(#[$meta])* $name, $len);
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), hex::encode(self.0))
+            }
+        }
+    };
+    // A secret: the same layout, but `Debug` never shows the bytes, so a
+    // secret cannot reach a log through a `{:?}` of the frame carrying it.
+    (secret $(#[$meta:meta])* $name:ident, $len:expr) => {
+        fixed_bytes!(@common $(#[$meta])* $name, $len);
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}(redacted)", stringify!($name))
+            }
+        }
+    };
+    (@common $(#[$meta:meta])* $name:ident, $len:expr) => {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub [u8; $len]);
@@ -37,12 +57,6 @@ macro_rules! fixed_bytes {
         impl From<[u8; $len]> for $name {
             fn from(bytes: [u8; $len]) -> Self {
                 Self(bytes)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), hex::encode(self.0))
             }
         }
 
@@ -103,6 +117,21 @@ fixed_bytes!(
 fixed_bytes!(
     /// An X25519 public key used to seal envelopes to an identity.
     EncryptionKey,
+    32
+);
+fixed_bytes!(
+    secret
+    /// A delivery capability: 32 random bytes a recipient hands to one
+    /// contact, who presents them with each sealed send. Only its hash
+    /// ([`CapabilityHash`], see [`crate::capability`]) is registered with
+    /// the broker. Secret: `Debug` prints `DeliveryCapability(redacted)`.
+    DeliveryCapability,
+    32
+);
+fixed_bytes!(
+    /// The hash of a [`DeliveryCapability`], registered with the recipient's
+    /// mailbox (see [`crate::capability`]).
+    CapabilityHash,
     32
 );
 

@@ -40,7 +40,7 @@ const CONFIG: Config = bincode::config::standard()
 /// Which frames a decoder accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// A broker reading an unauthenticated client: only Hello and Auth.
+    /// A broker reading an unauthenticated client: only Hello, Auth and Anonymous.
     PreAuth,
     /// Any frame.
     Any,
@@ -86,7 +86,7 @@ pub enum DecodeError {
         /// The tag found.
         tag: u32,
     },
-    /// A frame other than Hello/Auth before authentication.
+    /// A frame other than Hello, Auth or Anonymous before authentication.
     #[error("frame type {tag} is not allowed before authentication")]
     NotAuthenticated {
         /// The tag found.
@@ -392,7 +392,16 @@ mod tests {
     }
 
     #[test]
-    fn only_hello_and_auth_pass_before_authentication() {
+    fn only_hello_auth_and_anonymous_pass_before_authentication() {
+        let anonymous =
+            frame_to_vec(&Frame::Anonymous(crate::frame::Anonymous {})).expect("encodes");
+        assert!(matches!(
+            decode_frame(&anonymous, 1024, Phase::PreAuth),
+            Ok(Decoded::Frame {
+                frame: Frame::Anonymous(_),
+                ..
+            })
+        ));
         assert_eq!(
             decode_frame(&ping(), 1024, Phase::PreAuth),
             Err(DecodeError::NotAuthenticated { tag: 16 })

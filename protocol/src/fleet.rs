@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bytes::{Blob, MessageId, Text};
+use crate::bytes::{Blob, CapabilityHash, MessageId, Text};
 use crate::card::IdentityCard;
 use crate::frame::{Failed, Stored};
 use crate::identity::{Address, DeviceCertificate, DeviceId};
@@ -57,6 +57,10 @@ pub enum PeerFrame {
     /// Tag 9, acceptor → dialer: the outcome of an [`PeerFrame::Import`] or
     /// [`PeerFrame::HandoffDone`], after the acceptor's flush.
     HandoffAck(HandoffAck),
+    /// Tag 10, dialer → acceptor: store a sealed envelope for one recipient
+    /// the acceptor owns, if its capability hash is registered there.
+    /// Answered by [`PeerFrame::ForwardAck`].
+    SealedForward(SealedForward),
 }
 
 /// A node introducing itself and its fleet map.
@@ -95,6 +99,30 @@ pub struct Forward {
     pub expires_at_ms: u64,
     /// Recipients the receiving node owns.
     pub recipients: Vec<Address>,
+    /// The opaque envelope.
+    pub envelope: Blob,
+}
+
+/// A sealed send accepted by one node for a recipient another node owns.
+///
+/// The capability check belongs to the owner, where the capability hashes
+/// live, so the accepting node forwards the hash of the presented capability
+/// (never the capability itself) and the owner checks it, applies the
+/// per-capability rate limit, and stores the envelope with no sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedForward {
+    /// Chosen by the dialer, echoed in the [`ForwardAck`].
+    pub request_id: u64,
+    /// The broker-assigned message id.
+    pub message_id: MessageId,
+    /// When the accepting node took the send.
+    pub stored_at_ms: u64,
+    /// When the envelope expires.
+    pub expires_at_ms: u64,
+    /// The recipient, owned by the receiving node.
+    pub recipient: Address,
+    /// The hash of the capability the sender presented.
+    pub capability_hash: CapabilityHash,
     /// The opaque envelope.
     pub envelope: Blob,
 }
@@ -162,6 +190,8 @@ pub struct MailboxTransfer {
     pub card: Option<IdentityCard>,
     /// Registered device certificates.
     pub devices: Vec<DeviceCertificate>,
+    /// Registered delivery capability hashes.
+    pub capabilities: Vec<CapabilityHash>,
 }
 
 /// Mailboxes of moving slots, sent by their previous owner.
@@ -206,6 +236,7 @@ impl PeerFrame {
             PeerFrame::ForwardAck(f) => Some(f.request_id),
             PeerFrame::FetchCard(f) => Some(f.request_id),
             PeerFrame::CardResult(f) => Some(f.request_id),
+            PeerFrame::SealedForward(f) => Some(f.request_id),
             PeerFrame::Hello(_) | PeerFrame::Welcome(_) | PeerFrame::Refuse(_) => None,
         }
     }

@@ -7,7 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bytes::{Blob, MessageId, Nonce, ServerId, Signature, Text};
+use crate::bytes::{
+    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, ServerId, Signature, Text,
+};
 use crate::card::IdentityCard;
 use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
 
@@ -50,11 +52,27 @@ pub enum Frame {
     Ping(Ping),
     /// Tag 17, either direction: answer to [`Frame::Ping`].
     Pong(Pong),
+    /// Tag 18, client → broker: register a delivery capability's hash with
+    /// the authenticated identity's mailbox.
+    RegisterCapability(RegisterCapability),
+    /// Tag 19, client → broker: revoke a registered capability hash.
+    RevokeCapability(RevokeCapability),
+    /// Tag 20, client → broker: list the mailbox's registered capability hashes.
+    ListCapabilities(ListCapabilities),
+    /// Tag 21, broker → client: the answer to [`Frame::ListCapabilities`].
+    Capabilities(Capabilities),
+    /// Tag 22, client → broker, instead of `Auth`: open an anonymous session
+    /// that names no identity and may only send sealed envelopes.
+    Anonymous(Anonymous),
+    /// Tag 23, client → broker, anonymous sessions only: store an envelope
+    /// for one recipient, admitted by a delivery capability instead of the
+    /// sender's identity. Answered by [`Frame::SendAck`].
+    SealedSend(SealedSend),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 18] = [
+    pub const TAG_NAMES: [&'static str; 24] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -73,6 +91,12 @@ impl Frame {
         "Redirect",
         "Ping",
         "Pong",
+        "RegisterCapability",
+        "RevokeCapability",
+        "ListCapabilities",
+        "Capabilities",
+        "Anonymous",
+        "SealedSend",
     ];
 
     /// The wire tag of this frame.
@@ -96,12 +120,19 @@ impl Frame {
             Frame::Redirect(_) => 15,
             Frame::Ping(_) => 16,
             Frame::Pong(_) => 17,
+            Frame::RegisterCapability(_) => 18,
+            Frame::RevokeCapability(_) => 19,
+            Frame::ListCapabilities(_) => 20,
+            Frame::Capabilities(_) => 21,
+            Frame::Anonymous(_) => 22,
+            Frame::SealedSend(_) => 23,
         }
     }
 
-    /// Whether a broker accepts this tag from a client that has not authenticated.
+    /// Whether a broker accepts this tag from a client that has not
+    /// authenticated: `Hello`, `Auth` and `Anonymous`.
     pub fn tag_allowed_before_auth(tag: u32) -> bool {
-        matches!(tag, 0 | 2)
+        matches!(tag, 0 | 2 | 22)
     }
 }
 
@@ -307,6 +338,66 @@ pub struct Pong {
     pub nonce: u64,
 }
 
+/// Registers a capability hash with the authenticated identity's mailbox.
+/// Registering a hash that is already registered succeeds and changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCapability {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The hash of the capability (see [`crate::capability`]).
+    pub capability_hash: CapabilityHash,
+}
+
+/// Revokes a capability hash of the authenticated identity's mailbox: sealed
+/// sends presenting its capability are refused from then on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeCapability {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The registered hash to revoke.
+    pub capability_hash: CapabilityHash,
+}
+
+/// Asks for the authenticated identity's registered capability hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCapabilities {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
+/// The registered capability hashes, in ascending byte order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The request this answers.
+    pub request_id: u64,
+    /// Every registered, unrevoked hash.
+    pub hashes: Vec<CapabilityHash>,
+}
+
+/// Opens an anonymous session in answer to the challenge. It carries nothing:
+/// the session names no identity, so the broker cannot link what is sent on
+/// it to an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anonymous {}
+
+/// Stores one envelope for `recipient`, admitted by `capability`. The
+/// envelope names and is signed by its sender inside its encryption; the
+/// broker stores no sender for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSend {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Time to live in seconds; the broker caps it at its configured maximum.
+    pub ttl_secs: u32,
+    /// The one recipient.
+    pub recipient: Address,
+    /// The capability the recipient handed to the sender; the broker checks
+    /// that its hash is registered with the recipient's mailbox.
+    pub capability: DeliveryCapability,
+    /// Opaque, end-to-end encrypted bytes.
+    pub envelope: Blob,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -358,7 +449,8 @@ error_codes! {
     TrailingBytes = 5, false;
     /// The frame ended before its body did.
     TruncatedFrame = 6, false;
-    /// A frame other than Hello/Auth arrived before authentication.
+    /// A frame other than Hello, Auth or Anonymous arrived before
+    /// authentication, or a frame that needs an identity arrived on an anonymous session.
     NotAuthenticated = 10, false;
     /// The auth response did not verify.
     AuthFailed = 11, false;
@@ -388,6 +480,11 @@ error_codes! {
     NotFound = 25, false;
     /// The authenticated identity may not do this.
     Forbidden = 26, false;
+    /// The delivery capability is not registered with the recipient's
+    /// mailbox: never registered, or revoked.
+    UnknownCapability = 27, false;
+    /// The mailbox already holds as many capability hashes as the broker allows.
+    TooManyCapabilities = 28, false;
     /// Too many requests; retry after the given time.
     RateLimited = 30, true;
     /// A storage quota is exhausted.

@@ -19,9 +19,18 @@
 //!                                                   Authenticated
 //!                 → Authenticated(Verified)
 //!
+//! AwaitingAuth ── Anonymous, not expired ──▶ Anonymous
+//!                 → Anonymous
+//!
 //! AwaitingHello or AwaitingAuth ── any refusal ──▶ Failed
-//! Authenticated or Failed ── any frame ──▶ unchanged, HandshakeError::Ended
+//! Authenticated, Anonymous or Failed ── any frame ──▶ unchanged, HandshakeError::Ended
 //! ```
+//!
+//! An anonymous session names no identity: the client answers the challenge
+//! with `Anonymous` instead of `Auth`, and the broker then accepts only the
+//! frames that need no identity (sealed sends, card lookups, pings). The
+//! challenge still has to be answered in time, so an anonymous session costs
+//! a client the same round trip and deadline as an authenticated one.
 //!
 //! A refusal moves the machine to [`HandshakeState::Failed`] for good: a
 //! client that failed starts over on a new connection with a new nonce. A
@@ -69,6 +78,8 @@ pub enum HandshakeState {
     },
     /// The `Auth` verified; the handshake is over.
     Authenticated,
+    /// The client chose an anonymous session; the handshake is over.
+    Anonymous,
     /// A frame was refused; the handshake is over.
     Failed,
 }
@@ -81,6 +92,9 @@ pub enum HandshakeStep {
     /// The client proved it holds the device key; the broker goes on with
     /// routing and the device lookup.
     Authenticated(Verified),
+    /// The client opened an anonymous session; the broker confirms it and
+    /// serves only frames that need no identity.
+    Anonymous,
 }
 
 /// Who authenticated: the outcome of a verified `Auth`.
@@ -100,8 +114,9 @@ pub struct Verified {
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum HandshakeError {
     /// The frame is not the one the state waits for: anything but `Hello`
-    /// first (an `Auth` before `Hello` included), anything but `Auth` after
-    /// the challenge (a second `Hello` included). Code `UnexpectedFrame`.
+    /// first (an `Auth` or `Anonymous` before `Hello` included), anything but
+    /// `Auth` or `Anonymous` after the challenge (a second `Hello` included).
+    /// Code `UnexpectedFrame`.
     #[error("expected {expected}, got tag {tag}")]
     UnexpectedFrame {
         /// The frame the state waits for.
@@ -120,7 +135,8 @@ pub enum HandshakeError {
         /// The highest version the client offered.
         max_version: u8,
     },
-    /// The `Auth` arrived after the challenge's time to live. Code `ChallengeExpired`.
+    /// The `Auth` or `Anonymous` arrived after the challenge's time to live.
+    /// Code `ChallengeExpired`.
     #[error("challenge expired: answered after {elapsed_ms} ms, valid for {ttl_ms} ms")]
     ChallengeExpired {
         /// Time between the challenge and the answer.
@@ -137,7 +153,7 @@ pub enum HandshakeError {
     /// Code `AuthFailed`.
     #[error("auth signature is invalid: {0}")]
     AuthFailed(SignatureError),
-    /// The handshake already ended, authenticated or failed; its challenge
+    /// The handshake already ended, authenticated, anonymous or failed; its challenge
     /// cannot be answered again. Code `ChallengeReused`, the code a session
     /// answers a `Hello` or `Auth` with after authentication.
     #[error("the handshake has ended (got tag {tag}); challenges are single use")]
@@ -200,7 +216,10 @@ impl ServerHandshake {
     pub fn handle(&mut self, frame: Frame, now_ms: u64) -> Result<HandshakeStep, HandshakeError> {
         let tag = frame.tag();
         let result = match (self.state, frame) {
-            (HandshakeState::Authenticated | HandshakeState::Failed, _) => {
+            (
+                HandshakeState::Authenticated | HandshakeState::Anonymous | HandshakeState::Failed,
+                _,
+            ) => {
                 // Already over: refuse without changing the outcome.
                 return Err(HandshakeError::Ended { tag });
             }
@@ -212,8 +231,11 @@ impl ServerHandshake {
             (HandshakeState::AwaitingAuth { issued_at_ms }, Frame::Auth(answer)) => {
                 self.verify(&answer, issued_at_ms, now_ms)
             }
+            (HandshakeState::AwaitingAuth { issued_at_ms }, Frame::Anonymous(_)) => {
+                self.anonymous(issued_at_ms, now_ms)
+            }
             (HandshakeState::AwaitingAuth { .. }, _) => Err(HandshakeError::UnexpectedFrame {
-                expected: "Auth",
+                expected: "Auth or Anonymous",
                 tag,
             }),
         };
@@ -241,6 +263,25 @@ impl ServerHandshake {
         }))
     }
 
+    fn check_expiry(&self, issued_at_ms: u64, now_ms: u64) -> Result<(), HandshakeError> {
+        let elapsed_ms = now_ms.saturating_sub(issued_at_ms);
+        let ttl_ms = self.params.challenge_ttl_ms;
+        if elapsed_ms > u64::from(ttl_ms) {
+            return Err(HandshakeError::ChallengeExpired { elapsed_ms, ttl_ms });
+        }
+        Ok(())
+    }
+
+    fn anonymous(
+        &mut self,
+        issued_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<HandshakeStep, HandshakeError> {
+        self.check_expiry(issued_at_ms, now_ms)?;
+        self.state = HandshakeState::Anonymous;
+        Ok(HandshakeStep::Anonymous)
+    }
+
     fn verify(
         &mut self,
         answer: &Auth,
@@ -248,11 +289,7 @@ impl ServerHandshake {
         now_ms: u64,
     ) -> Result<HandshakeStep, HandshakeError> {
         // Expiry first: a stale answer is refused without spending a signature check.
-        let elapsed_ms = now_ms.saturating_sub(issued_at_ms);
-        let ttl_ms = self.params.challenge_ttl_ms;
-        if elapsed_ms > u64::from(ttl_ms) {
-            return Err(HandshakeError::ChallengeExpired { elapsed_ms, ttl_ms });
-        }
+        self.check_expiry(issued_at_ms, now_ms)?;
         auth::verify_auth(
             answer,
             &self.params.nonce,
@@ -273,7 +310,7 @@ mod tests {
     use super::*;
     use crate::auth::sign_auth;
     use crate::bytes::Signature;
-    use crate::frame::Ping;
+    use crate::frame::{Anonymous, Ping};
     use crate::identity::{DeviceCertificate, Keypair};
 
     const TTL_MS: u32 = 1000;
@@ -544,6 +581,57 @@ mod tests {
         assert_eq!(
             handshake.handle(valid_primary_auth(), 2),
             Err(HandshakeError::Ended { tag: 2 })
+        );
+    }
+
+    #[test]
+    fn anonymous_after_the_challenge_opens_an_anonymous_session() {
+        let mut handshake = challenged();
+        // Exactly at the time to live is still in time, as for Auth.
+        assert_eq!(
+            handshake.handle(Frame::Anonymous(Anonymous {}), u64::from(TTL_MS)),
+            Ok(HandshakeStep::Anonymous)
+        );
+        assert_eq!(handshake.state(), HandshakeState::Anonymous);
+        // The session cannot turn into an authenticated one later.
+        for frame in [
+            valid_primary_auth(),
+            Frame::Anonymous(Anonymous {}),
+            hello_v1(),
+        ] {
+            let tag = frame.tag();
+            assert_eq!(
+                handshake.handle(frame, u64::from(TTL_MS)),
+                Err(HandshakeError::Ended { tag })
+            );
+            assert_eq!(handshake.state(), HandshakeState::Anonymous);
+        }
+    }
+
+    #[test]
+    fn anonymous_before_hello_or_after_the_time_to_live_is_refused() {
+        assert_eq!(
+            run(vec![(Frame::Anonymous(Anonymous {}), 0)]),
+            (Some(ErrorCode::UnexpectedFrame), HandshakeState::Failed)
+        );
+        assert_eq!(
+            run(vec![
+                (hello_v1(), 0),
+                (Frame::Anonymous(Anonymous {}), u64::from(TTL_MS) + 1)
+            ]),
+            (Some(ErrorCode::ChallengeExpired), HandshakeState::Failed)
+        );
+        // After a successful Auth, Anonymous is refused like any other frame.
+        assert_eq!(
+            run(vec![
+                (hello_v1(), 0),
+                (valid_primary_auth(), 1),
+                (Frame::Anonymous(Anonymous {}), 2)
+            ]),
+            (
+                Some(ErrorCode::ChallengeReused),
+                HandshakeState::Authenticated
+            )
         );
     }
 

@@ -9,6 +9,7 @@
 //! - [`identity`]: key pairs, [`identity::Address`] with its checksummed text
 //!   form, device certificates.
 //! - [`card`]: the self-certifying [`card::IdentityCard`].
+//! - [`capability`]: delivery capabilities for sealed sends and their hash.
 //! - [`auth`]: the bytes a device signs to answer an auth challenge.
 //! - [`handshake`]: the broker's side of the auth handshake as a sans-IO
 //!   state machine ([`handshake::ServerHandshake`]).
@@ -19,6 +20,7 @@
 
 pub mod auth;
 pub mod bytes;
+pub mod capability;
 pub mod card;
 pub mod codec;
 pub mod fleet;

@@ -14,17 +14,21 @@
 //! The node-to-node [`PeerFrame`]s get the same checks from the same field
 //! strategies, at the end of the file.
 
-use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text};
+use backbone_protocol::bytes::{
+    Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Signature,
+    Text,
+};
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, TransferEnvelope,
+    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward, TransferEnvelope,
 };
 use backbone_protocol::frame::{
-    Ack, Auth, AuthOk, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame, Failed, FetchCard,
-    Hello, Ping, Pong, PublishCard, Redirect, RegisterDevice, Send, SendAck, Stored,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
+    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
 };
 use backbone_protocol::{
     Address, DecodeError, Decoded, DeviceCertificate, DeviceId, Frame, IdentityCard, Phase,
@@ -179,6 +183,56 @@ fn send() -> impl Strategy<Value = Send> {
     )
 }
 
+fn capability_hash() -> impl Strategy<Value = CapabilityHash> {
+    uniform::<_, 32>(any::<u8>()).prop_map(CapabilityHash)
+}
+
+fn register_capability() -> impl Strategy<Value = RegisterCapability> {
+    (any::<u64>(), capability_hash()).prop_map(|(request_id, capability_hash)| RegisterCapability {
+        request_id,
+        capability_hash,
+    })
+}
+
+fn revoke_capability() -> impl Strategy<Value = RevokeCapability> {
+    (any::<u64>(), capability_hash()).prop_map(|(request_id, capability_hash)| RevokeCapability {
+        request_id,
+        capability_hash,
+    })
+}
+
+fn list_capabilities() -> impl Strategy<Value = ListCapabilities> {
+    any::<u64>().prop_map(|request_id| ListCapabilities { request_id })
+}
+
+fn capabilities() -> impl Strategy<Value = Capabilities> {
+    (any::<u64>(), vec(capability_hash(), 0..8))
+        .prop_map(|(request_id, hashes)| Capabilities { request_id, hashes })
+}
+
+fn anonymous() -> impl Strategy<Value = Anonymous> {
+    Just(Anonymous {})
+}
+
+fn sealed_send() -> impl Strategy<Value = SealedSend> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        address(),
+        uniform::<_, 32>(any::<u8>()).prop_map(DeliveryCapability),
+        blob(),
+    )
+        .prop_map(
+            |(request_id, ttl_secs, recipient, capability, envelope)| SealedSend {
+                request_id,
+                ttl_secs,
+                recipient,
+                capability,
+                envelope,
+            },
+        )
+}
+
 fn stored() -> impl Strategy<Value = Stored> {
     (address(), any::<u64>()).prop_map(|(address, seq)| Stored { address, seq })
 }
@@ -286,6 +340,12 @@ fn frame() -> impl Strategy<Value = Frame> {
         redirect().prop_map(Frame::Redirect),
         ping().prop_map(Frame::Ping),
         pong().prop_map(Frame::Pong),
+        register_capability().prop_map(Frame::RegisterCapability),
+        revoke_capability().prop_map(Frame::RevokeCapability),
+        list_capabilities().prop_map(Frame::ListCapabilities),
+        capabilities().prop_map(Frame::Capabilities),
+        anonymous().prop_map(Frame::Anonymous),
+        sealed_send().prop_map(Frame::SealedSend),
     ]
 }
 
@@ -344,6 +404,12 @@ round_trip_tests! {
     redirect_round_trips: redirect() => Frame::Redirect;
     ping_round_trips: ping() => Frame::Ping;
     pong_round_trips: pong() => Frame::Pong;
+    register_capability_round_trips: register_capability() => Frame::RegisterCapability;
+    revoke_capability_round_trips: revoke_capability() => Frame::RevokeCapability;
+    list_capabilities_round_trips: list_capabilities() => Frame::ListCapabilities;
+    capabilities_round_trips: capabilities() => Frame::Capabilities;
+    anonymous_round_trips: anonymous() => Frame::Anonymous;
+    sealed_send_round_trips: sealed_send() => Frame::SealedSend;
 }
 
 proptest! {
@@ -447,14 +513,15 @@ proptest! {
         );
     }
 
-    /// Before authentication exactly Hello and Auth pass; every other valid
-    /// frame is rejected as `NotAuthenticated` without its body being decoded.
+    /// Before authentication exactly Hello, Auth and Anonymous pass; every
+    /// other valid frame is rejected as `NotAuthenticated` without its body
+    /// being decoded.
     #[test]
-    fn pre_auth_phase_admits_only_hello_and_auth(frame in frame()) {
+    fn pre_auth_phase_admits_only_hello_auth_and_anonymous(frame in frame()) {
         let bytes = frame_to_vec(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let decoded = decode_frame(&bytes, LIMIT, Phase::PreAuth);
         match frame {
-            Frame::Hello(_) | Frame::Auth(_) => prop_assert_eq!(
+            Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_) => prop_assert_eq!(
                 decoded,
                 Ok(Decoded::Frame { frame, consumed: bytes.len() })
             ),
@@ -513,15 +580,17 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
         ),
         proptest::option::of(identity_card()),
         vec(device_certificate(), 0..3),
+        vec(capability_hash(), 0..3),
     )
         .prop_map(
-            |(address, head, envelopes, cursors, card, devices)| MailboxTransfer {
+            |(address, head, envelopes, cursors, card, devices, capabilities)| MailboxTransfer {
                 address,
                 head,
                 envelopes,
                 cursors,
                 card,
                 devices,
+                capabilities,
             },
         )
 }
@@ -608,6 +677,36 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                 request_id,
                 result,
             })),
+        (
+            any::<u64>(),
+            message_id(),
+            any::<u64>(),
+            any::<u64>(),
+            address(),
+            capability_hash(),
+            blob()
+        )
+            .prop_map(
+                |(
+                    request_id,
+                    message_id,
+                    stored_at_ms,
+                    expires_at_ms,
+                    recipient,
+                    capability_hash,
+                    envelope,
+                )| {
+                    PeerFrame::SealedForward(SealedForward {
+                        request_id,
+                        message_id,
+                        stored_at_ms,
+                        expires_at_ms,
+                        recipient,
+                        capability_hash,
+                        envelope,
+                    })
+                }
+            ),
     ]
 }
 

@@ -22,13 +22,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LEN, auth_transcript, sign_auth};
-use backbone_protocol::bytes::{Blob, EncryptionKey, MessageId, Nonce, ServerId, Text};
+use backbone_protocol::bytes::{
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Text,
+};
+use backbone_protocol::capability::CAPABILITY_HASH_CONTEXT;
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
 };
 use backbone_protocol::frame::{
-    Ack, AuthOk, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame, Failed, FetchCard,
-    Hello, Ping, Pong, PublishCard, Redirect, RegisterDevice, Send, SendAck, Stored,
+    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame,
+    Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
+    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
 };
 use backbone_protocol::identity::domain;
 use backbone_protocol::{
@@ -63,6 +67,8 @@ struct Fixtures {
     time_ms: u64,
     /// `ENVELOPE`: the bytes `de ad be ef`.
     envelope: Blob,
+    /// `CAPABILITY`: a delivery capability, `[0x66; 32]`.
+    capability: DeliveryCapability,
 }
 
 impl Fixtures {
@@ -78,6 +84,7 @@ impl Fixtures {
             encryption_key: EncryptionKey([0x55; 32]),
             time_ms: 1_700_000_000_000,
             envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            capability: DeliveryCapability([0x66; 32]),
         }
     }
 
@@ -277,6 +284,47 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 nonce: 0x0102_0304_0506_0708,
             }),
         ),
+        vector(
+            "RegisterCapability",
+            "request_id 8, capability_hash = hash(CAPABILITY)",
+            Frame::RegisterCapability(RegisterCapability {
+                request_id: 8,
+                capability_hash: f.capability.hash(),
+            }),
+        ),
+        vector(
+            "RevokeCapability",
+            "request_id 9, capability_hash = hash(CAPABILITY)",
+            Frame::RevokeCapability(RevokeCapability {
+                request_id: 9,
+                capability_hash: f.capability.hash(),
+            }),
+        ),
+        vector(
+            "ListCapabilities",
+            "request_id 10",
+            Frame::ListCapabilities(ListCapabilities { request_id: 10 }),
+        ),
+        vector(
+            "Capabilities",
+            "request_id 10, hashes [hash(CAPABILITY)]",
+            Frame::Capabilities(Capabilities {
+                request_id: 10,
+                hashes: vec![f.capability.hash()],
+            }),
+        ),
+        vector("Anonymous", "no fields", Frame::Anonymous(Anonymous {})),
+        vector(
+            "SealedSend",
+            "request_id 11, ttl_secs 3600, recipient PEER's address, capability CAPABILITY, envelope ENVELOPE",
+            Frame::SealedSend(SealedSend {
+                request_id: 11,
+                ttl_secs: 3600,
+                recipient: peer_address,
+                capability: f.capability,
+                envelope: f.envelope.clone(),
+            }),
+        ),
     ]
 }
 
@@ -428,6 +476,20 @@ fn vectors_block() -> String {
             ],
         );
     }
+
+    out.push_str("### Delivery capability hash\n\n");
+    out.push_str(
+        "CAPABILITY = `[0x66; 32]`. Its hash is BLAKE3 in key-derivation mode with the \
+         context string below: `blake3::derive_key(context, capability)`.\n\n",
+    );
+    push_block(
+        &mut out,
+        &[
+            ("context", CAPABILITY_HASH_CONTEXT.as_bytes().to_vec()),
+            ("capability", f.capability.0.to_vec()),
+            ("hash", f.capability.hash().0.to_vec()),
+        ],
+    );
 
     out.push_str("### Frames\n\n");
     out.push_str(
@@ -682,6 +744,11 @@ fn body_sizes_match_the_documented_layouts() {
                 23 + if error.retry_after_ms.is_some() { 4 } else { 0 } + error.message.0.len()
             }
             Frame::Redirect(redirect) => 20 + redirect.node.0.len(),
+            Frame::RegisterCapability(_) | Frame::RevokeCapability(_) => 44,
+            Frame::ListCapabilities(_) => 12,
+            Frame::Capabilities(list) => 20 + 32 * list.hashes.len(),
+            Frame::Anonymous(_) => 4,
+            Frame::SealedSend(send) => 88 + send.envelope.0.len(),
         };
         assert_eq!(
             body_len(&vector.frame),

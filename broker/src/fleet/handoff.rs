@@ -7,8 +7,9 @@
 //!    retryable) until the handover completes; `from` no longer owns them, so
 //!    it accepts no writes for them either and redirects their clients.
 //! 2. `from` sends every mailbox of those slots (envelopes with their
-//!    sequence numbers, head, cursors, card, devices) in [`Import`] batches;
-//!    `to` merges each batch and flushes before acknowledging it.
+//!    sequence numbers, head, cursors, card, devices, capability hashes) in
+//!    [`Import`] batches; `to` merges each batch and flushes before
+//!    acknowledging it.
 //! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
 //!    serving the slots.
 //! 4. `from` records the move as done and deletes its copies.
@@ -192,7 +193,7 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
 }
 
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
-/// first carries the head, cursors, card and devices.
+/// first carries the head, cursors, card, devices and capability hashes.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
     let mut parts = vec![MailboxTransfer {
         address: export.address,
@@ -201,6 +202,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         cursors: export.cursors,
         card: export.card,
         devices: export.devices,
+        capabilities: export.capabilities,
     }];
     let mut bytes = 0;
     for envelope in export.envelopes {
@@ -212,6 +214,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
                 cursors: Vec::new(),
                 card: None,
                 devices: Vec::new(),
+                capabilities: Vec::new(),
             });
             bytes = 0;
         }
@@ -249,6 +252,7 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
         cursors: transfer.cursors,
         card: transfer.card,
         devices: transfer.devices,
+        capabilities: transfer.capabilities,
     }
 }
 
@@ -279,6 +283,7 @@ mod tests {
             cursors: vec![],
             card: None,
             devices: vec![],
+            capabilities: vec![],
         };
         let parts = split(export.clone());
         assert_eq!(parts.len(), 3, "2 MiB of envelopes per part");

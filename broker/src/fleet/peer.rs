@@ -1,6 +1,7 @@
 //! The node-to-node listener: accepts links from peers that present a fleet
 //! certificate, checks that they route by the same fleet map, and serves
-//! forwarded sends and card lookups for the slots this node owns.
+//! forwarded sends (sealed ones included, with their capability check) and
+//! card lookups for the slots this node owns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::handoff::to_export;
 use super::link::{PeerReader, encode_peer_logged};
-use crate::route::{StoreTemplate, store_for};
+use crate::route::{StoreTemplate, store_for, store_sealed_for};
 use crate::server::Shared;
 use crate::wire::spawn_writer_with;
 
@@ -199,6 +200,28 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
                 envelope: forward.envelope.0,
             };
             let (stored, failed) = store_for(shared, forward.recipients, &template).await;
+            Some(PeerFrame::ForwardAck(ForwardAck {
+                request_id: forward.request_id,
+                stored,
+                failed,
+            }))
+        }
+        PeerFrame::SealedForward(forward) => {
+            metrics::counter!("backbone_fleet_forwards_received_total").increment(1);
+            let template = StoreTemplate {
+                message_id: forward.message_id,
+                sender: None,
+                stored_at_ms: forward.stored_at_ms,
+                expires_at_ms: forward.expires_at_ms,
+                envelope: forward.envelope.0,
+            };
+            let (stored, failed) = store_sealed_for(
+                shared,
+                forward.recipient,
+                &forward.capability_hash,
+                &template,
+            )
+            .await;
             Some(PeerFrame::ForwardAck(ForwardAck {
                 request_id: forward.request_id,
                 stored,

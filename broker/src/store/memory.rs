@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use backbone_protocol::bytes::ServerId;
+use backbone_protocol::bytes::{CapabilityHash, ServerId};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
 use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
@@ -31,12 +31,21 @@ struct Inner {
     cursors: HashMap<(Address, DeviceId), u64>,
     cards: HashMap<Address, IdentityCard>,
     devices: HashMap<(Address, DeviceId), DeviceCertificate>,
+    capabilities: BTreeSet<(Address, CapabilityHash)>,
     server_id: Option<ServerId>,
     meta: HashMap<String, Vec<u8>>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
     failing_appends: u32,
     /// Successful `append_batch` calls so far.
     append_batches: u64,
+}
+
+/// The capability hashes of `address`, ascending.
+fn capability_range<'a>(
+    capabilities: &'a BTreeSet<(Address, CapabilityHash)>,
+    address: &Address,
+) -> impl Iterator<Item = &'a (Address, CapabilityHash)> {
+    capabilities.range((*address, CapabilityHash([0; 32]))..=(*address, CapabilityHash([0xff; 32])))
 }
 
 impl MemoryStore {
@@ -219,6 +228,43 @@ impl Store for MemoryStore {
         Ok(self.lock()?.devices.get(&(*address, *device)).copied())
     }
 
+    fn register_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.capabilities.contains(&(*address, *hash)) {
+            return Ok(true);
+        }
+        let held = capability_range(&inner.capabilities, address).count();
+        if held >= max {
+            return Ok(false);
+        }
+        inner.capabilities.insert((*address, *hash));
+        Ok(true)
+    }
+
+    fn revoke_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+    ) -> Result<bool, StoreError> {
+        Ok(self.lock()?.capabilities.remove(&(*address, *hash)))
+    }
+
+    fn has_capability(&self, address: &Address, hash: &CapabilityHash) -> Result<bool, StoreError> {
+        Ok(self.lock()?.capabilities.contains(&(*address, *hash)))
+    }
+
+    fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError> {
+        let inner = self.lock()?;
+        Ok(capability_range(&inner.capabilities, address)
+            .map(|(_, hash)| *hash)
+            .collect())
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let inner = self.lock()?;
         let all: BTreeSet<Address> = inner
@@ -229,6 +275,7 @@ impl Store for MemoryStore {
             .chain(inner.cursors.keys().map(|(address, _)| *address))
             .chain(inner.cards.keys().copied())
             .chain(inner.devices.keys().map(|(address, _)| *address))
+            .chain(inner.capabilities.iter().map(|(address, _)| *address))
             .filter(|address| filter(address))
             .collect();
         Ok(all.into_iter().collect())
@@ -263,6 +310,9 @@ impl Store for MemoryStore {
             cursors,
             card: inner.cards.get(address).copied(),
             devices: devices.into_iter().map(|(_, cert)| cert).collect(),
+            capabilities: capability_range(&inner.capabilities, address)
+                .map(|(_, hash)| *hash)
+                .collect(),
         })
     }
 
@@ -294,6 +344,9 @@ impl Store for MemoryStore {
                 .devices
                 .insert((address, cert.device_key.device_id()), *cert);
         }
+        for hash in &export.capabilities {
+            inner.capabilities.insert((address, *hash));
+        }
         Ok(())
     }
 
@@ -313,6 +366,7 @@ impl Store for MemoryStore {
         inner.cursors.retain(|(owner, _), _| owner != address);
         inner.cards.remove(address);
         inner.devices.retain(|(owner, _), _| owner != address);
+        inner.capabilities.retain(|(owner, _)| owner != address);
         Ok(())
     }
 

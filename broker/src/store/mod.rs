@@ -1,4 +1,5 @@
-//! Durable storage for mailboxes, cursors, cards and device certificates.
+//! Durable storage for mailboxes, cursors, cards, device certificates and
+//! delivery capability hashes.
 //!
 //! Everything the broker must remember across a restart goes through the
 //! narrow [`Store`] trait. There are two implementations with the same
@@ -27,7 +28,7 @@
 
 use std::sync::Arc;
 
-use backbone_protocol::bytes::{MessageId, ServerId};
+use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +72,8 @@ pub struct MailboxExport {
     pub card: Option<IdentityCard>,
     /// Registered device certificates.
     pub devices: Vec<DeviceCertificate>,
+    /// Registered delivery capability hashes, ascending.
+    pub capabilities: Vec<CapabilityHash>,
 }
 
 /// What a mailbox holds, as counted against its quota.
@@ -193,7 +196,32 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceId,
     ) -> Result<Option<DeviceCertificate>, StoreError>;
 
-    /// Every address with any record (envelope, head, cursor, card or device)
+    /// Registers the capability hash `hash` for `address`, unless the
+    /// mailbox already holds `max` other hashes: returns `false` then, and
+    /// stores nothing. Registering a hash that is already registered
+    /// succeeds and changes nothing. Not flushed by itself.
+    fn register_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+        max: usize,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes the capability hash `hash` of `address`; returns whether it
+    /// was registered. Not flushed by itself.
+    fn revoke_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+    ) -> Result<bool, StoreError>;
+
+    /// Whether `hash` is registered for `address`.
+    fn has_capability(&self, address: &Address, hash: &CapabilityHash) -> Result<bool, StoreError>;
+
+    /// Every capability hash registered for `address`, ascending.
+    fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError>;
+
+    /// Every address with any record (envelope, head, cursor, card, device or capability)
     /// for which `filter` holds, ascending. Visits each address once, not
     /// each record.
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
@@ -203,8 +231,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Merges `export` in: envelopes are written under their sequence numbers
     /// (with expiry index entries), the head and cursors only grow, the card
-    /// and devices are replaced. Importing the same export twice changes
-    /// nothing. Not flushed by itself.
+    /// and devices are replaced, capability hashes are added (without the
+    /// per-mailbox limit: the previous owner already applied it). Importing
+    /// the same export twice changes nothing. Not flushed by itself.
     fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
 
     /// Deletes every record of `address`. Not flushed by itself.
@@ -400,6 +429,29 @@ mod tests {
         assert_eq!(store.device(&a, &device_key.device_id()), Ok(None));
         assert_eq!(store.device(&identity.address(), &device), Ok(None));
 
+        // Capability hashes: per mailbox, idempotent, bounded, revocable.
+        let (one, two, three) = (
+            CapabilityHash([1; 32]),
+            CapabilityHash([2; 32]),
+            CapabilityHash([3; 32]),
+        );
+        assert_eq!(store.capabilities(&a), Ok(vec![]));
+        assert_eq!(store.has_capability(&a, &one), Ok(false));
+        assert_eq!(store.register_capability(&a, &two, 2), Ok(true));
+        assert_eq!(store.register_capability(&a, &one, 2), Ok(true));
+        assert_eq!(store.register_capability(&a, &one, 2), Ok(true));
+        assert_eq!(store.register_capability(&a, &three, 2), Ok(false));
+        assert_eq!(store.capabilities(&a), Ok(vec![one, two]));
+        assert_eq!(store.has_capability(&a, &one), Ok(true));
+        assert_eq!(store.has_capability(&b, &one), Ok(false));
+        assert_eq!(store.has_capability(&a, &three), Ok(false));
+        assert_eq!(store.revoke_capability(&a, &one), Ok(true));
+        assert_eq!(store.revoke_capability(&a, &one), Ok(false));
+        assert_eq!(store.has_capability(&a, &one), Ok(false));
+        assert_eq!(store.register_capability(&a, &three, 2), Ok(true));
+        assert_eq!(store.capabilities(&a), Ok(vec![two, three]));
+        assert_eq!(store.capabilities(&b), Ok(vec![]));
+
         // The server id is created once and then stable.
         let server_id = store.server_id().expect("server id");
         assert_eq!(store.server_id(), Ok(server_id));
@@ -427,8 +479,14 @@ mod tests {
         let cert = DeviceCertificate::issue(&identity, device_key, 12);
         from.put_device(&owner, &cert).expect("device");
         from.set_cursor(&c, &device, 9).expect("cursor only");
+        let capability = CapabilityHash([9; 32]);
+        from.register_capability(&owner, &capability, 10)
+            .expect("capability");
+        let d = address(4);
+        from.register_capability(&d, &capability, 10)
+            .expect("capability only");
 
-        let mut all = vec![owner, b, c];
+        let mut all = vec![owner, b, c, d];
         all.sort();
         assert_eq!(from.addresses(&|_| true), Ok(all));
         assert_eq!(from.addresses(&|x| *x == b || *x == a), Ok(vec![b]));
@@ -439,6 +497,7 @@ mod tests {
         assert_eq!(export.cursors, vec![(device, 2)]);
         assert_eq!(export.card, Some(card));
         assert_eq!(export.devices, vec![cert]);
+        assert_eq!(export.capabilities, vec![capability]);
 
         // The receiving store already saw a later cursor: it is kept.
         to.set_cursor(&owner, &device, 3).expect("cursor");
@@ -452,6 +511,7 @@ mod tests {
         assert_eq!(to.cursor(&owner, &device), Ok(Some(3)));
         assert_eq!(to.card(&owner), Ok(Some(card)));
         assert_eq!(to.device(&owner, &device_key.device_id()), Ok(Some(cert)));
+        assert_eq!(to.capabilities(&owner), Ok(vec![capability]));
         // Imported envelopes are indexed for expiry.
         assert_eq!(to.expire(1_002, 10), Ok(2));
         // Appends continue after the imported head.
@@ -463,9 +523,10 @@ mod tests {
         assert_eq!(from.cursor(&owner, &device), Ok(None));
         assert_eq!(from.card(&owner), Ok(None));
         assert_eq!(from.device(&owner, &device_key.device_id()), Ok(None));
+        assert_eq!(from.capabilities(&owner), Ok(vec![]));
         // Its expiry entries went too: only b's envelope is left to expire.
         assert_eq!(from.expire(u64::MAX, 10), Ok(1));
-        let mut left = vec![b, c];
+        let mut left = vec![b, c, d];
         left.sort();
         assert_eq!(from.addresses(&|_| true), Ok(left));
 

@@ -14,6 +14,7 @@
 //! | `cursors`   | `address(32) ‖ device_id(32)`                | acknowledged seq, `u64 BE` |
 //! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
 //! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
+//! | `capabilities` | `address(32) ‖ capability_hash(32)`       | empty: the key is the whole record |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
 //! | `meta`      | `"write_epoch"`                              | flushes so far, `u64 BE` (see "Detecting a damaged store") |
 //! | `meta`      | `"node/" ‖ key`                              | node-level values ([`Store::put_meta`]), e.g. handoff progress |
@@ -74,7 +75,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use backbone_protocol::bytes::ServerId;
+use backbone_protocol::bytes::{CapabilityHash, ServerId};
 use backbone_protocol::codec::{decode_value, encode_value};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
@@ -108,10 +109,13 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "expire.index",
     "card",
     "device",
+    "capability.register",
+    "capability.revoke",
     "import.expiry.stale",
     "import.expiry",
     "import.head",
     "import.envelope",
+    "import.capability",
     "purge.envelope",
     "purge.expiry",
     "purge.head",
@@ -136,6 +140,7 @@ pub struct SledStore {
     cursors: sled::Tree,
     cards: sled::Tree,
     devices: sled::Tree,
+    capabilities: sled::Tree,
     meta: sled::Tree,
     /// Held while envelopes, the expiry index and heads are changed together
     /// (append, delete, expire), so a concurrent sweep never sees an expiry
@@ -145,6 +150,9 @@ pub struct SledStore {
     /// The last write epoch written into sled; the lock keeps epochs in
     /// sled in increasing order when several threads flush.
     epoch: Mutex<u64>,
+    /// Held while a capability is registered, so two registrations cannot
+    /// both pass the per-mailbox limit.
+    capability_lock: Mutex<()>,
     /// `backbone.epoch` and the highest epoch recorded in it.
     epoch_file: Mutex<EpochFile>,
     #[cfg(test)]
@@ -242,10 +250,12 @@ impl SledStore {
             cursors: db.open_tree("cursors")?,
             cards: db.open_tree("cards")?,
             devices: db.open_tree("devices")?,
+            capabilities: db.open_tree("capabilities")?,
             meta,
             db,
             mutation: Mutex::new(count),
             epoch: Mutex::new(epoch),
+            capability_lock: Mutex::new(()),
             epoch_file: Mutex::new(epoch_file),
             #[cfg(test)]
             fail_points: FailPoints::default(),
@@ -603,6 +613,69 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn register_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        // The lock guards no data of its own (see `lock_mutations`).
+        let _registering = self
+            .capability_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = pair_key(address, &hash.0);
+        if self.capabilities.contains_key(key)? {
+            return Ok(true);
+        }
+        // At most `max` keys are read: the limit bounds the scan.
+        let mut held = 0;
+        for entry in self.capabilities.scan_prefix(address.0) {
+            entry?;
+            held += 1;
+            if held >= max {
+                return Ok(false);
+            }
+        }
+        if max == 0 {
+            return Ok(false);
+        }
+        self.fail_point("capability.register")?;
+        self.capabilities.insert(key, &[][..])?;
+        Ok(true)
+    }
+
+    fn revoke_capability(
+        &self,
+        address: &Address,
+        hash: &CapabilityHash,
+    ) -> Result<bool, StoreError> {
+        self.fail_point("capability.revoke")?;
+        Ok(self
+            .capabilities
+            .remove(pair_key(address, &hash.0))?
+            .is_some())
+    }
+
+    fn has_capability(&self, address: &Address, hash: &CapabilityHash) -> Result<bool, StoreError> {
+        Ok(self.capabilities.contains_key(pair_key(address, &hash.0))?)
+    }
+
+    fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError> {
+        self.capabilities
+            .scan_prefix(address.0)
+            .map(|entry| {
+                let (key, _) = entry?;
+                key.get(ADDRESS_LEN..)
+                    .and_then(|hash| hash.try_into().ok())
+                    .map(CapabilityHash)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("capability key of {} bytes", key.len()),
+                    })
+            })
+            .collect()
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let mut all = std::collections::BTreeSet::new();
         for tree in [
@@ -611,6 +684,7 @@ impl Store for SledStore {
             &self.cursors,
             &self.cards,
             &self.devices,
+            &self.capabilities,
         ] {
             // Skip-scan: read one key, then seek past every key of its address.
             let mut next = Some([0u8; ADDRESS_LEN]);
@@ -670,6 +744,7 @@ impl Store for SledStore {
             cursors,
             card: self.card(address)?,
             devices,
+            capabilities: self.capabilities(address)?,
         })
     }
 
@@ -730,6 +805,11 @@ impl Store for SledStore {
         for cert in &export.devices {
             self.put_device(address, cert)?;
         }
+        for hash in &export.capabilities {
+            self.fail_point("import.capability")?;
+            self.capabilities
+                .insert(pair_key(address, &hash.0), &[][..])?;
+        }
         Ok(())
     }
 
@@ -757,7 +837,7 @@ impl Store for SledStore {
             self.fail_point("purge.head")?;
             self.heads.remove(address.0)?;
         }
-        for tree in [&self.cursors, &self.devices] {
+        for tree in [&self.cursors, &self.devices, &self.capabilities] {
             for entry in tree.scan_prefix(address.0) {
                 self.fail_point("purge.pair")?;
                 tree.remove(entry?.0)?;
@@ -1319,7 +1399,10 @@ mod fault_tests {
             cursors: vec![(device_key.device_id(), 1)],
             card: None,
             devices: vec![],
+            capabilities: vec![CapabilityHash([8; 32])],
         })?;
+        store.register_capability(&a, &CapabilityHash([7; 32]), 10)?;
+        store.revoke_capability(&a, &CapabilityHash([7; 32]))?;
         store.put_card(&IdentityCard::sign(
             &Keypair::from_secret_bytes([9; 32]),
             EncryptionKey([3; 32]),

@@ -389,7 +389,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use backbone_protocol::bytes::{MessageId, ServerId};
+    use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
     use super::*;
@@ -493,6 +493,31 @@ mod tests {
             device: &DeviceId,
         ) -> Result<Option<DeviceCertificate>, StoreError> {
             self.inner.device(address, device)
+        }
+        fn register_capability(
+            &self,
+            address: &Address,
+            hash: &CapabilityHash,
+            max: usize,
+        ) -> Result<bool, StoreError> {
+            self.inner.register_capability(address, hash, max)
+        }
+        fn revoke_capability(
+            &self,
+            address: &Address,
+            hash: &CapabilityHash,
+        ) -> Result<bool, StoreError> {
+            self.inner.revoke_capability(address, hash)
+        }
+        fn has_capability(
+            &self,
+            address: &Address,
+            hash: &CapabilityHash,
+        ) -> Result<bool, StoreError> {
+            self.inner.has_capability(address, hash)
+        }
+        fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError> {
+            self.inner.capabilities(address)
         }
         fn addresses(&self, f: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
             self.inner.addresses(f)
