@@ -3,12 +3,14 @@
 //! broker does not store.
 //!
 //! The real `backbone` binary runs a scenario that touches every kind of
-//! record (cards, a device, sends, acks, a delete, an expiry) with debug
-//! logging. Afterwards every file of its data directory and every record of
+//! record (cards, a device, a delivery capability, sends, a sealed send, acks,
+//! a delete, an expiry) with debug logging. Afterwards every file of its data directory and every record of
 //! every sled tree is classified, and each class must be a row of the table.
 //! Field names are taken from the stored types themselves (through serde),
 //! so a new field fails the test until the table names it. The log must not
-//! contain envelope bytes, card contents or the plaintext.
+//! contain envelope bytes, card contents, capabilities or the plaintext, and
+//! the sealed sender, who never authenticates, must appear nowhere: not in
+//! any file of the data directory, not in the log.
 
 mod process;
 mod support;
@@ -19,7 +21,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use backbone_broker::store::{SledStore, Store, StoredEnvelope};
-use backbone_client::{Client, ClientOptions, ConnectConfig, Trust};
+use backbone_client::{
+    Client, ClientOptions, ConnectConfig, DeliveryCapability, SealedOptions, SealedSender, Trust,
+};
 use backbone_protocol::{DeviceCertificate, IdentityCard, Keypair};
 use process::{free_udp_port, start_broker_with_metrics};
 use support::Identity;
@@ -80,6 +84,7 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
         ("cursors", 64) => "cursors".into(),
         ("cards", 32) => "cards".into(),
         ("devices", 64) => "devices".into(),
+        ("capabilities", 64) => "capabilities".into(),
         ("meta", _) => match std::str::from_utf8(key) {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
@@ -173,8 +178,29 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         .send(&[bob.address()], canary.as_bytes(), Duration::from_secs(1))
         .await
         .expect("sent");
+    // Carol sends sealed: she never authenticates, only proves bob gave her
+    // a capability.
+    let carol = Identity::new();
+    let capability = DeliveryCapability::random();
+    bob_client
+        .register_capability(&capability)
+        .await
+        .expect("registers a capability");
+    let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(ca.clone()));
+    connect.server_name = Some("localhost".into());
+    let sealed = SealedSender::connect(connect, SealedOptions::new(carol.signing.clone()))
+        .await
+        .expect("anonymous session");
+    let ack = sealed
+        .send_sealed(&bob.address(), &capability, canary.as_bytes(), HOUR)
+        .await
+        .expect("sealed send");
+    assert!(ack.failed.is_empty(), "{ack:?}");
+    let sealed_seq = ack.stored[0].seq;
+    sealed.close().await;
+
     let mut last = 0;
-    for _ in 0..4 {
+    for _ in 0..5 {
         let message = tokio::time::timeout(Duration::from_secs(10), bob_client.next_message())
             .await
             .expect("in time")
@@ -182,6 +208,11 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
             .expect("opens");
         sent.push(message.delivery.envelope.clone());
         last = message.delivery.seq;
+        if last == sealed_seq {
+            // The receiver learns and verifies the sender from the envelope.
+            assert_eq!(message.opened.sender, carol.address());
+            assert_eq!(message.delivery.sender, None);
+        }
     }
     bob_client.ack(last).await.expect("ack");
     bob_client.delete(vec![1]).await.expect("delete");
@@ -259,9 +290,46 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
             );
         }
     }
-    // The broker stored the sender it authenticated (issue #9's sealed
-    // sender removes it for sealed sends).
+    // The broker stored the sender it authenticated, and none for the
+    // sealed send.
     assert_eq!(envelope.sender, Some(alice.address()));
+    let sealed_record = stored
+        .envelopes
+        .iter()
+        .find(|envelope| envelope.seq == sealed_seq)
+        .expect("the sealed envelope is stored");
+    assert_eq!(sealed_record.sender, None);
+
+    // The sealed sender is nowhere: no file of the data directory and no
+    // log line holds her address or key, in any usual form.
+    let carol_forms: Vec<Vec<u8>> = vec![
+        carol.address().0.to_vec(),
+        carol.signing.public().as_bytes().to_vec(),
+        carol.address().to_string().into_bytes(),
+        hex::encode(carol.address().0).into_bytes(),
+        hex::encode(carol.signing.public().as_bytes()).into_bytes(),
+    ];
+    let capability_forms: Vec<Vec<u8>> = vec![
+        capability.to_hex().into_bytes(),
+        hex::decode(capability.to_hex()).expect("hex"),
+    ];
+    for path in files(&data).into_iter().chain([log_path.clone()]) {
+        let bytes = std::fs::read(&path).expect("read");
+        for (what, forms) in [
+            ("the sealed sender", &carol_forms),
+            ("a capability", &capability_forms),
+        ] {
+            for form in forms {
+                assert!(
+                    !bytes
+                        .windows(form.len())
+                        .any(|window| window == form.as_slice()),
+                    "{} holds {what}",
+                    path.display()
+                );
+            }
+        }
+    }
 
     // The log: no plaintext, no envelope bytes, no card contents.
     let log = std::fs::read_to_string(&log_path).expect("log");
