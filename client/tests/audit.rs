@@ -254,8 +254,8 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     let store = SledStore::open(&data.join("store")).expect("open the store");
     let records = store.dump().expect("dump");
     assert!(!records.is_empty());
-    for (tree, key, _) in &records {
-        found.insert(classify_record(tree, key));
+    for record in &records {
+        found.insert(classify_record(&record.tree, &record.key));
     }
     for id in &found {
         assert!(

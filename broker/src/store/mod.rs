@@ -37,7 +37,7 @@ mod sled_store;
 mod writer;
 
 pub use memory::MemoryStore;
-pub use sled_store::SledStore;
+pub use sled_store::{DumpedRecord, SledStore};
 pub use writer::{WriteHandle, Writer};
 
 /// One envelope as stored in a mailbox.

@@ -159,6 +159,17 @@ pub struct SledStore {
     fail_points: FailPoints,
 }
 
+/// One raw record of the store, from [`SledStore::dump`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpedRecord {
+    /// The tree's name.
+    pub tree: String,
+    /// The raw key.
+    pub key: Vec<u8>,
+    /// The raw value.
+    pub value: Vec<u8>,
+}
+
 /// The file that records the highest write epoch known durable.
 struct EpochFile {
     file: std::fs::File,
@@ -262,17 +273,21 @@ impl SledStore {
         })
     }
 
-    /// Every record of every tree, default tree included, as `(tree name,
-    /// key, value)`: what a metadata audit compares against the documented
-    /// list of stored fields (see `docs/security.md`). Reads everything.
-    pub fn dump(&self) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, StoreError> {
+    /// Every record of every tree, default tree included: what a metadata
+    /// audit compares against the documented list of stored fields (see
+    /// `docs/security.md`). Reads everything.
+    pub fn dump(&self) -> Result<Vec<DumpedRecord>, StoreError> {
         let mut records = Vec::new();
         for name in self.db.tree_names() {
             let tree = self.db.open_tree(&name)?;
             let name = String::from_utf8_lossy(&name).into_owned();
             for entry in tree.iter() {
                 let (key, value) = entry?;
-                records.push((name.clone(), key.to_vec(), value.to_vec()));
+                records.push(DumpedRecord {
+                    tree: name.clone(),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
             }
         }
         Ok(records)
