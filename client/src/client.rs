@@ -93,6 +93,25 @@ impl ClientOptions {
     }
 }
 
+/// Takes the card out of the broker's answer to a `FetchCard` for
+/// `address`, verifies that it belongs to that address, and caches it.
+pub(crate) fn cache_verified_card(
+    cards: &std::sync::Mutex<HashMap<Address, IdentityCard>>,
+    address: &Address,
+    answer: Frame,
+) -> Result<IdentityCard, ClientError> {
+    let card = match answer {
+        Frame::CardResult(result) => result.card,
+        other => return Err(unexpected(other)),
+    };
+    card.verify(address)?;
+    cards
+        .lock()
+        .expect("card cache lock")
+        .insert(*address, card);
+    Ok(card)
+}
+
 /// One envelope pushed by the broker, still sealed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
@@ -275,22 +294,13 @@ impl Client {
         if let Some(card) = self.cards.lock().expect("card cache lock").get(address) {
             return Ok(*card);
         }
-        let card = match self
+        let answer = self
             .request(Frame::FetchCard(FetchCard {
                 request_id: self.request_id(),
                 address: *address,
             }))
-            .await?
-        {
-            Frame::CardResult(result) => result.card,
-            other => return Err(unexpected(other)),
-        };
-        card.verify(address)?;
-        self.cards
-            .lock()
-            .expect("card cache lock")
-            .insert(*address, card);
-        Ok(card)
+            .await?;
+        cache_verified_card(&self.cards, address, answer)
     }
 
     /// Sends opaque bytes to `recipients` (no encryption: the caller's bytes as they are).

@@ -24,6 +24,7 @@ use backbone_protocol::frame::{FetchCard, SealedSend, SendAck};
 use backbone_protocol::{Address, Frame, IdentityCard, Keypair};
 use tokio::sync::Mutex;
 
+use crate::client::cache_verified_card;
 use crate::envelope::{self, Padding};
 use crate::error::ClientError;
 use crate::transport::{ConnectConfig, RawConnection, unexpected};
@@ -121,16 +122,8 @@ impl SealedSender {
             request_id: id,
             address: *address,
         });
-        let card = match self.request(frame, id).await? {
-            Frame::CardResult(result) => result.card,
-            other => return Err(unexpected(other)),
-        };
-        card.verify(address)?;
-        self.cards
-            .lock()
-            .expect("card cache lock")
-            .insert(*address, card);
-        Ok(card)
+        let answer = self.request(frame, id).await?;
+        cache_verified_card(&self.cards, address, answer)
     }
 
     /// Seals `plaintext` to `recipient`'s verified card, signed by this
