@@ -16,7 +16,7 @@ mod process;
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use backbone_client::{
     Client, ClientOptions, ConnectConfig, DeliveryCapability, SealedOptions, SealedSender, Trust,
 };
 use backbone_protocol::{DeviceCertificate, IdentityCard, Keypair};
-use process::{free_udp_port, start_broker_with_metrics};
+use process::{files_under, free_udp_port, start_broker_with_metrics};
 use support::Identity;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -113,19 +113,6 @@ fn classify_file(relative: &Path) -> String {
         other => return format!("unaudited file {other}"),
     };
     format!("file {name}")
-}
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            found.extend(files(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }
 
 /// The field names serde writes for `value`.
@@ -247,7 +234,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     };
     let mut found = BTreeSet::new();
 
-    for path in files(&data) {
+    for path in files_under(&data) {
         let relative = path.strip_prefix(&data).expect("inside").to_owned();
         found.insert(classify_file(&relative));
     }
@@ -313,7 +300,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         capability.to_hex().into_bytes(),
         hex::decode(capability.to_hex()).expect("hex"),
     ];
-    for path in files(&data).into_iter().chain([log_path.clone()]) {
+    for path in files_under(&data).into_iter().chain([log_path.clone()]) {
         let bytes = std::fs::read(&path).expect("read");
         for (what, forms) in [
             ("the sealed sender", &carol_forms),

@@ -137,7 +137,7 @@ fn two_terminals_exchange_encrypted_messages_and_the_broker_never_sees_the_canar
     drop(broker);
     let needle = canary.as_bytes();
     let mut files = 0;
-    for path in walk(&data) {
+    for path in process::files_under(&data) {
         files += 1;
         let mut bytes = Vec::new();
         std::fs::File::open(&path)
@@ -234,19 +234,6 @@ fn fingerprint(log: &Path) -> String {
         .expect("broker prints its fingerprint")
         .trim()
         .to_owned()
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn http_get(addr: &str, path: &str) -> String {
