@@ -255,6 +255,38 @@ async fn authenticate(
     ))
 }
 
+/// The next request of a session, or `None` when the session ends: the
+/// client closed, the broker shuts down, the stream cannot be read on, or
+/// the answer to a skipped invalid frame cannot be sent. An invalid frame
+/// that can be skipped is answered with its error and reading goes on.
+async fn next_request(
+    connection: &quinn::Connection,
+    reader: &mut FrameReader,
+    out: &mpsc::Sender<Frame>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Frame> {
+    loop {
+        let frame = tokio::select! {
+            frame = reader.next(Phase::Any) => frame,
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        };
+        match frame {
+            Ok(frame) => return Some(frame),
+            Err(ReadError::Closed) => return None,
+            Err(ReadError::Frame(BufferError::Skipped(error))) => {
+                debug!(%error, "invalid frame skipped");
+                out.send(error_frame(0, error.code(), error.to_string()))
+                    .await
+                    .ok()?;
+            }
+            Err(ReadError::Frame(BufferError::Fatal(error))) => {
+                close(connection, error.code(), &error.to_string());
+                return None;
+            }
+        }
+    }
+}
+
 fn storage_error(error: crate::store::StoreError) -> (ErrorCode, String) {
     (ErrorCode::StorageFailure, error.to_string())
 }
@@ -302,28 +334,8 @@ async fn serve_authenticated(
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let frame = tokio::select! {
-            frame = reader.next(Phase::Any) => frame,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(ReadError::Closed) => break,
-            Err(ReadError::Frame(BufferError::Skipped(error))) => {
-                debug!(%error, "invalid frame skipped");
-                if out
-                    .send(error_frame(0, error.code(), error.to_string()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-            Err(ReadError::Frame(BufferError::Fatal(error))) => {
-                close(connection, error.code(), &error.to_string());
-                break;
-            }
+        let Some(frame) = next_request(connection, &mut reader, &out, &mut shutdown).await else {
+            break;
         };
         match frame {
             Frame::Send(send) => {
@@ -598,28 +610,8 @@ async fn serve_anonymous(
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let frame = tokio::select! {
-            frame = reader.next(Phase::Any) => frame,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(ReadError::Closed) => break,
-            Err(ReadError::Frame(BufferError::Skipped(error))) => {
-                debug!(%error, "invalid frame skipped");
-                if out
-                    .send(error_frame(0, error.code(), error.to_string()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-            Err(ReadError::Frame(BufferError::Fatal(error))) => {
-                close(connection, error.code(), &error.to_string());
-                break;
-            }
+        let Some(frame) = next_request(connection, &mut reader, &out, &mut shutdown).await else {
+            break;
         };
         let request = match frame {
             Frame::Ping(ping) => {
