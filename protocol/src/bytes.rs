@@ -135,6 +135,13 @@ fixed_bytes!(
     32
 );
 
+fixed_bytes!(
+    /// A relationship's id, chosen by the owner's node when the request
+    /// arrives; both sides record it (see [`crate::relationship`]).
+    RelationshipId,
+    16
+);
+
 /// Variable-length opaque bytes (envelopes, addresses of other nodes).
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Blob(pub Vec<u8>);

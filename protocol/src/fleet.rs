@@ -17,6 +17,7 @@ use crate::bytes::{Blob, CapabilityHash, MessageId, Text};
 use crate::card::IdentityCard;
 use crate::frame::{Failed, Stored};
 use crate::identity::{Address, DeviceCertificate, DeviceId};
+use crate::relationship::{InboundPolicy, Relationship, SideChange};
 
 /// The fixed number of slots the address space is divided into.
 pub const SLOT_COUNT: u16 = 4096;
@@ -61,6 +62,11 @@ pub enum PeerFrame {
     /// the acceptor owns, if its capability hash is registered there.
     /// Answered by [`PeerFrame::ForwardAck`].
     SealedForward(SealedForward),
+    /// Tag 13, dialer → acceptor: apply a relationship change to the side
+    /// (an address) the acceptor owns. Answered by [`PeerFrame::ConsentResult`].
+    Consent(PeerConsent),
+    /// Tag 14, acceptor → dialer: the outcome of a [`PeerFrame::Consent`].
+    ConsentResult(PeerConsentResult),
 }
 
 /// A node introducing itself and its fleet map.
@@ -125,6 +131,30 @@ pub struct SealedForward {
     pub capability_hash: CapabilityHash,
     /// The opaque envelope.
     pub envelope: Blob,
+}
+
+/// A relationship change for `address`'s side, decided on the node of the
+/// other side (`peer`), applied durably by `address`'s owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConsent {
+    /// Chosen by the dialer, echoed in the answer.
+    pub request_id: u64,
+    /// The side to change, owned by the acceptor.
+    pub address: Address,
+    /// The other side.
+    pub peer: Address,
+    /// What to apply.
+    pub change: SideChange,
+}
+
+/// The answer to a [`PeerConsent`]: `address`'s view after the change, or
+/// a stable error code and a reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConsentResult {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The side's record after the change.
+    pub result: Result<Relationship, (u16, Text)>,
 }
 
 /// The outcome of a [`Forward`], per recipient, after the owner's durable write.
@@ -192,6 +222,10 @@ pub struct MailboxTransfer {
     pub devices: Vec<DeviceCertificate>,
     /// Registered delivery capability hashes.
     pub capabilities: Vec<CapabilityHash>,
+    /// The inbound policy, if the identity ever had one recorded.
+    pub policy: Option<InboundPolicy>,
+    /// The identity's side of each of its relationships.
+    pub relationships: Vec<Relationship>,
 }
 
 /// Mailboxes of moving slots, sent by their previous owner.
@@ -237,6 +271,8 @@ impl PeerFrame {
             PeerFrame::FetchCard(f) => Some(f.request_id),
             PeerFrame::CardResult(f) => Some(f.request_id),
             PeerFrame::SealedForward(f) => Some(f.request_id),
+            PeerFrame::Consent(f) => Some(f.request_id),
+            PeerFrame::ConsentResult(f) => Some(f.request_id),
             PeerFrame::Hello(_) | PeerFrame::Welcome(_) | PeerFrame::Refuse(_) => None,
         }
     }

@@ -12,6 +12,7 @@ use crate::bytes::{
 };
 use crate::card::IdentityCard;
 use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
+use crate::relationship::{Decision, InboundPolicy, Relationship};
 
 /// One protocol frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,11 +69,25 @@ pub enum Frame {
     /// for one recipient, admitted by a delivery capability instead of the
     /// sender's identity. Answered by [`Frame::SendAck`].
     SealedSend(SealedSend),
+    /// Tag 29, client → broker: set the authenticated identity's inbound policy.
+    SetInboundPolicy(SetInboundPolicy),
+    /// Tag 30, client → broker: ask the owner of a relationship template for
+    /// a relationship. Answered by [`Frame::RelationshipChanged`].
+    RequestRelationship(RequestRelationship),
+    /// Tag 31, client → broker: accept, reject or terminate a relationship.
+    /// Answered by [`Frame::RelationshipChanged`].
+    DecideRelationship(DecideRelationship),
+    /// Tag 32, broker → client: the relationship after a request or decision.
+    RelationshipChanged(RelationshipChanged),
+    /// Tag 33, client → broker: list the identity's relationships and policy.
+    ListRelationships(ListRelationships),
+    /// Tag 34, broker → client: the answer to [`Frame::ListRelationships`].
+    Relationships(Relationships),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 24] = [
+    pub const TAG_NAMES: [&'static str; 30] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -97,6 +112,12 @@ impl Frame {
         "Capabilities",
         "Anonymous",
         "SealedSend",
+        "SetInboundPolicy",
+        "RequestRelationship",
+        "DecideRelationship",
+        "RelationshipChanged",
+        "ListRelationships",
+        "Relationships",
     ];
 
     /// The wire tag of this frame.
@@ -126,6 +147,12 @@ impl Frame {
             Frame::Capabilities(_) => 21,
             Frame::Anonymous(_) => 22,
             Frame::SealedSend(_) => 23,
+            Frame::SetInboundPolicy(_) => 24,
+            Frame::RequestRelationship(_) => 25,
+            Frame::DecideRelationship(_) => 26,
+            Frame::RelationshipChanged(_) => 27,
+            Frame::ListRelationships(_) => 28,
+            Frame::Relationships(_) => 29,
         }
     }
 
@@ -398,6 +425,68 @@ pub struct SealedSend {
     pub envelope: Blob,
 }
 
+/// Sets the authenticated identity's inbound policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetInboundPolicy {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The new policy.
+    pub policy: InboundPolicy,
+}
+
+/// Asks `owner` for a relationship, admitted by a delivery capability the
+/// owner handed out in a relationship template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRelationship {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The template's owner.
+    pub owner: Address,
+    /// The capability from the template; the owner's node checks that its
+    /// hash is registered with the owner's mailbox.
+    pub capability: DeliveryCapability,
+    /// Opaque, end-to-end encrypted introduction for the owner (may be empty).
+    pub intro: Blob,
+}
+
+/// Applies a decision to the relationship with `peer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecideRelationship {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The other identity.
+    pub peer: Address,
+    /// What to do.
+    pub decision: Decision,
+}
+
+/// The relationship after a request or decision, from the asking side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelationshipChanged {
+    /// The request this answers.
+    pub request_id: u64,
+    /// This side's view.
+    pub relationship: Relationship,
+}
+
+/// Asks for the authenticated identity's relationships and inbound policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRelationships {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
+/// Every relationship record of the identity (ended ones included), by peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relationships {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The mailbox's inbound policy.
+    pub policy: InboundPolicy,
+    /// This side's view of each relationship.
+    pub relationships: Vec<Relationship>,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -485,6 +574,9 @@ error_codes! {
     UnknownCapability = 27, false;
     /// The mailbox already holds as many capability hashes as the broker allows.
     TooManyCapabilities = 28, false;
+    /// The recipient accepts envelopes only from identities it has an
+    /// active relationship with (its inbound policy is `relationships-only`).
+    NotConsented = 29, false;
     /// Too many requests; retry after the given time.
     RateLimited = 30, true;
     /// A storage quota is exhausted.
@@ -495,6 +587,10 @@ error_codes! {
     Overloaded = 33, true;
     /// The broker is shutting down; reconnect later.
     ShuttingDown = 34, true;
+    /// The relationship's state does not allow this request or decision.
+    InvalidTransition = 38, false;
+    /// The envelope starts with the bytes reserved for broker notices.
+    ReservedEnvelope = 39, false;
     /// An internal error.
     Internal = 50, true;
     /// Storage failed; nothing was acknowledged.

@@ -15,6 +15,8 @@
 //!   state machine ([`handshake::ServerHandshake`]).
 //! - [`frame`]: every frame on the wire and the stable [`frame::ErrorCode`]s.
 //! - [`fleet`]: slots of the address space and the node-to-node frames.
+//! - [`relationship`]: relationships, consent, the inbound policy and broker
+//!   notices, as pure functions.
 //! - [`codec`]: framing and the single place that names the serialization
 //!   library, with hard size limits.
 
@@ -27,6 +29,7 @@ pub mod fleet;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
+pub mod relationship;
 
 pub use card::IdentityCard;
 pub use codec::{DecodeError, Decoded, Phase};

@@ -15,20 +15,26 @@
 //! strategies, at the end of the file.
 
 use backbone_protocol::bytes::{
-    Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Signature,
-    Text,
+    Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, RelationshipId,
+    ServerId, Signature, Text,
 };
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward, TransferEnvelope,
+    PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward,
+    TransferEnvelope,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done,
-    ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
-    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, DecideRelationship, Delete,
+    Deliver, Done, ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored,
+};
+use backbone_protocol::relationship::{
+    Decision, InboundPolicy, Relationship, Role, SideChange, State,
 };
 use backbone_protocol::{
     Address, DecodeError, Decoded, DeviceCertificate, DeviceId, Frame, IdentityCard, Phase,
@@ -233,6 +239,115 @@ fn sealed_send() -> impl Strategy<Value = SealedSend> {
         )
 }
 
+fn relationship() -> impl Strategy<Value = Relationship> {
+    (
+        uniform::<_, 16>(any::<u8>()).prop_map(RelationshipId),
+        address(),
+        prop_oneof![Just(Role::Requester), Just(Role::Owner)],
+        prop_oneof![
+            Just(State::Pending),
+            Just(State::Active),
+            Just(State::Rejected),
+            Just(State::Terminated)
+        ],
+        any::<u64>(),
+    )
+        .prop_map(|(id, peer, role, state, changed_at_ms)| Relationship {
+            id,
+            peer,
+            role,
+            state,
+            changed_at_ms,
+        })
+}
+
+fn policy() -> impl Strategy<Value = InboundPolicy> {
+    prop_oneof![
+        Just(InboundPolicy::Anyone),
+        Just(InboundPolicy::RelationshipsOnly)
+    ]
+}
+
+fn decision() -> impl Strategy<Value = Decision> {
+    prop_oneof![
+        Just(Decision::Accept),
+        Just(Decision::Reject),
+        Just(Decision::Terminate)
+    ]
+}
+
+fn set_inbound_policy() -> impl Strategy<Value = SetInboundPolicy> {
+    (any::<u64>(), policy())
+        .prop_map(|(request_id, policy)| SetInboundPolicy { request_id, policy })
+}
+
+fn request_relationship() -> impl Strategy<Value = RequestRelationship> {
+    (
+        any::<u64>(),
+        address(),
+        uniform::<_, 32>(any::<u8>()).prop_map(DeliveryCapability),
+        blob(),
+    )
+        .prop_map(
+            |(request_id, owner, capability, intro)| RequestRelationship {
+                request_id,
+                owner,
+                capability,
+                intro,
+            },
+        )
+}
+
+fn decide_relationship() -> impl Strategy<Value = DecideRelationship> {
+    (any::<u64>(), address(), decision()).prop_map(|(request_id, peer, decision)| {
+        DecideRelationship {
+            request_id,
+            peer,
+            decision,
+        }
+    })
+}
+
+fn relationship_changed() -> impl Strategy<Value = RelationshipChanged> {
+    (any::<u64>(), relationship()).prop_map(|(request_id, relationship)| RelationshipChanged {
+        request_id,
+        relationship,
+    })
+}
+
+fn list_relationships() -> impl Strategy<Value = ListRelationships> {
+    any::<u64>().prop_map(|request_id| ListRelationships { request_id })
+}
+
+fn relationships() -> impl Strategy<Value = Relationships> {
+    (any::<u64>(), policy(), vec(relationship(), 0..4)).prop_map(
+        |(request_id, policy, relationships)| Relationships {
+            request_id,
+            policy,
+            relationships,
+        },
+    )
+}
+
+fn side_change() -> impl Strategy<Value = SideChange> {
+    prop_oneof![
+        (capability_hash(), blob()).prop_map(|(capability_hash, intro)| SideChange::Request {
+            capability_hash,
+            intro
+        }),
+        uniform::<_, 16>(any::<u8>()).prop_map(|id| SideChange::Requested {
+            id: RelationshipId(id)
+        }),
+        (uniform::<_, 16>(any::<u8>()), decision(), any::<bool>()).prop_map(
+            |(id, decision, by_peer)| SideChange::Decide {
+                id: RelationshipId(id),
+                decision,
+                by_peer
+            }
+        ),
+    ]
+}
+
 fn stored() -> impl Strategy<Value = Stored> {
     (address(), any::<u64>()).prop_map(|(address, seq)| Stored { address, seq })
 }
@@ -346,6 +461,12 @@ fn frame() -> impl Strategy<Value = Frame> {
         capabilities().prop_map(Frame::Capabilities),
         anonymous().prop_map(Frame::Anonymous),
         sealed_send().prop_map(Frame::SealedSend),
+        set_inbound_policy().prop_map(Frame::SetInboundPolicy),
+        request_relationship().prop_map(Frame::RequestRelationship),
+        decide_relationship().prop_map(Frame::DecideRelationship),
+        relationship_changed().prop_map(Frame::RelationshipChanged),
+        list_relationships().prop_map(Frame::ListRelationships),
+        relationships().prop_map(Frame::Relationships),
     ]
 }
 
@@ -410,6 +531,12 @@ round_trip_tests! {
     capabilities_round_trips: capabilities() => Frame::Capabilities;
     anonymous_round_trips: anonymous() => Frame::Anonymous;
     sealed_send_round_trips: sealed_send() => Frame::SealedSend;
+    set_inbound_policy_round_trips: set_inbound_policy() => Frame::SetInboundPolicy;
+    request_relationship_round_trips: request_relationship() => Frame::RequestRelationship;
+    decide_relationship_round_trips: decide_relationship() => Frame::DecideRelationship;
+    relationship_changed_round_trips: relationship_changed() => Frame::RelationshipChanged;
+    list_relationships_round_trips: list_relationships() => Frame::ListRelationships;
+    relationships_round_trips: relationships() => Frame::Relationships;
 }
 
 proptest! {
@@ -581,9 +708,10 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
         proptest::option::of(identity_card()),
         vec(device_certificate(), 0..3),
         vec(capability_hash(), 0..3),
+        (proptest::option::of(policy()), vec(relationship(), 0..3)),
     )
         .prop_map(
-            |(address, head, envelopes, cursors, card, devices, capabilities)| MailboxTransfer {
+            |(
                 address,
                 head,
                 envelopes,
@@ -591,6 +719,17 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
                 card,
                 devices,
                 capabilities,
+                (policy, relationships),
+            )| MailboxTransfer {
+                address,
+                head,
+                envelopes,
+                cursors,
+                card,
+                devices,
+                capabilities,
+                policy,
+                relationships,
             },
         )
 }
@@ -706,6 +845,27 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                         envelope,
                     })
                 }
+            ),
+        (any::<u64>(), address(), address(), side_change()).prop_map(
+            |(request_id, address, peer, change)| PeerFrame::Consent(PeerConsent {
+                request_id,
+                address,
+                peer,
+                change,
+            })
+        ),
+        (
+            any::<u64>(),
+            prop_oneof![
+                relationship().prop_map(Ok),
+                (any::<u16>(), text()).prop_map(Err)
+            ]
+        )
+            .prop_map(
+                |(request_id, result)| PeerFrame::ConsentResult(PeerConsentResult {
+                    request_id,
+                    result
+                })
             ),
     ]
 }

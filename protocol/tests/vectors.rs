@@ -23,20 +23,23 @@ use std::path::PathBuf;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LEN, auth_transcript, sign_auth};
 use backbone_protocol::bytes::{
-    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Text,
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, RelationshipId, ServerId, Text,
 };
 use backbone_protocol::capability::CAPABILITY_HASH_CONTEXT;
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done, ErrorFrame,
-    Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
-    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
+    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, DecideRelationship, Delete,
+    Deliver, Done, ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored,
 };
 use backbone_protocol::identity::domain;
+use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
 use backbone_protocol::{
-    Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, Phase,
+    Address, Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, Phase,
 };
 
 const VECTORS_BEGIN: &str = "<!-- vectors:begin -->";
@@ -325,7 +328,67 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 envelope: f.envelope.clone(),
             }),
         ),
+        vector(
+            "SetInboundPolicy",
+            "request_id 12, policy RelationshipsOnly",
+            Frame::SetInboundPolicy(SetInboundPolicy {
+                request_id: 12,
+                policy: InboundPolicy::RelationshipsOnly,
+            }),
+        ),
+        vector(
+            "RequestRelationship",
+            "request_id 13, owner PEER's address, capability CAPABILITY, intro ENVELOPE",
+            Frame::RequestRelationship(RequestRelationship {
+                request_id: 13,
+                owner: peer_address,
+                capability: f.capability,
+                intro: f.envelope.clone(),
+            }),
+        ),
+        vector(
+            "DecideRelationship",
+            "request_id 14, peer PEER's address, decision Accept",
+            Frame::DecideRelationship(DecideRelationship {
+                request_id: 14,
+                peer: peer_address,
+                decision: Decision::Accept,
+            }),
+        ),
+        vector(
+            "RelationshipChanged",
+            "request_id 14, relationship { id 0x0b × 16, peer PEER's address, role Owner, state Active, changed_at_ms 1767225600000 }",
+            Frame::RelationshipChanged(RelationshipChanged {
+                request_id: 14,
+                relationship: relationship(peer_address),
+            }),
+        ),
+        vector(
+            "ListRelationships",
+            "request_id 15",
+            Frame::ListRelationships(ListRelationships { request_id: 15 }),
+        ),
+        vector(
+            "Relationships",
+            "request_id 15, policy Anyone, relationships [the relationship above]",
+            Frame::Relationships(Relationships {
+                request_id: 15,
+                policy: InboundPolicy::Anyone,
+                relationships: vec![relationship(peer_address)],
+            }),
+        ),
     ]
+}
+
+/// The relationship of the vectors.
+fn relationship(peer: Address) -> Relationship {
+    Relationship {
+        id: RelationshipId([0x0b; 16]),
+        peer,
+        role: Role::Owner,
+        state: State::Active,
+        changed_at_ms: 1_767_225_600_000,
+    }
 }
 
 /// Lowercase hex, 32 bytes per line, so long values stay readable in the document.
@@ -749,6 +812,12 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::Capabilities(list) => 20 + 32 * list.hashes.len(),
             Frame::Anonymous(_) => 4,
             Frame::SealedSend(send) => 88 + send.envelope.0.len(),
+            Frame::SetInboundPolicy(_) => 16,
+            Frame::RequestRelationship(request) => 84 + request.intro.0.len(),
+            Frame::DecideRelationship(_) => 48,
+            Frame::RelationshipChanged(_) => 76,
+            Frame::ListRelationships(_) => 12,
+            Frame::Relationships(list) => 24 + 64 * list.relationships.len(),
         };
         assert_eq!(
             body_len(&vector.frame),
