@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use backbone_protocol::relationship::InboundPolicy;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -38,6 +39,8 @@ pub struct Config {
     pub transport: TransportConfig,
     /// Membership of a sharded fleet.
     pub fleet: FleetConfig,
+    /// Relationships and inbound policies.
+    pub relationships: RelationshipsConfig,
 }
 
 /// `[server]`.
@@ -200,6 +203,45 @@ impl Default for MailboxConfig {
         Self {
             idle_timeout: Duration::from_secs(60),
         }
+    }
+}
+
+/// `[relationships]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelationshipsConfig {
+    /// The inbound policy of identities that never set one.
+    #[serde(with = "policy_name")]
+    pub default_inbound_policy: InboundPolicy,
+    /// Relationship requests one identity may make per minute, on average;
+    /// 0 disables the limit.
+    pub requests_per_minute: u32,
+    /// Relationship requests one identity may make at once after being idle.
+    pub request_burst: u32,
+}
+
+impl Default for RelationshipsConfig {
+    fn default() -> Self {
+        Self {
+            default_inbound_policy: InboundPolicy::Anyone,
+            requests_per_minute: 10,
+            request_burst: 10,
+        }
+    }
+}
+
+/// An [`InboundPolicy`] by its name (`anyone`, `relationships-only`).
+mod policy_name {
+    use backbone_protocol::relationship::InboundPolicy;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(policy: &InboundPolicy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(policy.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InboundPolicy, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -428,6 +470,12 @@ impl Config {
             return invalid(
                 "limits.max_capabilities",
                 "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
+            );
+        }
+        if self.relationships.requests_per_minute > 0 && self.relationships.request_burst == 0 {
+            return invalid(
+                "relationships.request_burst",
+                "must be at least 1 while relationships.requests_per_minute is set, or no request could pass",
             );
         }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {

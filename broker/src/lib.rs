@@ -17,6 +17,7 @@ pub mod config;
 pub mod fleet;
 pub mod mailbox;
 pub mod metrics_http;
+pub mod relationships;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backbone_protocol::Address;
+use backbone_protocol::bytes::{MessageId, RelationshipId};
 use backbone_protocol::frame::ErrorCode;
+use backbone_protocol::relationship::{
+    self, InboundPolicy, Notice, Relationship, RequestOutcome, Role, SideChange, State,
+};
 use dashmap::DashMap;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{mpsc, oneshot};
@@ -75,6 +79,26 @@ pub enum MailboxMsg {
     /// Envelopes were deleted from the mailbox outside the actor: its quota
     /// count is stale and is taken again before the next append.
     Freed,
+    /// Record the mailbox's inbound policy durably; answered once flushed.
+    SetPolicy {
+        /// The new policy.
+        policy: InboundPolicy,
+        /// The outcome.
+        reply: RpcReplyPort<Result<(), MailboxError>>,
+    },
+    /// Apply a change to this side of the relationship with `peer`: check
+    /// it against the mailbox's record, store the new record durably, store
+    /// a notice for the mailbox's devices, and answer with the new record
+    /// once both are durable. Changes go through the actor so that its
+    /// consent view, which admits or refuses appends, is never stale.
+    Relationship {
+        /// The other side.
+        peer: Address,
+        /// What to apply.
+        change: SideChange,
+        /// This side's record afterwards.
+        reply: RpcReplyPort<Result<Relationship, MailboxError>>,
+    },
     /// Internal timer: stop if idle.
     IdleCheck,
 }
@@ -125,6 +149,10 @@ pub struct MailboxContext {
     pub quota: MailboxQuota,
     /// The broker's clock, to tell expired envelopes when counting usage.
     pub clock: Clock,
+    /// The inbound policy of identities that never set one.
+    pub default_policy: InboundPolicy,
+    /// How long notices stay in a mailbox.
+    pub notice_ttl: Duration,
 }
 
 /// The mailbox actor; holds no state of its own (see [`MailboxState`]).
@@ -153,6 +181,10 @@ pub struct MailboxState {
     subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
     forwarder: mpsc::UnboundedSender<PendingWrite>,
+    /// The inbound policy and this side's relationship records, loaded when
+    /// the actor starts; every change goes through the actor.
+    policy: InboundPolicy,
+    relationships: HashMap<Address, Relationship>,
 }
 
 struct PendingWrite {
@@ -181,7 +213,14 @@ impl Actor for MailboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = args.context.store.clone();
         let address = args.address;
-        let head = tokio::task::spawn_blocking(move || store.head_seq(&address)).await??;
+        let (head, policy, relationships) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((
+                store.head_seq(&address)?,
+                store.inbound_policy(&address)?,
+                store.relationships(&address)?,
+            ))
+        })
+        .await??;
         let (forwarder, mut pending) = mpsc::unbounded_channel::<PendingWrite>();
         let actor = myself.clone();
         // Completions are awaited strictly in submission order, so subscribers
@@ -208,6 +247,7 @@ impl Actor for MailboxActor {
                 }
             }
         });
+        let policy = policy.unwrap_or(args.context.default_policy);
         let interval = (args.context.idle_timeout / 2).max(Duration::from_millis(10));
         myself.send_interval(interval, || MailboxMsg::IdleCheck);
         metrics::gauge!("backbone_mailbox_actors").increment(1.0);
@@ -223,6 +263,8 @@ impl Actor for MailboxActor {
             subscribers: HashMap::new(),
             last_activity: Instant::now(),
             forwarder,
+            policy,
+            relationships: relationships.into_iter().map(|r| (r.peer, r)).collect(),
         })
     }
 
@@ -246,35 +288,70 @@ impl Actor for MailboxActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            MailboxMsg::Append {
-                mut envelope,
-                reply,
-            } => {
+            MailboxMsg::Append { envelope, reply } => {
                 state.last_activity = Instant::now();
+                // Sealed envelopes (no sender) were admitted by their
+                // capability before they got here.
+                if let Some(sender) = envelope.sender
+                    && !relationship::admits(
+                        state.policy,
+                        &state.address,
+                        &sender,
+                        state.relationships.get(&sender),
+                    )
+                {
+                    metrics::counter!("backbone_consent_refusals_total").increment(1);
+                    let _ = reply.send(Err(MailboxError::NotConsented));
+                    return Ok(());
+                }
                 if let Some(refusal) = state.admit(envelope.envelope.len() as u64).await? {
                     metrics::counter!("backbone_quota_refusals_total").increment(1);
                     let _ = reply.send(Err(MailboxError::QuotaExceeded(refusal)));
                     return Ok(());
                 }
-                state.last_seq += 1;
-                envelope.seq = state.last_seq;
-                let envelope = Arc::new(envelope);
-                let (done, wait) = oneshot::channel();
-                state.context.writer.submit_append(
-                    vec![Append {
-                        address: state.address,
-                        envelope: envelope.clone(),
-                    }],
-                    done,
-                );
-                state.pending_writes += 1;
-                let write = PendingWrite {
-                    done: wait,
-                    envelopes: vec![envelope],
-                    replies: vec![reply],
-                };
-                if state.forwarder.send(write).is_err() {
-                    return Err("mailbox forwarder stopped".into());
+                state.submit(envelope, reply)?;
+            }
+            MailboxMsg::SetPolicy { policy, reply } => {
+                state.last_activity = Instant::now();
+                let (store, address) = (state.context.store.clone(), state.address);
+                let written = tokio::task::spawn_blocking(move || {
+                    store.set_inbound_policy(&address, policy)?;
+                    store.flush()
+                })
+                .await?;
+                if written.is_ok() {
+                    state.policy = policy;
+                }
+                let _ = reply.send(written.map_err(MailboxError::Store));
+            }
+            MailboxMsg::Relationship {
+                peer,
+                change,
+                reply,
+            } => {
+                state.last_activity = Instant::now();
+                match state.change_relationship(peer, change).await? {
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Ok((record, None)) => {
+                        let _ = reply.send(Ok(record));
+                    }
+                    Ok((record, Some(notice))) => {
+                        // Answer once the notice is durable too.
+                        let (tx, rx) = oneshot::channel();
+                        state.submit_notice(peer, &notice, tx.into())?;
+                        tokio::spawn(async move {
+                            let outcome = match rx.await {
+                                Ok(Ok(_)) => Ok(record),
+                                Ok(Err(error)) => Err(error),
+                                Err(_) => Err(MailboxError::Unavailable(
+                                    "the mailbox stopped before the notice was stored".into(),
+                                )),
+                            };
+                            let _ = reply.send(outcome);
+                        });
+                    }
                 }
             }
             MailboxMsg::Durable {
@@ -341,6 +418,195 @@ impl Actor for MailboxActor {
 }
 
 impl MailboxState {
+    /// Numbers `envelope`, hands it to the writer, and answers `reply` with
+    /// its sequence number once durable (through the forwarder).
+    fn submit(
+        &mut self,
+        mut envelope: StoredEnvelope,
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
+    ) -> Result<(), ActorProcessingErr> {
+        self.last_seq += 1;
+        envelope.seq = self.last_seq;
+        let envelope = Arc::new(envelope);
+        let (done, wait) = oneshot::channel();
+        self.context.writer.submit_append(
+            vec![Append {
+                address: self.address,
+                envelope: envelope.clone(),
+            }],
+            done,
+        );
+        self.pending_writes += 1;
+        let write = PendingWrite {
+            done: wait,
+            envelopes: vec![envelope],
+            replies: vec![reply],
+        };
+        if self.forwarder.send(write).is_err() {
+            return Err("mailbox forwarder stopped".into());
+        }
+        Ok(())
+    }
+
+    /// Stores a broker notice about `peer` in this mailbox, past the inbound
+    /// policy and the quota (a notice is the broker's, and small), but
+    /// counted in the mailbox's usage like any envelope.
+    fn submit_notice(
+        &mut self,
+        peer: Address,
+        notice: &Notice,
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
+    ) -> Result<(), ActorProcessingErr> {
+        let bytes = notice
+            .to_envelope()
+            .map_err(|error| format!("cannot encode a notice: {error}"))?;
+        let len = bytes.len() as u64;
+        if let Some(usage) = &mut self.usage {
+            usage.envelopes += 1;
+            usage.bytes += len;
+        }
+        if !self.context.quota.is_unlimited() {
+            self.in_flight.envelopes += 1;
+            self.in_flight.bytes += len;
+        }
+        let now = (self.context.clock)();
+        let envelope = StoredEnvelope {
+            seq: 0,
+            message_id: MessageId::random(),
+            sender: Some(peer),
+            stored_at_ms: now,
+            expires_at_ms: now + self.context.notice_ttl.as_millis() as u64,
+            envelope: bytes,
+        };
+        self.submit(envelope, reply)
+    }
+
+    /// Checks `change` to the relationship with `peer` against this side's
+    /// record and, if it changes anything, stores the new record durably.
+    /// Returns the record and the notice to store, or `None` for the notice
+    /// when the change was already applied (a retry). The outer error is
+    /// the actor's own failure; the inner one is the caller's answer.
+    async fn change_relationship(
+        &mut self,
+        peer: Address,
+        change: SideChange,
+    ) -> Result<Result<(Relationship, Option<Notice>), MailboxError>, ActorProcessingErr> {
+        let refuse =
+            |code: ErrorCode, message: String| Ok(Err(MailboxError::Refused { code, message }));
+        if peer == self.address {
+            return refuse(
+                ErrorCode::InvalidRecipients,
+                "an identity has no relationship with itself".into(),
+            );
+        }
+        let existing = self.relationships.get(&peer).copied();
+        let now = (self.context.clock)();
+        let mut intro = None;
+        let record = match change {
+            SideChange::Request {
+                capability_hash,
+                intro: introduction,
+            } => {
+                let (store, address) = (self.context.store.clone(), self.address);
+                let known = tokio::task::spawn_blocking(move || {
+                    store.has_capability(&address, &capability_hash)
+                })
+                .await?;
+                match known {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return refuse(
+                            ErrorCode::UnknownCapability,
+                            "the template's capability is not registered with this mailbox (revoked, or never valid)".into(),
+                        );
+                    }
+                    Err(error) => return Ok(Err(MailboxError::Store(error))),
+                }
+                match relationship::request(existing.as_ref()) {
+                    Err(error) => return refuse(ErrorCode::InvalidTransition, error.to_string()),
+                    Ok(RequestOutcome::AlreadyPending(record)) => return Ok(Ok((record, None))),
+                    Ok(RequestOutcome::New) => {}
+                }
+                intro = Some(introduction);
+                Relationship {
+                    id: RelationshipId::random(),
+                    peer,
+                    role: Role::Owner,
+                    state: State::Pending,
+                    changed_at_ms: now,
+                }
+            }
+            SideChange::Requested { id } => {
+                if let Some(record) = existing.filter(|r| r.id == id) {
+                    return Ok(Ok((record, None)));
+                }
+                // The owner's side accepted the request, so whatever this
+                // side still held for the peer is superseded.
+                Relationship {
+                    id,
+                    peer,
+                    role: Role::Requester,
+                    state: State::Pending,
+                    changed_at_ms: now,
+                }
+            }
+            SideChange::Decide {
+                id,
+                decision,
+                by_peer,
+            } => {
+                let Some(record) = existing.filter(|r| r.id == id) else {
+                    return refuse(
+                        ErrorCode::NotFound,
+                        "no such relationship with this identity".into(),
+                    );
+                };
+                let decider = if by_peer {
+                    record.role.other()
+                } else {
+                    record.role
+                };
+                match relationship::decide(record.state, decider, decision) {
+                    Ok(state) => Relationship {
+                        state,
+                        changed_at_ms: now,
+                        ..record
+                    },
+                    // A retry of a change this side already took.
+                    Err(_) if by_peer && record.state == target(decision) => {
+                        return Ok(Ok((record, None)));
+                    }
+                    Err(error) => return refuse(ErrorCode::InvalidTransition, error.to_string()),
+                }
+            }
+        };
+        let (store, address) = (self.context.store.clone(), self.address);
+        let written = tokio::task::spawn_blocking(move || {
+            store.put_relationship(&address, &record)?;
+            store.flush()
+        })
+        .await?;
+        if let Err(error) = written {
+            // The record may or may not have reached the store: read back
+            // what is there, so the view admits by what a restart would see.
+            let (store, address) = (self.context.store.clone(), self.address);
+            let stored =
+                tokio::task::spawn_blocking(move || store.relationships(&address)).await??;
+            self.relationships = stored.into_iter().map(|r| (r.peer, r)).collect();
+            return Ok(Err(MailboxError::Store(error)));
+        }
+        self.relationships.insert(peer, record);
+        metrics::counter!("backbone_relationship_changes_total", "state" => state_name(record.state))
+            .increment(1);
+        Ok(Ok((
+            record,
+            Some(Notice::Relationship {
+                relationship: record,
+                intro,
+            }),
+        )))
+    }
+
     /// Checks one more envelope of `len` bytes against the quota and counts
     /// it; returns why it is refused instead, if it is. Counting reads the
     /// whole mailbox, so it happens when the actor first needs it, after a
@@ -381,6 +647,24 @@ impl MailboxState {
     }
 }
 
+/// The state a decision leads to.
+fn target(decision: relationship::Decision) -> State {
+    match decision {
+        relationship::Decision::Accept => State::Active,
+        relationship::Decision::Reject => State::Rejected,
+        relationship::Decision::Terminate => State::Terminated,
+    }
+}
+
+fn state_name(state: State) -> &'static str {
+    match state {
+        State::Pending => "pending",
+        State::Active => "active",
+        State::Rejected => "rejected",
+        State::Terminated => "terminated",
+    }
+}
+
 fn notify(subscribers: &HashMap<u64, Subscriber>, envelope: &Arc<StoredEnvelope>) {
     for subscriber in subscribers.values() {
         if subscriber.tx.try_send(envelope.clone()).is_err() {
@@ -398,6 +682,17 @@ pub enum MailboxError {
     /// The mailbox holds as much as its quota allows.
     #[error("mailbox quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The mailbox's inbound policy does not admit the sender.
+    #[error("the recipient accepts envelopes only from identities it has a relationship with")]
+    NotConsented,
+    /// A policy or relationship request the mailbox refuses.
+    #[error("{message}")]
+    Refused {
+        /// The wire code.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
     /// The actor did not answer in time.
     #[error("mailbox did not answer in time")]
     Timeout,
@@ -412,6 +707,8 @@ impl MailboxError {
         match self {
             MailboxError::Store(_) => ErrorCode::StorageFailure,
             MailboxError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            MailboxError::NotConsented => ErrorCode::NotConsented,
+            MailboxError::Refused { code, .. } => *code,
             MailboxError::Timeout => ErrorCode::Overloaded,
             MailboxError::Unavailable(_) => ErrorCode::Internal,
         }
@@ -512,6 +809,32 @@ impl Registry {
     ) -> Result<u64, MailboxError> {
         self.call(address, |reply| MailboxMsg::Append {
             envelope: envelope.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Sets the mailbox's inbound policy, durably.
+    pub async fn set_policy(
+        &self,
+        address: &Address,
+        policy: InboundPolicy,
+    ) -> Result<(), MailboxError> {
+        self.call(address, |reply| MailboxMsg::SetPolicy { policy, reply })
+            .await?
+    }
+
+    /// Applies a relationship change to `address`'s side (see
+    /// [`MailboxMsg::Relationship`]); returns that side's record afterwards.
+    pub async fn change_relationship(
+        &self,
+        address: &Address,
+        peer: Address,
+        change: SideChange,
+    ) -> Result<Relationship, MailboxError> {
+        self.call(address, |reply| MailboxMsg::Relationship {
+            peer,
+            change: change.clone(),
             reply,
         })
         .await?

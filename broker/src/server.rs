@@ -50,6 +50,9 @@ pub struct Shared {
     /// checked on the recipient's node.
     pub sealed_limiter:
         Option<governor::DefaultKeyedRateLimiter<backbone_protocol::bytes::CapabilityHash>>,
+    /// Per-requester relationship request rate
+    /// (`relationships.requests_per_minute`), if limited.
+    pub relationship_limiter: Option<governor::DefaultKeyedRateLimiter<backbone_protocol::Address>>,
     /// The per-connection sealed send rate of anonymous sessions
     /// (`limits.anonymous_rate`), if limited; each session gets its own limiter.
     pub anonymous_quota: Option<governor::Quota>,
@@ -139,6 +142,12 @@ impl Broker {
         let sealed_limiter = quota(config.limits.sealed_rate, config.limits.sealed_burst)
             .map(governor::RateLimiter::dashmap);
         let anonymous_quota = quota(config.limits.anonymous_rate, config.limits.anonymous_rate);
+        let relationship_limiter =
+            std::num::NonZeroU32::new(config.relationships.requests_per_minute).map(|rate| {
+                let burst = std::num::NonZeroU32::new(config.relationships.request_burst.max(1))
+                    .unwrap_or(rate);
+                governor::RateLimiter::dashmap(governor::Quota::per_minute(rate).allow_burst(burst))
+            });
         let connect_limiter = quota(
             config.limits.retry_above_rate,
             config.limits.retry_above_rate,
@@ -177,6 +186,8 @@ impl Broker {
                 max_bytes: config.limits.mailbox_max_bytes.as_u64(),
             },
             clock: clock.clone(),
+            default_policy: config.relationships.default_inbound_policy,
+            notice_ttl: config.limits.max_ttl,
         });
         let expiry = ExpiryArgs {
             store: store.clone(),
@@ -207,12 +218,16 @@ impl Broker {
             fleet,
             send_limiter,
             sealed_limiter,
+            relationship_limiter,
             anonymous_quota,
             connect_limiter,
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
         });
-        if shared.send_limiter.is_some() || shared.sealed_limiter.is_some() {
+        if shared.send_limiter.is_some()
+            || shared.sealed_limiter.is_some()
+            || shared.relationship_limiter.is_some()
+        {
             tokio::spawn(forget_idle_senders(shared.clone()));
         }
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
@@ -376,6 +391,10 @@ async fn forget_idle_senders(shared: Arc<Shared>) {
             limiter.shrink_to_fit();
         }
         if let Some(limiter) = &shared.sealed_limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some(limiter) = &shared.relationship_limiter {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

@@ -32,6 +32,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::fleet::Route;
+use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
 use crate::store::StoredEnvelope;
@@ -420,6 +421,10 @@ async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Fra
     if send.ttl_secs == 0 {
         return error_frame(id, ErrorCode::InvalidTtl, "ttl must be at least one second");
     }
+    if backbone_protocol::relationship::is_reserved(&send.envelope.0) {
+        let (code, message) = relationships::reserved();
+        return error_frame(id, code, message);
+    }
     if let Some(limiter) = &shared.send_limiter {
         let copies = std::num::NonZeroU32::new(send.recipients.len() as u32)
             .unwrap_or(std::num::NonZeroU32::MIN);
@@ -528,6 +533,18 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
                     })
                 },
             )
+        }
+        Frame::SetInboundPolicy(set) => {
+            relationships::set_policy(shared, address, set.request_id, set.policy).await
+        }
+        Frame::RequestRelationship(request) => {
+            relationships::request(shared, address, request).await
+        }
+        Frame::DecideRelationship(decision) => {
+            relationships::decide(shared, address, decision).await
+        }
+        Frame::ListRelationships(list) => {
+            relationships::list(shared, address, list.request_id).await
         }
         Frame::SealedSend(send) => error_frame(
             send.request_id,
@@ -700,6 +717,10 @@ fn request_id_of(frame: &Frame) -> u64 {
         Frame::RevokeCapability(f) => f.request_id,
         Frame::ListCapabilities(f) => f.request_id,
         Frame::SealedSend(f) => f.request_id,
+        Frame::SetInboundPolicy(f) => f.request_id,
+        Frame::RequestRelationship(f) => f.request_id,
+        Frame::DecideRelationship(f) => f.request_id,
+        Frame::ListRelationships(f) => f.request_id,
         _ => 0,
     }
 }
@@ -725,6 +746,10 @@ async fn handle_sealed_send(
     }
     if send.ttl_secs == 0 {
         return error_frame(id, ErrorCode::InvalidTtl, "ttl must be at least one second");
+    }
+    if backbone_protocol::relationship::is_reserved(&send.envelope.0) {
+        let (code, message) = relationships::reserved();
+        return error_frame(id, code, message);
     }
     if let Some(limiter) = limiter
         && let Err(not_until) = limiter.check()

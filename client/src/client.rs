@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId};
 use backbone_protocol::frame::{
-    Ack, Delete, FetchCard, ListCapabilities, PublishCard, RegisterCapability, RegisterDevice,
-    RevokeCapability, Send, SendAck,
+    Ack, DecideRelationship, Delete, FetchCard, ListCapabilities, ListRelationships, PublishCard,
+    RegisterCapability, RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck,
+    SetInboundPolicy,
 };
+use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -128,6 +130,31 @@ pub struct Delivery {
     pub expires_at_ms: u64,
     /// The sealed bytes.
     pub envelope: Vec<u8>,
+}
+
+impl Delivery {
+    /// The broker notice this delivery carries, if it is one (its envelope
+    /// starts with [`backbone_protocol::relationship::NOTICE_PREFIX`], which
+    /// the broker never accepts from a client, so a peer cannot forge one).
+    /// `Some(Err)` for a notice this client cannot decode.
+    pub fn notice(&self) -> Option<Result<Notice, ClientError>> {
+        Notice::from_envelope(&self.envelope).map(|decoded| {
+            decoded.map_err(|error| ClientError::Protocol(format!("undecodable notice: {error}")))
+        })
+    }
+}
+
+/// What [`Client::next_event`] yields.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A message from an identity, opened and verified.
+    Message(Message),
+    /// A notice from the broker about a peer (the delivery's `sender`), for
+    /// example a relationship request or its acceptance.
+    Notice(Delivery, Notice),
+    /// A delivery that could not be opened or decoded (tampered, not for
+    /// this identity, or from a newer client); the caller decides whether to ack it.
+    Unreadable(Delivery, Arc<ClientError>),
 }
 
 /// A delivered and opened message.
@@ -394,15 +421,48 @@ impl Client {
         self.deliveries.lock().await.recv().await
     }
 
+    /// The next pushed envelope as an [`Event`]: a message, opened and
+    /// verified, or a broker notice, or an unreadable delivery. `None` once
+    /// the client stopped.
+    pub async fn next_event(&self) -> Option<Event> {
+        let delivery = self.next_delivery().await?;
+        if let Some(notice) = delivery.notice() {
+            return Some(match notice {
+                Ok(notice) => Event::Notice(delivery, notice),
+                Err(error) => Event::Unreadable(delivery, Arc::new(error)),
+            });
+        }
+        Some(match self.open(delivery) {
+            Ok(message) => Event::Message(message),
+            Err((delivery, error)) => Event::Unreadable(delivery, Arc::new(error)),
+        })
+    }
+
     /// The next pushed envelope, opened and verified. A tampered or
-    /// mis-addressed envelope is an `Err`; the caller decides whether to ack it.
+    /// mis-addressed envelope is an `Err`, and so is a broker notice
+    /// (`ClientError::Protocol`; use [`Client::next_event`] to receive
+    /// notices); the caller decides whether to ack it.
     pub async fn next_message(&self) -> Option<Result<Message, (Delivery, ClientError)>> {
         let delivery = self.next_delivery().await?;
-        let Some(encryption) = &self.options.encryption else {
+        if delivery.notice().is_some() {
             return Some(Err((
                 delivery,
-                ClientError::Protocol("opening needs the encryption key".into()),
+                ClientError::Protocol(
+                    "a broker notice, not a message (receive notices with next_event)".into(),
+                ),
             )));
+        }
+        Some(self.open(delivery))
+    }
+
+    // The shape `next_message` has always returned, in a private helper.
+    #[allow(clippy::result_large_err)]
+    fn open(&self, delivery: Delivery) -> Result<Message, (Delivery, ClientError)> {
+        let Some(encryption) = &self.options.encryption else {
+            return Err((
+                delivery,
+                ClientError::Protocol("opening needs the encryption key".into()),
+            ));
         };
         // The broker authenticated the sender; the signature inside must
         // agree. A sealed delivery has no broker-side sender: the signature
@@ -413,10 +473,105 @@ impl Client {
             }
             None => envelope::open(&self.address, encryption, &delivery.envelope),
         };
-        Some(match opened {
+        match opened {
             Ok(opened) => Ok(Message { delivery, opened }),
             Err(error) => Err((delivery, error.into())),
-        })
+        }
+    }
+
+    /// Sets this identity's inbound policy: under `RelationshipsOnly` the
+    /// broker refuses envelopes from identities without an active
+    /// relationship (`NotConsented`); sealed sends with a registered
+    /// capability still arrive.
+    pub async fn set_inbound_policy(&self, policy: InboundPolicy) -> Result<(), ClientError> {
+        self.expect_done(Frame::SetInboundPolicy(SetInboundPolicy {
+            request_id: self.request_id(),
+            policy,
+        }))
+        .await
+    }
+
+    /// Asks `owner` for a relationship, presenting the delivery capability
+    /// from its template. `intro` is sealed to the owner's verified card and
+    /// signed, like a message; the owner's devices get it in the request's
+    /// notice (see [`Client::open_intro`]). Returns this side's record, `Pending`.
+    pub async fn request_relationship(
+        &self,
+        owner: &Address,
+        capability: &DeliveryCapability,
+        intro: &[u8],
+    ) -> Result<Relationship, ClientError> {
+        let identity = self.options.identity.as_ref().ok_or(ClientError::Protocol(
+            "requesting a relationship needs the identity key".into(),
+        ))?;
+        let key = self.fetch_card(owner).await?.encryption_key;
+        let sealed = envelope::seal_with(
+            identity,
+            &[(*owner, key)],
+            intro,
+            backbone_protocol::unix_millis_now(),
+            self.options.padding,
+        )?;
+        self.relationship_request(Frame::RequestRelationship(RequestRelationship {
+            request_id: self.request_id(),
+            owner: *owner,
+            capability: *capability,
+            intro: Blob(sealed),
+        }))
+        .await
+    }
+
+    /// Opens the introduction of a relationship request notice about
+    /// `requester`, verifying that the requester signed it.
+    pub fn open_intro(&self, requester: &Address, intro: &[u8]) -> Result<Opened, ClientError> {
+        let encryption = self
+            .options
+            .encryption
+            .as_ref()
+            .ok_or(ClientError::Protocol(
+                "opening needs the encryption key".into(),
+            ))?;
+        Ok(envelope::open_expecting(
+            &self.address,
+            encryption,
+            intro,
+            requester,
+        )?)
+    }
+
+    /// Accepts, rejects or terminates the relationship with `peer`; returns
+    /// this side's record afterwards. Both sides' devices get a notice.
+    pub async fn decide_relationship(
+        &self,
+        peer: &Address,
+        decision: Decision,
+    ) -> Result<Relationship, ClientError> {
+        self.relationship_request(Frame::DecideRelationship(DecideRelationship {
+            request_id: self.request_id(),
+            peer: *peer,
+            decision,
+        }))
+        .await
+    }
+
+    async fn relationship_request(&self, frame: Frame) -> Result<Relationship, ClientError> {
+        match self.request(frame).await? {
+            Frame::RelationshipChanged(changed) => Ok(changed.relationship),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// This identity's inbound policy and its side of every relationship.
+    pub async fn relationships(&self) -> Result<(InboundPolicy, Vec<Relationship>), ClientError> {
+        match self
+            .request(Frame::ListRelationships(ListRelationships {
+                request_id: self.request_id(),
+            }))
+            .await?
+        {
+            Frame::Relationships(list) => Ok((list.policy, list.relationships)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Acknowledges every delivery up to and including `seq` (cumulative).
@@ -620,6 +775,10 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::RegisterCapability(f) => Some(f.request_id),
         Frame::RevokeCapability(f) => Some(f.request_id),
         Frame::ListCapabilities(f) => Some(f.request_id),
+        Frame::SetInboundPolicy(f) => Some(f.request_id),
+        Frame::RequestRelationship(f) => Some(f.request_id),
+        Frame::DecideRelationship(f) => Some(f.request_id),
+        Frame::ListRelationships(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -632,6 +791,8 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::Error(f) => Some(f.request_id),
         Frame::Redirect(f) => Some(f.request_id),
         Frame::Capabilities(f) => Some(f.request_id),
+        Frame::RelationshipChanged(f) => Some(f.request_id),
+        Frame::Relationships(f) => Some(f.request_id),
         _ => None,
     }
 }

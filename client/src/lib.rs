@@ -88,7 +88,7 @@ pub mod sealed;
 pub mod transport;
 
 pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
-pub use client::{Backoff, Client, ClientOptions, Delivery, Message, Status};
+pub use client::{Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
 pub use error::ClientError;
 pub use sealed::{SealedOptions, SealedSender};
 pub use transport::{ConnectConfig, Credentials, Trust};

@@ -453,6 +453,8 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         card: None,
         devices: vec![],
         capabilities: vec![],
+        policy: None,
+        relationships: vec![],
     };
     let answer = peer_request(&fleet, "node-0", 2, |request_id| {
         PeerFrame::Import(Import {

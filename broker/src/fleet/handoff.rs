@@ -193,7 +193,8 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
 }
 
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
-/// first carries the head, cursors, card, devices and capability hashes.
+/// first carries the head, cursors, card, devices, capability hashes, policy
+/// and relationships.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
     let mut parts = vec![MailboxTransfer {
         address: export.address,
@@ -203,6 +204,8 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         card: export.card,
         devices: export.devices,
         capabilities: export.capabilities,
+        policy: export.policy,
+        relationships: export.relationships,
     }];
     let mut bytes = 0;
     for envelope in export.envelopes {
@@ -215,6 +218,8 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
                 card: None,
                 devices: Vec::new(),
                 capabilities: Vec::new(),
+                policy: None,
+                relationships: Vec::new(),
             });
             bytes = 0;
         }
@@ -253,6 +258,8 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
         card: transfer.card,
         devices: transfer.devices,
         capabilities: transfer.capabilities,
+        policy: transfer.policy,
+        relationships: transfer.relationships,
     }
 }
 
@@ -284,6 +291,8 @@ mod tests {
             card: None,
             devices: vec![],
             capabilities: vec![],
+            policy: None,
+            relationships: vec![],
         };
         let parts = split(export.clone());
         assert_eq!(parts.len(), 3, "2 MiB of envelopes per part");

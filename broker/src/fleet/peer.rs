@@ -247,6 +247,9 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
                 result,
             }))
         }
+        PeerFrame::Consent(consent) => {
+            Some(crate::relationships::answer_peer(shared, consent).await)
+        }
         other => {
             debug!(frame = ?other.request_id(), "unexpected frame on a peer link");
             None

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use backbone_protocol::bytes::{CapabilityHash, ServerId};
+use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
 use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
@@ -32,12 +33,25 @@ struct Inner {
     cards: HashMap<Address, IdentityCard>,
     devices: HashMap<(Address, DeviceId), DeviceCertificate>,
     capabilities: BTreeSet<(Address, CapabilityHash)>,
+    policies: HashMap<Address, InboundPolicy>,
+    /// Keyed by (address, peer), so one address's records are one range.
+    relationships: BTreeMap<(Address, Address), Relationship>,
     server_id: Option<ServerId>,
     meta: HashMap<String, Vec<u8>>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
     failing_appends: u32,
     /// Successful `append_batch` calls so far.
     append_batches: u64,
+}
+
+/// The relationship records of `address`, ascending by peer.
+fn relationship_range<'a>(
+    relationships: &'a BTreeMap<(Address, Address), Relationship>,
+    address: &Address,
+) -> impl Iterator<Item = &'a Relationship> {
+    relationships
+        .range((*address, Address([0; 32]))..=(*address, Address([0xff; 32])))
+        .map(|(_, relationship)| relationship)
 }
 
 /// The capability hashes of `address`, ascending.
@@ -265,6 +279,37 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
+        Ok(self.lock()?.policies.get(address).copied())
+    }
+
+    fn set_inbound_policy(
+        &self,
+        address: &Address,
+        policy: InboundPolicy,
+    ) -> Result<(), StoreError> {
+        self.lock()?.policies.insert(*address, policy);
+        Ok(())
+    }
+
+    fn relationships(&self, address: &Address) -> Result<Vec<Relationship>, StoreError> {
+        let inner = self.lock()?;
+        Ok(relationship_range(&inner.relationships, address)
+            .copied()
+            .collect())
+    }
+
+    fn put_relationship(
+        &self,
+        address: &Address,
+        relationship: &Relationship,
+    ) -> Result<(), StoreError> {
+        self.lock()?
+            .relationships
+            .insert((*address, relationship.peer), *relationship);
+        Ok(())
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let inner = self.lock()?;
         let all: BTreeSet<Address> = inner
@@ -276,6 +321,8 @@ impl Store for MemoryStore {
             .chain(inner.cards.keys().copied())
             .chain(inner.devices.keys().map(|(address, _)| *address))
             .chain(inner.capabilities.iter().map(|(address, _)| *address))
+            .chain(inner.policies.keys().copied())
+            .chain(inner.relationships.keys().map(|(address, _)| *address))
             .filter(|address| filter(address))
             .collect();
         Ok(all.into_iter().collect())
@@ -313,6 +360,10 @@ impl Store for MemoryStore {
             capabilities: capability_range(&inner.capabilities, address)
                 .map(|(_, hash)| *hash)
                 .collect(),
+            policy: inner.policies.get(address).copied(),
+            relationships: relationship_range(&inner.relationships, address)
+                .copied()
+                .collect(),
         })
     }
 
@@ -347,6 +398,14 @@ impl Store for MemoryStore {
         for hash in &export.capabilities {
             inner.capabilities.insert((address, *hash));
         }
+        if let Some(policy) = export.policy {
+            inner.policies.insert(address, policy);
+        }
+        for relationship in &export.relationships {
+            inner
+                .relationships
+                .insert((address, relationship.peer), *relationship);
+        }
         Ok(())
     }
 
@@ -367,6 +426,8 @@ impl Store for MemoryStore {
         inner.cards.remove(address);
         inner.devices.retain(|(owner, _), _| owner != address);
         inner.capabilities.retain(|(owner, _)| owner != address);
+        inner.policies.remove(address);
+        inner.relationships.retain(|(owner, _), _| owner != address);
         Ok(())
     }
 

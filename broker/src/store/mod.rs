@@ -29,6 +29,7 @@
 use std::sync::Arc;
 
 use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
+use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,10 @@ pub struct MailboxExport {
     pub devices: Vec<DeviceCertificate>,
     /// Registered delivery capability hashes, ascending.
     pub capabilities: Vec<CapabilityHash>,
+    /// The recorded inbound policy, if any.
+    pub policy: Option<InboundPolicy>,
+    /// The address's side of each relationship, ascending by peer.
+    pub relationships: Vec<Relationship>,
 }
 
 /// What a mailbox holds, as counted against its quota.
@@ -221,7 +226,31 @@ pub trait Store: Send + Sync + 'static {
     /// Every capability hash registered for `address`, ascending.
     fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError>;
 
-    /// Every address with any record (envelope, head, cursor, card, device or capability)
+    /// The address's recorded inbound policy; `None` if it never set one
+    /// (the broker's configured default applies).
+    fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError>;
+
+    /// Records the address's inbound policy. Not flushed: callers that
+    /// answer a client flush first.
+    fn set_inbound_policy(
+        &self,
+        address: &Address,
+        policy: InboundPolicy,
+    ) -> Result<(), StoreError>;
+
+    /// The address's side of each of its relationships, ascending by peer.
+    fn relationships(&self, address: &Address) -> Result<Vec<Relationship>, StoreError>;
+
+    /// Records the address's side of one relationship, replacing its record
+    /// for the same peer. Not flushed: callers that answer a client flush first.
+    fn put_relationship(
+        &self,
+        address: &Address,
+        relationship: &Relationship,
+    ) -> Result<(), StoreError>;
+
+    /// Every address with any record (envelope, head, cursor, card, device,
+    /// capability, policy or relationship)
     /// for which `filter` holds, ascending. Visits each address once, not
     /// each record.
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
@@ -232,7 +261,8 @@ pub trait Store: Send + Sync + 'static {
     /// Merges `export` in: envelopes are written under their sequence numbers
     /// (with expiry index entries), the head and cursors only grow, the card
     /// and devices are replaced, capability hashes are added (without the
-    /// per-mailbox limit: the previous owner already applied it). Importing
+    /// per-mailbox limit: the previous owner already applied it), the policy
+    /// and relationship records are replaced by the exported ones. Importing
     /// the same export twice changes nothing. Not flushed by itself.
     fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
 
@@ -264,7 +294,8 @@ mod tests {
     use std::path::Path;
 
     use backbone_protocol::Keypair;
-    use backbone_protocol::bytes::EncryptionKey;
+    use backbone_protocol::bytes::{EncryptionKey, RelationshipId};
+    use backbone_protocol::relationship::{Role, State};
     use proptest::prelude::*;
 
     use super::*;
@@ -485,6 +516,23 @@ mod tests {
         let d = address(4);
         from.register_capability(&d, &capability, 10)
             .expect("capability only");
+        let relationship = |peer: Address, state: State| Relationship {
+            id: RelationshipId([5; 16]),
+            peer,
+            role: Role::Owner,
+            state,
+            changed_at_ms: 20,
+        };
+        assert_eq!(from.inbound_policy(&owner), Ok(None));
+        from.set_inbound_policy(&owner, InboundPolicy::RelationshipsOnly)
+            .expect("policy");
+        from.put_relationship(&owner, &relationship(b, State::Pending))
+            .expect("relationship");
+        // A record for the same peer replaces the earlier one.
+        from.put_relationship(&owner, &relationship(b, State::Active))
+            .expect("relationship");
+        from.put_relationship(&owner, &relationship(c, State::Rejected))
+            .expect("relationship");
 
         let mut all = vec![owner, b, c, d];
         all.sort();
@@ -498,6 +546,13 @@ mod tests {
         assert_eq!(export.card, Some(card));
         assert_eq!(export.devices, vec![cert]);
         assert_eq!(export.capabilities, vec![capability]);
+        assert_eq!(export.policy, Some(InboundPolicy::RelationshipsOnly));
+        let mut peers = vec![
+            relationship(b, State::Active),
+            relationship(c, State::Rejected),
+        ];
+        peers.sort_by_key(|r| r.peer);
+        assert_eq!(export.relationships, peers);
 
         // The receiving store already saw a later cursor: it is kept.
         to.set_cursor(&owner, &device, 3).expect("cursor");
@@ -512,6 +567,11 @@ mod tests {
         assert_eq!(to.card(&owner), Ok(Some(card)));
         assert_eq!(to.device(&owner, &device_key.device_id()), Ok(Some(cert)));
         assert_eq!(to.capabilities(&owner), Ok(vec![capability]));
+        assert_eq!(
+            to.inbound_policy(&owner),
+            Ok(Some(InboundPolicy::RelationshipsOnly))
+        );
+        assert_eq!(to.relationships(&owner), Ok(peers));
         // Imported envelopes are indexed for expiry.
         assert_eq!(to.expire(1_002, 10), Ok(2));
         // Appends continue after the imported head.
@@ -524,6 +584,8 @@ mod tests {
         assert_eq!(from.card(&owner), Ok(None));
         assert_eq!(from.device(&owner, &device_key.device_id()), Ok(None));
         assert_eq!(from.capabilities(&owner), Ok(vec![]));
+        assert_eq!(from.inbound_policy(&owner), Ok(None));
+        assert_eq!(from.relationships(&owner), Ok(vec![]));
         // Its expiry entries went too: only b's envelope is left to expire.
         assert_eq!(from.expire(u64::MAX, 10), Ok(1));
         let mut left = vec![b, c, d];

@@ -15,6 +15,8 @@
 //! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
 //! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
 //! | `capabilities` | `address(32) ‖ capability_hash(32)`       | empty: the key is the whole record |
+//! | `policies`  | `address(32)`                                | inbound policy: `0` anyone, `1` relationships-only |
+//! | `relationships` | `address(32) ‖ peer(32)`                 | `encode_value(Relationship)`: the address's side |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
 //! | `meta`      | `"write_epoch"`                              | flushes so far, `u64 BE` (see "Detecting a damaged store") |
 //! | `meta`      | `"node/" ‖ key`                              | node-level values ([`Store::put_meta`]), e.g. handoff progress |
@@ -80,6 +82,7 @@ use std::time::{Duration, Instant};
 
 use backbone_protocol::bytes::{CapabilityHash, ServerId};
 use backbone_protocol::codec::{decode_value, encode_value};
+use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -116,16 +119,21 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "device",
     "capability.register",
     "capability.revoke",
+    "policy",
+    "relationship",
     "import.expiry.stale",
     "import.expiry",
     "import.head",
     "import.envelope",
     "import.capability",
+    "import.policy",
+    "import.relationship",
     "purge.envelope",
     "purge.expiry",
     "purge.head",
     "purge.pair",
     "purge.card",
+    "purge.policy",
     "meta",
     "server_id",
     "epoch",
@@ -146,6 +154,8 @@ pub struct SledStore {
     cards: sled::Tree,
     devices: sled::Tree,
     capabilities: sled::Tree,
+    policies: sled::Tree,
+    relationships: sled::Tree,
     meta: sled::Tree,
     /// Held while envelopes, the expiry index and heads are changed together
     /// (append, delete, expire), so a concurrent sweep never sees an expiry
@@ -274,6 +284,8 @@ impl SledStore {
             cards: db.open_tree("cards")?,
             devices: db.open_tree("devices")?,
             capabilities: db.open_tree("capabilities")?,
+            policies: db.open_tree("policies")?,
+            relationships: db.open_tree("relationships")?,
             meta,
             db,
             mutation: Mutex::new(count),
@@ -706,6 +718,43 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
+        self.policies
+            .get(address.0)?
+            .map(|value| decode_policy(&value))
+            .transpose()
+    }
+
+    fn set_inbound_policy(
+        &self,
+        address: &Address,
+        policy: InboundPolicy,
+    ) -> Result<(), StoreError> {
+        self.fail_point("policy")?;
+        self.policies
+            .insert(address.0, &[encode_policy(policy)][..])?;
+        Ok(())
+    }
+
+    fn relationships(&self, address: &Address) -> Result<Vec<Relationship>, StoreError> {
+        self.relationships
+            .scan_prefix(address.0)
+            .map(|entry| decode(&entry?.1, "relationship"))
+            .collect()
+    }
+
+    fn put_relationship(
+        &self,
+        address: &Address,
+        relationship: &Relationship,
+    ) -> Result<(), StoreError> {
+        let value = encode(relationship)?;
+        self.fail_point("relationship")?;
+        self.relationships
+            .insert(pair_key(address, &relationship.peer.0), value)?;
+        Ok(())
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let mut all = std::collections::BTreeSet::new();
         for tree in [
@@ -715,6 +764,8 @@ impl Store for SledStore {
             &self.cards,
             &self.devices,
             &self.capabilities,
+            &self.policies,
+            &self.relationships,
         ] {
             // Skip-scan: read one key, then seek past every key of its address.
             let mut next = Some([0u8; ADDRESS_LEN]);
@@ -775,6 +826,8 @@ impl Store for SledStore {
             card: self.card(address)?,
             devices,
             capabilities: self.capabilities(address)?,
+            policy: self.inbound_policy(address)?,
+            relationships: self.relationships(address)?,
         })
     }
 
@@ -840,6 +893,17 @@ impl Store for SledStore {
             self.capabilities
                 .insert(pair_key(address, &hash.0), &[][..])?;
         }
+        if let Some(policy) = export.policy {
+            self.fail_point("import.policy")?;
+            self.policies
+                .insert(address.0, &[encode_policy(policy)][..])?;
+        }
+        for relationship in &export.relationships {
+            let value = encode(relationship)?;
+            self.fail_point("import.relationship")?;
+            self.relationships
+                .insert(pair_key(address, &relationship.peer.0), value)?;
+        }
         Ok(())
     }
 
@@ -867,7 +931,12 @@ impl Store for SledStore {
             self.fail_point("purge.head")?;
             self.heads.remove(address.0)?;
         }
-        for tree in [&self.cursors, &self.devices, &self.capabilities] {
+        for tree in [
+            &self.cursors,
+            &self.devices,
+            &self.capabilities,
+            &self.relationships,
+        ] {
             for entry in tree.scan_prefix(address.0) {
                 self.fail_point("purge.pair")?;
                 tree.remove(entry?.0)?;
@@ -875,6 +944,8 @@ impl Store for SledStore {
         }
         self.fail_point("purge.card")?;
         self.cards.remove(address.0)?;
+        self.fail_point("purge.policy")?;
+        self.policies.remove(address.0)?;
         Ok(())
     }
 
@@ -1121,6 +1192,23 @@ fn successor(prefix: &[u8; ADDRESS_LEN]) -> Option<[u8; ADDRESS_LEN]> {
 }
 
 /// Node-level values live in `meta` under `"node/" ‖ key`, apart from the server id.
+fn encode_policy(policy: InboundPolicy) -> u8 {
+    match policy {
+        InboundPolicy::Anyone => 0,
+        InboundPolicy::RelationshipsOnly => 1,
+    }
+}
+
+fn decode_policy(value: &[u8]) -> Result<InboundPolicy, StoreError> {
+    match value {
+        [0] => Ok(InboundPolicy::Anyone),
+        [1] => Ok(InboundPolicy::RelationshipsOnly),
+        other => Err(StoreError::Corrupt {
+            what: format!("inbound policy record {other:?}"),
+        }),
+    }
+}
+
 fn meta_key(key: &str) -> Vec<u8> {
     [b"node/".as_slice(), key.as_bytes()].concat()
 }
@@ -1414,7 +1502,8 @@ mod fault_tests {
     use std::sync::Arc;
 
     use backbone_protocol::Keypair;
-    use backbone_protocol::bytes::{EncryptionKey, MessageId};
+    use backbone_protocol::bytes::{EncryptionKey, MessageId, RelationshipId};
+    use backbone_protocol::relationship::{Role, State};
 
     use super::*;
 
@@ -1439,6 +1528,16 @@ mod fault_tests {
 
     /// Calls every writing method so that every fail point is passed; stops
     /// at the first error and returns it.
+    fn relationship(peer: Address, state: State) -> Relationship {
+        Relationship {
+            id: RelationshipId([4; 16]),
+            peer,
+            role: Role::Owner,
+            state,
+            changed_at_ms: 7,
+        }
+    }
+
     fn workload(store: &SledStore) -> Result<(), StoreError> {
         let (a, b) = (Address([1; 32]), Address([2; 32]));
         let identity = Keypair::from_secret_bytes([2; 32]);
@@ -1460,8 +1559,12 @@ mod fault_tests {
             card: None,
             devices: vec![],
             capabilities: vec![CapabilityHash([8; 32])],
+            policy: Some(InboundPolicy::RelationshipsOnly),
+            relationships: vec![relationship(a, State::Active)],
         })?;
         store.register_capability(&a, &CapabilityHash([7; 32]), 10)?;
+        store.set_inbound_policy(&a, InboundPolicy::RelationshipsOnly)?;
+        store.put_relationship(&a, &relationship(b, State::Pending))?;
         store.revoke_capability(&a, &CapabilityHash([7; 32]))?;
         store.put_card(&IdentityCard::sign(
             &Keypair::from_secret_bytes([9; 32]),

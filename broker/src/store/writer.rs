@@ -390,6 +390,7 @@ mod tests {
     use std::time::Duration;
 
     use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
+    use backbone_protocol::relationship::{InboundPolicy, Relationship};
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
     use super::*;
@@ -518,6 +519,26 @@ mod tests {
         }
         fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError> {
             self.inner.capabilities(address)
+        }
+        fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
+            self.inner.inbound_policy(address)
+        }
+        fn set_inbound_policy(
+            &self,
+            address: &Address,
+            policy: InboundPolicy,
+        ) -> Result<(), StoreError> {
+            self.inner.set_inbound_policy(address, policy)
+        }
+        fn relationships(&self, address: &Address) -> Result<Vec<Relationship>, StoreError> {
+            self.inner.relationships(address)
+        }
+        fn put_relationship(
+            &self,
+            address: &Address,
+            relationship: &Relationship,
+        ) -> Result<(), StoreError> {
+            self.inner.put_relationship(address, relationship)
         }
         fn addresses(&self, f: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
             self.inner.addresses(f)
