@@ -135,6 +135,30 @@ fixed_bytes!(
     32
 );
 
+fixed_bytes!(
+    secret
+    /// A token's id: 32 random bytes chosen by the broker (see
+    /// [`crate::token`]). Whoever holds it may fetch the token, so it is a
+    /// bearer secret: `Debug` prints `TokenId(redacted)`.
+    TokenId,
+    32
+);
+fixed_bytes!(
+    secret
+    /// What a client derives from a token's password (see [`crate::token`])
+    /// and presents instead of the password. Secret: `Debug` prints
+    /// `PasswordVerifier(redacted)`.
+    PasswordVerifier,
+    32
+);
+fixed_bytes!(
+    secret
+    /// The hash of a [`PasswordVerifier`] that the broker stores with a
+    /// password-protected token. `Debug` never prints it either.
+    VerifierHash,
+    32
+);
+
 /// Variable-length opaque bytes (envelopes, addresses of other nodes).
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Blob(pub Vec<u8>);

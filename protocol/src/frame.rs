@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{
-    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, ServerId, Signature, Text,
+    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, PasswordVerifier, ServerId,
+    Signature, Text, TokenId,
 };
 use crate::card::IdentityCard;
 use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
@@ -68,11 +69,24 @@ pub enum Frame {
     /// for one recipient, admitted by a delivery capability instead of the
     /// sender's identity. Answered by [`Frame::SendAck`].
     SealedSend(SealedSend),
+    /// Tag 24, client → broker, authenticated sessions only: store a token
+    /// (see [`crate::token`]). Answered by [`Frame::TokenCreated`].
+    CreateToken(CreateToken),
+    /// Tag 25, broker → client: the token is durable under this id.
+    TokenCreated(TokenCreated),
+    /// Tag 26, client → broker, authenticated or anonymous sessions: fetch a
+    /// token by its id. Answered by [`Frame::TokenContent`].
+    GetToken(GetToken),
+    /// Tag 27, broker → client: the token asked for.
+    TokenContent(TokenContent),
+    /// Tag 28, client → broker, the token's owner only: delete a token.
+    /// Answered by [`Frame::Done`].
+    DeleteToken(DeleteToken),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 24] = [
+    pub const TAG_NAMES: [&'static str; 29] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -97,6 +111,11 @@ impl Frame {
         "Capabilities",
         "Anonymous",
         "SealedSend",
+        "CreateToken",
+        "TokenCreated",
+        "GetToken",
+        "TokenContent",
+        "DeleteToken",
     ];
 
     /// The wire tag of this frame.
@@ -126,6 +145,11 @@ impl Frame {
             Frame::Capabilities(_) => 21,
             Frame::Anonymous(_) => 22,
             Frame::SealedSend(_) => 23,
+            Frame::CreateToken(_) => 24,
+            Frame::TokenCreated(_) => 25,
+            Frame::GetToken(_) => 26,
+            Frame::TokenContent(_) => 27,
+            Frame::DeleteToken(_) => 28,
         }
     }
 
@@ -398,6 +422,65 @@ pub struct SealedSend {
     pub envelope: Blob,
 }
 
+/// Stores a token owned by the authenticated identity. The broker picks the
+/// id (in the owner's slot, see [`crate::token`]) and answers with
+/// [`TokenCreated`] once the token is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Time to live in seconds; the broker caps it at its configured maximum.
+    pub ttl_secs: u32,
+    /// Opaque bytes, encrypted by the client; the broker never reads them.
+    pub content: Blob,
+    /// If set, fetching the token needs this verifier; the broker stores only
+    /// its hash.
+    pub password_verifier: Option<PasswordVerifier>,
+}
+
+/// The answer to [`CreateToken`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The token's id: whoever holds it can fetch the token.
+    pub token_id: TokenId,
+    /// When the token expires, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Fetches a token by its id. No identity is needed: holding the id is the
+/// permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The token's id.
+    pub token_id: TokenId,
+    /// The verifier of the token's password, for a password-protected token.
+    pub password_verifier: Option<PasswordVerifier>,
+}
+
+/// The answer to [`GetToken`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenContent {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The bytes stored with [`CreateToken`].
+    pub content: Blob,
+    /// When the token expires, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Deletes a token of the authenticated identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The token's id.
+    pub token_id: TokenId,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -495,6 +578,12 @@ error_codes! {
     Overloaded = 33, true;
     /// The broker is shutting down; reconnect later.
     ShuttingDown = 34, true;
+    /// The token's password verifier is wrong (the failed attempt is
+    /// counted), or missing for a password-protected token (not counted).
+    WrongPassword = 36, false;
+    /// Too many wrong passwords: the token can no longer be fetched, not even
+    /// with the right one (its owner may still delete it).
+    TokenLocked = 37, false;
     /// An internal error.
     Internal = 50, true;
     /// Storage failed; nothing was acknowledged.
