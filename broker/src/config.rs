@@ -154,6 +154,12 @@ pub struct LimitsConfig {
     pub anonymous_rate: u32,
     /// Most delivery capability hashes one mailbox may hold.
     pub max_capabilities: usize,
+    /// Largest token content. A token's TTL is capped by `max_ttl`.
+    pub token_max_bytes: ByteSize,
+    /// Most unexpired tokens one identity may hold.
+    pub max_tokens_per_identity: usize,
+    /// Wrong passwords after which a token is locked for good.
+    pub token_password_attempts: u32,
 }
 
 impl Default for LimitsConfig {
@@ -175,6 +181,9 @@ impl Default for LimitsConfig {
             sealed_burst: 50,
             anonymous_rate: 100,
             max_capabilities: 1_000,
+            token_max_bytes: ByteSize::kib(64),
+            max_tokens_per_identity: 1_000,
+            token_password_attempts: 5,
         }
     }
 }
@@ -430,6 +439,23 @@ impl Config {
                 "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
             );
         }
+        if self.limits.token_max_bytes.as_u64() == 0
+            || self.limits.token_max_bytes > self.limits.max_envelope_size
+        {
+            return invalid(
+                "limits.token_max_bytes",
+                "must be between 1 byte and limits.max_envelope_size (a token travels in one frame)",
+            );
+        }
+        if self.limits.max_tokens_per_identity == 0 {
+            return invalid("limits.max_tokens_per_identity", "must be at least 1");
+        }
+        if self.limits.token_password_attempts == 0 {
+            return invalid(
+                "limits.token_password_attempts",
+                "must be at least 1, or no password could ever be tried",
+            );
+        }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {
             return invalid("expiry", "interval and batch must be greater than zero");
         }
@@ -591,6 +617,21 @@ mod tests {
                 "BACKBONE__TRANSPORT__KEEP_ALIVE",
                 "2m",
                 "transport.keep_alive",
+            ),
+            (
+                "BACKBONE__LIMITS__TOKEN_MAX_BYTES",
+                "2 MiB",
+                "limits.token_max_bytes",
+            ),
+            (
+                "BACKBONE__LIMITS__MAX_TOKENS_PER_IDENTITY",
+                "0",
+                "limits.max_tokens_per_identity",
+            ),
+            (
+                "BACKBONE__LIMITS__TOKEN_PASSWORD_ATTEMPTS",
+                "0",
+                "limits.token_password_attempts",
             ),
         ];
         for (name, value, expected) in cases {
