@@ -43,9 +43,12 @@ fn refused(request_id: u64, (code, message): Refusal, retry_after_ms: Option<u32
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Refusal> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| (ErrorCode::Internal, format!("blocking task failed: {error}")))
+    tokio::task::spawn_blocking(work).await.map_err(|error| {
+        (
+            ErrorCode::Internal,
+            format!("blocking task failed: {error}"),
+        )
+    })
 }
 
 fn storage(error: crate::store::StoreError) -> Refusal {
@@ -294,7 +297,10 @@ async fn fetch_remote(
             result: Err(code), ..
         })) => {
             let code = ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal);
-            Err((code, format!("token fetch on node {node} failed: {}", code.name())))
+            Err((
+                code,
+                format!("token fetch on node {node} failed: {}", code.name()),
+            ))
         }
         Ok(_) => Err((
             ErrorCode::Internal,

@@ -128,8 +128,9 @@ impl PasswordArgs {
                 let text = text.strip_suffix('\n').unwrap_or(&text);
                 text.strip_suffix('\r').unwrap_or(text).to_owned()
             }
-            (None, Some(name)) => std::env::var(name)
-                .with_context(|| format!("reading the password from ${name}"))?,
+            (None, Some(name)) => {
+                std::env::var(name).with_context(|| format!("reading the password from ${name}"))?
+            }
             (None, None) => return Ok(None),
         };
         if password.is_empty() {

@@ -268,9 +268,7 @@ pub(crate) async fn verifier_for(
     match (password, reference.salt) {
         (None, _) => Ok(None),
         (Some(_), None) => Err(TokenError::NoPasswordExpected.into()),
-        (Some(password), Some(salt)) => derive_verifier_off_runtime(password, salt)
-            .await
-            .map(Some),
+        (Some(password), Some(salt)) => derive_verifier_off_runtime(password, salt).await.map(Some),
     }
 }
 
@@ -448,7 +446,10 @@ mod tests {
     #[test]
     fn debug_shows_no_part_of_a_reference() {
         let shown = format!("{:?}", reference(Some([0xef; SALT_LEN])));
-        assert!(!shown.contains("abab") && !shown.contains("cdcd") && !shown.contains("efef"), "{shown}");
+        assert!(
+            !shown.contains("abab") && !shown.contains("cdcd") && !shown.contains("efef"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -486,8 +487,14 @@ mod tests {
     fn the_verifier_depends_on_password_and_salt_and_is_stable() {
         let salt = [1u8; SALT_LEN];
         let verifier = derive_verifier("correct horse", &salt).expect("derives");
-        assert_eq!(derive_verifier("correct horse", &salt).expect("derives"), verifier);
-        assert_ne!(derive_verifier("correct hors", &salt).expect("derives"), verifier);
+        assert_eq!(
+            derive_verifier("correct horse", &salt).expect("derives"),
+            verifier
+        );
+        assert_ne!(
+            derive_verifier("correct hors", &salt).expect("derives"),
+            verifier
+        );
         assert_ne!(
             derive_verifier("correct horse", &[2u8; SALT_LEN]).expect("derives"),
             verifier

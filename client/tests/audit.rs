@@ -204,7 +204,9 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         .expect("creates a token");
     let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(ca.clone()));
     connect.server_name = Some("localhost".into());
-    let fetcher = TokenFetcher::connect(connect).await.expect("anonymous session");
+    let fetcher = TokenFetcher::connect(connect)
+        .await
+        .expect("anonymous session");
     assert_eq!(
         fetcher
             .get(&token, Some(&token_password))

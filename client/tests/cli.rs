@@ -641,7 +641,13 @@ fn a_token_is_created_fetched_without_an_identity_and_deleted_through_the_cli() 
     let get = |key: Option<&Path>, password_env: &str| {
         let mut command = Command::new(cli());
         command
-            .args(["token", "get", &reference, "--password-env", "TOKEN_PASSWORD"])
+            .args([
+                "token",
+                "get",
+                &reference,
+                "--password-env",
+                "TOKEN_PASSWORD",
+            ])
             .args(connection)
             .env("TOKEN_PASSWORD", password_env);
         if let Some(key) = key {

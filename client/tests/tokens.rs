@@ -41,8 +41,7 @@ fn attempts(store: &MemoryStore, id: &TokenId) -> (u32, bool) {
 }
 
 #[tokio::test]
-async fn a_token_is_fetched_anonymously_and_by_any_identity_and_the_broker_holds_only_ciphertext()
- {
+async fn a_token_is_fetched_anonymously_and_by_any_identity_and_the_broker_holds_only_ciphertext() {
     let store = Arc::new(MemoryStore::new());
     let broker = TestBroker::start_with_store(store.clone()).await;
     let (alice, bob) = (Identity::new(), Identity::new());
@@ -57,13 +56,13 @@ async fn a_token_is_fetched_anonymously_and_by_any_identity_and_the_broker_holds
     let reference: TokenRef = reference.to_text().parse().expect("parses");
 
     let anonymous = fetcher(&broker).await;
-    assert_eq!(anonymous.get(&reference, None).await.expect("gets"), content);
+    assert_eq!(
+        anonymous.get(&reference, None).await.expect("gets"),
+        content
+    );
     let bob_client = bob.connect(&broker).await;
     assert_eq!(
-        bob_client
-            .get_token(&reference, None)
-            .await
-            .expect("gets"),
+        bob_client.get_token(&reference, None).await.expect("gets"),
         content
     );
     assert_eq!(
@@ -79,7 +78,10 @@ async fn a_token_is_fetched_anonymously_and_by_any_identity_and_the_broker_holds
         slot_of(&reference.id.route_address()),
         slot_of(&alice.address())
     );
-    let stored = store.token(&reference.id, 0).expect("reads").expect("stored");
+    let stored = store
+        .token(&reference.id, 0)
+        .expect("reads")
+        .expect("stored");
     assert_eq!(stored.owner, alice.address());
     assert_eq!(stored.verifier_hash, None);
     assert!(
@@ -121,7 +123,10 @@ async fn wrong_passwords_are_counted_and_lock_the_token_for_good() {
         .await
         .expect("creates");
     assert!(reference.has_password());
-    let stored = store.token(&reference.id, 0).expect("reads").expect("stored");
+    let stored = store
+        .token(&reference.id, 0)
+        .expect("reads")
+        .expect("stored");
     assert!(stored.verifier_hash.is_some());
     let anonymous = fetcher(&broker).await;
 
@@ -341,10 +346,7 @@ async fn the_quota_and_the_size_limit_refuse_with_typed_errors() {
         .await
         .expect("another identity still creates");
     // Deleting one makes room.
-    alice_client
-        .delete_token(&first.id)
-        .await
-        .expect("deletes");
+    alice_client.delete_token(&first.id).await.expect("deletes");
     alice_client
         .create_token(b"3", TTL, None)
         .await

@@ -121,7 +121,11 @@ mod tests {
             "caf3654ca8b105c8fa5f5b862cd4577fee584c0a989e122ea17ca4c537f4ba8d"
         );
         assert!(verifier.hash().matches(&verifier.hash()));
-        assert!(!verifier.hash().matches(&PasswordVerifier([0x78; 32]).hash()));
+        assert!(
+            !verifier
+                .hash()
+                .matches(&PasswordVerifier([0x78; 32]).hash())
+        );
     }
 
     #[test]

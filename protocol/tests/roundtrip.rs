@@ -23,8 +23,8 @@ use backbone_protocol::codec::{
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse, PeerTokenResult,
-    SealedForward, TransferEnvelope, TransferToken,
+    PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse, PeerTokenResult, SealedForward,
+    TransferEnvelope, TransferToken,
 };
 use backbone_protocol::frame::{
     Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken, Delete,
@@ -645,7 +645,15 @@ fn transfer_token() -> impl Strategy<Value = TransferToken> {
         any::<bool>(),
     )
         .prop_map(
-            |(id, created_at_ms, expires_at_ms, content, verifier_hash, failed_attempts, locked)| {
+            |(
+                id,
+                created_at_ms,
+                expires_at_ms,
+                content,
+                verifier_hash,
+                failed_attempts,
+                locked,
+            )| {
                 TransferToken {
                     id,
                     created_at_ms,
@@ -818,10 +826,12 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                 any::<u16>().prop_map(Err)
             ]
         )
-            .prop_map(|(request_id, result)| PeerFrame::TokenResult(PeerTokenResult {
-                request_id,
-                result,
-            })),
+            .prop_map(
+                |(request_id, result)| PeerFrame::TokenResult(PeerTokenResult {
+                    request_id,
+                    result,
+                })
+            ),
     ]
 }
 

@@ -36,8 +36,8 @@ use backbone_protocol::frame::{
     PublishCard, Redirect, RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send,
     SendAck, Stored, TokenContent, TokenCreated,
 };
-use backbone_protocol::token::VERIFIER_HASH_CONTEXT;
 use backbone_protocol::identity::domain;
+use backbone_protocol::token::VERIFIER_HASH_CONTEXT;
 use backbone_protocol::{
     Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, Phase,
 };
@@ -826,7 +826,13 @@ fn body_sizes_match_the_documented_layouts() {
                     }
             }
             Frame::TokenCreated(_) => 52,
-            Frame::GetToken(get) => 45 + if get.password_verifier.is_some() { 32 } else { 0 },
+            Frame::GetToken(get) => {
+                45 + if get.password_verifier.is_some() {
+                    32
+                } else {
+                    0
+                }
+            }
             Frame::TokenContent(content) => 28 + content.content.0.len(),
             Frame::DeleteToken(_) => 44,
         };

@@ -339,7 +339,7 @@ mod tests {
                 created_at_ms: 1,
                 expires_at_ms: 2,
                 content: vec![n; 1024 * 1024],
-                verifier_hash: (n == 2).then(|| VerifierHash([n; 32])),
+                verifier_hash: (n == 2).then_some(VerifierHash([n; 32])),
                 failed_attempts: u32::from(n),
                 locked: n == 3,
             })

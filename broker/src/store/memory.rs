@@ -71,7 +71,9 @@ impl Inner {
     }
 
     fn tokens_of<'a>(&'a self, owner: &'a Address) -> impl Iterator<Item = &'a StoredToken> {
-        self.tokens.values().filter(move |token| token.owner == *owner)
+        self.tokens
+            .values()
+            .filter(move |token| token.owner == *owner)
     }
 }
 
@@ -347,7 +349,11 @@ impl Store for MemoryStore {
 
     fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {
         let mut inner = self.lock()?;
-        if inner.tokens.get(id).is_none_or(|token| token.owner != *owner) {
+        if inner
+            .tokens
+            .get(id)
+            .is_none_or(|token| token.owner != *owner)
+        {
             return Ok(false);
         }
         Ok(inner.remove_token(id).is_some())

@@ -389,7 +389,10 @@ mod tests {
         assert_eq!(store.put_token(&token(3, a, 1_000), 2, 100), Ok(true));
 
         // Reads hide an expired token before any sweep.
-        assert_eq!(store.token(&TokenId([1; 32]), 99), Ok(Some(token(1, a, 100))));
+        assert_eq!(
+            store.token(&TokenId([1; 32]), 99),
+            Ok(Some(token(1, a, 100)))
+        );
         assert_eq!(store.token(&TokenId([1; 32]), 100), Ok(None));
 
         // A password-protected token: wrong verifiers count, the limit locks
@@ -433,7 +436,9 @@ mod tests {
             Ok(TokenAttempt::Locked)
         );
         assert_eq!(
-            store.token(&id, 0).map(|t| t.map(|t| (t.failed_attempts, t.locked))),
+            store
+                .token(&id, 0)
+                .map(|t| t.map(|t| (t.failed_attempts, t.locked))),
             Ok(Some((3, true)))
         );
         assert_eq!(
@@ -452,7 +457,10 @@ mod tests {
 
         // Only the owner deletes.
         assert_eq!(store.delete_token(&b, &TokenId([2; 32])), Ok(false));
-        assert_eq!(store.token(&TokenId([2; 32]), 0), Ok(Some(token(2, a, 1_000))));
+        assert_eq!(
+            store.token(&TokenId([2; 32]), 0),
+            Ok(Some(token(2, a, 1_000)))
+        );
         assert_eq!(store.delete_token(&a, &TokenId([2; 32])), Ok(true));
         assert_eq!(store.delete_token(&a, &TokenId([2; 32])), Ok(false));
         assert_eq!(store.token(&TokenId([2; 32]), 0), Ok(None));

@@ -449,7 +449,9 @@ impl SledStore {
 
     fn lock_tokens(&self) -> MutexGuard<'_, ()> {
         // The lock guards no data of its own (see `lock_mutations`).
-        self.token_lock.lock().unwrap_or_else(PoisonError::into_inner)
+        self.token_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The stored token `id`, expired or not.
@@ -1392,7 +1394,11 @@ fn split_expiry_key(key: &[u8]) -> Result<(u64, Address, u64), StoreError> {
     Ok((decode_u64(expires_at_ms, "expiry key")?, address, seq))
 }
 
-fn token_expiry_key(expires_at_ms: u64, id: &TokenId, owner: &Address) -> [u8; TOKEN_EXPIRY_KEY_LEN] {
+fn token_expiry_key(
+    expires_at_ms: u64,
+    id: &TokenId,
+    owner: &Address,
+) -> [u8; TOKEN_EXPIRY_KEY_LEN] {
     let mut key = [0u8; TOKEN_EXPIRY_KEY_LEN];
     key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
     key[8..8 + TOKEN_ID_LEN].copy_from_slice(&id.0);
