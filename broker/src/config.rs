@@ -189,9 +189,12 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// The frame limit: the largest envelope plus room for the largest recipient list.
+    /// The frame limit: the largest envelope plus room for the largest
+    /// recipient list, or the largest token if that is larger, plus room for
+    /// the other fields.
     pub fn max_frame_len(&self) -> usize {
-        self.max_envelope_size.as_u64() as usize + self.max_recipients * 32 + 4096
+        let send = self.max_envelope_size.as_u64() as usize + self.max_recipients * 32;
+        send.max(self.token_max_bytes.as_u64() as usize) + 4096
     }
 }
 
@@ -397,6 +400,18 @@ impl Config {
         if self.limits.max_envelope_size.as_u64() == 0 {
             return invalid("limits.max_envelope_size", "must be greater than zero");
         }
+        let largest_token = (backbone_protocol::codec::MAX_FRAME_LEN - 4096) as u64;
+        if self.limits.token_max_bytes.as_u64() == 0
+            || self.limits.token_max_bytes.as_u64() > largest_token
+        {
+            return invalid(
+                "limits.token_max_bytes",
+                format!(
+                    "must be between 1 byte and {} (a token travels in one frame)",
+                    ByteSize(largest_token)
+                ),
+            );
+        }
         if self.limits.max_frame_len() > backbone_protocol::codec::MAX_FRAME_LEN {
             return invalid(
                 "limits.max_envelope_size",
@@ -437,14 +452,6 @@ impl Config {
             return invalid(
                 "limits.max_capabilities",
                 "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
-            );
-        }
-        if self.limits.token_max_bytes.as_u64() == 0
-            || self.limits.token_max_bytes > self.limits.max_envelope_size
-        {
-            return invalid(
-                "limits.token_max_bytes",
-                "must be between 1 byte and limits.max_envelope_size (a token travels in one frame)",
             );
         }
         if self.limits.max_tokens_per_identity == 0 {
@@ -620,7 +627,7 @@ mod tests {
             ),
             (
                 "BACKBONE__LIMITS__TOKEN_MAX_BYTES",
-                "2 MiB",
+                "20 MiB",
                 "limits.token_max_bytes",
             ),
             (
