@@ -157,6 +157,12 @@ pub struct LimitsConfig {
     pub anonymous_rate: u32,
     /// Most delivery capability hashes one mailbox may hold.
     pub max_capabilities: usize,
+    /// Largest token content. A token's TTL is capped by `max_ttl`.
+    pub token_max_bytes: ByteSize,
+    /// Most unexpired tokens one identity may hold.
+    pub max_tokens_per_identity: usize,
+    /// Wrong passwords after which a token is locked for good.
+    pub token_password_attempts: u32,
 }
 
 impl Default for LimitsConfig {
@@ -178,14 +184,20 @@ impl Default for LimitsConfig {
             sealed_burst: 50,
             anonymous_rate: 100,
             max_capabilities: 1_000,
+            token_max_bytes: ByteSize::kib(64),
+            max_tokens_per_identity: 1_000,
+            token_password_attempts: 5,
         }
     }
 }
 
 impl LimitsConfig {
-    /// The frame limit: the largest envelope plus room for the largest recipient list.
+    /// The frame limit: the largest envelope plus room for the largest
+    /// recipient list, or the largest token if that is larger, plus room for
+    /// the other fields.
     pub fn max_frame_len(&self) -> usize {
-        self.max_envelope_size.as_u64() as usize + self.max_recipients * 32 + 4096
+        let send = self.max_envelope_size.as_u64() as usize + self.max_recipients * 32;
+        send.max(self.token_max_bytes.as_u64() as usize) + 4096
     }
 }
 
@@ -430,6 +442,18 @@ impl Config {
         if self.limits.max_envelope_size.as_u64() == 0 {
             return invalid("limits.max_envelope_size", "must be greater than zero");
         }
+        let largest_token = (backbone_protocol::codec::MAX_FRAME_LEN - 4096) as u64;
+        if self.limits.token_max_bytes.as_u64() == 0
+            || self.limits.token_max_bytes.as_u64() > largest_token
+        {
+            return invalid(
+                "limits.token_max_bytes",
+                format!(
+                    "must be between 1 byte and {} (a token travels in one frame)",
+                    ByteSize(largest_token)
+                ),
+            );
+        }
         if self.limits.max_frame_len() > backbone_protocol::codec::MAX_FRAME_LEN {
             return invalid(
                 "limits.max_envelope_size",
@@ -470,6 +494,15 @@ impl Config {
             return invalid(
                 "limits.max_capabilities",
                 "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
+            );
+        }
+        if self.limits.max_tokens_per_identity == 0 {
+            return invalid("limits.max_tokens_per_identity", "must be at least 1");
+        }
+        if self.limits.token_password_attempts == 0 {
+            return invalid(
+                "limits.token_password_attempts",
+                "must be at least 1, or no password could ever be tried",
             );
         }
         if self.relationships.requests_per_minute > 0 && self.relationships.request_burst == 0 {
@@ -639,6 +672,21 @@ mod tests {
                 "BACKBONE__TRANSPORT__KEEP_ALIVE",
                 "2m",
                 "transport.keep_alive",
+            ),
+            (
+                "BACKBONE__LIMITS__TOKEN_MAX_BYTES",
+                "20 MiB",
+                "limits.token_max_bytes",
+            ),
+            (
+                "BACKBONE__LIMITS__MAX_TOKENS_PER_IDENTITY",
+                "0",
+                "limits.max_tokens_per_identity",
+            ),
+            (
+                "BACKBONE__LIMITS__TOKEN_PASSWORD_ATTEMPTS",
+                "0",
+                "limits.token_password_attempts",
             ),
         ];
         for (name, value, expected) in cases {

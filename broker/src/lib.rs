@@ -6,6 +6,7 @@
 //! - [`session`]: one connection — handshake, auth, requests, delivery to a device.
 //! - [`wire`]: frame I/O over a QUIC stream.
 //! - [`route`]: storing an accepted envelope for local and remote recipients.
+//! - [`token`]: creating, fetching (here or on the owning node) and deleting tokens.
 //! - [`fleet`]: sharding — the fleet map, certificates, node-to-node links.
 //! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
 //! - [`supervisor`]: the root of the supervision tree and the expiry actor.
@@ -24,6 +25,7 @@ pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod tls;
+pub mod token;
 pub mod transport;
 pub mod wire;
 

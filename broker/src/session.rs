@@ -10,8 +10,9 @@
 //! A client may instead answer the challenge with `Anonymous`: the session
 //! then names no identity (none is recorded in its span either), has no
 //! mailbox and no delivery task, and serves only `SealedSend`, `FetchCard`
-//! (a sealed sender needs the recipient's card) and `Ping`. Every other
-//! request is refused with `NotAuthenticated` and the session goes on.
+//! (a sealed sender needs the recipient's card), `GetToken` (holding a
+//! token's id is the permission) and `Ping`. Every other request is refused
+//! with `NotAuthenticated` and the session goes on.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -551,6 +552,9 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             ErrorCode::UnexpectedFrame,
             "SealedSend needs an anonymous session: on this one the broker knows the sender",
         ),
+        Frame::CreateToken(create) => crate::token::create(shared, address, create).await,
+        Frame::GetToken(get) => crate::token::get(shared, get).await,
+        Frame::DeleteToken(delete) => crate::token::delete(shared, address, delete).await,
         Frame::RegisterDevice(register) => {
             let id = register.request_id;
             if let Err(error) = register.certificate.verify_for(&address) {
@@ -612,9 +616,10 @@ async fn fetch_card(shared: &Arc<Shared>, fetch: FetchCard) -> Frame {
     }
 }
 
-/// Serves an anonymous session: sealed sends, card lookups and pings, until
-/// the client closes or the broker shuts down. Requests run as tasks bounded
-/// by the same per-connection semaphore as an authenticated session's.
+/// Serves an anonymous session: sealed sends, card lookups, token fetches
+/// and pings, until the client closes or the broker shuts down. Requests run
+/// as tasks bounded by the same per-connection semaphore as an
+/// authenticated session's.
 async fn serve_anonymous(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
@@ -640,7 +645,7 @@ async fn serve_anonymous(
                 debug!(code = error.code, message = %error.message, "client reported an error");
                 continue;
             }
-            request @ (Frame::SealedSend(_) | Frame::FetchCard(_)) => request,
+            request @ (Frame::SealedSend(_) | Frame::FetchCard(_) | Frame::GetToken(_)) => request,
             Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_) => {
                 let refusal = error_frame(
                     0,
@@ -678,6 +683,7 @@ async fn serve_anonymous(
                         handle_sealed_send(&shared, limiter.as_deref(), send).await
                     }
                     Frame::FetchCard(fetch) => fetch_card(&shared, fetch).await,
+                    Frame::GetToken(get) => crate::token::get(&shared, get).await,
                     other => error_frame(
                         request_id_of(&other),
                         ErrorCode::Internal,
@@ -717,6 +723,9 @@ fn request_id_of(frame: &Frame) -> u64 {
         Frame::RevokeCapability(f) => f.request_id,
         Frame::ListCapabilities(f) => f.request_id,
         Frame::SealedSend(f) => f.request_id,
+        Frame::CreateToken(f) => f.request_id,
+        Frame::GetToken(f) => f.request_id,
+        Frame::DeleteToken(f) => f.request_id,
         Frame::SetInboundPolicy(f) => f.request_id,
         Frame::RequestRelationship(f) => f.request_id,
         Frame::DecideRelationship(f) => f.request_id,

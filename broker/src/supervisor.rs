@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! RootSupervisor
-//! ├── ExpiryActor            periodic sweep through the expiry index
+//! ├── ExpiryActor            periodic sweep through the expiry indexes (envelopes, tokens)
 //! └── MailboxActor × N       one per active address, spawned on demand by the Registry
 //! ```
 //!
@@ -110,7 +110,7 @@ pub struct ExpiryArgs {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
-/// Deletes expired envelopes through the store's expiry index.
+/// Deletes expired envelopes and tokens through the store's expiry indexes.
 pub struct ExpiryActor;
 
 /// Messages of the expiry actor.
@@ -150,6 +150,17 @@ impl Actor for ExpiryActor {
                     let deleted =
                         tokio::task::spawn_blocking(move || store.expire(now, batch)).await??;
                     metrics::counter!("backbone_envelopes_expired_total").increment(deleted as u64);
+                    if deleted < batch {
+                        break;
+                    }
+                }
+                loop {
+                    let store = state.store.clone();
+                    let batch = state.batch;
+                    let deleted =
+                        tokio::task::spawn_blocking(move || store.expire_tokens(now, batch))
+                            .await??;
+                    metrics::counter!("backbone_tokens_expired_total").increment(deleted as u64);
                     if deleted < batch {
                         break;
                     }

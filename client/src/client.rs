@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId};
+use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId, TokenId};
 use backbone_protocol::frame::{
-    Ack, DecideRelationship, Delete, FetchCard, ListCapabilities, ListRelationships, PublishCard,
-    RegisterCapability, RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck,
-    SetInboundPolicy,
+    Ack, CreateToken, DecideRelationship, Delete, DeleteToken, FetchCard, GetToken,
+    ListCapabilities, ListRelationships, PublishCard, RegisterCapability, RegisterDevice,
+    RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::envelope::{self, EncryptionKeypair, Opened, Padding};
 use crate::error::ClientError;
+use crate::token::{self, TokenRef};
 use crate::transport::{ConnectConfig, Credentials, RawConnection, unexpected};
 
 /// Reconnect backoff.
@@ -416,6 +417,81 @@ impl Client {
         }
     }
 
+    /// Stores `content` as a token for `ttl` (capped by the broker) and
+    /// returns its reference, the secret to hand out (see [`crate::token`]).
+    /// The content is encrypted here under a fresh key that only the
+    /// reference holds. With a `password`, fetching needs it too; the broker
+    /// learns only a hash of a slow-to-compute verifier.
+    ///
+    /// Fails with [`token::TokenError::TooLarge`] above the broker's size
+    /// limit, and with `QuotaExceeded` when this identity holds as many
+    /// tokens as the broker allows.
+    pub async fn create_token(
+        &self,
+        content: &[u8],
+        ttl: Duration,
+        password: Option<&str>,
+    ) -> Result<TokenRef, ClientError> {
+        let key: [u8; token::KEY_LEN] = rand::random();
+        let sealed = token::seal_content(&key, content)?;
+        let (salt, password_verifier) = match password {
+            Some(password) => {
+                let salt: [u8; token::SALT_LEN] = rand::random();
+                let verifier = token::derive_verifier_off_runtime(password, salt).await?;
+                (Some(salt), Some(verifier))
+            }
+            None => (None, None),
+        };
+        let frame = Frame::CreateToken(CreateToken {
+            request_id: self.request_id(),
+            ttl_secs: u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX),
+            content: Blob(sealed),
+            password_verifier,
+        });
+        match self.request(frame).await.map_err(token::classify)? {
+            Frame::TokenCreated(created) => Ok(TokenRef {
+                id: created.token_id,
+                key,
+                salt,
+            }),
+            other => Err(token::classify(unexpected(other))),
+        }
+    }
+
+    /// Fetches and opens the token `reference` names, as this identity (use
+    /// a [`crate::TokenFetcher`] to fetch without one). A wrong `password`
+    /// counts against the token's limit; after too many it is locked.
+    pub async fn get_token(
+        &self,
+        reference: &TokenRef,
+        password: Option<&str>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let password_verifier = token::verifier_for(reference, password).await?;
+        let frame = Frame::GetToken(GetToken {
+            request_id: self.request_id(),
+            token_id: reference.id,
+            password_verifier,
+        });
+        match self.request(frame).await.map_err(token::classify)? {
+            Frame::TokenContent(content) => {
+                Ok(token::open_content(&reference.key, &content.content.0)?)
+            }
+            other => Err(token::classify(unexpected(other))),
+        }
+    }
+
+    /// Deletes a token this identity created. A token that does not exist,
+    /// expired, or belongs to someone else fails alike with
+    /// [`token::TokenError::NotFound`].
+    pub async fn delete_token(&self, id: &TokenId) -> Result<(), ClientError> {
+        self.expect_done(Frame::DeleteToken(DeleteToken {
+            request_id: self.request_id(),
+            token_id: *id,
+        }))
+        .await
+        .map_err(token::classify)
+    }
+
     /// The next pushed envelope, still sealed; `None` once the client stopped.
     pub async fn next_delivery(&self) -> Option<Delivery> {
         self.deliveries.lock().await.recv().await
@@ -775,6 +851,9 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::RegisterCapability(f) => Some(f.request_id),
         Frame::RevokeCapability(f) => Some(f.request_id),
         Frame::ListCapabilities(f) => Some(f.request_id),
+        Frame::CreateToken(f) => Some(f.request_id),
+        Frame::GetToken(f) => Some(f.request_id),
+        Frame::DeleteToken(f) => Some(f.request_id),
         Frame::SetInboundPolicy(f) => Some(f.request_id),
         Frame::RequestRelationship(f) => Some(f.request_id),
         Frame::DecideRelationship(f) => Some(f.request_id),
@@ -791,6 +870,8 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::Error(f) => Some(f.request_id),
         Frame::Redirect(f) => Some(f.request_id),
         Frame::Capabilities(f) => Some(f.request_id),
+        Frame::TokenCreated(f) => Some(f.request_id),
+        Frame::TokenContent(f) => Some(f.request_id),
         Frame::RelationshipChanged(f) => Some(f.request_id),
         Frame::Relationships(f) => Some(f.request_id),
         _ => None,

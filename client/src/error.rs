@@ -54,6 +54,9 @@ pub enum ClientError {
     /// An envelope could not be sealed or opened.
     #[error("envelope: {0}")]
     Envelope(#[from] crate::envelope::EnvelopeError),
+    /// A token could not be created, fetched, opened or deleted.
+    #[error("token: {0}")]
+    Token(#[from] crate::token::TokenError),
     /// Local I/O failed.
     #[error("I/O: {0}")]
     Io(String),
@@ -85,6 +88,7 @@ impl ClientError {
             ClientError::Server { code, .. } | ClientError::Closed { code, .. } => {
                 ErrorCode::from_u16(*code)
             }
+            ClientError::Token(error) => error.code(),
             _ => None,
         }
     }

@@ -77,6 +77,8 @@
 //! - [`envelope`]: sealing and opening envelopes (HPKE + ChaCha20-Poly1305, ed25519).
 //! - [`sealed`]: [`SealedSender`], an anonymous connection that sends sealed
 //!   envelopes admitted by a [`DeliveryCapability`] the recipient handed out.
+//! - [`token`]: tokens shared through a side channel: [`TokenRef`], content
+//!   sealing, password verifiers, and [`TokenFetcher`] for anonymous fetches.
 //! - [`keyfile`]: key files on disk.
 //! - [`error`][]: [`ClientError`].
 
@@ -85,10 +87,12 @@ pub mod envelope;
 pub mod error;
 pub mod keyfile;
 pub mod sealed;
+pub mod token;
 pub mod transport;
 
 pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
 pub use client::{Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
 pub use error::ClientError;
 pub use sealed::{SealedOptions, SealedSender};
+pub use token::{TokenError, TokenFetcher, TokenRef};
 pub use transport::{ConnectConfig, Credentials, Trust};

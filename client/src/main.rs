@@ -9,7 +9,7 @@ use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
 use backbone_client::{
     CapabilityHash, Client, ClientError, ClientOptions, ConnectConfig, Credentials,
-    DeliveryCapability, SealedOptions, SealedSender, Trust,
+    DeliveryCapability, SealedOptions, SealedSender, TokenFetcher, TokenRef, Trust,
 };
 use backbone_protocol::{Address, ErrorCode};
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +48,96 @@ enum Command {
     /// learning who sends (see `send --sealed`).
     #[command(subcommand)]
     Capability(CapabilityCommand),
+    /// Tokens: share a small encrypted blob (a note, a file) through a side
+    /// channel such as a QR code. Whoever holds the printed reference can
+    /// fetch it, without an identity, until it expires or you delete it.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Encrypt a text or file, store it as a token and print its reference
+    /// (`bbt1:...`). The reference holds the decryption key: share it only
+    /// with whoever should read the content.
+    Create(TokenCreateArgs),
+    /// Fetch and decrypt a token. Needs no key file: without --key the
+    /// connection is anonymous.
+    Get(TokenGetArgs),
+    /// Delete a token you created.
+    Delete {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The token's reference, as `token create` printed it.
+        reference: String,
+    },
+}
+
+#[derive(Args)]
+struct TokenCreateArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The content, as text.
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    text: Option<String>,
+    /// The content, from this file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// How long the broker keeps the token (capped by the broker's maximum).
+    #[arg(long, default_value = "1day", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[command(flatten)]
+    password: PasswordArgs,
+}
+
+#[derive(Args)]
+struct TokenGetArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Fetch as this identity instead of anonymously.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The token's reference (`bbt1:...`).
+    reference: String,
+    #[command(flatten)]
+    password: PasswordArgs,
+    /// Write the content to this file instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// A token password, read from a file or an environment variable: never a
+/// command-line argument, which other users of the machine can see.
+#[derive(Args)]
+struct PasswordArgs {
+    /// Read the token's password from this file (one trailing newline is
+    /// ignored).
+    #[arg(long, conflicts_with = "password_env")]
+    password_file: Option<PathBuf>,
+    /// Read the token's password from this environment variable.
+    #[arg(long)]
+    password_env: Option<String>,
+}
+
+impl PasswordArgs {
+    fn read(&self) -> anyhow::Result<Option<String>> {
+        let password = match (&self.password_file, &self.password_env) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the password from {}", path.display()))?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                text.strip_suffix('\r').unwrap_or(text).to_owned()
+            }
+            (None, Some(name)) => {
+                std::env::var(name).with_context(|| format!("reading the password from ${name}"))?
+            }
+            (None, None) => return Ok(None),
+        };
+        if password.is_empty() {
+            anyhow::bail!("the token password is empty");
+        }
+        Ok(Some(password))
+    }
 }
 
 #[derive(Subcommand)]
@@ -73,6 +163,15 @@ enum CapabilityCommand {
 
 #[derive(Args)]
 struct ServerArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Your identity key file.
+    #[arg(long)]
+    key: PathBuf,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
     /// Broker address, host:port (UDP).
     #[arg(long, default_value = "127.0.0.1:7700")]
     server: String,
@@ -86,9 +185,6 @@ struct ServerArgs {
     /// TLS server name to verify (default: the host of --server, or localhost for an IP).
     #[arg(long)]
     server_name: Option<String>,
-    /// Your identity key file.
-    #[arg(long)]
-    key: PathBuf,
 }
 
 #[derive(Args)]
@@ -180,6 +276,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         Some(ClientError::CertificateMismatch(_)) => exit::CERTIFICATE,
         Some(ClientError::Timeout) => exit::TIMEOUT,
         Some(ClientError::Server { .. } | ClientError::Closed { .. }) => exit::REFUSED,
+        Some(ClientError::Token(error)) if error.code().is_some() => exit::REFUSED,
         _ => exit::FAILURE,
     }
 }
@@ -200,6 +297,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Send(args) => send(args).await?,
         Command::Listen(args) => return listen(args).await,
         Command::Capability(command) => capability(command).await?,
+        Command::Token(command) => token(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -209,7 +307,7 @@ async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
 }
 
 /// Where and how to reach the broker, from the flags.
-fn connect_config(args: &ServerArgs) -> anyhow::Result<ConnectConfig> {
+fn connect_config(args: &ConnectArgs) -> anyhow::Result<ConnectConfig> {
     let trust = match (&args.fingerprint, &args.ca) {
         (Some(fingerprint), _) => Trust::Fingerprint(fingerprint.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
@@ -241,7 +339,7 @@ fn connect_config(args: &ServerArgs) -> anyhow::Result<ConnectConfig> {
 
 async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
     let keys = keyfile::load_identity(&args.key)?;
-    let connect = connect_config(args)?;
+    let connect = connect_config(&args.connect)?;
     let mut options =
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);
@@ -284,7 +382,8 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
             let keys = keyfile::load_identity(&args.server.key)?;
             let mut options = SealedOptions::new(keys.signing.clone());
             options.padding = padding;
-            let sender = SealedSender::connect(connect_config(&args.server)?, options).await?;
+            let sender =
+                SealedSender::connect(connect_config(&args.server.connect)?, options).await?;
             let ack = sender
                 .send_sealed(&recipient, &capability, &body, args.ttl)
                 .await?;
@@ -351,6 +450,79 @@ async fn capability(command: CapabilityCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create(args) => {
+            let content = match (&args.text, &args.file) {
+                (Some(text), _) => text.clone().into_bytes(),
+                (None, Some(path)) => {
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, None) => unreachable!("clap requires --text or --file"),
+            };
+            let password = args.password.read()?;
+            let client = connect(&args.server).await?;
+            let reference = client
+                .create_token(&content, args.ttl, password.as_deref())
+                .await?;
+            println!("{}", reference.to_text());
+            eprintln!(
+                "created a token{}; the line above fetches and decrypts it: share it only with \
+                 whoever should read the content",
+                if password.is_some() {
+                    " (the password is needed too)"
+                } else {
+                    ""
+                }
+            );
+        }
+        TokenCommand::Get(args) => {
+            let reference = parse_reference(&args.reference)?;
+            let password = args.password.read()?;
+            let content = match &args.key {
+                Some(key) => {
+                    let server = ServerArgs {
+                        connect: args.connect,
+                        key: key.clone(),
+                    };
+                    let client = connect(&server).await?;
+                    client.get_token(&reference, password.as_deref()).await?
+                }
+                None => {
+                    let fetcher = TokenFetcher::connect(connect_config(&args.connect)?).await?;
+                    let content = fetcher.get(&reference, password.as_deref()).await;
+                    fetcher.close().await;
+                    content?
+                }
+            };
+            match &args.out {
+                Some(path) => std::fs::write(path, &content)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    let mut stdout = std::io::stdout().lock();
+                    stdout.write_all(&content)?;
+                    stdout.flush()?;
+                }
+            }
+        }
+        TokenCommand::Delete { server, reference } => {
+            let reference = parse_reference(&reference)?;
+            let client = connect(&server).await?;
+            client.delete_token(&reference.id).await?;
+            eprintln!("deleted the token");
+        }
+    }
+    Ok(())
+}
+
+/// A token reference from the command line; a parse error says what kind
+/// of text was expected.
+fn parse_reference(text: &str) -> anyhow::Result<TokenRef> {
+    text.parse::<TokenRef>()
+        .context("token reference (as `token create` printed it)")
 }
 
 async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {

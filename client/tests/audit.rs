@@ -4,13 +4,17 @@
 //!
 //! The real `backbone` binary runs a scenario that touches every kind of
 //! record (cards, a device, a delivery capability, sends, a sealed send, acks,
-//! a delete, an expiry) with debug logging. Afterwards every file of its data directory and every record of
+//! a delete, an expiry, tokens fetched with and without an identity) with
+//! debug logging. Afterwards every file of its data directory and every record of
 //! every sled tree is classified, and each class must be a row of the table.
 //! Field names are taken from the stored types themselves (through serde),
 //! so a new field fails the test until the table names it. The log must not
-//! contain envelope bytes, card contents, capabilities or the plaintext, and
-//! the sealed sender, who never authenticates, must appear nowhere: not in
-//! any file of the data directory, not in the log.
+//! contain envelope bytes, card contents, capabilities, token ids, token
+//! contents or the plaintext, and the sealed sender, who never
+//! authenticates, must appear nowhere: not in any file of the data
+//! directory, not in the log. Neither may a token's content key, its
+//! password or its password verifier (only a hash of the verifier is
+//! stored).
 
 mod process;
 mod support;
@@ -22,8 +26,10 @@ use std::time::{Duration, Instant};
 
 use backbone_broker::store::{SledStore, Store, StoredEnvelope};
 use backbone_client::{
-    Client, ClientOptions, ConnectConfig, DeliveryCapability, SealedOptions, SealedSender, Trust,
+    Client, ClientOptions, ConnectConfig, DeliveryCapability, SealedOptions, SealedSender,
+    TokenFetcher, Trust,
 };
+use backbone_protocol::relationship::{Decision, InboundPolicy};
 use backbone_protocol::{DeviceCertificate, IdentityCard, Keypair};
 use process::{files_under, free_udp_port, start_broker_with_metrics};
 use support::Identity;
@@ -85,6 +91,11 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
         ("cards", 32) => "cards".into(),
         ("devices", 64) => "devices".into(),
         ("capabilities", 64) => "capabilities".into(),
+        ("policies", 32) => "policies".into(),
+        ("relationships", 64) => "relationships".into(),
+        ("tokens", 32) => "tokens".into(),
+        ("token_owners", 64) => "token_owners".into(),
+        ("token_expiry", 72) => "token_expiry".into(),
         ("meta", _) => match std::str::from_utf8(key) {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
@@ -186,6 +197,66 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     let sealed_seq = ack.stored[0].seq;
     sealed.close().await;
 
+    // Dave takes only relationships; Alice asks through his template (a
+    // capability) and he accepts.
+    let dave = Identity::new();
+    let dave_client = self::connect(port, &ca, &dave).await;
+    dave_client
+        .set_inbound_policy(InboundPolicy::RelationshipsOnly)
+        .await
+        .expect("sets the policy");
+    let template = DeliveryCapability::random();
+    dave_client
+        .register_capability(&template)
+        .await
+        .expect("registers a template capability");
+    alice_client
+        .request_relationship(&dave.address(), &template, canary.as_bytes())
+        .await
+        .expect("requests a relationship");
+    dave_client
+        .decide_relationship(&alice.address(), Decision::Accept)
+        .await
+        .expect("accepts");
+
+    // Bob shares a password-protected token; Alice fetches it as herself and
+    // someone without an identity fetches it too (once with a wrong
+    // password). A second token is deleted again.
+    let token_password = format!("{canary}-password");
+    let token = bob_client
+        .create_token(canary.as_bytes(), HOUR, Some(&token_password))
+        .await
+        .expect("creates a token");
+    let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(ca.clone()));
+    connect.server_name = Some("localhost".into());
+    let fetcher = TokenFetcher::connect(connect)
+        .await
+        .expect("anonymous session");
+    assert_eq!(
+        fetcher
+            .get(&token, Some(&token_password))
+            .await
+            .expect("fetched anonymously"),
+        canary.as_bytes()
+    );
+    assert!(fetcher.get(&token, Some("wrong")).await.is_err());
+    fetcher.close().await;
+    assert_eq!(
+        alice_client
+            .get_token(&token, Some(&token_password))
+            .await
+            .expect("fetched by alice"),
+        canary.as_bytes()
+    );
+    let deleted = bob_client
+        .create_token(b"short-lived", HOUR, None)
+        .await
+        .expect("creates a token");
+    bob_client
+        .delete_token(&deleted.id)
+        .await
+        .expect("deletes it");
+
     let mut last = 0;
     for _ in 0..5 {
         let message = tokio::time::timeout(Duration::from_secs(10), bob_client.next_message())
@@ -265,10 +336,24 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     let envelope: &StoredEnvelope = stored.envelopes.first().expect("an envelope is left");
     let card: IdentityCard = store.card(&bob.address()).expect("read").expect("card");
     let device_record = stored.devices.first().expect("a device");
+    let [token_record] = &stored.tokens[..] else {
+        panic!("one token is left: {:?}", stored.tokens);
+    };
+    assert_eq!(token_record.id, token.id);
+    assert_eq!(token_record.failed_attempts, 1);
+    let dave_record = store
+        .export_mailbox(&dave.address())
+        .expect("dave's mailbox");
+    assert_eq!(dave_record.policy, Some(InboundPolicy::RelationshipsOnly));
+    let [dave_side] = &dave_record.relationships[..] else {
+        panic!("one relationship: {:?}", dave_record.relationships);
+    };
     for (id, fields) in [
         ("envelopes", field_names(envelope)),
         ("cards", field_names(&card)),
         ("devices", field_names(device_record)),
+        ("tokens", field_names(token_record)),
+        ("relationships", field_names(dave_side)),
     ] {
         for field in fields {
             assert!(
@@ -300,11 +385,25 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         capability.to_hex().into_bytes(),
         hex::decode(capability.to_hex()).expect("hex"),
     ];
+    // What only the token's holders know: its reference (with the content
+    // key), the key itself, the password and the verifier derived from it.
+    let salt = token.salt.expect("a password salt");
+    let verifier = backbone_client::token::derive_verifier(&token_password, &salt)
+        .expect("derives the verifier");
+    let token_secret_forms: Vec<Vec<u8>> = vec![
+        token.to_text().into_bytes(),
+        token.key.to_vec(),
+        hex::encode(token.key).into_bytes(),
+        token_password.clone().into_bytes(),
+        verifier.0.to_vec(),
+        hex::encode(verifier.0).into_bytes(),
+    ];
     for path in files_under(&data).into_iter().chain([log_path.clone()]) {
         let bytes = std::fs::read(&path).expect("read");
         for (what, forms) in [
             ("the sealed sender", &carol_forms),
             ("a capability", &capability_forms),
+            ("a token's key, password or verifier", &token_secret_forms),
         ] {
             for form in forms {
                 assert!(
@@ -334,6 +433,11 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         secrets.push(("card encryption key".into(), card.encryption_key.0.to_vec()));
         secrets.push(("card signature".into(), card.signature.0.to_vec()));
     }
+    // Token ids are bearer secrets: stored, but never logged; nor is a
+    // token's (encrypted) content.
+    secrets.push(("a token id".into(), token.id.0.to_vec()));
+    secrets.push(("a token id".into(), deleted.id.0.to_vec()));
+    secrets.push(("token content".into(), token_record.content.clone()));
     for (what, bytes) in secrets {
         for rendering in renderings(&bytes) {
             assert!(

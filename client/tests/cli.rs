@@ -586,3 +586,128 @@ fn a_sealed_send_through_the_cli_names_its_sender_only_inside_the_envelope() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn a_token_is_created_fetched_without_an_identity_and_deleted_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    for key in [&alice_key, &bob_key] {
+        stdout(&run_cli(&["keygen", "--out", key.to_str().expect("utf8")]));
+    }
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "tea for two\n").expect("write");
+    let connection = ["--server", &server, "--ca", ca.to_str().expect("utf8")];
+    let with = |args: &[&str], key: Option<&Path>| {
+        let mut all = args.to_vec();
+        all.extend(connection);
+        if let Some(key) = key {
+            all.extend(["--key", key.to_str().expect("utf8")]);
+        }
+        run_cli(&all)
+    };
+
+    // Alice creates a password-protected token (the broker may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let create = [
+        "token",
+        "create",
+        "--text",
+        "the spare key is under the mat",
+        "--ttl",
+        "1h",
+        "--password-file",
+        password_file.to_str().expect("utf8"),
+    ];
+    let reference = loop {
+        let output = with(&create, Some(&alice_key));
+        if output.status.success() {
+            break stdout(&output);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "token create never succeeded: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reference.starts_with("bbt1:"), "{reference}");
+
+    // Anyone fetches it without a key file, with the password from the environment.
+    let get = |key: Option<&Path>, password_env: &str| {
+        let mut command = Command::new(cli());
+        command
+            .args([
+                "token",
+                "get",
+                &reference,
+                "--password-env",
+                "TOKEN_PASSWORD",
+            ])
+            .args(connection)
+            .env("TOKEN_PASSWORD", password_env);
+        if let Some(key) = key {
+            command.args(["--key", key.to_str().expect("utf8")]);
+        }
+        command.output().expect("cli runs")
+    };
+    assert_eq!(
+        stdout(&get(None, "tea for two")),
+        "the spare key is under the mat"
+    );
+    let out = dir.path().join("content");
+    stdout(&with(
+        &[
+            "token",
+            "get",
+            &reference,
+            "--password-file",
+            password_file.to_str().expect("utf8"),
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
+        Some(&bob_key),
+    ));
+    assert_eq!(
+        std::fs::read(&out).expect("written"),
+        b"the spare key is under the mat"
+    );
+    let wrong = get(None, "coffee");
+    assert_eq!(wrong.status.code(), Some(5), "refused by the broker");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong or missing password"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    // Bob may not delete it; Alice may, and then it is gone.
+    let refused = with(&["token", "delete", &reference], Some(&bob_key));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no such token"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    stdout(&get(None, "tea for two"));
+    stdout(&with(&["token", "delete", &reference], Some(&alice_key)));
+    let gone = get(None, "tea for two");
+    assert_eq!(gone.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("no such token"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+
+    // A mistyped reference is refused before connecting.
+    let mistyped = with(&["token", "get", "bbt1:abc"], None);
+    assert!(!mistyped.status.success());
+    assert!(
+        String::from_utf8_lossy(&mistyped.stderr).contains("token reference"),
+        "{}",
+        String::from_utf8_lossy(&mistyped.stderr)
+    );
+}

@@ -266,6 +266,30 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         .register_capability(&capability)
         .await
         .expect("registers a capability");
+    // Two tokens of the mover: one to fetch after the move, and one a
+    // password guesser has brought to one failure short of the lock.
+    let token = mover_client
+        .create_token(b"moves with its owner", HOUR, None)
+        .await
+        .expect("creates a token");
+    let guessed = mover_client
+        .create_token(b"guessed at", HOUR, Some("right"))
+        .await
+        .expect("creates a token");
+    {
+        let guesser = backbone_client::TokenFetcher::connect(fleet.connect_config(1))
+            .await
+            .expect("anonymous session");
+        for _ in 1..5 {
+            assert!(matches!(
+                guesser.get(&guessed, Some("wrong")).await,
+                Err(backbone_client::ClientError::Token(
+                    backbone_client::TokenError::WrongPassword
+                ))
+            ));
+        }
+        guesser.close().await;
+    }
     fleet.connect(&stayer, 0).await;
     let sender_client = Arc::new(fleet.connect(&sender, 1).await);
 
@@ -406,6 +430,22 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         mover_client.list_capabilities().await.expect("lists"),
         vec![capability.hash()]
     );
+    // So did the tokens, with their failure counts: fetched through node-0,
+    // the previous owner, the requests go to node-2.
+    let fetcher = backbone_client::TokenFetcher::connect(fleet.connect_config(0))
+        .await
+        .expect("anonymous session");
+    assert_eq!(
+        fetcher.get(&token, None).await.expect("the token moved"),
+        b"moves with its owner"
+    );
+    assert!(matches!(
+        fetcher.get(&guessed, Some("wrong")).await,
+        Err(backbone_client::ClientError::Token(
+            backbone_client::TokenError::Locked
+        ))
+    ));
+    fetcher.close().await;
     let unique: BTreeSet<u64> = delivered.iter().copied().collect();
     assert_eq!(unique.len(), delivered.len(), "duplicates in {delivered:?}");
     let acked_mover = acked
@@ -453,6 +493,7 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         card: None,
         devices: vec![],
         capabilities: vec![],
+        tokens: vec![],
         policy: None,
         relationships: vec![],
     };

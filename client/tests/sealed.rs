@@ -9,10 +9,10 @@ use std::time::Duration;
 use backbone_broker::store::{MemoryStore, Store};
 use backbone_client::transport::RawConnection;
 use backbone_client::{ClientError, DeliveryCapability, SealedOptions, SealedSender};
-use backbone_protocol::bytes::{Blob, CapabilityHash};
+use backbone_protocol::bytes::{Blob, CapabilityHash, TokenId};
 use backbone_protocol::frame::{
-    Ack, Delete, FetchCard, ListCapabilities, Ping, PublishCard, RegisterCapability,
-    RevokeCapability, SealedSend, Send,
+    Ack, CreateToken, Delete, DeleteToken, FetchCard, ListCapabilities, Ping, PublishCard,
+    RegisterCapability, RevokeCapability, SealedSend, Send,
 };
 use backbone_protocol::{ErrorCode, Frame, IdentityCard};
 use support::{Identity, TestBroker, TestFleet, next_delivery};
@@ -269,6 +269,16 @@ async fn an_anonymous_session_may_only_send_sealed_fetch_cards_and_ping() {
         }),
         Frame::ListCapabilities(ListCapabilities { request_id: 6 }),
         Frame::Ack(Ack { up_to_seq: 1 }),
+        Frame::CreateToken(CreateToken {
+            request_id: 7,
+            ttl_secs: 60,
+            content: Blob(vec![1]),
+            password_verifier: None,
+        }),
+        Frame::DeleteToken(DeleteToken {
+            request_id: 8,
+            token_id: TokenId([1; 32]),
+        }),
     ];
     for frame in refused {
         let id = match &frame {
@@ -279,6 +289,8 @@ async fn an_anonymous_session_may_only_send_sealed_fetch_cards_and_ping() {
             Frame::RegisterCapability(f) => f.request_id,
             Frame::RevokeCapability(f) => f.request_id,
             Frame::ListCapabilities(f) => f.request_id,
+            Frame::CreateToken(f) => f.request_id,
+            Frame::DeleteToken(f) => f.request_id,
             other => panic!("unexpected {other:?}"),
         };
         raw.send(&frame).await.expect("sends");

@@ -10,19 +10,22 @@
 use backbone_client::envelope::{self, EncryptionKeypair, Padding};
 use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};
 use backbone_protocol::bytes::{
-    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, ServerId, Signature, Text,
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, ServerId,
+    Signature, Text, TokenId,
 };
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward, TransferEnvelope,
+    PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse, PeerTokenResult, SealedForward,
+    TransferEnvelope, TransferToken,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, Delete, Deliver, Done,
-    ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, Ping, Pong, PublishCard, Redirect,
-    RegisterCapability, RegisterDevice, RevokeCapability, SealedSend, Send, SendAck, Stored,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken, Delete,
+    DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities,
+    Ping, Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RevokeCapability,
+    SealedSend, Send, SendAck, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
@@ -306,6 +309,31 @@ fn sample_frames() -> Vec<Frame> {
             recipient: address,
             capability,
             envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+        }),
+        Frame::CreateToken(CreateToken {
+            request_id: 12,
+            ttl_secs: 600,
+            content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            password_verifier: Some(PasswordVerifier([0x77; 32])),
+        }),
+        Frame::TokenCreated(TokenCreated {
+            request_id: 12,
+            token_id: TokenId([0x88; 32]),
+            expires_at_ms: 1_700_000_600_000,
+        }),
+        Frame::GetToken(GetToken {
+            request_id: 13,
+            token_id: TokenId([0x88; 32]),
+            password_verifier: None,
+        }),
+        Frame::TokenContent(TokenContent {
+            request_id: 13,
+            content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            expires_at_ms: 1_700_000_600_000,
+        }),
+        Frame::DeleteToken(DeleteToken {
+            request_id: 14,
+            token_id: TokenId([0x88; 32]),
         }),
     ]
 }
@@ -736,6 +764,15 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                 card: Some(card),
                 devices: vec![certificate],
                 capabilities: vec![DeliveryCapability([0x66; 32]).hash()],
+                tokens: vec![TransferToken {
+                    id: TokenId([0x88; 32]),
+                    created_at_ms: 1_700_000_000_000,
+                    expires_at_ms: 1_700_000_600_000,
+                    content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+                    verifier_hash: Some(PasswordVerifier([0x77; 32]).hash()),
+                    failed_attempts: 2,
+                    locked: false,
+                }],
             }],
         }),
         PeerFrame::HandoffDone(HandoffDone {
@@ -755,6 +792,15 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
             recipient: address,
             capability_hash: DeliveryCapability([0x66; 32]).hash(),
             envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+        }),
+        PeerFrame::GetToken(PeerGetToken {
+            request_id: 6,
+            token_id: TokenId([0x88; 32]),
+            password_verifier: Some(PasswordVerifier([0x77; 32])),
+        }),
+        PeerFrame::TokenResult(PeerTokenResult {
+            request_id: 6,
+            result: Ok((Blob(vec![0xde, 0xad, 0xbe, 0xef]), 1_700_000_600_000)),
         }),
     ]
 }
@@ -928,10 +974,12 @@ mod tests {
                 PeerFrame::HandoffDone(_) => 8,
                 PeerFrame::HandoffAck(_) => 9,
                 PeerFrame::SealedForward(_) => 10,
+                PeerFrame::GetToken(_) => 11,
+                PeerFrame::TokenResult(_) => 12,
             }
         }
         let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
-        assert_eq!(tags, (0..11).collect::<Vec<_>>());
+        assert_eq!(tags, (0..13).collect::<Vec<_>>());
     }
 
     #[test]

@@ -136,6 +136,29 @@ fixed_bytes!(
 );
 
 fixed_bytes!(
+    secret
+    /// A token's id: 32 random bytes chosen by the broker (see
+    /// [`crate::token`]). Whoever holds it may fetch the token, so it is a
+    /// bearer secret: `Debug` prints `TokenId(redacted)`.
+    TokenId,
+    32
+);
+fixed_bytes!(
+    secret
+    /// What a client derives from a token's password (see [`crate::token`])
+    /// and presents instead of the password. Secret: `Debug` prints
+    /// `PasswordVerifier(redacted)`.
+    PasswordVerifier,
+    32
+);
+fixed_bytes!(
+    secret
+    /// The hash of a [`PasswordVerifier`] that the broker stores with a
+    /// password-protected token. `Debug` never prints it either.
+    VerifierHash,
+    32
+);
+fixed_bytes!(
     /// A relationship's id, chosen by the owner's node when the request
     /// arrives; both sides record it (see [`crate::relationship`]).
     RelationshipId,

@@ -13,7 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bytes::{Blob, CapabilityHash, MessageId, Text};
+use crate::bytes::{
+    Blob, CapabilityHash, MessageId, PasswordVerifier, Text, TokenId, VerifierHash,
+};
 use crate::card::IdentityCard;
 use crate::frame::{Failed, Stored};
 use crate::identity::{Address, DeviceCertificate, DeviceId};
@@ -62,6 +64,11 @@ pub enum PeerFrame {
     /// the acceptor owns, if its capability hash is registered there.
     /// Answered by [`PeerFrame::ForwardAck`].
     SealedForward(SealedForward),
+    /// Tag 11, dialer → acceptor: fetch a token whose id routes to the
+    /// acceptor (see [`crate::token`]). Answered by [`PeerFrame::TokenResult`].
+    GetToken(PeerGetToken),
+    /// Tag 12, acceptor → dialer: the token's content, or why not.
+    TokenResult(PeerTokenResult),
     /// Tag 13, dialer → acceptor: apply a relationship change to the side
     /// (an address) the acceptor owns. Answered by [`PeerFrame::ConsentResult`].
     Consent(PeerConsent),
@@ -186,6 +193,51 @@ pub struct PeerCardResult {
     pub result: Result<IdentityCard, u16>,
 }
 
+/// A token fetch relayed to the node that owns the token's slot. The
+/// relaying node passes on what its client sent; the owner checks the
+/// password and counts failures, so a token has one failure count in the
+/// whole fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerGetToken {
+    /// Chosen by the dialer.
+    pub request_id: u64,
+    /// The token's id.
+    pub token_id: TokenId,
+    /// The verifier the client presented, if any.
+    pub password_verifier: Option<PasswordVerifier>,
+}
+
+/// The answer to a [`PeerGetToken`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerTokenResult {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The content and its expiry time (Unix ms), or an error code (for
+    /// example `NotFound`, `WrongPassword`, `TokenLocked`).
+    pub result: Result<(Blob, u64), u16>,
+}
+
+/// One token of a mailbox being handed over. Importing merges: a token
+/// already present keeps the higher failure count, and stays locked if
+/// either copy is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferToken {
+    /// The token's id (in the owner's slot).
+    pub id: TokenId,
+    /// When it was created.
+    pub created_at_ms: u64,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// The opaque, client-encrypted content.
+    pub content: Blob,
+    /// The hash of its password verifier, for a password-protected token.
+    pub verifier_hash: Option<VerifierHash>,
+    /// Wrong passwords presented so far.
+    pub failed_attempts: u32,
+    /// Locked after too many wrong passwords.
+    pub locked: bool,
+}
+
 /// One envelope of a mailbox being handed over, with its sequence number.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferEnvelope {
@@ -222,6 +274,8 @@ pub struct MailboxTransfer {
     pub devices: Vec<DeviceCertificate>,
     /// Registered delivery capability hashes.
     pub capabilities: Vec<CapabilityHash>,
+    /// The tokens the mailbox's identity created (possibly a part of them).
+    pub tokens: Vec<TransferToken>,
     /// The inbound policy, if the identity ever had one recorded.
     pub policy: Option<InboundPolicy>,
     /// The identity's side of each of its relationships.
@@ -271,6 +325,8 @@ impl PeerFrame {
             PeerFrame::FetchCard(f) => Some(f.request_id),
             PeerFrame::CardResult(f) => Some(f.request_id),
             PeerFrame::SealedForward(f) => Some(f.request_id),
+            PeerFrame::GetToken(f) => Some(f.request_id),
+            PeerFrame::TokenResult(f) => Some(f.request_id),
             PeerFrame::Consent(f) => Some(f.request_id),
             PeerFrame::ConsentResult(f) => Some(f.request_id),
             PeerFrame::Hello(_) | PeerFrame::Welcome(_) | PeerFrame::Refuse(_) => None,

@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{
-    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, ServerId, Signature, Text,
+    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, PasswordVerifier, ServerId,
+    Signature, Text, TokenId,
 };
 use crate::card::IdentityCard;
 use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
@@ -69,6 +70,19 @@ pub enum Frame {
     /// for one recipient, admitted by a delivery capability instead of the
     /// sender's identity. Answered by [`Frame::SendAck`].
     SealedSend(SealedSend),
+    /// Tag 24, client → broker, authenticated sessions only: store a token
+    /// (see [`crate::token`]). Answered by [`Frame::TokenCreated`].
+    CreateToken(CreateToken),
+    /// Tag 25, broker → client: the token is durable under this id.
+    TokenCreated(TokenCreated),
+    /// Tag 26, client → broker, authenticated or anonymous sessions: fetch a
+    /// token by its id. Answered by [`Frame::TokenContent`].
+    GetToken(GetToken),
+    /// Tag 27, broker → client: the token asked for.
+    TokenContent(TokenContent),
+    /// Tag 28, client → broker, the token's owner only: delete a token.
+    /// Answered by [`Frame::Done`].
+    DeleteToken(DeleteToken),
     /// Tag 29, client → broker: set the authenticated identity's inbound policy.
     SetInboundPolicy(SetInboundPolicy),
     /// Tag 30, client → broker: ask the owner of a relationship template for
@@ -87,7 +101,7 @@ pub enum Frame {
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 30] = [
+    pub const TAG_NAMES: [&'static str; 35] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -112,6 +126,11 @@ impl Frame {
         "Capabilities",
         "Anonymous",
         "SealedSend",
+        "CreateToken",
+        "TokenCreated",
+        "GetToken",
+        "TokenContent",
+        "DeleteToken",
         "SetInboundPolicy",
         "RequestRelationship",
         "DecideRelationship",
@@ -147,12 +166,17 @@ impl Frame {
             Frame::Capabilities(_) => 21,
             Frame::Anonymous(_) => 22,
             Frame::SealedSend(_) => 23,
-            Frame::SetInboundPolicy(_) => 24,
-            Frame::RequestRelationship(_) => 25,
-            Frame::DecideRelationship(_) => 26,
-            Frame::RelationshipChanged(_) => 27,
-            Frame::ListRelationships(_) => 28,
-            Frame::Relationships(_) => 29,
+            Frame::CreateToken(_) => 24,
+            Frame::TokenCreated(_) => 25,
+            Frame::GetToken(_) => 26,
+            Frame::TokenContent(_) => 27,
+            Frame::DeleteToken(_) => 28,
+            Frame::SetInboundPolicy(_) => 29,
+            Frame::RequestRelationship(_) => 30,
+            Frame::DecideRelationship(_) => 31,
+            Frame::RelationshipChanged(_) => 32,
+            Frame::ListRelationships(_) => 33,
+            Frame::Relationships(_) => 34,
         }
     }
 
@@ -425,6 +449,65 @@ pub struct SealedSend {
     pub envelope: Blob,
 }
 
+/// Stores a token owned by the authenticated identity. The broker picks the
+/// id (in the owner's slot, see [`crate::token`]) and answers with
+/// [`TokenCreated`] once the token is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// Time to live in seconds; the broker caps it at its configured maximum.
+    pub ttl_secs: u32,
+    /// Opaque bytes, encrypted by the client; the broker never reads them.
+    pub content: Blob,
+    /// If set, fetching the token needs this verifier; the broker stores only
+    /// its hash.
+    pub password_verifier: Option<PasswordVerifier>,
+}
+
+/// The answer to [`CreateToken`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The token's id: whoever holds it can fetch the token.
+    pub token_id: TokenId,
+    /// When the token expires, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Fetches a token by its id. No identity is needed: holding the id is the
+/// permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The token's id.
+    pub token_id: TokenId,
+    /// The verifier of the token's password, for a password-protected token.
+    pub password_verifier: Option<PasswordVerifier>,
+}
+
+/// The answer to [`GetToken`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenContent {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The bytes stored with [`CreateToken`].
+    pub content: Blob,
+    /// When the token expires, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Deletes a token of the authenticated identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteToken {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The token's id.
+    pub token_id: TokenId,
+}
+
 /// Sets the authenticated identity's inbound policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetInboundPolicy {
@@ -587,6 +670,12 @@ error_codes! {
     Overloaded = 33, true;
     /// The broker is shutting down; reconnect later.
     ShuttingDown = 34, true;
+    /// The token's password verifier is wrong (the failed attempt is
+    /// counted), or missing for a password-protected token (not counted).
+    WrongPassword = 36, false;
+    /// Too many wrong passwords: the token can no longer be fetched, not even
+    /// with the right one (its owner may still delete it).
+    TokenLocked = 37, false;
     /// The relationship's state does not allow this request or decision.
     InvalidTransition = 38, false;
     /// The envelope starts with the bytes reserved for broker notices.

@@ -10,6 +10,7 @@
 //!   form, device certificates.
 //! - [`card`]: the self-certifying [`card::IdentityCard`].
 //! - [`capability`]: delivery capabilities for sealed sends and their hash.
+//! - [`token`]: token ids in their creator's slot, password verifier hashes.
 //! - [`auth`]: the bytes a device signs to answer an auth challenge.
 //! - [`handshake`]: the broker's side of the auth handshake as a sans-IO
 //!   state machine ([`handshake::ServerHandshake`]).
@@ -30,6 +31,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod relationship;
+pub mod token;
 
 pub use card::IdentityCard;
 pub use codec::{DecodeError, Decoded, Phase};

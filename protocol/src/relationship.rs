@@ -308,9 +308,7 @@ impl Notice {
     /// The notice in `envelope`, if it is one: `None` for an ordinary
     /// envelope, an error for a notice that does not decode.
     pub fn from_envelope(envelope: &[u8]) -> Option<Result<Notice, DecodeError>> {
-        envelope
-            .strip_prefix(&NOTICE_PREFIX)
-            .map(decode_value)
+        envelope.strip_prefix(&NOTICE_PREFIX).map(decode_value)
     }
 }
 

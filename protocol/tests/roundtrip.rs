@@ -15,23 +15,24 @@
 //! strategies, at the end of the file.
 
 use backbone_protocol::bytes::{
-    Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, RelationshipId,
-    ServerId, Signature, Text,
+    Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier,
+    RelationshipId, ServerId, Signature, Text, TokenId, VerifierHash,
 };
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerHello, PeerRefuse, SealedForward,
-    TransferEnvelope,
+    PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
+    PeerTokenResult, SealedForward, TransferEnvelope, TransferToken,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, DecideRelationship, Delete,
-    Deliver, Done, ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, ListRelationships, Ping,
-    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
-    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
-    SetInboundPolicy, Stored,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
+    GetToken, Hello, ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect,
+    RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
+    RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
+    TokenCreated,
 };
 use backbone_protocol::relationship::{
     Decision, InboundPolicy, Relationship, Role, SideChange, State,
@@ -239,6 +240,35 @@ fn sealed_send() -> impl Strategy<Value = SealedSend> {
         )
 }
 
+fn token_id() -> impl Strategy<Value = TokenId> {
+    uniform::<_, 32>(any::<u8>()).prop_map(TokenId)
+}
+
+fn verifier() -> impl Strategy<Value = Option<PasswordVerifier>> {
+    proptest::option::of(uniform::<_, 32>(any::<u8>()).prop_map(PasswordVerifier))
+}
+
+fn create_token() -> impl Strategy<Value = CreateToken> {
+    (any::<u64>(), any::<u32>(), blob(), verifier()).prop_map(
+        |(request_id, ttl_secs, content, password_verifier)| CreateToken {
+            request_id,
+            ttl_secs,
+            content,
+            password_verifier,
+        },
+    )
+}
+
+fn token_created() -> impl Strategy<Value = TokenCreated> {
+    (any::<u64>(), token_id(), any::<u64>()).prop_map(|(request_id, token_id, expires_at_ms)| {
+        TokenCreated {
+            request_id,
+            token_id,
+            expires_at_ms,
+        }
+    })
+}
+
 fn relationship() -> impl Strategy<Value = Relationship> {
     (
         uniform::<_, 16>(any::<u8>()).prop_map(RelationshipId),
@@ -305,6 +335,33 @@ fn decide_relationship() -> impl Strategy<Value = DecideRelationship> {
             peer,
             decision,
         }
+    })
+}
+
+fn get_token() -> impl Strategy<Value = GetToken> {
+    (any::<u64>(), token_id(), verifier()).prop_map(|(request_id, token_id, password_verifier)| {
+        GetToken {
+            request_id,
+            token_id,
+            password_verifier,
+        }
+    })
+}
+
+fn token_content() -> impl Strategy<Value = TokenContent> {
+    (any::<u64>(), blob(), any::<u64>()).prop_map(|(request_id, content, expires_at_ms)| {
+        TokenContent {
+            request_id,
+            content,
+            expires_at_ms,
+        }
+    })
+}
+
+fn delete_token() -> impl Strategy<Value = DeleteToken> {
+    (any::<u64>(), token_id()).prop_map(|(request_id, token_id)| DeleteToken {
+        request_id,
+        token_id,
     })
 }
 
@@ -434,7 +491,7 @@ fn pong() -> impl Strategy<Value = Pong> {
     any::<u64>().prop_map(|nonce| Pong { nonce })
 }
 
-/// Any frame, each of the 18 variants equally likely.
+/// Any frame, each variant equally likely.
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         hello().prop_map(Frame::Hello),
@@ -461,6 +518,11 @@ fn frame() -> impl Strategy<Value = Frame> {
         capabilities().prop_map(Frame::Capabilities),
         anonymous().prop_map(Frame::Anonymous),
         sealed_send().prop_map(Frame::SealedSend),
+        create_token().prop_map(Frame::CreateToken),
+        token_created().prop_map(Frame::TokenCreated),
+        get_token().prop_map(Frame::GetToken),
+        token_content().prop_map(Frame::TokenContent),
+        delete_token().prop_map(Frame::DeleteToken),
         set_inbound_policy().prop_map(Frame::SetInboundPolicy),
         request_relationship().prop_map(Frame::RequestRelationship),
         decide_relationship().prop_map(Frame::DecideRelationship),
@@ -531,6 +593,11 @@ round_trip_tests! {
     capabilities_round_trips: capabilities() => Frame::Capabilities;
     anonymous_round_trips: anonymous() => Frame::Anonymous;
     sealed_send_round_trips: sealed_send() => Frame::SealedSend;
+    create_token_round_trips: create_token() => Frame::CreateToken;
+    token_created_round_trips: token_created() => Frame::TokenCreated;
+    get_token_round_trips: get_token() => Frame::GetToken;
+    token_content_round_trips: token_content() => Frame::TokenContent;
+    delete_token_round_trips: delete_token() => Frame::DeleteToken;
     set_inbound_policy_round_trips: set_inbound_policy() => Frame::SetInboundPolicy;
     request_relationship_round_trips: request_relationship() => Frame::RequestRelationship;
     decide_relationship_round_trips: decide_relationship() => Frame::DecideRelationship;
@@ -693,6 +760,39 @@ fn transfer_envelope() -> impl Strategy<Value = TransferEnvelope> {
         )
 }
 
+fn transfer_token() -> impl Strategy<Value = TransferToken> {
+    (
+        token_id(),
+        any::<u64>(),
+        any::<u64>(),
+        blob(),
+        proptest::option::of(uniform::<_, 32>(any::<u8>()).prop_map(VerifierHash)),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                id,
+                created_at_ms,
+                expires_at_ms,
+                content,
+                verifier_hash,
+                failed_attempts,
+                locked,
+            )| {
+                TransferToken {
+                    id,
+                    created_at_ms,
+                    expires_at_ms,
+                    content,
+                    verifier_hash,
+                    failed_attempts,
+                    locked,
+                }
+            },
+        )
+}
+
 fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
     (
         address(),
@@ -708,6 +808,7 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
         proptest::option::of(identity_card()),
         vec(device_certificate(), 0..3),
         vec(capability_hash(), 0..3),
+        vec(transfer_token(), 0..3),
         (proptest::option::of(policy()), vec(relationship(), 0..3)),
     )
         .prop_map(
@@ -719,6 +820,7 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
                 card,
                 devices,
                 capabilities,
+                tokens,
                 (policy, relationships),
             )| MailboxTransfer {
                 address,
@@ -728,6 +830,7 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
                 card,
                 devices,
                 capabilities,
+                tokens,
                 policy,
                 relationships,
             },
@@ -846,6 +949,13 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                     })
                 }
             ),
+        (any::<u64>(), token_id(), verifier()).prop_map(
+            |(request_id, token_id, password_verifier)| PeerFrame::GetToken(PeerGetToken {
+                request_id,
+                token_id,
+                password_verifier,
+            })
+        ),
         (any::<u64>(), address(), address(), side_change()).prop_map(
             |(request_id, address, peer, change)| PeerFrame::Consent(PeerConsent {
                 request_id,
@@ -854,6 +964,19 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                 change,
             })
         ),
+        (
+            any::<u64>(),
+            prop_oneof![
+                (blob(), any::<u64>()).prop_map(Ok),
+                any::<u16>().prop_map(Err)
+            ]
+        )
+            .prop_map(
+                |(request_id, result)| PeerFrame::TokenResult(PeerTokenResult {
+                    request_id,
+                    result,
+                })
+            ),
         (
             any::<u64>(),
             prop_oneof![

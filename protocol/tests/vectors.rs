@@ -23,21 +23,23 @@ use std::path::PathBuf;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LEN, auth_transcript, sign_auth};
 use backbone_protocol::bytes::{
-    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, RelationshipId, ServerId, Text,
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, RelationshipId,
+    ServerId, Text, TokenId,
 };
 use backbone_protocol::capability::CAPABILITY_HASH_CONTEXT;
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, DecideRelationship, Delete,
-    Deliver, Done, ErrorFrame, Failed, FetchCard, Hello, ListCapabilities, ListRelationships, Ping,
-    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
-    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
-    SetInboundPolicy, Stored,
+    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, CreateToken, DecideRelationship,
+    Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello,
+    ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect, RegisterCapability,
+    RegisterDevice, RelationshipChanged, Relationships, RequestRelationship, RevokeCapability,
+    SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::identity::domain;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
+use backbone_protocol::token::VERIFIER_HASH_CONTEXT;
 use backbone_protocol::{
     Address, Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, Phase,
 };
@@ -72,6 +74,10 @@ struct Fixtures {
     envelope: Blob,
     /// `CAPABILITY`: a delivery capability, `[0x66; 32]`.
     capability: DeliveryCapability,
+    /// `VERIFIER`: a token password verifier, `[0x77; 32]`.
+    verifier: PasswordVerifier,
+    /// `TOKEN_ID`: a token id, `[0x88; 32]`.
+    token_id: TokenId,
 }
 
 impl Fixtures {
@@ -88,6 +94,8 @@ impl Fixtures {
             time_ms: 1_700_000_000_000,
             envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
             capability: DeliveryCapability([0x66; 32]),
+            verifier: PasswordVerifier([0x77; 32]),
+            token_id: TokenId([0x88; 32]),
         }
     }
 
@@ -329,18 +337,63 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
             }),
         ),
         vector(
-            "SetInboundPolicy",
-            "request_id 12, policy RelationshipsOnly",
-            Frame::SetInboundPolicy(SetInboundPolicy {
+            "CreateToken",
+            "request_id 12, ttl_secs 600, content ENVELOPE, password_verifier VERIFIER",
+            Frame::CreateToken(CreateToken {
                 request_id: 12,
+                ttl_secs: 600,
+                content: f.envelope.clone(),
+                password_verifier: Some(f.verifier),
+            }),
+        ),
+        vector(
+            "TokenCreated",
+            "request_id 12, token_id TOKEN_ID, expires_at_ms T + 600000",
+            Frame::TokenCreated(TokenCreated {
+                request_id: 12,
+                token_id: f.token_id,
+                expires_at_ms: f.time_ms + 600_000,
+            }),
+        ),
+        vector(
+            "GetToken",
+            "request_id 13, token_id TOKEN_ID, password_verifier VERIFIER",
+            Frame::GetToken(GetToken {
+                request_id: 13,
+                token_id: f.token_id,
+                password_verifier: Some(f.verifier),
+            }),
+        ),
+        vector(
+            "TokenContent",
+            "request_id 13, content ENVELOPE, expires_at_ms T + 600000",
+            Frame::TokenContent(TokenContent {
+                request_id: 13,
+                content: f.envelope.clone(),
+                expires_at_ms: f.time_ms + 600_000,
+            }),
+        ),
+        vector(
+            "DeleteToken",
+            "request_id 14, token_id TOKEN_ID",
+            Frame::DeleteToken(DeleteToken {
+                request_id: 14,
+                token_id: f.token_id,
+            }),
+        ),
+        vector(
+            "SetInboundPolicy",
+            "request_id 15, policy RelationshipsOnly",
+            Frame::SetInboundPolicy(SetInboundPolicy {
+                request_id: 15,
                 policy: InboundPolicy::RelationshipsOnly,
             }),
         ),
         vector(
             "RequestRelationship",
-            "request_id 13, owner PEER's address, capability CAPABILITY, intro ENVELOPE",
+            "request_id 16, owner PEER's address, capability CAPABILITY, intro ENVELOPE",
             Frame::RequestRelationship(RequestRelationship {
-                request_id: 13,
+                request_id: 16,
                 owner: peer_address,
                 capability: f.capability,
                 intro: f.envelope.clone(),
@@ -348,31 +401,31 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "DecideRelationship",
-            "request_id 14, peer PEER's address, decision Accept",
+            "request_id 17, peer PEER's address, decision Accept",
             Frame::DecideRelationship(DecideRelationship {
-                request_id: 14,
+                request_id: 17,
                 peer: peer_address,
                 decision: Decision::Accept,
             }),
         ),
         vector(
             "RelationshipChanged",
-            "request_id 14, relationship { id 0x0b × 16, peer PEER's address, role Owner, state Active, changed_at_ms 1767225600000 }",
+            "request_id 17, relationship { id 0x0b × 16, peer PEER's address, role Owner, state Active, changed_at_ms 1767225600000 }",
             Frame::RelationshipChanged(RelationshipChanged {
-                request_id: 14,
+                request_id: 17,
                 relationship: relationship(peer_address),
             }),
         ),
         vector(
             "ListRelationships",
-            "request_id 15",
-            Frame::ListRelationships(ListRelationships { request_id: 15 }),
+            "request_id 18",
+            Frame::ListRelationships(ListRelationships { request_id: 18 }),
         ),
         vector(
             "Relationships",
-            "request_id 15, policy Anyone, relationships [the relationship above]",
+            "request_id 18, policy Anyone, relationships [the relationship above]",
             Frame::Relationships(Relationships {
-                request_id: 15,
+                request_id: 18,
                 policy: InboundPolicy::Anyone,
                 relationships: vec![relationship(peer_address)],
             }),
@@ -551,6 +604,20 @@ fn vectors_block() -> String {
             ("context", CAPABILITY_HASH_CONTEXT.as_bytes().to_vec()),
             ("capability", f.capability.0.to_vec()),
             ("hash", f.capability.hash().0.to_vec()),
+        ],
+    );
+
+    out.push_str("### Token password verifier hash\n\n");
+    out.push_str(
+        "VERIFIER = `[0x77; 32]`. The broker stores BLAKE3 in key-derivation mode with the \
+         context string below: `blake3::derive_key(context, verifier)`.\n\n",
+    );
+    push_block(
+        &mut out,
+        &[
+            ("context", VERIFIER_HASH_CONTEXT.as_bytes().to_vec()),
+            ("verifier", f.verifier.0.to_vec()),
+            ("hash", f.verifier.hash().0.to_vec()),
         ],
     );
 
@@ -812,6 +879,24 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::Capabilities(list) => 20 + 32 * list.hashes.len(),
             Frame::Anonymous(_) => 4,
             Frame::SealedSend(send) => 88 + send.envelope.0.len(),
+            Frame::CreateToken(create) => {
+                25 + create.content.0.len()
+                    + if create.password_verifier.is_some() {
+                        32
+                    } else {
+                        0
+                    }
+            }
+            Frame::TokenCreated(_) => 52,
+            Frame::GetToken(get) => {
+                45 + if get.password_verifier.is_some() {
+                    32
+                } else {
+                    0
+                }
+            }
+            Frame::TokenContent(content) => 28 + content.content.0.len(),
+            Frame::DeleteToken(_) => 44,
             Frame::SetInboundPolicy(_) => 16,
             Frame::RequestRelationship(request) => 84 + request.intro.0.len(),
             Frame::DecideRelationship(_) => 48,

@@ -7,7 +7,8 @@
 //!    retryable) until the handover completes; `from` no longer owns them, so
 //!    it accepts no writes for them either and redirects their clients.
 //! 2. `from` sends every mailbox of those slots (envelopes with their
-//!    sequence numbers, head, cursors, card, devices, capability hashes) in
+//!    sequence numbers, head, cursors, card, devices, capability hashes,
+//!    tokens) in
 //!    [`Import`] batches; `to` merges each batch and flushes before
 //!    acknowledging it.
 //! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::Blob;
 use backbone_protocol::fleet::{
-    HandoffDone, Import, MailboxTransfer, PeerFrame, TransferEnvelope, slot_of,
+    HandoffDone, Import, MailboxTransfer, PeerFrame, TransferEnvelope, TransferToken, slot_of,
 };
 use tracing::{info, warn};
 
@@ -192,35 +193,55 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
     }
 }
 
+/// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes and
+/// token contents each; the first carries the head, cursors, card, devices
+/// and capability hashes.
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
 /// first carries the head, cursors, card, devices, capability hashes, policy
 /// and relationships.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
-    let mut parts = vec![MailboxTransfer {
+    let empty_part = || MailboxTransfer {
         address: export.address,
         head: export.head,
         envelopes: Vec::new(),
-        cursors: export.cursors,
+        cursors: Vec::new(),
+        card: None,
+        devices: Vec::new(),
+        capabilities: Vec::new(),
+        tokens: Vec::new(),
+        policy: None,
+        relationships: Vec::new(),
+    };
+    let mut parts = vec![MailboxTransfer {
+        cursors: export.cursors.clone(),
         card: export.card,
-        devices: export.devices,
-        capabilities: export.capabilities,
+        devices: export.devices.clone(),
+        capabilities: export.capabilities.clone(),
         policy: export.policy,
-        relationships: export.relationships,
+        relationships: export.relationships.clone(),
+        ..empty_part()
     }];
     let mut bytes = 0;
+    for token in export.tokens {
+        if bytes + token.content.len() > BATCH_BYTES && bytes > 0 {
+            parts.push(empty_part());
+            bytes = 0;
+        }
+        bytes += token.content.len();
+        let last = parts.len() - 1;
+        parts[last].tokens.push(TransferToken {
+            id: token.id,
+            created_at_ms: token.created_at_ms,
+            expires_at_ms: token.expires_at_ms,
+            content: Blob(token.content),
+            verifier_hash: token.verifier_hash,
+            failed_attempts: token.failed_attempts,
+            locked: token.locked,
+        });
+    }
     for envelope in export.envelopes {
         if bytes + envelope.envelope.len() > BATCH_BYTES && bytes > 0 {
-            parts.push(MailboxTransfer {
-                address: export.address,
-                head: export.head,
-                envelopes: Vec::new(),
-                cursors: Vec::new(),
-                card: None,
-                devices: Vec::new(),
-                capabilities: Vec::new(),
-                policy: None,
-                relationships: Vec::new(),
-            });
+            parts.push(empty_part());
             bytes = 0;
         }
         bytes += envelope.envelope.len();
@@ -258,6 +279,20 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
         card: transfer.card,
         devices: transfer.devices,
         capabilities: transfer.capabilities,
+        tokens: transfer
+            .tokens
+            .into_iter()
+            .map(|token| crate::store::StoredToken {
+                id: token.id,
+                owner: transfer.address,
+                created_at_ms: token.created_at_ms,
+                expires_at_ms: token.expires_at_ms,
+                content: token.content.0,
+                verifier_hash: token.verifier_hash,
+                failed_attempts: token.failed_attempts,
+                locked: token.locked,
+            })
+            .collect(),
         policy: transfer.policy,
         relationships: transfer.relationships,
     }
@@ -266,10 +301,10 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
 #[cfg(test)]
 mod tests {
     use backbone_protocol::Address;
-    use backbone_protocol::bytes::MessageId;
+    use backbone_protocol::bytes::{MessageId, TokenId, VerifierHash};
 
     use super::*;
-    use crate::store::StoredEnvelope;
+    use crate::store::{StoredEnvelope, StoredToken};
 
     #[test]
     fn a_large_mailbox_splits_and_round_trips() {
@@ -291,6 +326,7 @@ mod tests {
             card: None,
             devices: vec![],
             capabilities: vec![],
+            tokens: vec![],
             policy: None,
             relationships: vec![],
         };
@@ -302,5 +338,41 @@ mod tests {
             .flat_map(|part| to_export(part).envelopes)
             .collect();
         assert_eq!(rejoined, envelopes);
+    }
+
+    #[test]
+    fn tokens_split_by_size_and_round_trip_with_their_owner() {
+        let owner = Address([1; 32]);
+        let tokens: Vec<StoredToken> = (1..=3)
+            .map(|n| StoredToken {
+                id: TokenId([n; 32]),
+                owner,
+                created_at_ms: 1,
+                expires_at_ms: 2,
+                content: vec![n; 1024 * 1024],
+                verifier_hash: (n == 2).then_some(VerifierHash([n; 32])),
+                failed_attempts: u32::from(n),
+                locked: n == 3,
+            })
+            .collect();
+        let export = MailboxExport {
+            address: owner,
+            head: 0,
+            envelopes: vec![],
+            cursors: vec![],
+            card: None,
+            devices: vec![],
+            capabilities: vec![],
+            tokens: tokens.clone(),
+            policy: None,
+            relationships: vec![],
+        };
+        let parts = split(export);
+        assert_eq!(parts.len(), 2, "2 MiB of token contents per part");
+        let rejoined: Vec<StoredToken> = parts
+            .into_iter()
+            .flat_map(|part| to_export(part).tokens)
+            .collect();
+        assert_eq!(rejoined, tokens);
     }
 }

@@ -1,7 +1,7 @@
 //! The node-to-node listener: accepts links from peers that present a fleet
 //! certificate, checks that they route by the same fleet map, and serves
-//! forwarded sends (sealed ones included, with their capability check) and
-//! card lookups for the slots this node owns.
+//! forwarded sends (sealed ones included, with their capability check),
+//! card lookups and token fetches for the slots this node owns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -247,6 +247,7 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
                 result,
             }))
         }
+        PeerFrame::GetToken(get) => Some(crate::token::answer_peer(shared, get).await),
         PeerFrame::Consent(consent) => {
             Some(crate::relationships::answer_peer(shared, consent).await)
         }

@@ -8,11 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use backbone_protocol::bytes::{CapabilityHash, ServerId};
+use backbone_protocol::bytes::{CapabilityHash, ServerId, TokenId, VerifierHash};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
-use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
+use super::{
+    Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope, StoredToken,
+    TokenAttempt, merge_token,
+};
 
 /// A [`Store`] held entirely in memory.
 #[derive(Debug, Default)]
@@ -33,6 +36,9 @@ struct Inner {
     cards: HashMap<Address, IdentityCard>,
     devices: HashMap<(Address, DeviceId), DeviceCertificate>,
     capabilities: BTreeSet<(Address, CapabilityHash)>,
+    tokens: BTreeMap<TokenId, StoredToken>,
+    /// `(expires_at_ms, id)`, the order of the sled token expiry index.
+    token_expiry: BTreeSet<(u64, TokenId)>,
     policies: HashMap<Address, InboundPolicy>,
     /// Keyed by (address, peer), so one address's records are one range.
     relationships: BTreeMap<(Address, Address), Relationship>,
@@ -60,6 +66,29 @@ fn capability_range<'a>(
     address: &Address,
 ) -> impl Iterator<Item = &'a (Address, CapabilityHash)> {
     capabilities.range((*address, CapabilityHash([0; 32]))..=(*address, CapabilityHash([0xff; 32])))
+}
+
+impl Inner {
+    /// Inserts `token`, replacing any token with its id and its expiry entry.
+    fn insert_token(&mut self, token: StoredToken) {
+        if let Some(old) = self.tokens.get(&token.id) {
+            self.token_expiry.remove(&(old.expires_at_ms, old.id));
+        }
+        self.token_expiry.insert((token.expires_at_ms, token.id));
+        self.tokens.insert(token.id, token);
+    }
+
+    fn remove_token(&mut self, id: &TokenId) -> Option<StoredToken> {
+        let token = self.tokens.remove(id)?;
+        self.token_expiry.remove(&(token.expires_at_ms, token.id));
+        Some(token)
+    }
+
+    fn tokens_of<'a>(&'a self, owner: &'a Address) -> impl Iterator<Item = &'a StoredToken> {
+        self.tokens
+            .values()
+            .filter(move |token| token.owner == *owner)
+    }
 }
 
 impl MemoryStore {
@@ -279,6 +308,86 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn put_token(&self, token: &StoredToken, max: usize, now_ms: u64) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let held = inner
+            .tokens_of(&token.owner)
+            .filter(|held| held.expires_at_ms > now_ms && held.id != token.id)
+            .count();
+        if held >= max {
+            return Ok(false);
+        }
+        inner.insert_token(token.clone());
+        Ok(true)
+    }
+
+    fn token(&self, id: &TokenId, now_ms: u64) -> Result<Option<StoredToken>, StoreError> {
+        Ok(self
+            .lock()?
+            .tokens
+            .get(id)
+            .filter(|token| token.expires_at_ms > now_ms)
+            .cloned())
+    }
+
+    fn attempt_token(
+        &self,
+        id: &TokenId,
+        verifier: &VerifierHash,
+        max_attempts: u32,
+        now_ms: u64,
+    ) -> Result<TokenAttempt, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(token) = inner
+            .tokens
+            .get_mut(id)
+            .filter(|token| token.expires_at_ms > now_ms)
+        else {
+            return Ok(TokenAttempt::Missing);
+        };
+        if token.locked {
+            return Ok(TokenAttempt::Locked);
+        }
+        match &token.verifier_hash {
+            Some(stored) if !stored.matches(verifier) => {
+                token.failed_attempts = token.failed_attempts.saturating_add(1);
+                token.locked = token.failed_attempts >= max_attempts;
+                Ok(TokenAttempt::Refused {
+                    failed_attempts: token.failed_attempts,
+                    locked: token.locked,
+                })
+            }
+            _ => Ok(TokenAttempt::Opened(token.clone())),
+        }
+    }
+
+    fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner
+            .tokens
+            .get(id)
+            .is_none_or(|token| token.owner != *owner)
+        {
+            return Ok(false);
+        }
+        Ok(inner.remove_token(id).is_some())
+    }
+
+    fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut inner = self.lock()?;
+        let due: Vec<TokenId> = inner
+            .token_expiry
+            .iter()
+            .take_while(|(expires_at_ms, _)| *expires_at_ms <= now_ms)
+            .take(limit)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &due {
+            inner.remove_token(id);
+        }
+        Ok(due.len())
+    }
+
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         Ok(self.lock()?.policies.get(address).copied())
     }
@@ -321,6 +430,7 @@ impl Store for MemoryStore {
             .chain(inner.cards.keys().copied())
             .chain(inner.devices.keys().map(|(address, _)| *address))
             .chain(inner.capabilities.iter().map(|(address, _)| *address))
+            .chain(inner.tokens.values().map(|token| token.owner))
             .chain(inner.policies.keys().copied())
             .chain(inner.relationships.keys().map(|(address, _)| *address))
             .filter(|address| filter(address))
@@ -360,6 +470,7 @@ impl Store for MemoryStore {
             capabilities: capability_range(&inner.capabilities, address)
                 .map(|(_, hash)| *hash)
                 .collect(),
+            tokens: inner.tokens_of(address).cloned().collect(),
             policy: inner.policies.get(address).copied(),
             relationships: relationship_range(&inner.relationships, address)
                 .copied()
@@ -398,6 +509,10 @@ impl Store for MemoryStore {
         for hash in &export.capabilities {
             inner.capabilities.insert((address, *hash));
         }
+        for token in &export.tokens {
+            let merged = merge_token(inner.tokens.get(&token.id), token);
+            inner.insert_token(merged);
+        }
         if let Some(policy) = export.policy {
             inner.policies.insert(address, policy);
         }
@@ -426,6 +541,10 @@ impl Store for MemoryStore {
         inner.cards.remove(address);
         inner.devices.retain(|(owner, _), _| owner != address);
         inner.capabilities.retain(|(owner, _)| owner != address);
+        let doomed: Vec<TokenId> = inner.tokens_of(address).map(|token| token.id).collect();
+        for id in &doomed {
+            inner.remove_token(id);
+        }
         inner.policies.remove(address);
         inner.relationships.retain(|(owner, _), _| owner != address);
         Ok(())

@@ -1,5 +1,5 @@
-//! Durable storage for mailboxes, cursors, cards, device certificates and
-//! delivery capability hashes.
+//! Durable storage for mailboxes, cursors, cards, device certificates,
+//! delivery capability hashes and tokens.
 //!
 //! Everything the broker must remember across a restart goes through the
 //! narrow [`Store`] trait. There are two implementations with the same
@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
+use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId, TokenId, VerifierHash};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,47 @@ pub struct StoredEnvelope {
     pub envelope: Vec<u8>,
 }
 
+/// One token as stored: an opaque blob its owner shares by handing out the
+/// id (see `backbone_protocol::token`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredToken {
+    /// The id, drawn by the broker in the owner's slot.
+    pub id: TokenId,
+    /// The identity that created it: the only one that may delete it.
+    pub owner: Address,
+    /// When the broker stored it, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it stops being served, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// The client-encrypted content; opaque to the broker.
+    pub content: Vec<u8>,
+    /// For a password-protected token, the hash of its password verifier.
+    pub verifier_hash: Option<VerifierHash>,
+    /// Wrong verifiers presented so far.
+    pub failed_attempts: u32,
+    /// Set for good once `failed_attempts` reached the configured limit.
+    pub locked: bool,
+}
+
+/// The outcome of presenting a password verifier for a token
+/// ([`Store::attempt_token`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenAttempt {
+    /// No unexpired token has this id.
+    Missing,
+    /// The token was already locked; nothing was compared or counted.
+    Locked,
+    /// The verifier matched, or the token has no password: the token.
+    Opened(StoredToken),
+    /// The verifier did not match; the failure is recorded.
+    Refused {
+        /// Failures so far, this one included.
+        failed_attempts: u32,
+        /// Whether this failure locked the token.
+        locked: bool,
+    },
+}
+
 /// Everything stored for one address: what moves when its slot changes owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MailboxExport {
@@ -75,6 +116,9 @@ pub struct MailboxExport {
     pub devices: Vec<DeviceCertificate>,
     /// Registered delivery capability hashes, ascending.
     pub capabilities: Vec<CapabilityHash>,
+    /// The tokens the identity created (expired but unswept ones included),
+    /// ascending by id.
+    pub tokens: Vec<StoredToken>,
     /// The recorded inbound policy, if any.
     pub policy: Option<InboundPolicy>,
     /// The address's side of each relationship, ascending by peer.
@@ -226,6 +270,39 @@ pub trait Store: Send + Sync + 'static {
     /// Every capability hash registered for `address`, ascending.
     fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError>;
 
+    /// Stores `token`, unless its owner already holds `max` tokens unexpired
+    /// at `now_ms`: returns `false` then, and stores nothing. The count and
+    /// the write are one atomic step, so concurrent creations cannot pass
+    /// the limit together. Not flushed by itself.
+    fn put_token(&self, token: &StoredToken, max: usize, now_ms: u64) -> Result<bool, StoreError>;
+
+    /// The token `id`, unless it has expired at `now_ms` (an expired token is
+    /// hidden before any sweep removes it).
+    fn token(&self, id: &TokenId, now_ms: u64) -> Result<Option<StoredToken>, StoreError>;
+
+    /// Presents `verifier` (a verifier's hash) for the token `id`, as one
+    /// atomic step: a locked token is refused unchecked; a mismatch adds one
+    /// failed attempt and locks the token when the count reaches
+    /// `max_attempts`. Comparison is constant-time. A token without a
+    /// password opens whatever is presented. Not flushed by itself.
+    fn attempt_token(
+        &self,
+        id: &TokenId,
+        verifier: &VerifierHash,
+        max_attempts: u32,
+        now_ms: u64,
+    ) -> Result<TokenAttempt, StoreError>;
+
+    /// Deletes the token `id` if `owner` created it (expired or not);
+    /// returns whether it did. Not flushed by itself.
+    fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` tokens with `expires_at_ms <= now_ms`, found
+    /// through a token expiry index, earliest first. Returns how many.
+    fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Every address with any record (envelope, head, cursor, card, device,
+    /// capability or token)
     /// The address's recorded inbound policy; `None` if it never set one
     /// (the broker's configured default applies).
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError>;
@@ -260,6 +337,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Merges `export` in: envelopes are written under their sequence numbers
     /// (with expiry index entries), the head and cursors only grow, the card
+    /// and devices are replaced, capability hashes and tokens are added
+    /// (without the per-identity limits: the previous owner already applied
+    /// them). A token already present keeps the higher failed-attempt count
+    /// and stays locked if either copy is. Importing the same export twice
+    /// changes nothing. Not flushed by itself.
     /// and devices are replaced, capability hashes are added (without the
     /// per-mailbox limit: the previous owner already applied it), the policy
     /// and relationship records are replaced by the exported ones. Importing
@@ -285,6 +367,17 @@ pub trait Store: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
 
+/// An imported token merged with the copy already held, if any: the higher
+/// failure count wins and a lock is never lifted.
+pub(crate) fn merge_token(held: Option<&StoredToken>, incoming: &StoredToken) -> StoredToken {
+    let mut merged = incoming.clone();
+    if let Some(held) = held {
+        merged.failed_attempts = merged.failed_attempts.max(held.failed_attempts);
+        merged.locked |= held.locked;
+    }
+    merged
+}
+
 #[cfg(test)]
 mod tests {
     //! The conformance suite every [`Store`] must pass, and a property test that
@@ -294,11 +387,154 @@ mod tests {
     use std::path::Path;
 
     use backbone_protocol::Keypair;
-    use backbone_protocol::bytes::{EncryptionKey, RelationshipId};
+    use backbone_protocol::bytes::RelationshipId;
+    use backbone_protocol::bytes::{EncryptionKey, PasswordVerifier};
     use backbone_protocol::relationship::{Role, State};
     use proptest::prelude::*;
 
     use super::*;
+
+    pub(crate) fn token(n: u8, owner: Address, expires_at_ms: u64) -> StoredToken {
+        StoredToken {
+            id: TokenId([n; 32]),
+            owner,
+            created_at_ms: 1,
+            expires_at_ms,
+            content: vec![n; usize::from(n) + 1],
+            verifier_hash: None,
+            failed_attempts: 0,
+            locked: false,
+        }
+    }
+
+    /// Tokens: quota, expiry hiding, password attempts and lockout, owner-only
+    /// delete, and the expiry sweep. On a fresh store.
+    fn token_suite(store: &dyn Store) {
+        let (a, b) = (address(1), address(2));
+        let right = PasswordVerifier([0x77; 32]);
+        let wrong = PasswordVerifier([0x78; 32]);
+        assert_eq!(store.token(&TokenId([1; 32]), 0), Ok(None));
+
+        // The quota counts the owner's unexpired tokens only.
+        assert_eq!(store.put_token(&token(1, a, 100), 2, 0), Ok(true));
+        assert_eq!(store.put_token(&token(2, a, 1_000), 2, 0), Ok(true));
+        assert_eq!(store.put_token(&token(3, a, 1_000), 2, 0), Ok(false));
+        assert_eq!(store.token(&TokenId([3; 32]), 0), Ok(None));
+        assert_eq!(store.put_token(&token(4, b, 1_000), 2, 0), Ok(true));
+        // Once token 1 has expired it no longer counts.
+        assert_eq!(store.put_token(&token(3, a, 1_000), 2, 100), Ok(true));
+
+        // Reads hide an expired token before any sweep.
+        assert_eq!(
+            store.token(&TokenId([1; 32]), 99),
+            Ok(Some(token(1, a, 100)))
+        );
+        assert_eq!(store.token(&TokenId([1; 32]), 100), Ok(None));
+
+        // A password-protected token: wrong verifiers count, the limit locks
+        // it for good, and a locked token refuses even the right verifier.
+        let mut protected = token(5, b, 1_000);
+        protected.verifier_hash = Some(right.hash());
+        assert_eq!(store.put_token(&protected, 10, 0), Ok(true));
+        let id = protected.id;
+        assert_eq!(
+            store.attempt_token(&id, &right.hash(), 3, 0),
+            Ok(TokenAttempt::Opened(protected.clone()))
+        );
+        assert_eq!(
+            store.attempt_token(&id, &wrong.hash(), 3, 0),
+            Ok(TokenAttempt::Refused {
+                failed_attempts: 1,
+                locked: false
+            })
+        );
+        // A right verifier does not reset the count.
+        assert!(matches!(
+            store.attempt_token(&id, &right.hash(), 3, 0),
+            Ok(TokenAttempt::Opened(opened)) if opened.failed_attempts == 1
+        ));
+        assert_eq!(
+            store.attempt_token(&id, &wrong.hash(), 3, 0),
+            Ok(TokenAttempt::Refused {
+                failed_attempts: 2,
+                locked: false
+            })
+        );
+        assert_eq!(
+            store.attempt_token(&id, &wrong.hash(), 3, 0),
+            Ok(TokenAttempt::Refused {
+                failed_attempts: 3,
+                locked: true
+            })
+        );
+        assert_eq!(
+            store.attempt_token(&id, &right.hash(), 3, 0),
+            Ok(TokenAttempt::Locked)
+        );
+        assert_eq!(
+            store
+                .token(&id, 0)
+                .map(|t| t.map(|t| (t.failed_attempts, t.locked))),
+            Ok(Some((3, true)))
+        );
+        assert_eq!(
+            store.attempt_token(&TokenId([9; 32]), &right.hash(), 3, 0),
+            Ok(TokenAttempt::Missing)
+        );
+        assert_eq!(
+            store.attempt_token(&id, &right.hash(), 3, 1_000),
+            Ok(TokenAttempt::Missing)
+        );
+        // A token without a password opens whatever is presented.
+        assert_eq!(
+            store.attempt_token(&TokenId([2; 32]), &wrong.hash(), 3, 0),
+            Ok(TokenAttempt::Opened(token(2, a, 1_000)))
+        );
+
+        // Only the owner deletes.
+        assert_eq!(store.delete_token(&b, &TokenId([2; 32])), Ok(false));
+        assert_eq!(
+            store.token(&TokenId([2; 32]), 0),
+            Ok(Some(token(2, a, 1_000)))
+        );
+        assert_eq!(store.delete_token(&a, &TokenId([2; 32])), Ok(true));
+        assert_eq!(store.delete_token(&a, &TokenId([2; 32])), Ok(false));
+        assert_eq!(store.token(&TokenId([2; 32]), 0), Ok(None));
+        // A locked token can still be deleted by its owner.
+        assert_eq!(store.delete_token(&b, &id), Ok(true));
+
+        // The sweep goes by the index, earliest first, bounded by the limit;
+        // deleted tokens are no longer in it.
+        assert_eq!(store.expire_tokens(99, 10), Ok(0));
+        assert_eq!(store.expire_tokens(100, 10), Ok(1));
+        assert_eq!(store.token(&TokenId([1; 32]), 0), Ok(None));
+        assert_eq!(store.expire_tokens(u64::MAX, 1), Ok(1));
+        assert_eq!(store.expire_tokens(u64::MAX, 10), Ok(1));
+        assert_eq!(store.expire_tokens(u64::MAX, 10), Ok(0));
+        assert_eq!(store.token(&TokenId([3; 32]), 0), Ok(None));
+        assert_eq!(store.token(&TokenId([4; 32]), 0), Ok(None));
+        // Expired and swept tokens free the quota.
+        assert_eq!(store.put_token(&token(6, a, 2_000), 1, 0), Ok(true));
+        store.flush().expect("flush");
+    }
+
+    #[test]
+    fn memory_store_passes_the_token_suite() {
+        token_suite(&MemoryStore::new());
+    }
+
+    #[test]
+    fn sled_store_passes_the_token_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        token_suite(&SledStore::open(dir.path()).expect("open"));
+        // And the tokens survive a restart with their index.
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.token(&TokenId([6; 32]), 0),
+            Ok(Some(token(6, address(1), 2_000)))
+        );
+        assert_eq!(store.expire_tokens(2_000, 10), Ok(1));
+    }
 
     pub(crate) fn address(n: u8) -> Address {
         Address([n; 32])
@@ -516,6 +752,17 @@ mod tests {
         let d = address(4);
         from.register_capability(&d, &capability, 10)
             .expect("capability only");
+        let owned = token(1, owner, 3_000);
+        let mut locked = token(2, owner, 3_000);
+        locked.verifier_hash = Some(PasswordVerifier([7; 32]).hash());
+        locked.failed_attempts = 5;
+        locked.locked = true;
+        from.put_token(&owned, 10, 0).expect("token");
+        from.put_token(&locked, 10, 0).expect("token");
+        let e = address(5);
+        from.put_token(&token(3, e, 3_000), 10, 0)
+            .expect("token only");
+
         let relationship = |peer: Address, state: State| Relationship {
             id: RelationshipId([5; 16]),
             peer,
@@ -534,7 +781,7 @@ mod tests {
         from.put_relationship(&owner, &relationship(c, State::Rejected))
             .expect("relationship");
 
-        let mut all = vec![owner, b, c, d];
+        let mut all = vec![owner, b, c, d, e];
         all.sort();
         assert_eq!(from.addresses(&|_| true), Ok(all));
         assert_eq!(from.addresses(&|x| *x == b || *x == a), Ok(vec![b]));
@@ -546,6 +793,7 @@ mod tests {
         assert_eq!(export.card, Some(card));
         assert_eq!(export.devices, vec![cert]);
         assert_eq!(export.capabilities, vec![capability]);
+        assert_eq!(export.tokens, vec![owned.clone(), locked.clone()]);
         assert_eq!(export.policy, Some(InboundPolicy::RelationshipsOnly));
         let mut peers = vec![
             relationship(b, State::Active),
@@ -554,8 +802,14 @@ mod tests {
         peers.sort_by_key(|r| r.peer);
         assert_eq!(export.relationships, peers);
 
-        // The receiving store already saw a later cursor: it is kept.
+        // The receiving store already saw a later cursor: it is kept. It
+        // also holds a copy of the first token with more failed attempts,
+        // locked: the merge keeps both.
         to.set_cursor(&owner, &device, 3).expect("cursor");
+        let mut tried = owned.clone();
+        tried.failed_attempts = 9;
+        tried.locked = true;
+        to.put_token(&tried, 10, 0).expect("token");
         to.import_mailbox(&export).expect("import");
         to.import_mailbox(&export).expect("import twice");
         assert_eq!(to.head_seq(&owner), Ok(4));
@@ -567,13 +821,16 @@ mod tests {
         assert_eq!(to.card(&owner), Ok(Some(card)));
         assert_eq!(to.device(&owner, &device_key.device_id()), Ok(Some(cert)));
         assert_eq!(to.capabilities(&owner), Ok(vec![capability]));
+        assert_eq!(to.token(&owned.id, 0), Ok(Some(tried)));
+        assert_eq!(to.token(&locked.id, 0), Ok(Some(locked.clone())));
         assert_eq!(
             to.inbound_policy(&owner),
             Ok(Some(InboundPolicy::RelationshipsOnly))
         );
         assert_eq!(to.relationships(&owner), Ok(peers));
-        // Imported envelopes are indexed for expiry.
+        // Imported envelopes and tokens are indexed for expiry.
         assert_eq!(to.expire(1_002, 10), Ok(2));
+        assert_eq!(to.expire_tokens(2_999, 10), Ok(0));
         // Appends continue after the imported head.
         assert_eq!(to.addresses(&|_| true), Ok(vec![owner]));
 
@@ -584,10 +841,16 @@ mod tests {
         assert_eq!(from.card(&owner), Ok(None));
         assert_eq!(from.device(&owner, &device_key.device_id()), Ok(None));
         assert_eq!(from.capabilities(&owner), Ok(vec![]));
+        assert_eq!(from.token(&owned.id, 0), Ok(None));
+        assert_eq!(from.token(&locked.id, 0), Ok(None));
+        // Its expiry entries went too: only b's envelope and e's token are
+        // left to expire.
         assert_eq!(from.inbound_policy(&owner), Ok(None));
         assert_eq!(from.relationships(&owner), Ok(vec![]));
         // Its expiry entries went too: only b's envelope is left to expire.
         assert_eq!(from.expire(u64::MAX, 10), Ok(1));
+        assert_eq!(from.expire_tokens(u64::MAX, 10), Ok(1));
+        assert_eq!(to.expire_tokens(3_000, 10), Ok(2));
         let mut left = vec![b, c, d];
         left.sort();
         assert_eq!(from.addresses(&|_| true), Ok(left));

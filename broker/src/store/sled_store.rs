@@ -15,6 +15,9 @@
 //! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
 //! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
 //! | `capabilities` | `address(32) ‖ capability_hash(32)`       | empty: the key is the whole record |
+//! | `tokens`    | `token_id(32)`                               | `encode_value(StoredToken)` |
+//! | `token_owners` | `owner(32) ‖ token_id(32)`                | the token's `expires_at_ms(u64 BE)` |
+//! | `token_expiry` | `expires_at_ms(u64 BE) ‖ token_id(32) ‖ owner(32)` | empty |
 //! | `policies`  | `address(32)`                                | inbound policy: `0` anyone, `1` relationships-only |
 //! | `relationships` | `address(32) ‖ peer(32)`                 | `encode_value(Relationship)`: the address's side |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
@@ -40,6 +43,13 @@
 //! - [`Store::head_seq`] is the larger of the head record and the highest
 //!   stored seq, so a head never falls below a stored envelope even if the head
 //!   record was lost.
+//!
+//! - Tokens follow the same rule: a token's expiry and owner index entries
+//!   are written before the token and removed after it. A due expiry entry
+//!   whose token is missing (or has another expiry) is dropped without
+//!   counting it, together with the owner entry a crash may have left; an
+//!   owner entry is counted against the quota only while its expiry time
+//!   (kept in its value) has not passed.
 //!
 //! None of these writes was acknowledged before the crash, so losing them is
 //! allowed; only their partial effects need care.
@@ -80,19 +90,24 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use backbone_protocol::bytes::{CapabilityHash, ServerId};
+use backbone_protocol::bytes::{CapabilityHash, ServerId, TokenId, VerifierHash};
 use backbone_protocol::codec::{decode_value, encode_value};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope};
+use super::{
+    Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope, StoredToken,
+    TokenAttempt, merge_token,
+};
 
 const ADDRESS_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
 const ENVELOPE_KEY_LEN: usize = ADDRESS_LEN + SEQ_LEN;
 const EXPIRY_KEY_LEN: usize = 8 + ADDRESS_LEN + SEQ_LEN;
+const TOKEN_ID_LEN: usize = TokenId::LEN;
+const TOKEN_EXPIRY_KEY_LEN: usize = 8 + TOKEN_ID_LEN + ADDRESS_LEN;
 const SERVER_ID_KEY: &[u8] = b"server_id";
 const EPOCH_KEY: &[u8] = b"write_epoch";
 /// The key of the envelope count in the `envelopes` tree.
@@ -126,6 +141,15 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "import.head",
     "import.envelope",
     "import.capability",
+    "token.expiry",
+    "token.owner",
+    "token",
+    "token.attempt",
+    "token.remove",
+    "token.remove.owner",
+    "token.remove.expiry",
+    "token.stale.owner",
+    "token.stale.expiry",
     "import.policy",
     "import.relationship",
     "purge.envelope",
@@ -154,6 +178,9 @@ pub struct SledStore {
     cards: sled::Tree,
     devices: sled::Tree,
     capabilities: sled::Tree,
+    tokens: sled::Tree,
+    token_owners: sled::Tree,
+    token_expiry: sled::Tree,
     policies: sled::Tree,
     relationships: sled::Tree,
     meta: sled::Tree,
@@ -168,6 +195,10 @@ pub struct SledStore {
     /// Held while a capability is registered, so two registrations cannot
     /// both pass the per-mailbox limit.
     capability_lock: Mutex<()>,
+    /// Held while tokens and their index entries change, so a quota count
+    /// and the write it admits, or a failed-attempt count and its update,
+    /// are one step.
+    token_lock: Mutex<()>,
     /// `backbone.epoch` and the highest epoch recorded in it.
     epoch_file: Mutex<EpochFile>,
     #[cfg(test)]
@@ -284,6 +315,9 @@ impl SledStore {
             cards: db.open_tree("cards")?,
             devices: db.open_tree("devices")?,
             capabilities: db.open_tree("capabilities")?,
+            tokens: db.open_tree("tokens")?,
+            token_owners: db.open_tree("token_owners")?,
+            token_expiry: db.open_tree("token_expiry")?,
             policies: db.open_tree("policies")?,
             relationships: db.open_tree("relationships")?,
             meta,
@@ -294,6 +328,7 @@ impl SledStore {
                 written_at: None,
             }),
             capability_lock: Mutex::new(()),
+            token_lock: Mutex::new(()),
             epoch_file: Mutex::new(epoch_file),
             #[cfg(test)]
             fail_points: FailPoints::default(),
@@ -422,6 +457,71 @@ impl SledStore {
         self.envelopes.apply_batch(batch)?;
         **count = new_count;
         Ok(())
+    }
+
+    fn lock_tokens(&self) -> MutexGuard<'_, ()> {
+        // The lock guards no data of its own (see `lock_mutations`).
+        self.token_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The stored token `id`, expired or not.
+    fn stored_token(&self, id: &TokenId) -> Result<Option<StoredToken>, StoreError> {
+        self.tokens
+            .get(id.0)?
+            .map(|value| decode(&value, "token"))
+            .transpose()
+    }
+
+    /// Writes a token with its index entries, the entries first (see
+    /// "Crash ordering").
+    fn write_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        let expiry = token_expiry_key(token.expires_at_ms, &token.id, &token.owner);
+        self.fail_point("token.expiry")?;
+        self.token_expiry.insert(expiry, &[][..])?;
+        self.fail_point("token.owner")?;
+        self.token_owners.insert(
+            pair_key(&token.owner, &token.id.0),
+            &token.expires_at_ms.to_be_bytes()[..],
+        )?;
+        self.fail_point("token")?;
+        self.tokens.insert(token.id.0, encode(token)?)?;
+        Ok(())
+    }
+
+    /// Removes a token and then its index entries (see "Crash ordering").
+    fn remove_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        self.fail_point("token.remove")?;
+        self.tokens.remove(token.id.0)?;
+        self.fail_point("token.remove.owner")?;
+        self.token_owners
+            .remove(pair_key(&token.owner, &token.id.0))?;
+        self.fail_point("token.remove.expiry")?;
+        self.token_expiry.remove(token_expiry_key(
+            token.expires_at_ms,
+            &token.id,
+            &token.owner,
+        ))?;
+        Ok(())
+    }
+
+    /// The ids in `owner`'s token index, with the expiry time each entry records.
+    fn token_entries(&self, owner: &Address) -> Result<Vec<(TokenId, u64)>, StoreError> {
+        self.token_owners
+            .scan_prefix(owner.0)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let id = key
+                    .get(ADDRESS_LEN..)
+                    .and_then(|id| id.try_into().ok())
+                    .map(TokenId)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("token owner key of {} bytes", key.len()),
+                    })?;
+                Ok((id, decode_u64(&value, "token owner entry")?))
+            })
+            .collect()
     }
 
     /// The highest stored envelope seq of `address`.
@@ -718,6 +818,114 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn put_token(&self, token: &StoredToken, max: usize, now_ms: u64) -> Result<bool, StoreError> {
+        let _tokens = self.lock_tokens();
+        // At most `max` live entries are counted: the limit bounds the scan.
+        let mut held = 0;
+        for entry in self.token_owners.scan_prefix(token.owner.0) {
+            let (key, value) = entry?;
+            if key.get(ADDRESS_LEN..) == Some(&token.id.0[..])
+                || decode_u64(&value, "token owner entry")? <= now_ms
+            {
+                continue;
+            }
+            held += 1;
+            if held >= max {
+                return Ok(false);
+            }
+        }
+        if max == 0 {
+            return Ok(false);
+        }
+        self.write_token(token)?;
+        Ok(true)
+    }
+
+    fn token(&self, id: &TokenId, now_ms: u64) -> Result<Option<StoredToken>, StoreError> {
+        Ok(self
+            .stored_token(id)?
+            .filter(|token| token.expires_at_ms > now_ms))
+    }
+
+    fn attempt_token(
+        &self,
+        id: &TokenId,
+        verifier: &VerifierHash,
+        max_attempts: u32,
+        now_ms: u64,
+    ) -> Result<TokenAttempt, StoreError> {
+        let _tokens = self.lock_tokens();
+        let Some(mut token) = self.token(id, now_ms)? else {
+            return Ok(TokenAttempt::Missing);
+        };
+        if token.locked {
+            return Ok(TokenAttempt::Locked);
+        }
+        match &token.verifier_hash {
+            Some(stored) if !stored.matches(verifier) => {
+                token.failed_attempts = token.failed_attempts.saturating_add(1);
+                token.locked = token.failed_attempts >= max_attempts;
+                self.fail_point("token.attempt")?;
+                self.tokens.insert(id.0, encode(&token)?)?;
+                Ok(TokenAttempt::Refused {
+                    failed_attempts: token.failed_attempts,
+                    locked: token.locked,
+                })
+            }
+            _ => Ok(TokenAttempt::Opened(token)),
+        }
+    }
+
+    fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {
+        let _tokens = self.lock_tokens();
+        match self.stored_token(id)? {
+            Some(token) if token.owner == *owner => {
+                self.remove_token(&token)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let _tokens = self.lock_tokens();
+        // Every index key with expires_at_ms <= now_ms sorts below the 8-byte
+        // prefix now_ms + 1.
+        let due = match now_ms.checked_add(1) {
+            Some(bound) => self.token_expiry.range(..bound.to_be_bytes()),
+            None => self.token_expiry.iter(),
+        };
+        let mut doomed = Vec::new();
+        let mut stale = Vec::new();
+        for entry in due {
+            let (index_key, _) = entry?;
+            let (expires_at_ms, id, owner) = split_token_expiry_key(&index_key)?;
+            match self.stored_token(&id)? {
+                Some(token) if token.expires_at_ms == expires_at_ms => doomed.push(token),
+                // A stale entry (see "Crash ordering") is dropped without counting it.
+                held => stale.push((index_key, owner, id, held.is_none())),
+            }
+            if doomed.len() == limit {
+                break;
+            }
+        }
+        for token in &doomed {
+            self.remove_token(token)?;
+        }
+        for (index_key, owner, id, token_missing) in stale {
+            if token_missing {
+                self.fail_point("token.stale.owner")?;
+                self.token_owners.remove(pair_key(&owner, &id.0))?;
+            }
+            self.fail_point("token.stale.expiry")?;
+            self.token_expiry.remove(&index_key)?;
+        }
+        Ok(doomed.len())
+    }
+
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         self.policies
             .get(address.0)?
@@ -764,6 +972,7 @@ impl Store for SledStore {
             &self.cards,
             &self.devices,
             &self.capabilities,
+            &self.token_owners,
             &self.policies,
             &self.relationships,
         ] {
@@ -826,6 +1035,12 @@ impl Store for SledStore {
             card: self.card(address)?,
             devices,
             capabilities: self.capabilities(address)?,
+            tokens: self
+                .token_entries(address)?
+                .into_iter()
+                .map(|(id, _)| self.stored_token(&id))
+                .filter_map(Result::transpose)
+                .collect::<Result<Vec<_>, StoreError>>()?,
             policy: self.inbound_policy(address)?,
             relationships: self.relationships(address)?,
         })
@@ -893,6 +1108,11 @@ impl Store for SledStore {
             self.capabilities
                 .insert(pair_key(address, &hash.0), &[][..])?;
         }
+        let _tokens = self.lock_tokens();
+        for token in &export.tokens {
+            let merged = merge_token(self.stored_token(&token.id)?.as_ref(), token);
+            self.write_token(&merged)?;
+        }
         if let Some(policy) = export.policy {
             self.fail_point("import.policy")?;
             self.policies
@@ -930,6 +1150,25 @@ impl Store for SledStore {
             }
             self.fail_point("purge.head")?;
             self.heads.remove(address.0)?;
+        }
+        {
+            let _tokens = self.lock_tokens();
+            for (id, _) in self.token_entries(address)? {
+                match self.stored_token(&id)? {
+                    Some(token) if token.owner == *address => self.remove_token(&token)?,
+                    // An owner entry a crash left without its token.
+                    _ => {
+                        self.fail_point("token.stale.owner")?;
+                        self.token_owners.remove(pair_key(address, &id.0))?;
+                    }
+                }
+            }
+        }
+        for tree in [&self.cursors, &self.devices, &self.capabilities] {
+            for entry in tree.scan_prefix(address.0) {
+                self.fail_point("purge.pair")?;
+                tree.remove(entry?.0)?;
+            }
         }
         for tree in [
             &self.cursors,
@@ -1249,6 +1488,34 @@ fn split_expiry_key(key: &[u8]) -> Result<(u64, Address, u64), StoreError> {
     Ok((decode_u64(expires_at_ms, "expiry key")?, address, seq))
 }
 
+fn token_expiry_key(
+    expires_at_ms: u64,
+    id: &TokenId,
+    owner: &Address,
+) -> [u8; TOKEN_EXPIRY_KEY_LEN] {
+    let mut key = [0u8; TOKEN_EXPIRY_KEY_LEN];
+    key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
+    key[8..8 + TOKEN_ID_LEN].copy_from_slice(&id.0);
+    key[8 + TOKEN_ID_LEN..].copy_from_slice(&owner.0);
+    key
+}
+
+fn split_token_expiry_key(key: &[u8]) -> Result<(u64, TokenId, Address), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("token expiry key of {} bytes", key.len()),
+    };
+    if key.len() != TOKEN_EXPIRY_KEY_LEN {
+        return Err(corrupt());
+    }
+    let (expires_at_ms, rest) = key.split_at(8);
+    let (id, owner) = rest.split_at(TOKEN_ID_LEN);
+    Ok((
+        decode_u64(expires_at_ms, "token expiry key")?,
+        TokenId(id.try_into().map_err(|_| corrupt())?),
+        Address(owner.try_into().map_err(|_| corrupt())?),
+    ))
+}
+
 fn pair_key(address: &Address, device: &[u8; 32]) -> [u8; 64] {
     let mut key = [0u8; 64];
     key[..ADDRESS_LEN].copy_from_slice(&address.0);
@@ -1502,7 +1769,8 @@ mod fault_tests {
     use std::sync::Arc;
 
     use backbone_protocol::Keypair;
-    use backbone_protocol::bytes::{EncryptionKey, MessageId, RelationshipId};
+    use backbone_protocol::bytes::RelationshipId;
+    use backbone_protocol::bytes::{EncryptionKey, MessageId, PasswordVerifier};
     use backbone_protocol::relationship::{Role, State};
 
     use super::*;
@@ -1524,6 +1792,19 @@ mod fault_tests {
             envelope: Arc::new(envelope(seq, expires)),
         })
         .collect()
+    }
+
+    fn token(n: u8, owner: Address, expires_at_ms: u64) -> StoredToken {
+        StoredToken {
+            id: TokenId([n; 32]),
+            owner,
+            created_at_ms: 1,
+            expires_at_ms,
+            content: vec![n; 64],
+            verifier_hash: None,
+            failed_attempts: 0,
+            locked: false,
+        }
     }
 
     /// Calls every writing method so that every fail point is passed; stops
@@ -1559,6 +1840,7 @@ mod fault_tests {
             card: None,
             devices: vec![],
             capabilities: vec![CapabilityHash([8; 32])],
+            tokens: vec![token(1, b, 5_000)],
             policy: Some(InboundPolicy::RelationshipsOnly),
             relationships: vec![relationship(a, State::Active)],
         })?;
@@ -1566,6 +1848,21 @@ mod fault_tests {
         store.set_inbound_policy(&a, InboundPolicy::RelationshipsOnly)?;
         store.put_relationship(&a, &relationship(b, State::Pending))?;
         store.revoke_capability(&a, &CapabilityHash([7; 32]))?;
+        let mut protected = token(2, a, 5_000);
+        protected.verifier_hash = Some(PasswordVerifier([1; 32]).hash());
+        store.put_token(&protected, 10, 0)?;
+        store.attempt_token(&protected.id, &PasswordVerifier([2; 32]).hash(), 5, 0)?;
+        store.put_token(&token(3, a, 200), 10, 0)?;
+        store.delete_token(&a, &protected.id)?;
+        // Index entries a crash left without their token.
+        let lost = TokenId([4; 32]);
+        store
+            .token_expiry
+            .insert(token_expiry_key(210, &lost, &a), &[][..])?;
+        store
+            .token_owners
+            .insert(pair_key(&a, &lost.0), &210u64.to_be_bytes()[..])?;
+        store.expire_tokens(300, 10)?;
         store.put_card(&IdentityCard::sign(
             &Keypair::from_secret_bytes([9; 32]),
             EncryptionKey([3; 32]),

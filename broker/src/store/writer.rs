@@ -389,12 +389,14 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId};
+    use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId, TokenId, VerifierHash};
     use backbone_protocol::relationship::{InboundPolicy, Relationship};
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
     use super::*;
-    use crate::store::{MailboxExport, MailboxUsage, MemoryStore, StoredEnvelope};
+    use crate::store::{
+        MailboxExport, MailboxUsage, MemoryStore, StoredEnvelope, StoredToken, TokenAttempt,
+    };
 
     /// A [`MemoryStore`] that counts `append_batch` calls, can make each one
     /// slow like a real fsync, and can hold the first one until released.
@@ -519,6 +521,32 @@ mod tests {
         }
         fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError> {
             self.inner.capabilities(address)
+        }
+        fn put_token(
+            &self,
+            token: &StoredToken,
+            max: usize,
+            now_ms: u64,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_token(token, max, now_ms)
+        }
+        fn token(&self, id: &TokenId, now_ms: u64) -> Result<Option<StoredToken>, StoreError> {
+            self.inner.token(id, now_ms)
+        }
+        fn attempt_token(
+            &self,
+            id: &TokenId,
+            verifier: &VerifierHash,
+            max_attempts: u32,
+            now_ms: u64,
+        ) -> Result<TokenAttempt, StoreError> {
+            self.inner.attempt_token(id, verifier, max_attempts, now_ms)
+        }
+        fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {
+            self.inner.delete_token(owner, id)
+        }
+        fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+            self.inner.expire_tokens(now_ms, limit)
         }
         fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
             self.inner.inbound_policy(address)
