@@ -125,6 +125,9 @@ pub struct MailboxContext {
     pub quota: MailboxQuota,
     /// The broker's clock, to tell expired envelopes when counting usage.
     pub clock: Clock,
+    /// This run's sequence floor ([`crate::store::begin_run`]): a mailbox
+    /// numbers on from its stored head or from here, whichever is higher.
+    pub seq_floor: u64,
 }
 
 /// The mailbox actor; holds no state of its own (see [`MailboxState`]).
@@ -181,7 +184,12 @@ impl Actor for MailboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = args.context.store.clone();
         let address = args.address;
-        let head = tokio::task::spawn_blocking(move || store.head_seq(&address)).await??;
+        let stored_head =
+            tokio::task::spawn_blocking(move || store.head_seq(&address)).await??;
+        // Everything the store shows counts as durable (subscribers may read
+        // up to here), but numbering goes on above this run's floor, never
+        // reusing a number an earlier run may have shown and since lost.
+        let head = stored_head.max(args.context.seq_floor);
         let (forwarder, mut pending) = mpsc::unbounded_channel::<PendingWrite>();
         let actor = myself.clone();
         // Completions are awaited strictly in submission order, so subscribers
