@@ -153,6 +153,9 @@ pub struct MailboxContext {
     pub default_policy: InboundPolicy,
     /// How long notices stay in a mailbox.
     pub notice_ttl: Duration,
+    /// This run's sequence floor ([`crate::store::begin_run`]): a mailbox
+    /// numbers on from its stored head or from here, whichever is higher.
+    pub seq_floor: u64,
 }
 
 /// The mailbox actor; holds no state of its own (see [`MailboxState`]).
@@ -213,7 +216,7 @@ impl Actor for MailboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = args.context.store.clone();
         let address = args.address;
-        let (head, policy, relationships) = tokio::task::spawn_blocking(move || {
+        let (stored_head, policy, relationships) = tokio::task::spawn_blocking(move || {
             Ok::<_, StoreError>((
                 store.head_seq(&address)?,
                 store.inbound_policy(&address)?,
@@ -221,6 +224,10 @@ impl Actor for MailboxActor {
             ))
         })
         .await??;
+        // Everything the store shows counts as durable (subscribers may read
+        // up to here), but numbering goes on above this run's floor, never
+        // reusing a number an earlier run may have shown and since lost.
+        let head = stored_head.max(args.context.seq_floor);
         let (forwarder, mut pending) = mpsc::unbounded_channel::<PendingWrite>();
         let actor = myself.clone();
         // Completions are awaited strictly in submission order, so subscribers

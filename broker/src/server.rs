@@ -173,6 +173,7 @@ impl Broker {
             .clock
             .unwrap_or_else(|| Arc::new(backbone_protocol::unix_millis_now));
         let server_id = store.server_id()?;
+        let seq_floor = crate::store::begin_run(store.as_ref())?;
         let outgoing_moves = fleet.init_handoffs(store.as_ref())?;
         let (writer, write_handle) = Writer::start(store.clone());
 
@@ -186,6 +187,7 @@ impl Broker {
                 max_bytes: config.limits.mailbox_max_bytes.as_u64(),
             },
             clock: clock.clone(),
+            seq_floor,
             default_policy: config.relationships.default_inbound_policy,
             notice_ttl: config.limits.max_ttl,
         });

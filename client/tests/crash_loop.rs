@@ -245,6 +245,25 @@ async fn crash_loop(cycles: u32, early_ack: bool) -> check::Verdict {
         task.abort();
     }
     let verdict = ledger.lock().expect("ledger").verdict();
+    if !early_ack
+        && (!verdict.failures().is_empty() || std::env::var_os("BACKBONE_CRASH_KEEP").is_some())
+    {
+        // Keep the evidence: the data directory and every run's log, and the
+        // lost payloads' bytes, which sit unencrypted in the store's files
+        // if they were ever written there.
+        let kept = dir.keep();
+        println!(
+            "crash loop failed; data and logs kept in {}",
+            kept.display()
+        );
+        for (id, recipient) in &verdict.lost_examples {
+            println!(
+                "lost: {id:?} to recipient {recipient} ({}), payload {}",
+                addresses[*recipient],
+                hex::encode(encode(run, *id))
+            );
+        }
+    }
     println!(
         "crash loop{}: {cycles} cycles ({early_kills} killed during recovery): {}",
         if early_ack {

@@ -232,13 +232,29 @@ async fn acknowledged_envelopes_survive_a_restart_and_acked_ones_stay_acked() {
     }
     assert_no_delivery(&bob_client, Duration::from_millis(300)).await;
 
-    // Sequence numbers keep growing after the restart.
+    // Sequence numbers keep growing after the restart, from above the
+    // second run's floor (see `backbone_broker::store::begin_run`), so no
+    // number an earlier run showed is ever handed out again.
     let alice_client = alice.connect(&broker).await;
     let ack = alice_client
         .send(&[bob.address()], b"after", HOUR)
         .await
         .expect("sent");
     assert!(ack.stored[0].seq > *acked_seqs.last().expect("ten sends"));
+    assert_eq!(
+        ack.stored[0].seq,
+        backbone_broker::store::SEQS_PER_RUN + 1,
+        "the first number of the second run"
+    );
+    let message = bob_client
+        .next_message()
+        .await
+        .expect("running")
+        .expect("opens");
+    assert_eq!(
+        message.opened.plaintext, b"after",
+        "delivered across the gap"
+    );
     broker.shutdown().await;
 }
 

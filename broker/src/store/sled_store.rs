@@ -307,6 +307,7 @@ impl SledStore {
         // or an operator deleted the file to accept a damaged store's
         // surviving records: the count is taken afresh.
         let count = check_envelope_count(&envelopes, had_epoch_file)?;
+        tracing::info!(envelopes = count, write_epoch = epoch, "store opened");
         Ok(Self {
             envelopes,
             expiry: db.open_tree("expiry")?,
