@@ -438,6 +438,13 @@ mod tests {
         };
         let bytes = notice.to_envelope().expect("encodes");
         assert!(is_reserved(&bytes));
+        // The layout docs/protocol.md gives: prefix, variant, record, intro.
+        assert_eq!(bytes.len(), 8 + 4 + 64 + 1 + 8 + 40);
+        let bare = Notice::Relationship {
+            relationship: record(Role::Owner, State::Active),
+            intro: None,
+        };
+        assert_eq!(bare.to_envelope().expect("encodes").len(), 8 + 4 + 64 + 1);
         assert_eq!(Notice::from_envelope(&bytes), Some(Ok(notice)));
         assert_eq!(Notice::from_envelope(b"\x02an ordinary envelope"), None);
         let mut damaged = NOTICE_PREFIX.to_vec();
