@@ -597,6 +597,44 @@ impl Client {
         .await
     }
 
+    /// Publishes a relationship template: registers a fresh delivery
+    /// capability with this identity's mailbox and stores it, with this
+    /// identity's address, in a token (see [`crate::template`]). Share the
+    /// returned reference; whoever holds it can ask for a relationship
+    /// ([`Client::request_relationship_with_template`]) until the token
+    /// expires. Revoke the capability to retire the template for good.
+    pub async fn create_relationship_template(
+        &self,
+        ttl: Duration,
+        password: Option<&str>,
+    ) -> Result<(TokenRef, DeliveryCapability), ClientError> {
+        let capability = DeliveryCapability::random();
+        self.register_capability(&capability).await?;
+        let template = crate::template::RelationshipTemplate {
+            owner: self.address,
+            capability,
+        };
+        let reference = self
+            .create_token(&template.to_bytes(), ttl, password)
+            .await?;
+        Ok((reference, capability))
+    }
+
+    /// Fetches the template `reference` names and asks its owner for a
+    /// relationship, with `intro` sealed to the owner.
+    pub async fn request_relationship_with_template(
+        &self,
+        reference: &TokenRef,
+        password: Option<&str>,
+        intro: &[u8],
+    ) -> Result<Relationship, ClientError> {
+        let content = self.get_token(reference, password).await?;
+        let template = crate::template::RelationshipTemplate::from_bytes(&content)
+            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        self.request_relationship(&template.owner, &template.capability, intro)
+            .await
+    }
+
     /// Opens the introduction of a relationship request notice about
     /// `requester`, verifying that the requester signed it.
     pub fn open_intro(&self, requester: &Address, intro: &[u8]) -> Result<Opened, ClientError> {

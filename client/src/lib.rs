@@ -87,6 +87,7 @@ pub mod envelope;
 pub mod error;
 pub mod keyfile;
 pub mod sealed;
+pub mod template;
 pub mod token;
 pub mod transport;
 
@@ -94,5 +95,6 @@ pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
 pub use client::{Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
 pub use error::ClientError;
 pub use sealed::{SealedOptions, SealedSender};
+pub use template::RelationshipTemplate;
 pub use token::{TokenError, TokenFetcher, TokenRef};
 pub use transport::{ConnectConfig, Credentials, Trust};

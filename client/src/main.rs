@@ -9,8 +9,9 @@ use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
 use backbone_client::{
     CapabilityHash, Client, ClientError, ClientOptions, ConnectConfig, Credentials,
-    DeliveryCapability, SealedOptions, SealedSender, TokenFetcher, TokenRef, Trust,
+    DeliveryCapability, Event, SealedOptions, SealedSender, TokenFetcher, TokenRef, Trust,
 };
+use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship, Role, State};
 use backbone_protocol::{Address, ErrorCode};
 use clap::{Args, Parser, Subcommand};
 
@@ -53,6 +54,67 @@ enum Command {
     /// fetch it, without an identity, until it expires or you delete it.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Relationships: publish a template, ask its owner, accept, reject or
+    /// end relationships, and choose who may send to you.
+    #[command(subcommand)]
+    Relationship(RelationshipCommand),
+}
+
+#[derive(Subcommand)]
+enum RelationshipCommand {
+    /// Publish a relationship template and print its token reference: share
+    /// it (a QR code, a link); whoever holds it can ask you for a
+    /// relationship until it expires.
+    Template {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// How long the template's token lives (capped by the broker's maximum).
+        #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Ask the owner of a template for a relationship.
+    Request {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The template's reference (`bbt1:...`).
+        reference: String,
+        /// An introduction, encrypted to the owner.
+        #[arg(long, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Accept a pending request from ADDRESS.
+    Accept(DecideArgs),
+    /// Reject a pending request from ADDRESS.
+    Reject(DecideArgs),
+    /// End the relationship with ADDRESS (or withdraw your pending request).
+    Terminate(DecideArgs),
+    /// Print your inbound policy and every relationship, one per line:
+    /// state, role, peer address, id.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Choose who may send to you: `anyone`, or `relationships-only`
+    /// (identities with an active relationship, and sealed sends presenting
+    /// a capability you registered).
+    Policy {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// `anyone` or `relationships-only`.
+        policy: InboundPolicy,
+    },
+}
+
+#[derive(Args)]
+struct DecideArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The other identity's address.
+    peer: String,
 }
 
 #[derive(Subcommand)]
@@ -298,6 +360,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Listen(args) => return listen(args).await,
         Command::Capability(command) => capability(command).await?,
         Command::Token(command) => token(command).await?,
+        Command::Relationship(command) => relationship(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -518,6 +581,92 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn relationship(command: RelationshipCommand) -> anyhow::Result<()> {
+    let decide = |args: DecideArgs, decision: Decision| async move {
+        let peer: Address = args.peer.parse().context("the other identity's address")?;
+        let client = connect(&args.server).await?;
+        let record = client.decide_relationship(&peer, decision).await?;
+        print_relationship(&record);
+        anyhow::Ok(())
+    };
+    match command {
+        RelationshipCommand::Template {
+            server,
+            ttl,
+            password,
+        } => {
+            let password = password.read()?;
+            let client = connect(&server).await?;
+            let (reference, _) = client
+                .create_relationship_template(ttl, password.as_deref())
+                .await?;
+            println!("{}", reference.to_text());
+            eprintln!(
+                "published a relationship template: whoever holds the line above can ask you \
+                 for a relationship (`relationship request`)"
+            );
+        }
+        RelationshipCommand::Request {
+            server,
+            reference,
+            message,
+            password,
+        } => {
+            let reference = parse_reference(&reference)?;
+            let password = password.read()?;
+            let client = connect(&server).await?;
+            let record = client
+                .request_relationship_with_template(
+                    &reference,
+                    password.as_deref(),
+                    message.as_bytes(),
+                )
+                .await?;
+            print_relationship(&record);
+        }
+        RelationshipCommand::Accept(args) => decide(args, Decision::Accept).await?,
+        RelationshipCommand::Reject(args) => decide(args, Decision::Reject).await?,
+        RelationshipCommand::Terminate(args) => decide(args, Decision::Terminate).await?,
+        RelationshipCommand::List { server } => {
+            let client = connect(&server).await?;
+            let (policy, records) = client.relationships().await?;
+            println!("policy {policy}");
+            for record in &records {
+                print_relationship(record);
+            }
+        }
+        RelationshipCommand::Policy { server, policy } => {
+            let client = connect(&server).await?;
+            client.set_inbound_policy(policy).await?;
+            eprintln!("inbound policy: {policy}");
+        }
+    }
+    Ok(())
+}
+
+fn print_relationship(record: &Relationship) {
+    print_relationship_to(&mut std::io::stdout(), record);
+}
+
+fn print_relationship_to(out: &mut impl std::io::Write, record: &Relationship) {
+    let state = match record.state {
+        State::Pending => "pending",
+        State::Active => "active",
+        State::Rejected => "rejected",
+        State::Terminated => "terminated",
+    };
+    let role = match record.role {
+        Role::Requester => "requester",
+        Role::Owner => "owner",
+    };
+    let _ = writeln!(
+        out,
+        "{state} {role} {} {}",
+        record.peer,
+        hex::encode(record.id.0)
+    );
+}
+
 /// A token reference from the command line; a parse error says what kind
 /// of text was expected.
 fn parse_reference(text: &str) -> anyhow::Result<TokenRef> {
@@ -535,24 +684,31 @@ async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let mut received = 0u64;
     while args.count.is_none_or(|count| received < count) {
-        let next = client.next_message();
-        let message = match deadline {
+        let next = client.next_event();
+        let event = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
-                Ok(message) => message,
+                Ok(event) => event,
                 Err(_) => break,
             },
             None => next.await,
         };
-        let Some(message) = message else {
+        let Some(event) = event else {
             anyhow::bail!("connection to the broker ended")
         };
-        match message {
-            Ok(message) => {
+        match event {
+            Event::Message(message) => {
                 received += 1;
                 print_message(&message, args.json);
                 client.ack(message.delivery.seq).await?;
             }
-            Err((delivery, error)) => {
+            Event::Notice(delivery, Notice::Relationship { relationship, .. }) => {
+                // Notices go to standard error: standard output stays the
+                // messages (and their JSON lines).
+                eprint!("relationship notice: ");
+                print_relationship_to(&mut std::io::stderr(), &relationship);
+                client.ack(delivery.seq).await?;
+            }
+            Event::Unreadable(delivery, error) => {
                 eprintln!("rejected envelope seq {}: {error}", delivery.seq);
                 client.ack(delivery.seq).await?;
             }

@@ -711,3 +711,105 @@ fn a_token_is_created_fetched_without_an_identity_and_deleted_through_the_cli() 
         String::from_utf8_lossy(&mistyped.stderr)
     );
 }
+
+#[test]
+fn a_relationship_is_asked_for_accepted_and_ended_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    let mut addresses = Vec::new();
+    for key in [&alice_key, &bob_key] {
+        addresses.push(stdout(&run_cli(&[
+            "keygen",
+            "--out",
+            key.to_str().expect("utf8"),
+        ])));
+    }
+    let (alice, bob) = (addresses[0].clone(), addresses[1].clone());
+    let connection = ["--server", &server, "--ca", ca.to_str().expect("utf8")];
+    let as_ = |key: &Path, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(connection);
+        all.extend(["--key", key.to_str().expect("utf8")]);
+        run_cli(&all)
+    };
+
+    // Bob takes only relationships and publishes a template (the broker
+    // may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = as_(&bob_key, &["relationship", "policy", "relationships-only"]);
+        if output.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let template = stdout(&as_(&bob_key, &["relationship", "template", "--ttl", "1h"]));
+    assert!(template.starts_with("bbt1:"), "{template}");
+
+    // Alice is refused until Bob accepts her request.
+    let refused = as_(&alice_key, &["send", "--to", &bob, "--message", "hi"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("NotConsented"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let requested = stdout(&as_(
+        &alice_key,
+        &[
+            "relationship",
+            "request",
+            &template,
+            "--message",
+            "it's Alice",
+        ],
+    ));
+    assert!(
+        requested.starts_with(&format!("pending requester {bob} ")),
+        "{requested}"
+    );
+    let listed = stdout(&as_(&bob_key, &["relationship", "list"]));
+    assert!(
+        listed.starts_with("policy relationships-only\npending owner "),
+        "{listed}"
+    );
+    // Only the owner accepts.
+    assert!(
+        !as_(&alice_key, &["relationship", "accept", &bob])
+            .status
+            .success()
+    );
+    let accepted = stdout(&as_(&bob_key, &["relationship", "accept", &alice]));
+    assert!(
+        accepted.starts_with(&format!("active owner {alice} ")),
+        "{accepted}"
+    );
+    stdout(&as_(&alice_key, &["send", "--to", &bob, "--message", "hi"]));
+
+    // Alice ends it; Bob's mailbox refuses her again.
+    let ended = stdout(&as_(&alice_key, &["relationship", "terminate", &bob]));
+    assert!(ended.starts_with("terminated requester"), "{ended}");
+    assert!(
+        !as_(&alice_key, &["send", "--to", &bob, "--message", "again"])
+            .status
+            .success()
+    );
+    // A mistyped address is refused before connecting.
+    let mistyped = as_(&bob_key, &["relationship", "reject", "bb1nonsense"]);
+    assert!(!mistyped.status.success());
+    assert!(
+        String::from_utf8_lossy(&mistyped.stderr).contains("address"),
+        "{}",
+        String::from_utf8_lossy(&mistyped.stderr)
+    );
+}

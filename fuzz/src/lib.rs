@@ -10,25 +10,30 @@
 use backbone_client::envelope::{self, EncryptionKeypair, Padding};
 use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};
 use backbone_protocol::bytes::{
-    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, ServerId,
-    Signature, Text, TokenId,
+    Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, RelationshipId,
+    ServerId, Signature, Text, TokenId,
 };
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
-    PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse, PeerTokenResult, SealedForward,
-    TransferEnvelope, TransferToken,
+    PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
+    PeerTokenResult, SealedForward, TransferEnvelope, TransferToken,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken, Delete,
-    DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities,
-    Ping, Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RevokeCapability,
-    SealedSend, Send, SendAck, Stored, TokenContent, TokenCreated,
+    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
+    GetToken, Hello, ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect,
+    RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
+    RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
+    TokenCreated,
 };
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
+};
+use backbone_protocol::relationship::{
+    Decision, InboundPolicy, Relationship, Role, SideChange, State,
 };
 use backbone_protocol::{
     Address, Decoded, DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair, PROTOCOL_VERSION,
@@ -334,6 +339,43 @@ fn sample_frames() -> Vec<Frame> {
         Frame::DeleteToken(DeleteToken {
             request_id: 14,
             token_id: TokenId([0x88; 32]),
+        }),
+        Frame::SetInboundPolicy(SetInboundPolicy {
+            request_id: 15,
+            policy: InboundPolicy::RelationshipsOnly,
+        }),
+        Frame::RequestRelationship(RequestRelationship {
+            request_id: 16,
+            owner: address,
+            capability,
+            intro: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+        }),
+        Frame::DecideRelationship(DecideRelationship {
+            request_id: 17,
+            peer: address,
+            decision: Decision::Accept,
+        }),
+        Frame::RelationshipChanged(RelationshipChanged {
+            request_id: 17,
+            relationship: Relationship {
+                id: RelationshipId([0x0b; 16]),
+                peer: address,
+                role: Role::Owner,
+                state: State::Active,
+                changed_at_ms: 1_700_000_000_000,
+            },
+        }),
+        Frame::ListRelationships(ListRelationships { request_id: 18 }),
+        Frame::Relationships(Relationships {
+            request_id: 18,
+            policy: InboundPolicy::Anyone,
+            relationships: vec![Relationship {
+                id: RelationshipId([0x0b; 16]),
+                peer: address,
+                role: Role::Owner,
+                state: State::Active,
+                changed_at_ms: 1_700_000_000_000,
+            }],
         }),
     ]
 }
@@ -773,6 +815,14 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                     failed_attempts: 2,
                     locked: false,
                 }],
+                policy: Some(InboundPolicy::RelationshipsOnly),
+                relationships: vec![Relationship {
+                    id: RelationshipId([0x0b; 16]),
+                    peer: address,
+                    role: Role::Owner,
+                    state: State::Active,
+                    changed_at_ms: 1_700_000_000_000,
+                }],
             }],
         }),
         PeerFrame::HandoffDone(HandoffDone {
@@ -801,6 +851,25 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
         PeerFrame::TokenResult(PeerTokenResult {
             request_id: 6,
             result: Ok((Blob(vec![0xde, 0xad, 0xbe, 0xef]), 1_700_000_600_000)),
+        }),
+        PeerFrame::Consent(PeerConsent {
+            request_id: 7,
+            address,
+            peer: address,
+            change: SideChange::Request {
+                capability_hash: DeliveryCapability([0x66; 32]).hash(),
+                intro: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            },
+        }),
+        PeerFrame::ConsentResult(PeerConsentResult {
+            request_id: 7,
+            result: Ok(Relationship {
+                id: RelationshipId([0x0b; 16]),
+                peer: address,
+                role: Role::Owner,
+                state: State::Active,
+                changed_at_ms: 1_700_000_000_000,
+            }),
         }),
     ]
 }
@@ -976,10 +1045,12 @@ mod tests {
                 PeerFrame::SealedForward(_) => 10,
                 PeerFrame::GetToken(_) => 11,
                 PeerFrame::TokenResult(_) => 12,
+                PeerFrame::Consent(_) => 13,
+                PeerFrame::ConsentResult(_) => 14,
             }
         }
         let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
-        assert_eq!(tags, (0..13).collect::<Vec<_>>());
+        assert_eq!(tags, (0..15).collect::<Vec<_>>());
     }
 
     #[test]
