@@ -100,6 +100,7 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
             Ok(name) if name.starts_with("node/handoff/") => "meta node/handoff".into(),
+            Ok("node/run") => "meta node/run".into(),
             _ => format!("unaudited meta key {key:?}"),
         },
         _ => format!(
