@@ -46,6 +46,14 @@ else
     binary="target/release/backbone"
     log "cargo build --release -p backbone-broker --bin backbone"
     cargo build --release -p backbone-broker --bin backbone
+    # With CARGO_TARGET_DIR set, cargo builds elsewhere; the build context
+    # (see .dockerignore) only takes target/release/backbone, so put a copy there.
+    built="${CARGO_TARGET_DIR:-target}/release/backbone"
+    if [[ "$(realpath -m "$built")" != "$(realpath -m "$binary")" ]]; then
+        log "copying $built to $binary (CARGO_TARGET_DIR is set)"
+        mkdir -p target/release
+        cp "$built" "$binary"
+    fi
 fi
 if [[ ! -x "$binary" ]]; then
     echo "build-image: $binary is not an executable file" >&2
