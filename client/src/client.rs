@@ -727,6 +727,29 @@ async fn connect_following_redirects(
     Err(ClientError::Protocol("too many redirects".into()))
 }
 
+/// Whether a persistent client stops reconnecting after `error`: only when
+/// trying again cannot help, because the broker refused this identity or
+/// device, or its certificate is not the one trusted. A broker that is
+/// starting, stopping or crashing can fail a handshake in many other ways
+/// (a stream closed mid-handshake, an unexpected frame, an error code that
+/// is final for a single request): those are retried with backoff, or one
+/// restart would silence a device for good.
+fn gives_up_on(error: &ClientError) -> bool {
+    match error {
+        ClientError::CertificateMismatch(_) | ClientError::InvalidFingerprint(_) => true,
+        ClientError::Server { code, .. } | ClientError::Closed { code, .. } => matches!(
+            backbone_protocol::ErrorCode::from_u16(*code),
+            Some(
+                backbone_protocol::ErrorCode::AuthFailed
+                    | backbone_protocol::ErrorCode::DeviceNotRegistered
+                    | backbone_protocol::ErrorCode::InvalidCertificate
+                    | backbone_protocol::ErrorCode::UnsupportedVersion
+            )
+        ),
+        _ => false,
+    }
+}
+
 async fn connection_loop(
     options: ClientOptions,
     first: RawConnection,
@@ -747,7 +770,7 @@ async fn connection_loop(
                 attempt = attempt.saturating_add(1);
                 match connect_following_redirects(&options.connect, &options.credentials).await {
                     Ok((raw, _)) => raw,
-                    Err(error) if error.is_retryable() => {
+                    Err(error) if !gives_up_on(&error) => {
                         debug!(%error, "reconnect failed; retrying");
                         continue;
                     }
@@ -957,4 +980,47 @@ async fn dispatch(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use backbone_protocol::ErrorCode;
+
+    use super::*;
+
+    fn server(code: ErrorCode) -> ClientError {
+        ClientError::server(code as u16, String::new(), None)
+    }
+
+    #[test]
+    fn a_persistent_client_gives_up_only_when_retrying_cannot_help() {
+        for error in [
+            ClientError::CertificateMismatch("other certificate".into()),
+            ClientError::InvalidFingerprint("xyz".into()),
+            server(ErrorCode::AuthFailed),
+            server(ErrorCode::DeviceNotRegistered),
+            server(ErrorCode::InvalidCertificate),
+            server(ErrorCode::UnsupportedVersion),
+        ] {
+            assert!(gives_up_on(&error), "{error}");
+        }
+        // What a broker that is starting, stopping or crashing can cause.
+        for error in [
+            ClientError::Protocol("unexpected Pong frame".into()),
+            ClientError::Tls("TLS exporter unavailable".into()),
+            ClientError::Disconnected("stream closed".into()),
+            ClientError::Unreachable("timed out".into()),
+            ClientError::Timeout,
+            ClientError::Redirect("10.0.0.2:7700".into()),
+            server(ErrorCode::ChallengeExpired),
+            server(ErrorCode::ShuttingDown),
+            server(ErrorCode::Internal),
+            ClientError::Closed {
+                code: u16::MAX,
+                reason: "unknown".into(),
+            },
+        ] {
+            assert!(!gives_up_on(&error), "{error}");
+        }
+    }
 }
