@@ -55,12 +55,20 @@ fn options(port: u16, ca: &std::path::Path, identity: &Identity) -> ClientOption
     let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(ca.into()));
     connect.server_name = Some("localhost".into());
     connect.connect_timeout = Duration::from_secs(2);
+    // A client learns that its broker died from the next broker's stateless
+    // reset, which answers its next packet: with the default 10 s keep-alive
+    // a quiet recipient could still sit on a dead connection when the drain
+    // below stops waiting, and its undelivered envelopes would count as lost.
+    connect.keep_alive = Duration::from_secs(1);
     let mut options = ClientOptions::primary(
         connect,
         identity.signing.clone(),
         identity.encryption.clone(),
     );
     options.request_timeout = Duration::from_secs(3);
+    // Likewise the default backoff grows to 10 s after a few failed
+    // reconnects (a broker that is down, or killed while starting).
+    options.backoff.max = Duration::from_secs(1);
     options
 }
 
@@ -123,8 +131,11 @@ async fn crash_loop(cycles: u32, early_ack: bool) -> check::Verdict {
     // Even recipients stay connected (pushes, reconnects after each crash);
     // odd ones connect only after the loop and read everything from the
     // store, so a write that never became durable shows as a loss there.
+    // A receiving client that stops for good (its reconnects gave up)
+    // records why: the receiving side then loses everything after it.
+    let stopped_clients = Arc::new(Mutex::new(Vec::<String>::new()));
     let receive = |index: usize, client: Client| {
-        let ledger = ledger.clone();
+        let (ledger, stopped_clients) = (ledger.clone(), stopped_clients.clone());
         tokio::spawn(async move {
             while let Some(delivery) = client.next_delivery().await {
                 match decode(run, &delivery.envelope) {
@@ -133,6 +144,10 @@ async fn crash_loop(cycles: u32, early_ack: bool) -> check::Verdict {
                 }
                 let _ = client.ack(delivery.seq).await;
             }
+            stopped_clients
+                .lock()
+                .expect("stopped")
+                .push(format!("recipient {index}: {:?}", client.status()));
         })
     };
     for (index, identity) in recipients.iter().enumerate().step_by(2) {
@@ -244,6 +259,11 @@ async fn crash_loop(cycles: u32, early_ack: bool) -> check::Verdict {
     for task in tasks {
         task.abort();
     }
+    let stopped = stopped_clients.lock().expect("stopped").clone();
+    assert!(
+        stopped.is_empty(),
+        "receiving clients stopped reconnecting for good, so everything after was lost: {stopped:?}"
+    );
     let verdict = ledger.lock().expect("ledger").verdict();
     if !early_ack
         && (!verdict.failures().is_empty() || std::env::var_os("BACKBONE_CRASH_KEEP").is_some())
