@@ -221,14 +221,18 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         relationships: export.relationships.clone(),
         ..empty_part()
     }];
+    // The part with room for `len` more bytes: the last one, or a new one.
     let mut bytes = 0;
-    for token in export.tokens {
-        if bytes + token.content.len() > BATCH_BYTES && bytes > 0 {
+    let mut part_for = |parts: &mut Vec<MailboxTransfer>, len: usize| {
+        if bytes + len > BATCH_BYTES && bytes > 0 {
             parts.push(empty_part());
             bytes = 0;
         }
-        bytes += token.content.len();
-        let last = parts.len() - 1;
+        bytes += len;
+        parts.len() - 1
+    };
+    for token in export.tokens {
+        let last = part_for(&mut parts, token.content.len());
         parts[last].tokens.push(TransferToken {
             id: token.id,
             created_at_ms: token.created_at_ms,
@@ -240,12 +244,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         });
     }
     for envelope in export.envelopes {
-        if bytes + envelope.envelope.len() > BATCH_BYTES && bytes > 0 {
-            parts.push(empty_part());
-            bytes = 0;
-        }
-        bytes += envelope.envelope.len();
-        let last = parts.len() - 1;
+        let last = part_for(&mut parts, envelope.envelope.len());
         parts[last].envelopes.push(TransferEnvelope {
             seq: envelope.seq,
             message_id: envelope.message_id,

@@ -345,20 +345,7 @@ impl Store for MemoryStore {
         else {
             return Ok(TokenAttempt::Missing);
         };
-        if token.locked {
-            return Ok(TokenAttempt::Locked);
-        }
-        match &token.verifier_hash {
-            Some(stored) if !stored.matches(verifier) => {
-                token.failed_attempts = token.failed_attempts.saturating_add(1);
-                token.locked = token.failed_attempts >= max_attempts;
-                Ok(TokenAttempt::Refused {
-                    failed_attempts: token.failed_attempts,
-                    locked: token.locked,
-                })
-            }
-            _ => Ok(TokenAttempt::Opened(token.clone())),
-        }
+        Ok(token.attempt(verifier, max_attempts))
     }
 
     fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {

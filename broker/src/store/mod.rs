@@ -80,6 +80,29 @@ pub struct StoredToken {
     pub locked: bool,
 }
 
+impl StoredToken {
+    /// Presents `verifier` to this token: the rule both stores apply inside
+    /// [`Store::attempt_token`]. A wrong verifier counts a failure and locks
+    /// the token at `max_attempts`; the caller stores the token again when
+    /// the outcome is [`TokenAttempt::Refused`].
+    pub fn attempt(&mut self, verifier: &VerifierHash, max_attempts: u32) -> TokenAttempt {
+        if self.locked {
+            return TokenAttempt::Locked;
+        }
+        match &self.verifier_hash {
+            Some(stored) if !stored.matches(verifier) => {
+                self.failed_attempts = self.failed_attempts.saturating_add(1);
+                self.locked = self.failed_attempts >= max_attempts;
+                TokenAttempt::Refused {
+                    failed_attempts: self.failed_attempts,
+                    locked: self.locked,
+                }
+            }
+            _ => TokenAttempt::Opened(self.clone()),
+        }
+    }
+}
+
 /// The outcome of presenting a password verifier for a token
 /// ([`Store::attempt_token`]).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -859,22 +859,12 @@ impl Store for SledStore {
         let Some(mut token) = self.token(id, now_ms)? else {
             return Ok(TokenAttempt::Missing);
         };
-        if token.locked {
-            return Ok(TokenAttempt::Locked);
+        let attempt = token.attempt(verifier, max_attempts);
+        if matches!(attempt, TokenAttempt::Refused { .. }) {
+            self.fail_point("token.attempt")?;
+            self.tokens.insert(id.0, encode(&token)?)?;
         }
-        match &token.verifier_hash {
-            Some(stored) if !stored.matches(verifier) => {
-                token.failed_attempts = token.failed_attempts.saturating_add(1);
-                token.locked = token.failed_attempts >= max_attempts;
-                self.fail_point("token.attempt")?;
-                self.tokens.insert(id.0, encode(&token)?)?;
-                Ok(TokenAttempt::Refused {
-                    failed_attempts: token.failed_attempts,
-                    locked: token.locked,
-                })
-            }
-            _ => Ok(TokenAttempt::Opened(token)),
-        }
+        Ok(attempt)
     }
 
     fn delete_token(&self, owner: &Address, id: &TokenId) -> Result<bool, StoreError> {
