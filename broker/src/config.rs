@@ -31,6 +31,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Limits on requests.
     pub limits: LimitsConfig,
+    /// The file service.
+    pub files: FilesConfig,
     /// Mailbox actors.
     pub mailbox: MailboxConfig,
     /// The expiry sweep.
@@ -41,6 +43,32 @@ pub struct Config {
     pub fleet: FleetConfig,
     /// Relationships and inbound policies.
     pub relationships: RelationshipsConfig,
+}
+
+/// `[files]`: large encrypted blobs on their own streams.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file; a larger one is refused with `FileTooLarge`.
+    pub max_size: ByteSize,
+    /// Most unexpired files one identity may hold.
+    pub max_files_per_identity: usize,
+    /// Most declared bytes one identity's unexpired files may add up to.
+    pub max_bytes_per_identity: ByteSize,
+    /// Longest time to live of a file.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize::mib(100),
+            max_files_per_identity: 100,
+            max_bytes_per_identity: ByteSize::gib(1),
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// `[server]`.
@@ -462,6 +490,18 @@ impl Config {
                     ByteSize(backbone_protocol::codec::MAX_FRAME_LEN as u64)
                 ),
             );
+        }
+        if self.files.max_size.as_u64() == 0 {
+            return invalid("files.max_size", "must be greater than zero");
+        }
+        if self.files.max_bytes_per_identity < self.files.max_size {
+            return invalid(
+                "files.max_bytes_per_identity",
+                "must be at least files.max_size, or no file of the largest size fits",
+            );
+        }
+        if self.files.max_ttl < Duration::from_secs(1) {
+            return invalid("files.max_ttl", "must be at least 1s");
         }
         if self.limits.max_ttl < Duration::from_secs(1) {
             return invalid("limits.max_ttl", "must be at least 1s");

@@ -62,6 +62,8 @@ pub struct Shared {
     pub unauthenticated: AtomicUsize,
     /// QUIC Retry packets sent (address validation), for tests and metrics.
     pub retries: std::sync::atomic::AtomicU64,
+    /// The bytes of stored files, and the uploads running.
+    pub files: Arc<crate::files::Files>,
 }
 
 fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
@@ -175,6 +177,16 @@ impl Broker {
         let server_id = store.server_id()?;
         let seq_floor = crate::store::begin_run(store.as_ref())?;
         let outgoing_moves = fleet.init_handoffs(store.as_ref())?;
+        let files = Arc::new(crate::files::Files::open(data_dir).with_context(|| {
+            format!("cannot open the file directory in {}", data_dir.display())
+        })?);
+        let orphans = files.remove_orphans(store.as_ref())?;
+        if orphans > 0 {
+            info!(
+                orphans,
+                "deleted file bytes without a record (left by a crash)"
+            );
+        }
         let (writer, write_handle) = Writer::start(store.clone());
 
         let context = Arc::new(MailboxContext {
@@ -196,6 +208,7 @@ impl Broker {
             interval: config.expiry.interval,
             batch: config.expiry.batch,
             clock: clock.clone(),
+            files: files.clone(),
         };
         let (supervisor, _) = Actor::spawn(
             None,
@@ -225,6 +238,7 @@ impl Broker {
             connect_limiter,
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
+            files,
         });
         if shared.send_limiter.is_some()
             || shared.sealed_limiter.is_some()

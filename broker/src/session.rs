@@ -24,8 +24,8 @@ use backbone_protocol::bytes::{Blob, MessageId, Nonce, Text};
 use backbone_protocol::codec::{BufferError, Phase};
 use backbone_protocol::fleet::{PeerCardResult, PeerFetchCard, PeerFrame};
 use backbone_protocol::frame::{
-    AuthOk, Capabilities, CardResult, Deliver, Done, ErrorCode, ErrorFrame, FetchCard, Pong,
-    Redirect, SealedSend, Send, SendAck,
+    AuthOk, Capabilities, CardResult, Deliver, Done, DownloadFile, ErrorCode, ErrorFrame,
+    FetchCard, Pong, Redirect, SealedSend, Send, SendAck, UploadFile,
 };
 use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
 use backbone_protocol::{Address, DeviceId, Frame};
@@ -329,6 +329,10 @@ async fn serve_authenticated(
     out: mpsc::Sender<Frame>,
 ) {
     let session = Arc::new(session);
+    let streams = tokio::spawn(
+        crate::files::serve_streams(shared.clone(), connection.clone(), Some(session.address))
+            .in_current_span(),
+    );
     let (ack_tx, ack_rx) = watch::channel(session.acked_seq);
     let delivery = tokio::spawn(
         deliver(shared.clone(), session.clone(), out.clone(), ack_rx).in_current_span(),
@@ -389,6 +393,7 @@ async fn serve_authenticated(
     .await;
     drop(ack_tx);
     let _ = delivery.await;
+    streams.abort();
     if *shared.shutdown.borrow() {
         close(
             connection,
@@ -555,6 +560,15 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
         Frame::CreateToken(create) => crate::token::create(shared, address, create).await,
         Frame::GetToken(get) => crate::token::get(shared, get).await,
         Frame::DeleteToken(delete) => crate::token::delete(shared, address, delete).await,
+        Frame::CreateFile(create) => crate::files::create(shared, address, create).await,
+        Frame::FileStatus(status) => crate::files::status(shared, address, status).await,
+        Frame::DeleteFile(delete) => crate::files::delete(shared, address, delete).await,
+        Frame::UploadFile(UploadFile { request_id, .. })
+        | Frame::DownloadFile(DownloadFile { request_id, .. }) => error_frame(
+            request_id,
+            ErrorCode::UnexpectedFrame,
+            "file transfers run on their own stream: open a new one for each",
+        ),
         Frame::RegisterDevice(register) => {
             let id = register.request_id;
             if let Err(error) = register.certificate.verify_for(&address) {
@@ -631,6 +645,9 @@ async fn serve_anonymous(
         .map(|quota| Arc::new(governor::RateLimiter::direct(quota)));
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
+    let streams = tokio::spawn(
+        crate::files::serve_streams(shared.clone(), connection.clone(), None).in_current_span(),
+    );
     loop {
         let Some(frame) = next_request(connection, &mut reader, &out, &mut shutdown).await else {
             break;
@@ -702,6 +719,7 @@ async fn serve_anonymous(
         permits.acquire_many(all),
     )
     .await;
+    streams.abort();
     if *shared.shutdown.borrow() {
         close(
             connection,
@@ -730,6 +748,11 @@ fn request_id_of(frame: &Frame) -> u64 {
         Frame::RequestRelationship(f) => f.request_id,
         Frame::DecideRelationship(f) => f.request_id,
         Frame::ListRelationships(f) => f.request_id,
+        Frame::CreateFile(f) => f.request_id,
+        Frame::FileStatus(f) => f.request_id,
+        Frame::DeleteFile(f) => f.request_id,
+        Frame::UploadFile(f) => f.request_id,
+        Frame::DownloadFile(f) => f.request_id,
         _ => 0,
     }
 }

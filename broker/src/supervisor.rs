@@ -108,9 +108,12 @@ pub struct ExpiryArgs {
     pub batch: usize,
     /// The clock, in Unix milliseconds (injectable for tests).
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Where expired files' bytes are deleted.
+    pub files: Arc<crate::files::Files>,
 }
 
-/// Deletes expired envelopes and tokens through the store's expiry indexes.
+/// Deletes expired envelopes, tokens and files through the store's expiry
+/// indexes (and expired files' bytes).
 pub struct ExpiryActor;
 
 /// Messages of the expiry actor.
@@ -162,6 +165,17 @@ impl Actor for ExpiryActor {
                             .await??;
                     metrics::counter!("backbone_tokens_expired_total").increment(deleted as u64);
                     if deleted < batch {
+                        break;
+                    }
+                }
+                loop {
+                    let store = state.store.clone();
+                    let batch = state.batch;
+                    let expired =
+                        tokio::task::spawn_blocking(move || store.expire_files(now, batch))
+                            .await??;
+                    crate::files::remove_expired(&state.files, &expired);
+                    if expired.len() < batch {
                         break;
                     }
                 }

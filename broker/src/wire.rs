@@ -32,6 +32,13 @@ impl FrameReader {
         }
     }
 
+    /// The stream and the bytes read past the last frame taken: an upload
+    /// stream's first raw bytes.
+    pub fn into_parts(mut self) -> (quinn::RecvStream, Vec<u8>) {
+        let rest = self.buffer.take_buffered();
+        (self.recv, rest)
+    }
+
     /// The next frame.
     pub async fn next(&mut self, phase: Phase) -> Result<Frame, ReadError> {
         loop {

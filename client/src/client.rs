@@ -8,19 +8,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId, TokenId};
+use backbone_protocol::bytes::{
+    Blob, CapabilityHash, ContentHash, DeliveryCapability, FileId, FileSecret, MessageId, TokenId,
+};
 use backbone_protocol::frame::{
-    Ack, CreateToken, DecideRelationship, Delete, DeleteToken, FetchCard, GetToken,
-    ListCapabilities, ListRelationships, PublishCard, RegisterCapability, RegisterDevice,
-    RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
+    Ack, CreateFile, CreateToken, DecideRelationship, Delete, DeleteFile, DeleteToken, FetchCard,
+    FileCreated, FileState, FileStatus, GetToken, ListCapabilities, ListRelationships, PublishCard,
+    RegisterCapability, RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck,
+    SetInboundPolicy,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
+use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::envelope::{self, EncryptionKeypair, Opened, Padding};
 use crate::error::ClientError;
+use crate::file::{self, FileFetcher, FileRef, FileSource};
 use crate::token::{self, TokenRef};
 use crate::transport::{ConnectConfig, Credentials, RawConnection, unexpected};
 
@@ -197,6 +202,8 @@ pub struct Client {
     status: watch::Receiver<Status>,
     next_request: AtomicU64,
     cards: std::sync::Mutex<HashMap<Address, IdentityCard>>,
+    /// The live QUIC connection, for file streams; `None` while reconnecting.
+    connection: watch::Receiver<Option<quinn::Connection>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -216,12 +223,14 @@ impl Client {
         let (commands, command_rx) = mpsc::channel(1024);
         let (delivery_tx, deliveries) = mpsc::channel(options.delivery_buffer);
         let (status_tx, status) = watch::channel(Status::Connected);
+        let (connection_tx, current) = watch::channel(None);
         let task = tokio::spawn(connection_loop(
             options.clone(),
             connection,
             command_rx,
             delivery_tx,
             status_tx,
+            connection_tx,
         ));
         Ok(Client {
             options,
@@ -231,6 +240,7 @@ impl Client {
             status,
             next_request: AtomicU64::new(1),
             cards: std::sync::Mutex::new(HashMap::new()),
+            connection: current,
             task,
         })
     }
@@ -490,6 +500,220 @@ impl Client {
         }))
         .await
         .map_err(token::classify)
+    }
+
+    /// The live connection, waiting (up to the request timeout) while the
+    /// client reconnects.
+    async fn live_connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut current = self.connection.clone();
+        let wait = current.wait_for(|connection| {
+            connection
+                .as_ref()
+                .is_some_and(|connection| connection.close_reason().is_none())
+        });
+        match tokio::time::timeout(self.options.request_timeout, wait).await {
+            Ok(Ok(connection)) => Ok(connection.clone().expect("waited for a connection")),
+            Ok(Err(_)) => Err(ClientError::Disconnected("client stopped".into())),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Announces a file of `size` sealed bytes hashing to `content_hash`,
+    /// downloadable with the secret hashing to `secret_hash`. The low-level
+    /// half of [`Client::put_file`], for callers that seal files themselves.
+    pub async fn create_file(
+        &self,
+        size: u64,
+        content_hash: ContentHash,
+        secret_hash: backbone_protocol::bytes::FileSecretHash,
+        ttl: Duration,
+    ) -> Result<FileCreated, ClientError> {
+        let frame = Frame::CreateFile(CreateFile {
+            request_id: self.request_id(),
+            size,
+            content_hash,
+            secret_hash,
+            ttl_secs: u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX),
+        });
+        match self.request(frame).await? {
+            Frame::FileCreated(created) => Ok(created),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// How much of one of this identity's files the broker holds.
+    pub async fn file_status(&self, id: &FileId) -> Result<FileState, ClientError> {
+        let frame = Frame::FileStatus(FileStatus {
+            request_id: self.request_id(),
+            file_id: *id,
+        });
+        match self.request(frame).await? {
+            Frame::FileState(state) => Ok(state),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Uploads sealed `bytes` of a file at `offset` (which must be where the
+    /// broker's copy ends) on a stream of their own. The low-level half of
+    /// [`Client::put_file`].
+    pub async fn upload_file_part(
+        &self,
+        id: &FileId,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<FileState, ClientError> {
+        let connection = self.live_connection().await?;
+        file::upload_bytes(&connection, self.request_id(), *id, offset, bytes).await
+    }
+
+    /// Encrypts the file `source` under a fresh key, uploads it for `ttl`
+    /// (capped by the broker) and returns the reference to share, inside a
+    /// message, with whoever should download it.
+    ///
+    /// The upload resumes where the broker's copy ends whenever the
+    /// connection breaks, so a file arrives whole across reconnects. Fails
+    /// with `FileTooLarge` above the broker's size limit and `QuotaExceeded`
+    /// over this identity's file quota.
+    pub async fn put_file(
+        &self,
+        source: FileSource,
+        ttl: Duration,
+    ) -> Result<FileRef, ClientError> {
+        let key: [u8; file::KEY_LEN] = rand::random();
+        let secret = FileSecret::random();
+        let mut plain = file::PlainReader::open(source).await?;
+        let content_hash = plain.content_hash(&key).await?;
+        let size = file::sealed_len(plain.len());
+        let created = self
+            .create_file(size, content_hash, secret.hash(), ttl)
+            .await?;
+        let reference = FileRef {
+            id: created.file_id,
+            secret,
+            key,
+        };
+        self.resume_upload(&reference, &mut plain).await?;
+        Ok(reference)
+    }
+
+    /// Finishes uploading a file created earlier (by [`Client::put_file`]
+    /// in a process that stopped, say) from the same `source`: uploads what
+    /// the broker lacks, from where its copy ends. Sealing is deterministic
+    /// for the reference's key, so only the missing bytes travel.
+    pub async fn resume_file_upload(
+        &self,
+        reference: &FileRef,
+        source: FileSource,
+    ) -> Result<(), ClientError> {
+        let mut plain = file::PlainReader::open(source).await?;
+        self.resume_upload(reference, &mut plain).await
+    }
+
+    /// Uploads what the broker lacks of `reference`'s file from `plain`,
+    /// retrying after broken connections until it is complete.
+    async fn resume_upload(
+        &self,
+        reference: &FileRef,
+        plain: &mut file::PlainReader,
+    ) -> Result<(), ClientError> {
+        const ATTEMPTS: u32 = 30;
+        let mut last_error = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(self.options.backoff.delay(attempt.min(4))).await;
+            }
+            let state = match self.file_status(&reference.id).await {
+                Ok(state) => state,
+                Err(error) if error.is_retryable() => {
+                    last_error = Some(error);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if state.complete {
+                return Ok(());
+            }
+            let connection = match self.live_connection().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            let uploaded = file::upload_sealed(
+                &connection,
+                self.request_id(),
+                reference.id,
+                state.received,
+                plain,
+                &reference.key,
+            )
+            .await;
+            match uploaded {
+                Ok(state) if state.complete => return Ok(()),
+                // Part of it arrived: ask where to go on.
+                Ok(_) => continue,
+                // A stream of the broken connection may still hold the
+                // upload for a moment.
+                Err(error)
+                    if error.is_retryable()
+                        || error.code() == Some(backbone_protocol::ErrorCode::InvalidOffset) =>
+                {
+                    debug!(%error, "file upload interrupted; resuming");
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or(ClientError::Timeout))
+    }
+
+    /// Downloads and opens the file `reference` names, writing its
+    /// plaintext to `sink`. Downloads on this client's connection, or, when
+    /// the file lives on another node of the fleet, on an anonymous
+    /// connection to that node. A broken download resumes at the last whole
+    /// chunk; nothing unverified reaches `sink`.
+    pub async fn get_file<W: AsyncWrite + Unpin>(
+        &self,
+        reference: &FileRef,
+        sink: &mut W,
+    ) -> Result<(), ClientError> {
+        const ATTEMPTS: u32 = 10;
+        let mut opener = None;
+        let mut last_error = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(self.options.backoff.delay(attempt.min(4))).await;
+            }
+            let connection = match self.live_connection().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            match file::download(&connection, self.request_id(), reference, &mut opener, sink).await
+            {
+                Ok(file::Fetched::Done) => return Ok(()),
+                Ok(file::Fetched::Redirect(node)) => {
+                    let mut connect = self.options.connect.clone();
+                    connect.server = node;
+                    return FileFetcher::new(connect).get(reference, sink).await;
+                }
+                Err(error) if error.is_retryable() => last_error = Some(error),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or(ClientError::Timeout))
+    }
+
+    /// Deletes one of this identity's files, its bytes included.
+    pub async fn delete_file(&self, id: &FileId) -> Result<(), ClientError> {
+        self.expect_done(Frame::DeleteFile(DeleteFile {
+            request_id: self.request_id(),
+            file_id: *id,
+        }))
+        .await
     }
 
     /// The next pushed envelope, still sealed; `None` once the client stopped.
@@ -756,6 +980,7 @@ async fn connection_loop(
     mut commands: mpsc::Receiver<Command>,
     deliveries: mpsc::Sender<Delivery>,
     status: watch::Sender<Status>,
+    current: watch::Sender<Option<quinn::Connection>>,
 ) {
     let mut connection = Some(first);
     let mut last_acked = 0u64;
@@ -784,6 +1009,7 @@ async fn connection_loop(
         };
         attempt = 0;
         let _ = status.send(Status::Connected);
+        let _ = current.send(Some(raw.connection().clone()));
         let outcome = run_connection(
             raw,
             &mut commands,
@@ -792,6 +1018,7 @@ async fn connection_loop(
             &mut last_delivered,
         )
         .await;
+        let _ = current.send(None);
         match outcome {
             Outcome::ClientDropped => return,
             Outcome::Lost(error) => debug!(%error, "connection lost; reconnecting"),
@@ -919,6 +1146,9 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::RequestRelationship(f) => Some(f.request_id),
         Frame::DecideRelationship(f) => Some(f.request_id),
         Frame::ListRelationships(f) => Some(f.request_id),
+        Frame::CreateFile(f) => Some(f.request_id),
+        Frame::FileStatus(f) => Some(f.request_id),
+        Frame::DeleteFile(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -935,6 +1165,8 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::TokenContent(f) => Some(f.request_id),
         Frame::RelationshipChanged(f) => Some(f.request_id),
         Frame::Relationships(f) => Some(f.request_id),
+        Frame::FileCreated(f) => Some(f.request_id),
+        Frame::FileState(f) => Some(f.request_id),
         _ => None,
     }
 }

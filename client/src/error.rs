@@ -57,6 +57,9 @@ pub enum ClientError {
     /// A token could not be created, fetched, opened or deleted.
     #[error("token: {0}")]
     Token(#[from] crate::token::TokenError),
+    /// A file could not be opened or was cut short.
+    #[error("file: {0}")]
+    File(#[from] crate::file::FileError),
     /// Local I/O failed.
     #[error("I/O: {0}")]
     Io(String),

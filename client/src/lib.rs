@@ -85,6 +85,7 @@
 pub mod client;
 pub mod envelope;
 pub mod error;
+pub mod file;
 pub mod keyfile;
 pub mod sealed;
 pub mod template;
@@ -94,6 +95,7 @@ pub mod transport;
 pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
 pub use client::{Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
 pub use error::ClientError;
+pub use file::{FileError, FileFetcher, FileRef, FileSource};
 pub use sealed::{SealedOptions, SealedSender};
 pub use template::RelationshipTemplate;
 pub use token::{TokenError, TokenFetcher, TokenRef};

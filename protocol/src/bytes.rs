@@ -165,6 +165,32 @@ fixed_bytes!(
     16
 );
 
+fixed_bytes!(
+    /// A file's id: 32 random bytes chosen by the broker in the owner's slot
+    /// (see [`crate::file`]). Not enough on its own to download the file.
+    FileId,
+    32
+);
+fixed_bytes!(
+    secret
+    /// The secret half of a file's download capability (see [`crate::file`]):
+    /// 32 random bytes the uploader puts in the message that shares the
+    /// file. Secret: `Debug` prints `FileSecret(redacted)`.
+    FileSecret,
+    32
+);
+fixed_bytes!(
+    /// The hash of a [`FileSecret`] that the broker stores with the file.
+    FileSecretHash,
+    32
+);
+fixed_bytes!(
+    /// The BLAKE3 hash of a file's (encrypted) content, declared when the
+    /// file is created and checked when its last byte arrives.
+    ContentHash,
+    32
+);
+
 /// Variable-length opaque bytes (envelopes, addresses of other nodes).
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Blob(pub Vec<u8>);

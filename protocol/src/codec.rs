@@ -534,6 +534,15 @@ impl FrameBuffer {
         self.buf.len() - self.start
     }
 
+    /// Takes the bytes buffered and not yet consumed, leaving the buffer
+    /// empty: what followed a stream's header frame (an upload's raw bytes).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.start);
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self, phase: Phase) -> Result<Option<Frame>, BufferError> {
         let available = &self.buf[self.start..];
@@ -567,6 +576,21 @@ impl FrameBuffer {
 mod buffer_tests {
     use super::*;
     use crate::frame::Ping;
+
+    #[test]
+    fn the_bytes_after_a_header_frame_can_be_taken_out() {
+        let mut bytes = frame_to_vec(&Frame::Ping(Ping { nonce: 1 })).expect("encodes");
+        bytes.extend_from_slice(b"raw file bytes");
+        let mut buffer = FrameBuffer::new(1024);
+        buffer.extend(&bytes);
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Ok(Some(Frame::Ping(Ping { nonce: 1 })))
+        );
+        assert_eq!(buffer.take_buffered(), b"raw file bytes");
+        assert_eq!(buffer.buffered(), 0);
+        assert_eq!(buffer.take_buffered(), b"");
+    }
 
     #[test]
     fn frames_split_across_chunks_come_out_whole_and_bad_ones_are_skipped() {

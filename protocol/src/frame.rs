@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{
-    Blob, CapabilityHash, DeliveryCapability, MessageId, Nonce, PasswordVerifier, ServerId,
-    Signature, Text, TokenId,
+    Blob, CapabilityHash, ContentHash, DeliveryCapability, FileId, FileSecret, FileSecretHash,
+    MessageId, Nonce, PasswordVerifier, ServerId, Signature, Text, TokenId,
 };
 use crate::card::IdentityCard;
 use crate::identity::{Address, DeviceCertificate, DeviceId, PublicKey};
@@ -97,11 +97,41 @@ pub enum Frame {
     ListRelationships(ListRelationships),
     /// Tag 34, broker → client: the answer to [`Frame::ListRelationships`].
     Relationships(Relationships),
+    /// Tag 35: reserved for identity deletion (being merged).
+    Reserved35(Reserved),
+    /// Tag 36: reserved for identity deletion (being merged).
+    Reserved36(Reserved),
+    /// Tag 37: reserved for identity deletion (being merged).
+    Reserved37(Reserved),
+    /// Tag 38, client → broker, authenticated sessions only: announce a file
+    /// (see [`crate::file`]). Answered by [`Frame::FileCreated`].
+    CreateFile(CreateFile),
+    /// Tag 39, broker → client: the file's id; its bytes may now be uploaded.
+    FileCreated(FileCreated),
+    /// Tag 40, client → broker, the file's owner only: how much of a file
+    /// the broker holds. Answered by [`Frame::FileState`].
+    FileStatus(FileStatus),
+    /// Tag 41, broker → client: a file's upload progress, answering
+    /// [`Frame::FileStatus`] and ending each upload stream.
+    FileState(FileState),
+    /// Tag 42, client → broker, the file's owner only: delete a file.
+    /// Answered by [`Frame::Done`].
+    DeleteFile(DeleteFile),
+    /// Tag 43, client → broker, first frame of an upload stream: the raw
+    /// bytes from `offset` follow. Answered on that stream by
+    /// [`Frame::FileState`].
+    UploadFile(UploadFile),
+    /// Tag 44, client → broker, only frame of a download stream. Answered on
+    /// that stream by [`Frame::FileData`] and the raw bytes.
+    DownloadFile(DownloadFile),
+    /// Tag 45, broker → client, first frame of a download stream's answer:
+    /// the raw bytes from `offset` to the end follow.
+    FileData(FileData),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 35] = [
+    pub const TAG_NAMES: [&'static str; 46] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -137,6 +167,17 @@ impl Frame {
         "RelationshipChanged",
         "ListRelationships",
         "Relationships",
+        "Reserved35",
+        "Reserved36",
+        "Reserved37",
+        "CreateFile",
+        "FileCreated",
+        "FileStatus",
+        "FileState",
+        "DeleteFile",
+        "UploadFile",
+        "DownloadFile",
+        "FileData",
     ];
 
     /// The wire tag of this frame.
@@ -177,6 +218,17 @@ impl Frame {
             Frame::RelationshipChanged(_) => 32,
             Frame::ListRelationships(_) => 33,
             Frame::Relationships(_) => 34,
+            Frame::Reserved35(_) => 35,
+            Frame::Reserved36(_) => 36,
+            Frame::Reserved37(_) => 37,
+            Frame::CreateFile(_) => 38,
+            Frame::FileCreated(_) => 39,
+            Frame::FileStatus(_) => 40,
+            Frame::FileState(_) => 41,
+            Frame::DeleteFile(_) => 42,
+            Frame::UploadFile(_) => 43,
+            Frame::DownloadFile(_) => 44,
+            Frame::FileData(_) => 45,
         }
     }
 
@@ -570,6 +622,108 @@ pub struct Relationships {
     pub relationships: Vec<Relationship>,
 }
 
+/// Placeholder of a tag another change is adding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserved;
+
+/// Announces a file of `size` bytes (see [`crate::file`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateFile {
+    /// Client-chosen, non-zero.
+    pub request_id: u64,
+    /// The exact number of bytes that will be uploaded.
+    pub size: u64,
+    /// BLAKE3 of those bytes, checked when the last one arrives.
+    pub content_hash: ContentHash,
+    /// The hash of the secret a downloader must present.
+    pub secret_hash: FileSecretHash,
+    /// Seconds until the broker deletes the file; capped by the broker.
+    pub ttl_secs: u32,
+}
+
+/// The broker's answer to [`CreateFile`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCreated {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The file's id, drawn in the owner's slot.
+    pub file_id: FileId,
+    /// When the broker deletes it, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Asks how much of one of the identity's files the broker holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatus {
+    /// Client-chosen, non-zero.
+    pub request_id: u64,
+    /// The file.
+    pub file_id: FileId,
+}
+
+/// A file's upload progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    /// The request (or upload stream) this answers.
+    pub request_id: u64,
+    /// The file.
+    pub file_id: FileId,
+    /// The declared size.
+    pub size: u64,
+    /// Bytes the broker holds; an upload resumes here.
+    pub received: u64,
+    /// Whether every byte arrived and the content hash matched.
+    pub complete: bool,
+    /// When the broker deletes it, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Deletes one of the identity's files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteFile {
+    /// Client-chosen, non-zero.
+    pub request_id: u64,
+    /// The file.
+    pub file_id: FileId,
+}
+
+/// Opens an upload stream; the raw bytes from `offset` follow the frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadFile {
+    /// Client-chosen, echoed by the answer on this stream.
+    pub request_id: u64,
+    /// The file.
+    pub file_id: FileId,
+    /// Where the bytes start: the broker's `received`.
+    pub offset: u64,
+}
+
+/// Opens a download stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadFile {
+    /// Client-chosen, echoed by the answer on this stream.
+    pub request_id: u64,
+    /// The file.
+    pub file_id: FileId,
+    /// The capability's secret.
+    pub secret: FileSecret,
+    /// The first byte wanted; 0 for the whole file.
+    pub offset: u64,
+}
+
+/// Heads a download stream's answer; the raw bytes follow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileData {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The file's size.
+    pub size: u64,
+    /// The first byte that follows.
+    pub offset: u64,
+    /// The content hash the upload was checked against.
+    pub content_hash: ContentHash,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -680,6 +834,16 @@ error_codes! {
     InvalidTransition = 38, false;
     /// The envelope starts with the bytes reserved for broker notices.
     ReservedEnvelope = 39, false;
+    /// The file is larger than the broker accepts.
+    FileTooLarge = 41, false;
+    /// The uploaded bytes do not match the declared content hash; the
+    /// upload was discarded and starts over at byte 0.
+    ContentMismatch = 42, false;
+    /// The file is not completely uploaded yet.
+    FileIncomplete = 43, false;
+    /// An upload stream does not start where the broker's copy ends, goes
+    /// past the declared size, or another upload of the file is running.
+    InvalidOffset = 44, false;
     /// An internal error.
     Internal = 50, true;
     /// Storage failed; nothing was acknowledged.

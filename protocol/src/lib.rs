@@ -26,6 +26,7 @@ pub mod bytes;
 pub mod capability;
 pub mod card;
 pub mod codec;
+pub mod file;
 pub mod fleet;
 pub mod frame;
 pub mod handshake;

@@ -34,13 +34,19 @@ pub const VERIFIER_HASH_CONTEXT: &str = "backbone token verifier v1";
 ///
 /// With 4096 slots this takes 4096 draws on average; the chance of needing
 /// more than 100 000 is below 10⁻¹⁰.
-pub fn token_id_in_slot_of(owner: &Address, mut random: impl FnMut(&mut [u8; 32])) -> TokenId {
+pub fn token_id_in_slot_of(owner: &Address, random: impl FnMut(&mut [u8; 32])) -> TokenId {
+    TokenId(id_in_slot_of(owner, random))
+}
+
+/// Draws 32 bytes from `random` until they route, as an address, to
+/// `owner`'s slot. Token and file ids are drawn this way.
+pub(crate) fn id_in_slot_of(owner: &Address, mut random: impl FnMut(&mut [u8; 32])) -> [u8; 32] {
     let slot = slot_of(owner);
     loop {
         let mut id = [0u8; 32];
         random(&mut id);
         if slot_of(&Address(id)) == slot {
-            return TokenId(id);
+            return id;
         }
     }
 }

@@ -8,13 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use backbone_protocol::bytes::{CapabilityHash, ServerId, TokenId, VerifierHash};
+use backbone_protocol::bytes::{CapabilityHash, FileId, ServerId, TokenId, VerifierHash};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
 use super::{
-    Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope, StoredToken,
-    TokenAttempt, merge_token,
+    Append, FilePut, FileQuota, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope,
+    StoredFile, StoredToken, TokenAttempt, merge_token,
 };
 
 /// A [`Store`] held entirely in memory.
@@ -39,6 +39,9 @@ struct Inner {
     tokens: BTreeMap<TokenId, StoredToken>,
     /// `(expires_at_ms, id)`, the order of the sled token expiry index.
     token_expiry: BTreeSet<(u64, TokenId)>,
+    files: BTreeMap<FileId, StoredFile>,
+    /// `(expires_at_ms, id)`, the order of the sled file expiry index.
+    file_expiry: BTreeSet<(u64, FileId)>,
     policies: HashMap<Address, InboundPolicy>,
     /// Keyed by (address, peer), so one address's records are one range.
     relationships: BTreeMap<(Address, Address), Relationship>,
@@ -82,6 +85,16 @@ impl Inner {
         let token = self.tokens.remove(id)?;
         self.token_expiry.remove(&(token.expires_at_ms, token.id));
         Some(token)
+    }
+
+    fn remove_file(&mut self, id: &FileId) -> Option<StoredFile> {
+        let file = self.files.remove(id)?;
+        self.file_expiry.remove(&(file.expires_at_ms, file.id));
+        Some(file)
+    }
+
+    fn files_of<'a>(&'a self, owner: &'a Address) -> impl Iterator<Item = &'a StoredFile> {
+        self.files.values().filter(move |file| file.owner == *owner)
     }
 
     fn tokens_of<'a>(&'a self, owner: &'a Address) -> impl Iterator<Item = &'a StoredToken> {
@@ -375,6 +388,75 @@ impl Store for MemoryStore {
         Ok(due.len())
     }
 
+    fn put_file(
+        &self,
+        file: &StoredFile,
+        quota: FileQuota,
+        now_ms: u64,
+    ) -> Result<FilePut, StoreError> {
+        let mut inner = self.lock()?;
+        let held = inner
+            .files_of(&file.owner)
+            .filter(|held| held.expires_at_ms > now_ms && held.id != file.id);
+        let outcome = quota.admits(held, file);
+        if outcome == FilePut::Stored {
+            inner.remove_file(&file.id);
+            inner.file_expiry.insert((file.expires_at_ms, file.id));
+            inner.files.insert(file.id, file.clone());
+        }
+        Ok(outcome)
+    }
+
+    fn file(&self, id: &FileId, now_ms: u64) -> Result<Option<StoredFile>, StoreError> {
+        Ok(self
+            .lock()?
+            .files
+            .get(id)
+            .filter(|file| file.expires_at_ms > now_ms)
+            .cloned())
+    }
+
+    fn complete_file(&self, id: &FileId) -> Result<bool, StoreError> {
+        Ok(match self.lock()?.files.get_mut(id) {
+            Some(file) => {
+                file.complete = true;
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn delete_file(&self, owner: &Address, id: &FileId) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.files.get(id).is_none_or(|file| file.owner != *owner) {
+            return Ok(false);
+        }
+        Ok(inner.remove_file(id).is_some())
+    }
+
+    fn files_of(&self, owner: &Address) -> Result<Vec<StoredFile>, StoreError> {
+        Ok(self.lock()?.files_of(owner).cloned().collect())
+    }
+
+    fn file_exists(&self, id: &FileId) -> Result<bool, StoreError> {
+        Ok(self.lock()?.files.contains_key(id))
+    }
+
+    fn expire_files(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>, StoreError> {
+        let mut inner = self.lock()?;
+        let due: Vec<FileId> = inner
+            .file_expiry
+            .iter()
+            .take_while(|(expires_at_ms, _)| *expires_at_ms <= now_ms)
+            .take(limit)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &due {
+            inner.remove_file(id);
+        }
+        Ok(due)
+    }
+
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         Ok(self.lock()?.policies.get(address).copied())
     }
@@ -418,6 +500,7 @@ impl Store for MemoryStore {
             .chain(inner.devices.keys().map(|(address, _)| *address))
             .chain(inner.capabilities.iter().map(|(address, _)| *address))
             .chain(inner.tokens.values().map(|token| token.owner))
+            .chain(inner.files.values().map(|file| file.owner))
             .chain(inner.policies.keys().copied())
             .chain(inner.relationships.keys().map(|(address, _)| *address))
             .filter(|address| filter(address))
@@ -531,6 +614,10 @@ impl Store for MemoryStore {
         let doomed: Vec<TokenId> = inner.tokens_of(address).map(|token| token.id).collect();
         for id in &doomed {
             inner.remove_token(id);
+        }
+        let doomed: Vec<FileId> = inner.files_of(address).map(|file| file.id).collect();
+        for id in &doomed {
+            inner.remove_file(id);
         }
         inner.policies.remove(address);
         inner.relationships.retain(|(owner, _), _| owner != address);

@@ -28,7 +28,9 @@
 
 use std::sync::Arc;
 
-use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId, TokenId, VerifierHash};
+use backbone_protocol::bytes::{
+    CapabilityHash, ContentHash, FileId, FileSecretHash, MessageId, ServerId, TokenId, VerifierHash,
+};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
@@ -120,6 +122,70 @@ pub enum TokenAttempt {
         /// Whether this failure locked the token.
         locked: bool,
     },
+}
+
+/// One file's record; its bytes live in the broker's file directory (see
+/// `crate::files`), named by the id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// The id, drawn by the broker in the owner's slot.
+    pub id: FileId,
+    /// The identity that created it: the only one that may upload to it,
+    /// ask its status or delete it.
+    pub owner: Address,
+    /// The declared size in bytes.
+    pub size: u64,
+    /// The declared BLAKE3 hash of the content.
+    pub content_hash: ContentHash,
+    /// The hash of the secret a downloader must present.
+    pub secret_hash: FileSecretHash,
+    /// When it is deleted, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// Whether every byte arrived and matched the content hash.
+    pub complete: bool,
+}
+
+/// The per-identity file limits [`Store::put_file`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileQuota {
+    /// Files held at once.
+    pub max_files: usize,
+    /// Declared bytes held at once.
+    pub max_bytes: u64,
+}
+
+/// The outcome of [`Store::put_file`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilePut {
+    /// Recorded.
+    Stored,
+    /// The owner holds `max_files` files already.
+    TooManyFiles,
+    /// The owner's files would exceed `max_bytes`.
+    TooManyBytes,
+}
+
+impl FileQuota {
+    /// Whether an owner holding `held` (live files other than `file`) may add
+    /// `file`: the rule both stores apply inside [`Store::put_file`].
+    pub fn admits<'a>(
+        &self,
+        held: impl IntoIterator<Item = &'a StoredFile>,
+        file: &StoredFile,
+    ) -> FilePut {
+        let (mut count, mut bytes) = (0usize, 0u64);
+        for held in held {
+            count += 1;
+            bytes = bytes.saturating_add(held.size);
+        }
+        if count >= self.max_files {
+            FilePut::TooManyFiles
+        } else if bytes.saturating_add(file.size) > self.max_bytes {
+            FilePut::TooManyBytes
+        } else {
+            FilePut::Stored
+        }
+    }
 }
 
 /// Everything stored for one address: what moves when its slot changes owner.
@@ -363,8 +429,41 @@ pub trait Store: Send + Sync + 'static {
     /// through a token expiry index, earliest first. Returns how many.
     fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
 
-    /// Every address with any record (envelope, head, cursor, card, device,
-    /// capability or token)
+    /// Records `file`, unless its owner would then hold more than
+    /// `quota.max_files` files or `quota.max_bytes` declared bytes unexpired
+    /// at `now_ms`: returns which limit refused it then, and stores nothing.
+    /// The count and the write are one atomic step. Not flushed by itself.
+    fn put_file(
+        &self,
+        file: &StoredFile,
+        quota: FileQuota,
+        now_ms: u64,
+    ) -> Result<FilePut, StoreError>;
+
+    /// The file `id`'s record, unless it has expired at `now_ms`.
+    fn file(&self, id: &FileId, now_ms: u64) -> Result<Option<StoredFile>, StoreError>;
+
+    /// Marks the file `id` complete; returns whether the record exists. Not
+    /// flushed by itself.
+    fn complete_file(&self, id: &FileId) -> Result<bool, StoreError>;
+
+    /// Deletes the file `id`'s record if `owner` created it (expired or
+    /// not); returns whether it did. Not flushed by itself. The caller
+    /// deletes the bytes afterwards.
+    fn delete_file(&self, owner: &Address, id: &FileId) -> Result<bool, StoreError>;
+
+    /// The records of every file `owner` created (expired but unswept ones
+    /// included), ascending by id.
+    fn files_of(&self, owner: &Address) -> Result<Vec<StoredFile>, StoreError>;
+
+    /// Whether any record names the file `id`: a file's bytes without one
+    /// are left over from a crash and may be deleted.
+    fn file_exists(&self, id: &FileId) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` file records with `expires_at_ms <= now_ms`,
+    /// earliest first, and returns their ids; the caller deletes their bytes.
+    fn expire_files(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>, StoreError>;
+
     /// The address's recorded inbound policy; `None` if it never set one
     /// (the broker's configured default applies).
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError>;
@@ -389,8 +488,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Every address with any record (envelope, head, cursor, card, device,
-    /// capability, policy or relationship)
-    /// for which `filter` holds, ascending. Visits each address once, not
+    /// capability, token, policy or relationship) for which `filter` holds, ascending. Visits each address once, not
     /// each record.
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
 
@@ -401,12 +499,9 @@ pub trait Store: Send + Sync + 'static {
     /// (with expiry index entries), the head and cursors only grow, the card
     /// and devices are replaced, capability hashes and tokens are added
     /// (without the per-identity limits: the previous owner already applied
-    /// them). A token already present keeps the higher failed-attempt count
-    /// and stays locked if either copy is. Importing the same export twice
-    /// changes nothing. Not flushed by itself.
-    /// and devices are replaced, capability hashes are added (without the
-    /// per-mailbox limit: the previous owner already applied it), the policy
-    /// and relationship records are replaced by the exported ones. Importing
+    /// them), the policy and relationship records are replaced by the
+    /// exported ones. A token already present keeps the higher
+    /// failed-attempt count and stays locked if either copy is. Importing
     /// the same export twice changes nothing. Not flushed by itself.
     fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
 

@@ -18,6 +18,9 @@
 //! | `tokens`    | `token_id(32)`                               | `encode_value(StoredToken)` |
 //! | `token_owners` | `owner(32) ‖ token_id(32)`                | the token's `expires_at_ms(u64 BE)` |
 //! | `token_expiry` | `expires_at_ms(u64 BE) ‖ token_id(32) ‖ owner(32)` | empty |
+//! | `files`     | `file_id(32)`                                | `encode_value(StoredFile)`; the bytes are in `<data_dir>/files/` |
+//! | `file_owners` | `owner(32) ‖ file_id(32)`                  | the file's `expires_at_ms(u64 BE)` |
+//! | `file_expiry` | `expires_at_ms(u64 BE) ‖ file_id(32) ‖ owner(32)` | empty |
 //! | `policies`  | `address(32)`                                | inbound policy: `0` anyone, `1` relationships-only |
 //! | `relationships` | `address(32) ‖ peer(32)`                 | `encode_value(Relationship)`: the address's side |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
@@ -50,6 +53,8 @@
 //!   counting it, together with the owner entry a crash may have left; an
 //!   owner entry is counted against the quota only while its expiry time
 //!   (kept in its value) has not passed.
+//!
+//! - File records follow the token rule exactly, with their own trees.
 //!
 //! None of these writes was acknowledged before the crash, so losing them is
 //! allowed; only their partial effects need care.
@@ -90,7 +95,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use backbone_protocol::bytes::{CapabilityHash, ServerId, TokenId, VerifierHash};
+use backbone_protocol::bytes::{CapabilityHash, FileId, ServerId, TokenId, VerifierHash};
 use backbone_protocol::codec::{decode_value, encode_value};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
@@ -98,8 +103,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Append, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope, StoredToken,
-    TokenAttempt, merge_token,
+    Append, FilePut, FileQuota, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope,
+    StoredFile, StoredToken, TokenAttempt, merge_token,
 };
 
 const ADDRESS_LEN: usize = 32;
@@ -150,6 +155,15 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "token.remove.expiry",
     "token.stale.owner",
     "token.stale.expiry",
+    "file.expiry",
+    "file.owner",
+    "file",
+    "file.complete",
+    "file.remove",
+    "file.remove.owner",
+    "file.remove.expiry",
+    "file.stale.owner",
+    "file.stale.expiry",
     "import.policy",
     "import.relationship",
     "purge.envelope",
@@ -181,6 +195,9 @@ pub struct SledStore {
     tokens: sled::Tree,
     token_owners: sled::Tree,
     token_expiry: sled::Tree,
+    files: sled::Tree,
+    file_owners: sled::Tree,
+    file_expiry: sled::Tree,
     policies: sled::Tree,
     relationships: sled::Tree,
     meta: sled::Tree,
@@ -319,6 +336,9 @@ impl SledStore {
             tokens: db.open_tree("tokens")?,
             token_owners: db.open_tree("token_owners")?,
             token_expiry: db.open_tree("token_expiry")?,
+            files: db.open_tree("files")?,
+            file_owners: db.open_tree("file_owners")?,
+            file_expiry: db.open_tree("file_expiry")?,
             policies: db.open_tree("policies")?,
             relationships: db.open_tree("relationships")?,
             meta,
@@ -465,6 +485,62 @@ impl SledStore {
         self.token_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file record `id`, expired or not.
+    fn stored_file(&self, id: &FileId) -> Result<Option<StoredFile>, StoreError> {
+        self.files
+            .get(id.0)?
+            .map(|value| decode(&value, "file"))
+            .transpose()
+    }
+
+    /// Writes a file record with its index entries, the entries first (see
+    /// "Crash ordering").
+    fn write_file(&self, file: &StoredFile) -> Result<(), StoreError> {
+        self.fail_point("file.expiry")?;
+        self.file_expiry.insert(
+            expiry_id_key(file.expires_at_ms, &file.id.0, &file.owner),
+            &[][..],
+        )?;
+        self.fail_point("file.owner")?;
+        self.file_owners.insert(
+            pair_key(&file.owner, &file.id.0),
+            &file.expires_at_ms.to_be_bytes()[..],
+        )?;
+        self.fail_point("file")?;
+        self.files.insert(file.id.0, encode(file)?)?;
+        Ok(())
+    }
+
+    /// Removes a file record and then its index entries.
+    fn remove_file(&self, file: &StoredFile) -> Result<(), StoreError> {
+        self.fail_point("file.remove")?;
+        self.files.remove(file.id.0)?;
+        self.fail_point("file.remove.owner")?;
+        self.file_owners.remove(pair_key(&file.owner, &file.id.0))?;
+        self.fail_point("file.remove.expiry")?;
+        self.file_expiry
+            .remove(expiry_id_key(file.expires_at_ms, &file.id.0, &file.owner))?;
+        Ok(())
+    }
+
+    /// The ids in `owner`'s file index, with the expiry each entry records.
+    fn file_entries(&self, owner: &Address) -> Result<Vec<(FileId, u64)>, StoreError> {
+        self.file_owners
+            .scan_prefix(owner.0)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let id = key
+                    .get(ADDRESS_LEN..)
+                    .and_then(|id| id.try_into().ok())
+                    .map(FileId)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("file owner key of {} bytes", key.len()),
+                    })?;
+                Ok((id, decode_u64(&value, "file owner entry")?))
+            })
+            .collect()
     }
 
     /// The stored token `id`, expired or not.
@@ -917,6 +993,112 @@ impl Store for SledStore {
         Ok(doomed.len())
     }
 
+    fn put_file(
+        &self,
+        file: &StoredFile,
+        quota: FileQuota,
+        now_ms: u64,
+    ) -> Result<FilePut, StoreError> {
+        // The token lock also serialises file quota checks with their writes.
+        let _files = self.lock_tokens();
+        let mut held = Vec::new();
+        for (id, expires_at_ms) in self.file_entries(&file.owner)? {
+            if id == file.id || expires_at_ms <= now_ms {
+                continue;
+            }
+            if let Some(record) = self.stored_file(&id)? {
+                held.push(record);
+            }
+        }
+        let outcome = quota.admits(&held, file);
+        if outcome == FilePut::Stored {
+            if let Some(old) = self.stored_file(&file.id)? {
+                self.remove_file(&old)?;
+            }
+            self.write_file(file)?;
+        }
+        Ok(outcome)
+    }
+
+    fn file(&self, id: &FileId, now_ms: u64) -> Result<Option<StoredFile>, StoreError> {
+        Ok(self
+            .stored_file(id)?
+            .filter(|file| file.expires_at_ms > now_ms))
+    }
+
+    fn complete_file(&self, id: &FileId) -> Result<bool, StoreError> {
+        let _files = self.lock_tokens();
+        let Some(mut file) = self.stored_file(id)? else {
+            return Ok(false);
+        };
+        file.complete = true;
+        self.fail_point("file.complete")?;
+        self.files.insert(id.0, encode(&file)?)?;
+        Ok(true)
+    }
+
+    fn delete_file(&self, owner: &Address, id: &FileId) -> Result<bool, StoreError> {
+        let _files = self.lock_tokens();
+        match self.stored_file(id)? {
+            Some(file) if file.owner == *owner => {
+                self.remove_file(&file)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn files_of(&self, owner: &Address) -> Result<Vec<StoredFile>, StoreError> {
+        let mut files = Vec::new();
+        for (id, _) in self.file_entries(owner)? {
+            if let Some(file) = self.stored_file(&id)?.filter(|file| file.owner == *owner) {
+                files.push(file);
+            }
+        }
+        Ok(files)
+    }
+
+    fn file_exists(&self, id: &FileId) -> Result<bool, StoreError> {
+        Ok(self.files.contains_key(id.0)?)
+    }
+
+    fn expire_files(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let _files = self.lock_tokens();
+        let due = match now_ms.checked_add(1) {
+            Some(bound) => self.file_expiry.range(..bound.to_be_bytes()),
+            None => self.file_expiry.iter(),
+        };
+        let mut doomed = Vec::new();
+        let mut stale = Vec::new();
+        for entry in due {
+            let (index_key, _) = entry?;
+            let (expires_at_ms, id, owner) = split_expiry_id_key(&index_key, "file expiry key")?;
+            let id = FileId(id);
+            match self.stored_file(&id)? {
+                Some(file) if file.expires_at_ms == expires_at_ms => doomed.push(file),
+                held => stale.push((index_key, owner, id, held.is_none())),
+            }
+            if doomed.len() == limit {
+                break;
+            }
+        }
+        for file in &doomed {
+            self.remove_file(file)?;
+        }
+        for (index_key, owner, id, file_missing) in stale {
+            if file_missing {
+                self.fail_point("file.stale.owner")?;
+                self.file_owners.remove(pair_key(&owner, &id.0))?;
+            }
+            self.fail_point("file.stale.expiry")?;
+            self.file_expiry.remove(&index_key)?;
+        }
+        Ok(doomed.into_iter().map(|file| file.id).collect())
+    }
+
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         self.policies
             .get(address.0)?
@@ -964,6 +1146,7 @@ impl Store for SledStore {
             &self.devices,
             &self.capabilities,
             &self.token_owners,
+            &self.file_owners,
             &self.policies,
             &self.relationships,
         ] {
@@ -1155,10 +1338,16 @@ impl Store for SledStore {
                 }
             }
         }
-        for tree in [&self.cursors, &self.devices, &self.capabilities] {
-            for entry in tree.scan_prefix(address.0) {
-                self.fail_point("purge.pair")?;
-                tree.remove(entry?.0)?;
+        {
+            let _files = self.lock_tokens();
+            for (id, _) in self.file_entries(address)? {
+                match self.stored_file(&id)? {
+                    Some(file) if file.owner == *address => self.remove_file(&file)?,
+                    _ => {
+                        self.fail_point("file.stale.owner")?;
+                        self.file_owners.remove(pair_key(address, &id.0))?;
+                    }
+                }
             }
         }
         for tree in [
@@ -1503,6 +1692,31 @@ fn split_token_expiry_key(key: &[u8]) -> Result<(u64, TokenId, Address), StoreEr
     Ok((
         decode_u64(expires_at_ms, "token expiry key")?,
         TokenId(id.try_into().map_err(|_| corrupt())?),
+        Address(owner.try_into().map_err(|_| corrupt())?),
+    ))
+}
+
+/// `expires_at_ms(u64 BE) ‖ id(32) ‖ owner(32)`: a file expiry index key.
+fn expiry_id_key(expires_at_ms: u64, id: &[u8; 32], owner: &Address) -> [u8; 72] {
+    let mut key = [0u8; 72];
+    key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
+    key[8..40].copy_from_slice(id);
+    key[40..].copy_from_slice(&owner.0);
+    key
+}
+
+fn split_expiry_id_key(key: &[u8], what: &str) -> Result<(u64, [u8; 32], Address), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("{what} of {} bytes", key.len()),
+    };
+    if key.len() != 72 {
+        return Err(corrupt());
+    }
+    let (expires_at_ms, rest) = key.split_at(8);
+    let (id, owner) = rest.split_at(32);
+    Ok((
+        decode_u64(expires_at_ms, what)?,
+        id.try_into().map_err(|_| corrupt())?,
         Address(owner.try_into().map_err(|_| corrupt())?),
     ))
 }

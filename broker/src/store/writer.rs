@@ -548,6 +548,44 @@ mod tests {
         fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
             self.inner.expire_tokens(now_ms, limit)
         }
+        fn put_file(
+            &self,
+            file: &crate::store::StoredFile,
+            quota: crate::store::FileQuota,
+            now_ms: u64,
+        ) -> Result<crate::store::FilePut, StoreError> {
+            self.inner.put_file(file, quota, now_ms)
+        }
+        fn file(
+            &self,
+            id: &backbone_protocol::bytes::FileId,
+            now_ms: u64,
+        ) -> Result<Option<crate::store::StoredFile>, StoreError> {
+            self.inner.file(id, now_ms)
+        }
+        fn complete_file(&self, id: &backbone_protocol::bytes::FileId) -> Result<bool, StoreError> {
+            self.inner.complete_file(id)
+        }
+        fn delete_file(
+            &self,
+            owner: &Address,
+            id: &backbone_protocol::bytes::FileId,
+        ) -> Result<bool, StoreError> {
+            self.inner.delete_file(owner, id)
+        }
+        fn files_of(&self, owner: &Address) -> Result<Vec<crate::store::StoredFile>, StoreError> {
+            self.inner.files_of(owner)
+        }
+        fn file_exists(&self, id: &backbone_protocol::bytes::FileId) -> Result<bool, StoreError> {
+            self.inner.file_exists(id)
+        }
+        fn expire_files(
+            &self,
+            now_ms: u64,
+            limit: usize,
+        ) -> Result<Vec<backbone_protocol::bytes::FileId>, StoreError> {
+            self.inner.expire_files(now_ms, limit)
+        }
         fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
             self.inner.inbound_policy(address)
         }
