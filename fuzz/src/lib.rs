@@ -13,6 +13,7 @@ use backbone_protocol::bytes::{
     Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, RelationshipId,
     ServerId, Signature, Text, TokenId,
 };
+use backbone_protocol::bytes::{ContentHash, FileId, FileSecret};
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
@@ -28,6 +29,10 @@ use backbone_protocol::frame::{
     RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
     RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
     TokenCreated,
+};
+use backbone_protocol::frame::{
+    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, Reserved,
+    UploadFile,
 };
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
@@ -376,6 +381,54 @@ fn sample_frames() -> Vec<Frame> {
                 state: State::Active,
                 changed_at_ms: 1_700_000_000_000,
             }],
+        }),
+        Frame::Reserved35(Reserved),
+        Frame::Reserved36(Reserved),
+        Frame::Reserved37(Reserved),
+        Frame::CreateFile(CreateFile {
+            request_id: 19,
+            size: 1 << 20,
+            content_hash: ContentHash([0xbb; 32]),
+            secret_hash: FileSecret([0xaa; 32]).hash(),
+            ttl_secs: 86_400,
+        }),
+        Frame::FileCreated(FileCreated {
+            request_id: 19,
+            file_id: FileId([0x99; 32]),
+            expires_at_ms: 1_700_000_000_000,
+        }),
+        Frame::FileStatus(FileStatus {
+            request_id: 20,
+            file_id: FileId([0x99; 32]),
+        }),
+        Frame::FileState(FileState {
+            request_id: 20,
+            file_id: FileId([0x99; 32]),
+            size: 1 << 20,
+            received: 65_552,
+            complete: false,
+            expires_at_ms: 1_700_000_000_000,
+        }),
+        Frame::DeleteFile(DeleteFile {
+            request_id: 21,
+            file_id: FileId([0x99; 32]),
+        }),
+        Frame::UploadFile(UploadFile {
+            request_id: 22,
+            file_id: FileId([0x99; 32]),
+            offset: 65_552,
+        }),
+        Frame::DownloadFile(DownloadFile {
+            request_id: 23,
+            file_id: FileId([0x99; 32]),
+            secret: FileSecret([0xaa; 32]),
+            offset: 0,
+        }),
+        Frame::FileData(FileData {
+            request_id: 23,
+            size: 1 << 20,
+            offset: 0,
+            content_hash: ContentHash([0xbb; 32]),
         }),
     ]
 }

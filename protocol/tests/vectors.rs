@@ -26,16 +26,22 @@ use backbone_protocol::bytes::{
     Blob, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier, RelationshipId,
     ServerId, Text, TokenId,
 };
+use backbone_protocol::bytes::{ContentHash, FileId, FileSecret};
 use backbone_protocol::capability::CAPABILITY_HASH_CONTEXT;
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
 };
+use backbone_protocol::file::SECRET_HASH_CONTEXT;
 use backbone_protocol::frame::{
     Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, CreateToken, DecideRelationship,
     Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello,
     ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect, RegisterCapability,
     RegisterDevice, RelationshipChanged, Relationships, RequestRelationship, RevokeCapability,
     SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent, TokenCreated,
+};
+use backbone_protocol::frame::{
+    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, Reserved,
+    UploadFile,
 };
 use backbone_protocol::identity::domain;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
@@ -78,6 +84,12 @@ struct Fixtures {
     verifier: PasswordVerifier,
     /// `TOKEN_ID`: a token id, `[0x88; 32]`.
     token_id: TokenId,
+    /// `FILE_ID`: a file id, `[0x99; 32]`.
+    file_id: FileId,
+    /// `FILE_SECRET`: a file's download secret, `[0xaa; 32]`.
+    file_secret: FileSecret,
+    /// `CONTENT_HASH`: a file's content hash, `[0xbb; 32]`.
+    content_hash: ContentHash,
 }
 
 impl Fixtures {
@@ -96,6 +108,9 @@ impl Fixtures {
             capability: DeliveryCapability([0x66; 32]),
             verifier: PasswordVerifier([0x77; 32]),
             token_id: TokenId([0x88; 32]),
+            file_id: FileId([0x99; 32]),
+            file_secret: FileSecret([0xaa; 32]),
+            content_hash: ContentHash([0xbb; 32]),
         }
     }
 
@@ -430,6 +445,86 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 relationships: vec![relationship(peer_address)],
             }),
         ),
+        vector("Reserved35", "(reserved)", Frame::Reserved35(Reserved)),
+        vector("Reserved36", "(reserved)", Frame::Reserved36(Reserved)),
+        vector("Reserved37", "(reserved)", Frame::Reserved37(Reserved)),
+        vector(
+            "CreateFile",
+            "request_id 19, size 1048576, content_hash CONTENT_HASH, secret_hash FILE_SECRET's hash, ttl_secs 86400",
+            Frame::CreateFile(CreateFile {
+                request_id: 19,
+                size: 1_048_576,
+                content_hash: f.content_hash,
+                secret_hash: f.file_secret.hash(),
+                ttl_secs: 86_400,
+            }),
+        ),
+        vector(
+            "FileCreated",
+            "request_id 19, file_id FILE_ID, expires_at_ms T + 86400000",
+            Frame::FileCreated(FileCreated {
+                request_id: 19,
+                file_id: f.file_id,
+                expires_at_ms: f.time_ms + 86_400_000,
+            }),
+        ),
+        vector(
+            "FileStatus",
+            "request_id 20, file_id FILE_ID",
+            Frame::FileStatus(FileStatus {
+                request_id: 20,
+                file_id: f.file_id,
+            }),
+        ),
+        vector(
+            "FileState",
+            "request_id 20, file_id FILE_ID, size 1048576, received 65552, complete false, expires_at_ms T + 86400000",
+            Frame::FileState(FileState {
+                request_id: 20,
+                file_id: f.file_id,
+                size: 1_048_576,
+                received: 65_552,
+                complete: false,
+                expires_at_ms: f.time_ms + 86_400_000,
+            }),
+        ),
+        vector(
+            "DeleteFile",
+            "request_id 21, file_id FILE_ID",
+            Frame::DeleteFile(DeleteFile {
+                request_id: 21,
+                file_id: f.file_id,
+            }),
+        ),
+        vector(
+            "UploadFile",
+            "request_id 22, file_id FILE_ID, offset 65552 (the raw bytes follow the frame)",
+            Frame::UploadFile(UploadFile {
+                request_id: 22,
+                file_id: f.file_id,
+                offset: 65_552,
+            }),
+        ),
+        vector(
+            "DownloadFile",
+            "request_id 23, file_id FILE_ID, secret FILE_SECRET, offset 0",
+            Frame::DownloadFile(DownloadFile {
+                request_id: 23,
+                file_id: f.file_id,
+                secret: f.file_secret,
+                offset: 0,
+            }),
+        ),
+        vector(
+            "FileData",
+            "request_id 23, size 1048576, offset 0, content_hash CONTENT_HASH (the raw bytes follow the frame)",
+            Frame::FileData(FileData {
+                request_id: 23,
+                size: 1_048_576,
+                offset: 0,
+                content_hash: f.content_hash,
+            }),
+        ),
     ]
 }
 
@@ -621,11 +716,26 @@ fn vectors_block() -> String {
         ],
     );
 
+    out.push_str("### File secret hash\n\n");
+    out.push_str(
+        "FILE_SECRET = `[0xaa; 32]`. The broker stores BLAKE3 in key-derivation mode with the \
+         context string below: `blake3::derive_key(context, secret)`.\n\n",
+    );
+    push_block(
+        &mut out,
+        &[
+            ("context", SECRET_HASH_CONTEXT.as_bytes().to_vec()),
+            ("secret", f.file_secret.0.to_vec()),
+            ("hash", f.file_secret.hash().0.to_vec()),
+        ],
+    );
+
     out.push_str("### Frames\n\n");
     out.push_str(
         "Each vector is one complete frame, shown as its 5-byte header (length prefix and \
          version byte) and its body; the body's lines start at body offsets 0, 32, 64, ..., \
-         as in the layout tables. MESSAGE_ID = `[0x44; 16]`, ENVELOPE = `de ad be ef`.\n\n",
+         as in the layout tables. MESSAGE_ID = `[0x44; 16]`, ENVELOPE = `de ad be ef`, FILE_ID = `[0x99; 32]`, \
+         CONTENT_HASH = `[0xbb; 32]`.\n\n",
     );
     for vector in frame_vectors(&f) {
         let bytes = frame_to_vec(&vector.frame).expect("vectors encode");
@@ -903,6 +1013,15 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::RelationshipChanged(_) => 76,
             Frame::ListRelationships(_) => 12,
             Frame::Relationships(list) => 24 + 64 * list.relationships.len(),
+            Frame::Reserved35(_) | Frame::Reserved36(_) | Frame::Reserved37(_) => 4,
+            Frame::CreateFile(_) => 88,
+            Frame::FileCreated(_) => 52,
+            Frame::FileStatus(_) => 44,
+            Frame::FileState(_) => 69,
+            Frame::DeleteFile(_) => 44,
+            Frame::UploadFile(_) => 52,
+            Frame::DownloadFile(_) => 84,
+            Frame::FileData(_) => 60,
         };
         assert_eq!(
             body_len(&vector.frame),

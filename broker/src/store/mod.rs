@@ -675,6 +675,124 @@ mod tests {
         store.flush().expect("flush");
     }
 
+    fn file(n: u8, owner: Address, size: u64, expires_at_ms: u64) -> StoredFile {
+        StoredFile {
+            id: FileId([n; 32]),
+            owner,
+            size,
+            content_hash: ContentHash([n; 32]),
+            secret_hash: FileSecretHash([n; 32]),
+            expires_at_ms,
+            complete: false,
+        }
+    }
+
+    /// Files: both quota limits, expiry hiding, completion, owner-only
+    /// delete, the sweep, and a purge. On a fresh store.
+    fn file_suite(store: &dyn Store) {
+        let (a, b) = (address(1), address(2));
+        let quota = FileQuota {
+            max_files: 2,
+            max_bytes: 1_000,
+        };
+        let id = |n: u8| FileId([n; 32]);
+        assert_eq!(store.file(&id(1), 0), Ok(None));
+        assert_eq!(store.file_exists(&id(1)), Ok(false));
+
+        // Counted: the owner's unexpired files, by number and declared bytes.
+        assert_eq!(
+            store.put_file(&file(1, a, 600, 100), quota, 0),
+            Ok(FilePut::Stored)
+        );
+        assert_eq!(
+            store.put_file(&file(2, a, 401, 1_000), quota, 0),
+            Ok(FilePut::TooManyBytes)
+        );
+        assert_eq!(store.file_exists(&id(2)), Ok(false));
+        assert_eq!(
+            store.put_file(&file(2, a, 400, 1_000), quota, 0),
+            Ok(FilePut::Stored)
+        );
+        assert_eq!(
+            store.put_file(&file(3, a, 1, 1_000), quota, 0),
+            Ok(FilePut::TooManyFiles)
+        );
+        assert_eq!(
+            store.put_file(&file(4, b, 1_000, 1_000), quota, 0),
+            Ok(FilePut::Stored)
+        );
+        // Once file 1 has expired it no longer counts.
+        assert_eq!(
+            store.put_file(&file(3, a, 600, 1_000), quota, 100),
+            Ok(FilePut::Stored)
+        );
+
+        // Reads hide an expired file before any sweep.
+        assert_eq!(store.file(&id(1), 99), Ok(Some(file(1, a, 600, 100))));
+        assert_eq!(store.file(&id(1), 100), Ok(None));
+        assert_eq!(store.file_exists(&id(1)), Ok(true));
+
+        assert_eq!(store.complete_file(&id(2)), Ok(true));
+        assert_eq!(store.complete_file(&id(9)), Ok(false));
+        let mut complete = file(2, a, 400, 1_000);
+        complete.complete = true;
+        assert_eq!(store.file(&id(2), 0), Ok(Some(complete.clone())));
+        assert_eq!(
+            store.files_of(&a),
+            Ok(vec![
+                file(1, a, 600, 100),
+                complete.clone(),
+                file(3, a, 600, 1_000)
+            ])
+        );
+
+        // Only the owner deletes.
+        assert_eq!(store.delete_file(&b, &id(2)), Ok(false));
+        assert_eq!(store.delete_file(&a, &id(2)), Ok(true));
+        assert_eq!(store.delete_file(&a, &id(2)), Ok(false));
+        assert_eq!(store.file_exists(&id(2)), Ok(false));
+
+        // The sweep returns the ids it deleted, earliest first, bounded.
+        assert_eq!(store.expire_files(99, 10), Ok(vec![]));
+        assert_eq!(store.expire_files(100, 10), Ok(vec![id(1)]));
+        assert_eq!(store.expire_files(u64::MAX, 1).map(|ids| ids.len()), Ok(1));
+        assert_eq!(store.expire_files(u64::MAX, 10).map(|ids| ids.len()), Ok(1));
+        assert_eq!(store.expire_files(u64::MAX, 10), Ok(vec![]));
+
+        // A purge takes the owner's files with it.
+        assert_eq!(
+            store.put_file(&file(5, b, 10, 5_000), quota, 0),
+            Ok(FilePut::Stored)
+        );
+        assert_eq!(store.addresses(&|_| true), Ok(vec![b]));
+        store.purge_mailbox(&b).expect("purges");
+        assert_eq!(store.files_of(&b), Ok(vec![]));
+        assert_eq!(store.file_exists(&id(5)), Ok(false));
+        assert_eq!(store.addresses(&|_| true), Ok(vec![]));
+        assert_eq!(
+            store.put_file(&file(6, a, 10, 5_000), quota, 0),
+            Ok(FilePut::Stored)
+        );
+        store.flush().expect("flush");
+    }
+
+    #[test]
+    fn memory_store_passes_the_file_suite() {
+        file_suite(&MemoryStore::new());
+    }
+
+    #[test]
+    fn sled_store_passes_the_file_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        file_suite(&SledStore::open(dir.path()).expect("open"));
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.file(&FileId([6; 32]), 0),
+            Ok(Some(file(6, address(1), 10, 5_000)))
+        );
+        assert_eq!(store.expire_files(5_000, 10), Ok(vec![FileId([6; 32])]));
+    }
+
     #[test]
     fn memory_store_passes_the_token_suite() {
         token_suite(&MemoryStore::new());

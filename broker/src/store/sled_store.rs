@@ -2024,6 +2024,18 @@ mod fault_tests {
         }
     }
 
+    fn stored_file(n: u8, owner: Address, expires_at_ms: u64) -> StoredFile {
+        StoredFile {
+            id: FileId([n; 32]),
+            owner,
+            size: 100,
+            content_hash: backbone_protocol::bytes::ContentHash([n; 32]),
+            secret_hash: backbone_protocol::bytes::FileSecretHash([n; 32]),
+            expires_at_ms,
+            complete: false,
+        }
+    }
+
     fn workload(store: &SledStore) -> Result<(), StoreError> {
         let (a, b) = (Address([1; 32]), Address([2; 32]));
         let identity = Keypair::from_secret_bytes([2; 32]);
@@ -2068,6 +2080,24 @@ mod fault_tests {
             .token_owners
             .insert(pair_key(&a, &lost.0), &210u64.to_be_bytes()[..])?;
         store.expire_tokens(300, 10)?;
+        let quota = FileQuota {
+            max_files: 10,
+            max_bytes: 1 << 20,
+        };
+        store.put_file(&stored_file(1, a, 5_000), quota, 0)?;
+        store.complete_file(&FileId([1; 32]))?;
+        store.put_file(&stored_file(2, a, 200), quota, 0)?;
+        store.put_file(&stored_file(3, b, 5_000), quota, 0)?;
+        store.delete_file(&a, &FileId([1; 32]))?;
+        // Index entries a crash left without their file.
+        let lost = [4u8; 32];
+        store
+            .file_expiry
+            .insert(expiry_id_key(210, &lost, &a), &[][..])?;
+        store
+            .file_owners
+            .insert(pair_key(&a, &lost), &210u64.to_be_bytes()[..])?;
+        store.expire_files(300, 10)?;
         store.put_card(&IdentityCard::sign(
             &Keypair::from_secret_bytes([9; 32]),
             EncryptionKey([3; 32]),
