@@ -4,7 +4,8 @@
 //!
 //! The real `backbone` binary runs a scenario that touches every kind of
 //! record (cards, a device, a delivery capability, sends, a sealed send, acks,
-//! a delete, an expiry, tokens fetched with and without an identity) with
+//! a delete, an expiry, tokens fetched with and without an identity, files
+//! uploaded, downloaded and deleted) with
 //! debug logging. Afterwards every file of its data directory and every record of
 //! every sled tree is classified, and each class must be a row of the table.
 //! Field names are taken from the stored types themselves (through serde),
@@ -14,7 +15,8 @@
 //! authenticates, must appear nowhere: not in any file of the data
 //! directory, not in the log. Neither may a token's content key, its
 //! password or its password verifier (only a hash of the verifier is
-//! stored).
+//! stored), nor a file's key, download secret (only its hash is stored) or
+//! plaintext.
 
 mod process;
 mod support;
@@ -26,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use backbone_broker::store::{SledStore, Store, StoredEnvelope};
 use backbone_client::{
-    Client, ClientOptions, ConnectConfig, DeliveryCapability, SealedOptions, SealedSender,
-    TokenFetcher, Trust,
+    Client, ClientOptions, ConnectConfig, DeliveryCapability, FileSource, SealedOptions,
+    SealedSender, TokenFetcher, Trust,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy};
 use backbone_protocol::{DeviceCertificate, IdentityCard, Keypair};
@@ -96,6 +98,9 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
         ("tokens", 32) => "tokens".into(),
         ("token_owners", 64) => "token_owners".into(),
         ("token_expiry", 72) => "token_expiry".into(),
+        ("files", 32) => "files".into(),
+        ("file_owners", 64) => "file_owners".into(),
+        ("file_expiry", 72) => "file_expiry".into(),
         ("meta", _) => match std::str::from_utf8(key) {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
@@ -122,6 +127,13 @@ fn classify_file(relative: &Path) -> String {
         | "store/db" => text.as_ref(),
         other if other.starts_with("store/blobs/") => "store/blobs",
         other if other.starts_with("store/snap.") => "store/snap",
+        other
+            if other
+                .strip_prefix("files/")
+                .is_some_and(|name| name.len() == 64 && hex::decode(name).is_ok()) =>
+        {
+            "files/<id>"
+        }
         other => return format!("unaudited file {other}"),
     };
     format!("file {name}")
@@ -258,6 +270,28 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         .await
         .expect("deletes it");
 
+    // Bob shares a file (its reference would travel in a message); Alice
+    // downloads it. A second file is deleted again.
+    let file_plain = format!("{canary} in a file").repeat(100).into_bytes();
+    let file = bob_client
+        .put_file(FileSource::Bytes(file_plain.clone().into()), HOUR)
+        .await
+        .expect("uploads a file");
+    let mut downloaded = Vec::new();
+    alice_client
+        .get_file(&file, &mut downloaded)
+        .await
+        .expect("downloads the file");
+    assert_eq!(downloaded, file_plain);
+    let deleted_file = bob_client
+        .put_file(FileSource::Bytes(b"short-lived".to_vec().into()), HOUR)
+        .await
+        .expect("uploads a file");
+    bob_client
+        .delete_file(&deleted_file.id)
+        .await
+        .expect("deletes it");
+
     let mut last = 0;
     for _ in 0..5 {
         let message = tokio::time::timeout(Duration::from_secs(10), bob_client.next_message())
@@ -342,6 +376,10 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     };
     assert_eq!(token_record.id, token.id);
     assert_eq!(token_record.failed_attempts, 1);
+    let [file_record] = &store.files_of(&bob.address()).expect("bob's files")[..] else {
+        panic!("one file is left");
+    };
+    assert_eq!(file_record.id, file.id);
     let dave_record = store
         .export_mailbox(&dave.address())
         .expect("dave's mailbox");
@@ -354,6 +392,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         ("cards", field_names(&card)),
         ("devices", field_names(device_record)),
         ("tokens", field_names(token_record)),
+        ("files", field_names(file_record)),
         ("relationships", field_names(dave_side)),
     ] {
         for field in fields {
@@ -399,12 +438,23 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         verifier.0.to_vec(),
         hex::encode(verifier.0).into_bytes(),
     ];
+    // What only a file's holders know: its reference, key and secret, and
+    // its plaintext.
+    let file_secret_forms: Vec<Vec<u8>> = vec![
+        file.to_text().into_bytes(),
+        file.key.to_vec(),
+        hex::encode(file.key).into_bytes(),
+        file.secret.0.to_vec(),
+        hex::encode(file.secret.0).into_bytes(),
+        file_plain[..64].to_vec(),
+    ];
     for path in files_under(&data).into_iter().chain([log_path.clone()]) {
         let bytes = std::fs::read(&path).expect("read");
         for (what, forms) in [
             ("the sealed sender", &carol_forms),
             ("a capability", &capability_forms),
             ("a token's key, password or verifier", &token_secret_forms),
+            ("a file's key, secret or plaintext", &file_secret_forms),
         ] {
             for form in forms {
                 assert!(
