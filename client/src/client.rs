@@ -579,6 +579,20 @@ impl Client {
         source: FileSource,
         ttl: Duration,
     ) -> Result<FileRef, ClientError> {
+        let reference = self.announce_file(source.clone(), ttl).await?;
+        self.resume_file_upload(&reference, source).await?;
+        Ok(reference)
+    }
+
+    /// The first half of [`Client::put_file`]: seals `source` under a fresh
+    /// key to hash it, and creates the file at the broker without uploading
+    /// anything. [`Client::resume_file_upload`] with the same source uploads
+    /// it, in this process or a later one.
+    pub async fn announce_file(
+        &self,
+        source: FileSource,
+        ttl: Duration,
+    ) -> Result<FileRef, ClientError> {
         let key: [u8; file::KEY_LEN] = rand::random();
         let secret = FileSecret::random();
         let mut plain = file::PlainReader::open(source).await?;
@@ -587,13 +601,11 @@ impl Client {
         let created = self
             .create_file(size, content_hash, secret.hash(), ttl)
             .await?;
-        let reference = FileRef {
+        Ok(FileRef {
             id: created.file_id,
             secret,
             key,
-        };
-        self.resume_upload(&reference, &mut plain).await?;
-        Ok(reference)
+        })
     }
 
     /// Finishes uploading a file created earlier (by [`Client::put_file`]

@@ -9,7 +9,8 @@ use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
 use backbone_client::{
     CapabilityHash, Client, ClientError, ClientOptions, ConnectConfig, Credentials,
-    DeliveryCapability, Event, SealedOptions, SealedSender, TokenFetcher, TokenRef, Trust,
+    DeliveryCapability, Event, FileFetcher, FileRef, FileSource, SealedOptions, SealedSender,
+    TokenFetcher, TokenRef, Trust,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship, Role, State};
 use backbone_protocol::{Address, ErrorCode};
@@ -58,6 +59,61 @@ enum Command {
     /// end relationships, and choose who may send to you.
     #[command(subcommand)]
     Relationship(RelationshipCommand),
+    /// Files: upload a large file encrypted (resumable), download it with
+    /// the reference the upload printed, delete it.
+    #[command(subcommand)]
+    File(FileCommand),
+}
+
+#[derive(Subcommand)]
+enum FileCommand {
+    /// Encrypt a file, upload it and print its reference (`bbf1:...`) on
+    /// standard output as soon as the broker has recorded it, before the
+    /// upload. The reference holds the key: share it only with whoever
+    /// should read the file (in a message). If the upload is interrupted,
+    /// `file put PATH --resume REFERENCE` finishes it.
+    Put {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The file to upload.
+        path: PathBuf,
+        /// How long the broker keeps the file (capped by the broker's maximum).
+        #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Finish the interrupted upload of this reference (the same PATH).
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Download and decrypt a file. Needs no key file: without --key the
+    /// connection is anonymous.
+    Get {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// Download as this identity instead of anonymously.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The file's reference (`bbf1:...`).
+        reference: String,
+        /// Write the file here (through `OUT.part`, renamed once complete)
+        /// instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print how much of a file you created the broker holds:
+    /// `received size complete|incomplete`.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The file's reference.
+        reference: String,
+    },
+    /// Delete a file you created.
+    Delete {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The file's reference.
+        reference: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,6 +417,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Capability(command) => capability(command).await?,
         Command::Token(command) => token(command).await?,
         Command::Relationship(command) => relationship(command).await?,
+        Command::File(command) => file(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -665,6 +722,115 @@ fn print_relationship_to(out: &mut impl std::io::Write, record: &Relationship) {
         record.peer,
         hex::encode(record.id.0)
     );
+}
+
+async fn file(command: FileCommand) -> anyhow::Result<()> {
+    let parse = |text: &str| {
+        text.parse::<FileRef>()
+            .context("file reference (as `file put` printed it)")
+    };
+    match command {
+        FileCommand::Put {
+            server,
+            path,
+            ttl,
+            resume,
+        } => {
+            let source = FileSource::Path(path.clone());
+            let resumed = resume.as_deref().map(parse).transpose()?;
+            let client = connect(&server).await?;
+            let reference = match resumed {
+                Some(reference) => reference,
+                None => {
+                    let reference = client.announce_file(source.clone(), ttl).await?;
+                    use std::io::Write;
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "{}", reference.to_text())?;
+                    stdout.flush()?;
+                    reference
+                }
+            };
+            client
+                .resume_file_upload(&reference, source)
+                .await
+                .with_context(|| {
+                    format!(
+                        "uploading {} (finish it with --resume and the reference)",
+                        path.display()
+                    )
+                })?;
+            eprintln!(
+                "uploaded {}; the reference downloads and decrypts it: share it only with \
+                 whoever should read the file",
+                path.display()
+            );
+        }
+        FileCommand::Get {
+            connect: connect_args,
+            key,
+            reference,
+            out,
+        } => {
+            let reference = parse(&reference)?;
+            let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin> = match &out {
+                Some(path) => Box::new(
+                    tokio::fs::File::create(part_path(path))
+                        .await
+                        .with_context(|| format!("creating {}", part_path(path).display()))?,
+                ),
+                None => Box::new(tokio::io::stdout()),
+            };
+            match key {
+                Some(key) => {
+                    let server = ServerArgs {
+                        connect: connect_args,
+                        key,
+                    };
+                    let client = connect(&server).await?;
+                    client.get_file(&reference, &mut sink).await?;
+                }
+                None => {
+                    FileFetcher::new(connect_config(&connect_args)?)
+                        .get(&reference, &mut sink)
+                        .await?;
+                }
+            }
+            drop(sink);
+            if let Some(path) = &out {
+                std::fs::rename(part_path(path), path)
+                    .with_context(|| format!("renaming to {}", path.display()))?;
+            }
+        }
+        FileCommand::Status { server, reference } => {
+            let reference = parse(&reference)?;
+            let client = connect(&server).await?;
+            let state = client.file_status(&reference.id).await?;
+            println!(
+                "{} {} {}",
+                state.received,
+                state.size,
+                if state.complete {
+                    "complete"
+                } else {
+                    "incomplete"
+                }
+            );
+        }
+        FileCommand::Delete { server, reference } => {
+            let reference = parse(&reference)?;
+            let client = connect(&server).await?;
+            client.delete_file(&reference.id).await?;
+            eprintln!("deleted the file");
+        }
+    }
+    Ok(())
+}
+
+/// Where `file get --out PATH` writes until the download is complete.
+fn part_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".part");
+    PathBuf::from(name)
 }
 
 /// A token reference from the command line; a parse error says what kind

@@ -813,3 +813,108 @@ fn a_relationship_is_asked_for_accepted_and_ended_through_the_cli() {
         String::from_utf8_lossy(&mistyped.stderr)
     );
 }
+
+#[test]
+fn a_file_is_uploaded_downloaded_without_an_identity_and_deleted_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    for key in [&alice_key, &bob_key] {
+        stdout(&run_cli(&["keygen", "--out", key.to_str().expect("utf8")]));
+    }
+    let connection = ["--server", &server, "--ca", ca.to_str().expect("utf8")];
+    let with = |args: &[&str], key: Option<&Path>| {
+        let mut all = args.to_vec();
+        all.extend(connection);
+        if let Some(key) = key {
+            all.extend(["--key", key.to_str().expect("utf8")]);
+        }
+        run_cli(&all)
+    };
+    // Three chunks and a bit of bytes that do not repeat.
+    let original = dir.path().join("report.bin");
+    let mut content = vec![0u8; 200_000];
+    blake3::Hasher::new()
+        .update(b"report")
+        .finalize_xof()
+        .fill(&mut content);
+    std::fs::write(&original, &content).expect("write");
+    let path = original.to_str().expect("utf8");
+
+    // Alice uploads (the broker may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reference = loop {
+        let output = with(&["file", "put", path, "--ttl", "1h"], Some(&alice_key));
+        if output.status.success() {
+            break stdout(&output);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "file put never succeeded: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reference.starts_with("bbf1:"), "{reference}");
+    let status = stdout(&with(&["file", "status", &reference], Some(&alice_key)));
+    assert!(status.ends_with(" complete"), "{status}");
+    // Resuming a complete upload changes nothing and succeeds.
+    stdout(&with(
+        &["file", "put", path, "--resume", &reference],
+        Some(&alice_key),
+    ));
+
+    // Anyone holding the reference downloads it, to a file or to stdout.
+    let out = dir.path().join("copy.bin");
+    stdout(&with(
+        &[
+            "file",
+            "get",
+            &reference,
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
+        None,
+    ));
+    assert_eq!(std::fs::read(&out).expect("written"), content);
+    assert!(!dir.path().join("copy.bin.part").exists());
+    let piped = with(&["file", "get", &reference], Some(&bob_key));
+    assert!(piped.status.success());
+    assert_eq!(piped.stdout, content);
+
+    // The id without the secret is refused.
+    let mut fields: Vec<&str> = reference.split(':').collect();
+    let zeros = "0".repeat(64);
+    fields[2] = &zeros;
+    let forged = fields.join(":");
+    let refused = with(&["file", "get", &forged], None);
+    assert_eq!(refused.status.code(), Some(5), "refused by the broker");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Forbidden"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Bob may not delete it; Alice may, and then it is gone.
+    let refused = with(&["file", "delete", &reference], Some(&bob_key));
+    assert_eq!(refused.status.code(), Some(5));
+    stdout(&with(&["file", "delete", &reference], Some(&alice_key)));
+    let gone = with(&["file", "get", &reference], None);
+    assert_eq!(gone.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    let mistyped = with(&["file", "get", "bbf1:abc"], None);
+    assert!(!mistyped.status.success());
+    assert!(
+        String::from_utf8_lossy(&mistyped.stderr).contains("file reference"),
+        "{}",
+        String::from_utf8_lossy(&mistyped.stderr)
+    );
+}
