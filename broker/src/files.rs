@@ -129,6 +129,37 @@ impl Files {
         Ok(removed)
     }
 
+    /// Writes a handed-over part of `id` at `offset` and makes it durable;
+    /// offset 0 starts the file over. Parts must come in order. Blocking.
+    pub fn write_part(&self, id: &FileId, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(offset == 0)
+            .open(self.path(id))?;
+        let held = file.metadata()?.len();
+        if offset != held {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a part at byte {offset} of a file holding {held}"),
+            ));
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(bytes)?;
+        file.sync_data()
+    }
+
+    /// Reads up to `len` bytes of `id` from `offset`. Blocking.
+    pub fn read_part(&self, id: &FileId, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::open(self.path(id))?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut bytes = Vec::with_capacity(len);
+        file.take(len as u64).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
     fn begin_upload(&self, id: FileId) -> Option<UploadGuard<'_>> {
         self.uploading
             .insert(id)
@@ -446,6 +477,13 @@ async fn receive(
     first: Vec<u8>,
 ) -> Result<Frame, Refusal> {
     let file = owned(shared, owner, upload.file_id).await?;
+    let route = file.id.route_address();
+    if !matches!(shared.fleet.route(&route), Route::Local) || shared.fleet.is_importing(&route) {
+        return Err(refusal(
+            ErrorCode::ShardUnavailable,
+            "this file's slot is moving between nodes; retry shortly",
+        ));
+    }
     let Some(_guard) = shared.files.begin_upload(file.id) else {
         return Err(refusal(
             ErrorCode::InvalidOffset,

@@ -290,6 +290,44 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         }
         guesser.close().await;
     }
+    // Two files of the mover: a complete one big enough to move in several
+    // parts, and one whose upload stopped halfway.
+    let file_plain: Vec<u8> = (0..5 * 1024 * 1024 + 7)
+        .map(|i: usize| (i % 251) as u8)
+        .collect();
+    let moved_file = mover_client
+        .put_file(
+            backbone_client::FileSource::Bytes(file_plain.clone().into()),
+            HOUR,
+        )
+        .await
+        .expect("uploads a file");
+    let partial = mover_client
+        .create_file(
+            1000,
+            backbone_protocol::bytes::ContentHash::of(&[7; 1000]),
+            backbone_protocol::bytes::FileSecret::random().hash(),
+            HOUR,
+        )
+        .await
+        .expect("creates a file")
+        .file_id;
+    mover_client
+        .upload_file_part(&partial, 0, &[7; 400])
+        .await
+        .expect("uploads a part");
+    fn file_path(
+        fleet: &TestFleet,
+        node: usize,
+        id: &backbone_protocol::bytes::FileId,
+    ) -> std::path::PathBuf {
+        fleet.nodes[node]
+            .dir
+            .path()
+            .join("files")
+            .join(hex::encode(id.0))
+    }
+    assert!(file_path(&fleet, 0, &moved_file.id).exists());
     fleet.connect(&stayer, 0).await;
     let sender_client = Arc::new(fleet.connect(&sender, 1).await);
 
@@ -446,6 +484,31 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         ))
     ));
     fetcher.close().await;
+    // And the files, bytes and records: the complete one downloads through
+    // node-0 (redirected to node-2), the partial one resumes where it was.
+    let mut downloaded = Vec::new();
+    backbone_client::FileFetcher::new(fleet.connect_config(0))
+        .get(&moved_file, &mut downloaded)
+        .await
+        .expect("the file moved");
+    assert!(downloaded == file_plain, "the moved file's content differs");
+    let state = mover_client
+        .file_status(&partial)
+        .await
+        .expect("the partial file moved");
+    assert_eq!((state.received, state.complete), (400, false));
+    let state = mover_client
+        .upload_file_part(&partial, 400, &[7; 600])
+        .await
+        .expect("the upload resumes on node-2");
+    assert!(state.complete);
+    for id in [&moved_file.id, &partial] {
+        assert!(file_path(&fleet, 2, id).exists(), "node-2 holds the bytes");
+        assert!(
+            !file_path(&fleet, 0, id).exists(),
+            "node-0 deleted its copy"
+        );
+    }
     let unique: BTreeSet<u64> = delivered.iter().copied().collect();
     assert_eq!(unique.len(), delivered.len(), "duplicates in {delivered:?}");
     let acked_mover = acked

@@ -22,6 +22,7 @@ use backbone_protocol::fleet::{
     PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
     PeerTokenResult, SealedForward, TransferEnvelope, TransferToken,
 };
+use backbone_protocol::fleet::{ImportFile, TransferFile};
 use backbone_protocol::frame::{
     Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
     DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
@@ -924,6 +925,24 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                 changed_at_ms: 1_700_000_000_000,
             }),
         }),
+        PeerFrame::Reserved15(Reserved),
+        PeerFrame::Reserved16(Reserved),
+        PeerFrame::ImportFile(ImportFile {
+            request_id: 8,
+            epoch: 2,
+            file: TransferFile {
+                id: FileId([0x99; 32]),
+                owner: address,
+                size: 4,
+                content_hash: ContentHash([0xbb; 32]),
+                secret_hash: FileSecret([0xaa; 32]).hash(),
+                expires_at_ms: 1_700_000_600_000,
+                complete: true,
+            },
+            offset: 0,
+            bytes: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            last: true,
+        }),
     ]
 }
 
@@ -1100,10 +1119,13 @@ mod tests {
                 PeerFrame::TokenResult(_) => 12,
                 PeerFrame::Consent(_) => 13,
                 PeerFrame::ConsentResult(_) => 14,
+                PeerFrame::Reserved15(_) => 15,
+                PeerFrame::Reserved16(_) => 16,
+                PeerFrame::ImportFile(_) => 17,
             }
         }
         let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
-        assert_eq!(tags, (0..15).collect::<Vec<_>>());
+        assert_eq!(tags, (0..18).collect::<Vec<_>>());
     }
 
     #[test]

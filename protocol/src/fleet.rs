@@ -14,7 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{
-    Blob, CapabilityHash, MessageId, PasswordVerifier, Text, TokenId, VerifierHash,
+    Blob, CapabilityHash, ContentHash, FileId, FileSecretHash, MessageId, PasswordVerifier, Text,
+    TokenId, VerifierHash,
 };
 use crate::card::IdentityCard;
 use crate::frame::{Failed, Stored};
@@ -74,6 +75,54 @@ pub enum PeerFrame {
     Consent(PeerConsent),
     /// Tag 14, acceptor → dialer: the outcome of a [`PeerFrame::Consent`].
     ConsentResult(PeerConsentResult),
+    /// Tag 15: reserved for identity deletion (being merged).
+    Reserved15(crate::frame::Reserved),
+    /// Tag 16: reserved for identity deletion (being merged).
+    Reserved16(crate::frame::Reserved),
+    /// Tag 17, dialer → acceptor: part of a file of a slot handed over to
+    /// the acceptor (after the mailboxes, before [`PeerFrame::HandoffDone`]).
+    /// Answered by [`PeerFrame::HandoffAck`] once the bytes are durable.
+    ImportFile(ImportFile),
+}
+
+/// One file of a moving slot, as its record travels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferFile {
+    /// The file's id (in the owner's slot).
+    pub id: FileId,
+    /// The identity that created it.
+    pub owner: Address,
+    /// The declared size.
+    pub size: u64,
+    /// The declared content hash.
+    pub content_hash: ContentHash,
+    /// The hash of the download secret.
+    pub secret_hash: FileSecretHash,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// Whether it was completely uploaded and checked.
+    pub complete: bool,
+}
+
+/// A run of a handed-over file's bytes. The parts of one file travel in
+/// order from offset 0, and the last one (`last`) carries the record: the
+/// acceptor stores the record only once every byte is durable, so a crash
+/// midway leaves bytes without a record, which it deletes at its next
+/// start, and the handover starts the file over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportFile {
+    /// Chosen by the dialer.
+    pub request_id: u64,
+    /// The epoch of the map whose `[[move]]` this executes.
+    pub epoch: u64,
+    /// The file.
+    pub file: TransferFile,
+    /// Where `bytes` start; 0 starts the file over.
+    pub offset: u64,
+    /// The bytes (the uploaded prefix of an incomplete file).
+    pub bytes: Blob,
+    /// Whether this is the file's last part.
+    pub last: bool,
 }
 
 /// A node introducing itself and its fleet map.
@@ -329,7 +378,12 @@ impl PeerFrame {
             PeerFrame::TokenResult(f) => Some(f.request_id),
             PeerFrame::Consent(f) => Some(f.request_id),
             PeerFrame::ConsentResult(f) => Some(f.request_id),
-            PeerFrame::Hello(_) | PeerFrame::Welcome(_) | PeerFrame::Refuse(_) => None,
+            PeerFrame::ImportFile(f) => Some(f.request_id),
+            PeerFrame::Hello(_)
+            | PeerFrame::Welcome(_)
+            | PeerFrame::Refuse(_)
+            | PeerFrame::Reserved15(_)
+            | PeerFrame::Reserved16(_) => None,
         }
     }
 }

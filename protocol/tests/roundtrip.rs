@@ -18,6 +18,7 @@ use backbone_protocol::bytes::{
     Blob, CapabilityHash, DeliveryCapability, EncryptionKey, MessageId, Nonce, PasswordVerifier,
     RelationshipId, ServerId, Signature, Text, TokenId, VerifierHash,
 };
+use backbone_protocol::bytes::{ContentHash, FileId, FileSecretHash};
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
@@ -26,6 +27,7 @@ use backbone_protocol::fleet::{
     PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
     PeerTokenResult, SealedForward, TransferEnvelope, TransferToken,
 };
+use backbone_protocol::fleet::{ImportFile, TransferFile};
 use backbone_protocol::frame::{
     Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
     DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
@@ -990,6 +992,43 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
                     result
                 })
             ),
+        (
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                blob(),
+                any::<bool>()
+            ),
+            (
+                any::<[u8; 32]>(),
+                address(),
+                any::<u64>(),
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+        )
+            .prop_map(|((request_id, epoch, offset, bytes, last), file)| {
+                let (id, owner, size, content_hash, secret_hash, expires_at_ms, complete) = file;
+                PeerFrame::ImportFile(ImportFile {
+                    request_id,
+                    epoch,
+                    file: TransferFile {
+                        id: FileId(id),
+                        owner,
+                        size,
+                        content_hash: ContentHash(content_hash),
+                        secret_hash: FileSecretHash(secret_hash),
+                        expires_at_ms,
+                        complete,
+                    },
+                    offset,
+                    bytes,
+                    last,
+                })
+            }),
     ]
 }
 

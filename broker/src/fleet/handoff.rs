@@ -8,12 +8,15 @@
 //!    it accepts no writes for them either and redirects their clients.
 //! 2. `from` sends every mailbox of those slots (envelopes with their
 //!    sequence numbers, head, cursors, card, devices, capability hashes,
-//!    tokens) in
+//!    tokens, policy, relationships) in
 //!    [`Import`] batches; `to` merges each batch and flushes before
-//!    acknowledging it.
+//!    acknowledging it. Then it sends each file of those mailboxes in
+//!    [`ImportFile`] parts; `to` makes each part durable before
+//!    acknowledging it, and stores the file's record with the last part.
 //! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
 //!    serving the slots.
-//! 4. `from` records the move as done and deletes its copies.
+//! 4. `from` records the move as done and deletes its copies, file bytes
+//!    included.
 //!
 //! Every step is idempotent, so a crash or a broken link anywhere just means
 //! the task starts over: imports merge (heads and cursors only grow), and the
@@ -24,7 +27,8 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::Blob;
 use backbone_protocol::fleet::{
-    HandoffDone, Import, MailboxTransfer, PeerFrame, TransferEnvelope, TransferToken, slot_of,
+    HandoffDone, Import, ImportFile, MailboxTransfer, PeerFrame, TransferEnvelope, TransferFile,
+    TransferToken, slot_of,
 };
 use tracing::{info, warn};
 
@@ -101,13 +105,20 @@ async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
         .fleet
         .set_handoff_state(m, format!("deleting {} local copies", addresses.len()));
     let count = addresses.len();
-    blocking(move || {
+    let files = blocking(move || {
+        let mut files = Vec::new();
         for address in &addresses {
+            files.extend(store.files_of(address)?.into_iter().map(|file| file.id));
             store.purge_mailbox(address)?;
         }
-        store.flush()
+        store.flush()?;
+        Ok(files)
     })
     .await?;
+    // The records are gone, durably; now their bytes.
+    for id in &files {
+        shared.files.remove(id);
+    }
     Ok(count)
 }
 
@@ -149,6 +160,9 @@ async fn transfer(
     if !batch.is_empty() {
         send_import(links, &m.to, epoch, batch).await?;
     }
+    for address in addresses {
+        transfer_files(shared, links, m, epoch, *address).await?;
+    }
     let answer = links
         .request_with_timeout(&m.to, BATCH_TIMEOUT, |request_id| {
             PeerFrame::HandoffDone(HandoffDone {
@@ -160,6 +174,74 @@ async fn transfer(
         .await
         .map_err(|error| error.to_string())?;
     check_ack(answer)
+}
+
+/// Sends every file of `owner` in [`ImportFile`] parts of at most
+/// [`BATCH_BYTES`], each acknowledged once durable.
+async fn transfer_files(
+    shared: &Arc<Shared>,
+    links: &super::Links,
+    m: &Move,
+    epoch: u64,
+    owner: backbone_protocol::Address,
+) -> Result<(), String> {
+    let files = {
+        let store = shared.store.clone();
+        blocking(move || store.files_of(&owner)).await?
+    };
+    for file in files {
+        let held = shared
+            .files
+            .held(&file.id)
+            .await
+            .map_err(|error| format!("file bytes: {error}"))?
+            .min(file.size);
+        let record = TransferFile {
+            id: file.id,
+            owner: file.owner,
+            size: file.size,
+            content_hash: file.content_hash,
+            secret_hash: file.secret_hash,
+            expires_at_ms: file.expires_at_ms,
+            complete: file.complete,
+        };
+        let mut offset = 0;
+        loop {
+            let len = (held - offset).min(BATCH_BYTES as u64) as usize;
+            let bytes = {
+                let (files, id) = (shared.files.clone(), file.id);
+                tokio::task::spawn_blocking(move || files.read_part(&id, offset, len))
+                    .await
+                    .map_err(|error| format!("blocking task failed: {error}"))?
+                    .map_err(|error| format!("file bytes: {error}"))?
+            };
+            if bytes.len() != len {
+                return Err("a file's bytes changed during the handover".into());
+            }
+            let last = offset + len as u64 == held;
+            let part = ImportFile {
+                request_id: 0,
+                epoch,
+                file: record.clone(),
+                offset,
+                bytes: Blob(bytes),
+                last,
+            };
+            let answer = links
+                .request_with_timeout(&m.to, BATCH_TIMEOUT, |request_id| {
+                    PeerFrame::ImportFile(ImportFile { request_id, ..part })
+                })
+                .await
+                .map_err(|error| error.to_string())?;
+            check_ack(answer)?;
+            metrics::counter!("backbone_fleet_handoff_file_bytes_sent_total").increment(len as u64);
+            if last {
+                break;
+            }
+            offset += len as u64;
+        }
+    }
+    Ok(())
 }
 
 async fn send_import(
@@ -194,11 +276,8 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
 }
 
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes and
-/// token contents each; the first carries the head, cursors, card, devices
-/// and capability hashes.
-/// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
-/// first carries the head, cursors, card, devices, capability hashes, policy
-/// and relationships.
+/// token contents each; the first carries the head, cursors, card, devices,
+/// capability hashes, policy and relationships.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
     let empty_part = || MailboxTransfer {
         address: export.address,

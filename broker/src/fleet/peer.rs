@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::Text;
 use backbone_protocol::fleet::{
-    ForwardAck, HandoffAck, MailboxTransfer, PeerCardResult, PeerFrame, PeerHello, PeerRefuse,
-    slot_of,
+    ForwardAck, HandoffAck, ImportFile, MailboxTransfer, PeerCardResult, PeerFrame, PeerHello,
+    PeerRefuse, slot_of,
 };
 use backbone_protocol::frame::ErrorCode;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -20,6 +20,7 @@ use super::handoff::to_export;
 use super::link::{PeerReader, encode_peer_logged};
 use crate::route::{StoreTemplate, store_for, store_sealed_for};
 use crate::server::Shared;
+use crate::store::{FileQuota, StoredFile};
 use crate::wire::spawn_writer_with;
 
 /// Requests one peer link may have in progress.
@@ -186,6 +187,11 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
             let result = import_mailboxes(shared, peer, import.epoch, import.mailboxes).await;
             Some(handoff_ack(import.request_id, result))
         }
+        PeerFrame::ImportFile(import) => {
+            let request_id = import.request_id;
+            let result = import_file(shared, peer, import).await;
+            Some(handoff_ack(request_id, result))
+        }
         PeerFrame::HandoffDone(done) => {
             let result = finish_import(shared, peer, done.epoch, done.slots).await;
             Some(handoff_ack(done.request_id, result))
@@ -328,6 +334,56 @@ async fn import_mailboxes(
     .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
     metrics::counter!("backbone_fleet_handoff_transfers_received_total").increment(count as u64);
     Ok(())
+}
+
+/// Stores one part of a handed-over file: its bytes, durably, and with the
+/// last part its record (flushed), so a record never names missing bytes.
+async fn import_file(
+    shared: &Arc<Shared>,
+    peer: &str,
+    import: ImportFile,
+) -> Result<(), (ErrorCode, String)> {
+    let m = incoming_move(shared, peer, import.epoch)?;
+    let slot = slot_of(&import.file.id.route_address());
+    if !m.contains(slot) || slot_of(&import.file.owner) != slot {
+        return Err((
+            ErrorCode::UnexpectedFrame,
+            format!("slot {slot} is not part of the move from {peer}"),
+        ));
+    }
+    if !shared.fleet.is_move_importing(m) {
+        return Ok(()); // already complete: the sender missed our answer
+    }
+    let (store, files) = (shared.store.clone(), shared.files.clone());
+    tokio::task::spawn_blocking(move || {
+        let file = import.file;
+        files
+            .write_part(&file.id, import.offset, &import.bytes.0)
+            .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
+        if import.last {
+            let record = StoredFile {
+                id: file.id,
+                owner: file.owner,
+                size: file.size,
+                content_hash: file.content_hash,
+                secret_hash: file.secret_hash,
+                expires_at_ms: file.expires_at_ms,
+                complete: file.complete,
+            };
+            // The previous owner applied the quota.
+            let unlimited = FileQuota {
+                max_files: usize::MAX,
+                max_bytes: u64::MAX,
+            };
+            let stored = store
+                .put_file(&record, unlimited, 0)
+                .and_then(|_| store.flush());
+            stored.map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|error| (ErrorCode::Internal, error.to_string()))?
 }
 
 async fn finish_import(
