@@ -630,6 +630,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         const ATTEMPTS: u32 = 30;
         let mut last_error = None;
+        let mut started_over = false;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(self.options.backoff.delay(attempt.min(4))).await;
@@ -667,6 +668,16 @@ impl Client {
                 Ok(_) => continue,
                 // A stream of the broken connection may still hold the
                 // upload for a moment.
+                // The broker's copy was damaged (a crash can tear the tail
+                // of what it held) and it discarded everything: start over,
+                // once. A second mismatch means the source changed.
+                Err(error)
+                    if !started_over
+                        && error.code() == Some(backbone_protocol::ErrorCode::ContentMismatch) =>
+                {
+                    debug!("the broker's copy did not match; uploading again from byte 0");
+                    started_over = true;
+                }
                 Err(error)
                     if error.is_retryable()
                         || error.code() == Some(backbone_protocol::ErrorCode::InvalidOffset) =>

@@ -259,6 +259,47 @@ async fn an_upload_resumes_where_the_brokers_copy_ends_even_across_a_restart() {
 }
 
 #[tokio::test]
+async fn a_resumed_upload_over_damaged_bytes_starts_over_and_completes() {
+    let broker = TestBroker::start().await;
+    let client = Identity::new().connect(&broker).await;
+    let plain = content(3 * file::PLAIN_CHUNK, 11);
+    let source = FileSource::Bytes(Arc::from(plain.clone()));
+    let reference = client
+        .announce_file(source.clone(), TTL)
+        .await
+        .expect("announces");
+    let sealed = seal(&reference.key, &plain);
+    client
+        .upload_file_part(&reference.id, 0, &sealed[..100_000])
+        .await
+        .expect("a part");
+    // What a crash can leave: the held bytes are not what was sent.
+    let path = bytes_path(&broker, &reference.id);
+    let mut held = std::fs::read(&path).expect("held bytes");
+    held[50_000] ^= 0xff;
+    std::fs::write(&path, &held).expect("damages");
+    client
+        .resume_file_upload(&reference, source)
+        .await
+        .expect("starts over and completes");
+    assert_eq!(download(&client, &reference).await, plain);
+    // A source that changed since the announcement fails for good.
+    let other = client
+        .announce_file(FileSource::Bytes(Arc::from(content(1000, 12))), TTL)
+        .await
+        .expect("announces");
+    assert_eq!(
+        code(
+            client
+                .resume_file_upload(&other, FileSource::Bytes(Arc::from(content(1000, 13))))
+                .await
+        ),
+        ErrorCode::ContentMismatch
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
 async fn bytes_that_do_not_match_the_hash_are_discarded_and_bytes_past_the_size_refused() {
     let broker = TestBroker::start().await;
     let client = Identity::new().connect(&broker).await;
