@@ -7,6 +7,8 @@
 //! - [`wire`]: frame I/O over a QUIC stream.
 //! - [`route`]: storing an accepted envelope for local and remote recipients.
 //! - [`token`]: creating, fetching (here or on the owning node) and deleting tokens.
+//! - [`relationships`]: relationship requests and decisions across the fleet.
+//! - [`deletion`]: scheduling identity deletion and the sweep that purges.
 //! - [`fleet`]: sharding — the fleet map, certificates, node-to-node links.
 //! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
 //! - [`supervisor`]: the root of the supervision tree and the expiry actor.
@@ -15,6 +17,7 @@
 //! - [`metrics_http`]: `/metrics` and `/health`.
 
 pub mod config;
+pub mod deletion;
 pub mod fleet;
 pub mod mailbox;
 pub mod metrics_http;

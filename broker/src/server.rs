@@ -62,6 +62,9 @@ pub struct Shared {
     pub unauthenticated: AtomicUsize,
     /// QUIC Retry packets sent (address validation), for tests and metrics.
     pub retries: std::sync::atomic::AtomicU64,
+    /// The authenticated sessions of each address (to end a deleted
+    /// identity's connections).
+    pub sessions: crate::session::LiveSessions,
 }
 
 fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
@@ -96,6 +99,7 @@ pub struct Broker {
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
     peer_server: Option<tokio::task::JoinHandle<()>>,
+    deletions: tokio::task::JoinHandle<()>,
     writer: Writer,
     supervisor: ractor::ActorRef<crate::supervisor::RootMsg>,
 }
@@ -225,6 +229,7 @@ impl Broker {
             connect_limiter,
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
+            sessions: crate::session::LiveSessions::default(),
         });
         if shared.send_limiter.is_some()
             || shared.sealed_limiter.is_some()
@@ -237,6 +242,7 @@ impl Broker {
         for m in outgoing_moves {
             tokio::spawn(crate::fleet::handoff::hand_over(shared.clone(), m));
         }
+        let deletions = tokio::spawn(crate::deletion::sweep(shared.clone()));
         let mut peer_server = None;
         if let Some((peer_endpoint, peer_addr)) = peer {
             peer_server = Some(tokio::spawn(crate::fleet::peer::serve(
@@ -263,6 +269,7 @@ impl Broker {
             stop,
             accept,
             peer_server,
+            deletions,
             writer,
             supervisor,
         })
@@ -301,6 +308,8 @@ impl Broker {
         if let Some(peer_server) = self.peer_server {
             let _ = peer_server.await;
         }
+        // A purge in progress finishes its step; the next run resumes it.
+        let _ = self.deletions.await;
         self.endpoint.close(
             quinn::VarInt::from_u32(backbone_protocol::ErrorCode::ShuttingDown as u32),
             b"shutdown",

@@ -708,6 +708,11 @@ async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
                 print_relationship_to(&mut std::io::stderr(), &relationship);
                 client.ack(delivery.seq).await?;
             }
+            Event::Notice(delivery, Notice::IdentityDeleted { relationship }) => {
+                eprint!("identity deleted, relationship ended: ");
+                print_relationship_to(&mut std::io::stderr(), &relationship);
+                client.ack(delivery.seq).await?;
+            }
             Event::Unreadable(delivery, error) => {
                 eprintln!("rejected envelope seq {}: {error}", delivery.seq);
                 client.ack(delivery.seq).await?;

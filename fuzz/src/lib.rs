@@ -16,14 +16,16 @@ use backbone_protocol::bytes::{
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
     PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
     PeerTokenResult, SealedForward, TransferEnvelope, TransferToken,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
-    DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
+    Ack, Anonymous, Auth, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge,
+    CreateToken, DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled,
+    Deliver, Done, ErrorFrame, Failed, FetchCard,
     GetToken, Hello, ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect,
     RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
     RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
@@ -377,6 +379,12 @@ fn sample_frames() -> Vec<Frame> {
                 changed_at_ms: 1_700_000_000_000,
             }],
         }),
+        Frame::DeleteIdentity(DeleteIdentity { request_id: 19 }),
+        Frame::DeletionScheduled(DeletionScheduled {
+            request_id: 19,
+            purge_at_ms: 1_700_604_800_000,
+        }),
+        Frame::CancelDeletion(CancelDeletion { request_id: 20 }),
     ]
 }
 
@@ -739,6 +747,19 @@ pub fn decode_peer_frame_seeds() -> Vec<Vec<u8>> {
             bytes
         })
         .collect();
+    // A variant of a frame's contents that the one-per-type samples miss.
+    let identity = Keypair::from_secret_bytes([1; 32]);
+    let peer_deleted = PeerFrame::Consent(PeerConsent {
+        request_id: 8,
+        address: identity.address(),
+        peer: Keypair::from_secret_bytes([3; 32]).address(),
+        change: SideChange::PeerDeleted {
+            id: RelationshipId([0x0b; 16]),
+        },
+    });
+    let mut bytes = Vec::new();
+    encode_peer_frame(&peer_deleted, &mut bytes).expect("the sample peer frame encodes");
+    seeds.push(bytes);
     seeds.push(seeds.concat());
     seeds
 }
@@ -823,6 +844,13 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                     state: State::Active,
                     changed_at_ms: 1_700_000_000_000,
                 }],
+                deletion: Some(Deletion::Purging {
+                    purge_at_ms: 1_700_604_800_000,
+                    to_tell: vec![PeerToTell {
+                        peer: address,
+                        relationship: RelationshipId([0x0b; 16]),
+                    }],
+                }),
             }],
         }),
         PeerFrame::HandoffDone(HandoffDone {

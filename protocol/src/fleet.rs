@@ -17,6 +17,7 @@ use crate::bytes::{
     Blob, CapabilityHash, MessageId, PasswordVerifier, Text, TokenId, VerifierHash,
 };
 use crate::card::IdentityCard;
+use crate::deletion::Deletion;
 use crate::frame::{Failed, Stored};
 use crate::identity::{Address, DeviceCertificate, DeviceId};
 use crate::relationship::{InboundPolicy, Relationship, SideChange};
@@ -280,6 +281,9 @@ pub struct MailboxTransfer {
     pub policy: Option<InboundPolicy>,
     /// The identity's side of each of its relationships.
     pub relationships: Vec<Relationship>,
+    /// The identity's scheduled deletion or its tombstone: a tombstone
+    /// moves even when nothing else about the address is left.
+    pub deletion: Option<Deletion>,
 }
 
 /// Mailboxes of moving slots, sent by their previous owner.

@@ -97,11 +97,20 @@ pub enum Frame {
     ListRelationships(ListRelationships),
     /// Tag 34, broker → client: the answer to [`Frame::ListRelationships`].
     Relationships(Relationships),
+    /// Tag 35, client → broker: schedule the deletion of the authenticated
+    /// identity after the broker's grace period. Answered by
+    /// [`Frame::DeletionScheduled`].
+    DeleteIdentity(DeleteIdentity),
+    /// Tag 36, broker → client: when the identity will be purged.
+    DeletionScheduled(DeletionScheduled),
+    /// Tag 37, client → broker: cancel the identity's scheduled deletion.
+    /// Answered by [`Frame::Done`], or `NotFound` when none is scheduled.
+    CancelDeletion(CancelDeletion),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 35] = [
+    pub const TAG_NAMES: [&'static str; 38] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -137,6 +146,9 @@ impl Frame {
         "RelationshipChanged",
         "ListRelationships",
         "Relationships",
+        "DeleteIdentity",
+        "DeletionScheduled",
+        "CancelDeletion",
     ];
 
     /// The wire tag of this frame.
@@ -177,6 +189,9 @@ impl Frame {
             Frame::RelationshipChanged(_) => 32,
             Frame::ListRelationships(_) => 33,
             Frame::Relationships(_) => 34,
+            Frame::DeleteIdentity(_) => 35,
+            Frame::DeletionScheduled(_) => 36,
+            Frame::CancelDeletion(_) => 37,
         }
     }
 
@@ -570,6 +585,33 @@ pub struct Relationships {
     pub relationships: Vec<Relationship>,
 }
 
+/// Schedules the deletion of the authenticated identity: once the broker's
+/// grace period has passed, everything stored for it is deleted and its
+/// address can never authenticate again. Asking again while a deletion is
+/// scheduled changes nothing and is answered with the same time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteIdentity {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
+/// The answer to [`DeleteIdentity`]: the deletion is durable and scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletionScheduled {
+    /// The request this answers.
+    pub request_id: u64,
+    /// When the identity will be purged, milliseconds since the Unix epoch.
+    /// Until then it works as before and may cancel.
+    pub purge_at_ms: u64,
+}
+
+/// Cancels the authenticated identity's scheduled deletion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelDeletion {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -680,6 +722,9 @@ error_codes! {
     InvalidTransition = 38, false;
     /// The envelope starts with the bytes reserved for broker notices.
     ReservedEnvelope = 39, false;
+    /// The identity was deleted: its address can no longer authenticate,
+    /// receive envelopes, publish or serve a card, or enter relationships.
+    IdentityDeleted = 40, false;
     /// An internal error.
     Internal = 50, true;
     /// Storage failed; nothing was acknowledged.

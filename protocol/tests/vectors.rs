@@ -31,11 +31,12 @@ use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
 };
 use backbone_protocol::frame::{
-    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, CreateToken, DecideRelationship,
-    Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello,
-    ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect, RegisterCapability,
-    RegisterDevice, RelationshipChanged, Relationships, RequestRelationship, RevokeCapability,
-    SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent, TokenCreated,
+    Ack, Anonymous, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::identity::domain;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
@@ -429,6 +430,24 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 policy: InboundPolicy::Anyone,
                 relationships: vec![relationship(peer_address)],
             }),
+        ),
+        vector(
+            "DeleteIdentity",
+            "request_id 19",
+            Frame::DeleteIdentity(DeleteIdentity { request_id: 19 }),
+        ),
+        vector(
+            "DeletionScheduled",
+            "request_id 19, purge_at_ms T + 604800000 (seven days)",
+            Frame::DeletionScheduled(DeletionScheduled {
+                request_id: 19,
+                purge_at_ms: f.time_ms + 604_800_000,
+            }),
+        ),
+        vector(
+            "CancelDeletion",
+            "request_id 20",
+            Frame::CancelDeletion(CancelDeletion { request_id: 20 }),
         ),
     ]
 }
@@ -903,6 +922,8 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::RelationshipChanged(_) => 76,
             Frame::ListRelationships(_) => 12,
             Frame::Relationships(list) => 24 + 64 * list.relationships.len(),
+            Frame::DeleteIdentity(_) | Frame::CancelDeletion(_) => 12,
+            Frame::DeletionScheduled(_) => 20,
         };
         assert_eq!(
             body_len(&vector.frame),

@@ -8,9 +8,9 @@
 //!    it accepts no writes for them either and redirects their clients.
 //! 2. `from` sends every mailbox of those slots (envelopes with their
 //!    sequence numbers, head, cursors, card, devices, capability hashes,
-//!    tokens) in
-//!    [`Import`] batches; `to` merges each batch and flushes before
-//!    acknowledging it.
+//!    tokens, policy, relationships, and a scheduled deletion or the
+//!    tombstone of a deleted identity) in [`Import`] batches; `to` merges
+//!    each batch and flushes before acknowledging it.
 //! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
 //!    serving the slots.
 //! 4. `from` records the move as done and deletes its copies.
@@ -104,6 +104,7 @@ async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
     blocking(move || {
         for address in &addresses {
             store.purge_mailbox(address)?;
+            store.remove_deletion(address)?;
         }
         store.flush()
     })
@@ -194,11 +195,8 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
 }
 
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes and
-/// token contents each; the first carries the head, cursors, card, devices
-/// and capability hashes.
-/// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes each; the
-/// first carries the head, cursors, card, devices, capability hashes, policy
-/// and relationships.
+/// token contents each; the first carries the head, cursors, card, devices,
+/// capability hashes, policy, relationships and deletion record.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
     let empty_part = || MailboxTransfer {
         address: export.address,
@@ -211,6 +209,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         tokens: Vec::new(),
         policy: None,
         relationships: Vec::new(),
+        deletion: None,
     };
     let mut parts = vec![MailboxTransfer {
         cursors: export.cursors.clone(),
@@ -219,6 +218,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         capabilities: export.capabilities.clone(),
         policy: export.policy,
         relationships: export.relationships.clone(),
+        deletion: export.deletion.clone(),
         ..empty_part()
     }];
     // The part with room for `len` more bytes: the last one, or a new one.
@@ -294,6 +294,7 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
             .collect(),
         policy: transfer.policy,
         relationships: transfer.relationships,
+        deletion: transfer.deletion,
     }
 }
 
@@ -328,6 +329,7 @@ mod tests {
             tokens: vec![],
             policy: None,
             relationships: vec![],
+            deletion: None,
         };
         let parts = split(export.clone());
         assert_eq!(parts.len(), 3, "2 MiB of envelopes per part");
@@ -365,6 +367,7 @@ mod tests {
             tokens: tokens.clone(),
             policy: None,
             relationships: vec![],
+            deletion: None,
         };
         let parts = split(export);
         assert_eq!(parts.len(), 2, "2 MiB of token contents per part");
