@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::{Blob, CapabilityHash, DeliveryCapability, MessageId, TokenId};
 use backbone_protocol::frame::{
-    Ack, CreateToken, DecideRelationship, Delete, DeleteToken, FetchCard, GetToken,
-    ListCapabilities, ListRelationships, PublishCard, RegisterCapability, RegisterDevice,
-    RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
+    Ack, CancelDeletion, CreateToken, DecideRelationship, Delete, DeleteIdentity, DeleteToken,
+    FetchCard, GetToken, ListCapabilities, ListRelationships, PublishCard, RegisterCapability,
+    RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
@@ -704,6 +704,35 @@ impl Client {
         }))
         .await
     }
+
+    /// Asks the broker to delete this identity after its grace period;
+    /// returns when (Unix ms). Until then the identity works as before and
+    /// [`Client::cancel_deletion`] cancels. Then the broker deletes
+    /// everything it stores for the identity (messages, devices, card,
+    /// capabilities, tokens, relationships), tells the peers of its pending
+    /// and active relationships, closes its connections with
+    /// `IdentityDeleted`, and never lets this key authenticate again.
+    /// Asking again while a deletion is scheduled answers the same time.
+    pub async fn delete_identity(&self) -> Result<u64, ClientError> {
+        match self
+            .request(Frame::DeleteIdentity(DeleteIdentity {
+                request_id: self.request_id(),
+            }))
+            .await?
+        {
+            Frame::DeletionScheduled(scheduled) => Ok(scheduled.purge_at_ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels this identity's scheduled deletion. Fails with `NotFound`
+    /// when none is scheduled.
+    pub async fn cancel_deletion(&self) -> Result<(), ClientError> {
+        self.expect_done(Frame::CancelDeletion(CancelDeletion {
+            request_id: self.request_id(),
+        }))
+        .await
+    }
 }
 
 async fn connect_following_redirects(
@@ -729,7 +758,8 @@ async fn connect_following_redirects(
 
 /// Whether a persistent client stops reconnecting after `error`: only when
 /// trying again cannot help, because the broker refused this identity or
-/// device, or its certificate is not the one trusted. A broker that is
+/// device (or deleted the identity), or its certificate is not the one
+/// trusted. A broker that is
 /// starting, stopping or crashing can fail a handshake in many other ways
 /// (a stream closed mid-handshake, an unexpected frame, an error code that
 /// is final for a single request): those are retried with backoff, or one
@@ -744,6 +774,7 @@ fn gives_up_on(error: &ClientError) -> bool {
                     | backbone_protocol::ErrorCode::DeviceNotRegistered
                     | backbone_protocol::ErrorCode::InvalidCertificate
                     | backbone_protocol::ErrorCode::UnsupportedVersion
+                    | backbone_protocol::ErrorCode::IdentityDeleted
             )
         ),
         _ => false,
@@ -794,6 +825,12 @@ async fn connection_loop(
         .await;
         match outcome {
             Outcome::ClientDropped => return,
+            // The broker ended the session for good (the identity was deleted).
+            Outcome::Lost(error) if gives_up_on(&error) => {
+                warn!(%error, "the broker closed the connection for good");
+                let _ = status.send(Status::Stopped(error.to_string()));
+                return;
+            }
             Outcome::Lost(error) => debug!(%error, "connection lost; reconnecting"),
         }
     }
@@ -843,6 +880,10 @@ async fn run_connection(
                 match recv.read_chunk(64 * 1024, true).await {
                     Ok(Some(chunk)) => buffer.extend(&chunk.bytes),
                     Ok(None) => return ClientError::Disconnected("stream finished".into()),
+                    // Keep the broker's close code: some end the session for good.
+                    Err(quinn::ReadError::ConnectionLost(error)) => {
+                        return ClientError::from_connection(error, "broker");
+                    }
                     Err(error) => return ClientError::Disconnected(error.to_string()),
                 }
             }
@@ -919,6 +960,8 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::RequestRelationship(f) => Some(f.request_id),
         Frame::DecideRelationship(f) => Some(f.request_id),
         Frame::ListRelationships(f) => Some(f.request_id),
+        Frame::DeleteIdentity(f) => Some(f.request_id),
+        Frame::CancelDeletion(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -935,6 +978,7 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::TokenContent(f) => Some(f.request_id),
         Frame::RelationshipChanged(f) => Some(f.request_id),
         Frame::Relationships(f) => Some(f.request_id),
+        Frame::DeletionScheduled(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -1001,6 +1045,11 @@ mod tests {
             server(ErrorCode::DeviceNotRegistered),
             server(ErrorCode::InvalidCertificate),
             server(ErrorCode::UnsupportedVersion),
+            server(ErrorCode::IdentityDeleted),
+            ClientError::Closed {
+                code: ErrorCode::IdentityDeleted as u16,
+                reason: "this identity was deleted".into(),
+            },
         ] {
             assert!(gives_up_on(&error), "{error}");
         }
