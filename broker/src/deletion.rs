@@ -26,10 +26,6 @@ use crate::fleet::Route;
 use crate::server::Shared;
 use crate::store::StoreError;
 
-/// How long the sweep leaves a purge alone after some of its peers could
-/// not be told, before trying them again.
-const RETRY_UNTOLD: Duration = Duration::from_secs(10);
-
 /// Extra time, beyond `server.shutdown_grace`, that a purge waits for the
 /// identity's sessions to finish their requests once it closed them.
 const SESSION_END_SLACK: Duration = Duration::from_secs(1);
@@ -237,8 +233,11 @@ pub async fn sweep(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut tick = tokio::time::interval(shared.config.expiry.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Purges with peers left to tell, and when to try them again.
+    // Purges with peers left to tell (their nodes are down, most likely),
+    // and when to try them again: after `fleet.retry_after`, the pause a
+    // client is told to take when an owner node is down.
     let mut resting: HashMap<Address, Instant> = HashMap::new();
+    let retry_untold = shared.config.fleet.retry_after;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -265,12 +264,12 @@ pub async fn sweep(shared: Arc<Shared>) {
             }
             match purge_identity(&shared, address).await {
                 Ok(Purge::Purged { untold, .. }) if untold > 0 => {
-                    resting.insert(address, Instant::now() + RETRY_UNTOLD);
+                    resting.insert(address, Instant::now() + retry_untold);
                 }
                 Ok(_) => {}
                 Err(error) => {
                     warn!(%error, "purging a deleted identity failed; retrying later");
-                    resting.insert(address, Instant::now() + RETRY_UNTOLD);
+                    resting.insert(address, Instant::now() + retry_untold);
                 }
             }
         }
