@@ -360,6 +360,62 @@ mod tests {
         );
     }
 
+    /// The `MailboxTransfer` layout docs/protocol.md gives, for its fields
+    /// after the tokens: policy, relationships, deletion.
+    #[test]
+    fn a_mailbox_transfer_has_its_documented_layout() {
+        use crate::bytes::RelationshipId;
+        use crate::codec::encode_value;
+        use crate::deletion::PeerToTell;
+        use crate::relationship::{Role, State};
+
+        let empty = MailboxTransfer {
+            address: Address([1; 32]),
+            head: 0,
+            envelopes: vec![],
+            cursors: vec![],
+            card: None,
+            devices: vec![],
+            capabilities: vec![],
+            tokens: vec![],
+            policy: None,
+            relationships: vec![],
+            deletion: None,
+        };
+        let len = |transfer: &MailboxTransfer| encode_value(transfer).expect("encodes").len();
+        assert_eq!(len(&empty), 91);
+        let related = MailboxTransfer {
+            policy: Some(InboundPolicy::RelationshipsOnly),
+            relationships: vec![Relationship {
+                id: RelationshipId([2; 16]),
+                peer: Address([3; 32]),
+                role: Role::Owner,
+                state: State::Active,
+                changed_at_ms: 4,
+            }],
+            ..empty.clone()
+        };
+        assert_eq!(len(&related), 91 + 4 + 64);
+        let with = |deletion: Deletion| {
+            len(&MailboxTransfer {
+                deletion: Some(deletion),
+                ..empty.clone()
+            })
+        };
+        assert_eq!(with(Deletion::Scheduled { purge_at_ms: 5 }), 91 + 4 + 8);
+        assert_eq!(
+            with(Deletion::Purging {
+                purge_at_ms: 5,
+                to_tell: vec![PeerToTell {
+                    peer: Address([3; 32]),
+                    relationship: RelationshipId([2; 16]),
+                }],
+            }),
+            91 + 4 + 8 + 8 + 48
+        );
+        assert_eq!(with(Deletion::Deleted), 91 + 4);
+    }
+
     #[test]
     fn slot_is_stable() {
         // Changing the slot function moves every stored mailbox to another
