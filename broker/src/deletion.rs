@@ -165,7 +165,8 @@ pub async fn purge_identity(shared: &Arc<Shared>, address: Address) -> Result<Pu
         .flush()
         .await
         .map_err(|error| format!("flushing the writer: {error}"))?;
-    // 4.
+    // 4. Everything else stored for the identity is deleted here too (the
+    // files service: the identity's files), before the flush.
     let store = shared.store.clone();
     blocking(move || {
         store.purge_mailbox(&address)?;
