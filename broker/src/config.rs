@@ -43,6 +43,8 @@ pub struct Config {
     pub fleet: FleetConfig,
     /// Relationships and inbound policies.
     pub relationships: RelationshipsConfig,
+    /// Identity deletion.
+    pub identity: IdentityConfig,
 }
 
 /// `[files]`: large encrypted blobs on their own streams.
@@ -269,6 +271,27 @@ impl Default for RelationshipsConfig {
         }
     }
 }
+
+/// `[identity]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// How long after `DeleteIdentity` the identity is purged; until then
+    /// it works as before and may cancel. 0 purges at the next sweep.
+    #[serde(with = "humantime_serde")]
+    pub deletion_grace: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            deletion_grace: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The longest `identity.deletion_grace`: ten years.
+const MAX_DELETION_GRACE: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// An [`InboundPolicy`] by its name (`anyone`, `relationships-only`).
 mod policy_name {
@@ -551,6 +574,12 @@ impl Config {
                 "must be at least 1 while relationships.requests_per_minute is set, or no request could pass",
             );
         }
+        if self.identity.deletion_grace > MAX_DELETION_GRACE {
+            return invalid(
+                "identity.deletion_grace",
+                "must be at most 3650 days (ten years)",
+            );
+        }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {
             return invalid("expiry", "interval and batch must be greater than zero");
         }
@@ -727,6 +756,11 @@ mod tests {
                 "BACKBONE__LIMITS__TOKEN_PASSWORD_ATTEMPTS",
                 "0",
                 "limits.token_password_attempts",
+            ),
+            (
+                "BACKBONE__IDENTITY__DELETION_GRACE",
+                "20years",
+                "identity.deletion_grace",
             ),
         ];
         for (name, value, expected) in cases {

@@ -7,6 +7,8 @@
 //! - [`wire`]: frame I/O over a QUIC stream.
 //! - [`route`]: storing an accepted envelope for local and remote recipients.
 //! - [`token`]: creating, fetching (here or on the owning node) and deleting tokens.
+//! - [`relationships`]: relationship requests and decisions across the fleet.
+//! - [`deletion`]: scheduling identity deletion and the sweep that purges.
 //! - [`files`]: the file service — records in the store, bytes under `<data_dir>/files/`, uploads and downloads on their own streams.
 //! - [`fleet`]: sharding — the fleet map, certificates, node-to-node links.
 //! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
@@ -16,6 +18,7 @@
 //! - [`metrics_http`]: `/metrics` and `/health`.
 
 pub mod config;
+pub mod deletion;
 pub mod files;
 pub mod fleet;
 pub mod mailbox;

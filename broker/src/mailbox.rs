@@ -10,6 +10,11 @@
 //! Blocking storage work never runs in a handler: the head is read in
 //! `spawn_blocking`, writes go to the writer thread, and completions come back
 //! as messages through a per-mailbox forwarder task that preserves their order.
+//!
+//! The actor of a deleted identity refuses everything with `IdentityDeleted`:
+//! it learns so when it starts (the store holds the tombstone) or when the
+//! purge begins through it ([`MailboxMsg::Retire`]), so that no append or
+//! relationship change slips in between the tombstone and the purge.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use backbone_protocol::Address;
 use backbone_protocol::bytes::{MessageId, RelationshipId};
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::frame::ErrorCode;
 use backbone_protocol::relationship::{
     self, InboundPolicy, Notice, Relationship, RequestOutcome, Role, SideChange, State,
@@ -98,6 +104,18 @@ pub enum MailboxMsg {
         change: SideChange,
         /// This side's record afterwards.
         reply: RpcReplyPort<Result<Relationship, MailboxError>>,
+    },
+    /// Begin purging the identity if its deletion is due at `now_ms`: the
+    /// actor records the tombstone with every peer of a pending or active
+    /// relationship still to be told, refuses everything from then on,
+    /// answers once its writes in flight are durable, and stops. Answered
+    /// with the tombstone, or `None` when no deletion is due (cancelled,
+    /// or not yet).
+    Retire {
+        /// The broker's time.
+        now_ms: u64,
+        /// The tombstone, once no write of this mailbox is in flight.
+        reply: RetireReply,
     },
     /// Internal timer: stop if idle.
     IdleCheck,
@@ -188,7 +206,14 @@ pub struct MailboxState {
     /// the actor starts; every change goes through the actor.
     policy: InboundPolicy,
     relationships: HashMap<Address, Relationship>,
+    /// The identity was deleted: everything is refused.
+    deleted: bool,
+    /// A retirement waiting for the writes in flight, with its answer.
+    retiring: Option<(RetireReply, Deletion)>,
 }
+
+/// Where a retirement is answered.
+type RetireReply = RpcReplyPort<Result<Option<Deletion>, MailboxError>>;
 
 struct PendingWrite {
     done: oneshot::Receiver<Result<(), StoreError>>,
@@ -216,14 +241,16 @@ impl Actor for MailboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = args.context.store.clone();
         let address = args.address;
-        let (stored_head, policy, relationships) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((
-                store.head_seq(&address)?,
-                store.inbound_policy(&address)?,
-                store.relationships(&address)?,
-            ))
-        })
-        .await??;
+        let (stored_head, policy, relationships, deletion) =
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, StoreError>((
+                    store.head_seq(&address)?,
+                    store.inbound_policy(&address)?,
+                    store.relationships(&address)?,
+                    store.deletion(&address)?,
+                ))
+            })
+            .await??;
         // Everything the store shows counts as durable (subscribers may read
         // up to here), but numbering goes on above this run's floor, never
         // reusing a number an earlier run may have shown and since lost.
@@ -272,6 +299,8 @@ impl Actor for MailboxActor {
             forwarder,
             policy,
             relationships: relationships.into_iter().map(|r| (r.peer, r)).collect(),
+            deleted: deletion.is_some_and(|d| d.is_tombstone()),
+            retiring: None,
         })
     }
 
@@ -297,6 +326,10 @@ impl Actor for MailboxActor {
         match message {
             MailboxMsg::Append { envelope, reply } => {
                 state.last_activity = Instant::now();
+                if state.deleted {
+                    let _ = reply.send(Err(MailboxError::IdentityDeleted));
+                    return Ok(());
+                }
                 // Sealed envelopes (no sender) were admitted by their
                 // capability before they got here.
                 if let Some(sender) = envelope.sender
@@ -320,6 +353,10 @@ impl Actor for MailboxActor {
             }
             MailboxMsg::SetPolicy { policy, reply } => {
                 state.last_activity = Instant::now();
+                if state.deleted {
+                    let _ = reply.send(Err(MailboxError::IdentityDeleted));
+                    return Ok(());
+                }
                 let (store, address) = (state.context.store.clone(), state.address);
                 let written = tokio::task::spawn_blocking(move || {
                     store.set_inbound_policy(&address, policy)?;
@@ -337,6 +374,10 @@ impl Actor for MailboxActor {
                 reply,
             } => {
                 state.last_activity = Instant::now();
+                if state.deleted {
+                    let _ = reply.send(Err(MailboxError::IdentityDeleted));
+                    return Ok(());
+                }
                 match state.change_relationship(peer, change).await? {
                     Err(error) => {
                         let _ = reply.send(Err(error));
@@ -391,6 +432,45 @@ impl Actor for MailboxActor {
                         notify(&state.subscribers, &envelope);
                     }
                 }
+                if state.pending_writes == 0
+                    && let Some((reply, tombstone)) = state.retiring.take()
+                {
+                    state.stop_retired(&myself, reply, tombstone);
+                }
+            }
+            MailboxMsg::Retire { now_ms, reply } => {
+                let to_tell: Vec<PeerToTell> = state
+                    .relationships
+                    .values()
+                    .filter(|r| !r.state.is_final())
+                    .map(|r| PeerToTell {
+                        peer: r.peer,
+                        relationship: r.id,
+                    })
+                    .collect();
+                let (store, address) = (state.context.store.clone(), state.address);
+                let begun = tokio::task::spawn_blocking(move || {
+                    let begun = store.begin_purge(&address, now_ms, &to_tell)?;
+                    store.flush()?;
+                    Ok::<_, StoreError>(begun)
+                })
+                .await?;
+                match begun {
+                    Ok(Some(tombstone)) => {
+                        state.deleted = true;
+                        if state.pending_writes == 0 {
+                            state.stop_retired(&myself, reply, tombstone);
+                        } else {
+                            state.retiring = Some((reply, tombstone));
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = reply.send(Ok(None));
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(MailboxError::Store(error)));
+                    }
+                }
             }
             MailboxMsg::Subscribe { subscriber, reply } => {
                 state.last_activity = Instant::now();
@@ -425,6 +505,23 @@ impl Actor for MailboxActor {
 }
 
 impl MailboxState {
+    /// Answers a retirement and stops: the identity is deleted and no
+    /// write of its mailbox is in flight. The registry forgets the actor
+    /// first, so the next caller spawns a fresh one, which finds the
+    /// tombstone and refuses.
+    fn stop_retired(
+        &mut self,
+        myself: &ActorRef<MailboxMsg>,
+        reply: RetireReply,
+        tombstone: Deletion,
+    ) {
+        self.context
+            .actors
+            .remove_if(&self.address, |_, actor| actor.get_id() == myself.get_id());
+        let _ = reply.send(Ok(Some(tombstone)));
+        myself.stop(Some("identity deleted".into()));
+    }
+
     /// Numbers `envelope`, hands it to the writer, and answers `reply` with
     /// its sequence number once durable (through the forwarder).
     fn submit(
@@ -509,6 +606,7 @@ impl MailboxState {
         let existing = self.relationships.get(&peer).copied();
         let now = (self.context.clock)();
         let mut intro = None;
+        let mut peer_deleted = false;
         let record = match change {
             SideChange::Request {
                 capability_hash,
@@ -586,6 +684,25 @@ impl MailboxState {
                     Err(error) => return refuse(ErrorCode::InvalidTransition, error.to_string()),
                 }
             }
+            SideChange::PeerDeleted { id } => {
+                let Some(record) = existing.filter(|r| r.id == id) else {
+                    return refuse(
+                        ErrorCode::NotFound,
+                        "no such relationship with this identity".into(),
+                    );
+                };
+                let state = relationship::peer_deleted(record.state);
+                if state == record.state {
+                    // Ended before, or a retry: nothing changes, nobody is told.
+                    return Ok(Ok((record, None)));
+                }
+                peer_deleted = true;
+                Relationship {
+                    state,
+                    changed_at_ms: now,
+                    ..record
+                }
+            }
         };
         let (store, address) = (self.context.store.clone(), self.address);
         let written = tokio::task::spawn_blocking(move || {
@@ -605,13 +722,17 @@ impl MailboxState {
         self.relationships.insert(peer, record);
         metrics::counter!("backbone_relationship_changes_total", "state" => state_name(record.state))
             .increment(1);
-        Ok(Ok((
-            record,
-            Some(Notice::Relationship {
+        let notice = if peer_deleted {
+            Notice::IdentityDeleted {
+                relationship: record,
+            }
+        } else {
+            Notice::Relationship {
                 relationship: record,
                 intro,
-            }),
-        )))
+            }
+        };
+        Ok(Ok((record, Some(notice))))
     }
 
     /// Checks one more envelope of `len` bytes against the quota and counts
@@ -692,6 +813,9 @@ pub enum MailboxError {
     /// The mailbox's inbound policy does not admit the sender.
     #[error("the recipient accepts envelopes only from identities it has a relationship with")]
     NotConsented,
+    /// The mailbox's identity was deleted.
+    #[error("this identity was deleted")]
+    IdentityDeleted,
     /// A policy or relationship request the mailbox refuses.
     #[error("{message}")]
     Refused {
@@ -715,6 +839,7 @@ impl MailboxError {
             MailboxError::Store(_) => ErrorCode::StorageFailure,
             MailboxError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             MailboxError::NotConsented => ErrorCode::NotConsented,
+            MailboxError::IdentityDeleted => ErrorCode::IdentityDeleted,
             MailboxError::Refused { code, .. } => *code,
             MailboxError::Timeout => ErrorCode::Overloaded,
             MailboxError::Unavailable(_) => ErrorCode::Internal,
@@ -845,6 +970,18 @@ impl Registry {
             reply,
         })
         .await?
+    }
+
+    /// Begins the purge of `address` through its mailbox actor if its
+    /// deletion is due (see [`MailboxMsg::Retire`]); returns the tombstone,
+    /// or `None` when nothing is due.
+    pub async fn retire(
+        &self,
+        address: &Address,
+        now_ms: u64,
+    ) -> Result<Option<Deletion>, MailboxError> {
+        self.call(address, |reply| MailboxMsg::Retire { now_ms, reply })
+            .await?
     }
 
     /// Tells a live mailbox actor that envelopes were deleted outside it, so

@@ -201,9 +201,10 @@ pub async fn decide(shared: &Arc<Shared>, side: Address, decision: DecideRelatio
     match apply(shared, peer, side, theirs).await {
         Ok(_) => {}
         // The other side has no such record (never got it, or its identity
-        // is gone): ending or refusing still takes effect on this side, so
-        // consent can always be withdrawn. Accepting cannot.
-        Err((ErrorCode::NotFound, _)) if decision.decision != relationship::Decision::Accept => {}
+        // is gone or deleted): ending or refusing still takes effect on this
+        // side, so consent can always be withdrawn. Accepting cannot.
+        Err((ErrorCode::NotFound | ErrorCode::IdentityDeleted, _))
+            if decision.decision != relationship::Decision::Accept => {}
         Err(refusal) => return error(id, refusal),
     }
     let ours = SideChange::Decide {

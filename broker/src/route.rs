@@ -201,13 +201,28 @@ pub async fn store_sealed_for(
     }
     let store = shared.store.clone();
     let hash = *capability_hash;
-    let known = tokio::task::spawn_blocking(move || store.has_capability(&recipient, &hash)).await;
+    // A deleted identity's capabilities are gone with it; its sender learns
+    // why, as a plain send's would.
+    let known = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        if store.has_capability(&recipient, &hash)? {
+            return Ok(Ok(()));
+        }
+        let deleted = store
+            .deletion(&recipient)?
+            .is_some_and(|deletion| deletion.is_tombstone());
+        Ok(Err(if deleted {
+            ErrorCode::IdentityDeleted
+        } else {
+            ErrorCode::UnknownCapability
+        }))
+    })
+    .await;
     match known {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(code))) => {
             metrics::counter!("backbone_sealed_refused_total", "reason" => "unknown_capability")
                 .increment(1);
-            return refuse(failed(shared, recipient, ErrorCode::UnknownCapability));
+            return refuse(failed(shared, recipient, code));
         }
         Ok(Err(error)) => {
             warn!(%error, "capability lookup failed");

@@ -64,6 +64,9 @@ pub struct Shared {
     pub retries: std::sync::atomic::AtomicU64,
     /// The bytes of stored files, and the uploads running.
     pub files: Arc<crate::files::Files>,
+    /// The authenticated sessions of each address (to end a deleted
+    /// identity's connections).
+    pub sessions: crate::session::LiveSessions,
 }
 
 fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
@@ -98,6 +101,7 @@ pub struct Broker {
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
     peer_server: Option<tokio::task::JoinHandle<()>>,
+    deletions: tokio::task::JoinHandle<()>,
     writer: Writer,
     supervisor: ractor::ActorRef<crate::supervisor::RootMsg>,
 }
@@ -239,6 +243,7 @@ impl Broker {
             unauthenticated: AtomicUsize::new(0),
             retries: std::sync::atomic::AtomicU64::new(0),
             files,
+            sessions: crate::session::LiveSessions::default(),
         });
         if shared.send_limiter.is_some()
             || shared.sealed_limiter.is_some()
@@ -251,6 +256,7 @@ impl Broker {
         for m in outgoing_moves {
             tokio::spawn(crate::fleet::handoff::hand_over(shared.clone(), m));
         }
+        let deletions = tokio::spawn(crate::deletion::sweep(shared.clone()));
         let mut peer_server = None;
         if let Some((peer_endpoint, peer_addr)) = peer {
             peer_server = Some(tokio::spawn(crate::fleet::peer::serve(
@@ -277,6 +283,7 @@ impl Broker {
             stop,
             accept,
             peer_server,
+            deletions,
             writer,
             supervisor,
         })
@@ -315,6 +322,8 @@ impl Broker {
         if let Some(peer_server) = self.peer_server {
             let _ = peer_server.await;
         }
+        // A purge in progress finishes its step; the next run resumes it.
+        let _ = self.deletions.await;
         self.endpoint.close(
             quinn::VarInt::from_u32(backbone_protocol::ErrorCode::ShuttingDown as u32),
             b"shutdown",

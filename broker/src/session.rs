@@ -7,6 +7,10 @@
 //! read and QUIC flow control pushes back. A delivery task per session pushes
 //! envelopes in sequence order with at most `push_window` unacknowledged.
 //!
+//! Every authenticated session is listed in [`LiveSessions`] under its
+//! address, so that the purge of a deleted identity can close its
+//! connections and wait until they are over.
+//!
 //! A client may instead answer the challenge with `Anonymous`: the session
 //! then names no identity (none is recorded in its span either), has no
 //! mailbox and no delivery task, and serves only `SealedSend`, `FetchCard`
@@ -14,9 +18,9 @@
 //! token's id is the permission) and `Ping`. Every other request is refused
 //! with `NotAuthenticated` and the session goes on.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
@@ -28,7 +32,8 @@ use backbone_protocol::frame::{
     FetchCard, Pong, Redirect, SealedSend, Send, SendAck, UploadFile,
 };
 use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
-use backbone_protocol::{Address, DeviceId, Frame};
+use backbone_protocol::{Address, DeviceId, Frame, IdentityCard};
+use dashmap::DashMap;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -36,7 +41,7 @@ use crate::fleet::Route;
 use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
-use crate::store::StoredEnvelope;
+use crate::store::{Store, StoreError, StoredEnvelope};
 use crate::wire::{FrameReader, ReadError, spawn_writer};
 
 /// Queue of outgoing frames per connection.
@@ -61,6 +66,97 @@ struct Session {
     address: Address,
     device: DeviceId,
     acked_seq: u64,
+    /// Lists the session under its address until the last task holding
+    /// the session (its requests, its delivery) is done.
+    _live: LiveSession,
+}
+
+/// The authenticated sessions of each address, with their connections.
+#[derive(Default)]
+pub struct LiveSessions {
+    next_id: AtomicU64,
+    by_address: Arc<DashMap<Address, HashMap<u64, Listed>>>,
+}
+
+/// One listed session: its connection, and a channel whose sender the
+/// session holds, so that it closes when the session is over.
+struct Listed {
+    connection: quinn::Connection,
+    over: watch::Receiver<()>,
+}
+
+/// A session's place in [`LiveSessions`]; leaves it when dropped.
+struct LiveSession {
+    address: Address,
+    id: u64,
+    by_address: Arc<DashMap<Address, HashMap<u64, Listed>>>,
+    _over: watch::Sender<()>,
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.by_address.remove_if_mut(&self.address, |_, sessions| {
+            sessions.remove(&self.id);
+            sessions.is_empty()
+        });
+    }
+}
+
+impl LiveSessions {
+    fn register(&self, address: Address, connection: &quinn::Connection) -> LiveSession {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (over_tx, over) = watch::channel(());
+        self.by_address.entry(address).or_default().insert(
+            id,
+            Listed {
+                connection: connection.clone(),
+                over,
+            },
+        );
+        LiveSession {
+            address,
+            id,
+            by_address: self.by_address.clone(),
+            _over: over_tx,
+        }
+    }
+
+    /// Closes every connection of `address` with `code` and waits, at most
+    /// `limit`, until each of its sessions is over: its requests in
+    /// progress finished and its delivery stopped. Returns how many
+    /// sessions there were.
+    pub async fn close_all(
+        &self,
+        address: &Address,
+        code: ErrorCode,
+        reason: &str,
+        limit: std::time::Duration,
+    ) -> usize {
+        let sessions: Vec<(quinn::Connection, watch::Receiver<()>)> = self
+            .by_address
+            .get(address)
+            .map(|sessions| {
+                sessions
+                    .values()
+                    .map(|listed| (listed.connection.clone(), listed.over.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (connection, _) in &sessions {
+            close(connection, code, reason);
+        }
+        let count = sessions.len();
+        let all_over = async {
+            for (_, mut over) in sessions {
+                // Fails once the session dropped its sender: it is over.
+                while over.changed().await.is_ok() {}
+            }
+        };
+        if tokio::time::timeout(limit, all_over).await.is_err() {
+            warn!("sessions of a deleted identity still busy after closing them");
+        }
+        count
+    }
 }
 
 /// Serves one incoming connection to the end.
@@ -220,8 +316,22 @@ async fn authenticate(
     }
     let device = verified.device_id;
     let certified = verified.certified;
+    // Listed before the tombstone is checked: a purge that begins after
+    // this check finds the session and closes it, one that began before
+    // is seen by the check.
+    let live = shared.sessions.register(address, connection);
     let store = shared.store.clone();
     let acked_seq = blocking(move || -> Result<Option<u64>, (ErrorCode, String)> {
+        if store
+            .deletion(&address)
+            .map_err(storage_error)?
+            .is_some_and(|deletion| deletion.is_tombstone())
+        {
+            return Err((
+                ErrorCode::IdentityDeleted,
+                "this identity was deleted".into(),
+            ));
+        }
         if certified
             && store
                 .device(&address, &device)
@@ -251,6 +361,7 @@ async fn authenticate(
             address,
             device,
             acked_seq,
+            _live: live,
         },
         reader,
         out,
@@ -557,6 +668,12 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             ErrorCode::UnexpectedFrame,
             "SealedSend needs an anonymous session: on this one the broker knows the sender",
         ),
+        Frame::DeleteIdentity(delete) => {
+            crate::deletion::schedule(shared, address, delete.request_id).await
+        }
+        Frame::CancelDeletion(cancel) => {
+            crate::deletion::cancel(shared, address, cancel.request_id).await
+        }
         Frame::CreateToken(create) => crate::token::create(shared, address, create).await,
         Frame::GetToken(get) => crate::token::get(shared, get).await,
         Frame::DeleteToken(delete) => crate::token::delete(shared, address, delete).await,
@@ -619,14 +736,40 @@ async fn fetch_card(shared: &Arc<Shared>, fetch: FetchCard) -> Frame {
         return shard_unavailable(shared, id, "this card is being handed over to this node");
     }
     let store = shared.store.clone();
-    match blocking(move || store.card(&fetch.address)).await {
-        Ok(Ok(Some(card))) => Frame::CardResult(CardResult {
+    match blocking(move || card_here(store.as_ref(), &fetch.address)).await {
+        Ok(Ok(card)) => Frame::CardResult(CardResult {
             request_id: id,
             card,
         }),
-        Ok(Ok(None)) => error_frame(id, ErrorCode::UnknownAddress, "no card for this address"),
-        Ok(Err(error)) => error_frame(id, ErrorCode::StorageFailure, error.to_string()),
+        Ok(Err(code)) => error_frame(id, code, card_refusal(code)),
         Err((code, message)) => error_frame(id, code, message),
+    }
+}
+
+/// The card of `address` from this node's store, as a card lookup answers
+/// it (a client's here, or a peer node's): `UnknownAddress` without one,
+/// `IdentityDeleted` once the identity's purge has begun. Blocking.
+pub fn card_here(store: &dyn Store, address: &Address) -> Result<IdentityCard, ErrorCode> {
+    let stored = || -> Result<Result<IdentityCard, ErrorCode>, StoreError> {
+        if store
+            .deletion(address)?
+            .is_some_and(|deletion| deletion.is_tombstone())
+        {
+            return Ok(Err(ErrorCode::IdentityDeleted));
+        }
+        Ok(store.card(address)?.ok_or(ErrorCode::UnknownAddress))
+    };
+    stored().unwrap_or_else(|error| {
+        warn!(%error, "reading a card failed");
+        Err(ErrorCode::StorageFailure)
+    })
+}
+
+fn card_refusal(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::UnknownAddress => "no card for this address",
+        ErrorCode::IdentityDeleted => "this identity was deleted",
+        _ => "the card could not be read",
     }
 }
 
@@ -753,6 +896,8 @@ fn request_id_of(frame: &Frame) -> u64 {
         Frame::DeleteFile(f) => f.request_id,
         Frame::UploadFile(f) => f.request_id,
         Frame::DownloadFile(f) => f.request_id,
+        Frame::DeleteIdentity(f) => f.request_id,
+        Frame::CancelDeletion(f) => f.request_id,
         _ => 0,
     }
 }
@@ -979,9 +1124,11 @@ async fn deliver(
                     in_flight.drain(..newly);
                     metrics::counter!("backbone_envelopes_acked_total").increment(newly as u64);
                     acked = up_to;
-                    let (writer, device) = (shared.writer.clone(), session.device);
+                    // Queued now, so it is ordered before anything submitted
+                    // after this session ends (an identity's purge).
+                    let written = shared.writer.set_cursor(address, session.device, up_to);
                     tokio::spawn(async move {
-                        if let Err(error) = writer.set_cursor(address, device, up_to).await {
+                        if let Err(error) = written.await {
                             warn!(%error, "persisting a cursor failed");
                         }
                     });

@@ -9,6 +9,11 @@
 //! A failed expiry actor is restarted; a failed mailbox actor is logged and
 //! dropped from the registry, and the next caller spawns a fresh one that
 //! re-reads its head from the store (nothing acknowledged lives only in memory).
+//!
+//! Due identity deletions are swept on the same `expiry.interval`, but by a
+//! task of their own (`crate::deletion::sweep`) rather than by this actor: a
+//! purge needs the whole broker (mailbox actors, sessions, fleet links), not
+//! only the store, and it resumes from the store after any failure.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,10 +12,10 @@ use backbone_protocol::bytes::{
     Blob, CapabilityHash, ContentHash, DeliveryCapability, FileId, FileSecret, MessageId, TokenId,
 };
 use backbone_protocol::frame::{
-    Ack, CreateFile, CreateToken, DecideRelationship, Delete, DeleteFile, DeleteToken, FetchCard,
-    FileCreated, FileState, FileStatus, GetToken, ListCapabilities, ListRelationships, PublishCard,
-    RegisterCapability, RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck,
-    SetInboundPolicy,
+    Ack, CancelDeletion, CreateFile, CreateToken, DecideRelationship, Delete, DeleteFile,
+    DeleteIdentity, DeleteToken, FetchCard, FileCreated, FileState, FileStatus, GetToken,
+    ListCapabilities, ListRelationships, PublishCard, RegisterCapability, RegisterDevice,
+    RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
@@ -951,6 +951,35 @@ impl Client {
         }))
         .await
     }
+
+    /// Asks the broker to delete this identity after its grace period;
+    /// returns when (Unix ms). Until then the identity works as before and
+    /// [`Client::cancel_deletion`] cancels. Then the broker deletes
+    /// everything it stores for the identity (messages, devices, card,
+    /// capabilities, tokens, relationships), tells the peers of its pending
+    /// and active relationships, closes its connections with
+    /// `IdentityDeleted`, and never lets this key authenticate again.
+    /// Asking again while a deletion is scheduled answers the same time.
+    pub async fn delete_identity(&self) -> Result<u64, ClientError> {
+        match self
+            .request(Frame::DeleteIdentity(DeleteIdentity {
+                request_id: self.request_id(),
+            }))
+            .await?
+        {
+            Frame::DeletionScheduled(scheduled) => Ok(scheduled.purge_at_ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels this identity's scheduled deletion. Fails with `NotFound`
+    /// when none is scheduled.
+    pub async fn cancel_deletion(&self) -> Result<(), ClientError> {
+        self.expect_done(Frame::CancelDeletion(CancelDeletion {
+            request_id: self.request_id(),
+        }))
+        .await
+    }
 }
 
 async fn connect_following_redirects(
@@ -976,7 +1005,8 @@ async fn connect_following_redirects(
 
 /// Whether a persistent client stops reconnecting after `error`: only when
 /// trying again cannot help, because the broker refused this identity or
-/// device, or its certificate is not the one trusted. A broker that is
+/// device (or deleted the identity), or its certificate is not the one
+/// trusted. A broker that is
 /// starting, stopping or crashing can fail a handshake in many other ways
 /// (a stream closed mid-handshake, an unexpected frame, an error code that
 /// is final for a single request): those are retried with backoff, or one
@@ -991,6 +1021,7 @@ fn gives_up_on(error: &ClientError) -> bool {
                     | backbone_protocol::ErrorCode::DeviceNotRegistered
                     | backbone_protocol::ErrorCode::InvalidCertificate
                     | backbone_protocol::ErrorCode::UnsupportedVersion
+                    | backbone_protocol::ErrorCode::IdentityDeleted
             )
         ),
         _ => false,
@@ -1044,6 +1075,12 @@ async fn connection_loop(
         let _ = current.send(None);
         match outcome {
             Outcome::ClientDropped => return,
+            // The broker ended the session for good (the identity was deleted).
+            Outcome::Lost(error) if gives_up_on(&error) => {
+                warn!(%error, "the broker closed the connection for good");
+                let _ = status.send(Status::Stopped(error.to_string()));
+                return;
+            }
             Outcome::Lost(error) => debug!(%error, "connection lost; reconnecting"),
         }
     }
@@ -1093,6 +1130,10 @@ async fn run_connection(
                 match recv.read_chunk(64 * 1024, true).await {
                     Ok(Some(chunk)) => buffer.extend(&chunk.bytes),
                     Ok(None) => return ClientError::Disconnected("stream finished".into()),
+                    // Keep the broker's close code: some end the session for good.
+                    Err(quinn::ReadError::ConnectionLost(error)) => {
+                        return ClientError::from_connection(error, "broker");
+                    }
                     Err(error) => return ClientError::Disconnected(error.to_string()),
                 }
             }
@@ -1172,6 +1213,8 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::CreateFile(f) => Some(f.request_id),
         Frame::FileStatus(f) => Some(f.request_id),
         Frame::DeleteFile(f) => Some(f.request_id),
+        Frame::DeleteIdentity(f) => Some(f.request_id),
+        Frame::CancelDeletion(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -1190,6 +1233,7 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::Relationships(f) => Some(f.request_id),
         Frame::FileCreated(f) => Some(f.request_id),
         Frame::FileState(f) => Some(f.request_id),
+        Frame::DeletionScheduled(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -1256,6 +1300,11 @@ mod tests {
             server(ErrorCode::DeviceNotRegistered),
             server(ErrorCode::InvalidCertificate),
             server(ErrorCode::UnsupportedVersion),
+            server(ErrorCode::IdentityDeleted),
+            ClientError::Closed {
+                code: ErrorCode::IdentityDeleted as u16,
+                reason: "this identity was deleted".into(),
+            },
         ] {
             assert!(gives_up_on(&error), "{error}");
         }

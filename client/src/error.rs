@@ -71,6 +71,9 @@ fn describe_server_error(code: u16, message: &str) -> String {
             format!("unknown address: no identity card is published for it ({message})")
         }
         Some(ErrorCode::QuotaExceeded) => format!("quota exceeded ({message})"),
+        Some(ErrorCode::IdentityDeleted) => {
+            format!("the identity was deleted; its address is closed for good ({message})")
+        }
         Some(known) => format!("{} (code {code}): {message}", known.name()),
         None => format!("error code {code}: {message}"),
     }

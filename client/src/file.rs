@@ -199,7 +199,7 @@ impl Opener {
     /// An opener for a file of `sealed_len` sealed bytes, starting at
     /// `position`, which must be a chunk boundary.
     pub fn new(key: &[u8; KEY_LEN], sealed_len: u64, position: u64) -> Result<Self, FileError> {
-        if plain_len(sealed_len).is_none() || position % SEALED_CHUNK != 0 {
+        if plain_len(sealed_len).is_none() || !position.is_multiple_of(SEALED_CHUNK) {
             return Err(FileError::BadSize(sealed_len));
         }
         Ok(Self {

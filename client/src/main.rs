@@ -63,6 +63,13 @@ enum Command {
     /// the reference the upload printed, delete it.
     #[command(subcommand)]
     File(FileCommand),
+    /// Delete your identity from the broker. After the broker's grace
+    /// period (the time printed), everything it stores for the identity is
+    /// deleted (messages, devices, card, capabilities, tokens, files,
+    /// relationships), peers you have a relationship with are told, and the
+    /// key can never connect again. Until then the identity works as before
+    /// and `--cancel` takes the deletion back.
+    DeleteIdentity(DeleteIdentityArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,6 +121,18 @@ enum FileCommand {
         /// The file's reference.
         reference: String,
     },
+}
+
+#[derive(Args)]
+struct DeleteIdentityArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Cancel the scheduled deletion instead.
+    #[arg(long)]
+    cancel: bool,
+    /// Do not ask for confirmation (for scripts).
+    #[arg(long, conflicts_with = "cancel")]
+    yes: bool,
 }
 
 #[derive(Subcommand)]
@@ -418,6 +437,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Token(command) => token(command).await?,
         Command::Relationship(command) => relationship(command).await?,
         Command::File(command) => file(command).await?,
+        Command::DeleteIdentity(args) => delete_identity(args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -458,18 +478,68 @@ fn connect_config(args: &ConnectArgs) -> anyhow::Result<ConnectConfig> {
 }
 
 async fn connect_padded(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
+    let client = connect_unpublished(args, padding).await?;
+    client
+        .publish_card()
+        .await
+        .context("publishing this identity's card")?;
+    Ok(client)
+}
+
+/// Connects without publishing the identity's card.
+async fn connect_unpublished(args: &ServerArgs, padding: Padding) -> anyhow::Result<Client> {
     let keys = keyfile::load_identity(&args.key)?;
     let connect = connect_config(&args.connect)?;
     let mut options =
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);
     options.padding = padding;
-    let client = Client::connect(options).await?;
-    client
-        .publish_card()
-        .await
-        .context("publishing this identity's card")?;
-    Ok(client)
+    Ok(Client::connect(options).await?)
+}
+
+async fn delete_identity(args: DeleteIdentityArgs) -> anyhow::Result<()> {
+    let address = keyfile::load_identity(&args.server.key)?.address();
+    if args.cancel {
+        let client = connect_unpublished(&args.server, Padding::default()).await?;
+        client
+            .cancel_deletion()
+            .await
+            .context("cancelling the deletion")?;
+        eprintln!("the deletion of {address} is cancelled");
+        return Ok(());
+    }
+    if !args.yes && !confirm_deletion(&address, &args.server.connect.server)? {
+        anyhow::bail!("not confirmed: nothing was deleted");
+    }
+    let client = connect_unpublished(&args.server, Padding::default()).await?;
+    let purge_at_ms = client.delete_identity().await?;
+    let purge_at = std::time::UNIX_EPOCH + Duration::from_millis(purge_at_ms);
+    println!("{}", humantime::format_rfc3339_seconds(purge_at));
+    eprintln!(
+        "{address} will be deleted at the time above, with everything the broker stores for \
+         it; until then it works as before, and `delete-identity --cancel` takes it back"
+    );
+    Ok(())
+}
+
+/// Asks on the terminal (standard error, standard input) before a deletion;
+/// only `yes` confirms. Without an answer (standard input closed) nothing
+/// is confirmed.
+fn confirm_deletion(address: &Address, server: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut stderr = std::io::stderr().lock();
+    write!(
+        stderr,
+        "Delete identity {address} from {server}? After the broker's grace period everything \
+         it stores for this identity is deleted and the key can never connect again. \
+         Type yes to confirm: "
+    )?;
+    stderr.flush()?;
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("reading the confirmation")?;
+    Ok(answer.trim().eq_ignore_ascii_case("yes"))
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<()> {
@@ -871,6 +941,11 @@ async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
                 // Notices go to standard error: standard output stays the
                 // messages (and their JSON lines).
                 eprint!("relationship notice: ");
+                print_relationship_to(&mut std::io::stderr(), &relationship);
+                client.ack(delivery.seq).await?;
+            }
+            Event::Notice(delivery, Notice::IdentityDeleted { relationship }) => {
+                eprint!("identity deleted, relationship ended: ");
                 print_relationship_to(&mut std::io::stderr(), &relationship);
                 client.ack(delivery.seq).await?;
             }

@@ -5,8 +5,9 @@
 //! The real `backbone` binary runs a scenario that touches every kind of
 //! record (cards, a device, a delivery capability, sends, a sealed send, acks,
 //! a delete, an expiry, tokens fetched with and without an identity, files
-//! uploaded, downloaded and deleted) with
-//! debug logging. Afterwards every file of its data directory and every record of
+//! uploaded, downloaded and deleted, an identity deleted and one scheduled
+//! for deletion) with debug logging. Afterwards every file of its data
+//! directory and every record of
 //! every sled tree is classified, and each class must be a row of the table.
 //! Field names are taken from the stored types themselves (through serde),
 //! so a new field fails the test until the table names it. The log must not
@@ -31,9 +32,10 @@ use backbone_client::{
     Client, ClientOptions, ConnectConfig, DeliveryCapability, FileSource, SealedOptions,
     SealedSender, TokenFetcher, Trust,
 };
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::relationship::{Decision, InboundPolicy};
 use backbone_protocol::{DeviceCertificate, IdentityCard, Keypair};
-use process::{files_under, free_udp_port, start_broker_with_metrics};
+use process::{files_under, free_udp_port, spawn_broker};
 use support::Identity;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -101,6 +103,8 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
         ("files", 32) => "files".into(),
         ("file_owners", 64) => "file_owners".into(),
         ("file_expiry", 72) => "file_expiry".into(),
+        ("deletions", 32) => "deletions".into(),
+        ("deletion_index", 40) => "deletion_index".into(),
         ("meta", _) => match std::str::from_utf8(key) {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
@@ -147,6 +151,23 @@ fn field_names<T: serde::Serialize>(value: &T) -> Vec<String> {
     }
 }
 
+/// Every object key and unit variant name serde writes for `value`, at any depth.
+fn names_within(value: &serde_json::Value, names: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map {
+                names.insert(key.clone());
+                names_within(inner, names);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|item| names_within(item, names)),
+        serde_json::Value::String(name) => {
+            names.insert(name.clone());
+        }
+        _ => {}
+    }
+}
+
 /// Ways a log line could show `bytes`: hex, and Rust's `Debug` of a byte slice.
 fn renderings(bytes: &[u8]) -> Vec<String> {
     let prefix = &bytes[..bytes.len().min(12)];
@@ -162,8 +183,31 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     let data = dir.path().join("data");
     let log_path = dir.path().join("broker.log");
     let port = free_udp_port();
-    let broker = start_broker_with_metrics(&data, port, log_path.clone(), "127.0.0.1:0");
+    // A short grace period, so that an identity is purged during the scenario.
+    let broker = spawn_broker(
+        &data,
+        port,
+        log_path.clone(),
+        "127.0.0.1:0",
+        "debug",
+        &[("BACKBONE__IDENTITY__DELETION_GRACE", "1s")],
+    );
+    broker.wait_listening();
     let ca = data.join("tls/cert.pem");
+
+    // Erin asks for her deletion first, with a card, a capability and a
+    // token to purge; she is gone by the end, only her tombstone is left.
+    let erin = Identity::new();
+    let erin_client = connect(port, &ca, &erin).await;
+    erin_client
+        .register_capability(&DeliveryCapability::random())
+        .await
+        .expect("registers a capability");
+    erin_client
+        .create_token(b"erin's", HOUR, None)
+        .await
+        .expect("creates a token");
+    erin_client.delete_identity().await.expect("schedules");
 
     // The scenario: two identities with cards, a second device of bob's,
     // sends with a canary, an ack, a delete, and an envelope that expires.
@@ -309,9 +353,17 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     }
     bob_client.ack(last).await.expect("ack");
     bob_client.delete(vec![1]).await.expect("delete");
-    // Past the short TTL and a few expiry sweeps.
+    // Past the short TTL, Erin's grace period and a few expiry sweeps.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    drop((alice_client, bob_client));
+    // Frank asks for his deletion just before the broker stops: it is
+    // still scheduled then.
+    let frank = Identity::new();
+    self::connect(port, &ca, &frank)
+        .await
+        .delete_identity()
+        .await
+        .expect("schedules");
+    drop((alice_client, bob_client, erin_client));
 
     // Stop cleanly, so everything is flushed.
     let mut broker = broker;
@@ -387,6 +439,36 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
     let [dave_side] = &dave_record.relationships[..] else {
         panic!("one relationship: {:?}", dave_record.relationships);
     };
+    // Deletions: Erin's bare tombstone, Frank's schedule; every variant and
+    // field name of the record is in its row.
+    assert_eq!(store.deletion(&erin.address()), Ok(Some(Deletion::Deleted)));
+    assert!(matches!(
+        store.deletion(&frank.address()),
+        Ok(Some(Deletion::Scheduled { .. }))
+    ));
+    let mut deletion_names = BTreeSet::new();
+    for record in [
+        Deletion::Scheduled { purge_at_ms: 1 },
+        Deletion::Purging {
+            purge_at_ms: 1,
+            to_tell: vec![PeerToTell {
+                peer: alice.address(),
+                relationship: dave_side.id,
+            }],
+        },
+        Deletion::Deleted,
+    ] {
+        names_within(
+            &serde_json::to_value(&record).expect("serializes"),
+            &mut deletion_names,
+        );
+    }
+    for name in deletion_names {
+        assert!(
+            row("deletions").contains(&format!("`{name}`")),
+            "`{name}` of `deletions` is not in its audit row"
+        );
+    }
     for (id, fields) in [
         ("envelopes", field_names(envelope)),
         ("cards", field_names(&card)),

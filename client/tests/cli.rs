@@ -918,3 +918,154 @@ fn a_file_is_uploaded_downloaded_without_an_identity_and_deleted_through_the_cli
         String::from_utf8_lossy(&mistyped.stderr)
     );
 }
+
+#[test]
+fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let broker = process::spawn_broker(
+        &data,
+        port,
+        dir.path().join("broker.log"),
+        "127.0.0.1:0",
+        "info",
+        &[("BACKBONE__IDENTITY__DELETION_GRACE", "3s")],
+    );
+    broker.wait_listening();
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    let mut addresses = Vec::new();
+    for key in [&alice_key, &bob_key] {
+        addresses.push(stdout(&run_cli(&[
+            "keygen",
+            "--out",
+            key.to_str().expect("utf8"),
+        ])));
+    }
+    let (alice, bob) = (addresses[0].clone(), addresses[1].clone());
+    let connection = ["--server", &server, "--ca", ca.to_str().expect("utf8")];
+    let args_as = |key: &Path, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(connection);
+        all.extend(["--key", key.to_str().expect("utf8")]);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let as_ = |key: &Path, args: &[&str]| {
+        run_cli(
+            &args_as(key, args)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Answers the confirmation prompt with `answer`.
+    let answering = |answer: &str, key: &Path, args: &[&str]| {
+        let mut child = Command::new(cli())
+            .args(args_as(key, args))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cli runs");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(answer.as_bytes())
+            .expect("answers");
+        child.wait_with_output().expect("cli ends")
+    };
+    let stderr =
+        |output: &std::process::Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    // Alice and Bob relate (the broker may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let template = loop {
+        let output = as_(&bob_key, &["relationship", "template", "--ttl", "1h"]);
+        if output.status.success() {
+            break stdout(&output);
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&output));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stdout(&as_(&alice_key, &["relationship", "request", &template]));
+    stdout(&as_(&bob_key, &["relationship", "accept", &alice]));
+
+    // Without a yes nothing happens; there is nothing to cancel either.
+    let declined = answering("no\n", &alice_key, &["delete-identity"]);
+    assert_eq!(declined.status.code(), Some(1), "{}", stderr(&declined));
+    assert!(
+        stderr(&declined).contains("Type yes to confirm"),
+        "{}",
+        stderr(&declined)
+    );
+    assert!(
+        stderr(&declined).contains("nothing was deleted"),
+        "{}",
+        stderr(&declined)
+    );
+    let nothing = as_(&alice_key, &["delete-identity", "--cancel"]);
+    assert_eq!(nothing.status.code(), Some(5), "{}", stderr(&nothing));
+    assert!(
+        stderr(&nothing).contains("NotFound"),
+        "{}",
+        stderr(&nothing)
+    );
+
+    // Confirmed: the purge time, in RFC 3339; asking again prints the same.
+    let scheduled = answering("yes\n", &alice_key, &["delete-identity"]);
+    let purge_at = stdout(&scheduled);
+    humantime::parse_rfc3339(&purge_at).expect("an RFC 3339 time");
+    assert!(
+        stderr(&scheduled).contains("--cancel"),
+        "{}",
+        stderr(&scheduled)
+    );
+    assert_eq!(
+        stdout(&as_(&alice_key, &["delete-identity", "--yes"])),
+        purge_at
+    );
+    stdout(&as_(&alice_key, &["delete-identity", "--cancel"]));
+    std::thread::sleep(Duration::from_secs(4));
+    // Cancelled: past the grace period, Alice still sends.
+    stdout(&as_(
+        &alice_key,
+        &["send", "--to", &bob, "--message", "still here"],
+    ));
+
+    stdout(&as_(&alice_key, &["delete-identity", "--yes"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let output = as_(&alice_key, &["send", "--to", &bob, "--message", "gone?"]);
+        if !output.status.success() {
+            break output;
+        }
+        assert!(Instant::now() < deadline, "alice was never deleted");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("identity was deleted"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // Bob's listener shows her message and the notice that ended it.
+    let listened = as_(&bob_key, &["listen", "--timeout", "3s"]);
+    assert!(listened.status.success(), "{}", stderr(&listened));
+    assert!(
+        String::from_utf8_lossy(&listened.stdout).contains("still here"),
+        "{}",
+        String::from_utf8_lossy(&listened.stdout)
+    );
+    assert!(
+        stderr(&listened).contains(&format!(
+            "identity deleted, relationship ended: terminated owner {alice} "
+        )),
+        "{}",
+        stderr(&listened)
+    );
+}

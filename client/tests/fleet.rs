@@ -559,6 +559,7 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         tokens: vec![],
         policy: None,
         relationships: vec![],
+        deletion: None,
     };
     let answer = peer_request(&fleet, "node-0", 2, |request_id| {
         PeerFrame::Import(Import {

@@ -17,6 +17,7 @@ use backbone_protocol::bytes::{ContentHash, FileId, FileSecret};
 use backbone_protocol::codec::{
     self, MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
     PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
@@ -24,16 +25,15 @@ use backbone_protocol::fleet::{
 };
 use backbone_protocol::fleet::{ImportFile, TransferFile};
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
-    DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
-    GetToken, Hello, ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect,
-    RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
-    RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
-    TokenCreated,
+    Ack, Anonymous, Auth, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::frame::{
-    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, Reserved,
-    UploadFile,
+    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, UploadFile,
 };
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
@@ -383,9 +383,12 @@ fn sample_frames() -> Vec<Frame> {
                 changed_at_ms: 1_700_000_000_000,
             }],
         }),
-        Frame::Reserved35(Reserved),
-        Frame::Reserved36(Reserved),
-        Frame::Reserved37(Reserved),
+        Frame::DeleteIdentity(DeleteIdentity { request_id: 19 }),
+        Frame::DeletionScheduled(DeletionScheduled {
+            request_id: 19,
+            purge_at_ms: 1_700_604_800_000,
+        }),
+        Frame::CancelDeletion(CancelDeletion { request_id: 20 }),
         Frame::CreateFile(CreateFile {
             request_id: 19,
             size: 1 << 20,
@@ -793,6 +796,19 @@ pub fn decode_peer_frame_seeds() -> Vec<Vec<u8>> {
             bytes
         })
         .collect();
+    // A variant of a frame's contents that the one-per-type samples miss.
+    let identity = Keypair::from_secret_bytes([1; 32]);
+    let peer_deleted = PeerFrame::Consent(PeerConsent {
+        request_id: 8,
+        address: identity.address(),
+        peer: Keypair::from_secret_bytes([3; 32]).address(),
+        change: SideChange::PeerDeleted {
+            id: RelationshipId([0x0b; 16]),
+        },
+    });
+    let mut bytes = Vec::new();
+    encode_peer_frame(&peer_deleted, &mut bytes).expect("the sample peer frame encodes");
+    seeds.push(bytes);
     seeds.push(seeds.concat());
     seeds
 }
@@ -877,6 +893,13 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                     state: State::Active,
                     changed_at_ms: 1_700_000_000_000,
                 }],
+                deletion: Some(Deletion::Purging {
+                    purge_at_ms: 1_700_604_800_000,
+                    to_tell: vec![PeerToTell {
+                        peer: address,
+                        relationship: RelationshipId([0x0b; 16]),
+                    }],
+                }),
             }],
         }),
         PeerFrame::HandoffDone(HandoffDone {
@@ -925,8 +948,6 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                 changed_at_ms: 1_700_000_000_000,
             }),
         }),
-        PeerFrame::Reserved15(Reserved),
-        PeerFrame::Reserved16(Reserved),
         PeerFrame::ImportFile(ImportFile {
             request_id: 8,
             epoch: 2,
@@ -1119,13 +1140,11 @@ mod tests {
                 PeerFrame::TokenResult(_) => 12,
                 PeerFrame::Consent(_) => 13,
                 PeerFrame::ConsentResult(_) => 14,
-                PeerFrame::Reserved15(_) => 15,
-                PeerFrame::Reserved16(_) => 16,
-                PeerFrame::ImportFile(_) => 17,
+                PeerFrame::ImportFile(_) => 15,
             }
         }
         let tags: Vec<usize> = sample_peer_frames().iter().map(tag).collect();
-        assert_eq!(tags, (0..18).collect::<Vec<_>>());
+        assert_eq!(tags, (0..16).collect::<Vec<_>>());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::bytes::{
     TokenId, VerifierHash,
 };
 use crate::card::IdentityCard;
+use crate::deletion::Deletion;
 use crate::frame::{Failed, Stored};
 use crate::identity::{Address, DeviceCertificate, DeviceId};
 use crate::relationship::{InboundPolicy, Relationship, SideChange};
@@ -75,11 +76,7 @@ pub enum PeerFrame {
     Consent(PeerConsent),
     /// Tag 14, acceptor → dialer: the outcome of a [`PeerFrame::Consent`].
     ConsentResult(PeerConsentResult),
-    /// Tag 15: reserved for identity deletion (being merged).
-    Reserved15(crate::frame::Reserved),
-    /// Tag 16: reserved for identity deletion (being merged).
-    Reserved16(crate::frame::Reserved),
-    /// Tag 17, dialer → acceptor: part of a file of a slot handed over to
+    /// Tag 15, dialer → acceptor: part of a file of a slot handed over to
     /// the acceptor (after the mailboxes, before [`PeerFrame::HandoffDone`]).
     /// Answered by [`PeerFrame::HandoffAck`] once the bytes are durable.
     ImportFile(ImportFile),
@@ -329,6 +326,9 @@ pub struct MailboxTransfer {
     pub policy: Option<InboundPolicy>,
     /// The identity's side of each of its relationships.
     pub relationships: Vec<Relationship>,
+    /// The identity's scheduled deletion or its tombstone: a tombstone
+    /// moves even when nothing else about the address is left.
+    pub deletion: Option<Deletion>,
 }
 
 /// Mailboxes of moving slots, sent by their previous owner.
@@ -379,11 +379,7 @@ impl PeerFrame {
             PeerFrame::Consent(f) => Some(f.request_id),
             PeerFrame::ConsentResult(f) => Some(f.request_id),
             PeerFrame::ImportFile(f) => Some(f.request_id),
-            PeerFrame::Hello(_)
-            | PeerFrame::Welcome(_)
-            | PeerFrame::Refuse(_)
-            | PeerFrame::Reserved15(_)
-            | PeerFrame::Reserved16(_) => None,
+            PeerFrame::Hello(_) | PeerFrame::Welcome(_) | PeerFrame::Refuse(_) => None,
         }
     }
 }
@@ -408,6 +404,62 @@ mod tests {
             counts.iter().all(|&c| c > 40 && c < 180),
             "{min:?}..{max:?}"
         );
+    }
+
+    /// The `MailboxTransfer` layout docs/protocol.md gives, for its fields
+    /// after the tokens: policy, relationships, deletion.
+    #[test]
+    fn a_mailbox_transfer_has_its_documented_layout() {
+        use crate::bytes::RelationshipId;
+        use crate::codec::encode_value;
+        use crate::deletion::PeerToTell;
+        use crate::relationship::{Role, State};
+
+        let empty = MailboxTransfer {
+            address: Address([1; 32]),
+            head: 0,
+            envelopes: vec![],
+            cursors: vec![],
+            card: None,
+            devices: vec![],
+            capabilities: vec![],
+            tokens: vec![],
+            policy: None,
+            relationships: vec![],
+            deletion: None,
+        };
+        let len = |transfer: &MailboxTransfer| encode_value(transfer).expect("encodes").len();
+        assert_eq!(len(&empty), 91);
+        let related = MailboxTransfer {
+            policy: Some(InboundPolicy::RelationshipsOnly),
+            relationships: vec![Relationship {
+                id: RelationshipId([2; 16]),
+                peer: Address([3; 32]),
+                role: Role::Owner,
+                state: State::Active,
+                changed_at_ms: 4,
+            }],
+            ..empty.clone()
+        };
+        assert_eq!(len(&related), 91 + 4 + 64);
+        let with = |deletion: Deletion| {
+            len(&MailboxTransfer {
+                deletion: Some(deletion),
+                ..empty.clone()
+            })
+        };
+        assert_eq!(with(Deletion::Scheduled { purge_at_ms: 5 }), 91 + 4 + 8);
+        assert_eq!(
+            with(Deletion::Purging {
+                purge_at_ms: 5,
+                to_tell: vec![PeerToTell {
+                    peer: Address([3; 32]),
+                    relationship: RelationshipId([2; 16]),
+                }],
+            }),
+            91 + 4 + 8 + 8 + 48
+        );
+        assert_eq!(with(Deletion::Deleted), 91 + 4);
     }
 
     #[test]

@@ -97,12 +97,15 @@ pub enum Frame {
     ListRelationships(ListRelationships),
     /// Tag 34, broker → client: the answer to [`Frame::ListRelationships`].
     Relationships(Relationships),
-    /// Tag 35: reserved for identity deletion (being merged).
-    Reserved35(Reserved),
-    /// Tag 36: reserved for identity deletion (being merged).
-    Reserved36(Reserved),
-    /// Tag 37: reserved for identity deletion (being merged).
-    Reserved37(Reserved),
+    /// Tag 35, client → broker: schedule the deletion of the authenticated
+    /// identity after the broker's grace period. Answered by
+    /// [`Frame::DeletionScheduled`].
+    DeleteIdentity(DeleteIdentity),
+    /// Tag 36, broker → client: when the identity will be purged.
+    DeletionScheduled(DeletionScheduled),
+    /// Tag 37, client → broker: cancel the identity's scheduled deletion.
+    /// Answered by [`Frame::Done`], or `NotFound` when none is scheduled.
+    CancelDeletion(CancelDeletion),
     /// Tag 38, client → broker, authenticated sessions only: announce a file
     /// (see [`crate::file`]). Answered by [`Frame::FileCreated`].
     CreateFile(CreateFile),
@@ -167,9 +170,9 @@ impl Frame {
         "RelationshipChanged",
         "ListRelationships",
         "Relationships",
-        "Reserved35",
-        "Reserved36",
-        "Reserved37",
+        "DeleteIdentity",
+        "DeletionScheduled",
+        "CancelDeletion",
         "CreateFile",
         "FileCreated",
         "FileStatus",
@@ -218,9 +221,9 @@ impl Frame {
             Frame::RelationshipChanged(_) => 32,
             Frame::ListRelationships(_) => 33,
             Frame::Relationships(_) => 34,
-            Frame::Reserved35(_) => 35,
-            Frame::Reserved36(_) => 36,
-            Frame::Reserved37(_) => 37,
+            Frame::DeleteIdentity(_) => 35,
+            Frame::DeletionScheduled(_) => 36,
+            Frame::CancelDeletion(_) => 37,
             Frame::CreateFile(_) => 38,
             Frame::FileCreated(_) => 39,
             Frame::FileStatus(_) => 40,
@@ -622,9 +625,32 @@ pub struct Relationships {
     pub relationships: Vec<Relationship>,
 }
 
-/// Placeholder of a tag another change is adding.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reserved;
+/// Schedules the deletion of the authenticated identity: once the broker's
+/// grace period has passed, everything stored for it is deleted and its
+/// address can never authenticate again. Asking again while a deletion is
+/// scheduled changes nothing and is answered with the same time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteIdentity {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
+/// The answer to [`DeleteIdentity`]: the deletion is durable and scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletionScheduled {
+    /// The request this answers.
+    pub request_id: u64,
+    /// When the identity will be purged, milliseconds since the Unix epoch.
+    /// Until then it works as before and may cancel.
+    pub purge_at_ms: u64,
+}
+
+/// Cancels the authenticated identity's scheduled deletion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelDeletion {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
 
 /// Announces a file of `size` bytes (see [`crate::file`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -834,6 +860,9 @@ error_codes! {
     InvalidTransition = 38, false;
     /// The envelope starts with the bytes reserved for broker notices.
     ReservedEnvelope = 39, false;
+    /// The identity was deleted: its address can no longer authenticate,
+    /// receive envelopes, publish or serve a card, or enter relationships.
+    IdentityDeleted = 40, false;
     /// The file is larger than the broker accepts.
     FileTooLarge = 41, false;
     /// The uploaded bytes do not match the declared content hash; the

@@ -18,6 +18,7 @@
 //! - [`fleet`]: slots of the address space and the node-to-node frames.
 //! - [`relationship`]: relationships, consent, the inbound policy and broker
 //!   notices, as pure functions.
+//! - [`deletion`]: the states of an identity's deletion and the tombstone.
 //! - [`codec`]: framing and the single place that names the serialization
 //!   library, with hard size limits.
 
@@ -26,6 +27,7 @@ pub mod bytes;
 pub mod capability;
 pub mod card;
 pub mod codec;
+pub mod deletion;
 pub mod file;
 pub mod fleet;
 pub mod frame;

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! After `Rejected` or `Terminated`, a new request starts a new relationship
-//! with a new id. Each side's node keeps that side's view ([`Relationship`]:
+//! with a new id. When one identity is deleted, each of its `Pending` or
+//! `Active` relationships ends on the other side too ([`peer_deleted`]). Each side's node keeps that side's view ([`Relationship`]:
 //! the peer, its own role, the state); a change is applied to the other
 //! side first and then to the deciding side, and both sides are told by a
 //! broker [`Notice`] stored in their mailboxes, so every device of both
@@ -204,6 +205,16 @@ pub fn decide(state: State, role: Role, decision: Decision) -> Result<State, Tra
     }
 }
 
+/// The state a relationship moves to on one side when the identity on the
+/// other side is deleted: a pending or active relationship is terminated,
+/// whichever side asked; an ended one stays as it is.
+pub fn peer_deleted(state: State) -> State {
+    match state {
+        State::Pending | State::Active => State::Terminated,
+        ended @ (State::Rejected | State::Terminated) => ended,
+    }
+}
+
 /// What a new request finds on the owner's side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestOutcome {
@@ -271,6 +282,13 @@ pub enum SideChange {
         /// Whether the other side decided.
         by_peer: bool,
     },
+    /// On the surviving side: the peer identity was deleted, so
+    /// relationship `id` ends ([`peer_deleted`]) and the side is told by
+    /// a [`Notice::IdentityDeleted`].
+    PeerDeleted {
+        /// Which relationship.
+        id: RelationshipId,
+    },
 }
 
 /// The first bytes of every broker notice stored in a mailbox. Clients
@@ -294,6 +312,13 @@ pub enum Notice {
         relationship: Relationship,
         /// With a new request: the requester's encrypted introduction.
         intro: Option<Blob>,
+    },
+    /// The peer identity was deleted: its mailbox, cards and devices are
+    /// gone and its address will never authenticate again.
+    /// `relationship` is this side's view afterwards (terminated).
+    IdentityDeleted {
+        /// This side's record, ended.
+        relationship: Relationship,
     },
 }
 
@@ -450,6 +475,30 @@ mod tests {
         let mut damaged = NOTICE_PREFIX.to_vec();
         damaged.push(0xee);
         assert!(matches!(Notice::from_envelope(&damaged), Some(Err(_))));
+    }
+
+    #[test]
+    fn a_deleted_peer_ends_live_relationships_and_leaves_ended_ones() {
+        assert_eq!(peer_deleted(State::Pending), State::Terminated);
+        assert_eq!(peer_deleted(State::Active), State::Terminated);
+        assert_eq!(peer_deleted(State::Rejected), State::Rejected);
+        assert_eq!(peer_deleted(State::Terminated), State::Terminated);
+    }
+
+    #[test]
+    fn the_identity_deleted_notice_has_its_documented_layout() {
+        let notice = Notice::IdentityDeleted {
+            relationship: record(Role::Requester, State::Terminated),
+        };
+        let bytes = notice.to_envelope().expect("encodes");
+        // The layout docs/protocol.md gives: prefix, variant 1, record.
+        assert_eq!(bytes.len(), 8 + 4 + 64);
+        assert_eq!(bytes[8..12], 1u32.to_le_bytes());
+        assert_eq!(
+            bytes[12..12 + 16],
+            record(Role::Requester, State::Terminated).id.0
+        );
+        assert_eq!(Notice::from_envelope(&bytes), Some(Ok(notice)));
     }
 
     #[test]

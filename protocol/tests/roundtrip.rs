@@ -22,6 +22,7 @@ use backbone_protocol::bytes::{ContentHash, FileId, FileSecretHash};
 use backbone_protocol::codec::{
     MAX_FRAME_LEN, decode_frame, decode_peer_frame, encode_peer_frame, frame_to_vec,
 };
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::fleet::{
     Forward, ForwardAck, HandoffAck, HandoffDone, Import, MailboxTransfer, PeerCardResult,
     PeerConsent, PeerConsentResult, PeerFetchCard, PeerFrame, PeerGetToken, PeerHello, PeerRefuse,
@@ -29,12 +30,12 @@ use backbone_protocol::fleet::{
 };
 use backbone_protocol::fleet::{ImportFile, TransferFile};
 use backbone_protocol::frame::{
-    Ack, Anonymous, Auth, AuthOk, Capabilities, CardResult, Challenge, CreateToken,
-    DecideRelationship, Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard,
-    GetToken, Hello, ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect,
-    RegisterCapability, RegisterDevice, RelationshipChanged, Relationships, RequestRelationship,
-    RevokeCapability, SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent,
-    TokenCreated,
+    Ack, Anonymous, Auth, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::relationship::{
     Decision, InboundPolicy, Relationship, Role, SideChange, State,
@@ -388,6 +389,21 @@ fn relationships() -> impl Strategy<Value = Relationships> {
     )
 }
 
+fn delete_identity() -> impl Strategy<Value = DeleteIdentity> {
+    any::<u64>().prop_map(|request_id| DeleteIdentity { request_id })
+}
+
+fn deletion_scheduled() -> impl Strategy<Value = DeletionScheduled> {
+    (any::<u64>(), any::<u64>()).prop_map(|(request_id, purge_at_ms)| DeletionScheduled {
+        request_id,
+        purge_at_ms,
+    })
+}
+
+fn cancel_deletion() -> impl Strategy<Value = CancelDeletion> {
+    any::<u64>().prop_map(|request_id| CancelDeletion { request_id })
+}
+
 fn side_change() -> impl Strategy<Value = SideChange> {
     prop_oneof![
         (capability_hash(), blob()).prop_map(|(capability_hash, intro)| SideChange::Request {
@@ -404,6 +420,9 @@ fn side_change() -> impl Strategy<Value = SideChange> {
                 by_peer
             }
         ),
+        uniform::<_, 16>(any::<u8>()).prop_map(|id| SideChange::PeerDeleted {
+            id: RelationshipId(id)
+        }),
     ]
 }
 
@@ -531,6 +550,9 @@ fn frame() -> impl Strategy<Value = Frame> {
         relationship_changed().prop_map(Frame::RelationshipChanged),
         list_relationships().prop_map(Frame::ListRelationships),
         relationships().prop_map(Frame::Relationships),
+        delete_identity().prop_map(Frame::DeleteIdentity),
+        deletion_scheduled().prop_map(Frame::DeletionScheduled),
+        cancel_deletion().prop_map(Frame::CancelDeletion),
     ]
 }
 
@@ -606,6 +628,9 @@ round_trip_tests! {
     relationship_changed_round_trips: relationship_changed() => Frame::RelationshipChanged;
     list_relationships_round_trips: list_relationships() => Frame::ListRelationships;
     relationships_round_trips: relationships() => Frame::Relationships;
+    delete_identity_round_trips: delete_identity() => Frame::DeleteIdentity;
+    deletion_scheduled_round_trips: deletion_scheduled() => Frame::DeletionScheduled;
+    cancel_deletion_round_trips: cancel_deletion() => Frame::CancelDeletion;
 }
 
 proptest! {
@@ -811,7 +836,11 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
         vec(device_certificate(), 0..3),
         vec(capability_hash(), 0..3),
         vec(transfer_token(), 0..3),
-        (proptest::option::of(policy()), vec(relationship(), 0..3)),
+        (
+            proptest::option::of(policy()),
+            vec(relationship(), 0..3),
+            proptest::option::of(deletion()),
+        ),
     )
         .prop_map(
             |(
@@ -823,7 +852,7 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
                 devices,
                 capabilities,
                 tokens,
-                (policy, relationships),
+                (policy, relationships, deletion),
             )| MailboxTransfer {
                 address,
                 head,
@@ -835,8 +864,30 @@ fn mailbox() -> impl Strategy<Value = MailboxTransfer> {
                 tokens,
                 policy,
                 relationships,
+                deletion,
             },
         )
+}
+
+fn deletion() -> impl Strategy<Value = Deletion> {
+    prop_oneof![
+        any::<u64>().prop_map(|purge_at_ms| Deletion::Scheduled { purge_at_ms }),
+        (
+            any::<u64>(),
+            vec(
+                (address(), uniform::<_, 16>(any::<u8>())).prop_map(|(peer, id)| PeerToTell {
+                    peer,
+                    relationship: RelationshipId(id),
+                }),
+                0..3
+            )
+        )
+            .prop_map(|(purge_at_ms, to_tell)| Deletion::Purging {
+                purge_at_ms,
+                to_tell
+            }),
+        Just(Deletion::Deleted),
+    ]
 }
 
 fn peer_frame() -> impl Strategy<Value = PeerFrame> {

@@ -33,15 +33,15 @@ use backbone_protocol::codec::{
 };
 use backbone_protocol::file::SECRET_HASH_CONTEXT;
 use backbone_protocol::frame::{
-    Ack, Anonymous, AuthOk, Capabilities, CardResult, Challenge, CreateToken, DecideRelationship,
-    Delete, DeleteToken, Deliver, Done, ErrorFrame, Failed, FetchCard, GetToken, Hello,
-    ListCapabilities, ListRelationships, Ping, Pong, PublishCard, Redirect, RegisterCapability,
-    RegisterDevice, RelationshipChanged, Relationships, RequestRelationship, RevokeCapability,
-    SealedSend, Send, SendAck, SetInboundPolicy, Stored, TokenContent, TokenCreated,
+    Ack, Anonymous, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge, CreateToken,
+    DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled, Deliver, Done,
+    ErrorFrame, Failed, FetchCard, GetToken, Hello, ListCapabilities, ListRelationships, Ping,
+    Pong, PublishCard, Redirect, RegisterCapability, RegisterDevice, RelationshipChanged,
+    Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
+    SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
 use backbone_protocol::frame::{
-    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, Reserved,
-    UploadFile,
+    CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, UploadFile,
 };
 use backbone_protocol::identity::domain;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
@@ -445,9 +445,24 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 relationships: vec![relationship(peer_address)],
             }),
         ),
-        vector("Reserved35", "(reserved)", Frame::Reserved35(Reserved)),
-        vector("Reserved36", "(reserved)", Frame::Reserved36(Reserved)),
-        vector("Reserved37", "(reserved)", Frame::Reserved37(Reserved)),
+        vector(
+            "DeleteIdentity",
+            "request_id 19",
+            Frame::DeleteIdentity(DeleteIdentity { request_id: 19 }),
+        ),
+        vector(
+            "DeletionScheduled",
+            "request_id 19, purge_at_ms T + 604800000 (seven days)",
+            Frame::DeletionScheduled(DeletionScheduled {
+                request_id: 19,
+                purge_at_ms: f.time_ms + 604_800_000,
+            }),
+        ),
+        vector(
+            "CancelDeletion",
+            "request_id 20",
+            Frame::CancelDeletion(CancelDeletion { request_id: 20 }),
+        ),
         vector(
             "CreateFile",
             "request_id 19, size 1048576, content_hash CONTENT_HASH, secret_hash FILE_SECRET's hash, ttl_secs 86400",
@@ -1013,7 +1028,8 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::RelationshipChanged(_) => 76,
             Frame::ListRelationships(_) => 12,
             Frame::Relationships(list) => 24 + 64 * list.relationships.len(),
-            Frame::Reserved35(_) | Frame::Reserved36(_) | Frame::Reserved37(_) => 4,
+            Frame::DeleteIdentity(_) | Frame::CancelDeletion(_) => 12,
+            Frame::DeletionScheduled(_) => 20,
             Frame::CreateFile(_) => 88,
             Frame::FileCreated(_) => 52,
             Frame::FileStatus(_) => 44,

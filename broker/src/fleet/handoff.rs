@@ -8,11 +8,12 @@
 //!    it accepts no writes for them either and redirects their clients.
 //! 2. `from` sends every mailbox of those slots (envelopes with their
 //!    sequence numbers, head, cursors, card, devices, capability hashes,
-//!    tokens, policy, relationships) in
-//!    [`Import`] batches; `to` merges each batch and flushes before
-//!    acknowledging it. Then it sends each file of those mailboxes in
-//!    [`ImportFile`] parts; `to` makes each part durable before
-//!    acknowledging it, and stores the file's record with the last part.
+//!    tokens, policy, relationships, and a scheduled deletion or the
+//!    tombstone of a deleted identity) in [`Import`] batches; `to` merges
+//!    each batch and flushes before acknowledging it. Then it sends each
+//!    file of those mailboxes in [`ImportFile`] parts; `to` makes each part
+//!    durable before acknowledging it, and stores the file's record with
+//!    the last part.
 //! 3. `from` sends [`HandoffDone`]; `to` records it durably and starts
 //!    serving the slots.
 //! 4. `from` records the move as done and deletes its copies, file bytes
@@ -110,6 +111,7 @@ async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
         for address in &addresses {
             files.extend(store.files_of(address)?.into_iter().map(|file| file.id));
             store.purge_mailbox(address)?;
+            store.remove_deletion(address)?;
         }
         store.flush()?;
         Ok(files)
@@ -277,7 +279,7 @@ fn check_ack(answer: PeerFrame) -> Result<(), String> {
 
 /// A mailbox as transfers of at most [`BATCH_BYTES`] of envelopes and
 /// token contents each; the first carries the head, cursors, card, devices,
-/// capability hashes, policy and relationships.
+/// capability hashes, policy, relationships and deletion record.
 fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
     let empty_part = || MailboxTransfer {
         address: export.address,
@@ -290,6 +292,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         tokens: Vec::new(),
         policy: None,
         relationships: Vec::new(),
+        deletion: None,
     };
     let mut parts = vec![MailboxTransfer {
         cursors: export.cursors.clone(),
@@ -298,6 +301,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
         capabilities: export.capabilities.clone(),
         policy: export.policy,
         relationships: export.relationships.clone(),
+        deletion: export.deletion.clone(),
         ..empty_part()
     }];
     // The part with room for `len` more bytes: the last one, or a new one.
@@ -373,6 +377,7 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
             .collect(),
         policy: transfer.policy,
         relationships: transfer.relationships,
+        deletion: transfer.deletion,
     }
 }
 
@@ -407,6 +412,7 @@ mod tests {
             tokens: vec![],
             policy: None,
             relationships: vec![],
+            deletion: None,
         };
         let parts = split(export.clone());
         assert_eq!(parts.len(), 3, "2 MiB of envelopes per part");
@@ -444,6 +450,7 @@ mod tests {
             tokens: tokens.clone(),
             policy: None,
             relationships: vec![],
+            deletion: None,
         };
         let parts = split(export);
         assert_eq!(parts.len(), 2, "2 MiB of token contents per part");

@@ -241,10 +241,13 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
                 Err(ErrorCode::ShardUnavailable as u16)
             } else {
                 let store = shared.store.clone();
-                match tokio::task::spawn_blocking(move || store.card(&fetch.address)).await {
-                    Ok(Ok(Some(card))) => Ok(card),
-                    Ok(Ok(None)) => Err(ErrorCode::UnknownAddress as u16),
-                    Ok(Err(_)) => Err(ErrorCode::StorageFailure as u16),
+                let address = fetch.address;
+                match tokio::task::spawn_blocking(move || {
+                    crate::session::card_here(store.as_ref(), &address)
+                })
+                .await
+                {
+                    Ok(card) => card.map_err(|code| code as u16),
                     Err(_) => Err(ErrorCode::Internal as u16),
                 }
             };

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use backbone_protocol::bytes::{CapabilityHash, FileId, ServerId, TokenId, VerifierHash};
+use backbone_protocol::deletion::{self, Deletion, PeerToTell};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
@@ -45,6 +46,10 @@ struct Inner {
     policies: HashMap<Address, InboundPolicy>,
     /// Keyed by (address, peer), so one address's records are one range.
     relationships: BTreeMap<(Address, Address), Relationship>,
+    deletions: HashMap<Address, Deletion>,
+    /// `(due_at_ms, address)` of every deletion with work left, the order
+    /// of the sled deletion index.
+    deletion_index: BTreeSet<(u64, Address)>,
     server_id: Option<ServerId>,
     meta: HashMap<String, Vec<u8>>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
@@ -101,6 +106,17 @@ impl Inner {
         self.tokens
             .values()
             .filter(move |token| token.owner == *owner)
+    }
+
+    /// Stores `record` for `address`, moving its index entry with it.
+    fn put_deletion(&mut self, address: Address, record: Deletion) {
+        if let Some(due) = self.deletions.get(&address).and_then(Deletion::due_at_ms) {
+            self.deletion_index.remove(&(due, address));
+        }
+        if let Some(due) = record.due_at_ms() {
+            self.deletion_index.insert((due, address));
+        }
+        self.deletions.insert(address, record);
     }
 }
 
@@ -488,6 +504,89 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError> {
+        Ok(self.lock()?.deletions.get(address).cloned())
+    }
+
+    fn schedule_deletion(
+        &self,
+        address: &Address,
+        purge_at_ms: u64,
+    ) -> Result<Deletion, StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(held) = inner.deletions.get(address) {
+            return Ok(held.clone());
+        }
+        let record = Deletion::Scheduled { purge_at_ms };
+        inner.put_deletion(*address, record.clone());
+        Ok(record)
+    }
+
+    fn cancel_deletion(&self, address: &Address) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.deletions.get(address) {
+            Some(Deletion::Scheduled { purge_at_ms }) => {
+                let due = *purge_at_ms;
+                inner.deletions.remove(address);
+                inner.deletion_index.remove(&(due, *address));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn begin_purge(
+        &self,
+        address: &Address,
+        now_ms: u64,
+        to_tell: &[PeerToTell],
+    ) -> Result<Option<Deletion>, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.deletions.get(address) {
+            Some(Deletion::Scheduled { purge_at_ms }) if *purge_at_ms <= now_ms => {
+                let record = Deletion::Purging {
+                    purge_at_ms: *purge_at_ms,
+                    to_tell: to_tell.to_vec(),
+                };
+                inner.put_deletion(*address, record.clone());
+                Ok(Some(record))
+            }
+            Some(held) if held.is_tombstone() => Ok(Some(held.clone())),
+            _ => Ok(None),
+        }
+    }
+
+    fn settle_purge(
+        &self,
+        address: &Address,
+        still_to_tell: &[PeerToTell],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(Deletion::Purging { purge_at_ms, .. }) = inner.deletions.get(address) {
+            let record = if still_to_tell.is_empty() {
+                Deletion::Deleted
+            } else {
+                Deletion::Purging {
+                    purge_at_ms: *purge_at_ms,
+                    to_tell: still_to_tell.to_vec(),
+                }
+            };
+            inner.put_deletion(*address, record);
+        }
+        Ok(())
+    }
+
+    fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .deletion_index
+            .iter()
+            .take_while(|(due, _)| *due <= now_ms)
+            .take(limit)
+            .map(|(_, address)| *address)
+            .collect())
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let inner = self.lock()?;
         let all: BTreeSet<Address> = inner
@@ -503,6 +602,7 @@ impl Store for MemoryStore {
             .chain(inner.files.values().map(|file| file.owner))
             .chain(inner.policies.keys().copied())
             .chain(inner.relationships.keys().map(|(address, _)| *address))
+            .chain(inner.deletions.keys().copied())
             .filter(|address| filter(address))
             .collect();
         Ok(all.into_iter().collect())
@@ -545,6 +645,7 @@ impl Store for MemoryStore {
             relationships: relationship_range(&inner.relationships, address)
                 .copied()
                 .collect(),
+            deletion: inner.deletions.get(address).cloned(),
         })
     }
 
@@ -591,6 +692,10 @@ impl Store for MemoryStore {
                 .relationships
                 .insert((address, relationship.peer), *relationship);
         }
+        if let Some(incoming) = &export.deletion {
+            let merged = deletion::merge(inner.deletions.get(&address), incoming);
+            inner.put_deletion(address, merged);
+        }
         Ok(())
     }
 
@@ -621,6 +726,18 @@ impl Store for MemoryStore {
         }
         inner.policies.remove(address);
         inner.relationships.retain(|(owner, _), _| owner != address);
+        Ok(())
+    }
+
+    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(due) = inner
+            .deletions
+            .remove(address)
+            .and_then(|held| held.due_at_ms())
+        {
+            inner.deletion_index.remove(&(due, *address));
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Durable storage for mailboxes, cursors, cards, device certificates,
-//! delivery capability hashes and tokens.
+//! delivery capability hashes, tokens, file records, relationships and
+//! identity deletions.
 //!
 //! Everything the broker must remember across a restart goes through the
 //! narrow [`Store`] trait. There are two implementations with the same
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use backbone_protocol::bytes::{
     CapabilityHash, ContentHash, FileId, FileSecretHash, MessageId, ServerId, TokenId, VerifierHash,
 };
+use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
@@ -212,6 +214,8 @@ pub struct MailboxExport {
     pub policy: Option<InboundPolicy>,
     /// The address's side of each relationship, ascending by peer.
     pub relationships: Vec<Relationship>,
+    /// The identity's scheduled deletion or tombstone, if any.
+    pub deletion: Option<Deletion>,
 }
 
 /// What a mailbox holds, as counted against its quota.
@@ -487,9 +491,58 @@ pub trait Store: Send + Sync + 'static {
         relationship: &Relationship,
     ) -> Result<(), StoreError>;
 
+    /// The address's deletion record: scheduled, being purged, or a
+    /// tombstone (see `backbone_protocol::deletion`).
+    fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError>;
+
+    /// Schedules the deletion of `address` for `purge_at_ms`, unless it
+    /// already has a deletion record; returns the record held afterwards, so
+    /// asking twice answers with the first time (and a tombstone stays one).
+    /// Filed in a deletion index by time. Not flushed: callers that answer a
+    /// client flush first.
+    fn schedule_deletion(
+        &self,
+        address: &Address,
+        purge_at_ms: u64,
+    ) -> Result<Deletion, StoreError>;
+
+    /// Removes the address's deletion if it is only scheduled; returns
+    /// whether it was. A purge that has begun cannot be cancelled. Atomic
+    /// with [`Store::begin_purge`]: one of the two wins. Not flushed.
+    fn cancel_deletion(&self, address: &Address) -> Result<bool, StoreError>;
+
+    /// Begins the purge of `address` if its deletion is scheduled and due at
+    /// `now_ms`: the record becomes `Purging` with `to_tell`, a tombstone.
+    /// Returns the record when the address is a tombstone afterwards (a
+    /// purge begun or finished earlier is returned unchanged), `None` when
+    /// nothing is due (no deletion, a cancelled one, or one not due yet).
+    /// Not flushed.
+    fn begin_purge(
+        &self,
+        address: &Address,
+        now_ms: u64,
+        to_tell: &[PeerToTell],
+    ) -> Result<Option<Deletion>, StoreError>;
+
+    /// Records how far a begun purge got: only `still_to_tell` are left to
+    /// tell. With none left the deletion is done: the record becomes the
+    /// bare tombstone `Deleted` and leaves the deletion index. Does nothing
+    /// unless the address is `Purging`. Not flushed.
+    fn settle_purge(
+        &self,
+        address: &Address,
+        still_to_tell: &[PeerToTell],
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` addresses whose deletion needs work at `now_ms` (a
+    /// schedule that is due, or a purge that has not finished), earliest
+    /// first, found through the deletion index, never a scan. Drops index
+    /// entries a crash left without a matching record.
+    fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError>;
+
     /// Every address with any record (envelope, head, cursor, card, device,
-    /// capability, token, policy or relationship) for which `filter` holds, ascending. Visits each address once, not
-    /// each record.
+    /// capability, token, file, policy, relationship or deletion) for which
+    /// `filter` holds, ascending. Visits each address once, not each record.
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
 
     /// Everything stored for `address`.
@@ -499,14 +552,23 @@ pub trait Store: Send + Sync + 'static {
     /// (with expiry index entries), the head and cursors only grow, the card
     /// and devices are replaced, capability hashes and tokens are added
     /// (without the per-identity limits: the previous owner already applied
-    /// them), the policy and relationship records are replaced by the
-    /// exported ones. A token already present keeps the higher
-    /// failed-attempt count and stays locked if either copy is. Importing
-    /// the same export twice changes nothing. Not flushed by itself.
+    /// them). A token already present keeps the higher failed-attempt count
+    /// and stays locked if either copy is. The policy and relationship
+    /// records are replaced by the exported ones, and the deletion record
+    /// is merged by `backbone_protocol::deletion::merge` (a tombstone
+    /// survives any import). Importing the same export twice changes
+    /// nothing. Not flushed by itself.
     fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
 
-    /// Deletes every record of `address`. Not flushed by itself.
+    /// Deletes every record of `address` except its deletion record: what
+    /// the purge of a deleted identity removes, and, with
+    /// [`Store::remove_deletion`], what a slot handover removes from the
+    /// previous owner. Not flushed by itself.
     fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError>;
+
+    /// Deletes the address's deletion record and its index entry, whatever
+    /// its state (a slot handover, after the new owner has it). Not flushed.
+    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError>;
 
     /// A node-level value stored under `key` (for example handoff progress).
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -1055,8 +1117,14 @@ mod tests {
             .expect("relationship");
         from.put_relationship(&owner, &relationship(c, State::Rejected))
             .expect("relationship");
+        from.schedule_deletion(&owner, 7_000).expect("schedule");
+        // A deleted identity: nothing but its tombstone is left to move.
+        let t = address(6);
+        from.schedule_deletion(&t, 10).expect("schedule");
+        from.begin_purge(&t, 10, &[]).expect("purge");
+        from.settle_purge(&t, &[]).expect("settle");
 
-        let mut all = vec![owner, b, c, d, e];
+        let mut all = vec![owner, b, c, d, e, t];
         all.sort();
         assert_eq!(from.addresses(&|_| true), Ok(all));
         assert_eq!(from.addresses(&|x| *x == b || *x == a), Ok(vec![b]));
@@ -1076,6 +1144,13 @@ mod tests {
         ];
         peers.sort_by_key(|r| r.peer);
         assert_eq!(export.relationships, peers);
+        assert_eq!(
+            export.deletion,
+            Some(Deletion::Scheduled { purge_at_ms: 7_000 })
+        );
+        let tombstone = from.export_mailbox(&t).expect("export");
+        assert_eq!(tombstone.deletion, Some(Deletion::Deleted));
+        assert_eq!((tombstone.head, tombstone.envelopes.len()), (0, 0));
 
         // The receiving store already saw a later cursor: it is kept. It
         // also holds a copy of the first token with more failed attempts,
@@ -1087,6 +1162,17 @@ mod tests {
         to.put_token(&tried, 10, 0).expect("token");
         to.import_mailbox(&export).expect("import");
         to.import_mailbox(&export).expect("import twice");
+        to.import_mailbox(&tombstone).expect("import a tombstone");
+        // A stale schedule arriving later never undoes the tombstone.
+        let mut stale = tombstone.clone();
+        stale.deletion = Some(Deletion::Scheduled { purge_at_ms: 10 });
+        to.import_mailbox(&stale).expect("import a stale copy");
+        assert_eq!(to.deletion(&t), Ok(Some(Deletion::Deleted)));
+        assert_eq!(
+            to.deletion(&owner),
+            Ok(Some(Deletion::Scheduled { purge_at_ms: 7_000 }))
+        );
+        assert_eq!(to.due_deletions(7_000, 10), Ok(vec![owner]));
         assert_eq!(to.head_seq(&owner), Ok(4));
         assert_eq!(
             to.read_from(&owner, 0, 10, 0),
@@ -1106,10 +1192,20 @@ mod tests {
         // Imported envelopes and tokens are indexed for expiry.
         assert_eq!(to.expire(1_002, 10), Ok(2));
         assert_eq!(to.expire_tokens(2_999, 10), Ok(0));
-        // Appends continue after the imported head.
-        assert_eq!(to.addresses(&|_| true), Ok(vec![owner]));
+        let mut moved = vec![owner, t];
+        moved.sort();
+        assert_eq!(to.addresses(&|_| true), Ok(moved));
 
         from.purge_mailbox(&owner).expect("purge");
+        // What a handover removes besides the mailbox.
+        assert_eq!(
+            from.deletion(&owner),
+            Ok(Some(Deletion::Scheduled { purge_at_ms: 7_000 }))
+        );
+        from.remove_deletion(&owner).expect("remove");
+        from.remove_deletion(&t).expect("remove");
+        assert_eq!(from.deletion(&owner), Ok(None));
+        assert_eq!(from.due_deletions(u64::MAX, 10), Ok(vec![]));
         assert_eq!(from.export_mailbox(&owner).map(|e| e.head), Ok(0));
         assert_eq!(from.read_from(&owner, 0, 10, 0), Ok(vec![]));
         assert_eq!(from.cursor(&owner, &device), Ok(None));
@@ -1118,11 +1214,10 @@ mod tests {
         assert_eq!(from.capabilities(&owner), Ok(vec![]));
         assert_eq!(from.token(&owned.id, 0), Ok(None));
         assert_eq!(from.token(&locked.id, 0), Ok(None));
-        // Its expiry entries went too: only b's envelope and e's token are
-        // left to expire.
         assert_eq!(from.inbound_policy(&owner), Ok(None));
         assert_eq!(from.relationships(&owner), Ok(vec![]));
-        // Its expiry entries went too: only b's envelope is left to expire.
+        // Its expiry entries went too: only b's envelope and e's token are
+        // left to expire.
         assert_eq!(from.expire(u64::MAX, 10), Ok(1));
         assert_eq!(from.expire_tokens(u64::MAX, 10), Ok(1));
         assert_eq!(to.expire_tokens(3_000, 10), Ok(2));
@@ -1133,6 +1228,143 @@ mod tests {
         assert_eq!(from.meta("handoff"), Ok(None));
         from.put_meta("handoff", b"done").expect("meta");
         assert_eq!(from.meta("handoff"), Ok(Some(b"done".to_vec())));
+    }
+
+    fn tell(n: u8) -> PeerToTell {
+        PeerToTell {
+            peer: address(n),
+            relationship: RelationshipId([n; 16]),
+        }
+    }
+
+    /// Identity deletion: scheduling (idempotent), cancelling, the index
+    /// by time, the start of a purge, the tombstone, and how a purge of
+    /// the mailbox leaves the deletion record alone. On a fresh store.
+    fn deletion_suite(store: &dyn Store) {
+        let (a, b, c) = (address(1), address(2), address(3));
+        assert_eq!(store.deletion(&a), Ok(None));
+        assert_eq!(store.due_deletions(u64::MAX, 10), Ok(vec![]));
+
+        // Asking twice answers the first time.
+        let scheduled = Deletion::Scheduled { purge_at_ms: 100 };
+        assert_eq!(store.schedule_deletion(&a, 100), Ok(scheduled.clone()));
+        assert_eq!(store.schedule_deletion(&a, 900), Ok(scheduled.clone()));
+        assert_eq!(store.deletion(&a), Ok(Some(scheduled.clone())));
+        assert_eq!(
+            store.schedule_deletion(&b, 50),
+            Ok(Deletion::Scheduled { purge_at_ms: 50 })
+        );
+
+        // Due deletions come from the index, earliest first, bounded.
+        assert_eq!(store.due_deletions(49, 10), Ok(vec![]));
+        assert_eq!(store.due_deletions(100, 10), Ok(vec![b, a]));
+        assert_eq!(store.due_deletions(100, 1), Ok(vec![b]));
+
+        // A purge does not begin before it is due, nor without a schedule.
+        assert_eq!(store.begin_purge(&a, 99, &[tell(7)]), Ok(None));
+        assert_eq!(store.begin_purge(&c, 1_000, &[]), Ok(None));
+
+        // Cancelled, it is gone, from the index too.
+        assert_eq!(store.cancel_deletion(&b), Ok(true));
+        assert_eq!(store.cancel_deletion(&b), Ok(false));
+        assert_eq!(store.deletion(&b), Ok(None));
+        assert_eq!(store.begin_purge(&b, 1_000, &[]), Ok(None));
+        assert_eq!(store.due_deletions(1_000, 10), Ok(vec![a]));
+
+        // The purge begins: a tombstone with the peers to tell, which no
+        // cancellation or new schedule undoes, still due until settled.
+        let purging = Deletion::Purging {
+            purge_at_ms: 100,
+            to_tell: vec![tell(7), tell(8)],
+        };
+        assert_eq!(
+            store.begin_purge(&a, 100, &[tell(7), tell(8)]),
+            Ok(Some(purging.clone()))
+        );
+        assert!(purging.is_tombstone());
+        assert_eq!(store.cancel_deletion(&a), Ok(false));
+        assert_eq!(store.schedule_deletion(&a, 5_000), Ok(purging.clone()));
+        // Beginning again (a retry) returns the record unchanged.
+        assert_eq!(store.begin_purge(&a, 2_000, &[]), Ok(Some(purging.clone())));
+        assert_eq!(store.due_deletions(1_000, 10), Ok(vec![a]));
+
+        // Purging the mailbox leaves the deletion record.
+        store
+            .append_batch(&[append(a, envelope(1, 0, 10_000))])
+            .expect("append");
+        store
+            .set_inbound_policy(&a, InboundPolicy::RelationshipsOnly)
+            .expect("policy");
+        store.purge_mailbox(&a).expect("purge");
+        assert_eq!(store.read_from(&a, 0, 10, 0), Ok(vec![]));
+        assert_eq!(store.inbound_policy(&a), Ok(None));
+        assert_eq!(store.deletion(&a), Ok(Some(purging)));
+        assert_eq!(store.addresses(&|_| true), Ok(vec![a]));
+
+        // Settled with a peer left, then with none: the bare tombstone,
+        // out of the index.
+        store.settle_purge(&a, &[tell(8)]).expect("settle");
+        assert_eq!(
+            store.deletion(&a),
+            Ok(Some(Deletion::Purging {
+                purge_at_ms: 100,
+                to_tell: vec![tell(8)],
+            }))
+        );
+        assert_eq!(store.due_deletions(1_000, 10), Ok(vec![a]));
+        store.settle_purge(&a, &[]).expect("settle");
+        assert_eq!(store.deletion(&a), Ok(Some(Deletion::Deleted)));
+        assert_eq!(store.due_deletions(u64::MAX, 10), Ok(vec![]));
+        assert_eq!(
+            store.begin_purge(&a, 2_000, &[]),
+            Ok(Some(Deletion::Deleted))
+        );
+        assert_eq!(store.schedule_deletion(&a, 5_000), Ok(Deletion::Deleted));
+        // Settling a tombstone or a schedule changes nothing.
+        store.settle_purge(&a, &[tell(9)]).expect("settle");
+        assert_eq!(store.deletion(&a), Ok(Some(Deletion::Deleted)));
+        store.schedule_deletion(&c, 10).expect("schedule");
+        store.settle_purge(&c, &[]).expect("settle");
+        assert_eq!(
+            store.deletion(&c),
+            Ok(Some(Deletion::Scheduled { purge_at_ms: 10 }))
+        );
+
+        // A handover removes the record and its index entry.
+        store.remove_deletion(&c).expect("remove");
+        store.remove_deletion(&a).expect("remove");
+        assert_eq!(store.deletion(&c), Ok(None));
+        assert_eq!(store.deletion(&a), Ok(None));
+        assert_eq!(store.due_deletions(u64::MAX, 10), Ok(vec![]));
+        store.flush().expect("flush");
+    }
+
+    #[test]
+    fn memory_store_passes_the_deletion_suite() {
+        deletion_suite(&MemoryStore::new());
+    }
+
+    #[test]
+    fn sled_store_passes_the_deletion_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        deletion_suite(&SledStore::open(dir.path()).expect("open"));
+        // Schedules and tombstones survive a restart with their index.
+        let a = address(1);
+        {
+            let store = SledStore::open(dir.path()).expect("reopen");
+            store.schedule_deletion(&a, 70).expect("schedule");
+            store.begin_purge(&a, 70, &[tell(4)]).expect("begin");
+            store.schedule_deletion(&address(5), 80).expect("schedule");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.due_deletions(100, 10), Ok(vec![a, address(5)]));
+        assert_eq!(
+            store.deletion(&a),
+            Ok(Some(Deletion::Purging {
+                purge_at_ms: 70,
+                to_tell: vec![tell(4)],
+            }))
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@
 //! | `file_expiry` | `expires_at_ms(u64 BE) ‖ file_id(32) ‖ owner(32)` | empty |
 //! | `policies`  | `address(32)`                                | inbound policy: `0` anyone, `1` relationships-only |
 //! | `relationships` | `address(32) ‖ peer(32)`                 | `encode_value(Relationship)`: the address's side |
+//! | `deletions` | `address(32)`                                | `encode_value(Deletion)`: scheduled, purging, or the tombstone |
+//! | `deletion_index` | `due_at_ms(u64 BE) ‖ address(32)`       | empty: a deletion with work left (a schedule, an unfinished purge) |
 //! | `meta`      | `"server_id"`                                | the node's `ServerId`, 32 bytes |
 //! | `meta`      | `"write_epoch"`                              | flushes so far, `u64 BE` (see "Detecting a damaged store") |
 //! | `meta`      | `"node/" ‖ key`                              | node-level values ([`Store::put_meta`]), e.g. handoff progress |
@@ -55,6 +57,10 @@
 //!   (kept in its value) has not passed.
 //!
 //! - File records follow the token rule exactly, with their own trees.
+//! - Deletions too: a schedule writes its index entry before its record; a
+//!   cancellation and a finished purge remove the record (or make it the
+//!   bare tombstone) before the index entry. An index entry without a
+//!   matching record is dropped by [`Store::due_deletions`].
 //!
 //! None of these writes was acknowledged before the crash, so losing them is
 //! allowed; only their partial effects need care.
@@ -97,6 +103,7 @@ use std::time::{Duration, Instant};
 
 use backbone_protocol::bytes::{CapabilityHash, FileId, ServerId, TokenId, VerifierHash};
 use backbone_protocol::codec::{decode_value, encode_value};
+use backbone_protocol::deletion::{self, Deletion, PeerToTell};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::Serialize;
@@ -113,6 +120,7 @@ const ENVELOPE_KEY_LEN: usize = ADDRESS_LEN + SEQ_LEN;
 const EXPIRY_KEY_LEN: usize = 8 + ADDRESS_LEN + SEQ_LEN;
 const TOKEN_ID_LEN: usize = TokenId::LEN;
 const TOKEN_EXPIRY_KEY_LEN: usize = 8 + TOKEN_ID_LEN + ADDRESS_LEN;
+const DELETION_INDEX_KEY_LEN: usize = 8 + ADDRESS_LEN;
 const SERVER_ID_KEY: &[u8] = b"server_id";
 const EPOCH_KEY: &[u8] = b"write_epoch";
 /// The key of the envelope count in the `envelopes` tree.
@@ -164,6 +172,10 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "file.remove.expiry",
     "file.stale.owner",
     "file.stale.expiry",
+    "deletion.index",
+    "deletion",
+    "deletion.remove",
+    "deletion.unindex",
     "import.policy",
     "import.relationship",
     "purge.envelope",
@@ -200,6 +212,8 @@ pub struct SledStore {
     file_expiry: sled::Tree,
     policies: sled::Tree,
     relationships: sled::Tree,
+    deletions: sled::Tree,
+    deletion_index: sled::Tree,
     meta: sled::Tree,
     /// Held while envelopes, the expiry index and heads are changed together
     /// (append, delete, expire), so a concurrent sweep never sees an expiry
@@ -216,6 +230,9 @@ pub struct SledStore {
     /// and the write it admits, or a failed-attempt count and its update,
     /// are one step.
     token_lock: Mutex<()>,
+    /// Held while a deletion record and its index entry change, so a
+    /// cancellation and the start of a purge cannot both win.
+    deletion_lock: Mutex<()>,
     /// `backbone.epoch` and the highest epoch recorded in it.
     epoch_file: Mutex<EpochFile>,
     #[cfg(test)]
@@ -341,6 +358,8 @@ impl SledStore {
             file_expiry: db.open_tree("file_expiry")?,
             policies: db.open_tree("policies")?,
             relationships: db.open_tree("relationships")?,
+            deletions: db.open_tree("deletions")?,
+            deletion_index: db.open_tree("deletion_index")?,
             meta,
             db,
             mutation: Mutex::new(count),
@@ -350,6 +369,7 @@ impl SledStore {
             }),
             capability_lock: Mutex::new(()),
             token_lock: Mutex::new(()),
+            deletion_lock: Mutex::new(()),
             epoch_file: Mutex::new(epoch_file),
             #[cfg(test)]
             fail_points: FailPoints::default(),
@@ -599,6 +619,57 @@ impl SledStore {
                 Ok((id, decode_u64(&value, "token owner entry")?))
             })
             .collect()
+    }
+
+    fn lock_deletions(&self) -> MutexGuard<'_, ()> {
+        // The lock guards no data of its own (see `lock_mutations`).
+        self.deletion_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the deletion record of `address` (held: `held`) with
+    /// `record`, keeping the index in step: a new index entry before the
+    /// record, a stale one removed after it (see "Crash ordering").
+    fn write_deletion(
+        &self,
+        address: &Address,
+        held: Option<&Deletion>,
+        record: &Deletion,
+    ) -> Result<(), StoreError> {
+        let old_due = held.and_then(Deletion::due_at_ms);
+        let new_due = record.due_at_ms();
+        if let Some(due) = new_due
+            && old_due != Some(due)
+        {
+            self.fail_point("deletion.index")?;
+            self.deletion_index
+                .insert(deletion_index_key(due, address), &[][..])?;
+        }
+        let value = encode(record)?;
+        self.fail_point("deletion")?;
+        self.deletions.insert(address.0, value)?;
+        if let Some(due) = old_due
+            && new_due != Some(due)
+        {
+            self.fail_point("deletion.unindex")?;
+            self.deletion_index
+                .remove(deletion_index_key(due, address))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the deletion record of `address` (held: `held`), then its
+    /// index entry.
+    fn delete_deletion(&self, address: &Address, held: &Deletion) -> Result<(), StoreError> {
+        self.fail_point("deletion.remove")?;
+        self.deletions.remove(address.0)?;
+        if let Some(due) = held.due_at_ms() {
+            self.fail_point("deletion.unindex")?;
+            self.deletion_index
+                .remove(deletion_index_key(due, address))?;
+        }
+        Ok(())
     }
 
     /// The highest stored envelope seq of `address`.
@@ -1136,6 +1207,111 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError> {
+        self.deletions
+            .get(address.0)?
+            .map(|value| decode(&value, "deletion"))
+            .transpose()
+    }
+
+    fn schedule_deletion(
+        &self,
+        address: &Address,
+        purge_at_ms: u64,
+    ) -> Result<Deletion, StoreError> {
+        let _deletions = self.lock_deletions();
+        if let Some(held) = self.deletion(address)? {
+            return Ok(held);
+        }
+        let record = Deletion::Scheduled { purge_at_ms };
+        self.write_deletion(address, None, &record)?;
+        Ok(record)
+    }
+
+    fn cancel_deletion(&self, address: &Address) -> Result<bool, StoreError> {
+        let _deletions = self.lock_deletions();
+        match self.deletion(address)? {
+            Some(held @ Deletion::Scheduled { .. }) => {
+                self.delete_deletion(address, &held)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn begin_purge(
+        &self,
+        address: &Address,
+        now_ms: u64,
+        to_tell: &[PeerToTell],
+    ) -> Result<Option<Deletion>, StoreError> {
+        let _deletions = self.lock_deletions();
+        match self.deletion(address)? {
+            Some(held @ Deletion::Scheduled { purge_at_ms }) if purge_at_ms <= now_ms => {
+                let record = Deletion::Purging {
+                    purge_at_ms,
+                    to_tell: to_tell.to_vec(),
+                };
+                self.write_deletion(address, Some(&held), &record)?;
+                Ok(Some(record))
+            }
+            Some(held) if held.is_tombstone() => Ok(Some(held)),
+            _ => Ok(None),
+        }
+    }
+
+    fn settle_purge(
+        &self,
+        address: &Address,
+        still_to_tell: &[PeerToTell],
+    ) -> Result<(), StoreError> {
+        let _deletions = self.lock_deletions();
+        if let Some(held @ Deletion::Purging { purge_at_ms, .. }) = self.deletion(address)? {
+            let record = if still_to_tell.is_empty() {
+                Deletion::Deleted
+            } else {
+                Deletion::Purging {
+                    purge_at_ms,
+                    to_tell: still_to_tell.to_vec(),
+                }
+            };
+            self.write_deletion(address, Some(&held), &record)?;
+        }
+        Ok(())
+    }
+
+    fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let _deletions = self.lock_deletions();
+        // Every index key with due_at_ms <= now_ms sorts below the 8-byte
+        // prefix now_ms + 1.
+        let due = match now_ms.checked_add(1) {
+            Some(bound) => self.deletion_index.range(..bound.to_be_bytes()),
+            None => self.deletion_index.iter(),
+        };
+        let mut found = Vec::new();
+        let mut stale = Vec::new();
+        for entry in due {
+            let (key, _) = entry?;
+            let (due_at_ms, address) = split_deletion_index_key(&key)?;
+            match self.deletion(&address)? {
+                Some(held) if held.due_at_ms() == Some(due_at_ms) => found.push(address),
+                // A stale entry (see "Crash ordering").
+                _ => stale.push(key),
+            }
+            if found.len() == limit {
+                break;
+            }
+        }
+        for key in stale {
+            self.fail_point("deletion.unindex")?;
+            self.deletion_index.remove(key)?;
+        }
+        Ok(found)
+    }
+
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let mut all = std::collections::BTreeSet::new();
         for tree in [
@@ -1149,6 +1325,7 @@ impl Store for SledStore {
             &self.file_owners,
             &self.policies,
             &self.relationships,
+            &self.deletions,
         ] {
             // Skip-scan: read one key, then seek past every key of its address.
             let mut next = Some([0u8; ADDRESS_LEN]);
@@ -1217,6 +1394,7 @@ impl Store for SledStore {
                 .collect::<Result<Vec<_>, StoreError>>()?,
             policy: self.inbound_policy(address)?,
             relationships: self.relationships(address)?,
+            deletion: self.deletion(address)?,
         })
     }
 
@@ -1298,6 +1476,14 @@ impl Store for SledStore {
             self.relationships
                 .insert(pair_key(address, &relationship.peer.0), value)?;
         }
+        if let Some(incoming) = &export.deletion {
+            let _deletions = self.lock_deletions();
+            let held = self.deletion(address)?;
+            let merged = deletion::merge(held.as_ref(), incoming);
+            if held.as_ref() != Some(&merged) {
+                self.write_deletion(address, held.as_ref(), &merged)?;
+            }
+        }
         Ok(())
     }
 
@@ -1365,6 +1551,14 @@ impl Store for SledStore {
         self.cards.remove(address.0)?;
         self.fail_point("purge.policy")?;
         self.policies.remove(address.0)?;
+        Ok(())
+    }
+
+    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
+        let _deletions = self.lock_deletions();
+        if let Some(held) = self.deletion(address)? {
+            self.delete_deletion(address, &held)?;
+        }
         Ok(())
     }
 
@@ -1610,7 +1804,6 @@ fn successor(prefix: &[u8; ADDRESS_LEN]) -> Option<[u8; ADDRESS_LEN]> {
     None
 }
 
-/// Node-level values live in `meta` under `"node/" ‖ key`, apart from the server id.
 fn encode_policy(policy: InboundPolicy) -> u8 {
     match policy {
         InboundPolicy::Anyone => 0,
@@ -1628,6 +1821,7 @@ fn decode_policy(value: &[u8]) -> Result<InboundPolicy, StoreError> {
     }
 }
 
+/// Node-level values live in `meta` under `"node/" ‖ key`, apart from the server id.
 fn meta_key(key: &str) -> Vec<u8> {
     [b"node/".as_slice(), key.as_bytes()].concat()
 }
@@ -1718,6 +1912,27 @@ fn split_expiry_id_key(key: &[u8], what: &str) -> Result<(u64, [u8; 32], Address
         decode_u64(expires_at_ms, what)?,
         id.try_into().map_err(|_| corrupt())?,
         Address(owner.try_into().map_err(|_| corrupt())?),
+    ))
+}
+
+fn deletion_index_key(due_at_ms: u64, address: &Address) -> [u8; DELETION_INDEX_KEY_LEN] {
+    let mut key = [0u8; DELETION_INDEX_KEY_LEN];
+    key[..8].copy_from_slice(&due_at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&address.0);
+    key
+}
+
+fn split_deletion_index_key(key: &[u8]) -> Result<(u64, Address), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("deletion index key of {} bytes", key.len()),
+    };
+    if key.len() != DELETION_INDEX_KEY_LEN {
+        return Err(corrupt());
+    }
+    let (due_at_ms, address) = key.split_at(8);
+    Ok((
+        decode_u64(due_at_ms, "deletion index key")?,
+        Address(address.try_into().map_err(|_| corrupt())?),
     ))
 }
 
@@ -2012,8 +2227,6 @@ mod fault_tests {
         }
     }
 
-    /// Calls every writing method so that every fail point is passed; stops
-    /// at the first error and returns it.
     fn relationship(peer: Address, state: State) -> Relationship {
         Relationship {
             id: RelationshipId([4; 16]),
@@ -2036,6 +2249,8 @@ mod fault_tests {
         }
     }
 
+    /// Calls every writing method so that every fail point is passed; stops
+    /// at the first error and returns it.
     fn workload(store: &SledStore) -> Result<(), StoreError> {
         let (a, b) = (Address([1; 32]), Address([2; 32]));
         let identity = Keypair::from_secret_bytes([2; 32]);
@@ -2060,6 +2275,7 @@ mod fault_tests {
             tokens: vec![token(1, b, 5_000)],
             policy: Some(InboundPolicy::RelationshipsOnly),
             relationships: vec![relationship(a, State::Active)],
+            deletion: Some(Deletion::Scheduled { purge_at_ms: 400 }),
         })?;
         store.register_capability(&a, &CapabilityHash([7; 32]), 10)?;
         store.set_inbound_policy(&a, InboundPolicy::RelationshipsOnly)?;
@@ -2104,7 +2320,23 @@ mod fault_tests {
             4,
         ))?;
         store.set_cursor(&b, &device_key.device_id(), 2)?;
+        // A deletion scheduled and cancelled, one purged to its tombstone,
+        // and an index entry a crash left without its record.
+        let c = Address([3; 32]);
+        store.schedule_deletion(&c, 500)?;
+        store.cancel_deletion(&c)?;
+        store
+            .deletion_index
+            .insert(deletion_index_key(450, &c), &[][..])?;
+        store.due_deletions(450, 10)?;
+        let to_tell = [PeerToTell {
+            peer: a,
+            relationship: RelationshipId([4; 16]),
+        }];
+        store.begin_purge(&b, 450, &to_tell)?;
         store.purge_mailbox(&b)?;
+        store.settle_purge(&b, &[])?;
+        store.remove_deletion(&b)?;
         store.put_meta("progress", b"1")?;
         store.flush()
     }

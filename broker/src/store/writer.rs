@@ -142,20 +142,22 @@ impl WriteHandle {
     }
 
     /// Moves `device`'s cursor in `address`'s mailbox forward to `seq`, in order
-    /// with the other writes.
-    pub async fn set_cursor(
+    /// with the other writes. The request is queued when this is called, not
+    /// when the future is first polled, so a caller that spawns the wait
+    /// still has its write ordered before anything it submits later (an
+    /// identity's purge waits for its sessions, then flushes the writer).
+    pub fn set_cursor(
         &self,
         address: Address,
         device: DeviceId,
         seq: u64,
-    ) -> Result<(), StoreError> {
-        self.call(|done| Request::SetCursor {
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<> {
+        self.call(move |done| Request::SetCursor {
             address,
             device,
             seq,
             done,
         })
-        .await
     }
 
     /// Deletes `seqs` from `address`'s mailbox, in order with the other writes;
@@ -174,12 +176,16 @@ impl WriteHandle {
         self.call(|done| Request::Flush { done }).await
     }
 
-    async fn call<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+    /// Queues a request at once and returns the wait for its answer.
+    fn call<T: Send + 'static, F: FnOnce(Reply<T>) -> Request>(
+        &self,
+        request: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + use<T, F> {
         let (done, answer) = oneshot::channel();
         // If the thread is gone the request, and `done` with it, is dropped,
         // which the receiver sees as an error.
         let _ = self.requests.send(request(done));
-        answer.await.unwrap_or(Err(StoreError::Closed))
+        async move { answer.await.unwrap_or(Err(StoreError::Closed)) }
     }
 }
 
@@ -390,6 +396,7 @@ mod tests {
     use std::time::Duration;
 
     use backbone_protocol::bytes::{CapabilityHash, MessageId, ServerId, TokenId, VerifierHash};
+    use backbone_protocol::deletion::{Deletion, PeerToTell};
     use backbone_protocol::relationship::{InboundPolicy, Relationship};
     use backbone_protocol::{DeviceCertificate, IdentityCard};
 
@@ -606,6 +613,37 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.inner.put_relationship(address, relationship)
         }
+        fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError> {
+            self.inner.deletion(address)
+        }
+        fn schedule_deletion(
+            &self,
+            address: &Address,
+            purge_at_ms: u64,
+        ) -> Result<Deletion, StoreError> {
+            self.inner.schedule_deletion(address, purge_at_ms)
+        }
+        fn cancel_deletion(&self, address: &Address) -> Result<bool, StoreError> {
+            self.inner.cancel_deletion(address)
+        }
+        fn begin_purge(
+            &self,
+            address: &Address,
+            now_ms: u64,
+            to_tell: &[PeerToTell],
+        ) -> Result<Option<Deletion>, StoreError> {
+            self.inner.begin_purge(address, now_ms, to_tell)
+        }
+        fn settle_purge(
+            &self,
+            address: &Address,
+            still_to_tell: &[PeerToTell],
+        ) -> Result<(), StoreError> {
+            self.inner.settle_purge(address, still_to_tell)
+        }
+        fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError> {
+            self.inner.due_deletions(now_ms, limit)
+        }
         fn addresses(&self, f: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
             self.inner.addresses(f)
         }
@@ -617,6 +655,9 @@ mod tests {
         }
         fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
             self.inner.purge_mailbox(address)
+        }
+        fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
+            self.inner.remove_deletion(address)
         }
         fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.inner.meta(key)
