@@ -358,13 +358,25 @@ impl Actor for MailboxActor {
                     return Ok(());
                 }
                 let (store, address) = (state.context.store.clone(), state.address);
-                let written = tokio::task::spawn_blocking(move || {
-                    store.set_inbound_policy(&address, policy)?;
-                    store.flush()
+                let (written, held) = tokio::task::spawn_blocking(move || {
+                    let written = store
+                        .set_inbound_policy(&address, policy)
+                        .and_then(|()| store.flush());
+                    // A failed write or flush may still have reached the
+                    // store: what the actor admits follows what is stored,
+                    // so it reads the policy back.
+                    let held = match &written {
+                        Ok(()) => Ok(Some(policy)),
+                        Err(_) => store.inbound_policy(&address),
+                    };
+                    (written, held)
                 })
                 .await?;
-                if written.is_ok() {
-                    state.policy = policy;
+                match held {
+                    Ok(held) => state.policy = held.unwrap_or(state.context.default_policy),
+                    Err(error) => {
+                        tracing::warn!(%error, "the inbound policy could not be read back")
+                    }
                 }
                 let _ = reply.send(written.map_err(MailboxError::Store));
             }

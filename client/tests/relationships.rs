@@ -499,3 +499,30 @@ async fn a_relationship_spans_two_nodes_of_a_fleet() {
     let ack = alice_client.send(&[b], b"hello", TTL).await.expect("sent");
     assert!(ack.failed.is_empty(), "{ack:?}");
 }
+
+#[tokio::test]
+async fn a_policy_whose_flush_failed_is_enforced_as_stored() {
+    let store = std::sync::Arc::new(backbone_broker::store::MemoryStore::new());
+    let broker = TestBroker::start_with_store(store.clone()).await;
+    let (alice, bob) = (Identity::new(), Identity::new());
+    let (alice_client, bob_client) = (alice.connect(&broker).await, bob.connect(&broker).await);
+    let b = bob.address();
+
+    // The policy is written but its flush fails: Bob is told it failed,
+    // and the store may hold it anyway (here it does).
+    store.inject_flush_failures(1);
+    assert_eq!(
+        code(
+            bob_client
+                .set_inbound_policy(InboundPolicy::RelationshipsOnly)
+                .await
+        ),
+        Some(ErrorCode::StorageFailure)
+    );
+    let (policy, _) = bob_client.relationships().await.expect("lists");
+    assert_eq!(policy, InboundPolicy::RelationshipsOnly, "what is stored");
+    // The mailbox admits by what is stored, not by what it held before.
+    let ack = alice_client.send(&[b], b"hi", TTL).await.expect("answered");
+    assert_eq!(refused(&ack), Some(ErrorCode::NotConsented));
+    broker.shutdown().await;
+}

@@ -54,6 +54,8 @@ struct Inner {
     meta: HashMap<String, Vec<u8>>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
     failing_appends: u32,
+    /// How many upcoming `flush` calls fail with [`StoreError::Injected`].
+    failing_flushes: u32,
     /// Successful `append_batch` calls so far.
     append_batches: u64,
 }
@@ -131,6 +133,15 @@ impl MemoryStore {
     pub fn inject_append_failures(&self, count: u32) {
         if let Ok(mut inner) = self.lock() {
             inner.failing_appends = count;
+        }
+    }
+
+    /// Makes the next `count` calls to [`Store::flush`] fail with
+    /// [`StoreError::Injected`]; what was written before stays written: a
+    /// flush whose outcome the caller cannot know.
+    pub fn inject_flush_failures(&self, count: u32) {
+        if let Ok(mut inner) = self.lock() {
+            inner.failing_flushes = count;
         }
     }
 
@@ -755,6 +766,11 @@ impl Store for MemoryStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if inner.failing_flushes > 0 {
+            inner.failing_flushes -= 1;
+            return Err(StoreError::Injected);
+        }
         Ok(())
     }
 
