@@ -42,7 +42,7 @@ use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
 use crate::store::{Store, StoreError, StoredEnvelope};
-use crate::wire::{FrameReader, ReadError, spawn_writer};
+use crate::wire::{FrameReader, Outbox, ReadError, outbox};
 
 /// Queue of outgoing frames per connection.
 const OUT_QUEUE: usize = 1024;
@@ -247,14 +247,11 @@ type HandshakeError = (ErrorCode, String);
 /// How a successful handshake continues.
 enum Handshake {
     /// The address lives here: serve it.
-    Session(Session, FrameReader, mpsc::Sender<Frame>),
+    Session(Session, FrameReader, Outbox),
     /// The client chose an anonymous session, already confirmed.
-    Anonymous(FrameReader, mpsc::Sender<Frame>),
+    Anonymous(FrameReader, Outbox),
     /// The address lives on another node: send a redirect to `node` (`host:port`).
-    Redirect {
-        out: mpsc::Sender<Frame>,
-        node: String,
-    },
+    Redirect { out: Outbox, node: String },
 }
 
 async fn authenticate(
@@ -266,8 +263,7 @@ async fn authenticate(
         .await
         .map_err(|error| (ErrorCode::UnexpectedFrame, format!("no stream: {error}")))?;
     let mut reader = FrameReader::new(recv, shared.max_frame_len);
-    let (out, rx) = mpsc::channel(OUT_QUEUE);
-    spawn_writer(send, rx);
+    let out = outbox(send, OUT_QUEUE);
 
     let mut tls_exporter = [0u8; TLS_EXPORTER_LEN];
     connection
@@ -375,7 +371,7 @@ async fn authenticate(
 async fn next_request(
     connection: &quinn::Connection,
     reader: &mut FrameReader,
-    out: &mpsc::Sender<Frame>,
+    out: &Outbox,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Frame> {
     loop {
@@ -426,7 +422,7 @@ async fn next_pre_auth(reader: &mut FrameReader) -> Result<Frame, HandshakeError
     }
 }
 
-async fn send_frame(out: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), HandshakeError> {
+async fn send_frame(out: &Outbox, frame: Frame) -> Result<(), HandshakeError> {
     out.send(frame)
         .await
         .map_err(|_| (ErrorCode::Internal, "connection writer stopped".into()))
@@ -437,7 +433,7 @@ async fn serve_authenticated(
     connection: &quinn::Connection,
     session: Session,
     mut reader: FrameReader,
-    out: mpsc::Sender<Frame>,
+    out: Outbox,
 ) {
     let session = Arc::new(session);
     let streams = tokio::spawn(
@@ -781,7 +777,7 @@ async fn serve_anonymous(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
     mut reader: FrameReader,
-    out: mpsc::Sender<Frame>,
+    out: Outbox,
 ) {
     let limiter = shared
         .anonymous_quota
@@ -1034,7 +1030,7 @@ fn respond<T>(
 async fn deliver(
     shared: Arc<Shared>,
     session: Arc<Session>,
-    out: mpsc::Sender<Frame>,
+    out: Outbox,
     mut acks: watch::Receiver<u64>,
 ) {
     let window = shared.config.limits.push_window;
