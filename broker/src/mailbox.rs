@@ -201,7 +201,9 @@ pub struct MailboxState {
     in_flight: MailboxUsage,
     subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
-    forwarder: mpsc::UnboundedSender<PendingWrite>,
+    /// Boxed: the channel allocates its first block of 32 slots up front,
+    /// and every connected identity has an actor.
+    forwarder: mpsc::UnboundedSender<Box<PendingWrite>>,
     /// The inbound policy and this side's relationship records, loaded when
     /// the actor starts; every change goes through the actor.
     policy: InboundPolicy,
@@ -255,7 +257,7 @@ impl Actor for MailboxActor {
         // up to here), but numbering goes on above this run's floor, never
         // reusing a number an earlier run may have shown and since lost.
         let head = stored_head.max(args.context.seq_floor);
-        let (forwarder, mut pending) = mpsc::unbounded_channel::<PendingWrite>();
+        let (forwarder, mut pending) = mpsc::unbounded_channel::<Box<PendingWrite>>();
         let actor = myself.clone();
         // Completions are awaited strictly in submission order, so subscribers
         // see envelopes in sequence order.
@@ -558,7 +560,7 @@ impl MailboxState {
             envelopes: vec![envelope],
             replies: vec![reply],
         };
-        if self.forwarder.send(write).is_err() {
+        if self.forwarder.send(Box::new(write)).is_err() {
             return Err("mailbox forwarder stopped".into());
         }
         Ok(())
