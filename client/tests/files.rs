@@ -531,3 +531,56 @@ async fn a_file_is_downloaded_through_another_node_of_a_fleet() {
     assert_eq!(anonymous, plain);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_file_survives_a_broker_restart_in_the_middle_of_the_upload() {
+    let mut broker = TestBroker::start().await;
+    let alice = Identity::new();
+    let mut options = alice.options(&broker);
+    options.backoff = backbone_client::Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+    };
+    let client = Arc::new(
+        backbone_client::Client::connect(options)
+            .await
+            .expect("connects"),
+    );
+    let plain = content(48 * 1024 * 1024, 14);
+    let upload = {
+        let (client, plain) = (client.clone(), plain.clone());
+        tokio::spawn(async move {
+            client
+                .put_file(FileSource::Bytes(Arc::from(plain)), TTL)
+                .await
+        })
+    };
+    // Wait until some of the bytes are on disk, then restart the broker.
+    let files = broker.dir.path().join("files");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let held_before = loop {
+        let held: u64 = std::fs::read_dir(&files)
+            .expect("the file directory")
+            .filter_map(|entry| entry.ok()?.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        if held > 0 {
+            break held;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no upload started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    broker.restart().await;
+    let reference = tokio::time::timeout(Duration::from_secs(120), upload)
+        .await
+        .expect("the upload finishes in time")
+        .expect("the task ran")
+        .expect("the upload completes across the restart");
+    let sealed_size = file::sealed_len(plain.len() as u64);
+    assert!(
+        held_before < sealed_size,
+        "the restart came in the middle of the upload"
+    );
+    assert_eq!(download(&client, &reference).await, plain);
+    broker.shutdown().await;
+}
