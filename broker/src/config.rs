@@ -338,7 +338,8 @@ pub struct TransportConfig {
     pub stream_receive_window: ByteSize,
     /// Send window per connection.
     pub send_window: ByteSize,
-    /// Bidirectional streams a client may open at once.
+    /// Bidirectional streams a client may open at once: its session's
+    /// stream and file transfers (at least 2).
     pub max_concurrent_bidi_streams: u32,
     /// Idle connections are closed after this long.
     #[serde(with = "humantime_serde")]
@@ -597,10 +598,10 @@ impl Config {
                 "must not exceed transport.receive_window",
             );
         }
-        if self.transport.max_concurrent_bidi_streams == 0 {
+        if self.transport.max_concurrent_bidi_streams < 2 {
             return invalid(
                 "transport.max_concurrent_bidi_streams",
-                "must be at least 1",
+                "must be at least 2: the session's stream and one file transfer",
             );
         }
         if self.transport.keep_alive >= self.transport.idle_timeout {
@@ -762,6 +763,18 @@ mod tests {
                 "20years",
                 "identity.deletion_grace",
             ),
+            (
+                "BACKBONE__TRANSPORT__MAX_CONCURRENT_BIDI_STREAMS",
+                "1",
+                "transport.max_concurrent_bidi_streams",
+            ),
+            ("BACKBONE__FILES__MAX_SIZE", "0 B", "files.max_size"),
+            (
+                "BACKBONE__FILES__MAX_BYTES_PER_IDENTITY",
+                "1 MiB",
+                "files.max_bytes_per_identity",
+            ),
+            ("BACKBONE__FILES__MAX_TTL", "0s", "files.max_ttl"),
         ];
         for (name, value, expected) in cases {
             let error = Config::load(None, [(name.to_owned(), value.to_owned())])
