@@ -118,8 +118,8 @@ const ADDRESS_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
 const ENVELOPE_KEY_LEN: usize = ADDRESS_LEN + SEQ_LEN;
 const EXPIRY_KEY_LEN: usize = 8 + ADDRESS_LEN + SEQ_LEN;
-const TOKEN_ID_LEN: usize = TokenId::LEN;
-const TOKEN_EXPIRY_KEY_LEN: usize = 8 + TOKEN_ID_LEN + ADDRESS_LEN;
+/// An expiry index key of tokens and files: `expires_at_ms ‖ id(32) ‖ owner`.
+const ID_EXPIRY_KEY_LEN: usize = 8 + 32 + ADDRESS_LEN;
 const DELETION_INDEX_KEY_LEN: usize = 8 + ADDRESS_LEN;
 const SERVER_ID_KEY: &[u8] = b"server_id";
 const EPOCH_KEY: &[u8] = b"write_epoch";
@@ -547,20 +547,11 @@ impl SledStore {
 
     /// The ids in `owner`'s file index, with the expiry each entry records.
     fn file_entries(&self, owner: &Address) -> Result<Vec<(FileId, u64)>, StoreError> {
-        self.file_owners
-            .scan_prefix(owner.0)
-            .map(|entry| {
-                let (key, value) = entry?;
-                let id = key
-                    .get(ADDRESS_LEN..)
-                    .and_then(|id| id.try_into().ok())
-                    .map(FileId)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        what: format!("file owner key of {} bytes", key.len()),
-                    })?;
-                Ok((id, decode_u64(&value, "file owner entry")?))
-            })
-            .collect()
+        let entries = owner_entries(&self.file_owners, owner, "file owner")?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, at)| (FileId(id), at))
+            .collect())
     }
 
     /// The stored token `id`, expired or not.
@@ -605,20 +596,11 @@ impl SledStore {
 
     /// The ids in `owner`'s token index, with the expiry time each entry records.
     fn token_entries(&self, owner: &Address) -> Result<Vec<(TokenId, u64)>, StoreError> {
-        self.token_owners
-            .scan_prefix(owner.0)
-            .map(|entry| {
-                let (key, value) = entry?;
-                let id = key
-                    .get(ADDRESS_LEN..)
-                    .and_then(|id| id.try_into().ok())
-                    .map(TokenId)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        what: format!("token owner key of {} bytes", key.len()),
-                    })?;
-                Ok((id, decode_u64(&value, "token owner entry")?))
-            })
-            .collect()
+        let entries = owner_entries(&self.token_owners, owner, "token owner")?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, at)| (TokenId(id), at))
+            .collect())
     }
 
     fn lock_deletions(&self) -> MutexGuard<'_, ()> {
@@ -1862,37 +1844,43 @@ fn split_expiry_key(key: &[u8]) -> Result<(u64, Address, u64), StoreError> {
     Ok((decode_u64(expires_at_ms, "expiry key")?, address, seq))
 }
 
-fn token_expiry_key(
-    expires_at_ms: u64,
-    id: &TokenId,
-    owner: &Address,
-) -> [u8; TOKEN_EXPIRY_KEY_LEN] {
-    let mut key = [0u8; TOKEN_EXPIRY_KEY_LEN];
-    key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
-    key[8..8 + TOKEN_ID_LEN].copy_from_slice(&id.0);
-    key[8 + TOKEN_ID_LEN..].copy_from_slice(&owner.0);
-    key
+fn token_expiry_key(expires_at_ms: u64, id: &TokenId, owner: &Address) -> [u8; ID_EXPIRY_KEY_LEN] {
+    expiry_id_key(expires_at_ms, &id.0, owner)
 }
 
 fn split_token_expiry_key(key: &[u8]) -> Result<(u64, TokenId, Address), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: format!("token expiry key of {} bytes", key.len()),
-    };
-    if key.len() != TOKEN_EXPIRY_KEY_LEN {
-        return Err(corrupt());
-    }
-    let (expires_at_ms, rest) = key.split_at(8);
-    let (id, owner) = rest.split_at(TOKEN_ID_LEN);
-    Ok((
-        decode_u64(expires_at_ms, "token expiry key")?,
-        TokenId(id.try_into().map_err(|_| corrupt())?),
-        Address(owner.try_into().map_err(|_| corrupt())?),
-    ))
+    let (expires_at_ms, id, owner) = split_expiry_id_key(key, "token expiry key")?;
+    Ok((expires_at_ms, TokenId(id), owner))
 }
 
-/// `expires_at_ms(u64 BE) ‖ id(32) ‖ owner(32)`: a file expiry index key.
-fn expiry_id_key(expires_at_ms: u64, id: &[u8; 32], owner: &Address) -> [u8; 72] {
-    let mut key = [0u8; 72];
+/// The entries of an owner index (`owner ‖ id(32)` → `expires_at_ms`, the
+/// token and file owner trees) under `owner`: each id with its expiry.
+fn owner_entries(
+    tree: &sled::Tree,
+    owner: &Address,
+    what: &str,
+) -> Result<Vec<([u8; 32], u64)>, StoreError> {
+    tree.scan_prefix(owner.0)
+        .map(|entry| {
+            let (key, value) = entry?;
+            let id = key
+                .get(ADDRESS_LEN..)
+                .and_then(|id| id.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!("{what} key of {} bytes", key.len()),
+                })?;
+            let expires_at_ms = value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                what: format!("{what} entry: {} bytes, not 8", value.len()),
+            })?;
+            Ok((id, u64::from_be_bytes(expires_at_ms)))
+        })
+        .collect()
+}
+
+/// `expires_at_ms(u64 BE) ‖ id(32) ‖ owner(32)`: a token or file expiry
+/// index key.
+fn expiry_id_key(expires_at_ms: u64, id: &[u8; 32], owner: &Address) -> [u8; ID_EXPIRY_KEY_LEN] {
+    let mut key = [0u8; ID_EXPIRY_KEY_LEN];
     key[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
     key[8..40].copy_from_slice(id);
     key[40..].copy_from_slice(&owner.0);
@@ -1903,7 +1891,7 @@ fn split_expiry_id_key(key: &[u8], what: &str) -> Result<(u64, [u8; 32], Address
     let corrupt = || StoreError::Corrupt {
         what: format!("{what} of {} bytes", key.len()),
     };
-    if key.len() != 72 {
+    if key.len() != ID_EXPIRY_KEY_LEN {
         return Err(corrupt());
     }
     let (expires_at_ms, rest) = key.split_at(8);
