@@ -28,6 +28,16 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts that the command's standard error mentions `needle`.
+fn assert_stderr_has(output: &std::process::Output, needle: &str) {
+    let text = stderr(output);
+    assert!(text.contains(needle), "expected {needle:?} in: {text}");
+}
+
 #[test]
 fn two_terminals_exchange_encrypted_messages_and_the_broker_never_sees_the_canary() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -197,11 +207,7 @@ fn errors_are_understandable_and_exit_codes_distinct() {
         "x",
     ]);
     assert_eq!(typo.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&typo.stderr).contains("recipient"),
-        "{}",
-        String::from_utf8_lossy(&typo.stderr)
-    );
+    assert_stderr_has(&typo, "recipient");
 
     // Nothing listens on this port: unreachable, exit code 3.
     let port = free_udp_port();
@@ -224,7 +230,7 @@ fn errors_are_understandable_and_exit_codes_distinct() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stderr).contains("certificate"));
+    assert_stderr_has(&output, "certificate");
 }
 
 fn fingerprint(log: &Path) -> String {
@@ -580,11 +586,7 @@ fn a_sealed_send_through_the_cli_names_its_sender_only_inside_the_envelope() {
     assert_eq!(stdout(&as_bob(&["capability", "list"])), "");
     let refused = send_sealed("after the revocation");
     assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("UnknownCapability"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    assert_stderr_has(&refused, "UnknownCapability");
 }
 
 #[test]
@@ -678,38 +680,22 @@ fn a_token_is_created_fetched_without_an_identity_and_deleted_through_the_cli() 
     );
     let wrong = get(None, "coffee");
     assert_eq!(wrong.status.code(), Some(5), "refused by the broker");
-    assert!(
-        String::from_utf8_lossy(&wrong.stderr).contains("wrong or missing password"),
-        "{}",
-        String::from_utf8_lossy(&wrong.stderr)
-    );
+    assert_stderr_has(&wrong, "wrong or missing password");
 
     // Bob may not delete it; Alice may, and then it is gone.
     let refused = with(&["token", "delete", &reference], Some(&bob_key));
     assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("no such token"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    assert_stderr_has(&refused, "no such token");
     stdout(&get(None, "tea for two"));
     stdout(&with(&["token", "delete", &reference], Some(&alice_key)));
     let gone = get(None, "tea for two");
     assert_eq!(gone.status.code(), Some(5));
-    assert!(
-        String::from_utf8_lossy(&gone.stderr).contains("no such token"),
-        "{}",
-        String::from_utf8_lossy(&gone.stderr)
-    );
+    assert_stderr_has(&gone, "no such token");
 
     // A mistyped reference is refused before connecting.
     let mistyped = with(&["token", "get", "bbt1:abc"], None);
     assert!(!mistyped.status.success());
-    assert!(
-        String::from_utf8_lossy(&mistyped.stderr).contains("token reference"),
-        "{}",
-        String::from_utf8_lossy(&mistyped.stderr)
-    );
+    assert_stderr_has(&mistyped, "token reference");
 }
 
 #[test]
@@ -759,11 +745,7 @@ fn a_relationship_is_asked_for_accepted_and_ended_through_the_cli() {
     // Alice is refused until Bob accepts her request.
     let refused = as_(&alice_key, &["send", "--to", &bob, "--message", "hi"]);
     assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("NotConsented"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    assert_stderr_has(&refused, "NotConsented");
     let requested = stdout(&as_(
         &alice_key,
         &[
@@ -807,11 +789,7 @@ fn a_relationship_is_asked_for_accepted_and_ended_through_the_cli() {
     // A mistyped address is refused before connecting.
     let mistyped = as_(&bob_key, &["relationship", "reject", "bb1nonsense"]);
     assert!(!mistyped.status.success());
-    assert!(
-        String::from_utf8_lossy(&mistyped.stderr).contains("address"),
-        "{}",
-        String::from_utf8_lossy(&mistyped.stderr)
-    );
+    assert_stderr_has(&mistyped, "address");
 }
 
 #[test]
@@ -893,11 +871,7 @@ fn a_file_is_uploaded_downloaded_without_an_identity_and_deleted_through_the_cli
     let forged = fields.join(":");
     let refused = with(&["file", "get", &forged], None);
     assert_eq!(refused.status.code(), Some(5), "refused by the broker");
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("Forbidden"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    assert_stderr_has(&refused, "Forbidden");
 
     // Bob may not delete it; Alice may, and then it is gone.
     let refused = with(&["file", "delete", &reference], Some(&bob_key));
@@ -905,18 +879,10 @@ fn a_file_is_uploaded_downloaded_without_an_identity_and_deleted_through_the_cli
     stdout(&with(&["file", "delete", &reference], Some(&alice_key)));
     let gone = with(&["file", "get", &reference], None);
     assert_eq!(gone.status.code(), Some(5));
-    assert!(
-        String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
-        "{}",
-        String::from_utf8_lossy(&gone.stderr)
-    );
+    assert_stderr_has(&gone, "NotFound");
     let mistyped = with(&["file", "get", "bbf1:abc"], None);
     assert!(!mistyped.status.success());
-    assert!(
-        String::from_utf8_lossy(&mistyped.stderr).contains("file reference"),
-        "{}",
-        String::from_utf8_lossy(&mistyped.stderr)
-    );
+    assert_stderr_has(&mistyped, "file reference");
 }
 
 #[test]
@@ -978,8 +944,6 @@ fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_tol
             .expect("answers");
         child.wait_with_output().expect("cli ends")
     };
-    let stderr =
-        |output: &std::process::Output| String::from_utf8_lossy(&output.stderr).into_owned();
 
     // Alice and Bob relate (the broker may still be starting).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -997,33 +961,17 @@ fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_tol
     // Without a yes nothing happens; there is nothing to cancel either.
     let declined = answering("no\n", &alice_key, &["delete-identity"]);
     assert_eq!(declined.status.code(), Some(1), "{}", stderr(&declined));
-    assert!(
-        stderr(&declined).contains("Type yes to confirm"),
-        "{}",
-        stderr(&declined)
-    );
-    assert!(
-        stderr(&declined).contains("nothing was deleted"),
-        "{}",
-        stderr(&declined)
-    );
+    assert_stderr_has(&declined, "Type yes to confirm");
+    assert_stderr_has(&declined, "nothing was deleted");
     let nothing = as_(&alice_key, &["delete-identity", "--cancel"]);
     assert_eq!(nothing.status.code(), Some(5), "{}", stderr(&nothing));
-    assert!(
-        stderr(&nothing).contains("NotFound"),
-        "{}",
-        stderr(&nothing)
-    );
+    assert_stderr_has(&nothing, "NotFound");
 
     // Confirmed: the purge time, in RFC 3339; asking again prints the same.
     let scheduled = answering("yes\n", &alice_key, &["delete-identity"]);
     let purge_at = stdout(&scheduled);
     humantime::parse_rfc3339(&purge_at).expect("an RFC 3339 time");
-    assert!(
-        stderr(&scheduled).contains("--cancel"),
-        "{}",
-        stderr(&scheduled)
-    );
+    assert_stderr_has(&scheduled, "--cancel");
     assert_eq!(
         stdout(&as_(&alice_key, &["delete-identity", "--yes"])),
         purge_at
@@ -1047,11 +995,7 @@ fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_tol
         std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
-    assert!(
-        stderr(&refused).contains("identity was deleted"),
-        "{}",
-        stderr(&refused)
-    );
+    assert_stderr_has(&refused, "identity was deleted");
 
     // Bob's listener shows her message and the notice that ended it.
     let listened = as_(&bob_key, &["listen", "--timeout", "3s"]);
@@ -1061,11 +1005,8 @@ fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_tol
         "{}",
         String::from_utf8_lossy(&listened.stdout)
     );
-    assert!(
-        stderr(&listened).contains(&format!(
-            "identity deleted, relationship ended: terminated owner {alice} "
-        )),
-        "{}",
-        stderr(&listened)
+    assert_stderr_has(
+        &listened,
+        &format!("identity deleted, relationship ended: terminated owner {alice} "),
     );
 }
