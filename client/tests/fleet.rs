@@ -396,25 +396,7 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
     };
 
     // Epoch 2: node-2 owns 1024-2047, moved from node-0.
-    let ports = support::free_udp_ports(2);
-    let old = std::fs::read_to_string(fleet.map_path()).expect("map");
-    let node0 = old
-        .split("[[node]]")
-        .nth(1)
-        .expect("node-0")
-        .replace("0-2047", "0-1023");
-    let node1 = old.split("[[node]]").nth(2).expect("node-1");
-    let epoch2 = format!(
-        "epoch = 2\n[[node]]{node0}[[node]]{node1}[[node]]\nname = \"node-2\"\npeer = \"127.0.0.1:{}\"\npublic = \"127.0.0.1:{}\"\nslots = [\"1024-2047\"]\n\n[[move]]\nfrom = \"node-0\"\nto = \"node-2\"\nslots = [\"1024-2047\"]\n",
-        ports[1], ports[0]
-    );
-    std::fs::write(fleet.map_path(), epoch2).expect("write map");
-    fleet.add_node("node-2", ports[0], ports[1]).await;
-    // Rolling restart of the old nodes onto the new map.
-    for index in 0..2 {
-        fleet.nodes[index].restart().await;
-    }
-    fleet.wait_links_up().await;
+    fleet.grow_by_node_2_taking_1024_2047().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let status = fleet.nodes[2].broker().fleet_status();

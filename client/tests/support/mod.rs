@@ -282,6 +282,32 @@ impl TestFleet {
         self.map = backbone_broker::fleet::FleetMap::load(&self.map_path()).expect("map");
     }
 
+    /// Grows a two-node fleet (node-0 owning 0-2047, node-1 2048-4095) to
+    /// epoch 2: a new node-2 takes 1024-2047 over from node-0. Writes the
+    /// map, starts node-2, restarts node-0 and node-1 onto the new map one
+    /// after the other, and waits for the links; the handover then runs.
+    pub async fn grow_by_node_2_taking_1024_2047(&mut self) {
+        let ports = free_udp_ports(2);
+        let old = std::fs::read_to_string(self.map_path()).expect("map");
+        let node0 = old
+            .split("[[node]]")
+            .nth(1)
+            .expect("node-0")
+            .replace("0-2047", "0-1023");
+        let node1 = old.split("[[node]]").nth(2).expect("node-1");
+        let epoch2 = format!(
+            "epoch = 2\n[[node]]{node0}[[node]]{node1}[[node]]\nname = \"node-2\"\npeer = \"127.0.0.1:{}\"\npublic = \"127.0.0.1:{}\"\nslots = [\"1024-2047\"]\n\n[[move]]\nfrom = \"node-0\"\nto = \"node-2\"\nslots = [\"1024-2047\"]\n",
+            ports[1], ports[0]
+        );
+        std::fs::write(self.map_path(), epoch2).expect("write map");
+        self.add_node("node-2", ports[0], ports[1]).await;
+        // Rolling restart of the old nodes onto the new map.
+        for index in 0..2 {
+            self.nodes[index].restart().await;
+        }
+        self.wait_links_up().await;
+    }
+
     pub fn ca(&self) -> std::path::PathBuf {
         self.pki.path().join("ca.pem")
     }
