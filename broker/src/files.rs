@@ -350,26 +350,6 @@ pub async fn delete(shared: &Arc<Shared>, owner: Address, delete: DeleteFile) ->
     }
 }
 
-/// Deletes every file of `owner`: records (flushed) and bytes. For an
-/// identity's deletion; the records also go with the identity's purge, this
-/// removes the bytes they named.
-pub async fn delete_all(shared: &Arc<Shared>, owner: Address) -> Result<usize, Refusal> {
-    let store = shared.store.clone();
-    let files = blocking(move || {
-        let files = store.files_of(&owner)?;
-        for file in &files {
-            store.delete_file(&owner, &file.id)?;
-        }
-        store.flush()?;
-        Ok(files)
-    })
-    .await?;
-    for file in &files {
-        shared.files.remove(&file.id);
-    }
-    Ok(files.len())
-}
-
 /// Deletes the bytes of files whose records expired (the expiry sweep
 /// deleted the records).
 pub fn remove_expired(files: &Files, ids: &[FileId]) {
