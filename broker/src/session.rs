@@ -19,6 +19,8 @@
 //! with `NotAuthenticated` and the session goes on.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -41,7 +43,7 @@ use crate::fleet::Route;
 use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
-use crate::store::{Store, StoreError, StoredEnvelope};
+use crate::store::{Store, StoreError, StoredEnvelope, WriteHandle};
 use crate::wire::{FrameReader, Outbox, ReadError, outbox};
 
 /// Queue of outgoing frames per connection.
@@ -1059,6 +1061,7 @@ async fn deliver(
     let mut acked = session.acked_seq;
     let mut sent = acked;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
 
     'session: loop {
         // Catch up from the store while behind and the window has room.
@@ -1120,15 +1123,14 @@ async fn deliver(
                     in_flight.drain(..newly);
                     metrics::counter!("backbone_envelopes_acked_total").increment(newly as u64);
                     acked = up_to;
-                    // Queued now, so it is ordered before anything submitted
-                    // after this session ends (an identity's purge).
-                    let written = shared.writer.set_cursor(address, session.device, up_to);
-                    tokio::spawn(async move {
-                        if let Err(error) = written.await {
-                            warn!(%error, "persisting a cursor failed");
-                        }
-                    });
+                    cursor.ack(up_to);
                 }
+            }
+            result = cursor.written(), if cursor.is_writing() => {
+                if let Err(error) = result {
+                    warn!(%error, "persisting a cursor failed");
+                }
+                cursor.next();
             }
         }
         if lagged.swap(false, Ordering::AcqRel) {
@@ -1137,7 +1139,88 @@ async fn deliver(
             known_head = known_head.max(durable.load(Ordering::Acquire));
         }
     }
+    cursor.finish();
     shared.registry.unsubscribe(&address, subscriber);
+}
+
+/// A cursor write queued at the writer, awaiting its outcome.
+type CursorWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + std::marker::Send>>;
+
+/// A device's cursor on its way to the store: one write in flight at a
+/// time, and the acks that arrive meanwhile folded into the next one, so a
+/// device acking every envelope costs one store write per writer batch, not
+/// one per envelope.
+struct CursorWriter {
+    writer: WriteHandle,
+    address: Address,
+    device: DeviceId,
+    /// The highest seq acked and not yet handed to the writer.
+    wanted: Option<u64>,
+    in_flight: Option<CursorWrite>,
+}
+
+impl CursorWriter {
+    fn new(writer: WriteHandle, address: Address, device: DeviceId) -> Self {
+        Self {
+            writer,
+            address,
+            device,
+            wanted: None,
+            in_flight: None,
+        }
+    }
+
+    /// Records an ack; it is queued at once unless a write is in flight.
+    fn ack(&mut self, up_to: u64) {
+        self.wanted = Some(self.wanted.map_or(up_to, |wanted| wanted.max(up_to)));
+        if self.in_flight.is_none() {
+            self.next();
+        }
+    }
+
+    fn is_writing(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The write in flight's outcome; pending forever when there is none.
+    async fn written(&mut self) -> Result<(), StoreError> {
+        match &mut self.in_flight {
+            Some(write) => {
+                let result = write.await;
+                self.in_flight = None;
+                result
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Queues the folded acks, if any.
+    fn next(&mut self) {
+        if let Some(seq) = self.wanted.take() {
+            let write = self.writer.set_cursor(self.address, self.device, seq);
+            self.in_flight = Some(Box::pin(write));
+        }
+    }
+
+    /// Queues what is still unwritten now, so it is ordered before anything
+    /// submitted after the session ends (an identity's purge), and logs the
+    /// outcomes in the background.
+    fn finish(mut self) {
+        let last = self.wanted.take().map(|seq| -> CursorWrite {
+            Box::pin(self.writer.set_cursor(self.address, self.device, seq))
+        });
+        let writes: Vec<CursorWrite> = self.in_flight.take().into_iter().chain(last).collect();
+        if writes.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for write in writes {
+                if let Err(error) = write.await {
+                    warn!(%error, "persisting a cursor failed");
+                }
+            }
+        });
+    }
 }
 
 fn deliver_frame(shared: &Shared, envelope: &StoredEnvelope) -> Frame {
@@ -1153,4 +1236,40 @@ fn deliver_frame(shared: &Shared, envelope: &StoredEnvelope) -> Frame {
         expires_at_ms: envelope.expires_at_ms,
         envelope: Blob(envelope.envelope.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, Writer};
+
+    #[tokio::test]
+    async fn cursor_writes_fold_the_acks_of_a_write_in_flight_and_finish_queues_the_last() {
+        let store = Arc::new(MemoryStore::new());
+        let (writer, handle) = Writer::start(store.clone());
+        let (address, device) = (Address([1; 32]), DeviceId([2; 32]));
+        let mut cursor = CursorWriter::new(handle.clone(), address, device);
+
+        cursor.ack(1);
+        cursor.ack(2);
+        cursor.ack(3);
+        assert!(cursor.is_writing());
+        assert_eq!(cursor.written().await, Ok(()));
+        // Only the first ack was written; 2 and 3 wait, folded into one.
+        assert_eq!(store.cursor(&address, &device), Ok(Some(1)));
+        assert!(!cursor.is_writing());
+        cursor.next();
+        assert!(cursor.is_writing());
+        cursor.ack(4);
+        // The session ends with 3 in flight and 4 still wanted: both are
+        // queued before anything submitted after it.
+        cursor.finish();
+        handle.flush().await.expect("flushes");
+        assert_eq!(store.cursor(&address, &device), Ok(Some(4)));
+
+        tokio::task::spawn_blocking(move || writer.shutdown())
+            .await
+            .expect("join")
+            .expect("shutdown");
+    }
 }

@@ -10,8 +10,10 @@
 //! 2. take everything else already queued without blocking, up to
 //!    [`MAX_BATCH_APPENDS`] appended envelopes;
 //! 3. apply the requests in arrival order, gathering all appends into one
-//!    [`Store::append_batch`] call, which flushes once for the whole batch;
-//! 4. answer every request of the batch.
+//!    [`Store::append_batch`] call, which flushes once for the whole batch,
+//!    and setting cursor moves aside;
+//! 4. answer the appends and flushes, then apply the cursor moves set aside
+//!    and answer the rest.
 //!
 //! Gathering appends past a delete is safe because the two touch different
 //! keys, except when a delete names an envelope appended earlier in the same
@@ -21,9 +23,16 @@
 //! later in the batch are not attempted, so a mailbox never gets a gap
 //! followed by a durable envelope from the same batch.
 //!
-//! Cursor moves and deletes answer with their own result once their batch is
-//! done. They are durable only if that batch flushed (it had appends or a
-//! flush request) or after a later flush; see the invariants in [`super`].
+//! Cursor moves touch no key an append or a delete touches, so they wait
+//! until the batch's appends are answered: every connected device acks what
+//! it receives, and an append's answer should not wait for those writes. A
+//! flush request applies the cursor moves queued before it first, so it
+//! still covers them (an identity's purge relies on that).
+//!
+//! Cursor moves and deletes answer with their own result once applied. They
+//! are durable only after a later flush (a cursor move applied before a flush
+//! request of its batch, a delete before the batch's flush, are covered by
+//! that one); see the invariants in [`super`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -249,6 +258,7 @@ impl Batch {
             store,
             pending: Vec::new(),
             pending_keys: HashSet::new(),
+            cursors: Vec::new(),
             flush_needed: false,
             durable: Ok(()),
         };
@@ -268,9 +278,7 @@ impl Batch {
                     device,
                     seq,
                     done,
-                } => {
-                    answers.push(Answer::Unit(done, store.set_cursor(&address, &device, seq)));
-                }
+                } => commit.cursors.push((address, device, seq, done)),
                 Request::Delete {
                     address,
                     seqs,
@@ -285,6 +293,8 @@ impl Batch {
                     answers.push(Answer::Count(done, store.delete(&address, &seqs)));
                 }
                 Request::Flush { done } => {
+                    // The flush covers the cursor moves queued before it.
+                    answers.extend(commit.move_cursors());
                     commit.flush_needed = true;
                     answers.push(Answer::Durable(done));
                 }
@@ -298,18 +308,18 @@ impl Batch {
         if let Err(error) = &commit.durable {
             tracing::error!(%error, requests = answers.len(), "store batch failed");
         }
-        for answer in answers {
-            match answer {
-                Answer::Durable(done) => {
-                    let _ = done.send(commit.durable.clone());
-                }
-                Answer::Unit(done, result) => {
-                    let _ = done.send(result);
-                }
-                Answer::Count(done, result) => {
-                    let _ = done.send(result);
-                }
-            }
+        // Appends are answered before the remaining cursor moves are
+        // applied: a cursor move needs no flush of its own (it becomes
+        // durable with the next one), so appends do not wait for it.
+        let (durable, others): (Vec<_>, Vec<_>) = answers
+            .into_iter()
+            .partition(|answer| matches!(answer, Answer::Durable(_)));
+        for answer in durable {
+            answer.send(&commit.durable);
+        }
+        let moved = commit.move_cursors();
+        for answer in others.into_iter().chain(moved) {
+            answer.send(&commit.durable);
         }
     }
 }
@@ -355,6 +365,8 @@ struct Commit<'a> {
     store: &'a dyn Store,
     pending: Vec<Append>,
     pending_keys: HashSet<(Address, u64)>,
+    /// Cursor moves not yet applied, in arrival order.
+    cursors: Vec<(Address, DeviceId, u64, Reply<()>)>,
     /// Some waiter needs a flush that has not happened yet.
     flush_needed: bool,
     durable: Result<(), StoreError>,
@@ -379,6 +391,18 @@ impl Commit<'_> {
     }
 }
 
+impl Commit<'_> {
+    /// Applies the cursor moves gathered so far; returns their answers.
+    fn move_cursors(&mut self) -> Vec<Answer> {
+        self.cursors
+            .drain(..)
+            .map(|(address, device, seq, done)| {
+                Answer::Unit(done, self.store.set_cursor(&address, &device, seq))
+            })
+            .collect()
+    }
+}
+
 /// How to answer one request once its batch is done.
 enum Answer {
     /// Appends and flushes: the batch's durability outcome.
@@ -387,6 +411,23 @@ enum Answer {
     Unit(Reply<()>, Result<(), StoreError>),
     /// Deletes: their own result.
     Count(Reply<usize>, Result<usize, StoreError>),
+}
+
+impl Answer {
+    /// Answers the request; `durable` is its batch's durability outcome.
+    fn send(self, durable: &Result<(), StoreError>) {
+        match self {
+            Answer::Durable(done) => {
+                let _ = done.send(durable.clone());
+            }
+            Answer::Unit(done, result) => {
+                let _ = done.send(result);
+            }
+            Answer::Count(done, result) => {
+                let _ = done.send(result);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -417,6 +458,10 @@ mod tests {
         gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
         /// The 1-based `append_batch` call that fails with [`StoreError::Injected`].
         fail_call: Option<usize>,
+        /// What was applied, in order: "append_batch", "cursor", "flush".
+        events: Mutex<Vec<&'static str>>,
+        /// When set, `set_cursor` waits for one message on it first.
+        cursor_gate: Mutex<Option<mpsc::Receiver<()>>>,
     }
 
     impl CountingStore {
@@ -447,6 +492,7 @@ mod tests {
             if self.fail_call == Some(call) {
                 self.inner.inject_append_failures(1);
             }
+            self.events.lock().expect("events").push("append_batch");
             self.inner.append_batch(items)
         }
         fn read_from(
@@ -476,6 +522,10 @@ mod tests {
             device: &DeviceId,
             seq: u64,
         ) -> Result<(), StoreError> {
+            if let Some(gate) = self.cursor_gate.lock().expect("gate lock").take() {
+                gate.recv().expect("test releases the cursor gate");
+            }
+            self.events.lock().expect("events").push("cursor");
             self.inner.set_cursor(address, device, seq)
         }
         fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError> {
@@ -669,6 +719,7 @@ mod tests {
             self.inner.server_id()
         }
         fn flush(&self) -> Result<(), StoreError> {
+            self.events.lock().expect("events").push("flush");
             self.flushes.fetch_add(1, Ordering::SeqCst);
             self.inner.flush()
         }
@@ -840,6 +891,64 @@ mod tests {
         assert_eq!(store.head_seq(&a), Ok(3));
         // First batch, then the second split once at the conflicting delete.
         assert_eq!(store.append_batches.load(Ordering::SeqCst), 3);
+        writer.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn store_writer_answers_appends_without_waiting_for_cursor_moves_of_their_batch() {
+        let (store, entered, release) = CountingStore::gated(None);
+        let (cursor_release, cursor_gate) = mpsc::channel();
+        *store.cursor_gate.lock().expect("gate lock") = Some(cursor_gate);
+        let (writer, handle) = Writer::start(store.clone());
+        let a = Address([1; 32]);
+        let device = DeviceId([2; 32]);
+        let first = submit(&handle, vec![item(a, 1)]);
+        entered.recv().expect("first batch started");
+        // One batch: a cursor move, then an append.
+        let cursor = handle.set_cursor(a, device, 1);
+        let second = submit(&handle, vec![item(a, 2)]);
+        release.send(()).expect("release");
+        assert_eq!(first.blocking_recv().expect("answer"), Ok(()));
+        // Answered while the cursor move is still held in the store.
+        assert_eq!(second.blocking_recv().expect("answer"), Ok(()));
+        assert_eq!(store.cursor(&a, &device), Ok(None));
+        cursor_release.send(()).expect("release the cursor");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(runtime.block_on(cursor), Ok(()));
+        assert_eq!(store.cursor(&a, &device), Ok(Some(1)));
+        writer.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn store_writer_flush_covers_the_cursor_moves_queued_before_it() {
+        let (store, entered, release) = CountingStore::gated(None);
+        let (writer, handle) = Writer::start(store.clone());
+        let a = Address([1; 32]);
+        let device = DeviceId([2; 32]);
+        let first = submit(&handle, vec![item(a, 1)]);
+        entered.recv().expect("first batch started");
+        // One batch: a cursor move, a flush, an append.
+        let cursor = handle.set_cursor(a, device, 1);
+        let (flush_done, flush_answer) = oneshot::channel();
+        handle
+            .requests
+            .send(Request::Flush { done: flush_done })
+            .expect("send");
+        let second = submit(&handle, vec![item(a, 2)]);
+        release.send(()).expect("release");
+        assert_eq!(first.blocking_recv().expect("answer"), Ok(()));
+        assert_eq!(flush_answer.blocking_recv().expect("answer"), Ok(()));
+        assert_eq!(second.blocking_recv().expect("answer"), Ok(()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(runtime.block_on(cursor), Ok(()));
+        // The second append_batch is the batch's flush (appends flush
+        // themselves): the cursor move was applied before it.
+        let events = store.events.lock().expect("events").clone();
+        assert_eq!(events, ["append_batch", "cursor", "append_batch"]);
         writer.shutdown().expect("shutdown");
     }
 
