@@ -204,7 +204,25 @@ pub struct Client {
     cards: std::sync::Mutex<HashMap<Address, IdentityCard>>,
     /// The live QUIC connection, for file streams; `None` while reconnecting.
     connection: watch::Receiver<Option<quinn::Connection>>,
+    /// Why the broker ended the session for good, once it has.
+    closed: Closed,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The broker's code and reason for ending the session for good (for
+/// example, the identity was deleted), set once before the client stops.
+type Closed = Arc<std::sync::OnceLock<(u16, String)>>;
+
+/// The error for a request the client can no longer carry: the broker's
+/// close when it ended the session for good, else `lost`.
+fn stopped(closed: &Closed, lost: &str) -> ClientError {
+    match closed.get() {
+        Some((code, reason)) => ClientError::Closed {
+            code: *code,
+            reason: reason.clone(),
+        },
+        None => ClientError::Disconnected(lost.into()),
+    }
 }
 
 impl Drop for Client {
@@ -224,6 +242,7 @@ impl Client {
         let (delivery_tx, deliveries) = mpsc::channel(options.delivery_buffer);
         let (status_tx, status) = watch::channel(Status::Connected);
         let (connection_tx, current) = watch::channel(None);
+        let closed = Closed::default();
         let task = tokio::spawn(connection_loop(
             options.clone(),
             connection,
@@ -231,6 +250,7 @@ impl Client {
             delivery_tx,
             status_tx,
             connection_tx,
+            closed.clone(),
         ));
         Ok(Client {
             options,
@@ -241,6 +261,7 @@ impl Client {
             next_request: AtomicU64::new(1),
             cards: std::sync::Mutex::new(HashMap::new()),
             connection: current,
+            closed,
             task,
         })
     }
@@ -263,8 +284,8 @@ impl Client {
             .await;
         match result.map(|s| s.clone()) {
             Ok(Status::Connected) => Ok(()),
-            Ok(Status::Stopped(reason)) => Err(ClientError::Disconnected(reason)),
-            _ => Err(ClientError::Disconnected("client stopped".into())),
+            Ok(Status::Stopped(reason)) => Err(stopped(&self.closed, &reason)),
+            _ => Err(stopped(&self.closed, "client stopped")),
         }
     }
 
@@ -277,10 +298,10 @@ impl Client {
         self.commands
             .send(Command::Request { frame, reply })
             .await
-            .map_err(|_| ClientError::Disconnected("client stopped".into()))?;
+            .map_err(|_| stopped(&self.closed, "client stopped"))?;
         match tokio::time::timeout(self.options.request_timeout, response).await {
             Err(_) => Err(ClientError::Timeout),
-            Ok(Err(_)) => Err(ClientError::Disconnected("connection lost".into())),
+            Ok(Err(_)) => Err(stopped(&self.closed, "connection lost")),
             Ok(Ok(result)) => result,
         }
     }
@@ -513,7 +534,7 @@ impl Client {
         });
         match tokio::time::timeout(self.options.request_timeout, wait).await {
             Ok(Ok(connection)) => Ok(connection.clone().expect("waited for a connection")),
-            Ok(Err(_)) => Err(ClientError::Disconnected("client stopped".into())),
+            Ok(Err(_)) => Err(stopped(&self.closed, "client stopped")),
             Err(_) => Err(ClientError::Timeout),
         }
     }
@@ -940,7 +961,7 @@ impl Client {
         self.commands
             .send(Command::Ack(seq))
             .await
-            .map_err(|_| ClientError::Disconnected("client stopped".into()))
+            .map_err(|_| stopped(&self.closed, "client stopped"))
     }
 
     /// Deletes envelopes from this identity's mailbox (for all its devices).
@@ -1035,6 +1056,7 @@ async fn connection_loop(
     deliveries: mpsc::Sender<Delivery>,
     status: watch::Sender<Status>,
     current: watch::Sender<Option<quinn::Connection>>,
+    closed: Closed,
 ) {
     let mut connection = Some(first);
     let mut last_acked = 0u64;
@@ -1055,6 +1077,7 @@ async fn connection_loop(
                     }
                     Err(error) => {
                         warn!(%error, "reconnect failed for good");
+                        remember_close(&closed, &error);
                         let _ = status.send(Status::Stopped(error.to_string()));
                         return;
                     }
@@ -1078,11 +1101,26 @@ async fn connection_loop(
             // The broker ended the session for good (the identity was deleted).
             Outcome::Lost(error) if gives_up_on(&error) => {
                 warn!(%error, "the broker closed the connection for good");
+                remember_close(&closed, &error);
                 let _ = status.send(Status::Stopped(error.to_string()));
                 return;
             }
             Outcome::Lost(error) => debug!(%error, "connection lost; reconnecting"),
         }
+    }
+}
+
+/// Keeps the broker's code and reason of a final refusal or close, so the
+/// requests that come after it fail with them too.
+fn remember_close(closed: &Closed, error: &ClientError) {
+    match error {
+        ClientError::Closed { code, reason } => {
+            let _ = closed.set((*code, reason.clone()));
+        }
+        ClientError::Server { code, message, .. } => {
+            let _ = closed.set((*code, message.clone()));
+        }
+        _ => {}
     }
 }
 
@@ -1165,8 +1203,20 @@ async fn run_connection(
     };
     *last_delivered = delivered.load(Ordering::Acquire);
     reader.abort();
+    // Requests in flight when the broker ended the session for good fail
+    // with its code; others are lost with the connection (and retried by
+    // their callers as they see fit).
+    let lost = || match &outcome {
+        Outcome::Lost(error @ ClientError::Closed { code, reason }) if gives_up_on(error) => {
+            ClientError::Closed {
+                code: *code,
+                reason: reason.clone(),
+            }
+        }
+        _ => ClientError::Disconnected("connection lost".into()),
+    };
     for (_, reply) in pending.lock().expect("pending lock").drain() {
-        let _ = reply.send(Err(ClientError::Disconnected("connection lost".into())));
+        let _ = reply.send(Err(lost()));
     }
     connection.close(quinn::VarInt::from_u32(0), b"");
     outcome

@@ -461,6 +461,45 @@ async fn every_way_to_reach_a_deleted_identity_is_refused() {
 }
 
 #[tokio::test]
+async fn requests_caught_by_the_purge_fail_with_identity_deleted() {
+    let broker =
+        TestBroker::start_with(|config| config.identity.deletion_grace = Duration::ZERO).await;
+    let (alice, bob) = (Identity::new(), Identity::new());
+    let alice_client = std::sync::Arc::new(alice.connect(&broker).await);
+    let _bob_client = bob.connect(&broker).await;
+    let b = bob.address();
+    // Sends keep going, so some are in flight when the purge ends her
+    // session and others come after the client stopped.
+    let senders: Vec<_> = (0..8)
+        .map(|_| {
+            let client = alice_client.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(error) = client.send_envelope(&[b], vec![1; 64], TTL).await {
+                        return error;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    alice_client.delete_identity().await.expect("scheduled");
+    for sender in senders {
+        let error = tokio::time::timeout(WAIT, sender)
+            .await
+            .expect("the sends end")
+            .expect("task");
+        assert_eq!(error.code(), Some(ErrorCode::IdentityDeleted), "{error}");
+    }
+    assert!(matches!(alice_client.status(), Status::Stopped(_)));
+    assert_eq!(
+        code(alice_client.fetch_card(&b).await),
+        Some(ErrorCode::IdentityDeleted),
+        "a request after the stop names the reason too"
+    );
+}
+
+#[tokio::test]
 async fn a_scheduled_deletion_survives_a_restart_and_is_carried_out_after_it() {
     let mut broker = TestBroker::start_with(with_grace).await;
     let alice = Identity::new();
