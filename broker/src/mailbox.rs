@@ -8,8 +8,9 @@
 //! so memory follows active mailboxes, not stored ones.
 //!
 //! Blocking storage work never runs in a handler: the head is read in
-//! `spawn_blocking`, writes go to the writer thread, and completions come back
-//! as messages through a per-mailbox forwarder task that preserves their order.
+//! `spawn_blocking`, writes go to the writer thread, and the writer thread
+//! reports each completion back to the actor as a message, in submission
+//! order.
 //!
 //! The actor of a deleted identity refuses everything with `IdentityDeleted`:
 //! it learns so when it starts (the store holds the tombstone) or when the
@@ -201,9 +202,6 @@ pub struct MailboxState {
     in_flight: MailboxUsage,
     subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
-    /// Boxed: the channel allocates its first block of 32 slots up front,
-    /// and every connected identity has an actor.
-    forwarder: mpsc::UnboundedSender<Box<PendingWrite>>,
     /// The inbound policy and this side's relationship records, loaded when
     /// the actor starts; every change goes through the actor.
     policy: InboundPolicy,
@@ -216,12 +214,6 @@ pub struct MailboxState {
 
 /// Where a retirement is answered.
 type RetireReply = RpcReplyPort<Result<Option<Deletion>, MailboxError>>;
-
-struct PendingWrite {
-    done: oneshot::Receiver<Result<(), StoreError>>,
-    envelopes: Vec<Arc<StoredEnvelope>>,
-    replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
-}
 
 /// Arguments for spawning a mailbox actor.
 pub struct MailboxArgs {
@@ -257,32 +249,6 @@ impl Actor for MailboxActor {
         // up to here), but numbering goes on above this run's floor, never
         // reusing a number an earlier run may have shown and since lost.
         let head = stored_head.max(args.context.seq_floor);
-        let (forwarder, mut pending) = mpsc::unbounded_channel::<Box<PendingWrite>>();
-        let actor = myself.clone();
-        // Completions are awaited strictly in submission order, so subscribers
-        // see envelopes in sequence order.
-        tokio::spawn(async move {
-            while let Some(write) = pending.recv().await {
-                let result = write.done.await.unwrap_or(Err(StoreError::Closed));
-                let message = MailboxMsg::Durable {
-                    envelopes: write.envelopes,
-                    result,
-                    replies: write.replies,
-                };
-                // If the actor is gone, answer the senders so none waits forever.
-                if let Err(ractor::MessagingErr::SendErr(MailboxMsg::Durable {
-                    replies,
-                    result,
-                    envelopes,
-                })) = actor.cast(message)
-                {
-                    for (reply, envelope) in replies.into_iter().zip(envelopes) {
-                        let outcome = result.clone().map(|()| envelope.seq);
-                        let _ = reply.send(outcome.map_err(MailboxError::Store));
-                    }
-                }
-            }
-        });
         let policy = policy.unwrap_or(args.context.default_policy);
         let interval = (args.context.idle_timeout / 2).max(Duration::from_millis(10));
         myself.send_interval(interval, || MailboxMsg::IdleCheck);
@@ -298,7 +264,6 @@ impl Actor for MailboxActor {
             in_flight: MailboxUsage::default(),
             subscribers: HashMap::new(),
             last_activity: Instant::now(),
-            forwarder,
             policy,
             relationships: relationships.into_iter().map(|r| (r.peer, r)).collect(),
             deleted: deletion.is_some_and(|d| d.is_tombstone()),
@@ -351,7 +316,7 @@ impl Actor for MailboxActor {
                     let _ = reply.send(Err(MailboxError::QuotaExceeded(refusal)));
                     return Ok(());
                 }
-                state.submit(envelope, reply)?;
+                state.submit(&myself, envelope, reply);
             }
             MailboxMsg::SetPolicy { policy, reply } => {
                 state.last_activity = Instant::now();
@@ -402,7 +367,7 @@ impl Actor for MailboxActor {
                     Ok((record, Some(notice))) => {
                         // Answer once the notice is durable too.
                         let (tx, rx) = oneshot::channel();
-                        state.submit_notice(peer, &notice, tx.into())?;
+                        state.submit_notice(&myself, peer, &notice, tx.into())?;
                         tokio::spawn(async move {
                             let outcome = match rx.await {
                                 Ok(Ok(_)) => Ok(record),
@@ -537,33 +502,44 @@ impl MailboxState {
     }
 
     /// Numbers `envelope`, hands it to the writer, and answers `reply` with
-    /// its sequence number once durable (through the forwarder).
+    /// its sequence number once durable: the writer reports back with a
+    /// [`MailboxMsg::Durable`], in submission order.
     fn submit(
         &mut self,
+        myself: &ActorRef<MailboxMsg>,
         mut envelope: StoredEnvelope,
         reply: RpcReplyPort<Result<u64, MailboxError>>,
-    ) -> Result<(), ActorProcessingErr> {
+    ) {
         self.last_seq += 1;
         envelope.seq = self.last_seq;
         let envelope = Arc::new(envelope);
-        let (done, wait) = oneshot::channel();
-        self.context.writer.submit_append(
-            vec![Append {
-                address: self.address,
-                envelope: envelope.clone(),
-            }],
-            done,
-        );
-        self.pending_writes += 1;
-        let write = PendingWrite {
-            done: wait,
-            envelopes: vec![envelope],
-            replies: vec![reply],
+        let item = Append {
+            address: self.address,
+            envelope: envelope.clone(),
         };
-        if self.forwarder.send(Box::new(write)).is_err() {
-            return Err("mailbox forwarder stopped".into());
-        }
-        Ok(())
+        let actor = myself.clone();
+        self.context
+            .writer
+            .submit_append_then(vec![item], move |result| {
+                let message = MailboxMsg::Durable {
+                    envelopes: vec![envelope],
+                    result,
+                    replies: vec![reply],
+                };
+                // If the actor is gone, answer the senders so none waits forever.
+                if let Err(ractor::MessagingErr::SendErr(MailboxMsg::Durable {
+                    replies,
+                    result,
+                    envelopes,
+                })) = actor.cast(message)
+                {
+                    for (reply, envelope) in replies.into_iter().zip(envelopes) {
+                        let outcome = result.clone().map(|()| envelope.seq);
+                        let _ = reply.send(outcome.map_err(MailboxError::Store));
+                    }
+                }
+            });
+        self.pending_writes += 1;
     }
 
     /// Stores a broker notice about `peer` in this mailbox, past the inbound
@@ -571,6 +547,7 @@ impl MailboxState {
     /// counted in the mailbox's usage like any envelope.
     fn submit_notice(
         &mut self,
+        myself: &ActorRef<MailboxMsg>,
         peer: Address,
         notice: &Notice,
         reply: RpcReplyPort<Result<u64, MailboxError>>,
@@ -596,7 +573,8 @@ impl MailboxState {
             expires_at_ms: now + self.context.notice_ttl.as_millis() as u64,
             envelope: bytes,
         };
-        self.submit(envelope, reply)
+        self.submit(myself, envelope, reply);
+        Ok(())
     }
 
     /// Checks `change` to the relationship with `peer` against this side's

@@ -49,10 +49,48 @@ pub const MAX_BATCH_APPENDS: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// Where an append's outcome goes.
+enum Done {
+    /// A oneshot someone awaits.
+    Reply(Reply<()>),
+    /// Called on the writer thread (see [`WriteHandle::submit_append_then`]).
+    Then(Then),
+}
+
+impl Done {
+    fn send(self, result: Result<(), StoreError>) {
+        match self {
+            Done::Reply(done) => {
+                let _ = done.send(result);
+            }
+            Done::Then(mut then) => {
+                if let Some(call) = then.0.take() {
+                    call(result);
+                }
+            }
+        }
+    }
+}
+
+type Callback = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A completion callback that is called exactly once: with the outcome, or
+/// with [`StoreError::Closed`] if its request is dropped unanswered (the
+/// writer thread is gone), as a dropped oneshot would tell its receiver.
+struct Then(Option<Callback>);
+
+impl Drop for Then {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            call(Err(StoreError::Closed));
+        }
+    }
+}
+
 enum Request {
     Append {
         items: Vec<Append>,
-        done: Reply<()>,
+        done: Done,
     },
     SetCursor {
         address: Address,
@@ -143,10 +181,27 @@ impl WriteHandle {
     /// Queues `items` and answers on `done` once the flush covering them has
     /// returned, for callers that cannot await (actor handlers). Never blocks.
     pub fn submit_append(&self, items: Vec<Append>, done: Reply<()>) {
+        self.submit(items, Done::Reply(done));
+    }
+
+    /// Queues `items` and calls `then` with the outcome once the flush
+    /// covering them has returned: on the writer thread, so it must be quick
+    /// and must not block (an actor's `cast` is). Calls for the appends of
+    /// one caller come in submission order. Saves the caller a task waiting
+    /// on a oneshot. Never blocks.
+    pub fn submit_append_then(
+        &self,
+        items: Vec<Append>,
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        self.submit(items, Done::Then(Then(Some(Box::new(then)))));
+    }
+
+    fn submit(&self, items: Vec<Append>, done: Done) {
         if let Err(mpsc::SendError(Request::Append { done, .. })) =
             self.requests.send(Request::Append { items, done })
         {
-            let _ = done.send(Err(StoreError::Closed));
+            done.send(Err(StoreError::Closed));
         }
     }
 
@@ -296,7 +351,7 @@ impl Batch {
                     // The flush covers the cursor moves queued before it.
                     answers.extend(commit.move_cursors());
                     commit.flush_needed = true;
-                    answers.push(Answer::Durable(done));
+                    answers.push(Answer::Durable(Done::Reply(done)));
                 }
                 // `push` keeps shutdown requests out of a batch.
                 Request::Shutdown => {}
@@ -353,7 +408,7 @@ impl Batch {
         for request in &mut self.requests {
             if let Request::Append { done, .. } = request {
                 let (unheard, _) = oneshot::channel();
-                let _ = std::mem::replace(done, unheard).send(Ok(()));
+                std::mem::replace(done, Done::Reply(unheard)).send(Ok(()));
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -406,7 +461,7 @@ impl Commit<'_> {
 /// How to answer one request once its batch is done.
 enum Answer {
     /// Appends and flushes: the batch's durability outcome.
-    Durable(Reply<()>),
+    Durable(Done),
     /// Cursor moves: their own result.
     Unit(Reply<()>, Result<(), StoreError>),
     /// Deletes: their own result.
@@ -417,9 +472,7 @@ impl Answer {
     /// Answers the request; `durable` is its batch's durability outcome.
     fn send(self, durable: &Result<(), StoreError>) {
         match self {
-            Answer::Durable(done) => {
-                let _ = done.send(durable.clone());
-            }
+            Answer::Durable(done) => done.send(durable.clone()),
             Answer::Unit(done, result) => {
                 let _ = done.send(result);
             }
