@@ -1006,6 +1006,39 @@ mod tests {
     }
 
     #[test]
+    fn store_writer_calls_back_in_submission_order_and_never_forgets_a_callback() {
+        let (store, entered, release) = CountingStore::gated(None);
+        let (writer, handle) = Writer::start(store.clone());
+        let a = Address([1; 32]);
+        let (called, calls) = mpsc::channel();
+        let first = submit(&handle, vec![item(a, 1)]);
+        entered.recv().expect("first batch started");
+        for seq in 2..=20 {
+            let called = called.clone();
+            handle.submit_append_then(vec![item(a, seq)], move |result| {
+                called.send((seq, result)).expect("test listens");
+            });
+        }
+        release.send(()).expect("release");
+        assert_eq!(first.blocking_recv().expect("answer"), Ok(()));
+        let order: Vec<_> = (2..=20).map(|_| calls.recv().expect("called")).collect();
+        assert_eq!(order, (2..=20).map(|seq| (seq, Ok(()))).collect::<Vec<_>>());
+        writer.shutdown().expect("shutdown");
+
+        // After the thread is gone, the callback still hears about it.
+        handle.submit_append_then(vec![item(a, 21)], move |result| {
+            called.send((21, result)).expect("test listens");
+        });
+        assert_eq!(calls.recv().expect("called"), (21, Err(StoreError::Closed)));
+        // And one dropped unanswered is called with `Closed` too.
+        let (dropped_tx, dropped) = mpsc::channel();
+        drop(Done::Then(Then(Some(Box::new(move |result| {
+            dropped_tx.send(result).expect("test listens");
+        })))));
+        assert_eq!(dropped.recv().expect("called"), Err(StoreError::Closed));
+    }
+
+    #[test]
     fn store_writer_shutdown_commits_everything_queued_then_refuses() {
         let (store, entered, release) = CountingStore::gated(None);
         let (writer, handle) = Writer::start(store.clone());
