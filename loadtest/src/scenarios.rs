@@ -210,8 +210,19 @@ struct SendPlan {
     deadline: Option<Instant>,
     /// Fixed work instead of a deadline: (mailbox index, count) pairs.
     fixed: Option<Vec<usize>>,
-    interval: Option<Duration>,
+    /// At a fixed rate: the lane's period, and when its first send is due
+    /// (see [`lane_phase`]).
+    interval: Option<(Duration, Duration)>,
     acked: Arc<AtomicU64>,
+}
+
+/// When lane `lane` of `lanes` first sends, each sending once per `period`:
+/// the lanes' sends are spread evenly over the period, so the broker sees
+/// one send every `period / lanes` instead of a burst from every lane at
+/// once (which would measure the burst's queueing, not the latency at the
+/// rate asked for).
+fn lane_phase(period: Duration, lane: usize, lanes: usize) -> Duration {
+    period.mul_f64(lane as f64 / lanes.max(1) as f64)
 }
 
 async fn send_loop(client: Arc<Client>, plan: SendPlan, lane: usize) -> SenderResult {
@@ -224,8 +235,8 @@ async fn send_loop(client: Arc<Client>, plan: SendPlan, lane: usize) -> SenderRe
     let mut filler = vec![0u8; plan.size.max(HEADER)];
     rng.fill(&mut filler[..]);
     let mut fixed = plan.fixed.clone().map(|v| v.into_iter());
-    let mut ticker = plan.interval.map(|period| {
-        let mut interval = tokio::time::interval(period);
+    let mut ticker = plan.interval.map(|(period, phase)| {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
@@ -379,9 +390,9 @@ async fn steady(
     let mut tasks = tokio::task::JoinSet::new();
     for (sender, client) in sender_clients.iter().enumerate() {
         for lane in 0..args.inflight {
+            let global_lane = sender * args.inflight + lane;
             let fixed = catchup.map(|(_, per_mailbox)| {
                 // Spread every (mailbox, message) pair over the lanes.
-                let global_lane = sender * args.inflight + lane;
                 (0..args.mailboxes * per_mailbox)
                     .filter(|n| n % lanes == global_lane)
                     .map(|n| n % args.mailboxes)
@@ -396,7 +407,7 @@ async fn steady(
                 epoch,
                 deadline,
                 fixed,
-                interval,
+                interval: interval.map(|period| (period, lane_phase(period, global_lane, lanes))),
                 acked: acked.clone(),
             };
             tasks.spawn(send_loop(client.clone(), plan, lane));
@@ -693,4 +704,22 @@ async fn idle_mailboxes(
         }),
         ..RunResult::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_rate_lanes_send_evenly_spread_over_their_period() {
+        let period = Duration::from_millis(40);
+        let phases: Vec<_> = (0..80).map(|lane| lane_phase(period, lane, 80)).collect();
+        assert_eq!(phases[0], Duration::ZERO);
+        // One send every 0.5 ms, the last half a step before the next period.
+        for pair in phases.windows(2) {
+            assert_eq!(pair[1] - pair[0], Duration::from_micros(500));
+        }
+        assert_eq!(phases[79], Duration::from_micros(39_500));
+        assert_eq!(lane_phase(period, 0, 0), Duration::ZERO);
+    }
 }
