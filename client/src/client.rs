@@ -1180,8 +1180,13 @@ async fn run_connection(
     tokio::pin!(reader);
     let outcome = loop {
         if !out.is_empty() {
-            if let Err(error) = send.write_all(&out).await {
-                break Outcome::Lost(ClientError::Disconnected(error.to_string()));
+            match send.write_all(&out).await {
+                Ok(()) => {}
+                // Keep the broker's close code, as the reader does.
+                Err(quinn::WriteError::ConnectionLost(error)) => {
+                    break Outcome::Lost(ClientError::from_connection(error, "broker"));
+                }
+                Err(error) => break Outcome::Lost(ClientError::Disconnected(error.to_string())),
             }
             out.clear();
         }
@@ -1200,6 +1205,14 @@ async fn run_connection(
                 break Outcome::Lost(error.unwrap_or_else(|e| ClientError::Disconnected(e.to_string())));
             }
         }
+    };
+    // A loss seen first as a finished stream or a failed write may still
+    // come from the broker closing the connection: keep its code then.
+    let outcome = match (outcome, connection.close_reason()) {
+        (Outcome::Lost(ClientError::Disconnected(_)), Some(reason)) => {
+            Outcome::Lost(ClientError::from_connection(reason, "broker"))
+        }
+        (outcome, _) => outcome,
     };
     *last_delivered = delivered.load(Ordering::Acquire);
     reader.abort();
