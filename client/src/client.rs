@@ -1208,11 +1208,14 @@ async fn run_connection(
     };
     // A loss seen first as a finished stream or a failed write may still
     // come from the broker closing the connection: keep its code then.
-    let outcome = match (outcome, connection.close_reason()) {
-        (Outcome::Lost(ClientError::Disconnected(_)), Some(reason)) => {
-            Outcome::Lost(ClientError::from_connection(reason, "broker"))
+    let outcome = match outcome {
+        Outcome::Lost(ClientError::Disconnected(lost)) => {
+            match crate::transport::close_reason_soon(&connection).await {
+                Some(reason) => Outcome::Lost(ClientError::from_connection(reason, "broker")),
+                None => Outcome::Lost(ClientError::Disconnected(lost)),
+            }
         }
-        (outcome, _) => outcome,
+        outcome => outcome,
     };
     *last_delivered = delivered.load(Ordering::Acquire);
     reader.abort();

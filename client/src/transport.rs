@@ -216,6 +216,23 @@ pub struct RawConnection {
     out: Vec<u8>,
 }
 
+/// How long a stream's end waits for the connection's close to arrive.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
+
+/// Why `connection` closed, waiting up to [`CLOSE_GRACE`] for it: a broker
+/// that refuses or ends a session closes the connection with a code right
+/// after its last frame, and the end of its stream can arrive first.
+pub(crate) async fn close_reason_soon(
+    connection: &quinn::Connection,
+) -> Option<quinn::ConnectionError> {
+    match connection.close_reason() {
+        Some(reason) => Some(reason),
+        None => tokio::time::timeout(CLOSE_GRACE, connection.closed())
+            .await
+            .ok(),
+    }
+}
+
 fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
     server
         .to_socket_addrs()
@@ -319,7 +336,7 @@ impl RawConnection {
     async fn send_bytes_inner(&mut self) -> Result<(), ClientError> {
         match self.send.write_all(&self.out).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(self.closed_error()),
+            Err(_) => Err(self.closed_error().await),
         }
     }
 
@@ -333,13 +350,13 @@ impl RawConnection {
             }
             match self.recv.read_chunk(64 * 1024, true).await {
                 Ok(Some(chunk)) => self.buffer.extend(&chunk.bytes),
-                Ok(None) | Err(_) => return Err(self.closed_error()),
+                Ok(None) | Err(_) => return Err(self.closed_error().await),
             }
         }
     }
 
-    fn closed_error(&self) -> ClientError {
-        match self.connection.close_reason() {
+    async fn closed_error(&self) -> ClientError {
+        match close_reason_soon(&self.connection).await {
             Some(reason) => ClientError::from_connection(reason, "broker"),
             None => ClientError::Disconnected("stream closed".into()),
         }
