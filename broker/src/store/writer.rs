@@ -804,6 +804,40 @@ mod tests {
         answer
     }
 
+    /// A writer over a [`CountingStore::gated`] store whose first batch (seq
+    /// 1 appended to one address) waits in the store until `release` is
+    /// sent, so that everything queued meanwhile forms the next batch.
+    struct Held {
+        store: Arc<CountingStore>,
+        writer: Writer,
+        handle: WriteHandle,
+        /// The first append's answer.
+        first: oneshot::Receiver<Result<(), StoreError>>,
+        release: mpsc::Sender<()>,
+    }
+
+    fn held_first_batch(fail_call: Option<usize>, a: Address) -> Held {
+        let (store, entered, release) = CountingStore::gated(fail_call);
+        let (writer, handle) = Writer::start(store.clone());
+        let first = submit(&handle, vec![item(a, 1)]);
+        entered.recv().expect("first batch started");
+        Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        }
+    }
+
+    /// Runs `future` to completion on a fresh current-thread runtime.
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn store_writer_commits_concurrent_appends_in_few_flushes() {
         const TASKS: u64 = 100;
@@ -848,12 +882,15 @@ mod tests {
 
     #[test]
     fn store_writer_reports_a_failed_batch_to_every_waiter() {
-        let (store, entered, release) = CountingStore::gated(Some(2));
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
         // The first batch holds the thread while the second one queues up.
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
+        let Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        } = held_first_batch(Some(2), a);
         let queued: Vec<_> = (2..=20)
             .map(|seq| submit(&handle, vec![item(a, seq)]))
             .collect();
@@ -891,18 +928,18 @@ mod tests {
 
     #[test]
     fn store_writer_applies_a_delete_after_the_append_it_names() {
-        let (store, entered, release) = CountingStore::gated(None);
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
         let device = DeviceId([2; 32]);
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
+        let Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        } = held_first_batch(None, a);
         // One batch: append 2, delete 2, cursor, append 3, delete 1 (already durable).
         let append_two = submit(&handle, vec![item(a, 2)]);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let (delete_two, cursor, append_three, delete_one) = runtime.block_on(async {
+        let (delete_two, cursor, append_three, delete_one) = block_on(async {
             let delete_two = tokio::spawn({
                 let handle = handle.clone();
                 async move { handle.delete(a, vec![2]).await }
@@ -949,14 +986,17 @@ mod tests {
 
     #[test]
     fn store_writer_answers_appends_without_waiting_for_cursor_moves_of_their_batch() {
-        let (store, entered, release) = CountingStore::gated(None);
-        let (cursor_release, cursor_gate) = mpsc::channel();
-        *store.cursor_gate.lock().expect("gate lock") = Some(cursor_gate);
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
         let device = DeviceId([2; 32]);
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
+        let Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        } = held_first_batch(None, a);
+        let (cursor_release, cursor_gate) = mpsc::channel();
+        *store.cursor_gate.lock().expect("gate lock") = Some(cursor_gate);
         // One batch: a cursor move, then an append.
         let cursor = handle.set_cursor(a, device, 1);
         let second = submit(&handle, vec![item(a, 2)]);
@@ -966,22 +1006,22 @@ mod tests {
         assert_eq!(second.blocking_recv().expect("answer"), Ok(()));
         assert_eq!(store.cursor(&a, &device), Ok(None));
         cursor_release.send(()).expect("release the cursor");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        assert_eq!(runtime.block_on(cursor), Ok(()));
+        assert_eq!(block_on(cursor), Ok(()));
         assert_eq!(store.cursor(&a, &device), Ok(Some(1)));
         writer.shutdown().expect("shutdown");
     }
 
     #[test]
     fn store_writer_flush_covers_the_cursor_moves_queued_before_it() {
-        let (store, entered, release) = CountingStore::gated(None);
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
         let device = DeviceId([2; 32]);
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
+        let Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        } = held_first_batch(None, a);
         // One batch: a cursor move, a flush, an append.
         let cursor = handle.set_cursor(a, device, 1);
         let (flush_done, flush_answer) = oneshot::channel();
@@ -994,10 +1034,7 @@ mod tests {
         assert_eq!(first.blocking_recv().expect("answer"), Ok(()));
         assert_eq!(flush_answer.blocking_recv().expect("answer"), Ok(()));
         assert_eq!(second.blocking_recv().expect("answer"), Ok(()));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        assert_eq!(runtime.block_on(cursor), Ok(()));
+        assert_eq!(block_on(cursor), Ok(()));
         // The second append_batch is the batch's flush (appends flush
         // themselves): the cursor move was applied before it.
         let events = store.events.lock().expect("events").clone();
@@ -1007,12 +1044,15 @@ mod tests {
 
     #[test]
     fn store_writer_calls_back_in_submission_order_and_never_forgets_a_callback() {
-        let (store, entered, release) = CountingStore::gated(None);
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
+        let Held {
+            writer,
+            handle,
+            first,
+            release,
+            ..
+        } = held_first_batch(None, a);
         let (called, calls) = mpsc::channel();
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
         for seq in 2..=20 {
             let called = called.clone();
             handle.submit_append_then(vec![item(a, seq)], move |result| {
@@ -1040,11 +1080,14 @@ mod tests {
 
     #[test]
     fn store_writer_shutdown_commits_everything_queued_then_refuses() {
-        let (store, entered, release) = CountingStore::gated(None);
-        let (writer, handle) = Writer::start(store.clone());
         let a = Address([1; 32]);
-        let first = submit(&handle, vec![item(a, 1)]);
-        entered.recv().expect("first batch started");
+        let Held {
+            store,
+            writer,
+            handle,
+            first,
+            release,
+        } = held_first_batch(None, a);
         let queued: Vec<_> = (2..=2_000)
             .map(|seq| submit(&handle, vec![item(a, seq)]))
             .collect();
@@ -1068,13 +1111,7 @@ mod tests {
                 .expect("answer"),
             Err(StoreError::Closed)
         );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        assert_eq!(runtime.block_on(handle.flush()), Err(StoreError::Closed));
-        assert_eq!(
-            runtime.block_on(handle.delete(a, vec![1])),
-            Err(StoreError::Closed)
-        );
+        assert_eq!(block_on(handle.flush()), Err(StoreError::Closed));
+        assert_eq!(block_on(handle.delete(a, vec![1])), Err(StoreError::Closed));
     }
 }
