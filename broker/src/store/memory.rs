@@ -172,6 +172,17 @@ impl MemoryStore {
     }
 }
 
+/// The ids of a time index (`(time, id)`, in time order) that are due at
+/// `now_ms`, at most `limit` of them, oldest first.
+fn due<Id: Copy>(index: &BTreeSet<(u64, Id)>, now_ms: u64, limit: usize) -> Vec<Id> {
+    index
+        .iter()
+        .take_while(|(at_ms, _)| *at_ms <= now_ms)
+        .take(limit)
+        .map(|(_, id)| *id)
+        .collect()
+}
+
 impl Store for MemoryStore {
     fn append_batch(&self, items: &[Append]) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
@@ -402,13 +413,7 @@ impl Store for MemoryStore {
 
     fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut inner = self.lock()?;
-        let due: Vec<TokenId> = inner
-            .token_expiry
-            .iter()
-            .take_while(|(expires_at_ms, _)| *expires_at_ms <= now_ms)
-            .take(limit)
-            .map(|(_, id)| *id)
-            .collect();
+        let due = due(&inner.token_expiry, now_ms, limit);
         for id in &due {
             inner.remove_token(id);
         }
@@ -471,13 +476,7 @@ impl Store for MemoryStore {
 
     fn expire_files(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>, StoreError> {
         let mut inner = self.lock()?;
-        let due: Vec<FileId> = inner
-            .file_expiry
-            .iter()
-            .take_while(|(expires_at_ms, _)| *expires_at_ms <= now_ms)
-            .take(limit)
-            .map(|(_, id)| *id)
-            .collect();
+        let due = due(&inner.file_expiry, now_ms, limit);
         for id in &due {
             inner.remove_file(id);
         }
@@ -589,13 +588,7 @@ impl Store for MemoryStore {
 
     fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError> {
         let inner = self.lock()?;
-        Ok(inner
-            .deletion_index
-            .iter()
-            .take_while(|(due, _)| *due <= now_ms)
-            .take(limit)
-            .map(|(_, address)| *address)
-            .collect())
+        Ok(due(&inner.deletion_index, now_ms, limit))
     }
 
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
