@@ -235,7 +235,8 @@ impl LimitsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MailboxConfig {
-    /// A mailbox actor with no connected device and no activity for this long stops.
+    /// A mailbox actor with no activity for this long stops, connected devices
+    /// or not.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }

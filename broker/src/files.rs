@@ -35,7 +35,7 @@ use backbone_protocol::frame::{
 use backbone_protocol::{Address, Frame};
 use dashmap::DashSet;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tracing::{Instrument, debug, warn};
+use tracing::warn;
 
 use crate::fleet::Route;
 use crate::server::Shared;
@@ -359,29 +359,11 @@ pub fn remove_expired(files: &Files, ids: &[FileId]) {
     metrics::counter!("backbone_files_expired_total").increment(ids.len() as u64);
 }
 
-/// Serves the file streams a client opens next to its first stream, until
-/// the connection closes. `owner` is the session's identity; `None` for an
-/// anonymous session, which may only download.
-pub async fn serve_streams(
-    shared: Arc<Shared>,
-    connection: quinn::Connection,
-    owner: Option<Address>,
-) {
-    loop {
-        let (send, recv) = match connection.accept_bi().await {
-            Ok(stream) => stream,
-            Err(error) => {
-                debug!(%error, "no more file streams");
-                return;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(serve_stream(shared, owner, send, recv).in_current_span());
-    }
-}
-
-/// Serves one file stream: reads its header frame, then uploads or downloads.
-async fn serve_stream(
+/// Serves one file stream a client opened next to its first stream: reads
+/// its header frame, then uploads or downloads. `owner` is the session's
+/// identity; `None` for an anonymous session, which may only download. The
+/// session's request loop accepts the streams (`session::next_request`).
+pub async fn serve_stream(
     shared: Arc<Shared>,
     owner: Option<Address>,
     mut send: quinn::SendStream,

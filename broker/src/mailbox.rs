@@ -4,8 +4,15 @@
 //! appends are numbered in arrival order, hands each append to the group-commit
 //! writer, and only once the writer reports the envelope durable does it answer
 //! the sender and push the envelope to the address's subscribed devices. An
-//! actor with no subscriber and no activity for the idle timeout stops itself,
-//! so memory follows active mailboxes, not stored ones.
+//! actor with no activity for the idle timeout stops itself, even while
+//! devices are subscribed, so memory follows active mailboxes, not stored
+//! ones or connected ones.
+//!
+//! A mailbox's subscriptions and its durable head live in a [`Watch`], not in
+//! the actor: the watch outlives the actor while any device is subscribed,
+//! and the actor started by the next write takes it over. A device
+//! subscribes without starting an actor when none is running (see
+//! [`Registry::subscribe`]).
 //!
 //! Blocking storage work never runs in a handler: the head is read in
 //! `spawn_blocking`, writes go to the writer thread, and the writer thread
@@ -20,6 +27,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use backbone_protocol::Address;
@@ -41,7 +49,7 @@ use crate::store::{Append, MailboxUsage, Store, StoreError, StoredEnvelope, Writ
 const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A device session's subscription to its mailbox.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Subscriber {
     /// Unique per subscription.
     pub id: u64,
@@ -50,6 +58,227 @@ pub struct Subscriber {
     pub tx: mpsc::Sender<Arc<StoredEnvelope>>,
     /// Set when an envelope could not be queued.
     pub lagged: Arc<AtomicBool>,
+}
+
+/// What a mailbox's devices watch: its durable head and its subscriptions.
+///
+/// It lives as long as an actor or a subscription holds it (through a
+/// [`WatchLease`]), so a mailbox whose devices are connected but which sees no
+/// traffic keeps this small record and no actor.
+#[derive(Debug)]
+pub struct Watch {
+    /// The highest sequence number known durable: subscribers never read past
+    /// it from the store, because an envelope the writer has inserted but not
+    /// yet flushed is visible to reads and may still vanish in a crash (and
+    /// its sequence number be reused).
+    durable_seq: AtomicU64,
+    subscribers: Mutex<HashMap<u64, Subscriber>>,
+}
+
+impl Watch {
+    fn new(durable_seq: u64) -> Self {
+        Self {
+            durable_seq: AtomicU64::new(durable_seq),
+            subscribers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The highest sequence number known durable.
+    pub fn durable(&self) -> u64 {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    fn subscribers(&self) -> MutexGuard<'_, HashMap<u64, Subscriber>> {
+        // A panic while holding the lock leaves the map whole: every change
+        // is one insert or remove.
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a subscriber. It reads the durable head after this returns, so
+    /// every envelope made durable later is either pushed to it or below
+    /// the head it reads.
+    fn add(&self, subscriber: Subscriber) {
+        self.subscribers().insert(subscriber.id, subscriber);
+    }
+
+    /// Records `envelope` as durable and pushes it to every subscriber: a full
+    /// queue marks its subscriber lagged (it reads the store instead), and a
+    /// closed one is dropped (its session ended without unsubscribing).
+    fn publish(&self, envelope: &Arc<StoredEnvelope>) {
+        self.durable_seq.fetch_max(envelope.seq, Ordering::AcqRel);
+        self.subscribers().retain(
+            |_, subscriber| match subscriber.tx.try_send(envelope.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    subscriber.lagged.store(true, Ordering::Release);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
+    }
+}
+
+/// Every mailbox's [`Watch`], shared by the actors and the sessions.
+///
+/// The invariant that lets a session subscribe without an actor: an actor
+/// holds its mailbox's watch from the end of its `pre_start` until it is
+/// dropped, and a watch leaves the map only when nothing holds it. So when
+/// an address has no watch, no actor of it can write, and the store's head
+/// is its durable head. `epoch` closes the remaining window: it moves when
+/// an actor starts (before it reads the head) and when an actor is dropped,
+/// and a session that read the head installs a watch only if it has not
+/// moved since before its read.
+#[derive(Debug, Default)]
+pub struct Watches {
+    map: DashMap<Address, Arc<Watch>>,
+    epoch: AtomicU64,
+}
+
+impl Watches {
+    /// How many mailboxes have a watch (an actor or a subscribed device).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no mailbox has a watch.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn lease(self: &Arc<Self>, address: Address, watch: Arc<Watch>, actor: bool) -> WatchLease {
+        WatchLease {
+            watches: self.clone(),
+            address,
+            watch: Some(watch),
+            actor,
+        }
+    }
+
+    /// A hold on `address`'s watch, if it has one.
+    fn existing(self: &Arc<Self>, address: &Address) -> Option<WatchLease> {
+        let watch = self.map.get(address)?.clone();
+        Some(self.lease(*address, watch, false))
+    }
+
+    /// An actor taking over `address`'s watch, or starting one at `head`
+    /// (the store's head, read after [`Watches::actor_starting`]).
+    fn attach_actor(self: &Arc<Self>, address: Address, head: u64) -> WatchLease {
+        let watch = self
+            .map
+            .entry(address)
+            .or_insert_with(|| Arc::new(Watch::new(head)))
+            .clone();
+        // Without an actor nothing was written, so the store's head is durable.
+        watch.durable_seq.fetch_max(head, Ordering::AcqRel);
+        self.lease(address, watch, true)
+    }
+
+    /// Called by an actor before it reads its mailbox's head.
+    fn actor_starting(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A hold on `address`'s watch for a session that read the store's head
+    /// `head` after seeing `epoch` and no watch: the existing watch if one
+    /// appeared meanwhile, a new one at `head` if no actor started or
+    /// stopped meanwhile, and `None` otherwise.
+    fn attach_session(
+        self: &Arc<Self>,
+        address: Address,
+        head: u64,
+        epoch: u64,
+    ) -> Option<WatchLease> {
+        let watch = match self.map.entry(address) {
+            dashmap::Entry::Occupied(existing) => existing.get().clone(),
+            dashmap::Entry::Vacant(slot) => {
+                // Checked under the map's lock: an actor that starts later
+                // finds this watch.
+                if self.epoch() != epoch {
+                    return None;
+                }
+                slot.insert(Arc::new(Watch::new(head))).clone()
+            }
+        };
+        Some(self.lease(address, watch, false))
+    }
+}
+
+/// A hold on a mailbox's [`Watch`]; when the last hold is dropped, the watch
+/// leaves the map.
+#[derive(Debug)]
+pub struct WatchLease {
+    watches: Arc<Watches>,
+    address: Address,
+    /// Always `Some` until dropped.
+    watch: Option<Arc<Watch>>,
+    /// Held by an actor: dropping it moves the epoch.
+    actor: bool,
+}
+
+impl WatchLease {
+    fn watch(&self) -> &Watch {
+        self.watch
+            .as_deref()
+            .expect("a lease holds its watch until dropped")
+    }
+
+    /// Another hold on the same watch, for a session.
+    fn share(&self) -> WatchLease {
+        let watch = self
+            .watch
+            .clone()
+            .expect("a lease holds its watch until dropped");
+        self.watches.lease(self.address, watch, false)
+    }
+}
+
+impl std::ops::Deref for WatchLease {
+    type Target = Watch;
+
+    fn deref(&self) -> &Watch {
+        self.watch()
+    }
+}
+
+impl Drop for WatchLease {
+    fn drop(&mut self) {
+        if self.actor {
+            self.watches.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(self.watch.take());
+        // Each holder drops its own hold before looking, so the last of
+        // several dropping at once sees only the map's.
+        self.watches
+            .map
+            .remove_if(&self.address, |_, watch| Arc::strong_count(watch) == 1);
+    }
+}
+
+/// A device session's subscription: ends when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    lease: WatchLease,
+    id: u64,
+}
+
+impl Subscription {
+    /// The mailbox's highest durable sequence number.
+    pub fn durable(&self) -> u64 {
+        self.lease.durable()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.lease.subscribers().remove(&self.id);
+    }
 }
 
 /// Messages a mailbox actor handles.
@@ -71,17 +300,15 @@ pub enum MailboxMsg {
         /// The senders to answer.
         replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
     },
-    /// Register a device session; answered with the mailbox's durable head.
+    /// Register a device session; answered with a hold on the mailbox's
+    /// watch, whose durable head the actor keeps current. Used only when a
+    /// session could not subscribe without the actor (see
+    /// [`Registry::subscribe`]).
     Subscribe {
         /// The subscription.
         subscriber: Subscriber,
-        /// The highest durable sequence number, kept current by the actor.
-        reply: RpcReplyPort<Arc<AtomicU64>>,
-    },
-    /// Remove a subscription.
-    Unsubscribe {
-        /// The subscription id.
-        id: u64,
+        /// The watch the subscriber was added to.
+        reply: RpcReplyPort<WatchLease>,
     },
     /// Envelopes were deleted from the mailbox outside the actor: its quota
     /// count is stale and is taken again before the next append.
@@ -164,6 +391,8 @@ pub struct MailboxContext {
     pub idle_timeout: Duration,
     /// The registry, so an idle actor can remove itself.
     pub actors: DashMap<Address, ActorRef<MailboxMsg>>,
+    /// The mailboxes' durable heads and subscriptions.
+    pub watches: Arc<Watches>,
     /// Per-mailbox storage limits.
     pub quota: MailboxQuota,
     /// The broker's clock, to tell expired envelopes when counting usage.
@@ -186,11 +415,9 @@ pub struct MailboxState {
     context: Arc<MailboxContext>,
     /// The last sequence number handed out.
     last_seq: u64,
-    /// The highest sequence number known durable, shared with subscribers:
-    /// they never read past it from the store, because an envelope the
-    /// writer has inserted but not yet flushed is visible to reads and may
-    /// still vanish in a crash (and its sequence number be reused).
-    durable_seq: Arc<AtomicU64>,
+    /// The durable head and the subscribed devices, held while the actor
+    /// lives.
+    watch: WatchLease,
     pending_writes: usize,
     /// What the mailbox stores plus what is being written, for the quota: an
     /// upper bound, because expiry and deletes outside the actor only lower
@@ -200,7 +427,6 @@ pub struct MailboxState {
     counted_at: Option<Instant>,
     /// Envelopes handed to the writer and not yet reported durable.
     in_flight: MailboxUsage,
-    subscribers: HashMap<u64, Subscriber>,
     last_activity: Instant,
     /// The inbound policy and this side's relationship records, loaded when
     /// the actor starts; every change goes through the actor.
@@ -235,6 +461,7 @@ impl Actor for MailboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = args.context.store.clone();
         let address = args.address;
+        args.context.watches.actor_starting();
         let (stored_head, policy, relationships, deletion) =
             tokio::task::spawn_blocking(move || {
                 Ok::<_, StoreError>((
@@ -255,14 +482,13 @@ impl Actor for MailboxActor {
         metrics::gauge!("backbone_mailbox_actors").increment(1.0);
         Ok(MailboxState {
             address,
+            watch: args.context.watches.attach_actor(address, head),
             context: args.context,
             last_seq: head,
-            durable_seq: Arc::new(AtomicU64::new(head)),
             pending_writes: 0,
             usage: None,
             counted_at: None,
             in_flight: MailboxUsage::default(),
-            subscribers: HashMap::new(),
             last_activity: Instant::now(),
             policy,
             relationships: relationships.into_iter().map(|r| (r.peer, r)).collect(),
@@ -406,9 +632,8 @@ impl Actor for MailboxActor {
                     }
                 }
                 if result.is_ok() {
-                    for envelope in envelopes {
-                        state.durable_seq.fetch_max(envelope.seq, Ordering::AcqRel);
-                        notify(&state.subscribers, &envelope);
+                    for envelope in &envelopes {
+                        state.watch.publish(envelope);
                     }
                 }
                 if state.pending_writes == 0
@@ -452,21 +677,14 @@ impl Actor for MailboxActor {
                 }
             }
             MailboxMsg::Subscribe { subscriber, reply } => {
-                state.last_activity = Instant::now();
-                let _ = reply.send(state.durable_seq.clone());
-                state.subscribers.insert(subscriber.id, subscriber);
-            }
-            MailboxMsg::Unsubscribe { id } => {
-                state.last_activity = Instant::now();
-                state.subscribers.remove(&id);
+                state.watch.add(subscriber);
+                let _ = reply.send(state.watch.share());
             }
             MailboxMsg::Freed => state.usage = None,
             MailboxMsg::IdleCheck => {
-                state
-                    .subscribers
-                    .retain(|_, subscriber| !subscriber.tx.is_closed());
-                let idle = state.subscribers.is_empty()
-                    && state.pending_writes == 0
+                // Subscribed devices do not keep the actor: the watch outlives
+                // it, and the next write starts an actor that takes it over.
+                let idle = state.pending_writes == 0
                     && state.last_activity.elapsed() >= state.context.idle_timeout;
                 if idle {
                     // Leave the registry first so new callers spawn a fresh actor;
@@ -785,14 +1003,6 @@ fn state_name(state: State) -> &'static str {
     }
 }
 
-fn notify(subscribers: &HashMap<u64, Subscriber>, envelope: &Arc<StoredEnvelope>) {
-    for subscriber in subscribers.values() {
-        if subscriber.tx.try_send(envelope.clone()).is_err() {
-            subscriber.lagged.store(true, Ordering::Release);
-        }
-    }
-}
-
 /// Why the registry could not complete a mailbox operation.
 #[derive(Debug, thiserror::Error)]
 pub enum MailboxError {
@@ -984,31 +1194,46 @@ impl Registry {
         }
     }
 
-    /// Subscribes a device session; returns the mailbox's durable head, which
-    /// the actor keeps current.
+    /// Subscribes a device session to its mailbox; the subscription ends
+    /// when dropped. Does not start the mailbox's actor unless an actor
+    /// starts or stops while the subscription is being set up.
     pub async fn subscribe(
         &self,
         address: &Address,
         id: u64,
         tx: mpsc::Sender<Arc<StoredEnvelope>>,
         lagged: Arc<AtomicBool>,
-    ) -> Result<Arc<AtomicU64>, MailboxError> {
-        self.call(address, |reply| MailboxMsg::Subscribe {
-            subscriber: Subscriber {
-                id,
-                tx: tx.clone(),
-                lagged: lagged.clone(),
-            },
-            reply,
-        })
-        .await
-    }
-
-    /// Removes a subscription, if the actor is still alive.
-    pub fn unsubscribe(&self, address: &Address, id: u64) {
-        if let Some(actor) = self.context.actors.get(address) {
-            let _ = actor.cast(MailboxMsg::Unsubscribe { id });
-        }
+    ) -> Result<Subscription, MailboxError> {
+        let subscriber = Subscriber { id, tx, lagged };
+        let watches = &self.context.watches;
+        let epoch = watches.epoch();
+        let lease = match watches.existing(address) {
+            Some(lease) => lease,
+            None => {
+                // No watch, so no actor can write: the store's head is durable.
+                let (store, owner) = (self.context.store.clone(), *address);
+                let head = tokio::task::spawn_blocking(move || store.head_seq(&owner))
+                    .await
+                    .map_err(|error| MailboxError::Unavailable(error.to_string()))??
+                    .max(self.context.seq_floor);
+                match watches.attach_session(*address, head, epoch) {
+                    Some(lease) => lease,
+                    None => {
+                        // An actor started or stopped meanwhile: let it
+                        // answer with its watch.
+                        let lease = self
+                            .call(address, |reply| MailboxMsg::Subscribe {
+                                subscriber: subscriber.clone(),
+                                reply,
+                            })
+                            .await?;
+                        return Ok(Subscription { lease, id });
+                    }
+                }
+            }
+        };
+        lease.add(subscriber);
+        Ok(Subscription { lease, id })
     }
 
     /// Stops every actor (shutdown).
@@ -1016,5 +1241,127 @@ impl Registry {
         for actor in self.context.actors.iter() {
             actor.stop(Some("shutdown".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{address, envelope};
+
+    fn subscriber(id: u64, capacity: usize) -> (Subscriber, mpsc::Receiver<Arc<StoredEnvelope>>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let lagged = Arc::new(AtomicBool::new(false));
+        (Subscriber { id, tx, lagged }, rx)
+    }
+
+    #[test]
+    fn a_watch_leaves_the_map_with_its_last_hold() {
+        let watches = Arc::new(Watches::default());
+        let actor = watches.attach_actor(address(1), 4);
+        let session = actor.share();
+        assert_eq!(session.durable(), 4);
+        drop(actor);
+        assert_eq!(watches.len(), 1, "the session still holds it");
+        let again = watches.existing(&address(1)).expect("still there");
+        drop(session);
+        assert_eq!(watches.len(), 1);
+        drop(again);
+        assert!(watches.is_empty());
+        assert!(watches.existing(&address(1)).is_none());
+    }
+
+    #[test]
+    fn a_session_installs_a_watch_only_if_no_actor_started_or_stopped_after_its_look() {
+        let watches = Arc::new(Watches::default());
+        let before = watches.epoch();
+        watches.actor_starting();
+        assert!(watches.attach_session(address(1), 3, before).is_none());
+        assert!(watches.is_empty());
+
+        let before = watches.epoch();
+        drop(watches.attach_actor(address(2), 9));
+        assert!(
+            watches.attach_session(address(1), 3, before).is_none(),
+            "an actor was dropped after the look"
+        );
+
+        let before = watches.epoch();
+        let session = watches
+            .attach_session(address(1), 3, before)
+            .expect("nothing moved");
+        assert_eq!(session.durable(), 3);
+        // A watch that appeared meanwhile is taken as it is, whatever the epoch.
+        watches.actor_starting();
+        let other = watches
+            .attach_session(address(1), 99, before)
+            .expect("joins the existing watch");
+        assert_eq!(other.durable(), 3, "the session's own read is not trusted");
+        // Session holds do not move the epoch; an actor's does.
+        let epoch = watches.epoch();
+        drop(other);
+        assert_eq!(watches.epoch(), epoch);
+    }
+
+    #[test]
+    fn an_actor_takes_over_the_watch_its_devices_hold() {
+        let watches = Arc::new(Watches::default());
+        let before = watches.epoch();
+        let session = watches
+            .attach_session(address(1), 5, before)
+            .expect("installed");
+        let (device, mut pushed) = subscriber(1, 4);
+        session.add(device);
+
+        watches.actor_starting();
+        let actor = watches.attach_actor(address(1), 5);
+        actor.publish(&Arc::new(envelope(6, 0, u64::MAX)));
+        assert_eq!(session.durable(), 6);
+        assert_eq!(pushed.try_recv().expect("pushed").seq, 6);
+
+        // The actor stops; the device keeps the head, and the next actor
+        // pushes to it too.
+        drop(actor);
+        let actor = watches.attach_actor(address(1), 6);
+        actor.publish(&Arc::new(envelope(7, 0, u64::MAX)));
+        assert_eq!(pushed.try_recv().expect("pushed").seq, 7);
+        assert_eq!(session.durable(), 7);
+    }
+
+    #[test]
+    fn publishing_marks_full_subscribers_lagged_and_drops_closed_ones() {
+        let watches = Arc::new(Watches::default());
+        let actor = watches.attach_actor(address(1), 0);
+        let (full, _full_rx) = subscriber(1, 1);
+        let full_lagged = full.lagged.clone();
+        let (gone, gone_rx) = subscriber(2, 4);
+        actor.add(full);
+        actor.add(gone);
+        drop(gone_rx);
+        actor.publish(&Arc::new(envelope(1, 0, u64::MAX)));
+        assert!(!full_lagged.load(Ordering::Acquire));
+        actor.publish(&Arc::new(envelope(2, 0, u64::MAX)));
+        assert!(
+            full_lagged.load(Ordering::Acquire),
+            "the second did not fit"
+        );
+        let ids: Vec<u64> = actor.subscribers().keys().copied().collect();
+        assert_eq!(ids, [1], "the closed subscriber is gone");
+        assert_eq!(actor.durable(), 2);
+    }
+
+    #[test]
+    fn a_dropped_subscription_leaves_the_watch() {
+        let watches = Arc::new(Watches::default());
+        let actor = watches.attach_actor(address(1), 0);
+        let (device, _rx) = subscriber(7, 4);
+        actor.add(device);
+        let subscription = Subscription {
+            lease: actor.share(),
+            id: 7,
+        };
+        assert_eq!(actor.subscribers().len(), 1);
+        drop(subscription);
+        assert!(actor.subscribers().is_empty());
     }
 }

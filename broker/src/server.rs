@@ -198,6 +198,7 @@ impl Broker {
             writer: write_handle.clone(),
             idle_timeout: config.mailbox.idle_timeout,
             actors: DashMap::new(),
+            watches: Arc::default(),
             quota: MailboxQuota {
                 max_envelopes: config.limits.mailbox_max_envelopes,
                 max_bytes: config.limits.mailbox_max_bytes.as_u64(),

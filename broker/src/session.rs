@@ -370,15 +370,58 @@ async fn authenticate(
 /// client closed, the broker shuts down, the stream cannot be read on, or
 /// the answer to a skipped invalid frame cannot be sent. An invalid frame
 /// that can be skipped is answered with its error and reading goes on.
+/// The file streams a client opens next to its first stream. The request
+/// loop accepts them (a task per connection just to accept them cost about
+/// 1 KB of every idle connection) and serves each in a task of its own.
+struct FileStreams {
+    /// The session's identity; `None` for an anonymous session, which may
+    /// only download.
+    owner: Option<Address>,
+    /// Until the connection stops accepting streams.
+    open: bool,
+}
+
+impl FileStreams {
+    fn new(owner: Option<Address>) -> Self {
+        Self { owner, open: true }
+    }
+
+    fn accepted(
+        &mut self,
+        shared: &Arc<Shared>,
+        stream: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+    ) {
+        match stream {
+            Ok((send, recv)) => {
+                tokio::spawn(
+                    crate::files::serve_stream(shared.clone(), self.owner, send, recv)
+                        .in_current_span(),
+                );
+            }
+            Err(error) => {
+                debug!(%error, "no more file streams");
+                self.open = false;
+            }
+        }
+    }
+}
+
+/// The next frame of the session's stream, accepting file streams meanwhile.
 async fn next_request(
+    shared: &Arc<Shared>,
     connection: &quinn::Connection,
     reader: &mut FrameReader,
     out: &Outbox,
+    files: &mut FileStreams,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Frame> {
     loop {
         let frame = tokio::select! {
             frame = reader.next(Phase::Any) => frame,
+            stream = connection.accept_bi(), if files.open => {
+                files.accepted(shared, stream);
+                continue;
+            }
             _ = shutdown.wait_for(|stop| *stop) => return None,
         };
         match frame {
@@ -438,10 +481,7 @@ async fn serve_authenticated(
     out: Outbox,
 ) {
     let session = Arc::new(session);
-    let streams = tokio::spawn(
-        crate::files::serve_streams(shared.clone(), connection.clone(), Some(session.address))
-            .in_current_span(),
-    );
+    let mut files = FileStreams::new(Some(session.address));
     let (ack_tx, ack_rx) = watch::channel(session.acked_seq);
     let delivery = tokio::spawn(
         deliver(shared.clone(), session.clone(), out.clone(), ack_rx).in_current_span(),
@@ -449,7 +489,16 @@ async fn serve_authenticated(
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let Some(frame) = next_request(connection, &mut reader, &out, &mut shutdown).await else {
+        let Some(frame) = next_request(
+            shared,
+            connection,
+            &mut reader,
+            &out,
+            &mut files,
+            &mut shutdown,
+        )
+        .await
+        else {
             break;
         };
         match frame {
@@ -502,7 +551,6 @@ async fn serve_authenticated(
     .await;
     drop(ack_tx);
     let _ = delivery.await;
-    streams.abort();
     if *shared.shutdown.borrow() {
         close(
             connection,
@@ -786,11 +834,18 @@ async fn serve_anonymous(
         .map(|quota| Arc::new(governor::RateLimiter::direct(quota)));
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
-    let streams = tokio::spawn(
-        crate::files::serve_streams(shared.clone(), connection.clone(), None).in_current_span(),
-    );
+    let mut files = FileStreams::new(None);
     loop {
-        let Some(frame) = next_request(connection, &mut reader, &out, &mut shutdown).await else {
+        let Some(frame) = next_request(
+            shared,
+            connection,
+            &mut reader,
+            &out,
+            &mut files,
+            &mut shutdown,
+        )
+        .await
+        else {
             break;
         };
         let request = match frame {
@@ -860,7 +915,6 @@ async fn serve_anonymous(
         permits.acquire_many(all),
     )
     .await;
-    streams.abort();
     if *shared.shutdown.borrow() {
         close(
             connection,
@@ -1043,12 +1097,12 @@ async fn deliver(
     // Only envelopes up to the durable head are ever pushed: the store's
     // reads also see envelopes inserted but not yet flushed, which a crash
     // may still take back (and their sequence numbers be handed out again).
-    let durable = match shared
+    let subscription = match shared
         .registry
         .subscribe(&address, subscriber, tx, lagged.clone())
         .await
     {
-        Ok(durable) => durable,
+        Ok(subscription) => subscription,
         Err(error) => {
             warn!(%error, "cannot subscribe to mailbox");
             let _ = out
@@ -1057,7 +1111,7 @@ async fn deliver(
             return;
         }
     };
-    let mut known_head = durable.load(Ordering::Acquire);
+    let mut known_head = subscription.durable();
     let mut acked = session.acked_seq;
     let mut sent = acked;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
@@ -1136,11 +1190,11 @@ async fn deliver(
         if lagged.swap(false, Ordering::AcqRel) {
             // Live envelopes were dropped for this slow device: catch up from
             // the store, up to the durable head.
-            known_head = known_head.max(durable.load(Ordering::Acquire));
+            known_head = known_head.max(subscription.durable());
         }
     }
     cursor.finish();
-    shared.registry.unsubscribe(&address, subscriber);
+    drop(subscription);
 }
 
 /// A cursor write queued at the writer, awaiting its outcome.

@@ -597,15 +597,45 @@ async fn idle_mailbox_actors_stop_so_memory_follows_active_mailboxes() {
     }
     assert!(broker.broker().active_mailboxes() >= 20);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    // Only Alice's own mailbox (she is connected) stays active.
-    assert!(
-        broker.broker().active_mailboxes() <= 1,
-        "{} actors still alive",
-        broker.broker().active_mailboxes()
-    );
+    // Alice is still connected, and her mailbox's actor stopped all the same.
+    assert_eq!(broker.broker().active_mailboxes(), 0);
     // A stopped mailbox comes back with its envelopes.
     let client = recipients[0].connect(&broker).await;
     next_delivery(&client, WAIT).await;
+    drop(alice_client);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connected_device_keeps_no_actor_and_still_gets_pushes() {
+    let broker =
+        TestBroker::start_with(|config| config.mailbox.idle_timeout = Duration::from_millis(200))
+            .await;
+    let (alice, bob) = (Identity::new(), Identity::new());
+    let bob_client = bob.connect(&broker).await;
+    // Subscribing started no actor: nothing was written to Bob's mailbox.
+    assert_eq!(broker.broker().active_mailboxes(), 0);
+    let alice_client = alice.connect(&broker).await;
+    for round in 0..3u8 {
+        let ack = alice_client
+            .send_envelope(&[bob.address()], vec![round], HOUR)
+            .await
+            .expect("sent");
+        let delivery = next_delivery(&bob_client, WAIT).await;
+        assert_eq!(delivery.seq, ack.stored[0].seq);
+        assert_eq!(delivery.envelope, [round]);
+        // Wait for Bob's actor to stop while he stays connected: the next
+        // envelope starts a new one, which must push to him too.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while broker.broker().active_mailboxes() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "actors never stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_no_delivery(&bob_client, Duration::from_millis(200)).await;
     broker.shutdown().await;
 }
 

@@ -598,7 +598,7 @@ pub(crate) fn merge_token(held: Option<&StoredToken>, incoming: &StoredToken) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The conformance suite every [`Store`] must pass, and a property test that
     //! compares both implementations against a plain reference model.
 
