@@ -41,8 +41,9 @@ impl Percentiles {
 pub struct BrokerUsage {
     /// CPU seconds the broker used during the measured phase.
     pub cpu_seconds: f64,
-    /// CPU microseconds per acknowledged message.
-    pub cpu_us_per_message: f64,
+    /// CPU microseconds per acknowledged message (`None` where no message
+    /// was sent).
+    pub cpu_us_per_message: Option<f64>,
     /// Resident memory at the start of the measured phase.
     pub rss_start_bytes: u64,
     /// Resident memory at the end.
@@ -60,6 +61,9 @@ pub struct ConnectFigures {
     pub handshake: Percentiles,
     /// Broker memory growth per idle authenticated connection.
     pub broker_bytes_per_connection: Option<f64>,
+    /// Broker CPU microseconds per authenticated connection (handshake,
+    /// authentication, and holding it idle until measured).
+    pub broker_cpu_us_per_connection: Option<f64>,
 }
 
 /// The idle-mailboxes figures.
@@ -242,9 +246,13 @@ pub fn print(result: &RunResult) {
         print_latency("handshake+auth", &connect.handshake);
         if let Some(bytes) = connect.broker_bytes_per_connection {
             println!(
-                "broker memory   {:.1} KiB per idle connection",
-                bytes / 1024.0
+                "broker memory   {:.1} KiB ({:.0} bytes) per idle connection",
+                bytes / 1024.0,
+                bytes
             );
+        }
+        if let Some(cpu) = connect.broker_cpu_us_per_connection {
+            println!("broker CPU      {cpu:.0} µs per connection");
         }
     } else if result.idle.is_some() {
         println!("duration        {:.1} s of sends", result.seconds);
@@ -280,10 +288,13 @@ pub fn print(result: &RunResult) {
         }
     }
     if let Some(broker) = &result.broker {
+        let per_message = broker
+            .cpu_us_per_message
+            .map(|us| format!(", {us:.1} µs CPU per message"))
+            .unwrap_or_default();
         println!(
-            "broker          {:.2} CPU-s, {:.1} µs CPU per message, RSS {} → {} MiB",
+            "broker          {:.2} CPU-s{per_message}, RSS {} → {} MiB",
             broker.cpu_seconds,
-            broker.cpu_us_per_message,
             broker.rss_start_bytes / (1 << 20),
             broker.rss_end_bytes / (1 << 20)
         );

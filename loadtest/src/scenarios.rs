@@ -507,8 +507,9 @@ async fn steady(
     let broker = match (before, after) {
         (Some(before), Some(after)) => Some(BrokerUsage {
             cpu_seconds: after.cpu_seconds - before.cpu_seconds,
-            cpu_us_per_message: (after.cpu_seconds - before.cpu_seconds) * 1e6
-                / merged.acked.max(1) as f64,
+            cpu_us_per_message: Some(
+                (after.cpu_seconds - before.cpu_seconds) * 1e6 / merged.acked.max(1) as f64,
+            ),
             rss_start_bytes: before.rss_bytes,
             rss_end_bytes: after.rss_bytes,
         }),
@@ -598,12 +599,16 @@ async fn connect_storm(
     let broker = match (before, after) {
         (Some(b), Some(a)) => Some(BrokerUsage {
             cpu_seconds: a.cpu_seconds - b.cpu_seconds,
-            cpu_us_per_message: 0.0,
+            cpu_us_per_message: None,
             rss_start_bytes: b.rss_bytes,
             rss_end_bytes: a.rss_bytes,
         }),
         _ => None,
     };
+    let cpu_per_connection = broker
+        .as_ref()
+        .filter(|_| connected > 0)
+        .map(|usage| usage.cpu_seconds * 1e6 / connected as f64);
     Ok(RunResult {
         scenario: format!(
             "connect-storm connections={} concurrency={}",
@@ -618,6 +623,7 @@ async fn connect_storm(
             rate_per_s: connected as f64 / seconds,
             handshake: Percentiles::of(&handshake),
             broker_bytes_per_connection: per_connection,
+            broker_cpu_us_per_connection: cpu_per_connection,
         }),
         ..RunResult::default()
     })

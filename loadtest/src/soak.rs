@@ -825,8 +825,10 @@ pub async fn run(cli: &Cli, target: &Target, args: SoakArgs) -> anyhow::Result<R
     let broker = match (before, after) {
         (Some(before), Some(after)) => Some(BrokerUsage {
             cpu_seconds: after.cpu_seconds - before.cpu_seconds,
-            cpu_us_per_message: (after.cpu_seconds - before.cpu_seconds) * 1e6
-                / (merged.acked + churn.sends_acked).max(1) as f64,
+            cpu_us_per_message: Some(
+                (after.cpu_seconds - before.cpu_seconds) * 1e6
+                    / (merged.acked + churn.sends_acked).max(1) as f64,
+            ),
             rss_start_bytes: before.rss_bytes,
             rss_end_bytes: after.rss_bytes,
         }),

@@ -78,7 +78,7 @@ fn steady_verifies_every_delivery_and_writes_json_and_svg() {
 }
 
 #[test]
-fn idle_mailboxes_settle_to_the_connected_ones() {
+fn idle_mailboxes_settle_to_no_actors() {
     let result = run(&[
         "--broker-env",
         "BACKBONE__MAILBOX__IDLE_TIMEOUT=500ms",
@@ -91,14 +91,43 @@ fn idle_mailboxes_settle_to_the_connected_ones() {
         "2s",
     ]);
     assert_eq!(result["idle"]["mailboxes"].as_u64(), Some(200), "{result}");
-    // Only the two senders' own mailboxes (connected sessions) stay active.
-    assert!(
-        result["idle"]["actors_after_settle"]
-            .as_u64()
-            .expect("actors")
-            <= 2,
+    // No actor stays, not even those of the two senders, who are still
+    // connected: a subscribed device does not keep its mailbox's actor.
+    assert_eq!(
+        result["idle"]["actors_after_settle"].as_u64(),
+        Some(0),
         "{result}"
     );
+}
+
+#[test]
+fn connect_storm_reports_memory_and_cpu_per_connection() {
+    let result = run(&[
+        "connect-storm",
+        "--connections",
+        "40",
+        "--concurrency",
+        "8",
+        "--hold",
+        "500ms",
+    ]);
+    let connect = &result["connect"];
+    assert_eq!(connect["connections"].as_u64(), Some(40), "{result}");
+    assert!(connect["rate_per_s"].as_f64().expect("rate") > 0.0);
+    assert!(connect["handshake"]["p50_us"].as_u64().expect("p50") > 0);
+    assert!(
+        connect["broker_bytes_per_connection"].is_number(),
+        "{result}"
+    );
+    assert!(
+        connect["broker_cpu_us_per_connection"]
+            .as_f64()
+            .expect("cpu per connection")
+            > 0.0,
+        "{result}"
+    );
+    // No message was sent, so there is no per-message figure.
+    assert!(result["broker"]["cpu_us_per_message"].is_null(), "{result}");
 }
 
 #[test]
