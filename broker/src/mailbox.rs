@@ -24,7 +24,7 @@
 //! purge begins through it ([`MailboxMsg::Retire`]), so that no append or
 //! relationship change slips in between the tombstone and the purge.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -39,7 +39,7 @@ use backbone_protocol::relationship::{
 };
 use dashmap::DashMap;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::server::Clock;
 use crate::store::{Append, MailboxUsage, Store, StoreError, StoredEnvelope, WriteHandle};
@@ -53,11 +53,69 @@ const RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Subscriber {
     /// Unique per subscription.
     pub id: u64,
-    /// Durable envelopes, in sequence order. Bounded: when full, the envelope is
-    /// not queued and `lagged` is set, and the session reads it from the store.
-    pub tx: mpsc::Sender<Arc<StoredEnvelope>>,
-    /// Set when an envelope could not be queued.
-    pub lagged: Arc<AtomicBool>,
+    /// Where its durable envelopes are queued.
+    pub queue: Arc<PushQueue>,
+}
+
+/// The durable envelopes waiting for one device session, in sequence order.
+///
+/// Bounded: when full, an envelope is not queued and the queue is marked
+/// lagged, and the session reads it from the store. Unlike a channel, it
+/// allocates nothing until an envelope is queued, so an idle connection
+/// pays for a few words, not for a block of empty slots.
+#[derive(Debug)]
+pub struct PushQueue {
+    queue: Mutex<VecDeque<Arc<StoredEnvelope>>>,
+    capacity: usize,
+    lagged: AtomicBool,
+    ready: Notify,
+}
+
+impl PushQueue {
+    /// A queue of at most `capacity` envelopes (at least one).
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            lagged: AtomicBool::new(false),
+            ready: Notify::new(),
+        })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<StoredEnvelope>>> {
+        // Every change is one push or pop: a panic cannot leave it half done.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `envelope`, or marks the queue lagged when it is full.
+    fn offer(&self, envelope: &Arc<StoredEnvelope>) {
+        let mut queue = self.queue();
+        if queue.len() >= self.capacity {
+            self.lagged.store(true, Ordering::Release);
+            return;
+        }
+        queue.push_back(envelope.clone());
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    /// The next queued envelope, waiting for one. Cancel-safe: an envelope
+    /// is taken only when this returns it.
+    pub async fn recv(&self) -> Arc<StoredEnvelope> {
+        loop {
+            if let Some(envelope) = self.queue().pop_front() {
+                return envelope;
+            }
+            // `notify_one` leaves a permit when nobody waits, so an envelope
+            // queued between the check and this wait is not missed.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Whether an envelope was dropped since the last call, clearing the mark.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// What a mailbox's devices watch: its durable head and its subscriptions.
@@ -103,21 +161,19 @@ impl Watch {
         self.subscribers().insert(subscriber.id, subscriber);
     }
 
-    /// Records `envelope` as durable and pushes it to every subscriber: a full
-    /// queue marks its subscriber lagged (it reads the store instead), and a
-    /// closed one is dropped (its session ended without unsubscribing).
+    /// Records `envelope` as durable and queues it for every subscriber: a
+    /// full queue marks its subscriber lagged (it reads the store instead),
+    /// and a queue nobody else holds is dropped (its session ended without
+    /// unsubscribing).
     fn publish(&self, envelope: &Arc<StoredEnvelope>) {
         self.durable_seq.fetch_max(envelope.seq, Ordering::AcqRel);
-        self.subscribers().retain(
-            |_, subscriber| match subscriber.tx.try_send(envelope.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    subscriber.lagged.store(true, Ordering::Release);
-                    true
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
-        );
+        self.subscribers().retain(|_, subscriber| {
+            if Arc::strong_count(&subscriber.queue) == 1 {
+                return false;
+            }
+            subscriber.queue.offer(envelope);
+            true
+        });
     }
 }
 
@@ -1201,10 +1257,9 @@ impl Registry {
         &self,
         address: &Address,
         id: u64,
-        tx: mpsc::Sender<Arc<StoredEnvelope>>,
-        lagged: Arc<AtomicBool>,
+        queue: Arc<PushQueue>,
     ) -> Result<Subscription, MailboxError> {
-        let subscriber = Subscriber { id, tx, lagged };
+        let subscriber = Subscriber { id, queue };
         let watches = &self.context.watches;
         let epoch = watches.epoch();
         let lease = match watches.existing(address) {
@@ -1249,10 +1304,59 @@ mod tests {
     use super::*;
     use crate::store::tests::{address, envelope};
 
-    fn subscriber(id: u64, capacity: usize) -> (Subscriber, mpsc::Receiver<Arc<StoredEnvelope>>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let lagged = Arc::new(AtomicBool::new(false));
-        (Subscriber { id, tx, lagged }, rx)
+    fn subscriber(id: u64, capacity: usize) -> (Subscriber, Arc<PushQueue>) {
+        let queue = PushQueue::new(capacity);
+        let subscriber = Subscriber {
+            id,
+            queue: queue.clone(),
+        };
+        (subscriber, queue)
+    }
+
+    fn queued(queue: &PushQueue) -> Vec<u64> {
+        queue.queue().iter().map(|envelope| envelope.seq).collect()
+    }
+
+    /// Polls a future once.
+    fn poll_once<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.poll(&mut context) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_push_queue_is_bounded_marks_lag_once_and_is_cancel_safe() {
+        let queue = PushQueue::new(2);
+        for seq in 1..=3 {
+            queue.offer(&Arc::new(envelope(seq, 0, u64::MAX)));
+        }
+        assert_eq!(queued(&queue), [1, 2], "the third did not fit");
+        assert!(queue.take_lagged());
+        assert!(!queue.take_lagged(), "the mark is cleared when read");
+
+        let first = queue.recv();
+        tokio::pin!(first);
+        assert_eq!(poll_once(first.as_mut()).map(|e| e.seq), Some(1));
+        // A wait given up before anything arrives takes nothing.
+        let drained = queue.recv();
+        tokio::pin!(drained);
+        assert_eq!(poll_once(drained.as_mut()).map(|e| e.seq), Some(2));
+        let abandoned = queue.recv();
+        tokio::pin!(abandoned);
+        assert!(poll_once(abandoned.as_mut()).is_none());
+        queue.offer(&Arc::new(envelope(4, 0, u64::MAX)));
+        assert_eq!(queued(&queue), [4], "still queued for the next wait");
+        // A new wait finds it at once; so would the abandoned one, which
+        // holds the wake-up.
+        let next = queue.recv();
+        tokio::pin!(next);
+        assert_eq!(poll_once(next.as_mut()).map(|e| e.seq), Some(4));
+        assert!(
+            poll_once(abandoned.as_mut()).is_none(),
+            "nothing left to take"
+        );
     }
 
     #[test]
@@ -1310,21 +1414,21 @@ mod tests {
         let session = watches
             .attach_session(address(1), 5, before)
             .expect("installed");
-        let (device, mut pushed) = subscriber(1, 4);
+        let (device, pushed) = subscriber(1, 4);
         session.add(device);
 
         watches.actor_starting();
         let actor = watches.attach_actor(address(1), 5);
         actor.publish(&Arc::new(envelope(6, 0, u64::MAX)));
         assert_eq!(session.durable(), 6);
-        assert_eq!(pushed.try_recv().expect("pushed").seq, 6);
+        assert_eq!(queued(&pushed), [6]);
 
         // The actor stops; the device keeps the head, and the next actor
         // pushes to it too.
         drop(actor);
         let actor = watches.attach_actor(address(1), 6);
         actor.publish(&Arc::new(envelope(7, 0, u64::MAX)));
-        assert_eq!(pushed.try_recv().expect("pushed").seq, 7);
+        assert_eq!(queued(&pushed), [6, 7]);
         assert_eq!(session.durable(), 7);
     }
 
@@ -1332,19 +1436,16 @@ mod tests {
     fn publishing_marks_full_subscribers_lagged_and_drops_closed_ones() {
         let watches = Arc::new(Watches::default());
         let actor = watches.attach_actor(address(1), 0);
-        let (full, _full_rx) = subscriber(1, 1);
-        let full_lagged = full.lagged.clone();
-        let (gone, gone_rx) = subscriber(2, 4);
+        let (full, full_queue) = subscriber(1, 1);
+        let (gone, gone_queue) = subscriber(2, 4);
         actor.add(full);
         actor.add(gone);
-        drop(gone_rx);
+        drop(gone_queue);
         actor.publish(&Arc::new(envelope(1, 0, u64::MAX)));
-        assert!(!full_lagged.load(Ordering::Acquire));
+        assert!(!full_queue.take_lagged());
         actor.publish(&Arc::new(envelope(2, 0, u64::MAX)));
-        assert!(
-            full_lagged.load(Ordering::Acquire),
-            "the second did not fit"
-        );
+        assert!(full_queue.take_lagged(), "the second did not fit");
+        assert_eq!(queued(&full_queue), [1]);
         let ids: Vec<u64> = actor.subscribers().keys().copied().collect();
         assert_eq!(ids, [1], "the closed subscriber is gone");
         assert_eq!(actor.durable(), 2);

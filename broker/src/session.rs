@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
@@ -36,10 +36,11 @@ use backbone_protocol::frame::{
 use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
 use backbone_protocol::{Address, DeviceId, Frame, IdentityCard};
 use dashmap::DashMap;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::fleet::Route;
+use crate::mailbox::PushQueue;
 use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
@@ -1090,8 +1091,7 @@ async fn deliver(
     mut acks: watch::Receiver<u64>,
 ) {
     let window = shared.config.limits.push_window;
-    let (tx, mut live) = mpsc::channel::<Arc<StoredEnvelope>>(window);
-    let lagged = Arc::new(AtomicBool::new(false));
+    let live = PushQueue::new(window);
     let subscriber = shared.registry.next_subscriber_id();
     let address = session.address;
     // Only envelopes up to the durable head are ever pushed: the store's
@@ -1099,7 +1099,7 @@ async fn deliver(
     // may still take back (and their sequence numbers be handed out again).
     let subscription = match shared
         .registry
-        .subscribe(&address, subscriber, tx, lagged.clone())
+        .subscribe(&address, subscriber, live.clone())
         .await
     {
         Ok(subscription) => subscription,
@@ -1155,7 +1155,6 @@ async fn deliver(
         }
         tokio::select! {
             envelope = live.recv() => {
-                let Some(envelope) = envelope else { break };
                 known_head = known_head.max(envelope.seq);
                 if envelope.seq == sent + 1 && in_flight.len() < window {
                     sent = envelope.seq;
@@ -1187,7 +1186,7 @@ async fn deliver(
                 cursor.next();
             }
         }
-        if lagged.swap(false, Ordering::AcqRel) {
+        if live.take_lagged() {
             // Live envelopes were dropped for this slow device: catch up from
             // the store, up to the durable head.
             known_head = known_head.max(subscription.durable());
