@@ -546,17 +546,21 @@ async fn connect_storm(
     target: &Target,
     args: crate::StormArgs,
 ) -> anyhow::Result<RunResult> {
+    // Clients have their keys before they connect (a storm is clients
+    // coming back, after a restart or a network outage): generate them
+    // before the clock starts, so the rate is the rate of handshakes and
+    // authentications, not of the load generator's key generation.
+    let parties: Vec<Party> = (0..args.connections).map(|_| Party::new()).collect();
     let before = target.sample();
     let bar = progress(cli, "connecting");
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for index in 0..args.connections {
+    for (index, party) in parties.into_iter().enumerate() {
         let permit = limit.clone().acquire_owned().await?;
         let config = target.connect_config(index);
         tasks.spawn(async move {
             let _permit = permit;
-            let party = Party::new();
             let begun = Instant::now();
             let options =
                 ClientOptions::primary(config, party.signing.clone(), party.encryption.clone());
