@@ -367,10 +367,6 @@ async fn authenticate(
     ))
 }
 
-/// The next request of a session, or `None` when the session ends: the
-/// client closed, the broker shuts down, the stream cannot be read on, or
-/// the answer to a skipped invalid frame cannot be sent. An invalid frame
-/// that can be skipped is answered with its error and reading goes on.
 /// The file streams a client opens next to its first stream. The request
 /// loop accepts them (a task per connection just to accept them cost about
 /// 1 KB of every idle connection) and serves each in a task of its own.
@@ -407,7 +403,11 @@ impl FileStreams {
     }
 }
 
-/// The next frame of the session's stream, accepting file streams meanwhile.
+/// The next request of a session, or `None` when the session ends: the
+/// client closed, the broker shuts down, the stream cannot be read on, or
+/// the answer to a skipped invalid frame cannot be sent. An invalid frame
+/// that can be skipped is answered with its error and reading goes on.
+/// File streams the client opens meanwhile are accepted and served.
 async fn next_request(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
