@@ -224,15 +224,16 @@ impl Watches {
     }
 
     /// An actor taking over `address`'s watch, or starting one at `head`
-    /// (the store's head, read after [`Watches::actor_starting`]).
+    /// (the store's head, read after [`Watches::actor_starting`]). An
+    /// existing watch keeps its durable head: `head` may include envelopes
+    /// another actor of the address (one that won a race to start) has
+    /// inserted but not yet flushed.
     fn attach_actor(self: &Arc<Self>, address: Address, head: u64) -> WatchLease {
         let watch = self
             .map
             .entry(address)
             .or_insert_with(|| Arc::new(Watch::new(head)))
             .clone();
-        // Without an actor nothing was written, so the store's head is durable.
-        watch.durable_seq.fetch_max(head, Ordering::AcqRel);
         self.lease(address, watch, true)
     }
 
@@ -1430,6 +1431,19 @@ mod tests {
         actor.publish(&Arc::new(envelope(7, 0, u64::MAX)));
         assert_eq!(queued(&pushed), [6, 7]);
         assert_eq!(session.durable(), 7);
+    }
+
+    #[test]
+    fn a_second_actor_does_not_raise_the_durable_head_to_what_it_read() {
+        let watches = Arc::new(Watches::default());
+        let winner = watches.attach_actor(address(1), 5);
+        // The loser of a race to start read the head after the winner's
+        // append was inserted, before its flush.
+        let loser = watches.attach_actor(address(1), 6);
+        assert_eq!(loser.durable(), 5, "6 is not durable yet");
+        drop(loser);
+        winner.publish(&Arc::new(envelope(6, 0, u64::MAX)));
+        assert_eq!(winner.durable(), 6);
     }
 
     #[test]
