@@ -352,6 +352,10 @@ pub struct TransportConfig {
     pub udp_recv_buffer: ByteSize,
     /// UDP socket send buffer; the kernel may cap it (net.core.wmem_max).
     pub udp_send_buffer: ByteSize,
+    /// Probe each connection's path for packets above QUIC's 1,200-byte
+    /// minimum (quinn's MTU discovery): about six probes and their acks per
+    /// connection after the handshake and again every ten minutes.
+    pub mtu_discovery: bool,
 }
 
 impl Default for TransportConfig {
@@ -365,6 +369,7 @@ impl Default for TransportConfig {
             keep_alive: Duration::from_secs(15),
             udp_recv_buffer: ByteSize::mib(4),
             udp_send_buffer: ByteSize::mib(4),
+            mtu_discovery: false,
         }
     }
 }

@@ -25,6 +25,9 @@ pub fn transport_config(config: &TransportConfig) -> anyhow::Result<quinn::Trans
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(IdleTimeout::try_from(config.idle_timeout)?))
         .keep_alive_interval(Some(config.keep_alive));
+    if !config.mtu_discovery {
+        transport.mtu_discovery_config(None);
+    }
     Ok(transport)
 }
 

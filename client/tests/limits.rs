@@ -298,3 +298,35 @@ async fn a_full_mailbox_refuses_more_until_envelopes_are_deleted_or_expire() {
     }
     broker.shutdown().await;
 }
+
+/// The path MTU a fresh connection settles on within `wait`.
+async fn settled_mtu(broker: &TestBroker, mtu_discovery: bool, wait: Duration) -> u16 {
+    let mut config = broker.connect_config();
+    config.mtu_discovery = mtu_discovery;
+    let connection = RawConnection::connect(&config).await.expect("connects");
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mtu = connection.connection().stats().path.current_mtu;
+        if mtu > 1200 || tokio::time::Instant::now() >= deadline {
+            return mtu;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn mtu_discovery_is_off_by_default_and_probes_when_both_sides_turn_it_on() {
+    // Off: connections stay at QUIC's 1,200-byte minimum (on loopback a probe
+    // takes a round trip of microseconds, so half a second would show one).
+    let broker = TestBroker::start().await;
+    assert_eq!(
+        settled_mtu(&broker, false, Duration::from_millis(500)).await,
+        1200
+    );
+    broker.shutdown().await;
+
+    let broker = TestBroker::start_with(|config| config.transport.mtu_discovery = true).await;
+    let mtu = settled_mtu(&broker, true, Duration::from_secs(10)).await;
+    assert!(mtu > 1200, "no probe raised the MTU: {mtu}");
+    broker.shutdown().await;
+}

@@ -19,6 +19,8 @@ pub struct Target {
     pub connect: ConnectConfig,
     /// Shared client endpoints.
     pub endpoints: Vec<quinn::Endpoint>,
+    /// Whether clients probe the path MTU (`--mtu-discovery`).
+    pub mtu_discovery: bool,
     /// The broker's PID, when local.
     pub pid: Option<u32>,
     /// The broker's metrics/health address, when spawned.
@@ -45,7 +47,9 @@ impl Target {
             .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))
             .collect::<Result<Vec<_>, _>>()?;
         if args.spawn_broker {
-            return spawn(endpoints, &args.broker_env).await;
+            let mut target = spawn(endpoints, &args.broker_env).await?;
+            target.mtu_discovery = args.mtu_discovery;
+            return Ok(target);
         }
         let Some(server) = args.server.clone() else {
             bail!("give --server HOST:PORT (with --ca or --fingerprint), or --spawn-broker");
@@ -60,6 +64,7 @@ impl Target {
         Ok(Target {
             connect,
             endpoints,
+            mtu_discovery: args.mtu_discovery,
             pid: args.broker_pid,
             metrics: None,
             child: Mutex::new(None),
@@ -70,6 +75,7 @@ impl Target {
     /// A connect config using the `index`-th shared endpoint.
     pub fn connect_config(&self, index: usize) -> ConnectConfig {
         let mut config = self.connect.clone();
+        config.mtu_discovery = self.mtu_discovery;
         config.endpoint = Some(self.endpoints[index % self.endpoints.len()].clone());
         config
     }
@@ -188,6 +194,7 @@ async fn spawn(
     Ok(Target {
         connect,
         endpoints,
+        mtu_discovery: false,
         pid,
         metrics,
         child: Mutex::new(Some(child)),

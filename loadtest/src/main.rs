@@ -68,6 +68,11 @@ pub struct TargetArgs {
     /// Client UDP endpoints to spread connections over.
     #[arg(long, global = true, default_value_t = 4)]
     endpoints: usize,
+    /// Let the clients probe for a path MTU above 1,200 bytes (off in the
+    /// client library by default; a spawned broker also needs
+    /// `--broker-env BACKBONE__TRANSPORT__MTU_DISCOVERY=true`).
+    #[arg(long, global = true)]
+    mtu_discovery: bool,
 }
 
 /// The scenarios.
