@@ -134,11 +134,14 @@ pub struct Watch {
 }
 
 impl Watch {
-    fn new(durable_seq: u64) -> Self {
-        Self {
+    /// A new watch at `durable_seq`, counted in `backbone_mailbox_watches`
+    /// until it leaves the map.
+    fn created(durable_seq: u64) -> Arc<Self> {
+        metrics::gauge!("backbone_mailbox_watches").increment(1.0);
+        Arc::new(Self {
             durable_seq: AtomicU64::new(durable_seq),
             subscribers: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The highest sequence number known durable.
@@ -232,7 +235,7 @@ impl Watches {
         let watch = self
             .map
             .entry(address)
-            .or_insert_with(|| Arc::new(Watch::new(head)))
+            .or_insert_with(|| Watch::created(head))
             .clone();
         self.lease(address, watch, true)
     }
@@ -260,7 +263,7 @@ impl Watches {
                 if self.epoch() != epoch {
                     return None;
                 }
-                slot.insert(Arc::new(Watch::new(head))).clone()
+                slot.insert(Watch::created(head)).clone()
             }
         };
         Some(self.lease(address, watch, false))
@@ -312,9 +315,14 @@ impl Drop for WatchLease {
         drop(self.watch.take());
         // Each holder drops its own hold before looking, so the last of
         // several dropping at once sees only the map's.
-        self.watches
+        if self
+            .watches
             .map
-            .remove_if(&self.address, |_, watch| Arc::strong_count(watch) == 1);
+            .remove_if(&self.address, |_, watch| Arc::strong_count(watch) == 1)
+            .is_some()
+        {
+            metrics::gauge!("backbone_mailbox_watches").decrement(1.0);
+        }
     }
 }
 
@@ -1133,6 +1141,11 @@ impl Registry {
     /// How many mailbox actors are alive.
     pub fn active(&self) -> usize {
         self.context.actors.len()
+    }
+
+    /// How many mailboxes have a watch: an actor or a subscribed device.
+    pub fn watched(&self) -> usize {
+        self.context.watches.len()
     }
 
     /// A fresh subscriber id.

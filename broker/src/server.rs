@@ -314,6 +314,11 @@ impl Broker {
         self.shared.registry.active()
     }
 
+    /// Mailboxes with an actor or a subscribed device (for tests and status).
+    pub fn watched_mailboxes(&self) -> usize {
+        self.shared.registry.watched()
+    }
+
     /// Graceful shutdown: stop accepting, let in-flight requests finish, flush, stop.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down");

@@ -321,6 +321,17 @@ fn kill_9_loses_no_acknowledged_envelope_and_sigterm_exits_cleanly() {
         scraped.contains("backbone_store_flush_seconds"),
         "{scraped}"
     );
+    // Alice's five sessions each held a watch of her mailbox and left none
+    // behind; Bob's mailbox keeps one while its actor lives.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scraped = http_get(&metrics, "/metrics");
+        if scraped.contains("backbone_mailbox_watches 1\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{scraped}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // SIGKILL: no shutdown path runs. What was acknowledged must still be there.
     broker.kill_9();

@@ -636,6 +636,19 @@ async fn a_connected_device_keeps_no_actor_and_still_gets_pushes() {
         }
     }
     assert_no_delivery(&bob_client, Duration::from_millis(200)).await;
+    // Both are still connected, so both mailboxes are watched; once they
+    // leave, nothing is left behind.
+    assert_eq!(broker.broker().watched_mailboxes(), 2);
+    drop((alice_client, bob_client));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.broker().watched_mailboxes() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} watches left after the sessions ended",
+            broker.broker().watched_mailboxes()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     broker.shutdown().await;
 }
 
