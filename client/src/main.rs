@@ -398,12 +398,52 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(async {
+        let outcome = run(cli.command).await;
+        close_connections().await;
+        outcome
+    });
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(exit_code(&error))
         }
+    }
+}
+
+/// The one UDP endpoint every connection of this run uses, so that
+/// [`close_connections`] can close them all before the process exits.
+static ENDPOINT: std::sync::OnceLock<quinn::Endpoint> = std::sync::OnceLock::new();
+
+/// The run's endpoint, bound on first use for the address family of
+/// `server`; `None` when `server` does not resolve (connecting reports that).
+fn endpoint_for(server: &str) -> anyhow::Result<Option<quinn::Endpoint>> {
+    if let Some(endpoint) = ENDPOINT.get() {
+        return Ok(Some(endpoint.clone()));
+    }
+    let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(server)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+    else {
+        return Ok(None);
+    };
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
+    Ok(Some(ENDPOINT.get_or_init(|| endpoint).clone()))
+}
+
+/// Closes this run's connections and waits, up to a second, until the
+/// broker was told: a process that exits without this leaves its sessions
+/// open on the broker until the broker's idle timeout.
+async fn close_connections() {
+    if let Some(endpoint) = ENDPOINT.get() {
+        endpoint.close(quinn::VarInt::from_u32(0), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 }
 
@@ -463,6 +503,7 @@ fn connect_config(args: &ConnectArgs) -> anyhow::Result<ConnectConfig> {
         }
     };
     let mut connect = ConnectConfig::new(args.server.clone(), trust);
+    connect.endpoint = endpoint_for(&args.server)?;
     connect.server_name = args.server_name.clone().or_else(|| {
         let host = args
             .server

@@ -321,12 +321,16 @@ fn kill_9_loses_no_acknowledged_envelope_and_sigterm_exits_cleanly() {
         scraped.contains("backbone_store_flush_seconds"),
         "{scraped}"
     );
-    // Alice's five sessions each held a watch of her mailbox and left none
-    // behind; Bob's mailbox keeps one while its actor lives.
+    // Each CLI run closed its connection before exiting, so no session
+    // waits for the broker's idle timeout (a minute). Alice's five sessions
+    // each held a watch of her mailbox and left none behind; Bob's mailbox
+    // keeps one while its actor lives.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let scraped = http_get(&metrics, "/metrics");
-        if scraped.contains("backbone_mailbox_watches 1\n") {
+        if scraped.contains("backbone_sessions 0\n")
+            && scraped.contains("backbone_mailbox_watches 1\n")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "{scraped}");
