@@ -19,7 +19,7 @@ use backbone_protocol::deletion::Deletion;
 use backbone_protocol::frame::{RequestRelationship, SealedSend, SendAck};
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship, Role, State};
 use backbone_protocol::{Address, DeviceCertificate, ErrorCode, Frame, Keypair};
-use support::{Identity, TestBroker, TestFleet};
+use support::{Identity, TestBroker, TestFleet, eventually};
 
 /// Long enough that nothing expires when the tests move the clock by hours.
 const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -44,15 +44,6 @@ fn refused(ack: &SendAck) -> Option<ErrorCode> {
         panic!("one failed recipient: {ack:?}");
     };
     ErrorCode::from_u16(failed.code)
-}
-
-/// Polls `check` until it holds, failing the test after [`WAIT`].
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Whether `identity` is refused at authentication with `IdentityDeleted`.
@@ -276,7 +267,7 @@ async fn after_the_grace_period_the_identity_is_gone_from_the_data_directory() {
     broker.advance_clock(GRACE);
 
     // The connected client is closed with IdentityDeleted and gives up.
-    eventually("the deleted identity's client stops", async || {
+    eventually("the deleted identity's client stops", WAIT, async || {
         matches!(alice_client.status(), Status::Stopped(reason) if reason.contains("identity was deleted"))
     })
     .await;
@@ -399,7 +390,7 @@ async fn every_way_to_reach_a_deleted_identity_is_refused() {
     bob_client.fetch_card(&a).await.expect("her card");
 
     alice_client.delete_identity().await.expect("scheduled");
-    eventually("she is purged", async || {
+    eventually("she is purged", WAIT, async || {
         refused_at_auth(&broker.connect_config(), &alice).await
     })
     .await;
@@ -517,7 +508,7 @@ async fn a_scheduled_deletion_survives_a_restart_and_is_carried_out_after_it() {
     drop(client);
     broker.restart().await;
     broker.advance_clock(GRACE);
-    eventually("she is purged after the restart", async || {
+    eventually("she is purged after the restart", WAIT, async || {
         refused_at_auth(&broker.connect_config(), &alice).await
     })
     .await;
@@ -549,7 +540,7 @@ async fn peers_on_another_node_are_told_even_if_that_node_was_down() {
 
     fleet.stop(1).await;
     fleet.nodes[0].advance_clock(GRACE);
-    eventually("she is purged while node 1 is down", async || {
+    eventually("she is purged while node 1 is down", WAIT, async || {
         refused_at_auth(&fleet.connect_config(0), &alice).await
     })
     .await;
@@ -611,7 +602,7 @@ async fn a_tombstone_and_a_scheduled_deletion_move_with_their_slot() {
         .await
         .expect("scheduled");
     fleet.nodes[0].advance_clock(GRACE);
-    eventually("the first is purged on node 0", async || {
+    eventually("the first is purged on node 0", WAIT, async || {
         refused_at_auth(&fleet.connect_config(0), &gone).await
     })
     .await;
@@ -637,7 +628,7 @@ async fn a_tombstone_and_a_scheduled_deletion_move_with_their_slot() {
     assert_eq!(client.delete_identity().await.expect("answered"), purge_at);
     drop(client);
     fleet.nodes[2].advance_clock(3 * GRACE);
-    eventually("the second is purged on node 2", async || {
+    eventually("the second is purged on node 2", WAIT, async || {
         refused_at_auth(&fleet.connect_config(2), &leaving).await
     })
     .await;

@@ -10,7 +10,7 @@ use backbone_client::transport::{Credentials, RawConnection};
 use backbone_protocol::bytes::{Blob, EncryptionKey};
 use backbone_protocol::frame::{Ping, Send};
 use backbone_protocol::{DeviceCertificate, ErrorCode, Frame, IdentityCard, Keypair};
-use support::{Identity, TestBroker, assert_no_delivery, next_delivery};
+use support::{Identity, TestBroker, assert_no_delivery, eventually, next_delivery};
 
 const WAIT: Duration = Duration::from_secs(10);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -626,29 +626,22 @@ async fn a_connected_device_keeps_no_actor_and_still_gets_pushes() {
         assert_eq!(delivery.envelope, [round]);
         // Wait for Bob's actor to stop while he stays connected: the next
         // envelope starts a new one, which must push to him too.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while broker.broker().active_mailboxes() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "actors never stopped"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually("every actor stops", WAIT, async || {
+            broker.broker().active_mailboxes() == 0
+        })
+        .await;
     }
     assert_no_delivery(&bob_client, Duration::from_millis(200)).await;
     // Both are still connected, so both mailboxes are watched; once they
     // leave, nothing is left behind.
     assert_eq!(broker.broker().watched_mailboxes(), 2);
     drop((alice_client, bob_client));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while broker.broker().watched_mailboxes() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} watches left after the sessions ended",
-            broker.broker().watched_mailboxes()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "no watch is left after the sessions ended",
+        WAIT,
+        async || broker.broker().watched_mailboxes() == 0,
+    )
+    .await;
     broker.shutdown().await;
 }
 

@@ -170,6 +170,15 @@ pub async fn next_delivery(client: &Client, limit: Duration) -> backbone_client:
         .expect("client is running")
 }
 
+/// Polls `check` until it holds, failing the test after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Asserts that no delivery arrives within `wait`.
 pub async fn assert_no_delivery(client: &Client, wait: Duration) {
     if let Ok(Some(delivery)) = tokio::time::timeout(wait, client.next_delivery()).await {
