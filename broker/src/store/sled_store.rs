@@ -10,7 +10,7 @@
 //! | `envelopes` | `address(32) ‖ seq(u64 BE)`                  | `expires_at_ms(u64 BE) ‖ encode_value(StoredEnvelope)` |
 //! | `envelopes` | empty key                                    | how many envelopes the tree holds, `u64 BE` |
 //! | `expiry`    | `expires_at_ms(u64 BE) ‖ address(32) ‖ seq(u64 BE)` | empty |
-//! | `heads`     | `address(32)`                                | highest seq ever assigned, `u64 BE` |
+//! | `heads`     | `address(32)`                                | the mailbox's head once its highest envelope was removed, `u64 BE` |
 //! | `cursors`   | `address(32) ‖ device_id(32)`                | acknowledged seq, `u64 BE` |
 //! | `cards`     | `address(32)`                                | `encode_value(IdentityCard)` |
 //! | `devices`   | `address(32) ‖ device_id(32)`                | `encode_value(DeviceCertificate)` |
@@ -40,14 +40,18 @@
 //! that ends it. A crash before that flush may keep any subset of them, so the
 //! order of writes is chosen to make every partial state harmless:
 //!
-//! - Appends write the expiry entry and the head before the envelope. An
-//!   expiry entry whose envelope is missing (or has another expiry) is dropped
-//!   by [`Store::expire`] without counting it; an envelope never lacks its index
+//! - Appends write the expiry entry before the envelope. An expiry entry
+//!   whose envelope is missing (or has another expiry) is dropped by
+//!   [`Store::expire`] without counting it; an envelope never lacks its index
 //!   entry, so it cannot escape expiry.
 //! - Deletes remove the envelope before its expiry entry, for the same reason.
 //! - [`Store::head_seq`] is the larger of the head record and the highest
-//!   stored seq, so a head never falls below a stored envelope even if the head
-//!   record was lost.
+//!   stored seq. Appends write no head record (it was one more key per
+//!   envelope on the hot path): while a mailbox's highest envelope is
+//!   stored, it is the head. Deletes and expiry that remove a mailbox's
+//!   highest stored envelope first raise the head record to it, so the head
+//!   never falls back, and a crash that lost the record but kept the
+//!   envelope loses nothing either.
 //!
 //! - Tokens follow the same rule: a token's expiry and owner index entries
 //!   are written before the token and removed after it. A due expiry entry
@@ -136,11 +140,12 @@ const EPOCH_SLOT_LEN: usize = 32;
 #[cfg(test)]
 pub(crate) const FAIL_POINTS: &[&str] = &[
     "append.expiry",
-    "append.heads",
     "append.envelopes",
     "cursor",
+    "delete.head",
     "delete.envelope",
     "delete.expiry",
+    "expire.head",
     "expire.envelope",
     "expire.index",
     "card",
@@ -478,6 +483,31 @@ impl SledStore {
             .map(|head| head.unwrap_or(0))
     }
 
+    /// Before envelopes are removed: records the head of each mailbox whose
+    /// highest stored envelope is among them (`tops` maps an address to the
+    /// highest seq removed from it), so that [`Store::head_seq`] does not
+    /// fall back once they are gone. Appends write no head record; see
+    /// "Crash ordering" in the module documentation.
+    fn keep_heads(
+        &self,
+        tops: BTreeMap<Address, u64>,
+        fail_point: &'static str,
+    ) -> Result<(), StoreError> {
+        let mut heads = sled::Batch::default();
+        let mut any = false;
+        for (address, top) in tops {
+            if top > self.stored_head(&address)? && self.last_stored_seq(&address)? <= Some(top) {
+                heads.insert(&address.0[..], &top.to_be_bytes()[..]);
+                any = true;
+            }
+        }
+        if any {
+            self.fail_point(fail_point)?;
+            self.heads.apply_batch(heads)?;
+        }
+        Ok(())
+    }
+
     /// Removes envelopes that exist, with the count, in one atomic batch.
     fn remove_envelopes(
         &self,
@@ -670,7 +700,6 @@ impl Store for SledStore {
             let mut count = self.lock_mutations();
             let mut envelopes = sled::Batch::default();
             let mut expiry = sled::Batch::default();
-            let mut batch_heads: BTreeMap<Address, u64> = BTreeMap::new();
             let mut new_count = *count;
             for item in items {
                 let envelope = &item.envelope;
@@ -683,20 +712,11 @@ impl Store for SledStore {
                     &expiry_key(envelope.expires_at_ms, &item.address, envelope.seq)[..],
                     &[][..],
                 );
-                let head = batch_heads.entry(item.address).or_insert(0);
-                *head = (*head).max(envelope.seq);
             }
-            let mut heads = sled::Batch::default();
-            for (address, seq) in batch_heads {
-                if seq > self.stored_head(&address)? {
-                    heads.insert(&address.0[..], &seq.to_be_bytes()[..]);
-                }
-            }
-            // See "Crash ordering" in the module documentation.
+            // See "Crash ordering" in the module documentation. No head
+            // record: while an envelope is stored, it is its own head.
             self.fail_point("append.expiry")?;
             self.expiry.apply_batch(expiry)?;
-            self.fail_point("append.heads")?;
-            self.heads.apply_batch(heads)?;
             self.fail_point("append.envelopes")?;
             envelopes.insert(COUNT_KEY, &new_count.to_be_bytes()[..]);
             self.envelopes.apply_batch(envelopes)?;
@@ -801,6 +821,8 @@ impl Store for SledStore {
         if doomed.is_empty() {
             return Ok(0);
         }
+        let top = doomed.keys().copied().max().unwrap_or(0);
+        self.keep_heads(BTreeMap::from([(*address, top)]), "delete.head")?;
         let keys = doomed.keys().map(|seq| envelope_key(address, *seq));
         self.fail_point("delete.envelope")?;
         self.remove_envelopes(&mut count, keys)?;
@@ -824,6 +846,7 @@ impl Store for SledStore {
             None => self.expiry.iter(),
         };
         let mut doomed = Vec::new();
+        let mut tops: BTreeMap<Address, u64> = BTreeMap::new();
         let mut index_keys = Vec::new();
         for entry in due {
             let (index_key, _) = entry?;
@@ -835,6 +858,8 @@ impl Store for SledStore {
             };
             if matches {
                 doomed.push(key);
+                let top = tops.entry(address).or_insert(seq);
+                *top = (*top).max(seq);
             }
             // A stale entry (see "Crash ordering") is dropped without counting it.
             index_keys.push(index_key);
@@ -843,6 +868,7 @@ impl Store for SledStore {
             }
         }
         if !doomed.is_empty() {
+            self.keep_heads(tops, "expire.head")?;
             self.fail_point("expire.envelope")?;
             self.remove_envelopes(&mut count, doomed.iter().copied())?;
         }
@@ -2113,6 +2139,41 @@ mod tests {
     }
 
     #[test]
+    fn sled_store_writes_a_head_record_only_when_the_highest_envelope_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let (a, b) = (Address([1; 32]), Address([2; 32]));
+        store
+            .append_batch(&[
+                append(a, envelope(1, 10)),
+                append(a, envelope(2, 50)),
+                append(a, envelope(3, 10)),
+                append(b, envelope(1, 10)),
+                append(b, envelope(2, 50)),
+            ])
+            .expect("append");
+        assert_eq!(store.heads.len(), 0, "appends write no head record");
+        // Removing envelopes below the highest needs no record.
+        assert_eq!(store.delete(&a, &[1]), Ok(1));
+        assert_eq!(store.heads.len(), 0);
+        // Removing the highest records it first.
+        assert_eq!(store.delete(&a, &[3]), Ok(1));
+        assert_eq!(store.stored_head(&a), Ok(3));
+        assert_eq!(store.head_seq(&a), Ok(3));
+        // Expiry: b's highest (2) outlives the sweep, a's last one does not.
+        assert_eq!(store.expire(10, 10), Ok(1));
+        assert_eq!(store.stored_head(&b), Ok(0));
+        assert_eq!(store.expire(50, 10), Ok(2));
+        assert_eq!(store.stored_head(&a), Ok(3));
+        assert_eq!(store.stored_head(&b), Ok(2));
+        assert_eq!(store.head_seq(&b), Ok(2));
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.head_seq(&a), Ok(3));
+        assert_eq!(store.head_seq(&b), Ok(2));
+    }
+
+    #[test]
     fn sled_store_reports_corrupt_records_as_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
@@ -2251,6 +2312,7 @@ mod fault_tests {
         store.put_card(&IdentityCard::sign(&identity, EncryptionKey([3; 32]), 4))?;
         store.put_device(&b, &DeviceCertificate::issue(&identity, device_key, 6))?;
         store.append_batch(&appends(b, 1..=2, 1_000))?;
+        store.delete(&b, &[2])?;
         // The same envelopes with another expiry, and a higher head.
         store.import_mailbox(&MailboxExport {
             address: b,
