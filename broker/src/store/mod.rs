@@ -314,7 +314,7 @@ pub fn begin_run(store: &dyn Store) -> Result<u64, StoreError> {
 
 /// The broker's storage interface. Every method blocks.
 pub trait Store: Send + Sync + 'static {
-    /// Writes all appends (envelope + expiry index entry + mailbox head), then
+    /// Writes all appends (envelope + expiry index entry), then
     /// makes them durable (flush) before returning. Blocking.
     ///
     /// On error nothing is acknowledged, but some of the items may still have
@@ -337,7 +337,8 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError>;
 
     /// Highest seq ever assigned in the mailbox (0 if none). Survives deletion
-    /// and expiry of all envelopes, because a head record is persisted.
+    /// and expiry of all envelopes: a store records the head before it
+    /// removes a mailbox's highest envelope.
     fn head_seq(&self, address: &Address) -> Result<u64, StoreError>;
 
     /// Lowest stored seq (`None` if empty). Envelopes that have expired but not
