@@ -767,6 +767,11 @@ impl Actor for MailboxActor {
 }
 
 impl MailboxState {
+    /// The mailbox's address.
+    pub(crate) fn address(&self) -> Address {
+        self.address
+    }
+
     /// Answers a retirement and stops: the identity is deleted and no
     /// write of its mailbox is in flight. The registry forgets the actor
     /// first, so the next caller spawns a fresh one, which finds the

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::mailbox::MailboxContext;
+use crate::mailbox::{MailboxContext, MailboxState};
 use crate::store::Store;
 
 /// The root supervisor.
@@ -90,11 +90,22 @@ impl Actor for RootSupervisor {
                         .retain(|_, actor| actor.get_id() != cell.get_id());
                 }
             }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state
-                    .mailboxes
-                    .actors
-                    .retain(|_, actor| actor.get_id() != cell.get_id());
+            SupervisionEvent::ActorTerminated(cell, mut last, _) => {
+                // A mailbox actor that stopped cleanly has already left the
+                // registry (its post_stop does that) unless it was killed;
+                // its last state names its address, so it is removed by key.
+                // Only an actor that left no state costs a scan of them all.
+                let actors = &state.mailboxes.actors;
+                match last
+                    .as_mut()
+                    .and_then(|last| last.take::<MailboxState>().ok())
+                {
+                    Some(last) => {
+                        actors
+                            .remove_if(&last.address(), |_, actor| actor.get_id() == cell.get_id());
+                    }
+                    None => actors.retain(|_, actor| actor.get_id() != cell.get_id()),
+                }
             }
             _ => {}
         }
@@ -187,5 +198,88 @@ impl Actor for ExpiryActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::{MailboxQuota, Registry};
+    use crate::store::tests::{address, envelope};
+    use crate::store::{MemoryStore, Writer};
+    use backbone_protocol::relationship::InboundPolicy;
+
+    #[tokio::test]
+    async fn a_killed_mailbox_actor_leaves_the_registry_and_only_that_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let (writer, handle) = Writer::start(store.clone());
+        let context = Arc::new(MailboxContext {
+            store: store.clone(),
+            writer: handle,
+            idle_timeout: Duration::from_secs(600),
+            actors: dashmap::DashMap::new(),
+            watches: Arc::default(),
+            quota: MailboxQuota {
+                max_envelopes: 0,
+                max_bytes: 0,
+            },
+            clock: Arc::new(|| 0),
+            default_policy: InboundPolicy::Anyone,
+            notice_ttl: Duration::from_secs(60),
+            seq_floor: 0,
+        });
+        let expiry = ExpiryArgs {
+            store,
+            interval: Duration::from_secs(600),
+            batch: 100,
+            clock: Arc::new(|| 0),
+            files: Arc::new(crate::files::Files::open(dir.path()).expect("files")),
+        };
+        let (supervisor, _) = Actor::spawn(
+            None,
+            RootSupervisor,
+            RootArgs {
+                mailboxes: context.clone(),
+                expiry,
+            },
+        )
+        .await
+        .expect("supervisor");
+        let registry = Registry::new(context.clone(), Some(supervisor.get_cell()));
+        let (a, b) = (address(1), address(2));
+        for to in [a, b] {
+            registry
+                .append(&to, envelope(0, 0, u64::MAX))
+                .await
+                .expect("append");
+        }
+        assert_eq!(registry.active(), 2);
+
+        // Killed: its post_stop does not run, so the supervisor removes it.
+        let killed = context.actors.get(&a).expect("a's actor").clone();
+        killed.kill();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while context.actors.contains_key(&a) {
+            assert!(tokio::time::Instant::now() < deadline, "a's actor stayed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(context.actors.contains_key(&b), "b's actor is untouched");
+        // The next write starts a fresh actor that numbers on.
+        let seq = registry
+            .append(&a, envelope(0, 0, u64::MAX))
+            .await
+            .expect("append after the kill");
+        assert_eq!(seq, 2);
+        assert_ne!(
+            context.actors.get(&a).expect("a's new actor").get_id(),
+            killed.get_id()
+        );
+
+        supervisor.stop(None);
+        tokio::task::spawn_blocking(move || writer.shutdown())
+            .await
+            .expect("join")
+            .expect("shutdown");
     }
 }
