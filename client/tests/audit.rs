@@ -352,7 +352,14 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         }
     }
     bob_client.ack(last).await.expect("ack");
-    bob_client.delete(vec![1]).await.expect("delete");
+    // One more, deleted again with the first: removing bob's highest
+    // envelope makes the store record his mailbox's head.
+    let extra = alice_client
+        .send(&[bob.address()], b"deleted again", HOUR)
+        .await
+        .expect("sent");
+    let extra_seq = extra.stored[0].seq;
+    bob_client.delete(vec![1, extra_seq]).await.expect("delete");
     // Past the short TTL, Erin's grace period and a few expiry sweeps.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     // Frank asks for his deletion just before the broker stops: it is
