@@ -410,9 +410,13 @@ pub enum MailboxMsg {
         /// The tombstone, once no write of this mailbox is in flight.
         reply: RetireReply,
     },
-    /// Internal timer: stop if idle.
+    /// Internal timer: stop if idle, else check again when the actor
+    /// would be.
     IdleCheck,
 }
+
+/// The shortest wait between two idle checks of one actor.
+const MIN_IDLE_CHECK: Duration = Duration::from_millis(10);
 
 /// How much one mailbox may hold; 0 means no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -542,8 +546,11 @@ impl Actor for MailboxActor {
         // reusing a number an earlier run may have shown and since lost.
         let head = stored_head.max(args.context.seq_floor);
         let policy = policy.unwrap_or(args.context.default_policy);
-        let interval = (args.context.idle_timeout / 2).max(Duration::from_millis(10));
-        myself.send_interval(interval, || MailboxMsg::IdleCheck);
+        // One timer at a time, re-armed by each check for the idle time
+        // still owed: a mailbox written once is checked once.
+        myself.send_after(args.context.idle_timeout.max(MIN_IDLE_CHECK), || {
+            MailboxMsg::IdleCheck
+        });
         metrics::gauge!("backbone_mailbox_actors").increment(1.0);
         Ok(MailboxState {
             address,
@@ -749,9 +756,16 @@ impl Actor for MailboxActor {
             MailboxMsg::IdleCheck => {
                 // Subscribed devices do not keep the actor: the watch outlives
                 // it, and the next write starts an actor that takes it over.
-                let idle = state.pending_writes == 0
-                    && state.last_activity.elapsed() >= state.context.idle_timeout;
-                if idle {
+                let timeout = state.context.idle_timeout;
+                let quiet = state.last_activity.elapsed();
+                if state.pending_writes > 0 || quiet < timeout {
+                    let next = if state.pending_writes > 0 {
+                        timeout / 2
+                    } else {
+                        timeout - quiet
+                    };
+                    myself.send_after(next.max(MIN_IDLE_CHECK), || MailboxMsg::IdleCheck);
+                } else {
                     // Leave the registry first so new callers spawn a fresh actor;
                     // any message still queued here is dropped and its caller retries.
                     state

@@ -207,79 +207,138 @@ mod tests {
     use crate::mailbox::{MailboxQuota, Registry};
     use crate::store::tests::{address, envelope};
     use crate::store::{MemoryStore, Writer};
+    use backbone_protocol::Address;
     use backbone_protocol::relationship::InboundPolicy;
+
+    /// A registry linked to a running root supervisor, as the broker runs
+    /// them, over a memory store.
+    struct Tree {
+        registry: Registry,
+        context: Arc<MailboxContext>,
+        supervisor: ActorRef<RootMsg>,
+        writer: Writer,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Tree {
+        async fn start(idle_timeout: Duration) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+            let (writer, handle) = Writer::start(store.clone());
+            let context = Arc::new(MailboxContext {
+                store: store.clone(),
+                writer: handle,
+                idle_timeout,
+                actors: dashmap::DashMap::new(),
+                watches: Arc::default(),
+                quota: MailboxQuota {
+                    max_envelopes: 0,
+                    max_bytes: 0,
+                },
+                clock: Arc::new(|| 0),
+                default_policy: InboundPolicy::Anyone,
+                notice_ttl: Duration::from_secs(60),
+                seq_floor: 0,
+            });
+            let expiry = ExpiryArgs {
+                store,
+                interval: Duration::from_secs(600),
+                batch: 100,
+                clock: Arc::new(|| 0),
+                files: Arc::new(crate::files::Files::open(dir.path()).expect("files")),
+            };
+            let (supervisor, _) = Actor::spawn(
+                None,
+                RootSupervisor,
+                RootArgs {
+                    mailboxes: context.clone(),
+                    expiry,
+                },
+            )
+            .await
+            .expect("supervisor");
+            let registry = Registry::new(context.clone(), Some(supervisor.get_cell()));
+            Self {
+                registry,
+                context,
+                supervisor,
+                writer,
+                _dir: dir,
+            }
+        }
+
+        async fn append(&self, to: Address) -> u64 {
+            self.registry
+                .append(&to, envelope(0, 0, u64::MAX))
+                .await
+                .expect("append")
+        }
+
+        fn actor_id(&self, of: &Address) -> Option<ractor::ActorId> {
+            self.context.actors.get(of).map(|actor| actor.get_id())
+        }
+
+        async fn until_gone(&self, of: &Address, limit: Duration) {
+            let deadline = tokio::time::Instant::now() + limit;
+            while self.context.actors.contains_key(of) {
+                assert!(tokio::time::Instant::now() < deadline, "the actor stayed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.supervisor.stop(None);
+            let writer = self.writer;
+            tokio::task::spawn_blocking(move || writer.shutdown())
+                .await
+                .expect("join")
+                .expect("shutdown");
+        }
+    }
 
     #[tokio::test]
     async fn a_killed_mailbox_actor_leaves_the_registry_and_only_that_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let (writer, handle) = Writer::start(store.clone());
-        let context = Arc::new(MailboxContext {
-            store: store.clone(),
-            writer: handle,
-            idle_timeout: Duration::from_secs(600),
-            actors: dashmap::DashMap::new(),
-            watches: Arc::default(),
-            quota: MailboxQuota {
-                max_envelopes: 0,
-                max_bytes: 0,
-            },
-            clock: Arc::new(|| 0),
-            default_policy: InboundPolicy::Anyone,
-            notice_ttl: Duration::from_secs(60),
-            seq_floor: 0,
-        });
-        let expiry = ExpiryArgs {
-            store,
-            interval: Duration::from_secs(600),
-            batch: 100,
-            clock: Arc::new(|| 0),
-            files: Arc::new(crate::files::Files::open(dir.path()).expect("files")),
-        };
-        let (supervisor, _) = Actor::spawn(
-            None,
-            RootSupervisor,
-            RootArgs {
-                mailboxes: context.clone(),
-                expiry,
-            },
-        )
-        .await
-        .expect("supervisor");
-        let registry = Registry::new(context.clone(), Some(supervisor.get_cell()));
+        let tree = Tree::start(Duration::from_secs(600)).await;
         let (a, b) = (address(1), address(2));
-        for to in [a, b] {
-            registry
-                .append(&to, envelope(0, 0, u64::MAX))
-                .await
-                .expect("append");
-        }
-        assert_eq!(registry.active(), 2);
+        tree.append(a).await;
+        tree.append(b).await;
+        assert_eq!(tree.registry.active(), 2);
 
         // Killed: its post_stop does not run, so the supervisor removes it.
-        let killed = context.actors.get(&a).expect("a's actor").clone();
+        let killed = tree.context.actors.get(&a).expect("a's actor").clone();
         killed.kill();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while context.actors.contains_key(&a) {
-            assert!(tokio::time::Instant::now() < deadline, "a's actor stayed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(context.actors.contains_key(&b), "b's actor is untouched");
-        // The next write starts a fresh actor that numbers on.
-        let seq = registry
-            .append(&a, envelope(0, 0, u64::MAX))
-            .await
-            .expect("append after the kill");
-        assert_eq!(seq, 2);
-        assert_ne!(
-            context.actors.get(&a).expect("a's new actor").get_id(),
-            killed.get_id()
+        tree.until_gone(&a, Duration::from_secs(10)).await;
+        assert!(
+            tree.context.actors.contains_key(&b),
+            "b's actor is untouched"
         );
+        // The next write starts a fresh actor that numbers on.
+        assert_eq!(tree.append(a).await, 2);
+        assert_ne!(tree.actor_id(&a), Some(killed.get_id()));
+        tree.stop().await;
+    }
 
-        supervisor.stop(None);
-        tokio::task::spawn_blocking(move || writer.shutdown())
-            .await
-            .expect("join")
-            .expect("shutdown");
+    #[tokio::test]
+    async fn a_mailbox_actor_lives_while_written_and_stops_one_idle_timeout_after() {
+        let timeout = Duration::from_secs(1);
+        let tree = Tree::start(timeout).await;
+        let a = address(1);
+        tree.append(a).await;
+        let first = tree.actor_id(&a).expect("started");
+        // Writes well within the timeout of each other, for 2.5 timeouts.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < timeout * 5 / 2 {
+            tokio::time::sleep(timeout / 4).await;
+            tree.append(a).await;
+            assert_eq!(tree.actor_id(&a), Some(first), "stopped while written");
+        }
+        let last_write = tokio::time::Instant::now();
+        tree.until_gone(&a, timeout * 10).await;
+        assert!(
+            last_write.elapsed() >= timeout,
+            "stopped {:?} after the last write",
+            last_write.elapsed()
+        );
+        tree.stop().await;
     }
 }
