@@ -2160,7 +2160,9 @@ mod tests {
         assert_eq!(store.delete(&a, &[3]), Ok(1));
         assert_eq!(store.stored_head(&a), Ok(3));
         assert_eq!(store.head_seq(&a), Ok(3));
-        // Expiry: b's highest (2) outlives the sweep, a's last one does not.
+        // Expiry: the first sweep takes only b's 1, below its highest (no
+        // record); the second takes a's 2, below a's recorded head, and b's
+        // highest, which is recorded.
         assert_eq!(store.expire(10, 10), Ok(1));
         assert_eq!(store.stored_head(&b), Ok(0));
         assert_eq!(store.expire(50, 10), Ok(2));
