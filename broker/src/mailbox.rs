@@ -516,6 +516,10 @@ pub struct MailboxArgs {
     pub address: Address,
     /// Shared context.
     pub context: Arc<MailboxContext>,
+    /// Count the mailbox's usage at start, in the same blocking call as
+    /// its other reads: the actor is started for a write, whose quota
+    /// check needs the count at once.
+    pub count_usage: bool,
 }
 
 impl Actor for MailboxActor {
@@ -531,13 +535,18 @@ impl Actor for MailboxActor {
         let store = args.context.store.clone();
         let address = args.address;
         args.context.watches.actor_starting();
-        let (stored_head, policy, relationships, deletion) =
+        let count_usage = args.count_usage && !args.context.quota.is_unlimited();
+        let now_ms = (args.context.clock)();
+        let (stored_head, policy, relationships, deletion, usage) =
             tokio::task::spawn_blocking(move || {
                 Ok::<_, StoreError>((
                     store.head_seq(&address)?,
                     store.inbound_policy(&address)?,
                     store.relationships(&address)?,
                     store.deletion(&address)?,
+                    count_usage
+                        .then(|| store.usage(&address, now_ms))
+                        .transpose()?,
                 ))
             })
             .await??;
@@ -558,8 +567,8 @@ impl Actor for MailboxActor {
             context: args.context,
             last_seq: head,
             pending_writes: 0,
-            usage: None,
-            counted_at: None,
+            counted_at: usage.map(|_| Instant::now()),
+            usage,
             in_flight: MailboxUsage::default(),
             last_activity: Instant::now(),
             policy,
@@ -1172,13 +1181,20 @@ impl Registry {
         self.next_subscriber.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn actor(&self, address: &Address) -> Result<ActorRef<MailboxMsg>, MailboxError> {
+    /// The running actor of `address`, or a new one (see
+    /// [`MailboxArgs::count_usage`] for `for_write`).
+    async fn actor(
+        &self,
+        address: &Address,
+        for_write: bool,
+    ) -> Result<ActorRef<MailboxMsg>, MailboxError> {
         if let Some(actor) = self.context.actors.get(address) {
             return Ok(actor.clone());
         }
         let args = MailboxArgs {
             address: *address,
             context: self.context.clone(),
+            count_usage: for_write,
         };
         let spawned = match &self.supervisor {
             Some(supervisor) => {
@@ -1207,8 +1223,19 @@ impl Registry {
         address: &Address,
         build: impl Fn(RpcReplyPort<T>) -> MailboxMsg,
     ) -> Result<T, MailboxError> {
+        self.call_for(address, false, build).await
+    }
+
+    /// [`Registry::call`], telling a new actor whether it starts for a
+    /// write.
+    async fn call_for<T: Send + 'static>(
+        &self,
+        address: &Address,
+        for_write: bool,
+        build: impl Fn(RpcReplyPort<T>) -> MailboxMsg,
+    ) -> Result<T, MailboxError> {
         for _ in 0..3 {
-            let actor = self.actor(address).await?;
+            let actor = self.actor(address, for_write).await?;
             match actor.call(&build, Some(self.call_timeout)).await {
                 Ok(ractor::rpc::CallResult::Success(value)) => return Ok(value),
                 Ok(ractor::rpc::CallResult::Timeout) => return Err(MailboxError::Timeout),
@@ -1230,7 +1257,7 @@ impl Registry {
         address: &Address,
         envelope: StoredEnvelope,
     ) -> Result<u64, MailboxError> {
-        self.call(address, |reply| MailboxMsg::Append {
+        self.call_for(address, true, |reply| MailboxMsg::Append {
             envelope: envelope.clone(),
             reply,
         })

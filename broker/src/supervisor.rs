@@ -204,7 +204,7 @@ impl Actor for ExpiryActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::{MailboxQuota, Registry};
+    use crate::mailbox::{MailboxError, MailboxQuota, Registry};
     use crate::store::tests::{address, envelope};
     use crate::store::{MemoryStore, Writer};
     use backbone_protocol::Address;
@@ -222,6 +222,10 @@ mod tests {
 
     impl Tree {
         async fn start(idle_timeout: Duration) -> Self {
+            Self::start_with(idle_timeout, MailboxQuota::default()).await
+        }
+
+        async fn start_with(idle_timeout: Duration, quota: MailboxQuota) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
             let (writer, handle) = Writer::start(store.clone());
@@ -231,10 +235,7 @@ mod tests {
                 idle_timeout,
                 actors: dashmap::DashMap::new(),
                 watches: Arc::default(),
-                quota: MailboxQuota {
-                    max_envelopes: 0,
-                    max_bytes: 0,
-                },
+                quota,
                 clock: Arc::new(|| 0),
                 default_policy: InboundPolicy::Anyone,
                 notice_ttl: Duration::from_secs(60),
@@ -268,10 +269,11 @@ mod tests {
         }
 
         async fn append(&self, to: Address) -> u64 {
-            self.registry
-                .append(&to, envelope(0, 0, u64::MAX))
-                .await
-                .expect("append")
+            self.try_append(to).await.expect("append")
+        }
+
+        async fn try_append(&self, to: Address) -> Result<u64, MailboxError> {
+            self.registry.append(&to, envelope(0, 0, u64::MAX)).await
         }
 
         fn actor_id(&self, of: &Address) -> Option<ractor::ActorId> {
@@ -339,6 +341,38 @@ mod tests {
             "stopped {:?} after the last write",
             last_write.elapsed()
         );
+        tree.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_actor_counts_what_its_mailbox_holds_before_admitting_a_write() {
+        let timeout = Duration::from_millis(50);
+        let quota = MailboxQuota {
+            max_envelopes: 2,
+            max_bytes: 0,
+        };
+        let tree = Tree::start_with(timeout, quota).await;
+        let (a, b) = (address(1), address(2));
+        for to in [a, b] {
+            tree.append(to).await;
+            tree.append(to).await;
+        }
+        tree.until_gone(&a, Duration::from_secs(10)).await;
+        tree.until_gone(&b, Duration::from_secs(10)).await;
+        // Started for the write: the count comes with its start.
+        assert!(matches!(
+            tree.try_append(a).await,
+            Err(MailboxError::QuotaExceeded(_))
+        ));
+        // Started for something else first: the write counts then.
+        tree.registry
+            .set_policy(&b, InboundPolicy::Anyone)
+            .await
+            .expect("sets the policy");
+        assert!(matches!(
+            tree.try_append(b).await,
+            Err(MailboxError::QuotaExceeded(_))
+        ));
         tree.stop().await;
     }
 }
