@@ -84,6 +84,20 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Most threads the `backbone` binary's runtime keeps for blocking work
+    /// (store reads, file I/O, sweeps); unset: [`ServerConfig::blocking_threads`].
+    pub blocking_threads: Option<usize>,
+}
+
+impl ServerConfig {
+    /// The blocking-thread limit: the configured one, else four per core
+    /// and at least 16.
+    pub fn blocking_threads(&self) -> usize {
+        self.blocking_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (4 * cores).max(16)
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -92,6 +106,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             data_dir: PathBuf::from("./backbone-data"),
             shutdown_grace: Duration::from_secs(10),
+            blocking_threads: None,
         }
     }
 }
@@ -610,6 +625,9 @@ impl Config {
                 "must be at least 2: the session's stream and one file transfer",
             );
         }
+        if self.server.blocking_threads == Some(0) {
+            return invalid("server.blocking_threads", "must be at least 1");
+        }
         if self.transport.keep_alive >= self.transport.idle_timeout {
             return invalid(
                 "transport.keep_alive",
@@ -729,6 +747,15 @@ mod tests {
     }
 
     #[test]
+    fn the_blocking_thread_limit_is_the_configured_one_or_four_per_core() {
+        let mut server = ServerConfig::default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(server.blocking_threads(), (4 * cores).max(16));
+        server.blocking_threads = Some(3);
+        assert_eq!(server.blocking_threads(), 3);
+    }
+
+    #[test]
     fn bad_values_get_clear_errors_naming_the_key() {
         let cases = [
             ("BACKBONE__AUTH__CHALLENGE_TTL", "2m", "auth.challenge_ttl"),
@@ -744,6 +771,11 @@ mod tests {
             ),
             ("BACKBONE__LIMITS__NO_SUCH_KEY", "1", "no_such_key"),
             ("BACKBONE__SERVER__LISTEN", "not-an-address", "listen"),
+            (
+                "BACKBONE__SERVER__BLOCKING_THREADS",
+                "0",
+                "server.blocking_threads",
+            ),
             (
                 "BACKBONE__TRANSPORT__KEEP_ALIVE",
                 "2m",

@@ -109,7 +109,14 @@ fn main() -> anyhow::Result<()> {
         config.metrics.listen = Some(listen);
     }
     config.validate()?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // A bounded blocking pool: under load, an unbounded one grew to hundreds
+    // of threads for short store reads, and waking them cost more than
+    // queueing (docs/benchmarks.md, fourth session of 2026-11-24).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(config.server.blocking_threads())
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         backbone_broker::metrics_http::handle();
         let broker = Broker::start(config, StartOptions::default()).await?;
