@@ -85,7 +85,7 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Most threads the `backbone` binary's runtime keeps for blocking work
-    /// (store reads, file I/O, sweeps); unset: [`ServerConfig::blocking_threads`].
+    /// (store reads, file I/O, sweeps); unset: see [`ServerConfig::blocking_threads()`].
     pub blocking_threads: Option<usize>,
 }
 
