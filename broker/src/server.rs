@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use backbone_protocol::bytes::ServerId;
 use dashmap::DashMap;
-use ractor::Actor;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -18,7 +17,7 @@ use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::mailbox::{MailboxContext, MailboxQuota, Registry};
 use crate::store::{SledStore, Store, WriteHandle, Writer};
-use crate::supervisor::{ExpiryArgs, RootArgs, RootSupervisor};
+use crate::supervisor::{ExpiryArgs, RootSupervisor};
 use crate::{metrics_http, tls, transport};
 
 /// A clock in Unix milliseconds; injectable so tests can move time.
@@ -215,16 +214,7 @@ impl Broker {
             clock: clock.clone(),
             files: files.clone(),
         };
-        let (supervisor, _) = Actor::spawn(
-            None,
-            RootSupervisor,
-            RootArgs {
-                mailboxes: context.clone(),
-                expiry,
-            },
-        )
-        .await?;
-        let registry = Registry::new(context, Some(supervisor.get_cell()));
+        let (supervisor, registry) = RootSupervisor::start(context, expiry).await?;
 
         let shared = Arc::new(Shared {
             max_frame_len: config.limits.max_frame_len(),

@@ -20,11 +20,32 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::mailbox::{MailboxContext, MailboxState};
+use crate::mailbox::{MailboxContext, MailboxState, Registry};
 use crate::store::Store;
 
 /// The root supervisor.
 pub struct RootSupervisor;
+
+impl RootSupervisor {
+    /// Starts the tree: the root, its expiry actor, and the registry whose
+    /// mailbox actors the root supervises.
+    pub async fn start(
+        mailboxes: Arc<MailboxContext>,
+        expiry: ExpiryArgs,
+    ) -> Result<(ActorRef<RootMsg>, Registry), ractor::SpawnErr> {
+        let (root, _) = Actor::spawn(
+            None,
+            RootSupervisor,
+            RootArgs {
+                mailboxes: mailboxes.clone(),
+                expiry,
+            },
+        )
+        .await?;
+        let registry = Registry::new(mailboxes, Some(root.get_cell()));
+        Ok((root, registry))
+    }
+}
 
 /// Arguments of the root supervisor.
 pub struct RootArgs {
@@ -204,7 +225,7 @@ impl Actor for ExpiryActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::{MailboxError, MailboxQuota, Registry};
+    use crate::mailbox::{MailboxError, MailboxQuota};
     use crate::store::tests::{address, envelope};
     use crate::store::{MemoryStore, Writer};
     use backbone_protocol::Address;
@@ -248,17 +269,9 @@ mod tests {
                 clock: Arc::new(|| 0),
                 files: Arc::new(crate::files::Files::open(dir.path()).expect("files")),
             };
-            let (supervisor, _) = Actor::spawn(
-                None,
-                RootSupervisor,
-                RootArgs {
-                    mailboxes: context.clone(),
-                    expiry,
-                },
-            )
-            .await
-            .expect("supervisor");
-            let registry = Registry::new(context.clone(), Some(supervisor.get_cell()));
+            let (supervisor, registry) = RootSupervisor::start(context.clone(), expiry)
+                .await
+                .expect("supervisor");
             Self {
                 registry,
                 context,
