@@ -30,6 +30,15 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 /// Bytes before the body: the length prefix and the version byte.
 pub const HEADER_LEN: usize = 5;
 
+/// The frame limit a broker applies before authentication: `Hello`,
+/// `Auth` and `Anonymous` are a few hundred bytes, so a client cannot make
+/// an unauthenticated connection buffer more than this.
+pub const PRE_AUTH_MAX_FRAME_LEN: usize = 4096;
+
+/// A [`FrameBuffer`] gives its memory back once it is empty and holds more
+/// than this (after one large frame, say).
+const RETAINED_CAPACITY: usize = 64 * 1024;
+
 type Config = Configuration<LittleEndian, Fixint, Limit<MAX_FRAME_LEN>>;
 
 const CONFIG: Config = bincode::config::standard()
@@ -199,28 +208,43 @@ pub fn decode_frame(
         return Err(DecodeError::Truncated);
     }
     let total = 4 + len;
+    // The version and the tag are checked as soon as they are in, before
+    // the rest of the body: a frame that will be skipped or refused need
+    // not be buffered (see `FrameBuffer`). A body shorter than a tag is
+    // judged once complete, as the tag bytes would belong to the next frame.
+    if let Some(&version) = input.get(4)
+        && version != PROTOCOL_VERSION
+    {
+        return Err(DecodeError::UnsupportedVersion { version });
+    }
+    if len >= 5
+        && let Some(tag) = input.get(5..9)
+    {
+        check_tag(u32::from_le_bytes([tag[0], tag[1], tag[2], tag[3]]), phase)?;
+    }
     let Some(frame_bytes) = input.get(4..total) else {
         return Ok(Decoded::Incomplete {
             needed: total - input.len(),
         });
     };
-    let version = frame_bytes[0];
-    if version != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion { version });
-    }
     let body = &frame_bytes[1..];
-    let tag = peek_tag(body)?;
+    check_tag(peek_tag(body)?, phase)?;
+    let frame = decode_exact::<Frame>(body)?;
+    Ok(Decoded::Frame {
+        frame,
+        consumed: total,
+    })
+}
+
+/// Refuses a tag no frame has, or one not allowed in `phase`.
+fn check_tag(tag: u32, phase: Phase) -> Result<(), DecodeError> {
     if tag as usize >= Frame::TAG_NAMES.len() {
         return Err(DecodeError::UnknownFrameType { tag });
     }
     if phase == Phase::PreAuth && !Frame::tag_allowed_before_auth(tag) {
         return Err(DecodeError::NotAuthenticated { tag });
     }
-    let frame = decode_exact::<Frame>(body)?;
-    Ok(Decoded::Frame {
-        frame,
-        consumed: total,
-    })
+    Ok(())
 }
 
 /// The frame tag at the start of a body.
@@ -481,12 +505,19 @@ mod tests {
 ///
 /// Invalid frames whose length prefix was readable are skipped, so one bad
 /// frame costs the peer an error response rather than the whole stream; an
-/// oversize length or a pre-auth violation is fatal.
+/// oversize length or a pre-auth violation is fatal. A frame whose version
+/// or tag is bad is reported as soon as those bytes arrive, and the rest of
+/// its body is dropped as it comes in, never buffered.
+///
+/// Memory follows what is buffered: after a large frame is taken out, the
+/// buffer's capacity is given back (above 64 KiB).
 #[derive(Debug)]
 pub struct FrameBuffer {
     buf: Vec<u8>,
     start: usize,
     max_frame_len: usize,
+    /// Bytes of a skipped frame still to arrive and be dropped.
+    skip: usize,
 }
 
 /// A frame that could not be taken from a [`FrameBuffer`].
@@ -517,16 +548,56 @@ impl FrameBuffer {
             buf: Vec::new(),
             start: 0,
             max_frame_len,
+            skip: 0,
         }
     }
 
+    /// Changes the frame length limit (a broker raises it once a client
+    /// has authenticated).
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max_frame_len = max_frame_len;
+    }
+
     /// Appends received bytes.
-    pub fn extend(&mut self, bytes: &[u8]) {
+    pub fn extend(&mut self, mut bytes: &[u8]) {
+        if self.skip > 0 {
+            let dropped = self.skip.min(bytes.len());
+            self.skip -= dropped;
+            bytes = &bytes[dropped..];
+        }
+        if bytes.is_empty() {
+            return;
+        }
         if self.start > 0 && self.start * 2 >= self.buf.len() {
             self.buf.drain(..self.start);
             self.start = 0;
+            if self.buf.capacity() > RETAINED_CAPACITY
+                && self.buf.len() + bytes.len() < self.buf.capacity() / 4
+            {
+                self.buf
+                    .shrink_to((self.buf.len() + bytes.len()).max(RETAINED_CAPACITY));
+            }
         }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes the buffer holds memory for (for tests of its memory use).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Marks `len` bytes from `start` as consumed; once nothing is left,
+    /// the memory of a large buffer is given back.
+    fn consume(&mut self, len: usize) {
+        self.start += len;
+        if self.start >= self.buf.len() {
+            if self.buf.capacity() > RETAINED_CAPACITY {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+            self.start = 0;
+        }
     }
 
     /// Bytes buffered and not yet consumed.
@@ -538,7 +609,7 @@ impl FrameBuffer {
     /// empty: what followed a stream's header frame (an upload's raw bytes).
     pub fn take_buffered(&mut self) -> Vec<u8> {
         let rest = self.buf.split_off(self.start);
-        self.buf.clear();
+        self.buf = Vec::new();
         self.start = 0;
         rest
     }
@@ -548,7 +619,7 @@ impl FrameBuffer {
         let available = &self.buf[self.start..];
         match decode_frame(available, self.max_frame_len, phase) {
             Ok(Decoded::Frame { frame, consumed }) => {
-                self.start += consumed;
+                self.consume(consumed);
                 Ok(Some(frame))
             }
             Ok(Decoded::Incomplete { .. }) => Ok(None),
@@ -561,8 +632,12 @@ impl FrameBuffer {
                     .get(..4)
                     .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize + 4);
                 match len {
-                    Some(len) if recoverable && available.len() >= len => {
-                        self.start += len;
+                    Some(len) if recoverable => {
+                        // A bad version or tag is found before the body is
+                        // in: what is missing is dropped as it arrives.
+                        let held = available.len();
+                        self.skip = len.saturating_sub(held);
+                        self.consume(len.min(held));
                         Err(BufferError::Skipped(error))
                     }
                     _ => Err(BufferError::Fatal(error)),
@@ -638,5 +713,126 @@ mod buffer_tests {
             buffer.next_frame(Phase::PreAuth),
             Err(BufferError::Fatal(DecodeError::NotAuthenticated { .. }))
         ));
+    }
+
+    /// The first 9 bytes of a frame declaring `len` bytes after its prefix,
+    /// with `tag`.
+    fn header(len: u32, tag: u32) -> Vec<u8> {
+        let mut bytes = len.to_be_bytes().to_vec();
+        bytes.push(PROTOCOL_VERSION);
+        bytes.extend_from_slice(&tag.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn a_frame_with_an_unknown_tag_is_skipped_as_it_arrives_without_being_buffered() {
+        let len = 1024 * 1024;
+        let mut buffer = FrameBuffer::new(2 * 1024 * 1024);
+        buffer.extend(&header(len, 9_999));
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Err(BufferError::Skipped(DecodeError::UnknownFrameType {
+                tag: 9_999
+            }))
+        );
+        // The rest of its body arrives in pieces and is dropped.
+        let piece = vec![0xAB; 64 * 1024];
+        for _ in 0..(len as usize - 5) / piece.len() {
+            buffer.extend(&piece);
+            assert_eq!(buffer.next_frame(Phase::Any), Ok(None));
+        }
+        assert!(
+            buffer.capacity() <= 64 * 1024,
+            "held {} bytes",
+            buffer.capacity()
+        );
+        // The body's last bytes and the next frame in one piece.
+        let rest = (len as usize - 5) % piece.len();
+        let mut tail = vec![0xAB; rest];
+        tail.extend_from_slice(&frame_to_vec(&Frame::Ping(Ping { nonce: 5 })).expect("encodes"));
+        buffer.extend(&tail);
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Ok(Some(Frame::Ping(Ping { nonce: 5 })))
+        );
+        assert_eq!(buffer.buffered(), 0);
+    }
+
+    #[test]
+    fn a_bad_version_or_a_pre_auth_violation_is_judged_from_the_header_alone() {
+        let mut bytes = header(100_000, 16);
+        bytes[4] = 9;
+        let mut buffer = FrameBuffer::new(200_000);
+        buffer.extend(&bytes);
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Err(BufferError::Skipped(DecodeError::UnsupportedVersion {
+                version: 9
+            }))
+        );
+        let mut buffer = FrameBuffer::new(200_000);
+        buffer.extend(&header(100_000, 16));
+        assert_eq!(
+            buffer.next_frame(Phase::PreAuth),
+            Err(BufferError::Fatal(DecodeError::NotAuthenticated {
+                tag: 16
+            }))
+        );
+    }
+
+    #[test]
+    fn a_body_shorter_than_a_tag_is_not_judged_by_the_next_frames_bytes() {
+        // A 2-byte body: version and one byte. The bytes after it are a
+        // valid frame, not this frame's tag.
+        let mut bytes = vec![0, 0, 0, 2, PROTOCOL_VERSION, 0];
+        bytes.extend_from_slice(&frame_to_vec(&Frame::Ping(Ping { nonce: 2 })).expect("encodes"));
+        let mut buffer = FrameBuffer::new(1024);
+        buffer.extend(&bytes);
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Err(BufferError::Skipped(DecodeError::Truncated))
+        );
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Ok(Some(Frame::Ping(Ping { nonce: 2 })))
+        );
+    }
+
+    #[test]
+    fn memory_is_given_back_after_a_large_frame() {
+        let large = frame_to_vec(&Frame::Error(crate::frame::ErrorFrame::new(
+            0,
+            ErrorCode::Internal,
+            "x".repeat(1024 * 1024),
+        )))
+        .expect("encodes");
+        let mut buffer = FrameBuffer::new(2 * 1024 * 1024);
+        for piece in large.chunks(64 * 1024) {
+            buffer.extend(piece);
+        }
+        assert!(matches!(buffer.next_frame(Phase::Any), Ok(Some(_))));
+        assert!(
+            buffer.capacity() <= 64 * 1024,
+            "held {} bytes",
+            buffer.capacity()
+        );
+        // A large frame followed by the start of a small one keeps only what
+        // the small one needs once the buffer compacts.
+        let mut bytes = large.clone();
+        let ping = frame_to_vec(&Frame::Ping(Ping { nonce: 3 })).expect("encodes");
+        bytes.extend_from_slice(&ping[..3]);
+        buffer.extend(&bytes);
+        assert!(matches!(buffer.next_frame(Phase::Any), Ok(Some(_))));
+        assert_eq!(buffer.next_frame(Phase::Any), Ok(None));
+        buffer.extend(&ping[3..]);
+        assert_eq!(
+            buffer.next_frame(Phase::Any),
+            Ok(Some(Frame::Ping(Ping { nonce: 3 })))
+        );
+        assert!(
+            buffer.capacity() <= 64 * 1024,
+            "held {} bytes",
+            buffer.capacity()
+        );
     }
 }
