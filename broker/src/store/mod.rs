@@ -58,7 +58,10 @@ pub struct StoredEnvelope {
     pub stored_at_ms: u64,
     /// When the envelope stops being delivered, milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
-    /// The sealed envelope bytes; opaque to the broker.
+    /// The sealed envelope bytes; opaque to the broker. Encoded as bytes,
+    /// not as a sequence of `u8` (the same layout, decoded in one copy
+    /// instead of byte by byte).
+    #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
 }
 
@@ -74,7 +77,9 @@ pub struct StoredToken {
     pub created_at_ms: u64,
     /// When it stops being served, milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
-    /// The client-encrypted content; opaque to the broker.
+    /// The client-encrypted content; opaque to the broker. Encoded as
+    /// bytes, like [`StoredEnvelope::envelope`].
+    #[serde(with = "serde_bytes")]
     pub content: Vec<u8>,
     /// For a password-protected token, the hash of its password verifier.
     pub verifier_hash: Option<VerifierHash>,
@@ -613,6 +618,62 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn stored_bytes_keep_the_layout_of_a_u8_sequence_so_old_records_decode() {
+        // What the records looked like before their byte fields were
+        // encoded as bytes: the same fields with plain `Vec<u8>`s.
+        #[derive(Serialize)]
+        struct OldEnvelope {
+            seq: u64,
+            message_id: MessageId,
+            sender: Option<Address>,
+            stored_at_ms: u64,
+            expires_at_ms: u64,
+            envelope: Vec<u8>,
+        }
+        let old = OldEnvelope {
+            seq: 7,
+            message_id: MessageId([3; 16]),
+            sender: Some(address(4)),
+            stored_at_ms: 10,
+            expires_at_ms: 20,
+            envelope: (0..=255).collect(),
+        };
+        let bytes = backbone_protocol::codec::encode_value(&old).expect("encodes");
+        let new: StoredEnvelope = backbone_protocol::codec::decode_value(&bytes).expect("decodes");
+        assert_eq!(new.envelope, old.envelope);
+        assert_eq!(
+            backbone_protocol::codec::encode_value(&new).expect("encodes"),
+            bytes
+        );
+        let token = token(9, address(1), 99);
+        #[derive(Serialize)]
+        struct OldToken<'a> {
+            id: TokenId,
+            owner: Address,
+            created_at_ms: u64,
+            expires_at_ms: u64,
+            content: &'a Vec<u8>,
+            verifier_hash: Option<VerifierHash>,
+            failed_attempts: u32,
+            locked: bool,
+        }
+        let old = OldToken {
+            id: token.id,
+            owner: token.owner,
+            created_at_ms: token.created_at_ms,
+            expires_at_ms: token.expires_at_ms,
+            content: &token.content,
+            verifier_hash: token.verifier_hash,
+            failed_attempts: token.failed_attempts,
+            locked: token.locked,
+        };
+        assert_eq!(
+            backbone_protocol::codec::encode_value(&old).expect("encodes"),
+            backbone_protocol::codec::encode_value(&token).expect("encodes")
+        );
+    }
 
     pub(crate) fn token(n: u8, owner: Address, expires_at_ms: u64) -> StoredToken {
         StoredToken {
