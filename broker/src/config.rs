@@ -183,6 +183,27 @@ pub struct LimitsConfig {
     /// New connections per second above which clients must prove their
     /// address with a QUIC Retry first (0: always).
     pub retry_above_rate: u32,
+    /// Unauthenticated connections at or above which every new client must
+    /// prove its address with a QUIC Retry first, so half-open handshakes
+    /// from forged sources cannot fill `max_unauthenticated`.
+    pub retry_above_unauthenticated: usize,
+    /// Most anonymous sessions at once.
+    pub max_anonymous: usize,
+    /// Requests one anonymous connection may have in progress.
+    pub anonymous_max_inflight_requests: usize,
+    /// Bytes of answers and pushes queued for one authenticated connection
+    /// and not yet taken by QUIC; at it the broker stops reading the
+    /// connection's requests and holds its pushes until the queue drains.
+    pub output_budget: ByteSize,
+    /// The same for an anonymous connection, and for any connection before
+    /// it authenticates.
+    pub anonymous_output_budget: ByteSize,
+    /// A connection whose queued output makes no progress for this long
+    /// (its client neither reads nor acknowledges) is closed.
+    #[serde(with = "humantime_serde")]
+    pub output_stall_timeout: Duration,
+    /// Limits per source address.
+    pub per_source: PerSourceConfig,
     /// Envelope copies (one per recipient) an identity may send per second,
     /// on average; 0 disables the limit.
     pub send_rate: u32,
@@ -197,8 +218,9 @@ pub struct LimitsConfig {
     pub sealed_rate: u32,
     /// Sealed sends one delivery capability may admit at once after being idle.
     pub sealed_burst: u32,
-    /// Sealed sends one anonymous connection may make per second (and at
-    /// once); 0 disables the limit.
+    /// Requests (sealed sends, card lookups, token fetches, file
+    /// downloads) one anonymous connection may make per second, and at
+    /// once; 0 disables the limit.
     pub anonymous_rate: u32,
     /// Most delivery capability hashes one mailbox may hold.
     pub max_capabilities: usize,
@@ -221,6 +243,13 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_unauthenticated: 2_000,
             retry_above_rate: 2_000,
+            retry_above_unauthenticated: 200,
+            max_anonymous: 1_000,
+            anonymous_max_inflight_requests: 4,
+            output_budget: ByteSize::mib(4),
+            anonymous_output_budget: ByteSize::kib(256),
+            output_stall_timeout: Duration::from_secs(30),
+            per_source: PerSourceConfig::default(),
             send_rate: 1_000,
             send_burst: 2_000,
             mailbox_max_envelopes: 100_000,
@@ -243,6 +272,46 @@ impl LimitsConfig {
     pub fn max_frame_len(&self) -> usize {
         let send = self.max_envelope_size.as_u64() as usize + self.max_recipients * 32;
         send.max(self.token_max_bytes.as_u64() as usize) + 4096
+    }
+}
+
+/// `[limits.per_source]`: limits per source address (an IPv4 address, or
+/// an IPv6 /64), so one host cannot take the places meant for everyone.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerSourceConfig {
+    /// Networks exempt from the per-source limits (clients behind a NAT
+    /// the operator trusts, a load generator).
+    pub exempt: Vec<ipnet::IpNet>,
+    /// New connections one source may open per second on average; 0
+    /// disables the limit.
+    pub handshake_rate: u32,
+    /// New connections one source may open at once after an idle spell.
+    pub handshake_burst: u32,
+    /// Most connections of one source in their handshake or not yet
+    /// authenticated.
+    pub max_unauthenticated: usize,
+    /// Most anonymous sessions of one source.
+    pub max_anonymous: usize,
+    /// Requests all anonymous sessions of one source may make per second,
+    /// and at once; 0 disables the limit.
+    pub anonymous_rate: u32,
+    /// Relationship requests all identities of one source may make per
+    /// minute on average, and at once; 0 disables the limit.
+    pub relationship_requests_per_minute: u32,
+}
+
+impl Default for PerSourceConfig {
+    fn default() -> Self {
+        Self {
+            exempt: Vec::new(),
+            handshake_rate: 100,
+            handshake_burst: 500,
+            max_unauthenticated: 200,
+            max_anonymous: 32,
+            anonymous_rate: 200,
+            relationship_requests_per_minute: 60,
+        }
     }
 }
 
@@ -363,6 +432,10 @@ pub struct TransportConfig {
     /// The broker sends keep-alives this often.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// Connection receive window of an anonymous session.
+    pub anonymous_receive_window: ByteSize,
+    /// Send window of an anonymous session.
+    pub anonymous_send_window: ByteSize,
     /// UDP socket receive buffer; the kernel may cap it (net.core.rmem_max).
     pub udp_recv_buffer: ByteSize,
     /// UDP socket send buffer; the kernel may cap it (net.core.wmem_max).
@@ -380,6 +453,8 @@ impl Default for TransportConfig {
             stream_receive_window: ByteSize::mib(4),
             send_window: ByteSize::mib(8),
             max_concurrent_bidi_streams: 4,
+            anonymous_receive_window: ByteSize::mib(2),
+            anonymous_send_window: ByteSize::mib(1),
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(15),
             udp_recv_buffer: ByteSize::mib(4),
@@ -563,6 +638,39 @@ impl Config {
         if self.limits.max_unauthenticated == 0 {
             return invalid("limits.max_unauthenticated", "must be at least 1");
         }
+        if self.limits.max_anonymous == 0 {
+            return invalid("limits.max_anonymous", "must be at least 1");
+        }
+        if self.limits.anonymous_max_inflight_requests == 0 {
+            return invalid(
+                "limits.anonymous_max_inflight_requests",
+                "must be at least 1",
+            );
+        }
+        if self.limits.output_budget.as_u64() < 64 * 1024
+            || self.limits.anonymous_output_budget.as_u64() < 64 * 1024
+        {
+            return invalid(
+                "limits.output_budget",
+                "output budgets must be at least 64 KiB",
+            );
+        }
+        if self.limits.output_stall_timeout < Duration::from_secs(1) {
+            return invalid("limits.output_stall_timeout", "must be at least 1s");
+        }
+        let per_source = &self.limits.per_source;
+        if per_source.max_unauthenticated == 0 || per_source.max_anonymous == 0 {
+            return invalid(
+                "limits.per_source",
+                "max_unauthenticated and max_anonymous must be at least 1 (exempt a network instead)",
+            );
+        }
+        if per_source.handshake_rate > 0 && per_source.handshake_burst == 0 {
+            return invalid(
+                "limits.per_source.handshake_burst",
+                "must be at least 1 while handshake_rate is set, or no connection could pass",
+            );
+        }
         if self.limits.send_rate > 0 && self.limits.send_burst < self.limits.max_recipients as u32 {
             return invalid(
                 "limits.send_burst",
@@ -611,6 +719,14 @@ impl Config {
             return invalid(
                 "transport.receive_window",
                 "windows must be at least 64 KiB",
+            );
+        }
+        if self.transport.anonymous_receive_window.as_u64() < 64 * 1024
+            || self.transport.anonymous_send_window.as_u64() < 64 * 1024
+        {
+            return invalid(
+                "transport.anonymous_receive_window",
+                "anonymous windows must be at least 64 KiB",
             );
         }
         if self.transport.stream_receive_window > self.transport.receive_window {

@@ -421,10 +421,15 @@ pub async fn serve_stream(
             ),
         ),
     };
+    answer_stream(send, answer).await;
+}
+
+/// Ends a file stream with `answer` (a state, or why not), letting it
+/// reach the client before the stream is dropped.
+pub async fn answer_stream(mut send: quinn::SendStream, answer: Frame) {
     let mut bytes = Vec::new();
     if codec::encode_frame(&answer, &mut bytes).is_ok() && send.write_all(&bytes).await.is_ok() {
         let _ = send.finish();
-        // Let the answer reach the client before the stream is dropped.
         let _ = send.stopped().await;
     }
 }

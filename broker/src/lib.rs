@@ -1,6 +1,7 @@
 //! The Backbone broker.
 //!
 //! Layout:
+//! - [`admission`]: which connections are accepted, retried or refused, with per-source counts.
 //! - [`config`]: the configuration, its file, environment overrides and validation.
 //! - [`server`]: wiring and the accept loop; [`server::Broker`] is the running broker.
 //! - [`session`]: one connection — handshake, auth, requests, delivery to a device.
@@ -17,6 +18,7 @@
 //! - [`tls`], [`transport`]: certificates and QUIC tuning.
 //! - [`metrics_http`]: `/metrics` and `/health`.
 
+pub mod admission;
 pub mod config;
 pub mod deletion;
 pub mod files;

@@ -111,6 +111,7 @@ pub async fn answer_peer(shared: &Arc<Shared>, consent: PeerConsent) -> PeerFram
 pub async fn request(
     shared: &Arc<Shared>,
     requester: Address,
+    source: Option<crate::admission::Source>,
     request: RequestRelationship,
 ) -> Frame {
     let id = request.request_id;
@@ -143,6 +144,29 @@ pub async fn request(
             format!(
                 "over {} relationship requests per minute",
                 shared.config.relationships.requests_per_minute
+            ),
+        );
+        frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
+            .increment(1);
+        return Frame::Error(frame);
+    }
+    // Identities are free, so one host could ask in the names of many: the
+    // requests of all identities connected from one source share a budget.
+    if let (Some(limiter), Some(source)) = (&shared.source_relationship_limiter, source)
+        && let Err(not_until) = limiter.check_key(&source)
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+        let mut frame = ErrorFrame::new(
+            id,
+            ErrorCode::RateLimited,
+            format!(
+                "over {} relationship requests per minute from this address",
+                shared
+                    .config
+                    .limits
+                    .per_source
+                    .relationship_requests_per_minute
             ),
         );
         frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);

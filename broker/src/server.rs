@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +12,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Decision};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::mailbox::{MailboxContext, MailboxQuota, Registry};
@@ -55,12 +55,16 @@ pub struct Shared {
     /// The per-connection sealed send rate of anonymous sessions
     /// (`limits.anonymous_rate`), if limited; each session gets its own limiter.
     pub anonymous_quota: Option<governor::Quota>,
-    /// New-connection rate above which QUIC Retry is required.
-    pub connect_limiter: Option<governor::DefaultDirectRateLimiter>,
-    /// Connections accepted and not yet authenticated (or closed).
-    pub unauthenticated: AtomicUsize,
-    /// QUIC Retry packets sent (address validation), for tests and metrics.
-    pub retries: std::sync::atomic::AtomicU64,
+    /// Per-source relationship request rate
+    /// (`limits.per_source.relationship_requests_per_minute`), if limited.
+    pub source_relationship_limiter:
+        Option<governor::DefaultKeyedRateLimiter<crate::admission::Source>>,
+    /// Per-source anonymous request rate
+    /// (`limits.per_source.anonymous_rate`), if limited.
+    pub source_anonymous_limiter:
+        Option<governor::DefaultKeyedRateLimiter<crate::admission::Source>>,
+    /// Which connections are accepted, and the places they hold.
+    pub admission: Arc<Admission>,
     /// The bytes of stored files, and the uploads running.
     pub files: Arc<crate::files::Files>,
     /// The authenticated sessions of each address (to end a deleted
@@ -153,11 +157,15 @@ impl Broker {
                     .unwrap_or(rate);
                 governor::RateLimiter::dashmap(governor::Quota::per_minute(rate).allow_burst(burst))
             });
-        let connect_limiter = quota(
-            config.limits.retry_above_rate,
-            config.limits.retry_above_rate,
+        let source_relationship_limiter =
+            std::num::NonZeroU32::new(config.limits.per_source.relationship_requests_per_minute)
+                .map(|rate| governor::RateLimiter::dashmap(governor::Quota::per_minute(rate)));
+        let source_anonymous_limiter = quota(
+            config.limits.per_source.anonymous_rate,
+            config.limits.per_source.anonymous_rate,
         )
-        .map(governor::RateLimiter::direct);
+        .map(governor::RateLimiter::dashmap);
+        let admission = Admission::new(&config);
         let (stop, shutdown) = watch::channel(false);
         let peer = fleet.start_links(&config, shutdown.clone(), &reset_key)?;
         let peer_addr = peer.as_ref().map(|(_, addr)| *addr);
@@ -230,18 +238,13 @@ impl Broker {
             sealed_limiter,
             relationship_limiter,
             anonymous_quota,
-            connect_limiter,
-            unauthenticated: AtomicUsize::new(0),
-            retries: std::sync::atomic::AtomicU64::new(0),
+            source_relationship_limiter,
+            source_anonymous_limiter,
+            admission,
             files,
             sessions: crate::session::LiveSessions::default(),
         });
-        if shared.send_limiter.is_some()
-            || shared.sealed_limiter.is_some()
-            || shared.relationship_limiter.is_some()
-        {
-            tokio::spawn(forget_idle_senders(shared.clone()));
-        }
+        tokio::spawn(forget_idle_senders(shared.clone()));
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
         metrics::gauge!("backbone_fleet_slots_owned").set(shared.fleet.local_slots() as f64);
         for m in outgoing_moves {
@@ -296,7 +299,18 @@ impl Broker {
 
     /// QUIC Retry packets sent so far (address validation).
     pub fn retries(&self) -> u64 {
-        self.shared.retries.load(Ordering::Relaxed)
+        self.shared.admission.retries()
+    }
+
+    /// Connections not yet authenticated (in their handshake or before
+    /// `Auth`), for tests and status.
+    pub fn unauthenticated(&self) -> usize {
+        self.shared.admission.unauthenticated()
+    }
+
+    /// Anonymous sessions, for tests and status.
+    pub fn anonymous_sessions(&self) -> usize {
+        self.shared.admission.anonymous()
     }
 
     /// Active mailbox actors (for tests and status).
@@ -335,7 +349,6 @@ impl Broker {
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let mut shutdown = shared.shutdown.clone();
-    let connections = Arc::new(AtomicUsize::new(0));
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {
@@ -345,40 +358,26 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let Some(incoming) = incoming else { break };
-        let limits = &shared.config.limits;
-        if connections.load(Ordering::Relaxed) >= limits.max_connections {
-            warn!("connection limit reached; refusing a connection");
-            metrics::counter!("backbone_connections_refused_total", "reason" => "connections")
-                .increment(1);
-            incoming.refuse();
-            continue;
-        }
-        if shared.unauthenticated.load(Ordering::Relaxed) >= limits.max_unauthenticated {
-            debug!("too many unauthenticated connections; refusing a connection");
-            metrics::counter!("backbone_connections_refused_total", "reason" => "unauthenticated")
-                .increment(1);
-            incoming.refuse();
-            continue;
-        }
-        if !incoming.remote_address_validated() && incoming.may_retry() {
-            let over_rate = match &shared.connect_limiter {
-                Some(limiter) => limiter.check().is_err(),
-                None => true, // retry_above_rate = 0: validate every address
-            };
-            if over_rate {
-                shared.retries.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("backbone_quic_retries_total").increment(1);
+        let ticket = match shared.admission.admit(
+            incoming.remote_address(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Ok(ticket) => ticket,
+            Err(Decision::Retry(_)) => {
+                // Fails only if the client already answered a Retry, which
+                // `may_retry` ruled out.
                 let _ = incoming.retry();
                 continue;
             }
-        }
-        shared.unauthenticated.fetch_add(1, Ordering::Relaxed);
-        connections.fetch_add(1, Ordering::Relaxed);
-        let (shared, connections) = (shared.clone(), connections.clone());
-        sessions.spawn(async move {
-            crate::session::serve(shared, incoming).await;
-            connections.fetch_sub(1, Ordering::Relaxed);
-        });
+            Err(decision) => {
+                debug!(remote = %incoming.remote_address(), ?decision, "refusing a connection");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        sessions.spawn(crate::session::serve(shared, incoming, ticket));
     }
     // Sessions see the shutdown signal, finish their in-flight requests and
     // close their connections; wait for them (bounded by the grace period).
@@ -397,8 +396,8 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     }
 }
 
-/// Drops rate-limit state of identities that have not sent for a while, so
-/// the limiter's memory follows active senders.
+/// Drops rate-limit state of identities and sources that have not sent or
+/// connected for a while, so the limiters' memory follows active ones.
 async fn forget_idle_senders(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -419,5 +418,14 @@ async fn forget_idle_senders(shared: Arc<Shared>) {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        if let Some(limiter) = &shared.source_relationship_limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some(limiter) = &shared.source_anonymous_limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        shared.admission.forget_idle_sources();
     }
 }

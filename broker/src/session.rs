@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use backbone_protocol::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
 use backbone_protocol::bytes::{Blob, MessageId, Nonce, Text};
-use backbone_protocol::codec::{BufferError, Phase};
+use backbone_protocol::codec::{BufferError, PRE_AUTH_MAX_FRAME_LEN, Phase};
 use backbone_protocol::fleet::{PeerCardResult, PeerFetchCard, PeerFrame};
 use backbone_protocol::frame::{
     AuthOk, Capabilities, CardResult, Deliver, Done, DownloadFile, ErrorCode, ErrorFrame,
@@ -39,15 +39,17 @@ use dashmap::DashMap;
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::admission::{Source, Ticket};
 use crate::fleet::Route;
 use crate::mailbox::PushQueue;
 use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
 use crate::store::{Store, StoreError, StoredEnvelope, WriteHandle};
-use crate::wire::{FrameReader, Outbox, ReadError, outbox};
+use crate::wire::{FrameReader, Outbox, OutboxLimits, ReadError, outbox};
 
-/// Queue of outgoing frames per connection.
+/// Queue of outgoing frames per connection; the bytes they hold are bounded
+/// by the connection's output budget (see [`Outbox`]).
 const OUT_QUEUE: usize = 1024;
 
 /// How long a redirected connection stays open for the client to read the redirect.
@@ -69,6 +71,10 @@ struct Session {
     address: Address,
     device: DeviceId,
     acked_seq: u64,
+    /// Where the connection comes from, for per-source limits.
+    source: Source,
+    /// The source is exempt from per-source limits.
+    exempt: bool,
     /// Lists the session under its address until the last task holding
     /// the session (its requests, its delivery) is done.
     _live: LiveSession,
@@ -162,58 +168,69 @@ impl LiveSessions {
     }
 }
 
-/// Serves one incoming connection to the end.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+/// Serves one incoming connection to the end. `ticket` holds its places
+/// (see [`crate::admission`]) and gives them back when the connection ends.
+///
+/// `auth.deadline` runs from the first packet: a QUIC/TLS handshake that
+/// never completes holds its place no longer than one that completes and
+/// never authenticates.
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut ticket: Ticket) {
     let remote = incoming.remote_address();
     let span = info_span!("conn", %remote, address = tracing::field::Empty);
     async move {
-        let unauthenticated = Unauthenticated(&shared);
-        let connection = match incoming.await {
-            Ok(connection) => connection,
-            Err(error) => {
+        let deadline = tokio::time::Instant::now() + shared.config.auth.deadline;
+        let connection = match tokio::time::timeout_at(deadline, incoming).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
                 debug!(%error, "handshake failed");
+                metrics::counter!("backbone_handshakes_failed_total", "reason" => "tls")
+                    .increment(1);
+                return;
+            }
+            Err(_) => {
+                // Dropping the handshake closes the connection.
+                debug!("handshake not completed in time");
+                metrics::counter!("backbone_handshakes_failed_total", "reason" => "timeout")
+                    .increment(1);
                 return;
             }
         };
         metrics::gauge!("backbone_connections").increment(1.0);
-        run(&shared, &connection, unauthenticated).await;
+        run(&shared, &connection, &mut ticket, deadline).await;
         metrics::gauge!("backbone_connections").decrement(1.0);
     }
     .instrument(span)
     .await
 }
 
-/// Counts the connection as unauthenticated until dropped.
-struct Unauthenticated<'a>(&'a Shared);
-
-impl Drop for Unauthenticated<'_> {
-    fn drop(&mut self) {
-        self.0.unauthenticated.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn run(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
-    unauthenticated: Unauthenticated<'_>,
+    ticket: &mut Ticket,
+    deadline: tokio::time::Instant,
 ) {
-    let deadline = shared.config.auth.deadline;
     let mut shutdown = shared.shutdown.clone();
     let handshake = tokio::select! {
-        handshake = tokio::time::timeout(deadline, authenticate(shared, connection)) => handshake,
+        handshake = tokio::time::timeout_at(deadline, authenticate(shared, connection, ticket)) => handshake,
         _ = shutdown.wait_for(|stop| *stop) => {
             return close(connection, ErrorCode::ShuttingDown, "broker is shutting down");
         }
     };
     let (session, reader, out) = match handshake {
         Err(_) => {
+            metrics::counter!("backbone_handshakes_failed_total", "reason" => "auth_timeout")
+                .increment(1);
             return close(
                 connection,
                 ErrorCode::AuthTimeout,
                 "not authenticated in time",
             );
         }
-        Ok(Err((code, reason))) => return close(connection, code, &reason),
+        Ok(Err((code, reason))) => {
+            metrics::counter!("backbone_handshakes_failed_total", "reason" => "refused")
+                .increment(1);
+            return close(connection, code, &reason);
+        }
         Ok(Ok(Handshake::Redirect { out, node })) => {
             metrics::counter!("backbone_redirects_total").increment(1);
             let redirect = Frame::Redirect(Redirect {
@@ -229,16 +246,15 @@ async fn run(
             return connection.close(quinn::VarInt::from_u32(0), b"redirected");
         }
         Ok(Ok(Handshake::Anonymous(reader, out))) => {
-            drop(unauthenticated);
             debug!("anonymous session");
             metrics::gauge!("backbone_anonymous_sessions").increment(1.0);
-            serve_anonymous(shared, connection, reader, out).await;
+            let source = (!ticket.exempt()).then_some(ticket.source());
+            serve_anonymous(shared, connection, source, reader, out).await;
             metrics::gauge!("backbone_anonymous_sessions").decrement(1.0);
             return;
         }
         Ok(Ok(Handshake::Session(session, reader, out))) => (session, reader, out),
     };
-    drop(unauthenticated);
     tracing::Span::current().record("address", tracing::field::display(&session.address));
     metrics::gauge!("backbone_sessions").increment(1.0);
     serve_authenticated(shared, connection, session, reader, out).await;
@@ -260,13 +276,25 @@ enum Handshake {
 async fn authenticate(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
+    ticket: &mut Ticket,
 ) -> Result<Handshake, HandshakeError> {
     let (send, recv) = connection
         .accept_bi()
         .await
         .map_err(|error| (ErrorCode::UnexpectedFrame, format!("no stream: {error}")))?;
-    let mut reader = FrameReader::new(recv, shared.max_frame_len);
-    let out = outbox(send, OUT_QUEUE);
+    // Small until the client is known: a connection that never
+    // authenticates cannot make the broker hold more than this.
+    let mut reader = FrameReader::new(recv, PRE_AUTH_MAX_FRAME_LEN);
+    let limits = &shared.config.limits;
+    let out = outbox(
+        connection.clone(),
+        send,
+        OutboxLimits {
+            frames: OUT_QUEUE,
+            budget: limits.anonymous_output_budget.as_u64() as usize,
+            stall_timeout: limits.output_stall_timeout,
+        },
+    );
 
     let mut tls_exporter = [0u8; TLS_EXPORTER_LEN];
     connection
@@ -294,6 +322,13 @@ async fn authenticate(
             }
             HandshakeStep::Authenticated(verified) => break verified,
             HandshakeStep::Anonymous => {
+                if let Err(refusal) = ticket.anonymous() {
+                    metrics::counter!("backbone_connections_refused_total", "reason" => refusal.label())
+                        .increment(1);
+                    return Err((ErrorCode::Overloaded, refusal.to_string()));
+                }
+                crate::transport::grant_anonymous(connection, &shared.config.transport);
+                reader.set_max_frame_len(shared.max_frame_len);
                 // `Done` for request 0, the session itself, confirms it.
                 send_frame(&out, Frame::Done(Done { request_id: 0 })).await?;
                 return Ok(Handshake::Anonymous(reader, out));
@@ -346,6 +381,10 @@ async fn authenticate(
     })
     .await??
     .unwrap_or(0);
+    ticket.authenticated();
+    crate::transport::grant_authenticated(connection, &shared.config.transport);
+    reader.set_max_frame_len(shared.max_frame_len);
+    out.set_budget(limits.output_budget.as_u64() as usize);
     send_frame(
         &out,
         Frame::AuthOk(AuthOk {
@@ -360,6 +399,8 @@ async fn authenticate(
             address,
             device,
             acked_seq,
+            source: ticket.source(),
+            exempt: ticket.exempt(),
             _live: live,
         },
         reader,
@@ -374,13 +415,28 @@ struct FileStreams {
     /// The session's identity; `None` for an anonymous session, which may
     /// only download.
     owner: Option<Address>,
+    /// An anonymous session's request budgets, which every stream counts
+    /// against like a request.
+    budget: Option<Arc<AnonymousBudget>>,
     /// Until the connection stops accepting streams.
     open: bool,
 }
 
 impl FileStreams {
     fn new(owner: Option<Address>) -> Self {
-        Self { owner, open: true }
+        Self {
+            owner,
+            budget: None,
+            open: true,
+        }
+    }
+
+    fn anonymous(budget: Arc<AnonymousBudget>) -> Self {
+        Self {
+            owner: None,
+            budget: Some(budget),
+            open: true,
+        }
     }
 
     fn accepted(
@@ -390,6 +446,15 @@ impl FileStreams {
     ) {
         match stream {
             Ok((send, recv)) => {
+                if let Some(refusal) = self
+                    .budget
+                    .as_ref()
+                    .and_then(|budget| budget.refusal(shared, 0))
+                {
+                    drop(recv);
+                    tokio::spawn(crate::files::answer_stream(send, refusal).in_current_span());
+                    return;
+                }
                 tokio::spawn(
                     crate::files::serve_stream(shared.clone(), self.owner, send, recv)
                         .in_current_span(),
@@ -408,6 +473,10 @@ impl FileStreams {
 /// the answer to a skipped invalid frame cannot be sent. An invalid frame
 /// that can be skipped is answered with its error and reading goes on.
 /// File streams the client opens meanwhile are accepted and served.
+///
+/// While the connection's output is at its budget (the client does not
+/// read its answers), no request is read: QUIC flow control then stops the
+/// client, and the outbox's writer closes a connection that never drains.
 async fn next_request(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
@@ -417,6 +486,10 @@ async fn next_request(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Frame> {
     loop {
+        tokio::select! {
+            room = out.room() => room.ok()?,
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        }
         let frame = tokio::select! {
             frame = reader.next(Phase::Any) => frame,
             stream = connection.accept_bi(), if files.open => {
@@ -440,6 +513,11 @@ async fn next_request(
             }
         }
     }
+}
+
+/// The session's source for per-source limits, `None` when it is exempt.
+fn source_of(session: &Session) -> Option<Source> {
+    (!session.exempt).then_some(session.source)
 }
 
 fn storage_error(error: crate::store::StoreError) -> (ErrorCode, String) {
@@ -702,7 +780,7 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             relationships::set_policy(shared, address, set.request_id, set.policy).await
         }
         Frame::RequestRelationship(request) => {
-            relationships::request(shared, address, request).await
+            relationships::request(shared, address, source_of(session), request).await
         }
         Frame::DecideRelationship(decision) => {
             relationships::decide(shared, address, decision).await
@@ -822,20 +900,21 @@ fn card_refusal(code: ErrorCode) -> &'static str {
 
 /// Serves an anonymous session: sealed sends, card lookups, token fetches
 /// and pings, until the client closes or the broker shuts down. Requests run
-/// as tasks bounded by the same per-connection semaphore as an
-/// authenticated session's.
+/// as tasks, at most `limits.anonymous_max_inflight_requests` at once, each
+/// counted against the session's and its source's request budgets
+/// ([`AnonymousBudget`]).
 async fn serve_anonymous(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
+    source: Option<Source>,
     mut reader: FrameReader,
     out: Outbox,
 ) {
-    let limiter = shared
-        .anonymous_quota
-        .map(|quota| Arc::new(governor::RateLimiter::direct(quota)));
-    let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
+    let budget = Arc::new(AnonymousBudget::new(shared, source));
+    let inflight = shared.config.limits.anonymous_max_inflight_requests;
+    let permits = Arc::new(Semaphore::new(inflight));
     let mut shutdown = shared.shutdown.clone();
-    let mut files = FileStreams::new(None);
+    let mut files = FileStreams::anonymous(budget.clone());
     loop {
         let Some(frame) = next_request(
             shared,
@@ -859,7 +938,19 @@ async fn serve_anonymous(
                 debug!(code = error.code, message = %error.message, "client reported an error");
                 continue;
             }
-            request @ (Frame::SealedSend(_) | Frame::FetchCard(_) | Frame::GetToken(_)) => request,
+            request @ (Frame::SealedSend(_) | Frame::FetchCard(_) | Frame::GetToken(_)) => {
+                if let Some(refusal) = budget.refusal(shared, request_id_of(&request)) {
+                    if matches!(request, Frame::SealedSend(_)) {
+                        metrics::counter!("backbone_sealed_refused_total", "reason" => "connection_rate")
+                            .increment(1);
+                    }
+                    if out.send(refusal).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                request
+            }
             Frame::Hello(_) | Frame::Auth(_) | Frame::Anonymous(_) => {
                 let refusal = error_frame(
                     0,
@@ -889,13 +980,11 @@ async fn serve_anonymous(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (shared, out, limiter) = (shared.clone(), out.clone(), limiter.clone());
+        let (shared, out) = (shared.clone(), out.clone());
         tokio::spawn(
             async move {
                 let response = match request {
-                    Frame::SealedSend(send) => {
-                        handle_sealed_send(&shared, limiter.as_deref(), send).await
-                    }
+                    Frame::SealedSend(send) => handle_sealed_send(&shared, send).await,
                     Frame::FetchCard(fetch) => fetch_card(&shared, fetch).await,
                     Frame::GetToken(get) => crate::token::get(&shared, get).await,
                     other => error_frame(
@@ -910,10 +999,9 @@ async fn serve_anonymous(
             .in_current_span(),
         );
     }
-    let all = shared.config.limits.max_inflight_requests as u32;
     let _ = tokio::time::timeout(
         shared.config.server.shutdown_grace,
-        permits.acquire_many(all),
+        permits.acquire_many(inflight as u32),
     )
     .await;
     if *shared.shutdown.borrow() {
@@ -922,6 +1010,57 @@ async fn serve_anonymous(
             ErrorCode::ShuttingDown,
             "broker is shutting down",
         );
+    }
+}
+
+/// The request budgets of an anonymous session: its own
+/// (`limits.anonymous_rate`) and the one it shares with every anonymous
+/// session of its source (`limits.per_source.anonymous_rate`). File
+/// streams count as requests.
+struct AnonymousBudget {
+    connection: Option<governor::DefaultDirectRateLimiter>,
+    /// The session's source, unless it is exempt.
+    source: Option<Source>,
+}
+
+impl AnonymousBudget {
+    fn new(shared: &Shared, source: Option<Source>) -> Self {
+        Self {
+            connection: shared.anonymous_quota.map(governor::RateLimiter::direct),
+            source,
+        }
+    }
+
+    /// The refusal of one more request, if it is over a budget.
+    fn refusal(&self, shared: &Shared, request_id: u64) -> Option<Frame> {
+        let limits = &shared.config.limits;
+        let (not_until, message) = if let Some(limiter) = &self.connection
+            && let Err(not_until) = limiter.check()
+        {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+            let message = format!(
+                "over {} requests per second on this anonymous connection",
+                limits.anonymous_rate
+            );
+            (wait, message)
+        } else if let (Some(limiter), Some(source)) =
+            (&shared.source_anonymous_limiter, &self.source)
+            && let Err(not_until) = limiter.check_key(source)
+        {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+            let message = format!(
+                "over {} anonymous requests per second from this address",
+                limits.per_source.anonymous_rate
+            );
+            (wait, message)
+        } else {
+            return None;
+        };
+        let mut frame = ErrorFrame::new(request_id, ErrorCode::RateLimited, message);
+        frame.retry_after_ms = Some(not_until.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
+            .increment(1);
+        Some(Frame::Error(frame))
     }
 }
 
@@ -955,16 +1094,12 @@ fn request_id_of(frame: &Frame) -> u64 {
     }
 }
 
-/// A sealed send: the same envelope and TTL checks as [`handle_send`], the
-/// connection's own rate limit, then [`store_sealed`], which checks the
+/// A sealed send: the same envelope and TTL checks as [`handle_send`] (the
+/// connection's own rate limit is checked before), then [`store_sealed`], which checks the
 /// capability on the recipient's owner node. A refused capability or a
 /// capability over its rate is a per-recipient failure in the `SendAck`
 /// (that is how the owner node reports it), not an `Error` frame.
-async fn handle_sealed_send(
-    shared: &Arc<Shared>,
-    limiter: Option<&governor::DefaultDirectRateLimiter>,
-    send: SealedSend,
-) -> Frame {
+async fn handle_sealed_send(shared: &Arc<Shared>, send: SealedSend) -> Frame {
     let limits = &shared.config.limits;
     let id = send.request_id;
     if send.envelope.0.len() as u64 > limits.max_envelope_size.as_u64() {
@@ -980,25 +1115,6 @@ async fn handle_sealed_send(
     if backbone_protocol::relationship::is_reserved(&send.envelope.0) {
         let (code, message) = relationships::reserved();
         return error_frame(id, code, message);
-    }
-    if let Some(limiter) = limiter
-        && let Err(not_until) = limiter.check()
-    {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
-        let mut frame = ErrorFrame::new(
-            id,
-            ErrorCode::RateLimited,
-            format!(
-                "over {} sealed sends per second on this connection",
-                limits.anonymous_rate
-            ),
-        );
-        frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
-        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
-            .increment(1);
-        metrics::counter!("backbone_sealed_refused_total", "reason" => "connection_rate")
-            .increment(1);
-        return Frame::Error(frame);
     }
     let ttl_ms = (u64::from(send.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
     let stored_at_ms = (shared.clock)();

@@ -2,6 +2,13 @@
 //! receive window is unbounded by default), stream limits, idle timeout,
 //! keep-alive, and large UDP socket buffers (with the kernel's default of
 //! about 208 KiB, handshakes stall under load).
+//!
+//! A client connection starts small: until it authenticates it may open one
+//! stream and have [`PRE_AUTH_WINDOW`] bytes in flight each way, enough for
+//! `Hello`, `Challenge` and `Auth` many times over, so a connection that
+//! never authenticates cannot make the broker buffer more. Authentication
+//! grants the configured windows and streams ([`grant_authenticated`]); an
+//! anonymous session gets smaller ones ([`grant_anonymous`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,13 +38,68 @@ pub fn transport_config(config: &TransportConfig) -> anyhow::Result<quinn::Trans
     Ok(transport)
 }
 
-/// Binds the client-facing endpoint on `server.listen`.
+/// Bytes a connection may have in flight each way before it authenticates.
+pub const PRE_AUTH_WINDOW: u32 = 64 * 1024;
+
+/// The transport parameters every client connection starts with: the
+/// configured ones, but with [`PRE_AUTH_WINDOW`] as the connection windows
+/// and one stream. Each stream keeps the configured stream window, so that
+/// raising the connection window later is all authentication takes.
+pub fn pre_auth_transport_config(
+    config: &TransportConfig,
+) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = transport_config(config)?;
+    transport
+        .receive_window(VarInt::from_u32(PRE_AUTH_WINDOW))
+        .send_window(u64::from(PRE_AUTH_WINDOW))
+        .max_concurrent_bidi_streams(VarInt::from_u32(1));
+    Ok(transport)
+}
+
+/// Grants an authenticated connection the configured windows and streams.
+pub fn grant_authenticated(connection: &quinn::Connection, config: &TransportConfig) {
+    grant(
+        connection,
+        config.receive_window.as_u64(),
+        config.send_window.as_u64(),
+        config.max_concurrent_bidi_streams,
+    );
+}
+
+/// Grants an anonymous session its (smaller) windows and the configured
+/// streams (for file downloads).
+pub fn grant_anonymous(connection: &quinn::Connection, config: &TransportConfig) {
+    grant(
+        connection,
+        config.anonymous_receive_window.as_u64(),
+        config.anonymous_send_window.as_u64(),
+        config.max_concurrent_bidi_streams,
+    );
+}
+
+fn grant(connection: &quinn::Connection, receive: u64, send: u64, streams: u32) {
+    // The config validation keeps windows far below QUIC's 2^62 limit.
+    if let Ok(receive) = VarInt::from_u64(receive) {
+        connection.set_receive_window(receive);
+    }
+    connection.set_send_window(send);
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(streams));
+}
+
+/// Binds the client-facing endpoint on `server.listen`; its connections
+/// start with [`pre_auth_transport_config`].
 pub fn server_endpoint(
     config: &Config,
     tls: rustls::ServerConfig,
     reset_key: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
-    bind_endpoint(&config.transport, config.server.listen, tls, reset_key)
+    bind_endpoint_with(
+        &config.transport,
+        pre_auth_transport_config(&config.transport)?,
+        config.server.listen,
+        tls,
+        reset_key,
+    )
 }
 
 /// Binds a UDP socket on `listen` with the configured buffers and builds an
@@ -48,9 +110,26 @@ pub fn bind_endpoint(
     tls: rustls::ServerConfig,
     reset_key: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
+    bind_endpoint_with(
+        transport,
+        transport_config(transport)?,
+        listen,
+        tls,
+        reset_key,
+    )
+}
+
+/// [`bind_endpoint`] with the given transport parameters for its connections.
+fn bind_endpoint_with(
+    transport: &TransportConfig,
+    parameters: quinn::TransportConfig,
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    reset_key: &[u8],
+) -> anyhow::Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(transport)?));
+    server.transport_config(Arc::new(parameters));
     let socket = Socket::new(
         Domain::for_address(listen),
         Type::DGRAM,

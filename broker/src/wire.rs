@@ -1,10 +1,14 @@
 //! Frame I/O over one QUIC stream: a reader feeding the protocol's sans-IO
 //! [`FrameBuffer`], and a writer task that batches outgoing frames into few
-//! stream writes.
+//! stream writes, with the bytes waiting for it bounded ([`Outbox`]).
 
-use backbone_protocol::Frame;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use backbone_protocol::codec::{self, BufferError, FrameBuffer, Phase};
-use tokio::sync::mpsc;
+use backbone_protocol::{ErrorCode, Frame};
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
 
 /// Reads frames from a receive stream.
 pub struct FrameReader {
@@ -39,6 +43,11 @@ impl FrameReader {
         (self.recv, rest)
     }
 
+    /// Changes the frame limit (raised once the client authenticates).
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.buffer.set_max_frame_len(max_frame_len);
+    }
+
     /// The next frame.
     pub async fn next(&mut self, phase: Phase) -> Result<Frame, ReadError> {
         loop {
@@ -53,12 +62,61 @@ impl FrameReader {
     }
 }
 
-/// The sending end of a connection's outgoing frames. Frames travel boxed:
-/// a channel allocates its first block of slots up front, and boxing keeps
-/// that block at 32 pointers per connection instead of 32 frames (a
-/// `Frame` is about 240 bytes), which idle connections would pay for.
+/// The sending end of a connection's outgoing frames, bounded in bytes.
+///
+/// Frames are encoded by the sender and queued as bytes, so the queue knows
+/// exactly what it holds. [`Outbox::send`] waits while the bytes queued and
+/// not yet taken by QUIC are at the connection's budget: a client that does
+/// not read makes its answers and pushes wait instead of piling up, and the
+/// session stops reading its requests ([`Outbox::room`]). A frame is let in
+/// whenever the queue is under the budget, so a frame larger than the
+/// budget still passes, alone.
 #[derive(Clone, Debug)]
-pub struct Outbox(mpsc::Sender<Box<Frame>>);
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    budget: Arc<Budget>,
+}
+
+/// The bytes queued for one connection and its limit.
+#[derive(Debug)]
+struct Budget {
+    limit: AtomicUsize,
+    queued: AtomicUsize,
+    /// Set when the writer has stopped: nothing will drain any more.
+    closed: AtomicBool,
+    drained: Notify,
+}
+
+impl Budget {
+    /// Waits until the queue is under the limit; `Err` once the writer
+    /// has stopped.
+    async fn room(&self) -> Result<(), OutboxClosed> {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a drain between the check and
+            // the wait still wakes us.
+            notified.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(OutboxClosed);
+            }
+            if self.queued.load(Ordering::Acquire) < self.limit.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.drained.notify_waiters();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.drained.notify_waiters();
+    }
+}
 
 /// The connection's writer has stopped; the frame was not sent.
 #[derive(Debug, thiserror::Error)]
@@ -66,31 +124,126 @@ pub struct Outbox(mpsc::Sender<Box<Frame>>);
 pub struct OutboxClosed;
 
 impl Outbox {
-    /// Queues `frame`, waiting while the queue is full.
+    /// Queues `frame`, waiting while the connection's output is at its
+    /// budget or the queue is full.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        self.0.send(Box::new(frame)).await.map_err(|_| OutboxClosed)
+        let mut bytes = Vec::new();
+        if let Err(error) = codec::encode_frame(&frame, &mut bytes) {
+            tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
+            return Ok(());
+        }
+        self.budget.room().await?;
+        self.budget.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        let len = bytes.len();
+        if self.tx.send(Bytes::from(bytes)).await.is_err() {
+            self.budget.release(len);
+            return Err(OutboxClosed);
+        }
+        Ok(())
+    }
+
+    /// Waits until the connection's output is under its budget: the session
+    /// reads the next request only then.
+    pub async fn room(&self) -> Result<(), OutboxClosed> {
+        self.budget.room().await
+    }
+
+    /// Changes the budget (an authenticated session gets a larger one
+    /// than a connection still in its handshake).
+    pub fn set_budget(&self, bytes: usize) {
+        self.budget.limit.store(bytes, Ordering::Relaxed);
+        self.budget.drained.notify_waiters();
+    }
+
+    /// Bytes queued and not yet taken by QUIC.
+    pub fn queued(&self) -> usize {
+        self.budget.queued.load(Ordering::Acquire)
     }
 }
 
-/// An [`Outbox`] of `capacity` frames and the task writing them to `send`
-/// (see [`spawn_writer`]).
-pub fn outbox(send: quinn::SendStream, capacity: usize) -> Outbox {
-    let (tx, rx) = mpsc::channel(capacity);
-    spawn_writer(send, rx);
-    Outbox(tx)
+/// How a connection's outbox behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct OutboxLimits {
+    /// Frames queued at most (the channel's capacity).
+    pub frames: usize,
+    /// Bytes queued above which senders wait (see [`Outbox`]).
+    pub budget: usize,
+    /// A write that takes no byte for this long closes the connection.
+    pub stall_timeout: std::time::Duration,
 }
 
-/// Spawns the task that writes frames from `rx` to `send`, coalescing
-/// whatever is queued into one write. It ends when every sender is dropped or
-/// the stream fails, and finishes the stream on the way out.
-pub fn spawn_writer(
-    send: quinn::SendStream,
-    rx: mpsc::Receiver<Box<Frame>>,
-) -> tokio::task::JoinHandle<()> {
-    spawn_writer_with(send, rx, |frame, buf| encode_logged(frame, buf))
+/// An [`Outbox`] with `limits` and the task writing it to `send`. The task
+/// coalesces whatever is queued into one write, ends when every sender is
+/// dropped or the stream fails, and finishes the stream on the way out. A
+/// write that makes no progress for `limits.stall_timeout` (the client
+/// neither reads nor acknowledges) closes `connection` with `Overloaded`.
+pub fn outbox(
+    connection: quinn::Connection,
+    mut send: quinn::SendStream,
+    limits: OutboxLimits,
+) -> Outbox {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(limits.frames);
+    let budget = Arc::new(Budget {
+        limit: AtomicUsize::new(limits.budget),
+        queued: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        drained: Notify::new(),
+    });
+    let writer_budget = budget.clone();
+    tokio::spawn(async move {
+        let budget = writer_budget;
+        let mut chunks: Vec<Bytes> = Vec::new();
+        'frames: while let Some(first) = rx.recv().await {
+            let mut batch = first.len();
+            chunks.push(first);
+            while batch < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(frame) => {
+                        batch += frame.len();
+                        chunks.push(frame);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut at = 0;
+            while at < chunks.len() {
+                let written = tokio::time::timeout(
+                    limits.stall_timeout,
+                    send.write_chunks(&mut chunks[at..]),
+                )
+                .await;
+                match written {
+                    Ok(Ok(written)) => {
+                        at += written.chunks;
+                        budget.release(written.bytes);
+                    }
+                    Ok(Err(_)) => break 'frames,
+                    Err(_) => {
+                        metrics::counter!("backbone_connections_closed_total", "reason" => "output_stalled")
+                            .increment(1);
+                        tracing::debug!("output stalled; closing the connection");
+                        connection.close(
+                            quinn::VarInt::from_u32(ErrorCode::Overloaded as u32),
+                            b"output not drained in time",
+                        );
+                        break 'frames;
+                    }
+                }
+            }
+            chunks.clear();
+        }
+        // Wakes every sender waiting for room: nothing drains any more.
+        budget.close();
+        let _ = send.finish();
+    });
+    Outbox { tx, budget }
 }
 
-/// [`spawn_writer`] for any frame type, encoded by `encode`.
+/// Spawns the task that writes frames from `rx` to `send`, each encoded by
+/// `encode`, coalescing whatever is queued into one write (node-to-node
+/// links, whose queues the links bound themselves). It ends when every
+/// sender is dropped or the stream fails, and finishes the stream on the
+/// way out.
 pub fn spawn_writer_with<T: Send + 'static>(
     mut send: quinn::SendStream,
     mut rx: mpsc::Receiver<T>,
@@ -114,10 +267,4 @@ pub fn spawn_writer_with<T: Send + 'static>(
         }
         let _ = send.finish();
     })
-}
-
-fn encode_logged(frame: &Frame, buf: &mut Vec<u8>) {
-    if let Err(error) = codec::encode_frame(frame, buf) {
-        tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
-    }
 }
