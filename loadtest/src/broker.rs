@@ -166,6 +166,11 @@ async fn spawn(
         // as fast as they can. `--broker-env` can set these back.
         .env("BACKBONE__LIMITS__SEND_RATE", "0")
         .env("BACKBONE__LIMITS__MAX_UNAUTHENTICATED", "100000")
+        // Every load-generator connection comes from one loopback address.
+        .env(
+            "BACKBONE__LIMITS__PER_SOURCE__EXEMPT",
+            r#"["127.0.0.0/8", "::1/128"]"#,
+        )
         .env("RUST_LOG", "warn")
         .envs(env.iter().cloned())
         .stdout(Stdio::piped())
