@@ -139,9 +139,16 @@ async fn address_validation_is_required_above_the_connection_rate() {
 #[tokio::test]
 async fn a_client_cannot_open_streams_without_end() {
     let broker = TestBroker::start().await;
-    let raw = RawConnection::connect(&broker.connect_config())
+    let mut raw = RawConnection::connect(&broker.connect_config())
         .await
         .expect("connects");
+    // The configured streams come with authentication (before it, one).
+    let alice = Identity::new();
+    raw.authenticate(&backbone_client::transport::Credentials::primary(
+        &alice.signing,
+    ))
+    .await
+    .expect("authenticates");
     let limit = broker.config.transport.max_concurrent_bidi_streams;
     let connection = raw.connection().clone();
     let mut open = Vec::new();
