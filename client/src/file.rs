@@ -20,7 +20,7 @@
 //! source can change between or during upload attempts, and whatever was
 //! written to a stream may have reached the broker even if it did not keep
 //! it, so the invariant is: **no chunk of a file is ever sealed over two
-//! different plaintexts and sent.** An [`UploadSource`] enforces it. One
+//! different plaintexts and sent.** An `UploadSource` enforces it. One
 //! pass over the source seals it and keeps the BLAKE3 hash of every sealed
 //! chunk: at announcement (the same pass computes the content hash), or,
 //! to resume in another process, a pass checked against the content hash
