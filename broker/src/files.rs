@@ -223,6 +223,7 @@ async fn state(shared: &Shared, request_id: u64, file: &StoredFile) -> Result<Fr
         received: received.min(file.size),
         complete: file.complete,
         expires_at_ms: file.expires_at_ms,
+        content_hash: file.content_hash,
     }))
 }
 
@@ -548,6 +549,7 @@ async fn receive(
         received: file.size,
         complete: true,
         expires_at_ms: file.expires_at_ms,
+        content_hash: file.content_hash,
     }))
 }
 

@@ -592,62 +592,104 @@ impl Client {
     /// message, with whoever should download it.
     ///
     /// The upload resumes where the broker's copy ends whenever the
-    /// connection breaks, so a file arrives whole across reconnects. Fails
-    /// with `FileTooLarge` above the broker's size limit and `QuotaExceeded`
-    /// over this identity's file quota.
+    /// connection breaks, so a file arrives whole across reconnects. If the
+    /// source changes during the upload, the file announced is deleted
+    /// (best effort; it expires anyway) and the new content goes up as a
+    /// new file under a fresh key and secret, whose reference is returned:
+    /// resuming under the old key would encrypt different content with the
+    /// same key and nonces. A source that keeps changing fails with
+    /// `SourceChanged` after three files. Fails with `FileTooLarge` above
+    /// the broker's size limit and `QuotaExceeded` over this identity's
+    /// file quota.
     pub async fn put_file(
         &self,
         source: FileSource,
         ttl: Duration,
     ) -> Result<FileRef, ClientError> {
-        let reference = self.announce_file(source.clone(), ttl).await?;
-        self.resume_file_upload(&reference, source).await?;
-        Ok(reference)
+        const FILES: u32 = 3;
+        for _ in 0..FILES {
+            let (reference, mut upload) = match self.announce(source.clone(), ttl).await {
+                Ok(announced) => announced,
+                // It shrank while it was read; nothing was created yet.
+                Err(ClientError::SourceChanged) => continue,
+                Err(error) => return Err(error),
+            };
+            match self.resume_upload(&reference, &mut upload).await {
+                Ok(()) => return Ok(reference),
+                Err(ClientError::SourceChanged) => {
+                    debug!("the source changed during the upload; uploading it as a new file");
+                    // Deleted before the next file is created, so that the
+                    // abandoned one does not count against the quota.
+                    if let Err(error) = self.delete_file(&reference.id).await {
+                        debug!(%error, "the abandoned file could not be deleted; it expires");
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(ClientError::SourceChanged)
     }
 
     /// The first half of [`Client::put_file`]: seals `source` under a fresh
     /// key to hash it, and creates the file at the broker without uploading
-    /// anything. [`Client::resume_file_upload`] with the same source uploads
-    /// it, in this process or a later one.
+    /// anything. [`Client::resume_file_upload`] with the same, unchanged
+    /// source uploads it, in this process or a later one.
     pub async fn announce_file(
         &self,
         source: FileSource,
         ttl: Duration,
     ) -> Result<FileRef, ClientError> {
+        Ok(self.announce(source, ttl).await?.0)
+    }
+
+    /// Announces `source` under a fresh key and secret; returns its
+    /// reference and the source bound to the content announced.
+    async fn announce(
+        &self,
+        source: FileSource,
+        ttl: Duration,
+    ) -> Result<(FileRef, file::UploadSource), ClientError> {
         let key: [u8; file::KEY_LEN] = rand::random();
         let secret = FileSecret::random();
-        let mut plain = file::PlainReader::open(source).await?;
-        let content_hash = plain.content_hash(&key).await?;
-        let size = file::sealed_len(plain.len());
+        let plain = file::PlainReader::open(source).await?;
+        let (upload, content_hash) = file::UploadSource::announce(plain, key).await?;
         let created = self
-            .create_file(size, content_hash, secret.hash(), ttl)
+            .create_file(upload.sealed_len(), content_hash, secret.hash(), ttl)
             .await?;
-        Ok(FileRef {
+        let reference = FileRef {
             id: created.file_id,
             secret,
             key,
-        })
+        };
+        Ok((reference, upload))
     }
 
     /// Finishes uploading a file created earlier (by [`Client::put_file`]
     /// in a process that stopped, say) from the same `source`: uploads what
     /// the broker lacks, from where its copy ends. Sealing is deterministic
     /// for the reference's key, so only the missing bytes travel.
+    ///
+    /// The source is read once in full first and must seal to the size and
+    /// content hash the file was announced with; each chunk is checked
+    /// again as it is sent. A source that changed fails with
+    /// [`ClientError::SourceChanged`] (also for a file already complete),
+    /// and nothing sealed from it is sent: upload it anew as a new file.
     pub async fn resume_file_upload(
         &self,
         reference: &FileRef,
         source: FileSource,
     ) -> Result<(), ClientError> {
-        let mut plain = file::PlainReader::open(source).await?;
-        self.resume_upload(reference, &mut plain).await
+        let plain = file::PlainReader::open(source).await?;
+        let mut upload = file::UploadSource::resumed(plain, reference.key);
+        self.resume_upload(reference, &mut upload).await
     }
 
-    /// Uploads what the broker lacks of `reference`'s file from `plain`,
+    /// Uploads what the broker lacks of `reference`'s file from `upload`,
     /// retrying after broken connections until it is complete.
     async fn resume_upload(
         &self,
         reference: &FileRef,
-        plain: &mut file::PlainReader,
+        upload: &mut file::UploadSource,
     ) -> Result<(), ClientError> {
         const ATTEMPTS: u32 = 30;
         let mut last_error = None;
@@ -664,6 +706,9 @@ impl Client {
                 }
                 Err(error) => return Err(error),
             };
+            // Before the complete check, so that a resume with a changed
+            // source is refused even when there is nothing left to send.
+            let mut source = upload.bind(&state).await?;
             if state.complete {
                 return Ok(());
             }
@@ -679,19 +724,20 @@ impl Client {
                 self.request_id(),
                 reference.id,
                 state.received,
-                plain,
-                &reference.key,
+                &mut source,
             )
             .await;
             match uploaded {
                 Ok(state) if state.complete => return Ok(()),
                 // Part of it arrived: ask where to go on.
                 Ok(_) => continue,
-                // A stream of the broken connection may still hold the
-                // upload for a moment.
-                // The broker's copy was damaged (a crash can tear the tail
-                // of what it held) and it discarded everything: start over,
-                // once. A second mismatch means the source changed.
+                // The broker's copy did not match the content hash and it
+                // discarded everything. Every chunk sent was checked against
+                // the announced one, so its copy was damaged (a crash can
+                // tear the tail of what it held, or an earlier client sent
+                // other bytes): sending the same sealed bytes again from
+                // byte 0 reveals nothing new. Once: a second mismatch is the
+                // broker's fault and fails.
                 Err(error)
                     if !started_over
                         && error.code() == Some(backbone_protocol::ErrorCode::ContentMismatch) =>
@@ -699,6 +745,8 @@ impl Client {
                     debug!("the broker's copy did not match; uploading again from byte 0");
                     started_over = true;
                 }
+                // A stream of the broken connection may still hold the
+                // upload for a moment.
                 Err(error)
                     if error.is_retryable()
                         || error.code() == Some(backbone_protocol::ErrorCode::InvalidOffset) =>

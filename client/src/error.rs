@@ -60,6 +60,17 @@ pub enum ClientError {
     /// A file could not be opened or was cut short.
     #[error("file: {0}")]
     File(#[from] crate::file::FileError),
+    /// A file's source no longer holds the content the file was announced
+    /// with (its bytes or its length changed). Resuming would encrypt
+    /// different content under the file's key and the same nonces, so
+    /// nothing sealed from the changed source was sent; the file can only
+    /// be finished from the original content. Upload the source anew as a
+    /// new file (a new key and reference).
+    #[error(
+        "the file changed since its upload began; resuming would encrypt different content \
+         under the same key, so nothing of it was sent: upload it anew as a new file"
+    )]
+    SourceChanged,
     /// Local I/O failed.
     #[error("I/O: {0}")]
     Io(String),

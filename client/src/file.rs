@@ -13,6 +13,24 @@
 //! Sealing is deterministic for a key, so an upload resumes at any byte by
 //! sealing again from the chunk holding it: nothing is kept on disk.
 //!
+//! **One plaintext per key and chunk.** Sealing again is safe only over the
+//! same plaintext: chunk `i`'s nonce is `i`, so sealing another plaintext
+//! as chunk `i` under the same key and sending it reuses the key and nonce
+//! (the XOR of the two plaintexts leaks, and that chunk can be forged). A
+//! source can change between or during upload attempts, and whatever was
+//! written to a stream may have reached the broker even if it did not keep
+//! it, so the invariant is: **no chunk of a file is ever sealed over two
+//! different plaintexts and sent.** An `UploadSource` enforces it. One
+//! pass over the source seals it and keeps the BLAKE3 hash of every sealed
+//! chunk: at announcement (the same pass computes the content hash), or,
+//! to resume in another process, a pass checked against the content hash
+//! the broker reports (`FileState::content_hash`). Every chunk sealed for
+//! the upload is compared with its hash before any of its bytes are
+//! written; a difference, or a source shorter or longer than announced,
+//! ends the attempt with [`ClientError::SourceChanged`], and the changed
+//! chunk never leaves. A changed source then goes up as a new file under a
+//! fresh key (`Client::put_file`) or is refused (`Client::resume_file_upload`).
+//!
 //! **Sharing.** The [`FileRef`] (id, download secret, key) travels inside an
 //! end-to-end encrypted message; its text form is `bbf1:<id>:<secret>:<key>`.
 
@@ -313,8 +331,14 @@ impl PlainReader {
                     .await
                     .map_err(io)?;
                 let mut buf = vec![0u8; want];
-                file.read_exact(&mut buf).await.map_err(io)?;
-                Ok(buf)
+                match file.read_exact(&mut buf).await {
+                    Ok(_) => Ok(buf),
+                    // Shorter than when it was opened: the file changed.
+                    Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Err(ClientError::SourceChanged)
+                    }
+                    Err(error) => Err(io(error)),
+                }
             }
             (FileSource::Path(path), None) => {
                 Err(ClientError::Io(format!("{} is not open", path.display())))
@@ -322,7 +346,21 @@ impl PlainReader {
         }
     }
 
-    /// The sealed chunk `index` of `chunks`.
+    /// The source's length now. A file can grow after it was opened; its
+    /// open handle still names the same file even if the path was replaced.
+    async fn current_len(&self) -> Result<u64, ClientError> {
+        match &self.file {
+            Some(file) => Ok(file
+                .metadata()
+                .await
+                .map_err(|error| ClientError::Io(error.to_string()))?
+                .len()),
+            None => Ok(self.len),
+        }
+    }
+
+    /// The sealed chunk `index`. Private: an upload seals only through a
+    /// [`Bound`] source, which checks each chunk against the announced one.
     async fn sealed_chunk(
         &mut self,
         key: &[u8; KEY_LEN],
@@ -333,16 +371,145 @@ impl PlainReader {
         Ok(seal_chunk(key, index, last, &plain))
     }
 
-    /// The BLAKE3 hash of the whole sealed file.
-    pub(crate) async fn content_hash(
-        &mut self,
-        key: &[u8; KEY_LEN],
-    ) -> Result<ContentHash, ClientError> {
-        let mut hasher = blake3::Hasher::new();
+    /// Seals the whole source under `key` once: its content hash and the
+    /// hash of each sealed chunk, from the same bytes.
+    async fn seal_pass(&mut self, key: &[u8; KEY_LEN]) -> Result<Announced, ClientError> {
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::new();
         for index in 0..chunk_count(self.len) {
-            hasher.update(&self.sealed_chunk(key, index).await?);
+            let sealed = self.sealed_chunk(key, index).await?;
+            whole.update(&sealed);
+            chunks.push(blake3::hash(&sealed));
         }
-        Ok(ContentHash(*hasher.finalize().as_bytes()))
+        Ok(Announced {
+            content_hash: ContentHash(*whole.finalize().as_bytes()),
+            chunks,
+        })
+    }
+}
+
+/// What a file was announced with: its content hash and the BLAKE3 hash of
+/// each of its sealed chunks (32 bytes per 64 KiB chunk, 0.05 % of the
+/// file, kept in memory for the upload).
+///
+/// Per-chunk hashes rather than a second full pass before each attempt:
+/// a pass before an attempt cannot see a change made during the attempt,
+/// while checking each chunk just before it is sent catches any change,
+/// whenever it was made, at the first chunk it touches, so one pass per
+/// process is enough. Equal hashes of sealed chunks mean equal sealed
+/// bytes, and for one key and nonce equal sealed bytes mean equal
+/// plaintext, so a chunk that passes is exactly the announced one.
+struct Announced {
+    content_hash: ContentHash,
+    chunks: Vec<blake3::Hash>,
+}
+
+/// A file's source, to upload under its reference's key: it seals for the
+/// upload only the content the file was announced with (see the module
+/// documentation).
+pub(crate) struct UploadSource {
+    plain: PlainReader,
+    key: [u8; KEY_LEN],
+    /// Known once a pass sealed the source: at announcement in this
+    /// process, or at the first [`UploadSource::bind`] of a resume.
+    announced: Option<Announced>,
+}
+
+impl UploadSource {
+    /// Seals `plain` under `key` in one pass, for announcing it; returns the
+    /// source, bound to what it read, and the content hash to declare.
+    pub(crate) async fn announce(
+        mut plain: PlainReader,
+        key: [u8; KEY_LEN],
+    ) -> Result<(Self, ContentHash), ClientError> {
+        let announced = plain.seal_pass(&key).await?;
+        let content_hash = announced.content_hash;
+        let source = Self {
+            plain,
+            key,
+            announced: Some(announced),
+        };
+        Ok((source, content_hash))
+    }
+
+    /// A source to finish a file announced elsewhere (another process, a
+    /// crashed one) with; checked at its first [`UploadSource::bind`].
+    pub(crate) fn resumed(plain: PlainReader, key: [u8; KEY_LEN]) -> Self {
+        Self {
+            plain,
+            key,
+            announced: None,
+        }
+    }
+
+    /// The size to declare: the sealed length of the source as read.
+    pub(crate) fn sealed_len(&self) -> u64 {
+        sealed_len(self.plain.len())
+    }
+
+    /// Binds the source to the file `state` describes, so that chunks can
+    /// be sealed for its upload.
+    ///
+    /// A source announced in this process is bound by its own pass: the
+    /// content hash it declared came from that pass, and nothing the broker
+    /// reports changes what may be sealed. A resumed source is checked
+    /// once, by a full pass: it must have the declared size and seal to the
+    /// declared content hash, else `SourceChanged` and nothing is sealed
+    /// for the upload. A broker cannot make a changed source pass: it would
+    /// have to name the hash of a sealing under a key it never holds.
+    pub(crate) async fn bind(&mut self, state: &FileState) -> Result<Bound<'_>, ClientError> {
+        let announced = match self.announced.take() {
+            Some(announced) => announced,
+            None => {
+                if sealed_len(self.plain.len()) != state.size {
+                    return Err(ClientError::SourceChanged);
+                }
+                let announced = self.plain.seal_pass(&self.key).await?;
+                if !announced.content_hash.matches(&state.content_hash) {
+                    return Err(ClientError::SourceChanged);
+                }
+                announced
+            }
+        };
+        Ok(Bound {
+            announced: self.announced.insert(announced),
+            plain: &mut self.plain,
+            key: &self.key,
+        })
+    }
+}
+
+/// A source bound to its announced content: the only way to seal chunks
+/// for an upload.
+pub(crate) struct Bound<'a> {
+    plain: &'a mut PlainReader,
+    key: &'a [u8; KEY_LEN],
+    announced: &'a Announced,
+}
+
+impl Bound<'_> {
+    fn chunk_count(&self) -> u64 {
+        self.announced.chunks.len() as u64
+    }
+
+    /// Chunk `index`, sealed again from the source, if it is the announced
+    /// chunk; `SourceChanged` otherwise, before any of it is sent.
+    async fn sealed_chunk(&mut self, index: u64) -> Result<Vec<u8>, ClientError> {
+        let announced = usize::try_from(index)
+            .ok()
+            .and_then(|index| self.announced.chunks.get(index))
+            .ok_or(ClientError::SourceChanged)?;
+        let sealed = self.plain.sealed_chunk(self.key, index).await?;
+        if blake3::hash(&sealed) != *announced {
+            return Err(ClientError::SourceChanged);
+        }
+        // A file that grew still reads as announced up to its old length,
+        // but it is not the file announced any more: checked once, at the
+        // chunk the new bytes would belong to.
+        if index + 1 == self.chunk_count() && self.plain.current_len().await? != self.plain.len() {
+            return Err(ClientError::SourceChanged);
+        }
+        Ok(sealed)
     }
 }
 
@@ -395,15 +562,16 @@ pub(crate) async fn upload_bytes(
     file_state(read_answer(&mut recv).await?)
 }
 
-/// Seals and uploads `plain` from sealed byte `offset` to the end on a new
-/// stream, and returns the broker's answer.
+/// Seals and uploads `source` from sealed byte `offset` to the end on a new
+/// stream, and returns the broker's answer. A chunk that is not the
+/// announced one ends the stream before any of its bytes are written
+/// (`SourceChanged`); the bytes before it are the announced ones.
 pub(crate) async fn upload_sealed(
     connection: &quinn::Connection,
     request_id: u64,
     file_id: FileId,
     offset: u64,
-    plain: &mut PlainReader,
-    key: &[u8; KEY_LEN],
+    source: &mut Bound<'_>,
 ) -> Result<FileState, ClientError> {
     let (mut send, mut recv) = connection.open_bi().await.map_err(stream_error)?;
     let header = Frame::UploadFile(UploadFile {
@@ -413,8 +581,18 @@ pub(crate) async fn upload_sealed(
     });
     write_frame(&mut send, &header).await?;
     let mut skip = (offset % SEALED_CHUNK) as usize;
-    for index in offset / SEALED_CHUNK..chunk_count(plain.len()) {
-        let sealed = plain.sealed_chunk(key, index).await?;
+    for index in offset / SEALED_CHUNK..source.chunk_count() {
+        // The whole chunk is checked even when only its tail is sent: the
+        // broker may hold, or have seen, any prefix of it.
+        let sealed = match source.sealed_chunk(index).await {
+            Ok(sealed) => sealed,
+            Err(error) => {
+                // Reset rather than finish: the broker keeps what arrived
+                // (all announced bytes) and the attempt ends at once.
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                return Err(error);
+            }
+        };
         if let Err(error) = send.write_all(&sealed[skip.min(sealed.len())..]).await {
             // The broker may have refused the upload and stopped reading:
             // its answer says why.
@@ -636,6 +814,137 @@ mod tests {
             .push(&sealed[..sealed.len() - 1], &mut Vec::new())
             .expect("the complete chunks open");
         assert!(matches!(opener.finish(), Err(FileError::Truncated { .. })));
+    }
+
+    fn state_of(key: &[u8; KEY_LEN], plain: &[u8]) -> FileState {
+        let sealed = seal_all(key, plain);
+        FileState {
+            request_id: 1,
+            file_id: FileId([1; 32]),
+            size: sealed.len() as u64,
+            received: 0,
+            complete: false,
+            expires_at_ms: 0,
+            content_hash: ContentHash::of(&sealed),
+        }
+    }
+
+    fn rewrite(path: &std::path::Path, at: usize, bytes: &[u8]) {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("opens");
+        file.seek(SeekFrom::Start(at as u64)).expect("seeks");
+        file.write_all(bytes).expect("writes");
+    }
+
+    #[tokio::test]
+    async fn an_upload_seals_only_the_announced_chunks() {
+        let key = [7u8; KEY_LEN];
+        let plain: Vec<u8> = (0..4 * PLAIN_CHUNK + 10).map(|i| (i % 251) as u8).collect();
+        let sealed = seal_all(&key, &plain);
+        let chunk = |index: usize| {
+            let start = index * SEALED_CHUNK as usize;
+            sealed[start..(start + SEALED_CHUNK as usize).min(sealed.len())].to_vec()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("source");
+        std::fs::write(&path, &plain).expect("writes");
+        let reader = PlainReader::open(FileSource::Path(path.clone()))
+            .await
+            .expect("opens");
+        let (mut upload, content_hash) = UploadSource::announce(reader, key)
+            .await
+            .expect("announces");
+        assert_eq!(content_hash, ContentHash::of(&sealed));
+        assert_eq!(upload.sealed_len(), sealed.len() as u64);
+
+        // Chunk 2 changes after the announcement: the chunks before and
+        // after it still seal as announced, chunk 2 is refused.
+        rewrite(&path, 2 * PLAIN_CHUNK + 5, b"changed");
+        let mut bound = upload
+            .bind(&state_of(&key, &plain))
+            .await
+            .expect("announced here");
+        for index in [0, 1, 3] {
+            assert_eq!(
+                bound.sealed_chunk(index).await.ok(),
+                Some(chunk(index as usize))
+            );
+        }
+        assert!(matches!(
+            bound.sealed_chunk(2).await,
+            Err(ClientError::SourceChanged)
+        ));
+        // Changed back, it is the announced chunk again.
+        rewrite(
+            &path,
+            2 * PLAIN_CHUNK + 5,
+            &plain[2 * PLAIN_CHUNK + 5..][..7],
+        );
+        assert_eq!(bound.sealed_chunk(2).await.ok(), Some(chunk(2)));
+
+        // A longer file: the last chunk still reads as announced, but the
+        // file is not the one announced.
+        let mut longer = plain.clone();
+        longer.push(1);
+        std::fs::write(&path, &longer).expect("writes");
+        assert!(matches!(
+            bound.sealed_chunk(4).await,
+            Err(ClientError::SourceChanged)
+        ));
+        // A shorter one: the last chunk cannot be read whole.
+        std::fs::write(&path, &plain[..plain.len() - 1]).expect("writes");
+        assert!(matches!(
+            bound.sealed_chunk(4).await,
+            Err(ClientError::SourceChanged)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_source_must_seal_to_the_declared_size_and_hash() {
+        let key = [7u8; KEY_LEN];
+        let plain: Vec<u8> = (0..2 * PLAIN_CHUNK + 10).map(|i| (i % 251) as u8).collect();
+        let state = state_of(&key, &plain);
+        let resumed = |bytes: Vec<u8>| async move {
+            let reader = PlainReader::open(FileSource::Bytes(Arc::from(bytes)))
+                .await
+                .expect("opens");
+            UploadSource::resumed(reader, key)
+        };
+
+        let mut changed = plain.clone();
+        changed[PLAIN_CHUNK + 3] ^= 1;
+        let mut upload = resumed(changed).await;
+        assert!(matches!(
+            upload.bind(&state).await,
+            Err(ClientError::SourceChanged)
+        ));
+        let mut upload = resumed(plain[1..].to_vec()).await;
+        assert!(matches!(
+            upload.bind(&state).await,
+            Err(ClientError::SourceChanged)
+        ));
+        // The same content under another key is another sealing.
+        let mut other_key = UploadSource::resumed(
+            PlainReader::open(FileSource::Bytes(Arc::from(plain.clone())))
+                .await
+                .expect("opens"),
+            [8u8; KEY_LEN],
+        );
+        assert!(matches!(
+            other_key.bind(&state).await,
+            Err(ClientError::SourceChanged)
+        ));
+
+        let mut upload = resumed(plain.clone()).await;
+        let mut bound = upload.bind(&state).await.expect("the same content");
+        let sealed = seal_all(&key, &plain);
+        assert_eq!(
+            bound.sealed_chunk(2).await.ok().as_deref(),
+            Some(&sealed[2 * SEALED_CHUNK as usize..])
+        );
     }
 
     #[test]

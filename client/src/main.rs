@@ -87,7 +87,9 @@ enum FileCommand {
         /// How long the broker keeps the file (capped by the broker's maximum).
         #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// Finish the interrupted upload of this reference (the same PATH).
+        /// Finish the interrupted upload of this reference from the same,
+        /// unchanged PATH. A PATH that changed since is refused (exit code
+        /// 1): upload it anew without --resume.
         #[arg(long)]
         resume: Option<String>,
     },
@@ -861,15 +863,29 @@ async fn file(command: FileCommand) -> anyhow::Result<()> {
                     reference
                 }
             };
-            client
-                .resume_file_upload(&reference, source)
-                .await
-                .with_context(|| {
-                    format!(
-                        "uploading {} (finish it with --resume and the reference)",
-                        path.display()
-                    )
-                })?;
+            if let Err(error) = client.resume_file_upload(&reference, source).await {
+                let path = path.display();
+                let context = match (&error, resumed) {
+                    // The reference stays valid: the original content would
+                    // still resume it.
+                    (ClientError::SourceChanged, Some(_)) => format!(
+                        "cannot resume: {path} is not what this reference was announced with; \
+                         run `file put {path}` without --resume, which prints a new reference"
+                    ),
+                    (ClientError::SourceChanged, None) => {
+                        // The reference printed above cannot be completed
+                        // from the file as it is now: delete its file (best
+                        // effort; it expires anyway) so it holds no quota.
+                        let _ = client.delete_file(&reference.id).await;
+                        format!(
+                            "{path} changed during the upload; the reference printed is void \
+                             and its file deleted: run `file put {path}` again"
+                        )
+                    }
+                    _ => format!("uploading {path} (finish it with --resume and the reference)"),
+                };
+                return Err(anyhow::Error::new(error).context(context));
+            }
             eprintln!(
                 "uploaded {}; the reference downloads and decrypts it: share it only with \
                  whoever should read the file",

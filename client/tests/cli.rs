@@ -860,6 +860,19 @@ fn a_file_is_uploaded_downloaded_without_an_identity_and_deleted_through_the_cli
         &["file", "put", path, "--resume", &reference],
         Some(&alice_key),
     ));
+    // Resuming from a file that changed since is refused (exit code 1),
+    // saying how to upload it anew.
+    let mut changed = content.clone();
+    changed[150_000] ^= 1;
+    std::fs::write(&original, &changed).expect("write");
+    let refused = with(
+        &["file", "put", path, "--resume", &reference],
+        Some(&alice_key),
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert_stderr_has(&refused, "cannot resume");
+    assert_stderr_has(&refused, "without --resume");
+    std::fs::write(&original, &content).expect("write");
 
     // Anyone holding the reference downloads it, to a file or to stdout.
     let out = dir.path().join("copy.bin");

@@ -1,7 +1,9 @@
 //! Files end to end: upload and download (authenticated, anonymous, through
 //! another node of a fleet), resumable uploads across a broker restart, the
-//! content hash check, capability-gated downloads, owner-only status and
-//! delete, size and quota limits, expiry, and bytes left by a crash.
+//! content hash check, a source that changes between or during upload
+//! attempts (never sealed under the old key), capability-gated downloads,
+//! owner-only status and delete, size and quota limits, expiry, and bytes
+//! left by a crash.
 
 mod support;
 
@@ -283,18 +285,160 @@ async fn a_resumed_upload_over_damaged_bytes_starts_over_and_completes() {
         .await
         .expect("starts over and completes");
     assert_eq!(download(&client, &reference).await, plain);
-    // A source that changed since the announcement fails for good.
-    let other = client
-        .announce_file(FileSource::Bytes(Arc::from(content(1000, 12))), TTL)
+    broker.shutdown().await;
+}
+
+/// Flips one byte of the file at `path`, in place, with a single write: a
+/// reader holding the file open sees the old byte or the new one.
+fn flip_byte(path: &std::path::Path, at: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("opens the source");
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).expect("seeks");
+    file.read_exact(&mut byte).expect("reads");
+    file.seek(SeekFrom::Start(at)).expect("seeks");
+    file.write_all(&[byte[0] ^ 0x5a]).expect("writes");
+}
+
+#[tokio::test]
+async fn resuming_from_a_changed_source_is_refused_and_sends_nothing_under_the_old_key() {
+    let broker = TestBroker::start().await;
+    let client = Identity::new().connect(&broker).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("report.bin");
+    let plain = content(4 * file::PLAIN_CHUNK + 77, 12);
+    std::fs::write(&path, &plain).expect("writes");
+    let source = FileSource::Path(path.clone());
+    let reference = client
+        .announce_file(source.clone(), TTL)
         .await
         .expect("announces");
+    // An upload cut off in the middle of the second chunk.
+    let sealed = seal(&reference.key, &plain);
+    let held = 100_000;
+    assert!(held > file::SEALED_CHUNK as usize && held < 2 * file::SEALED_CHUNK as usize);
+    client
+        .upload_file_part(&reference.id, 0, &sealed[..held])
+        .await
+        .expect("a part");
+
+    // The source changes after the resume point, in the chunk it falls in:
+    // the old code sealed that chunk's tail again from the new content
+    // under the same key and nonce, then, on the hash mismatch, the whole
+    // file.
+    let changed_at = file::PLAIN_CHUNK as u64 + 40_000;
+    flip_byte(&path, changed_at);
+    let resumed = client.resume_file_upload(&reference, source.clone()).await;
+
+    // Nothing reached the broker: its copy is the prefix of the original,
+    // byte for byte, and it still resumes there.
+    let bytes = bytes_path(&broker, &reference.id);
+    assert!(
+        std::fs::read(&bytes).ok().as_deref() == Some(&sealed[..held]),
+        "the broker's copy changed: bytes sealed from the changed source were sent under the \
+         old key"
+    );
+    let state = client.file_status(&reference.id).await.expect("status");
+    assert_eq!((state.received, state.complete), (held as u64, false));
+    assert!(
+        matches!(resumed, Err(ClientError::SourceChanged)),
+        "expected SourceChanged, got {resumed:?}"
+    );
+    let message = resumed.expect_err("refused").to_string();
+    assert!(message.contains("upload it anew"), "{message}");
+
+    // A source of another length is refused as well.
+    std::fs::write(&path, &plain[..plain.len() - 1]).expect("writes");
+    assert!(matches!(
+        client.resume_file_upload(&reference, source.clone()).await,
+        Err(ClientError::SourceChanged)
+    ));
+
+    // The original content resumes where the broker's copy ends.
+    std::fs::write(&path, &plain).expect("writes");
+    client
+        .resume_file_upload(&reference, source.clone())
+        .await
+        .expect("resumes from the original");
+    assert_eq!(download(&client, &reference).await, plain);
+    // A complete file is not "resumed" from a changed source either.
+    flip_byte(&path, 0);
+    assert!(matches!(
+        client.resume_file_upload(&reference, source).await,
+        Err(ClientError::SourceChanged)
+    ));
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_file_uploads_a_source_changed_mid_upload_as_a_new_file_and_deletes_the_old_one() {
+    // The smallest stream window keeps the client within a chunk or two of
+    // what the broker has written, so the change below comes long before
+    // the upload reaches the last chunk.
+    let broker = TestBroker::start_with(|config| {
+        config.transport.stream_receive_window = ByteSize::kib(64);
+    })
+    .await;
+    let client = Arc::new(Identity::new().connect(&broker).await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("report.bin");
+    let mut plain = content(4 * 1024 * 1024, 15);
+    std::fs::write(&path, &plain).expect("writes");
+    let upload = {
+        let (client, path) = (client.clone(), path.clone());
+        tokio::spawn(async move { client.put_file(FileSource::Path(path), TTL).await })
+    };
+
+    // The first file's bytes start arriving: change the source's last chunk.
+    let files = broker.dir.path().join("files");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let started = std::fs::read_dir(&files)
+            .expect("the file directory")
+            .filter_map(Result::ok)
+            .find(|entry| entry.metadata().is_ok_and(|metadata| metadata.len() > 0));
+        if let Some(entry) = started {
+            break entry.file_name();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no upload started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let changed_at = plain.len() as u64 - 10;
+    flip_byte(&path, changed_at);
+    plain[changed_at as usize] ^= 0x5a;
+
+    let reference = tokio::time::timeout(Duration::from_secs(120), upload)
+        .await
+        .expect("the upload finishes in time")
+        .expect("the task ran")
+        .expect("put_file uploads the changed source as a new file");
+    let first = FileId(
+        hex::decode(first.to_str().expect("hex"))
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes"),
+    );
+    assert_ne!(
+        reference.id, first,
+        "a new file, not the one announced first"
+    );
+    assert_eq!(download(&client, &reference).await, plain);
+    // The first file is gone, bytes and record.
+    assert!(!bytes_path(&broker, &first).exists());
+    assert_eq!(code(client.file_status(&first).await), ErrorCode::NotFound);
+    let left: Vec<_> = std::fs::read_dir(&files)
+        .expect("the file directory")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(
-        code(
-            client
-                .resume_file_upload(&other, FileSource::Bytes(Arc::from(content(1000, 13))))
-                .await
-        ),
-        ErrorCode::ContentMismatch
+        left,
+        [hex::encode(reference.id.0)],
+        "only the new file's bytes"
     );
     broker.shutdown().await;
 }

@@ -412,6 +412,7 @@ fn sample_frames() -> Vec<Frame> {
             received: 65_552,
             complete: false,
             expires_at_ms: 1_700_000_000_000,
+            content_hash: ContentHash([0xbb; 32]),
         }),
         Frame::DeleteFile(DeleteFile {
             request_id: 21,

@@ -16,7 +16,10 @@
 //! tells); the broker answers on the same stream with a `FileState`. When
 //! the last byte arrives the broker checks the content hash: a mismatch
 //! discards the upload (`ContentMismatch`); a match makes the file
-//! complete, durable before the answer.
+//! complete, durable before the answer. `FileState` repeats the declared
+//! content hash, so a client resuming an upload it did not announce can
+//! check its source against it before sealing anything: sealing other
+//! content under the same key would reuse the key's nonces.
 //!
 //! **Downloading** needs the capability: the id *and* the secret, which the
 //! owner puts inside the (end-to-end encrypted) message that shares the

@@ -702,6 +702,10 @@ pub struct FileState {
     pub complete: bool,
     /// When the broker deletes it, milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
+    /// The content hash declared at creation. A client resuming an upload
+    /// in another process checks its source against it before it seals
+    /// anything, so it never uploads other content under the same key.
+    pub content_hash: ContentHash,
 }
 
 /// Deletes one of the identity's files.

@@ -493,7 +493,7 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "FileState",
-            "request_id 20, file_id FILE_ID, size 1048576, received 65552, complete false, expires_at_ms T + 86400000",
+            "request_id 20, file_id FILE_ID, size 1048576, received 65552, complete false, expires_at_ms T + 86400000, content_hash CONTENT_HASH",
             Frame::FileState(FileState {
                 request_id: 20,
                 file_id: f.file_id,
@@ -501,6 +501,7 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 received: 65_552,
                 complete: false,
                 expires_at_ms: f.time_ms + 86_400_000,
+                content_hash: f.content_hash,
             }),
         ),
         vector(
@@ -1033,7 +1034,7 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::CreateFile(_) => 88,
             Frame::FileCreated(_) => 52,
             Frame::FileStatus(_) => 44,
-            Frame::FileState(_) => 69,
+            Frame::FileState(_) => 101,
             Frame::DeleteFile(_) => 44,
             Frame::UploadFile(_) => 52,
             Frame::DownloadFile(_) => 84,
