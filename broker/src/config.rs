@@ -224,6 +224,9 @@ pub struct LimitsConfig {
     pub anonymous_rate: u32,
     /// Most delivery capability hashes one mailbox may hold.
     pub max_capabilities: usize,
+    /// Most devices one identity may register (the identity key itself
+    /// not counted).
+    pub max_devices: usize,
     /// Largest token content. A token's TTL is capped by `max_ttl`.
     pub token_max_bytes: ByteSize,
     /// Most unexpired tokens one identity may hold.
@@ -258,6 +261,7 @@ impl Default for LimitsConfig {
             sealed_burst: 50,
             anonymous_rate: 100,
             max_capabilities: 1_000,
+            max_devices: 100,
             token_max_bytes: ByteSize::kib(64),
             max_tokens_per_identity: 1_000,
             token_password_attempts: 5,
@@ -689,6 +693,12 @@ impl Config {
                 "must be between 1 and 100000 (a mailbox lists its hashes in one frame)",
             );
         }
+        if self.limits.max_devices == 0 || self.limits.max_devices > 10_000 {
+            return invalid(
+                "limits.max_devices",
+                "must be between 1 and 10000 (an identity lists its devices in one frame)",
+            );
+        }
         if self.limits.max_tokens_per_identity == 0 {
             return invalid("limits.max_tokens_per_identity", "must be at least 1");
         }
@@ -901,6 +911,11 @@ mod tests {
                 "BACKBONE__LIMITS__TOKEN_MAX_BYTES",
                 "20 MiB",
                 "limits.token_max_bytes",
+            ),
+            (
+                "BACKBONE__LIMITS__MAX_DEVICES",
+                "10001",
+                "limits.max_devices",
             ),
             (
                 "BACKBONE__LIMITS__MAX_TOKENS_PER_IDENTITY",

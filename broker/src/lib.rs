@@ -10,6 +10,7 @@
 //! - [`token`]: creating, fetching (here or on the owning node) and deleting tokens.
 //! - [`relationships`]: relationship requests and decisions across the fleet.
 //! - [`deletion`]: scheduling identity deletion and the sweep that purges.
+//! - [`devices`]: registering, listing and unregistering an identity's devices.
 //! - [`files`]: the file service — records in the store, bytes under `<data_dir>/files/`, uploads and downloads on their own streams.
 //! - [`fleet`]: sharding — the fleet map, certificates, node-to-node links.
 //! - [`mailbox`]: mailbox actors and the registry spawning them on demand.
@@ -21,6 +22,7 @@
 pub mod admission;
 pub mod config;
 pub mod deletion;
+pub mod devices;
 pub mod files;
 pub mod fleet;
 pub mod mailbox;

@@ -8,8 +8,9 @@
 //! envelopes in sequence order with at most `push_window` unacknowledged.
 //!
 //! Every authenticated session is listed in [`LiveSessions`] under its
-//! address, so that the purge of a deleted identity can close its
-//! connections and wait until they are over.
+//! address (and its device, for a certified device), so that the purge of a
+//! deleted identity, or the removal of a device, can close its connections
+//! and wait until they are over.
 //!
 //! A client may instead answer the challenge with `Anonymous`: the session
 //! then names no identity (none is recorded in its span either), has no
@@ -70,6 +71,10 @@ fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> 
 struct Session {
     address: Address,
     device: DeviceId,
+    /// Whether a certified device authenticated, rather than the identity
+    /// key itself; such a session is refused the requests that
+    /// [`Frame::needs_identity_key`].
+    certified: bool,
     acked_seq: u64,
     /// Where the connection comes from, for per-source limits.
     source: Source,
@@ -87,10 +92,12 @@ pub struct LiveSessions {
     by_address: Arc<DashMap<Address, HashMap<u64, Listed>>>,
 }
 
-/// One listed session: its connection, and a channel whose sender the
-/// session holds, so that it closes when the session is over.
+/// One listed session: its connection, the certified device it belongs to
+/// (`None` for the identity key), and a channel whose sender the session
+/// holds, so that it closes when the session is over.
 struct Listed {
     connection: quinn::Connection,
+    device: Option<DeviceId>,
     over: watch::Receiver<()>,
 }
 
@@ -112,13 +119,19 @@ impl Drop for LiveSession {
 }
 
 impl LiveSessions {
-    fn register(&self, address: Address, connection: &quinn::Connection) -> LiveSession {
+    fn register(
+        &self,
+        address: Address,
+        device: Option<DeviceId>,
+        connection: &quinn::Connection,
+    ) -> LiveSession {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (over_tx, over) = watch::channel(());
         self.by_address.entry(address).or_default().insert(
             id,
             Listed {
                 connection: connection.clone(),
+                device,
                 over,
             },
         );
@@ -141,12 +154,46 @@ impl LiveSessions {
         reason: &str,
         limit: std::time::Duration,
     ) -> usize {
+        self.close_where(address, |_| true, code, reason, limit)
+            .await
+    }
+
+    /// [`LiveSessions::close_all`] for the sessions of one certified
+    /// `device` of `address` only; the identity key's sessions and other
+    /// devices' go on.
+    pub async fn close_device(
+        &self,
+        address: &Address,
+        device: &DeviceId,
+        code: ErrorCode,
+        reason: &str,
+        limit: std::time::Duration,
+    ) -> usize {
+        self.close_where(
+            address,
+            |listed| listed.device.as_ref() == Some(device),
+            code,
+            reason,
+            limit,
+        )
+        .await
+    }
+
+    async fn close_where(
+        &self,
+        address: &Address,
+        chosen: impl Fn(&Listed) -> bool,
+        code: ErrorCode,
+        reason: &str,
+        limit: std::time::Duration,
+    ) -> usize {
         let sessions: Vec<(quinn::Connection, watch::Receiver<()>)> = self
             .by_address
             .get(address)
             .map(|sessions| {
                 sessions
                     .values()
+                    .filter(|listed| chosen(listed))
                     .map(|listed| (listed.connection.clone(), listed.over.clone()))
                     .collect()
             })
@@ -162,7 +209,7 @@ impl LiveSessions {
             }
         };
         if tokio::time::timeout(limit, all_over).await.is_err() {
-            warn!("sessions of a deleted identity still busy after closing them");
+            warn!(code = code.name(), "sessions still busy after closing them");
         }
         count
     }
@@ -353,7 +400,9 @@ async fn authenticate(
     // Listed before the tombstone is checked: a purge that begins after
     // this check finds the session and closes it, one that began before
     // is seen by the check.
-    let live = shared.sessions.register(address, connection);
+    let live = shared
+        .sessions
+        .register(address, certified.then_some(device), connection);
     let store = shared.store.clone();
     let acked_seq = blocking(move || -> Result<Option<u64>, (ErrorCode, String)> {
         if store
@@ -398,6 +447,7 @@ async fn authenticate(
         Session {
             address,
             device,
+            certified,
             acked_seq,
             source: ticket.source(),
             exempt: ticket.exempt(),
@@ -706,6 +756,16 @@ async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Fra
 async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame) -> Frame {
     let store = shared.store.clone();
     let address = session.address;
+    if session.certified && request.needs_identity_key() {
+        return error_frame(
+            request_id_of(&request),
+            ErrorCode::IdentityKeyRequired,
+            format!(
+                "{} needs a session of the identity key; this one is a certified device's",
+                Frame::TAG_NAMES[request.tag() as usize]
+            ),
+        );
+    }
     match request {
         Frame::PublishCard(publish) => {
             let id = publish.request_id;
@@ -812,16 +872,14 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             "file transfers run on their own stream: open a new one for each",
         ),
         Frame::RegisterDevice(register) => {
-            let id = register.request_id;
-            if let Err(error) = register.certificate.verify_for(&address) {
-                return error_frame(id, ErrorCode::InvalidCertificate, error.to_string());
-            }
-            respond(
-                id,
-                blocking(move || store.put_device(&address, &register.certificate)).await,
-                |()| Frame::Done(Done { request_id: id }),
-            )
+            crate::devices::register(shared, address, register.request_id, register.certificate)
+                .await
         }
+        Frame::UnregisterDevice(unregister) => {
+            crate::devices::unregister(shared, address, unregister.request_id, unregister.device_id)
+                .await
+        }
+        Frame::ListDevices(list) => crate::devices::list(shared, address, list.request_id).await,
         Frame::Delete(delete) => {
             let id = delete.request_id;
             match shared.writer.delete(address, delete.seqs).await {
@@ -1090,6 +1148,8 @@ fn request_id_of(frame: &Frame) -> u64 {
         Frame::DownloadFile(f) => f.request_id,
         Frame::DeleteIdentity(f) => f.request_id,
         Frame::CancelDeletion(f) => f.request_id,
+        Frame::UnregisterDevice(f) => f.request_id,
+        Frame::ListDevices(f) => f.request_id,
         _ => 0,
     }
 }

@@ -14,11 +14,12 @@ use backbone_protocol::bytes::{
 use backbone_protocol::frame::{
     Ack, CancelDeletion, CreateFile, CreateToken, DecideRelationship, Delete, DeleteFile,
     DeleteIdentity, DeleteToken, FetchCard, FileCreated, FileState, FileStatus, GetToken,
-    ListCapabilities, ListRelationships, PublishCard, RegisterCapability, RegisterDevice,
-    RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
+    ListCapabilities, ListDevices, ListRelationships, PublishCard, RegisterCapability,
+    RegisterDevice, RequestRelationship, RevokeCapability, Send, SendAck, SetInboundPolicy,
+    UnregisterDevice,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
-use backbone_protocol::{Address, DeviceCertificate, Frame, IdentityCard, Keypair};
+use backbone_protocol::{Address, DeviceCertificate, DeviceId, Frame, IdentityCard, Keypair};
 use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -338,13 +339,48 @@ impl Client {
         Ok(card)
     }
 
-    /// Registers another device of this identity.
+    /// Registers another device of this identity: from then on it
+    /// authenticates with its own key and `certificate`. Only a client
+    /// authenticated with the identity key may do this (a device gets
+    /// `IdentityKeyRequired`); an identity with the broker's maximum of
+    /// devices gets `QuotaExceeded`.
     pub async fn register_device(&self, certificate: DeviceCertificate) -> Result<(), ClientError> {
         self.expect_done(Frame::RegisterDevice(RegisterDevice {
             request_id: self.request_id(),
             certificate,
         }))
         .await
+    }
+
+    /// Unregisters a device of this identity, for example a lost or stolen
+    /// one: when this returns, the broker has durably forgotten it, closed
+    /// its connections and refuses its key (`DeviceNotRegistered`). Only a
+    /// client authenticated with the identity key may do this (a device gets
+    /// `IdentityKeyRequired`); a device that is not registered is `NotFound`.
+    ///
+    /// The device's copy of the identity's encryption key stays with
+    /// whoever holds the device: the broker no longer delivers to it, but
+    /// envelopes obtained some other way still open with it.
+    pub async fn unregister_device(&self, device: &DeviceId) -> Result<(), ClientError> {
+        self.expect_done(Frame::UnregisterDevice(UnregisterDevice {
+            request_id: self.request_id(),
+            device_id: *device,
+        }))
+        .await
+    }
+
+    /// The certificates of this identity's registered devices, ascending by
+    /// device id (the identity key itself is not listed: it needs none).
+    pub async fn list_devices(&self) -> Result<Vec<DeviceCertificate>, ClientError> {
+        match self
+            .request(Frame::ListDevices(ListDevices {
+                request_id: self.request_id(),
+            }))
+            .await?
+        {
+            Frame::Devices(list) => Ok(list.devices),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Fetches the card of `address` and verifies it belongs to that address.
@@ -1329,6 +1365,8 @@ fn request_id(frame: &Frame) -> Option<u64> {
         Frame::DeleteFile(f) => Some(f.request_id),
         Frame::DeleteIdentity(f) => Some(f.request_id),
         Frame::CancelDeletion(f) => Some(f.request_id),
+        Frame::UnregisterDevice(f) => Some(f.request_id),
+        Frame::ListDevices(f) => Some(f.request_id),
         _ => None,
     }
 }
@@ -1348,6 +1386,7 @@ fn response_id(frame: &Frame) -> Option<u64> {
         Frame::FileCreated(f) => Some(f.request_id),
         Frame::FileState(f) => Some(f.request_id),
         Frame::DeletionScheduled(f) => Some(f.request_id),
+        Frame::Devices(f) => Some(f.request_id),
         _ => None,
     }
 }

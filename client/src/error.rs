@@ -85,6 +85,14 @@ fn describe_server_error(code: u16, message: &str) -> String {
         Some(ErrorCode::IdentityDeleted) => {
             format!("the identity was deleted; its address is closed for good ({message})")
         }
+        Some(ErrorCode::DeviceNotRegistered) => format!(
+            "this device is not registered for its identity: never registered, or \
+             unregistered by the identity key ({message})"
+        ),
+        Some(ErrorCode::IdentityKeyRequired) => format!(
+            "only the identity key may do this, not a device: connect with the identity key \
+             ({message})"
+        ),
         Some(known) => format!("{} (code {code}): {message}", known.name()),
         None => format!("error code {code}: {message}"),
     }

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backbone_client::envelope::Padding;
-use backbone_client::keyfile::{self, IdentityKeys, KeyFile, SaveOptions};
+use backbone_client::keyfile::{self, DeviceKeys, IdentityKeys, KeyFile, SaveOptions};
 use backbone_client::{
     CapabilityHash, Client, ClientError, ClientOptions, ConnectConfig, Credentials,
     DeliveryCapability, Event, FileFetcher, FileRef, FileSource, SealedOptions, SealedSender,
     TokenFetcher, TokenRef, Trust,
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship, Role, State};
-use backbone_protocol::{Address, ErrorCode};
+use backbone_protocol::{Address, DeviceId, ErrorCode};
 use clap::{Args, Parser, Subcommand};
 
 /// Command-line client for the Backbone broker: end-to-end encrypted messages
@@ -45,7 +45,14 @@ enum Command {
     /// Encrypt a message to one or more addresses and send it.
     Send(SendArgs),
     /// Receive messages: prints each decrypted message and acknowledges it.
+    /// Works with the identity key file or a device key file (`device add`).
     Listen(ListenArgs),
+    /// Devices: give another computer or phone a key of its own to receive
+    /// your messages with, so the identity key file can stay on one safe
+    /// machine; list your devices; revoke a lost or stolen one. Every
+    /// device command needs the identity key file.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Delivery capabilities: let a contact send to you without the broker
     /// learning who sends (see `send --sealed`).
     #[command(subcommand)]
@@ -70,6 +77,39 @@ enum Command {
     /// key can never connect again. Until then the identity works as before
     /// and `--cancel` takes the deletion back.
     DeleteIdentity(DeleteIdentityArgs),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Create keys for a new device, certify them with your identity key,
+    /// register the device with the broker, and print its device id. The
+    /// device key file (written with mode 0600) holds the device's own key
+    /// and your identity's decryption key: copy it to the device and use it
+    /// there with `listen --key`. If the device is lost or stolen, `device
+    /// revoke` shuts it out.
+    Add {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Where to write the new device's key file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unregister a device, for example a lost or stolen one: the broker
+    /// closes its connections at once and refuses its key from then on.
+    /// Messages it already received stay readable to whoever holds it.
+    Revoke {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The device's id (64 hex characters), as `device add` and `device
+        /// list` print it.
+        device_id: String,
+    },
+    /// Print your registered devices, one per line: the device id, then when
+    /// your identity key certified it.
+    List(ServerArgs),
 }
 
 #[derive(Subcommand)]
@@ -304,7 +344,7 @@ enum CapabilityCommand {
 struct ServerArgs {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Your identity key file.
+    /// Your identity key file (`listen` also takes a device key file).
     #[arg(long)]
     key: PathBuf,
 }
@@ -475,6 +515,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Address { key } => println!("{}", keyfile::load_identity(&key)?.address()),
         Command::Send(args) => send(args).await?,
         Command::Listen(args) => return listen(args).await,
+        Command::Device(command) => device(command).await?,
         Command::Capability(command) => capability(command).await?,
         Command::Token(command) => token(command).await?,
         Command::Relationship(command) => relationship(command).await?,
@@ -538,6 +579,86 @@ async fn connect_unpublished(args: &ServerArgs, padding: Padding) -> anyhow::Res
     options.credentials = Credentials::primary(&keys.signing);
     options.padding = padding;
     Ok(Client::connect(options).await?)
+}
+
+/// Connects with an identity key file, as [`connect`] does, or with a
+/// device key file. A device cannot sign the identity's card, so it
+/// publishes none; it can open envelopes sealed to the identity.
+async fn connect_any(args: &ServerArgs) -> anyhow::Result<Client> {
+    let keys = match keyfile::load(&args.key)? {
+        KeyFile::Identity(_) => return connect(args).await,
+        KeyFile::Device(keys) => keys,
+    };
+    let mut options = ClientOptions::primary(
+        connect_config(&args.connect)?,
+        keys.device.clone(),
+        keys.encryption.clone(),
+    );
+    options.credentials = Credentials {
+        identity_key: keys.identity_key,
+        device: keys.device.clone(),
+        certificate: Some(keys.certificate),
+    };
+    // Only the identity key signs messages and cards.
+    options.identity = None;
+    Ok(Client::connect(options).await?)
+}
+
+async fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Add { server, out, force } => {
+            let identity = keyfile::load_identity(&server.key)?;
+            let keys = DeviceKeys::issue(&identity, backbone_protocol::unix_millis_now());
+            let (id, certificate) = (keys.device.public().device_id(), keys.certificate);
+            // Written first, so a device is never registered whose key
+            // could not be kept; removed again if the broker refuses it.
+            keyfile::save(
+                &out,
+                &KeyFile::Device(keys),
+                SaveOptions { overwrite: force },
+            )?;
+            let registered = async {
+                let client = connect_unpublished(&server, Padding::default()).await?;
+                client.register_device(certificate).await?;
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(error) = registered {
+                let _ = std::fs::remove_file(&out);
+                return Err(error.context(format!(
+                    "registering the device (nothing was kept: {} was removed)",
+                    out.display()
+                )));
+            }
+            println!("{id}");
+            eprintln!(
+                "registered device {id}; copy {} to the device and run `backbone-cli listen --key` \
+                 with it there. `device revoke` shuts it out if it is ever lost.",
+                out.display()
+            );
+        }
+        DeviceCommand::Revoke { server, device_id } => {
+            let id: DeviceId = device_id
+                .parse()
+                .context("device id (as `device list` prints it)")?;
+            let client = connect_unpublished(&server, Padding::default()).await?;
+            client.unregister_device(&id).await?;
+            eprintln!("revoked device {id}: its connections are closed and the broker refuses it");
+        }
+        DeviceCommand::List(server) => {
+            let client = connect_unpublished(&server, Padding::default()).await?;
+            for certificate in client.list_devices().await? {
+                let issued =
+                    std::time::UNIX_EPOCH + Duration::from_millis(certificate.issued_at_ms);
+                println!(
+                    "{} {}",
+                    certificate.device_key.device_id(),
+                    humantime::format_rfc3339_seconds(issued)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn delete_identity(args: DeleteIdentityArgs) -> anyhow::Result<()> {
@@ -968,7 +1089,7 @@ fn parse_reference(text: &str) -> anyhow::Result<TokenRef> {
 }
 
 async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
-    let client = connect(&args.server).await?;
+    let client = connect_any(&args.server).await?;
     if !args.json {
         eprintln!("listening as {}", client.address());
     }
@@ -986,6 +1107,9 @@ async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
             None => next.await,
         };
         let Some(event) = event else {
+            // A broker that ended the session for good (the device was
+            // revoked, the identity deleted) says why, with its code.
+            client.wait_connected().await?;
             anyhow::bail!("connection to the broker ended")
         };
         match event {

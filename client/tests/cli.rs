@@ -1038,3 +1038,114 @@ fn an_identity_is_deleted_through_the_cli_after_confirmation_and_its_peer_is_tol
         &format!("identity deleted, relationship ended: terminated owner {alice} "),
     );
 }
+
+#[test]
+fn a_device_is_added_listens_and_is_revoked_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    let laptop_key = dir.path().join("bob-laptop.key");
+    stdout(&run_cli(&[
+        "keygen",
+        "--out",
+        alice_key.to_str().expect("utf8"),
+    ]));
+    let bob = stdout(&run_cli(&[
+        "keygen",
+        "--out",
+        bob_key.to_str().expect("utf8"),
+    ]));
+    let args_as = |key: &Path, args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+        all.extend(["--server", &server, "--ca", ca.to_str().expect("utf8")].map(str::to_owned));
+        all.extend(["--key".to_owned(), key.to_str().expect("utf8").to_owned()]);
+        all
+    };
+    let as_ = |key: &Path, args: &[&str]| {
+        Command::new(cli())
+            .args(args_as(key, args))
+            .output()
+            .expect("cli runs")
+    };
+
+    // Bob publishes his card, so Alice can seal to him (the broker may
+    // still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = as_(&bob_key, &["relationship", "list"]);
+        if output.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&output));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Bob adds his laptop: a key file and a registered device id.
+    let out = laptop_key.to_str().expect("utf8");
+    let device_id = stdout(&as_(&bob_key, &["device", "add", "--out", out]));
+    assert_eq!(device_id.len(), 64, "{device_id}");
+    assert!(device_id.chars().all(|c| c.is_ascii_hexdigit()));
+    let listed = stdout(&as_(&bob_key, &["device", "list"]));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.starts_with(&format!("{device_id} ")), "{listed}");
+    // A second add to the same file keeps the first key and registers nothing.
+    let again = as_(&bob_key, &["device", "add", "--out", out]);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert_stderr_has(&again, "already exists");
+    assert_eq!(stdout(&as_(&bob_key, &["device", "list"])), listed);
+    // A device key file cannot manage devices.
+    let from_laptop = as_(&laptop_key, &["device", "list"]);
+    assert_eq!(
+        from_laptop.status.code(),
+        Some(1),
+        "{}",
+        stderr(&from_laptop)
+    );
+    assert_stderr_has(&from_laptop, "device key file");
+
+    // The laptop listens with its own key file and reads Alice's message.
+    let mut listener = Command::new(cli())
+        .args(args_as(
+            &laptop_key,
+            &["listen", "--count", "2", "--timeout", "30s"],
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("listen starts");
+    stdout(&as_(
+        &alice_key,
+        &["send", "--to", &bob, "--message", "for the laptop"],
+    ));
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(listener.stdout.as_mut().expect("stdout")),
+        &mut first_line,
+    )
+    .expect("reads");
+    assert!(first_line.contains("for the laptop"), "{first_line:?}");
+
+    // Revoked: the listening laptop is shut out at once, with the reason
+    // and the exit code of a refusal, and cannot come back.
+    assert_eq!(
+        stdout(&as_(&bob_key, &["device", "revoke", &device_id])),
+        ""
+    );
+    let ended = listener.wait_with_output().expect("listen ends");
+    assert_eq!(ended.status.code(), Some(5), "{}", stderr(&ended));
+    assert_stderr_has(&ended, "not registered");
+    let refused = as_(&laptop_key, &["listen", "--timeout", "2s"]);
+    assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
+    assert_stderr_has(&refused, "not registered");
+    assert_eq!(stdout(&as_(&bob_key, &["device", "list"])), "");
+    let twice = as_(&bob_key, &["device", "revoke", &device_id]);
+    assert_eq!(twice.status.code(), Some(5), "{}", stderr(&twice));
+    assert_stderr_has(&twice, "NotFound");
+    let typo = as_(&bob_key, &["device", "revoke", "abc"]);
+    assert_eq!(typo.status.code(), Some(1), "{}", stderr(&typo));
+    assert_stderr_has(&typo, "device id");
+}

@@ -266,6 +266,32 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
         .register_capability(&capability)
         .await
         .expect("registers a capability");
+    // Two devices of the mover, one of them unregistered before the move:
+    // only the other may come back on node-2.
+    let (kept, revoked) = (
+        backbone_protocol::Keypair::generate(),
+        backbone_protocol::Keypair::generate(),
+    );
+    let as_device = |device: &backbone_protocol::Keypair| {
+        let certificate =
+            backbone_protocol::DeviceCertificate::issue(&mover.signing, device.public(), 1);
+        let credentials = backbone_client::Credentials {
+            identity_key: mover.signing.public(),
+            device: device.clone(),
+            certificate: Some(certificate),
+        };
+        (certificate, credentials)
+    };
+    for device in [&kept, &revoked] {
+        mover_client
+            .register_device(as_device(device).0)
+            .await
+            .expect("registers a device");
+    }
+    mover_client
+        .unregister_device(&revoked.public().device_id())
+        .await
+        .expect("unregisters a device");
     // Two tokens of the mover: one to fetch after the move, and one a
     // password guesser has brought to one failure short of the lock.
     let token = mover_client
@@ -449,6 +475,29 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
     assert_eq!(
         mover_client.list_capabilities().await.expect("lists"),
         vec![capability.hash()]
+    );
+    // The registered device moved and logs in there; the unregistered one
+    // did not come back.
+    assert_eq!(
+        mover_client.list_devices().await.expect("lists"),
+        vec![as_device(&kept).0]
+    );
+    let through_node_1 = |device| {
+        let mut options = fleet.options(&mover, 1);
+        options.credentials = as_device(device).1;
+        options
+    };
+    backbone_client::Client::connect(through_node_1(&kept))
+        .await
+        .expect("the kept device logs in on node-2");
+    let refused = backbone_client::Client::connect(through_node_1(&revoked))
+        .await
+        .err()
+        .expect("the unregistered device is refused on node-2");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::DeviceNotRegistered),
+        "{refused}"
     );
     // So did the tokens, with their failure counts: fetched through node-0,
     // the previous owner, the requests go to node-2.

@@ -35,6 +35,7 @@ use backbone_protocol::frame::{
 use backbone_protocol::frame::{
     CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, UploadFile,
 };
+use backbone_protocol::frame::{Devices, ListDevices, UnregisterDevice};
 use backbone_protocol::handshake::{
     HandshakeParams, HandshakeState, HandshakeStep, ServerHandshake, Verified,
 };
@@ -434,6 +435,15 @@ fn sample_frames() -> Vec<Frame> {
             size: 1 << 20,
             offset: 0,
             content_hash: ContentHash([0xbb; 32]),
+        }),
+        Frame::UnregisterDevice(UnregisterDevice {
+            request_id: 24,
+            device_id: device.public().device_id(),
+        }),
+        Frame::ListDevices(ListDevices { request_id: 25 }),
+        Frame::Devices(Devices {
+            request_id: 25,
+            devices: vec![certificate],
         }),
     ]
 }

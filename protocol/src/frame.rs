@@ -26,7 +26,8 @@ pub enum Frame {
     Auth(Auth),
     /// Tag 3, broker → client: authentication succeeded.
     AuthOk(AuthOk),
-    /// Tag 4, client → broker: register a device of the authenticated identity.
+    /// Tag 4, client → broker, identity key sessions only: register a device
+    /// of the authenticated identity.
     RegisterDevice(RegisterDevice),
     /// Tag 5, client → broker: publish the authenticated identity's card.
     PublishCard(PublishCard),
@@ -54,10 +55,11 @@ pub enum Frame {
     Ping(Ping),
     /// Tag 17, either direction: answer to [`Frame::Ping`].
     Pong(Pong),
-    /// Tag 18, client → broker: register a delivery capability's hash with
-    /// the authenticated identity's mailbox.
+    /// Tag 18, client → broker, identity key sessions only: register a
+    /// delivery capability's hash with the authenticated identity's mailbox.
     RegisterCapability(RegisterCapability),
-    /// Tag 19, client → broker: revoke a registered capability hash.
+    /// Tag 19, client → broker, identity key sessions only: revoke a
+    /// registered capability hash.
     RevokeCapability(RevokeCapability),
     /// Tag 20, client → broker: list the mailbox's registered capability hashes.
     ListCapabilities(ListCapabilities),
@@ -83,7 +85,8 @@ pub enum Frame {
     /// Tag 28, client → broker, the token's owner only: delete a token.
     /// Answered by [`Frame::Done`].
     DeleteToken(DeleteToken),
-    /// Tag 29, client → broker: set the authenticated identity's inbound policy.
+    /// Tag 29, client → broker, identity key sessions only: set the
+    /// authenticated identity's inbound policy.
     SetInboundPolicy(SetInboundPolicy),
     /// Tag 30, client → broker: ask the owner of a relationship template for
     /// a relationship. Answered by [`Frame::RelationshipChanged`].
@@ -97,14 +100,15 @@ pub enum Frame {
     ListRelationships(ListRelationships),
     /// Tag 34, broker → client: the answer to [`Frame::ListRelationships`].
     Relationships(Relationships),
-    /// Tag 35, client → broker: schedule the deletion of the authenticated
-    /// identity after the broker's grace period. Answered by
-    /// [`Frame::DeletionScheduled`].
+    /// Tag 35, client → broker, identity key sessions only: schedule the
+    /// deletion of the authenticated identity after the broker's grace
+    /// period. Answered by [`Frame::DeletionScheduled`].
     DeleteIdentity(DeleteIdentity),
     /// Tag 36, broker → client: when the identity will be purged.
     DeletionScheduled(DeletionScheduled),
-    /// Tag 37, client → broker: cancel the identity's scheduled deletion.
-    /// Answered by [`Frame::Done`], or `NotFound` when none is scheduled.
+    /// Tag 37, client → broker, identity key sessions only: cancel the
+    /// identity's scheduled deletion. Answered by [`Frame::Done`], or
+    /// `NotFound` when none is scheduled.
     CancelDeletion(CancelDeletion),
     /// Tag 38, client → broker, authenticated sessions only: announce a file
     /// (see [`crate::file`]). Answered by [`Frame::FileCreated`].
@@ -130,11 +134,20 @@ pub enum Frame {
     /// Tag 45, broker → client, first frame of a download stream's answer:
     /// the raw bytes from `offset` to the end follow.
     FileData(FileData),
+    /// Tag 46, client → broker, identity key sessions only: remove a device
+    /// of the authenticated identity, closing its sessions. Answered by
+    /// [`Frame::Done`], or `NotFound` for a device that is not registered.
+    UnregisterDevice(UnregisterDevice),
+    /// Tag 47, client → broker: list the authenticated identity's registered
+    /// devices. Answered by [`Frame::Devices`].
+    ListDevices(ListDevices),
+    /// Tag 48, broker → client: the answer to [`Frame::ListDevices`].
+    Devices(Devices),
 }
 
 impl Frame {
     /// The wire tag of each variant, in order. Keep in sync with the enum.
-    pub const TAG_NAMES: [&'static str; 46] = [
+    pub const TAG_NAMES: [&'static str; 49] = [
         "Hello",
         "Challenge",
         "Auth",
@@ -181,6 +194,9 @@ impl Frame {
         "UploadFile",
         "DownloadFile",
         "FileData",
+        "UnregisterDevice",
+        "ListDevices",
+        "Devices",
     ];
 
     /// The wire tag of this frame.
@@ -232,6 +248,9 @@ impl Frame {
             Frame::UploadFile(_) => 43,
             Frame::DownloadFile(_) => 44,
             Frame::FileData(_) => 45,
+            Frame::UnregisterDevice(_) => 46,
+            Frame::ListDevices(_) => 47,
+            Frame::Devices(_) => 48,
         }
     }
 
@@ -239,6 +258,28 @@ impl Frame {
     /// authenticated: `Hello`, `Auth` and `Anonymous`.
     pub fn tag_allowed_before_auth(tag: u32) -> bool {
         matches!(tag, 0 | 2 | 22)
+    }
+
+    /// Whether a broker serves this request only on a session the identity
+    /// key itself authenticated, refusing it on a certified device's session
+    /// with [`ErrorCode::IdentityKeyRequired`]: the requests that decide
+    /// which keys act for the identity (`RegisterDevice`,
+    /// `UnregisterDevice`), whether the identity goes on existing
+    /// (`DeleteIdentity`, `CancelDeletion`), and who may write to its
+    /// mailbox as a whole (`RegisterCapability`, `RevokeCapability`,
+    /// `SetInboundPolicy`). A stolen device must not be able to lock its
+    /// owner out, keep itself registered, or open the mailbox to strangers.
+    pub fn needs_identity_key(&self) -> bool {
+        matches!(
+            self,
+            Frame::RegisterDevice(_)
+                | Frame::UnregisterDevice(_)
+                | Frame::DeleteIdentity(_)
+                | Frame::CancelDeletion(_)
+                | Frame::RegisterCapability(_)
+                | Frame::RevokeCapability(_)
+                | Frame::SetInboundPolicy(_)
+        )
     }
 }
 
@@ -754,6 +795,35 @@ pub struct FileData {
     pub content_hash: ContentHash,
 }
 
+/// Removes a device of the authenticated identity: its certificate and its
+/// cursor are deleted, its open sessions are closed, and it can no longer
+/// authenticate (`DeviceNotRegistered`) until the identity registers it
+/// again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisterDevice {
+    /// Client-chosen request id.
+    pub request_id: u64,
+    /// The device to remove: `blake3` of its public key.
+    pub device_id: DeviceId,
+}
+
+/// Asks for the authenticated identity's registered devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListDevices {
+    /// Client-chosen request id.
+    pub request_id: u64,
+}
+
+/// Every registered device of the identity, by device id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Devices {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The certificates the identity registered, ascending by device id. The
+    /// identity key itself, which needs no certificate, is not listed.
+    pub devices: Vec<DeviceCertificate>,
+}
+
 macro_rules! error_codes {
     ($($(#[$meta:meta])* $name:ident = $value:literal, $retryable:literal;)*) => {
         /// Stable numeric error codes. Values never change meaning.
@@ -816,7 +886,8 @@ error_codes! {
     ChallengeReused = 13, false;
     /// The connection did not authenticate within the deadline.
     AuthTimeout = 14, false;
-    /// The device is not registered for this identity.
+    /// The device is not registered for this identity: never registered,
+    /// or unregistered (revoked) by it.
     DeviceNotRegistered = 15, false;
     /// The device certificate is invalid.
     InvalidCertificate = 16, false;
@@ -877,6 +948,11 @@ error_codes! {
     /// An upload stream does not start where the broker's copy ends, goes
     /// past the declared size, or another upload of the file is running.
     InvalidOffset = 44, false;
+    /// Only a session the identity key itself authenticated may make this
+    /// request, not a certified device: managing devices, deleting the
+    /// identity or cancelling that, and changing capabilities or the
+    /// inbound policy.
+    IdentityKeyRequired = 45, false;
     /// An internal error.
     Internal = 50, true;
     /// Storage failed; nothing was acknowledged.

@@ -153,6 +153,33 @@ impl fmt::Debug for DeviceId {
     }
 }
 
+impl fmt::Display for DeviceId {
+    /// 64 lowercase hex characters: how people name a device to unregister it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// A device id in text form is not 64 hex characters.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+#[error("a device id is 64 hex characters (32 bytes), got {len} characters")]
+pub struct DeviceIdParseError {
+    /// Characters in the rejected text, after trimming.
+    pub len: usize,
+}
+
+impl FromStr for DeviceId {
+    type Err = DeviceIdParseError;
+
+    /// Parses the form `Display` writes, in either case.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let error = DeviceIdParseError { len: text.len() };
+        let bytes = hex::decode(text).map_err(|_| error.clone())?;
+        bytes.try_into().map(DeviceId).map_err(|_| error)
+    }
+}
+
 /// Why a text address was rejected.
 #[derive(Debug, Error, PartialEq, Eq, Clone)]
 pub enum AddressParseError {
@@ -332,6 +359,23 @@ mod tests {
         assert_eq!(
             text[..text.len() - 2].parse::<Address>(),
             Err(AddressParseError::BadEncoding)
+        );
+    }
+
+    #[test]
+    fn device_id_text_round_trips_and_rejects_other_lengths() {
+        let id = Keypair::from_secret_bytes([2; 32]).public().device_id();
+        let text = id.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text.parse::<DeviceId>(), Ok(id));
+        assert_eq!(format!(" {} ", text.to_ascii_uppercase()).parse(), Ok(id));
+        assert_eq!(
+            text[..62].parse::<DeviceId>(),
+            Err(DeviceIdParseError { len: 62 })
+        );
+        assert_eq!(
+            "zz".repeat(32).parse::<DeviceId>(),
+            Err(DeviceIdParseError { len: 64 })
         );
     }
 

@@ -37,6 +37,7 @@ use backbone_protocol::frame::{
     Relationships, RequestRelationship, RevokeCapability, SealedSend, Send, SendAck,
     SetInboundPolicy, Stored, TokenContent, TokenCreated,
 };
+use backbone_protocol::frame::{Devices, ListDevices, UnregisterDevice};
 use backbone_protocol::relationship::{
     Decision, InboundPolicy, Relationship, Role, SideChange, State,
 };
@@ -404,6 +405,24 @@ fn cancel_deletion() -> impl Strategy<Value = CancelDeletion> {
     any::<u64>().prop_map(|request_id| CancelDeletion { request_id })
 }
 
+fn unregister_device() -> impl Strategy<Value = UnregisterDevice> {
+    (any::<u64>(), device_id()).prop_map(|(request_id, device_id)| UnregisterDevice {
+        request_id,
+        device_id,
+    })
+}
+
+fn list_devices() -> impl Strategy<Value = ListDevices> {
+    any::<u64>().prop_map(|request_id| ListDevices { request_id })
+}
+
+fn devices() -> impl Strategy<Value = Devices> {
+    (any::<u64>(), vec(device_certificate(), 0..4)).prop_map(|(request_id, devices)| Devices {
+        request_id,
+        devices,
+    })
+}
+
 fn side_change() -> impl Strategy<Value = SideChange> {
     prop_oneof![
         (capability_hash(), blob()).prop_map(|(capability_hash, intro)| SideChange::Request {
@@ -553,6 +572,9 @@ fn frame() -> impl Strategy<Value = Frame> {
         delete_identity().prop_map(Frame::DeleteIdentity),
         deletion_scheduled().prop_map(Frame::DeletionScheduled),
         cancel_deletion().prop_map(Frame::CancelDeletion),
+        unregister_device().prop_map(Frame::UnregisterDevice),
+        list_devices().prop_map(Frame::ListDevices),
+        devices().prop_map(Frame::Devices),
     ]
 }
 
@@ -631,6 +653,9 @@ round_trip_tests! {
     delete_identity_round_trips: delete_identity() => Frame::DeleteIdentity;
     deletion_scheduled_round_trips: deletion_scheduled() => Frame::DeletionScheduled;
     cancel_deletion_round_trips: cancel_deletion() => Frame::CancelDeletion;
+    unregister_device_round_trips: unregister_device() => Frame::UnregisterDevice;
+    list_devices_round_trips: list_devices() => Frame::ListDevices;
+    devices_round_trips: devices() => Frame::Devices;
 }
 
 proptest! {

@@ -43,6 +43,7 @@ use backbone_protocol::frame::{
 use backbone_protocol::frame::{
     CreateFile, DeleteFile, DownloadFile, FileCreated, FileData, FileState, FileStatus, UploadFile,
 };
+use backbone_protocol::frame::{Devices, ListDevices, UnregisterDevice};
 use backbone_protocol::identity::domain;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role, State};
 use backbone_protocol::token::VERIFIER_HASH_CONTEXT;
@@ -539,6 +540,27 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
                 size: 1_048_576,
                 offset: 0,
                 content_hash: f.content_hash,
+            }),
+        ),
+        vector(
+            "UnregisterDevice",
+            "request_id 24, device_id = device id of DEVICE",
+            Frame::UnregisterDevice(UnregisterDevice {
+                request_id: 24,
+                device_id: f.device.public().device_id(),
+            }),
+        ),
+        vector(
+            "ListDevices",
+            "request_id 25",
+            Frame::ListDevices(ListDevices { request_id: 25 }),
+        ),
+        vector(
+            "Devices",
+            "request_id 25, devices [CERTIFICATE]",
+            Frame::Devices(Devices {
+                request_id: 25,
+                devices: vec![f.certificate()],
             }),
         ),
     ]
@@ -1039,6 +1061,9 @@ fn body_sizes_match_the_documented_layouts() {
             Frame::UploadFile(_) => 52,
             Frame::DownloadFile(_) => 84,
             Frame::FileData(_) => 60,
+            Frame::UnregisterDevice(_) => 44,
+            Frame::ListDevices(_) => 12,
+            Frame::Devices(list) => 20 + 136 * list.devices.len(),
         };
         assert_eq!(
             body_len(&vector.frame),

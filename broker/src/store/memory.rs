@@ -79,6 +79,19 @@ fn capability_range<'a>(
 }
 
 impl Inner {
+    /// The certificates registered for `address`, ascending by device id
+    /// (the order of the sled store's keys).
+    fn devices_of(&self, address: &Address) -> Vec<DeviceCertificate> {
+        let mut devices: Vec<(DeviceId, DeviceCertificate)> = self
+            .devices
+            .iter()
+            .filter(|((owner, _), _)| owner == address)
+            .map(|((_, device), cert)| (*device, *cert))
+            .collect();
+        devices.sort_by_key(|(device, _)| *device);
+        devices.into_iter().map(|(_, cert)| cert).collect()
+    }
+
     /// Inserts `token`, replacing any token with its id and its expiry entry.
     fn insert_token(&mut self, token: StoredToken) {
         if let Some(old) = self.tokens.get(&token.id) {
@@ -307,11 +320,29 @@ impl Store for MemoryStore {
         Ok(self.lock()?.cards.get(address).copied())
     }
 
-    fn put_device(&self, address: &Address, cert: &DeviceCertificate) -> Result<(), StoreError> {
-        self.lock()?
-            .devices
-            .insert((*address, cert.device_key.device_id()), *cert);
-        Ok(())
+    fn put_device(
+        &self,
+        address: &Address,
+        cert: &DeviceCertificate,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let key = (*address, cert.device_key.device_id());
+        if !inner.devices.contains_key(&key) && inner.devices_of(address).len() >= max {
+            return Ok(false);
+        }
+        inner.devices.insert(key, *cert);
+        Ok(true)
+    }
+
+    fn remove_device(&self, address: &Address, device: &DeviceId) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        inner.cursors.remove(&(*address, *device));
+        Ok(inner.devices.remove(&(*address, *device)).is_some())
+    }
+
+    fn devices(&self, address: &Address) -> Result<Vec<DeviceCertificate>, StoreError> {
+        Ok(self.lock()?.devices_of(address))
     }
 
     fn device(
@@ -627,20 +658,13 @@ impl Store for MemoryStore {
             .map(|((_, device), seq)| (*device, *seq))
             .collect();
         cursors.sort();
-        let mut devices: Vec<(DeviceId, DeviceCertificate)> = inner
-            .devices
-            .iter()
-            .filter(|((owner, _), _)| owner == address)
-            .map(|((_, device), cert)| (*device, *cert))
-            .collect();
-        devices.sort_by_key(|(device, _)| *device);
         Ok(MailboxExport {
             address: *address,
             head,
             envelopes,
             cursors,
             card: inner.cards.get(address).copied(),
-            devices: devices.into_iter().map(|(_, cert)| cert).collect(),
+            devices: inner.devices_of(address),
             capabilities: capability_range(&inner.capabilities, address)
                 .map(|(_, hash)| *hash)
                 .collect(),

@@ -372,9 +372,26 @@ pub trait Store: Send + Sync + 'static {
     /// The card stored for `address`.
     fn card(&self, address: &Address) -> Result<Option<IdentityCard>, StoreError>;
 
-    /// Stores `cert` under `(address, cert.device_key.device_id())`. The caller
-    /// has verified it.
-    fn put_device(&self, address: &Address, cert: &DeviceCertificate) -> Result<(), StoreError>;
+    /// Stores `cert` under `(address, cert.device_key.device_id())`, unless
+    /// the address already holds `max` other devices; returns whether it is
+    /// stored. A device already stored gets the new certificate whatever the
+    /// count. The count and the write are one atomic step. The caller has
+    /// verified the certificate. Not flushed by itself.
+    fn put_device(
+        &self,
+        address: &Address,
+        cert: &DeviceCertificate,
+        max: usize,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes the certificate of `device` of `address`, then the device's
+    /// cursor; returns whether a certificate was stored. A crash in between
+    /// leaves at most a cursor without a device, which lets nothing in. Not
+    /// flushed by itself.
+    fn remove_device(&self, address: &Address, device: &DeviceId) -> Result<bool, StoreError>;
+
+    /// The certificates registered for `address`, ascending by device id.
+    fn devices(&self, address: &Address) -> Result<Vec<DeviceCertificate>, StoreError>;
 
     /// The certificate stored for `device` of `address`.
     fn device(
@@ -1085,15 +1102,14 @@ pub(crate) mod tests {
 
         let device_key = Keypair::from_secret_bytes([6; 32]).public();
         let cert = DeviceCertificate::issue(&identity, device_key, 12);
-        store
-            .put_device(&identity.address(), &cert)
-            .expect("device");
+        assert_eq!(store.put_device(&identity.address(), &cert, 2), Ok(true));
         assert_eq!(
             store.device(&identity.address(), &device_key.device_id()),
             Ok(Some(cert))
         );
         assert_eq!(store.device(&a, &device_key.device_id()), Ok(None));
         assert_eq!(store.device(&identity.address(), &device), Ok(None));
+        device_suite(store, &identity, cert);
 
         // Capability hashes: per mailbox, idempotent, bounded, revocable.
         let (one, two, three) = (
@@ -1126,6 +1142,46 @@ pub(crate) mod tests {
         assert!(store.size_on_disk().is_ok());
     }
 
+    /// Registration up to the limit, listing and removal of devices, for
+    /// `identity`, which holds `first` as its only device.
+    fn device_suite(store: &dyn Store, identity: &Keypair, first: DeviceCertificate) {
+        let owner = identity.address();
+        let other = address(9);
+        let second_key = Keypair::from_secret_bytes([7; 32]).public();
+        let second = DeviceCertificate::issue(identity, second_key, 13);
+        let third =
+            DeviceCertificate::issue(identity, Keypair::from_secret_bytes([8; 32]).public(), 14);
+        // Two devices fill a limit of two; a third does not fit, but a
+        // stored device gets a new certificate however full the address is.
+        assert_eq!(store.put_device(&owner, &second, 2), Ok(true));
+        assert_eq!(store.put_device(&owner, &third, 2), Ok(false));
+        let reissued = DeviceCertificate::issue(identity, second_key, 15);
+        assert_eq!(store.put_device(&owner, &reissued, 2), Ok(true));
+        let mut listed = vec![first, reissued];
+        listed.sort_by_key(|cert| cert.device_key.device_id());
+        assert_eq!(store.devices(&owner), Ok(listed));
+        assert_eq!(store.devices(&other), Ok(vec![]));
+
+        // Removal takes the certificate and the cursor of that device only.
+        let (gone, kept) = (second_key.device_id(), first.device_key.device_id());
+        store.set_cursor(&owner, &gone, 5).expect("cursor");
+        store.set_cursor(&owner, &kept, 6).expect("cursor");
+        store.set_cursor(&other, &gone, 7).expect("cursor");
+        assert_eq!(store.remove_device(&owner, &gone), Ok(true));
+        assert_eq!(store.device(&owner, &gone), Ok(None));
+        assert_eq!(store.cursor(&owner, &gone), Ok(None));
+        assert_eq!(store.devices(&owner), Ok(vec![first]));
+        assert_eq!(store.cursor(&owner, &kept), Ok(Some(6)));
+        assert_eq!(store.cursor(&other, &gone), Ok(Some(7)));
+        // Removing it again finds nothing; the freed place takes another device.
+        assert_eq!(store.remove_device(&owner, &gone), Ok(false));
+        assert_eq!(store.put_device(&owner, &third, 2), Ok(true));
+        assert_eq!(
+            store.remove_device(&owner, &third.device_key.device_id()),
+            Ok(true)
+        );
+    }
+
     /// Export, import, purge and meta, on two fresh stores of the same kind.
     fn handoff_suite(from: &dyn Store, to: &dyn Store) {
         let (a, b, c) = (address(1), address(2), address(3));
@@ -1143,7 +1199,18 @@ pub(crate) mod tests {
         from.put_card(&card).expect("card");
         let device_key = Keypair::from_secret_bytes([6; 32]).public();
         let cert = DeviceCertificate::issue(&identity, device_key, 12);
-        from.put_device(&owner, &cert).expect("device");
+        assert_eq!(from.put_device(&owner, &cert, 10), Ok(true));
+        // A device unregistered before the handover: neither it nor its
+        // cursor moves.
+        let removed_key = Keypair::from_secret_bytes([7; 32]).public();
+        let removed = DeviceCertificate::issue(&identity, removed_key, 13);
+        assert_eq!(from.put_device(&owner, &removed, 10), Ok(true));
+        from.set_cursor(&owner, &removed_key.device_id(), 3)
+            .expect("cursor");
+        assert_eq!(
+            from.remove_device(&owner, &removed_key.device_id()),
+            Ok(true)
+        );
         from.set_cursor(&c, &device, 9).expect("cursor only");
         let capability = CapabilityHash([9; 32]);
         from.register_capability(&owner, &capability, 10)
@@ -1243,6 +1310,8 @@ pub(crate) mod tests {
         assert_eq!(to.cursor(&owner, &device), Ok(Some(3)));
         assert_eq!(to.card(&owner), Ok(Some(card)));
         assert_eq!(to.device(&owner, &device_key.device_id()), Ok(Some(cert)));
+        assert_eq!(to.devices(&owner), Ok(vec![cert]));
+        assert_eq!(to.cursor(&owner, &removed_key.device_id()), Ok(None));
         assert_eq!(to.capabilities(&owner), Ok(vec![capability]));
         assert_eq!(to.token(&owned.id, 0), Ok(Some(tried)));
         assert_eq!(to.token(&locked.id, 0), Ok(Some(locked.clone())));

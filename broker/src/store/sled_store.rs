@@ -150,6 +150,8 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "expire.index",
     "card",
     "device",
+    "device.remove",
+    "device.remove.cursor",
     "capability.register",
     "capability.revoke",
     "policy",
@@ -231,6 +233,8 @@ pub struct SledStore {
     /// Held while a capability is registered, so two registrations cannot
     /// both pass the per-mailbox limit.
     capability_lock: Mutex<()>,
+    /// Held while a device is registered, for the same reason.
+    device_lock: Mutex<()>,
     /// Held while tokens and their index entries change, so a quota count
     /// and the write it admits, or a failed-attempt count and its update,
     /// are one step.
@@ -373,6 +377,7 @@ impl SledStore {
                 written_at: None,
             }),
             capability_lock: Mutex::new(()),
+            device_lock: Mutex::new(()),
             token_lock: Mutex::new(()),
             deletion_lock: Mutex::new(()),
             epoch_file: Mutex::new(epoch_file),
@@ -893,11 +898,50 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn put_device(&self, address: &Address, cert: &DeviceCertificate) -> Result<(), StoreError> {
+    fn put_device(
+        &self,
+        address: &Address,
+        cert: &DeviceCertificate,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        // The lock guards no data of its own (see `lock_mutations`).
+        let _registering = self
+            .device_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let key = pair_key(address, &cert.device_key.device_id().0);
+        if !self.devices.contains_key(key)? {
+            // At most `max` keys are read: the limit bounds the scan.
+            let mut held = 0;
+            for entry in self.devices.scan_prefix(address.0).take(max) {
+                entry?;
+                held += 1;
+            }
+            if held >= max {
+                return Ok(false);
+            }
+        }
         self.fail_point("device")?;
         self.devices.insert(key, encode(cert)?)?;
-        Ok(())
+        Ok(true)
+    }
+
+    fn remove_device(&self, address: &Address, device: &DeviceId) -> Result<bool, StoreError> {
+        let key = pair_key(address, &device.0);
+        // The certificate first: a crash before the cursor goes leaves a
+        // cursor without a device, which lets nothing in.
+        self.fail_point("device.remove")?;
+        let existed = self.devices.remove(key)?.is_some();
+        self.fail_point("device.remove.cursor")?;
+        self.cursors.remove(key)?;
+        Ok(existed)
+    }
+
+    fn devices(&self, address: &Address) -> Result<Vec<DeviceCertificate>, StoreError> {
+        self.devices
+            .scan_prefix(address.0)
+            .map(|entry| decode(&entry?.1, "device certificate"))
+            .collect()
     }
 
     fn device(
@@ -1381,11 +1425,7 @@ impl Store for SledStore {
                 );
             cursors.push((device, decode_u64(&value, "cursor")?));
         }
-        let devices = self
-            .devices
-            .scan_prefix(address.0)
-            .map(|entry| decode(&entry?.1, "device certificate"))
-            .collect::<Result<Vec<DeviceCertificate>, StoreError>>()?;
+        let devices = self.devices(address)?;
         Ok(MailboxExport {
             address: *address,
             head: self.head_seq(address)?,
@@ -1460,8 +1500,9 @@ impl Store for SledStore {
         if let Some(card) = &export.card {
             self.put_card(card)?;
         }
+        // No limit: the previous owner applied it.
         for cert in &export.devices {
-            self.put_device(address, cert)?;
+            self.put_device(address, cert, usize::MAX)?;
         }
         for hash in &export.capabilities {
             self.fail_point("import.capability")?;
@@ -2052,9 +2093,7 @@ mod tests {
         store.set_cursor(&a, &device, 2).expect("cursor");
         store.delete(&a, &[1, 2]).expect("delete");
         store.put_card(&card).expect("card");
-        store
-            .put_device(&identity.address(), &cert)
-            .expect("device");
+        assert_eq!(store.put_device(&identity.address(), &cert, 10), Ok(true));
         store.flush().expect("flush");
         drop(store);
 
@@ -2074,6 +2113,18 @@ mod tests {
         assert_eq!(store.oldest_seq(&a), Ok(None));
         assert_eq!(store.head_seq(&a), Ok(4));
         assert!(store.size_on_disk().expect("size") > 0);
+
+        // A removal, once flushed, survives the next restart too: the
+        // device is gone with its cursor.
+        let owner = identity.address();
+        store.set_cursor(&owner, &device, 3).expect("cursor");
+        assert_eq!(store.remove_device(&owner, &device), Ok(true));
+        store.flush().expect("flush");
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.device(&owner, &device), Ok(None));
+        assert_eq!(store.cursor(&owner, &device), Ok(None));
+        assert_eq!(store.devices(&owner), Ok(vec![]));
     }
 
     #[test]
@@ -2312,7 +2363,10 @@ mod fault_tests {
         store.delete(&a, &[1])?;
         store.expire(150, 10)?;
         store.put_card(&IdentityCard::sign(&identity, EncryptionKey([3; 32]), 4))?;
-        store.put_device(&b, &DeviceCertificate::issue(&identity, device_key, 6))?;
+        store.put_device(&b, &DeviceCertificate::issue(&identity, device_key, 6), 10)?;
+        let removed = Keypair::from_secret_bytes([6; 32]).public();
+        store.put_device(&b, &DeviceCertificate::issue(&identity, removed, 6), 10)?;
+        store.remove_device(&b, &removed.device_id())?;
         store.append_batch(&appends(b, 1..=2, 1_000))?;
         store.delete(&b, &[2])?;
         // The same envelopes with another expiry, and a higher head.

@@ -597,8 +597,15 @@ mod tests {
             &self,
             address: &Address,
             cert: &DeviceCertificate,
-        ) -> Result<(), StoreError> {
-            self.inner.put_device(address, cert)
+            max: usize,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_device(address, cert, max)
+        }
+        fn remove_device(&self, address: &Address, device: &DeviceId) -> Result<bool, StoreError> {
+            self.inner.remove_device(address, device)
+        }
+        fn devices(&self, address: &Address) -> Result<Vec<DeviceCertificate>, StoreError> {
+            self.inner.devices(address)
         }
         fn device(
             &self,
