@@ -921,7 +921,9 @@ error_codes! {
     QuotaExceeded = 31, false;
     /// The shard owning the recipient is unavailable; retry later.
     ShardUnavailable = 32, true;
-    /// The broker is overloaded; retry later.
+    /// The broker is overloaded; retry later. Also the close code of an
+    /// `Anonymous` beyond the anonymous-session caps, and of a connection
+    /// whose client stopped reading.
     Overloaded = 33, true;
     /// The broker is shutting down; reconnect later.
     ShuttingDown = 34, true;
