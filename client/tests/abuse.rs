@@ -557,3 +557,47 @@ async fn large_frames_and_extra_streams_leave_no_memory_behind() {
     );
     drop((held, pending, warm));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identities_of_one_source_share_a_relationship_request_budget() {
+    let broker = TestBroker::start_with(|config| {
+        config.limits.per_source.relationship_requests_per_minute = 2;
+    })
+    .await;
+    let owner = Identity::new();
+    let owner_client = owner.connect(&broker).await;
+    let capability = backbone_protocol::bytes::DeliveryCapability::random();
+    owner_client
+        .register_capability(&capability)
+        .await
+        .expect("registers");
+    // Fresh identities cost nothing, but from one address they share one
+    // budget: two requests pass, the third identity's is refused although
+    // its own per-identity budget is untouched.
+    let host = endpoint_at([127, 0, 0, 2]);
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let asker = Identity::new();
+        let mut options = asker.options(&broker);
+        options.connect = connect_config_from(&broker, &host);
+        let client = Client::connect(options).await.expect("connects");
+        client.publish_card().await.expect("card");
+        codes.push(
+            client
+                .request_relationship(&owner.address(), &capability, b"hi")
+                .await
+                .err()
+                .and_then(|error| error.code()),
+        );
+    }
+    assert_eq!(codes, [None, None, Some(ErrorCode::RateLimited)]);
+    // An identity connected from another address has its own budget.
+    let elsewhere = Identity::new();
+    elsewhere
+        .connect(&broker)
+        .await
+        .request_relationship(&owner.address(), &capability, b"hi")
+        .await
+        .expect("another source's budget");
+    broker.shutdown().await;
+}
