@@ -37,6 +37,8 @@ use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
 
+pub mod failpoint;
+pub mod log;
 mod memory;
 mod sled_store;
 mod writer;
