@@ -28,10 +28,7 @@ pub type Visit<'a> = dyn FnMut(Address, &[u8]) -> Result<(), StoreError> + 'a;
 pub trait Checkpoints: Send + Sync {
     /// The position the durable checkpoint covers (`None`: there is none),
     /// visiting every mailbox value in it.
-    fn load_checkpoint(
-        &self,
-        visit: &mut Visit<'_>,
-    ) -> Result<Option<u64>, StoreError>;
+    fn load_checkpoint(&self, visit: &mut Visit<'_>) -> Result<Option<u64>, StoreError>;
 
     /// The checkpointed value of one mailbox.
     fn checkpointed(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError>;

@@ -141,7 +141,7 @@ impl LogStore {
         now_ms: u64,
         fail: Arc<FailPoints>,
     ) -> Result<(Self, Recovery), StoreError> {
-        let segments = Arc::new(Segments::open(&config.dir, &fail)?);
+        let segments = Arc::new(Segments::open(&config.dir, config.segment_bytes, &fail)?);
         let index = Arc::new(Index::default());
         for segment in segments.all() {
             index.add_segment(segment.base());
@@ -155,7 +155,14 @@ impl LogStore {
                 Ok(())
             })?
             .unwrap_or(0);
-        let mut recovery = replay(&segments, &index, checkpoint, now_ms, &fail)?;
+        let mut recovery = replay(
+            &segments,
+            &index,
+            checkpoint,
+            now_ms,
+            config.segment_bytes,
+            &fail,
+        )?;
         recovery.checkpoint = checkpoint;
         check_positions(&segments, &index)?;
         recovery.envelopes = index.envelopes();
@@ -366,8 +373,13 @@ impl LogStore {
         self.index.envelopes()
     }
 
-    /// Bytes of the segment files.
+    /// Bytes the segment files take on disk, preallocated space included.
     pub fn bytes_on_disk(&self) -> u64 {
+        self.segments.file_bytes()
+    }
+
+    /// Bytes of records in the segment files.
+    pub fn record_bytes(&self) -> u64 {
         self.segments.bytes()
     }
 
@@ -521,6 +533,7 @@ fn replay(
     index: &Index,
     from: u64,
     now_ms: u64,
+    segment_bytes: u64,
     fail: &FailPoints,
 ) -> Result<Recovery, StoreError> {
     let mut recovery = Recovery::default();
@@ -543,6 +556,11 @@ fn replay(
                     apply_replayed(index, record, position, len as u32, now_ms);
                 }
                 Scanned::Bad(position, error) => {
+                    if last && zeros_from(segment, position)? {
+                        // The preallocated rest of the last segment.
+                        segment.set_end(position);
+                        break;
+                    }
                     if !last || proven_durable(segment, position)? {
                         return Err(StoreError::Damaged {
                             what: format!(
@@ -552,8 +570,8 @@ fn replay(
                             ),
                         });
                     }
-                    let cut = segment.end() - position;
-                    segment.truncate(position, fail)?;
+                    let cut = torn_len(segment, position)?;
+                    segment.truncate(position, Some(segment_bytes), fail)?;
                     tracing::warn!(
                         file = %segment.path().display(),
                         offset = position - segment.base(),
@@ -568,6 +586,31 @@ fn replay(
         }
     }
     Ok(recovery)
+}
+
+/// How many bytes a torn tail at `position` spans: up to the last nonzero
+/// byte (the zeros after it are preallocated space).
+fn torn_len(segment: &segment::Segment, position: u64) -> Result<u64, StoreError> {
+    let rest = segment.read_at(position, (segment.end() - position) as usize)?;
+    Ok(rest
+        .iter()
+        .rposition(|byte| *byte != 0)
+        .map_or(0, |last| last as u64 + 1))
+}
+
+/// Whether every byte of `segment` from `position` on is zero: the
+/// preallocated space after the last record.
+pub(crate) fn zeros_from(segment: &segment::Segment, position: u64) -> Result<bool, StoreError> {
+    let mut at = position;
+    let end = segment.end();
+    while at < end {
+        let len = (end - at).min(1 << 20) as usize;
+        if segment.read_at(at, len)?.iter().any(|byte| *byte != 0) {
+            return Ok(false);
+        }
+        at += len as u64;
+    }
+    Ok(true)
 }
 
 /// Whether a valid batch record after `position` in `segment` says that

@@ -284,7 +284,7 @@ fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<
             Err(error) => {
                 // Cut off whatever part of the batch reached the file, so
                 // the log stays a sequence of whole records.
-                if let Err(cut) = segment.truncate(before, &state.fail) {
+                if let Err(cut) = segment.truncate(before, Some(state.segment_bytes), &state.fail) {
                     tracing::error!(%cut, "cannot cut a failed write off the log; refusing writes");
                     state.failed.store(true, Ordering::Release);
                 }
@@ -338,7 +338,12 @@ fn current_segment(state: &State, len: u64) -> Result<Arc<super::segment::Segmen
             .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
     drop(guard);
-    let segment = state.segments.create(end, &state.fail)?;
+    // The full segment keeps only its records: its preallocated rest goes,
+    // and a torn tail can then only be in the new last segment.
+    last.truncate(end, None, &state.fail)?;
+    let segment = state
+        .segments
+        .create(end, state.segment_bytes, &state.fail)?;
     state.index.add_segment(end);
     metrics::counter!("backbone_log_segments_created_total").increment(1);
     Ok(segment)
@@ -395,17 +400,22 @@ fn sync_loop(state: &State, written: &mpsc::Receiver<WrittenBatch>) {
             synced.notify_all();
         }
         for batch in batches {
-            for written in batch.jobs {
-                match &result {
-                    Ok(()) => {
-                        let outcome = apply(&state.index, &written);
+            match &result {
+                Ok(()) => {
+                    // Applied, and the position recorded, before anyone
+                    // hears of it: a checkpoint taken after a completion
+                    // covers the completed operation.
+                    let outcomes: Vec<usize> = batch
+                        .jobs
+                        .iter()
+                        .map(|written| apply(&state.index, written))
+                        .collect();
+                    state.index.set_applied_through(batch.end);
+                    for (written, outcome) in batch.jobs.into_iter().zip(outcomes) {
                         (written.job.done)(Ok(outcome));
                     }
-                    Err(error) => (written.job.done)(Err(error.clone())),
                 }
-            }
-            if result.is_ok() {
-                state.index.set_applied_through(batch.end);
+                Err(error) => fail_all(batch.jobs.into_iter().map(|w| w.job), error),
             }
         }
     }

@@ -11,6 +11,13 @@
 //! A new segment's directory entry is made durable (the directory is
 //! fsync'd) before anything written to it is acknowledged; so is a
 //! segment's removal before the space it held is counted free.
+//!
+//! A new segment is **preallocated** to its full size (`fallocate`): an
+//! fdatasync then flushes only data, not a new file size, which measured
+//! 164–174 µs instead of 266 µs per small append here. So a segment's file
+//! is longer than its records; the last segment's records end where its
+//! bytes become zeros (a zero length field), which recovery finds, and a
+//! segment is cut to its records' end when the next one starts.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -111,16 +118,45 @@ impl Segment {
             .map_err(|error| backend(&self.path, error))
     }
 
-    /// Cuts the file at `position` and makes the new length durable.
-    pub fn truncate(&self, position: u64, fail: &FailPoints) -> Result<(), StoreError> {
+    /// Cuts the file at `position` and makes the new length durable. With
+    /// `keep`, the space after it stays preallocated (and reads as zeros) up
+    /// to `keep` bytes of file.
+    pub fn truncate(
+        &self,
+        position: u64,
+        keep: Option<u64>,
+        fail: &FailPoints,
+    ) -> Result<(), StoreError> {
         let offset = position.saturating_sub(self.base).max(SEGMENT_HEADER_LEN);
         fail.check("log.truncate")?;
         self.file
             .set_len(offset)
-            .and_then(|()| self.file.sync_all())
+            .map_err(|error| backend(&self.path, error))?;
+        if let Some(keep) = keep {
+            preallocate(&self.file, keep).map_err(|error| backend(&self.path, error))?;
+        }
+        self.file
+            .sync_all()
             .map_err(|error| backend(&self.path, error))?;
         self.len.store(offset, Ordering::Release);
         Ok(())
+    }
+
+    /// Records where the segment's records end (found by recovery).
+    pub fn set_end(&self, position: u64) {
+        self.len.store(
+            position.saturating_sub(self.base).max(SEGMENT_HEADER_LEN),
+            Ordering::Release,
+        );
+    }
+
+    /// Bytes of the file, preallocated space included.
+    pub fn file_len(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|error| backend(&self.path, error))?
+            .len())
     }
 
     /// Overwrites bytes at `position` (repair only) and syncs them.
@@ -149,8 +185,10 @@ pub struct Segments {
 
 impl Segments {
     /// Opens the segments in `dir`, creating the directory and a first,
-    /// empty segment if there are none.
-    pub fn open(dir: &Path, fail: &FailPoints) -> Result<Self, StoreError> {
+    /// empty segment (preallocated to `size`) if there are none. The last
+    /// segment's end is its file's length until recovery finds where its
+    /// records end ([`Segment::set_end`]).
+    pub fn open(dir: &Path, size: u64, fail: &FailPoints) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|error| backend(dir, error))?;
         let dir_file = File::open(dir).map_err(|error| backend(dir, error))?;
         let mut list = BTreeMap::new();
@@ -173,7 +211,7 @@ impl Segments {
             list: RwLock::new(list),
         };
         if segments.last().is_none() {
-            segments.create(0, fail)?;
+            segments.create(0, size, fail)?;
         }
         Ok(segments)
     }
@@ -214,9 +252,14 @@ impl Segments {
         segment.read_at(position, len)
     }
 
-    /// Creates the segment starting at `base` and makes its directory entry
-    /// durable.
-    pub fn create(&self, base: u64, fail: &FailPoints) -> Result<Arc<Segment>, StoreError> {
+    /// Creates the segment starting at `base`, preallocated to `size`
+    /// bytes, and makes its directory entry durable.
+    pub fn create(
+        &self,
+        base: u64,
+        size: u64,
+        fail: &FailPoints,
+    ) -> Result<Arc<Segment>, StoreError> {
         let path = self.dir.join(format!("{base:020}{SUFFIX}"));
         fail.check("log.create")?;
         let file = OpenOptions::new()
@@ -228,6 +271,7 @@ impl Segments {
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&base.to_le_bytes());
         file.write_all_at(&header, 0)
+            .and_then(|()| preallocate(&file, size))
             .and_then(|()| file.sync_all())
             .map_err(|error| backend(&path, error))?;
         self.sync_dir(fail)?;
@@ -267,9 +311,28 @@ impl Segments {
             .map_err(|error| backend(&self.dir, error))
     }
 
-    /// Bytes of every segment file.
+    /// Bytes of records in every segment file.
     pub fn bytes(&self) -> u64 {
         self.list().values().map(|segment| segment.len()).sum()
+    }
+
+    /// Bytes the segment files take, preallocated space included.
+    pub fn file_bytes(&self) -> u64 {
+        self.list()
+            .values()
+            .map(|segment| segment.file_len().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Allocates the file's blocks up to `size` bytes (its length becomes at
+/// least `size`); a file system that cannot is left as it is, since the log
+/// works without (only slower).
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 

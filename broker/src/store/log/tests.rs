@@ -164,47 +164,69 @@ fn appended_envelopes_read_back_and_survive_reopening_with_and_without_a_checkpo
     assert_eq!(log.head_seq(&address(3)), Ok(0));
 }
 
+/// Writes `bytes` at `position` of the segment file at `path`, whose base
+/// is 0 (the tests' logs fit in one segment).
+fn scribble(path: &std::path::Path, position: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opens");
+    file.write_all_at(bytes, position).expect("writes");
+}
+
 #[test]
 fn a_torn_tail_is_cut_off_and_what_was_durable_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let checkpoints = Arc::new(MemoryCheckpoints::default());
     let a = address(1);
-    let path;
-    {
+    let (path, end) = {
         let log = open(dir.path(), &checkpoints, 1 << 20);
         append(&log, a, &[envelope(1, 1_000, 50), envelope(2, 1_000, 50)]).expect("appends");
-        path = log.segments.last().expect("segment").path().to_owned();
-    }
-    // A crash in the middle of the next write: half a record reached the file.
-    let full = std::fs::read(&path).expect("reads");
+        let segment = log.segments.last().expect("segment");
+        (segment.path().to_owned(), segment.end())
+    };
+    let durable = std::fs::read(&path).expect("reads");
+    // A crash in the middle of the next write: 300 bytes of a record reached
+    // the file, in its preallocated space.
     let mut next = Vec::new();
     super::record::encode_append(&a, &envelope(3, 1_000, 500), &mut next);
-    let mut torn = full.clone();
-    torn.extend_from_slice(&next[..300]);
-    std::fs::write(&path, &torn).expect("writes");
+    scribble(&path, end, &next[..300]);
     let (log, recovery) =
         LogStore::open(config(dir.path(), 1 << 20), checkpoints.clone(), 0).expect("opens");
     assert_eq!(recovery.truncated, 300);
     assert_eq!(
         std::fs::read(&path).expect("reads"),
-        full,
-        "cut back exactly"
+        durable,
+        "cut back exactly, space kept"
     );
     assert_eq!(seqs(&log, &a, 0), [1, 2]);
     // And the log goes on from there.
     append(&log, a, &[envelope(3, 1_000, 5)]).expect("appends");
     assert_eq!(seqs(&log, &a, 0), [1, 2, 3]);
+    let end = log.segments.last().expect("segment").end();
 
-    // A garbled last record (its length arrived, its bytes did not) too.
+    // A garbled last record (its length arrived, some of its bytes not) too.
     drop(log);
-    let mut garbled = std::fs::read(&path).expect("reads");
-    let len = garbled.len();
-    garbled[len - 3] ^= 0xFF;
-    std::fs::write(&path, &garbled).expect("writes");
+    scribble(&path, end - 3, &[0xEE]);
     let (log, recovery) =
         LogStore::open(config(dir.path(), 1 << 20), checkpoints.clone(), 0).expect("opens");
     assert!(recovery.truncated > 0);
     assert_eq!(seqs(&log, &a, 0), [1, 2]);
+
+    // A clean end (preallocated zeros) is no torn tail.
+    drop(log);
+    let (_, recovery) =
+        LogStore::open(config(dir.path(), 1 << 20), checkpoints.clone(), 0).expect("opens");
+    assert_eq!(recovery.truncated, 0);
+}
+
+/// Flips a bit of the sealed envelope bytes of the record at `position`
+/// (after its 9-byte header and kind and 93 bytes of fields).
+fn flip_envelope_bit(path: &std::path::Path, position: u64) {
+    let at = position as usize + 9 + 93 + 10;
+    let bytes = std::fs::read(path).expect("reads");
+    scribble(path, at as u64, &[bytes[at] ^ 0x01]);
 }
 
 #[test]
@@ -215,9 +237,9 @@ fn damage_that_a_later_batch_proves_durable_stops_the_start_and_repair_drops_onl
     let (path, position) = {
         let log = open(dir.path(), &checkpoints, 1 << 20);
         append(&log, a, &[envelope(1, 1_000, 50)]).expect("appends");
+        log.checkpoint().expect("checkpoints");
         append(&log, b, &[envelope(1, 1_000, 50)]).expect("appends");
         let position = log.index.entry(&b, 1).expect("indexed").position;
-        log.checkpoint().expect("checkpoints");
         // Later writes, each starting with a batch record that says the
         // damaged one was durable.
         append(&log, a, &[envelope(2, 1_000, 50)]).expect("appends");
@@ -227,28 +249,25 @@ fn damage_that_a_later_batch_proves_durable_stops_the_start_and_repair_drops_onl
             position,
         )
     };
-    let mut bytes = std::fs::read(&path).expect("reads");
-    // A bit of the envelope's bytes (after the 9-byte header and kind and
-    // 93 bytes of fields) flips on the disk.
-    let offset = position as usize;
-    bytes[offset + 9 + 93 + 10] ^= 0x01;
-    std::fs::write(&path, &bytes).expect("writes");
+    flip_envelope_bit(&path, position);
     let error = LogStore::open(config(dir.path(), 1 << 20), checkpoints.clone(), 0)
+        .map(|_| ())
         .expect_err("damage stops the start");
     let StoreError::Damaged { what } = &error else {
         panic!("not damage: {error:?}");
     };
     assert!(
-        what.contains(&path.display().to_string()) && what.contains(&format!("offset {offset}")),
+        what.contains(&path.display().to_string()) && what.contains(&format!("offset {position}")),
         "{what}"
     );
 
     let log_dir = dir.path().join("log");
     let damages = super::verify::verify(&log_dir, checkpoints.as_ref()).expect("verifies");
     assert_eq!(damages.len(), 1, "{damages:?}");
-    assert_eq!(damages[0].offset, offset as u64);
+    assert_eq!(damages[0].offset, position);
     assert!(!damages[0].tail);
-    assert_eq!(damages[0].mailboxes.iter().collect::<Vec<_>>(), [&b]);
+    assert!(damages[0].mailboxes.is_empty(), "after the checkpoint");
+    assert_eq!(damages[0].possibly, Some(b));
     super::verify::repair(&log_dir, checkpoints.as_ref(), &damages).expect("repairs");
     assert!(
         super::verify::verify(&log_dir, checkpoints.as_ref())
@@ -262,6 +281,43 @@ fn damage_that_a_later_batch_proves_durable_stops_the_start_and_repair_drops_onl
         Vec::<u64>::new(),
         "only the damaged one is gone"
     );
+}
+
+#[test]
+fn damage_before_the_checkpoint_fails_the_read_and_verify_names_the_mailbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
+    let (a, b) = (address(1), address(2));
+    let (path, position) = {
+        let log = open(dir.path(), &checkpoints, 1 << 20);
+        append(&log, a, &[envelope(1, 1_000, 50)]).expect("appends");
+        append(&log, b, &[envelope(1, 1_000, 50)]).expect("appends");
+        log.checkpoint().expect("checkpoints");
+        let position = log.index.entry(&b, 1).expect("indexed").position;
+        (
+            log.segments.last().expect("segment").path().to_owned(),
+            position,
+        )
+    };
+    flip_envelope_bit(&path, position);
+    let log = open(dir.path(), &checkpoints, 1 << 20);
+    assert!(matches!(
+        log.read_from(&b, 0, 10, 0),
+        Err(StoreError::Damaged { .. })
+    ));
+    assert_eq!(seqs(&log, &a, 0), [1]);
+    drop(log);
+    let log_dir = dir.path().join("log");
+    let damages = super::verify::verify(&log_dir, checkpoints.as_ref()).expect("verifies");
+    assert_eq!(damages.len(), 1, "{damages:?}");
+    assert_eq!(damages[0].mailboxes.iter().collect::<Vec<_>>(), [&b]);
+    assert_eq!(
+        super::verify::repair(&log_dir, checkpoints.as_ref(), &damages),
+        Ok(1),
+        "one envelope dropped from the index"
+    );
+    let log = open(dir.path(), &checkpoints, 1 << 20);
+    assert_eq!(seqs(&log, &b, 0), Vec::<u64>::new());
     assert_eq!(
         log.head_seq(&b),
         Ok(1),

@@ -54,7 +54,7 @@ pub fn verify(
     checkpoints: &dyn Checkpoints,
 ) -> Result<Vec<Damage>, StoreError> {
     let fail = FailPoints::default();
-    let segments = Segments::open(dir, &fail)?;
+    let segments = Segments::open(dir, 0, &fail)?;
     let (indexed, covered) = checkpointed(checkpoints)?;
     let all = segments.all();
     let mut damages = Vec::new();
@@ -65,6 +65,9 @@ pub fn verify(
             match scanner.next_record()? {
                 Scanned::End => break,
                 Scanned::Record { .. } => {}
+                Scanned::Bad(position, _) if last && super::zeros_from(segment, position)? => {
+                    break;
+                }
                 Scanned::Bad(position, error) => {
                     let next = next_valid(segment, position)?;
                     let end = next.unwrap_or(segment.end());
@@ -107,7 +110,7 @@ pub fn repair(
     damages: &[Damage],
 ) -> Result<usize, StoreError> {
     let fail = FailPoints::default();
-    let segments = Segments::open(dir, &fail)?;
+    let segments = Segments::open(dir, 0, &fail)?;
     for damage in damages {
         let segment = segments
             .holding(damage.position)
@@ -115,7 +118,8 @@ pub fn repair(
                 what: format!("no segment holds position {}", damage.position),
             })?;
         if damage.tail {
-            segment.truncate(damage.position, &fail)?;
+            let keep = segment.file_len()?;
+            segment.truncate(damage.position, Some(keep), &fail)?;
         } else {
             overwrite_with_void(&segment, damage.position, damage.len)?;
         }
