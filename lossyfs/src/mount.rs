@@ -401,8 +401,8 @@ pub enum MountError {
     },
 }
 
-/// A mounted lossy filesystem. Dropping it unmounts it (lazily if the mount
-/// is busy, so a process still inside cannot keep it mounted).
+/// A mounted lossy filesystem. Dropping it unmounts it, as
+/// [`Mount::unmount`] does.
 #[derive(Debug)]
 pub struct Mount {
     disk: Arc<Mutex<Disk>>,
@@ -475,15 +475,31 @@ impl Mount {
             .is_none_or(|session| session.guard.is_finished())
     }
 
-    /// Unmounts and waits for the serving thread.
+    /// Unmounts and waits for the serving thread; if the mount is busy (a
+    /// process still has a file open there), detaches it instead, so it goes
+    /// away once that process lets go and nothing is left mounted.
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.unmount_now()
     }
 
     fn unmount_now(&mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(session) => session.umount_and_join(),
-            None => Ok(()),
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let Err(error) = session.umount_and_join() else {
+            return Ok(());
+        };
+        let lazy = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status()?;
+        if lazy.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "unmounting {} failed ({error}), and so did umount -l ({lazy})",
+                self.mountpoint.display()
+            )))
         }
     }
 }
@@ -491,17 +507,8 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Err(error) = self.unmount_now() {
-            // Busy (a process still has a file open there): detach it, so
-            // the mount goes away once that process lets go and no test
-            // leaves a mount behind.
-            let lazy = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status();
-            eprintln!(
-                "backbone-lossyfs: unmounting {} failed ({error}); lazy unmount: {lazy:?}",
-                self.mountpoint.display()
-            );
+            // Nothing better to do in a drop than to say so.
+            eprintln!("backbone-lossyfs: {error}");
         }
     }
 }
