@@ -14,7 +14,9 @@
 //! start-up files are a separate matter (see `docs/reliability.md`).
 //!
 //! The tests need `/dev/fuse` and the right to mount (root); without them
-//! they say so on stderr and pass. `scripts/power-loss N` runs N cycles.
+//! they say so on stderr and pass. `scripts/power-loss N` runs N cycles. A
+//! failing run keeps the data directory (copied off the mount) and every
+//! run's log, as the crash loop does (`BACKBONE_CRASH_KEEP=1`: always).
 
 #[path = "fleet_docker/check.rs"]
 mod check;

@@ -18,11 +18,13 @@
 //! - **Names.** Creating, removing or renaming a file or directory is
 //!   durable only once its directory is synced (`fsync` of a directory
 //!   handle, FUSE `fsyncdir`); each directory on its own. A new file that
-//!   was synced but whose directory was not is gone after a cut. ext4 in
+//!   was synced but whose directory was not is gone after a cut. This is the
+//!   rule of fsync(2) ("Calling fsync() does not necessarily ensure that the
+//!   entry in the directory containing the file has also reached disk"), and
+//!   stricter than LazyFS, whose cache holds file data only. ext4 in
 //!   `data=ordered` would commit such an entry with its next journal commit
-//!   (every 5 s); the model takes the strict rule, as LazyFS does, because
-//!   a store that relies on the journal commit is one unlucky second away
-//!   from losing a file.
+//!   (every 5 s), but a store that relies on that is one unlucky second
+//!   away from losing a file.
 //! - **Everything else** (mode, owner, times) changes at once and survives
 //!   a cut.
 //!
@@ -32,10 +34,11 @@
 //! mount stays up and serves the durable state from then on; the kernel
 //! caches nothing (zero TTLs, direct I/O), so it cannot serve anything older.
 //!
-//! Unlike LazyFS the model keeps the disk in memory rather than in a backing
-//! directory: the durable state is then exactly what the syncs covered,
-//! independent of the host filesystem's own caching, and a cut is a swap in
-//! memory. The data of one test run (tens of megabytes) fits easily.
+//! Unlike LazyFS, which keeps its cache over a backing directory, the model
+//! keeps the whole disk in memory: the durable state is then exactly what
+//! the syncs covered, independent of the host filesystem's own caching; a
+//! cut is a change in memory; and a test leaves nothing on the host disk.
+//! The data of one test run (a few megabytes) fits easily.
 //!
 //! Only files and directories exist: no hard links, symlinks, device nodes,
 //! extended attributes or locks through the filesystem (`flock` and POSIX

@@ -5,7 +5,6 @@
 //!
 //! A test crate that includes this module declares `check`
 //! (`fleet_docker/check.rs`), `process` and `support` beside it.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -130,11 +129,6 @@ impl Broker {
     /// The CA file clients trust (the broker made it on its first start).
     pub fn ca(&self) -> PathBuf {
         self.data.join("tls/cert.pem")
-    }
-
-    /// How many runs were started.
-    pub fn runs(&self) -> u32 {
-        self.runs
     }
 
     /// SIGKILL, and reap the process.
