@@ -723,6 +723,15 @@ mod tests {
         (disk, f)
     }
 
+    /// Truncates or extends, as `ftruncate(2)` does.
+    fn set_size(disk: &mut Disk, ino: Ino, size: u64) {
+        let changes = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        disk.setattr(ino, &changes).expect("set size");
+    }
+
     fn contents(disk: &Disk, ino: Ino) -> Vec<u8> {
         disk.read(ino, 0, u64::MAX).expect("read")
     }
@@ -782,26 +791,12 @@ mod tests {
     #[test]
     fn a_truncation_is_undone_by_a_cut_unless_synced() {
         let (mut disk, f) = disk_with_synced_file(&[7; 10_000]);
-        disk.setattr(
-            f,
-            &SetAttr {
-                size: Some(5),
-                ..SetAttr::default()
-            },
-        )
-        .expect("truncate");
+        set_size(&mut disk, f, 5);
         assert_eq!(contents(&disk, f), [7; 5]);
         disk.power_cut();
         assert_eq!(contents(&disk, f), [7; 10_000]);
 
-        disk.setattr(
-            f,
-            &SetAttr {
-                size: Some(5),
-                ..SetAttr::default()
-            },
-        )
-        .expect("truncate");
+        set_size(&mut disk, f, 5);
         disk.fsync(f).expect("fsync");
         disk.power_cut();
         assert_eq!(contents(&disk, f), [7; 5]);
@@ -810,22 +805,8 @@ mod tests {
     #[test]
     fn a_file_cut_down_and_grown_again_reads_zeros_where_the_old_bytes_were() {
         let (mut disk, f) = disk_with_synced_file(&[7; 10_000]);
-        disk.setattr(
-            f,
-            &SetAttr {
-                size: Some(5),
-                ..SetAttr::default()
-            },
-        )
-        .expect("truncate");
-        disk.setattr(
-            f,
-            &SetAttr {
-                size: Some(9_000),
-                ..SetAttr::default()
-            },
-        )
-        .expect("extend");
+        set_size(&mut disk, f, 5);
+        set_size(&mut disk, f, 9_000);
         disk.write(f, 8_000, b"x").expect("write");
         let mut expected = vec![0; 9_000];
         expected[..5].fill(7);
@@ -1073,8 +1054,7 @@ mod tests {
                         current[offset as usize..end].fill(byte);
                     }
                     FileOp::SetSize(size) => {
-                        disk.setattr(f, &SetAttr { size: Some(size), ..SetAttr::default() })
-                            .expect("set size");
+                        set_size(&mut disk, f, size);
                         current.resize(size as usize, 0);
                     }
                     FileOp::Grow { offset, len } => {
