@@ -8,6 +8,9 @@
 //!   library (`protocol/src/codec.rs`) and exactly one names the storage
 //!   engine (`broker/src/store/sled_store.rs`), so replacing either is a
 //!   one-file change.
+//! - **Architecture Invariant:** the lossy test filesystem
+//!   (`backbone-lossyfs`) depends on no other crate of the workspace, and no
+//!   crate of the workspace depends on it except in its tests.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ const FORBIDDEN_PROTOCOL_DEPENDENCIES: &[&str] =
 
 /// The crate directories whose Rust sources the name checks walk.
 const CRATE_DIRS: &[&str] = &[
-    "protocol", "broker", "client", "loadtest", "benches", "fuzz",
+    "protocol", "broker", "client", "loadtest", "benches", "fuzz", "lossyfs",
 ];
 
 /// The one file allowed to name the serialization library.
@@ -125,6 +128,35 @@ fn protocol_depends_on_no_runtime_network_storage_or_actor_crate() {
         forbidden.is_empty(),
         "backbone-protocol must stay sans-IO, but its dependency tree contains {forbidden:?}"
     );
+}
+
+#[test]
+fn the_lossy_filesystem_stands_apart_from_the_workspace() {
+    let metadata = cargo_metadata();
+    let own = normal_dependency_closure(&metadata, "backbone-lossyfs");
+    assert!(
+        own.contains("fuser"),
+        "the walk sees real dependencies: {own:?}"
+    );
+    let workspace: Vec<&String> = own
+        .iter()
+        .filter(|name| name.starts_with("backbone-"))
+        .collect();
+    assert!(
+        workspace.is_empty(),
+        "backbone-lossyfs depends on workspace crates: {workspace:?}"
+    );
+    for member in [
+        "backbone-protocol",
+        "backbone-broker",
+        "backbone-client",
+        "backbone-loadtest",
+    ] {
+        assert!(
+            !normal_dependency_closure(&metadata, member).contains("backbone-lossyfs"),
+            "{member} depends on backbone-lossyfs outside its tests"
+        );
+    }
 }
 
 /// Every `.rs` file under the crate directories, skipping build output,

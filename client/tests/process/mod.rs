@@ -8,17 +8,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// The broker's test-only sabotage features, compiled into the broker the
+/// tests run and inert unless their environment variable is set (see
+/// `broker/Cargo.toml`). A new sabotage switch goes here, and its
+/// environment in a constant below.
+const TEST_FEATURES: &str = "unsafe-early-ack";
+
+/// The environment that makes the broker acknowledge appends before writing
+/// them (`unsafe-early-ack`): a crash right after an acknowledgement loses it.
+pub const UNSAFE_EARLY_ACK: &[(&str, &str)] = &[("BACKBONE_UNSAFE_EARLY_ACK", "1")];
+
+/// The environment that makes the broker skip durability: its acknowledged
+/// envelopes are not on stable storage, so a power cut right after an
+/// acknowledgement loses them. The power-loss test's sabotage run uses it to
+/// show that its checker catches a missing fdatasync.
+///
+/// Today's store (sled 0.34) never fdatasyncs, so there is no sync to skip
+/// yet, and the nearest sabotage is acknowledging before writing at all.
+/// When the segment log lands with its fdatasync, its test-only switch to
+/// skip it (say an `unsafe-no-sync` feature, in `TEST_FEATURES` above, read
+/// from `BACKBONE_UNSAFE_NO_SYNC=1`) replaces this.
+pub const UNSAFE_SKIP_DURABILITY: &[(&str, &str)] = UNSAFE_EARLY_ACK;
+
 /// The broker binary of this target directory, brought up to date once per
-/// test process (with the test-only `unsafe-early-ack` feature compiled in,
-/// inert unless `BACKBONE_UNSAFE_EARLY_ACK=1` is set), so the tests never run
-/// a stale broker.
+/// test process (with the `TEST_FEATURES` compiled in), so the tests never
+/// run a stale broker.
 pub fn broker_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let status = Command::new(env!("CARGO"))
                 .args(["build", "-p", "backbone-broker", "--bin", "backbone"])
-                .args(["--features", "unsafe-early-ack"])
+                .args(["--features", TEST_FEATURES])
                 .status()
                 .expect("cargo runs");
             assert!(status.success(), "building the broker failed");
