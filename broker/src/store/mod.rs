@@ -42,7 +42,7 @@ mod sled_store;
 mod writer;
 
 pub use memory::MemoryStore;
-pub use sled_store::{DumpedRecord, SledStore};
+pub use sled_store::{DumpedRecord, SledStore, StoredRecord, decode_record};
 pub use writer::{WriteHandle, Writer};
 
 /// One envelope as stored in a mailbox.
