@@ -2042,8 +2042,10 @@ fn envelope_expiry(value: &[u8]) -> Result<u64, StoreError> {
 
 fn decode_envelope(key: &[u8], value: &[u8]) -> Result<StoredEnvelope, StoreError> {
     let (_, seq) = split_envelope_key(key)?;
+    // Read first: it checks the value holds the 8 bytes the slice below skips.
+    let expires_at_ms = envelope_expiry(value)?;
     let envelope: StoredEnvelope = decode(&value[8..], "envelope")?;
-    if envelope.seq != seq || envelope.expires_at_ms != envelope_expiry(value)? {
+    if envelope.seq != seq || envelope.expires_at_ms != expires_at_ms {
         return Err(StoreError::Corrupt {
             what: format!("envelope under seq {seq} disagrees with its key or expiry prefix"),
         });
@@ -2290,6 +2292,24 @@ mod tests {
         ));
         assert!(matches!(store.card(&a), Err(StoreError::Corrupt { .. })));
         assert!(matches!(store.server_id(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_envelope_value_shorter_than_its_expiry_prefix_is_corrupt_on_export() {
+        // Found by the stored_records fuzz target: export (a slot handover)
+        // decodes envelopes without reading their expiry first, and a value
+        // of fewer than 8 bytes panicked there instead of being reported.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = Address([1; 32]);
+        store
+            .envelopes
+            .insert(envelope_key(&a, 1), &[1, 2, 3][..])
+            .expect("insert");
+        assert!(matches!(
+            store.export_mailbox(&a),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
