@@ -27,7 +27,8 @@
 //! - token content: `token::open_content` with a fixed key opens only what
 //!   `seal_content` sealed, which re-seals to exactly the same bytes;
 //! - slot routing: a token id drawn with `token::token_id_in_slot_of` (from
-//!   a stream seeded by the input) routes to its owner's slot.
+//!   a stream seeded by the input, which offers the owner's own bytes after
+//!   256 draws to bound the cost) routes to its owner's slot.
 
 use backbone_broker::store::{FilePut, FileQuota, StoredFile, StoredToken, TokenAttempt};
 use backbone_client::file::{self, Opener, PLAIN_CHUNK, SEALED_CHUNK, TAG_LEN};
@@ -94,8 +95,8 @@ pub fn run_file_token_logic(data: &[u8]) -> usize {
             3 => token_attempts(&mut input),
             4 => quota(&mut input),
             5 => token_content(&mut input),
-            // A draw takes about 4096 hashes (a millisecond): once per
-            // input, so inputs repeating it do not slow the run down.
+            // Up to 257 hashes: once per input, so inputs repeating it do
+            // not slow the run down.
             6 if !routed => {
                 routed = true;
                 slot_routing(&mut input)
@@ -355,8 +356,17 @@ fn slot_routing(input: &mut Input<'_>) -> Option<()> {
     let owner = Address(input.bytes()?);
     let mut state = u64::from_le_bytes(input.bytes()?) | 1;
     // xorshift64: a cheap deterministic stream, so the input reproduces the
-    // draw; about 4096 draws are needed on average (one slot in 4096).
+    // draws. One slot in 4096 matches, and each draw costs a hash; after
+    // 256 draws the stream offers the owner's own bytes (in its slot by
+    // definition), so an input costs at most 257 hashes here while the
+    // search still runs, and still must return only an id in the slot.
+    let mut draws = 0;
     let id = token_id_in_slot_of(&owner, |bytes| {
+        draws += 1;
+        if draws > 256 {
+            *bytes = owner.0;
+            return;
+        }
         for chunk in bytes.chunks_mut(8) {
             state ^= state << 13;
             state ^= state >> 7;
