@@ -164,6 +164,14 @@ pub enum FileError {
     /// The broker answered with sealed bytes of an impossible length.
     #[error("a sealed file of {0} bytes is impossible")]
     BadSize(u64),
+    /// A download was to resume past the end of the file.
+    #[error("cannot resume at byte {position} of a sealed file of {sealed_len} bytes")]
+    BadPosition {
+        /// Where it was to resume.
+        position: u64,
+        /// The sealed file's size.
+        sealed_len: u64,
+    },
 }
 
 /// How many chunks a file of `plain_len` bytes is sealed in.
@@ -215,10 +223,18 @@ pub struct Opener {
 
 impl Opener {
     /// An opener for a file of `sealed_len` sealed bytes, starting at
-    /// `position`, which must be a chunk boundary.
+    /// `position`, which must be a chunk boundary inside the file (or its end).
     pub fn new(key: &[u8; KEY_LEN], sealed_len: u64, position: u64) -> Result<Self, FileError> {
         if plain_len(sealed_len).is_none() || !position.is_multiple_of(SEALED_CHUNK) {
             return Err(FileError::BadSize(sealed_len));
+        }
+        // Past the end, `push` would compute the bytes left as a negative
+        // number (found by the file_token_logic fuzz target).
+        if position > sealed_len {
+            return Err(FileError::BadPosition {
+                position,
+                sealed_len,
+            });
         }
         Ok(Self {
             cipher: ChaCha20Poly1305::new(key.into()),
@@ -955,6 +971,24 @@ mod tests {
         assert_eq!(plain_len(SEALED_CHUNK + 3), None);
         assert!(Opener::new(&[0; KEY_LEN], 5, 0).is_err());
         assert!(Opener::new(&[0; KEY_LEN], 100, 3).is_err());
+    }
+
+    #[test]
+    fn an_opener_cannot_start_past_the_end() {
+        // Found by the file_token_logic fuzz target: an opener made at
+        // chunk 1 of a one-chunk file panicked on its first push (the bytes
+        // left went below zero).
+        assert_eq!(
+            Opener::new(&[0; KEY_LEN], 16, SEALED_CHUNK).err(),
+            Some(FileError::BadPosition {
+                position: SEALED_CHUNK,
+                sealed_len: 16
+            })
+        );
+        // At the end is fine: a finished download resumes with nothing left.
+        let sealed_len = sealed_len(PLAIN_CHUNK as u64);
+        let opener = Opener::new(&[0; KEY_LEN], sealed_len, SEALED_CHUNK).expect("at the end");
+        assert_eq!(opener.finish(), Ok(()));
     }
 
     #[test]

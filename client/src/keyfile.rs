@@ -320,21 +320,10 @@ pub enum KeyFileError {
 /// `path` is left untouched and [`KeyFileError::Exists`] is returned; the
 /// check and the move are one atomic step, so there is no race.
 pub fn save(path: &Path, key_file: &KeyFile, options: SaveOptions) -> Result<(), KeyFileError> {
-    if let KeyFile::Device(keys) = key_file {
-        keys.check().map_err(|reason| KeyFileError::Inconsistent {
-            path: path.to_owned(),
-            reason,
-        })?;
-    }
-    let mut contents = match key_file {
-        KeyFile::Identity(keys) => serde_json::to_vec_pretty(&IdentityFile::from_keys(keys)),
-        KeyFile::Device(keys) => serde_json::to_vec_pretty(&DeviceFile::from_keys(keys)),
-    }
-    .map_err(|error| KeyFileError::Io {
+    let contents = to_bytes(key_file).map_err(|reason| KeyFileError::Inconsistent {
         path: path.to_owned(),
-        source: error.into(),
+        reason,
     })?;
-    contents.push(b'\n');
 
     if !options.overwrite && path.symlink_metadata().is_ok() {
         // Checked early only to avoid needless work; the atomic check is
@@ -390,6 +379,64 @@ pub fn save(path: &Path, key_file: &KeyFile, options: SaveOptions) -> Result<(),
             path: directory.to_owned(),
             source,
         })
+}
+
+/// The contents [`save`] writes for `key_file`: the JSON document described
+/// in the module documentation, pretty-printed, and a newline. Device keys
+/// that do not belong together are refused with the reason, since they
+/// would make a file that cannot be loaded.
+pub fn to_bytes(key_file: &KeyFile) -> Result<Vec<u8>, &'static str> {
+    let mut contents = match key_file {
+        KeyFile::Identity(keys) => serde_json::to_vec_pretty(&IdentityFile::from_keys(keys)),
+        KeyFile::Device(keys) => {
+            keys.check()?;
+            serde_json::to_vec_pretty(&DeviceFile::from_keys(keys))
+        }
+    }
+    // These structs hold only strings and integers, which JSON always encodes.
+    .expect("a key file serializes to JSON");
+    contents.push(b'\n');
+    Ok(contents)
+}
+
+/// Why the contents of a key file were refused by [`parse`].
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// The contents are not a valid key file; the reason says why.
+    #[error("{0}")]
+    Corrupt(String),
+    /// A key file of a newer (or unknown) format version.
+    #[error("unsupported version {0} (this client reads version {VERSION})")]
+    UnsupportedVersion(u64),
+}
+
+/// Parses the contents of a key file of either kind: what [`load`] does
+/// once it has checked the file's permissions and size and read it. Public
+/// so that contents from elsewhere can be checked without a file (the fuzz
+/// target `key_file` does).
+pub fn parse(contents: &[u8]) -> Result<KeyFile, ParseError> {
+    let corrupt = |error: serde_json::Error| ParseError::Corrupt(error.to_string());
+    // Kind and version are read first, so a file from a newer client is
+    // reported as such rather than as corrupt.
+    let header: Header = serde_json::from_slice(contents).map_err(corrupt)?;
+    if header.version != VERSION {
+        return Err(ParseError::UnsupportedVersion(header.version));
+    }
+    match header.kind.as_str() {
+        IDENTITY_KIND => {
+            let file: IdentityFile = serde_json::from_slice(contents).map_err(corrupt)?;
+            file.into_keys()
+                .map(KeyFile::Identity)
+                .map_err(ParseError::Corrupt)
+        }
+        DEVICE_KIND => {
+            let file: DeviceFile = serde_json::from_slice(contents).map_err(corrupt)?;
+            file.into_keys()
+                .map(KeyFile::Device)
+                .map_err(ParseError::Corrupt)
+        }
+        other => Err(ParseError::Corrupt(format!("unknown kind {other:?}"))),
+    }
 }
 
 /// Creates `path` (which must not exist) with mode 0600 and writes `contents` durably.
@@ -452,30 +499,13 @@ pub fn load(path: &Path) -> Result<KeyFile, KeyFileError> {
     if contents.len() as u64 > MAX_FILE_LEN {
         return Err(corrupt(format!("larger than {MAX_FILE_LEN} bytes")));
     }
-
-    // Kind and version are read first, so a file from a newer client is
-    // reported as such rather than as corrupt.
-    let header: Header =
-        serde_json::from_slice(&contents).map_err(|error| corrupt(error.to_string()))?;
-    if header.version != VERSION {
-        return Err(KeyFileError::UnsupportedVersion {
+    parse(&contents).map_err(|error| match error {
+        ParseError::Corrupt(reason) => corrupt(reason),
+        ParseError::UnsupportedVersion(version) => KeyFileError::UnsupportedVersion {
             path: path.to_owned(),
-            version: header.version,
-        });
-    }
-    match header.kind.as_str() {
-        IDENTITY_KIND => {
-            let file: IdentityFile =
-                serde_json::from_slice(&contents).map_err(|error| corrupt(error.to_string()))?;
-            file.into_keys().map(KeyFile::Identity).map_err(corrupt)
-        }
-        DEVICE_KIND => {
-            let file: DeviceFile =
-                serde_json::from_slice(&contents).map_err(|error| corrupt(error.to_string()))?;
-            file.into_keys().map(KeyFile::Device).map_err(corrupt)
-        }
-        other => Err(corrupt(format!("unknown kind {other:?}"))),
-    }
+            version,
+        },
+    })
 }
 
 /// Loads an identity key file; a device key file is [`KeyFileError::WrongKind`].
@@ -748,6 +778,32 @@ mod tests {
             keys.encryption.secret_bytes()
         );
         assert_eq!(loaded.address(), identity().address());
+    }
+
+    #[test]
+    fn parse_reads_what_to_bytes_writes_and_what_save_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.json");
+        let key_file = KeyFile::Device(device());
+        save_new(&path, &key_file);
+        let contents = to_bytes(&key_file).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), contents, "save writes to_bytes");
+        let KeyFile::Device(parsed) = parse(&contents).unwrap() else {
+            panic!("a device key file parsed as another kind");
+        };
+        assert_eq!(parsed.device.secret_bytes(), device().device.secret_bytes());
+        assert_eq!(parsed.certificate, device().certificate);
+        assert!(matches!(parse(&contents[1..]), Err(ParseError::Corrupt(_))));
+        let newer = String::from_utf8(contents)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 7");
+        assert_eq!(
+            parse(newer.as_bytes()).err(),
+            Some(ParseError::UnsupportedVersion(7))
+        );
+        let mut inconsistent = device();
+        inconsistent.device = Keypair::from_secret_bytes([9; 32]);
+        assert!(to_bytes(&KeyFile::Device(inconsistent)).is_err());
     }
 
     #[test]

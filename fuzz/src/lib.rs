@@ -1,11 +1,35 @@
 //! The bodies of the fuzz targets, shared by the libFuzzer binaries in
-//! `fuzz_targets/` and by the stable-toolchain `replay` driver.
+//! `fuzz_targets/` and by the `replay` driver.
 //!
 //! Each target takes arbitrary bytes and must never panic. Beyond "no
-//! panic", the targets assert the codec's properties (a decoded client or
-//! peer frame re-encodes to exactly the bytes it was decoded from, since the
-//! layout is canonical, and decodes again to an equal frame) and the auth
-//! handshake's (see [`auth_handshake_target`]).
+//! panic", each asserts the properties of what it exercises:
+//!
+//! - `decode_frame`, `decode_peer_frame`: a decoded client or peer frame
+//!   re-encodes to exactly the bytes it was decoded from (the layout is
+//!   canonical) and decodes again to an equal frame;
+//! - `verify_card_and_auth`: verification results agree with each other;
+//! - `auth_handshake`: the broker's handshake state machine against a
+//!   reference model (see [`run_auth_handshake`]);
+//! - `open_envelope`: nothing opens that the fixed sender did not sign;
+//! - `frame_buffer` ([`frame_buffer`]): the receive buffer fed in chunks
+//!   against a reference decoding of the whole stream;
+//! - `references` ([`references`]): text forms print back canonically;
+//! - `key_file` ([`key_file`]): key files re-serialise to equal keys;
+//! - `stored_records` ([`stored_records`]): stored records re-encode to
+//!   their bytes;
+//! - `store_ops` ([`store_ops`]): the sled store against the memory store;
+//! - `file_token_logic` ([`file_token_logic`]): the pure parts of the
+//!   broker's and client's token and file handling;
+//! - `session` ([`session`]): the real broker's request handlers over a
+//!   loopback QUIC connection, every answer checked.
+
+pub mod file_token_logic;
+pub mod frame_buffer;
+pub mod key_file;
+pub mod references;
+pub mod session;
+pub mod store_ops;
+pub mod stored_records;
 
 use backbone_client::envelope::{self, EncryptionKeypair, Padding};
 use backbone_protocol::auth::{self, AuthError, TLS_EXPORTER_LEN, sign_auth};

@@ -107,7 +107,10 @@ pub enum UploadError {
 /// the broker holds of a file of `size` bytes. Returns how many bytes the
 /// stream may carry.
 pub fn upload_room(size: u64, held: u64, offset: u64) -> Result<u64, UploadError> {
-    if held >= size && size > 0 {
+    // Holding more than the declared size cannot come from uploads (each is
+    // cut at the size), but an empty file with bytes on disk must not get a
+    // room of `0 - held` (found by the file_token_logic fuzz target).
+    if held > size || (held == size && size > 0) {
         return Err(UploadError::Complete);
     }
     if offset != held {
@@ -163,6 +166,9 @@ mod tests {
         assert_eq!(upload_room(100, 100, 100), Err(UploadError::Complete));
         // An empty file is complete once its (empty) upload is checked.
         assert_eq!(upload_room(0, 0, 0), Ok(0));
+        // More held than declared is complete, never a negative room.
+        assert_eq!(upload_room(0, 5, 5), Err(UploadError::Complete));
+        assert_eq!(upload_room(10, 12, 12), Err(UploadError::Complete));
     }
 
     #[test]

@@ -691,8 +691,12 @@ impl Store for MemoryStore {
                 .expiry
                 .insert((envelope.expires_at_ms, address, envelope.seq));
         }
-        let head = inner.heads.entry(address).or_insert(0);
-        *head = (*head).max(export.head);
+        // A head of 0 is no head: recording it would make `addresses` list
+        // an address that holds nothing.
+        if export.head > 0 {
+            let head = inner.heads.entry(address).or_insert(0);
+            *head = (*head).max(export.head);
+        }
         for (device, seq) in &export.cursors {
             let cursor = inner.cursors.entry((address, *device)).or_insert(*seq);
             *cursor = (*cursor).max(*seq);

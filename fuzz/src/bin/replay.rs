@@ -1,21 +1,24 @@
 //! A fuzz driver that needs neither nightly nor cargo-fuzz.
 //!
 //! It runs the same target bodies as the libFuzzer binaries, first over every
-//! file of the given corpus paths (by default `fuzz/corpus/<target>/` when it
-//! exists), then over inputs it makes for the given number of seconds:
-//! random bytes, and random mutations of the targets' valid seed inputs and
-//! of the corpus. It is not coverage guided, so it finds less than libFuzzer
-//! per second, but it runs anywhere the workspace builds and is what CI uses.
+//! file of the given corpus paths (by default the committed seeds in
+//! `fuzz/seeds/<target>/` and libFuzzer's working corpus `fuzz/corpus/<target>/`,
+//! where they exist), then over inputs it makes for the given number of
+//! seconds: random bytes, and random mutations of the targets' valid seed
+//! inputs and of the corpus. It is not coverage guided, so it finds less than
+//! libFuzzer per second, but it needs nothing beyond the workspace's own
+//! build: the fallback where the coverage-guided build (`scripts/fuzz`) is
+//! not available.
 //!
 //! ```text
 //! cargo run --release --manifest-path fuzz/Cargo.toml --bin replay -- \
-//!     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame|open_envelope] \
-//!     [--seconds N] [--seed S] [--write-seeds] [PATH ...]
+//!     [all|TARGET] [--seconds N] [--seed S] [--write-seeds] [PATH ...]
 //! ```
 //!
-//! `--write-seeds` writes the targets' seed inputs to `fuzz/corpus/<target>/`
-//! and exits, so that libFuzzer (which reads only that directory) starts from
-//! them too; the `auth_handshake` target needs that to reach a valid signature.
+//! `--write-seeds` writes the targets' seed inputs (from the `*_seeds`
+//! functions of the library) to `fuzz/seeds/<target>/` and exits: how the
+//! committed seed corpus was started, and how to add a new target's seeds
+//! before `scripts/fuzz merge` minimizes them with what libFuzzer found.
 //!
 //! On a panic the offending input is written to
 //! `fuzz/artifacts/<target>/crash-<hash>` (replayable with this driver or a
@@ -58,6 +61,41 @@ const TARGETS: &[Target] = &[
         run: backbone_fuzz::open_envelope_target,
         seeds: backbone_fuzz::open_envelope_seeds,
     },
+    Target {
+        name: "frame_buffer",
+        run: backbone_fuzz::frame_buffer::frame_buffer_target,
+        seeds: backbone_fuzz::frame_buffer::frame_buffer_seeds,
+    },
+    Target {
+        name: "references",
+        run: backbone_fuzz::references::references_target,
+        seeds: backbone_fuzz::references::references_seeds,
+    },
+    Target {
+        name: "key_file",
+        run: backbone_fuzz::key_file::key_file_target,
+        seeds: backbone_fuzz::key_file::key_file_seeds,
+    },
+    Target {
+        name: "stored_records",
+        run: backbone_fuzz::stored_records::stored_records_target,
+        seeds: backbone_fuzz::stored_records::stored_records_seeds,
+    },
+    Target {
+        name: "store_ops",
+        run: backbone_fuzz::store_ops::store_ops_target,
+        seeds: backbone_fuzz::store_ops::store_ops_seeds,
+    },
+    Target {
+        name: "file_token_logic",
+        run: backbone_fuzz::file_token_logic::file_token_logic_target,
+        seeds: backbone_fuzz::file_token_logic::file_token_logic_seeds,
+    },
+    Target {
+        name: "session",
+        run: backbone_fuzz::session::session_target,
+        seeds: backbone_fuzz::session::session_seeds,
+    },
 ];
 
 /// Command-line options.
@@ -66,13 +104,15 @@ struct Options {
     seconds: u64,
     seed: u64,
     paths: Vec<PathBuf>,
-    /// Write the seeds to `fuzz/corpus/<target>/` instead of fuzzing.
+    /// Write the seeds to `fuzz/seeds/<target>/` instead of fuzzing.
     write_seeds: bool,
 }
 
-const USAGE: &str = "usage: replay \
-                     [all|decode_frame|verify_card_and_auth|auth_handshake|decode_peer_frame|open_envelope] \
-                     [--seconds N] [--seed S] [--write-seeds] [CORPUS_PATH ...]";
+const USAGE: &str = "usage: replay [all|TARGET] [--seconds N] [--seed S] [--write-seeds] \
+                     [CORPUS_PATH ...]\n\
+                     targets: decode_frame verify_card_and_auth auth_handshake decode_peer_frame \
+                     open_envelope frame_buffer references key_file stored_records store_ops \
+                     file_token_logic session";
 
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
@@ -288,11 +328,15 @@ fn run_one(target: &Target, input: &[u8]) -> bool {
 /// Runs `target` over its corpus, then over generated inputs until `deadline`.
 fn fuzz(target: &Target, options: &Options, deadline: Instant) -> bool {
     let mut paths = options.paths.clone();
-    let default_corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
-        .join(target.name);
-    if paths.is_empty() && default_corpus.is_dir() {
-        paths.push(default_corpus);
+    if paths.is_empty() {
+        for directory in ["seeds", "corpus"] {
+            let default = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(directory)
+                .join(target.name);
+            if default.is_dir() {
+                paths.push(default);
+            }
+        }
     }
     let mut pool = (target.seeds)();
     for path in &paths {
@@ -336,11 +380,11 @@ fn fuzz(target: &Target, options: &Options, deadline: Instant) -> bool {
     true
 }
 
-/// Writes each target's seeds to `fuzz/corpus/<target>/seed-<n>`.
+/// Writes each target's seeds to `fuzz/seeds/<target>/seed-<n>`.
 fn write_seeds(targets: &[&Target]) -> ExitCode {
     for target in targets {
         let directory = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("corpus")
+            .join("seeds")
             .join(target.name);
         let seeds = (target.seeds)();
         let written = std::fs::create_dir_all(&directory).and_then(|()| {
