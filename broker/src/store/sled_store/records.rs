@@ -516,7 +516,7 @@ mod tests {
             .put_card(&IdentityCard::sign(&owner, EncryptionKey([4; 32]), 5))
             .expect("card");
         store
-            .put_device(&address, &DeviceCertificate::issue(&owner, device, 6))
+            .put_device(&address, &DeviceCertificate::issue(&owner, device, 6), 100)
             .expect("device");
         store
             .register_capability(&address, &CapabilityHash([7; 32]), 10)
