@@ -312,7 +312,7 @@ fn operation(pair: &mut Pair<'_>, input: &mut Input<'_>) -> Option<()> {
             // The broker stores a certificate under the session's address
             // after checking it; any address here exercises the keying.
             let a = address(input.below(IDENTITIES)?);
-            pair.both("put_device", |s| s.put_device(&a, &certificate))
+            pair.both("put_device", |s| s.put_device(&a, &certificate, 100))
                 .ok();
             let device = certificate.device_key.device_id();
             pair.both("device", |s| s.device(&a, &device)).ok();
