@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use backbone_broker::store::log::checkpoint::{Checkpoints, Visit};
 use backbone_broker::store::log::{LogConfig, LogStore};
-use backbone_broker::store::{Append, StoreError, StoredEnvelope};
+use backbone_broker::store::{Append, MailboxLog, StoreError, StoredEnvelope};
 use backbone_protocol::Address;
 use backbone_protocol::bytes::MessageId;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -26,7 +26,7 @@ impl Checkpoints for NoCheckpoints {
     fn checkpointed(&self, _: &Address) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(None)
     }
-    fn write_checkpoint(&self, _: &[(Address, Vec<u8>)], _: u64) -> Result<(), StoreError> {
+    fn write_checkpoint(&self, _: &[(Address, Option<Vec<u8>>)], _: u64) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -129,6 +129,35 @@ fn log(c: &mut Criterion) {
             let read = log.read_from(&address, 0, 64, 0).expect("reads");
             assert_eq!(read.len(), 64);
         })
+    });
+    // Expiry only drops index entries: a sweep of 1,000 envelopes.
+    group.throughput(Throughput::Elements(1000));
+    let expiring = Address([9; 32]);
+    group.bench_function("expire_1000", |b| {
+        b.iter_batched(
+            || {
+                let items: Vec<Append> = batch(&mut seq, 1000)
+                    .into_iter()
+                    .map(|item| Append {
+                        address: expiring,
+                        envelope: Arc::new(StoredEnvelope {
+                            expires_at_ms: 10,
+                            ..StoredEnvelope::clone(&item.envelope)
+                        }),
+                    })
+                    .collect();
+                let (done, completed) = mpsc::channel();
+                log.append(
+                    items,
+                    Box::new(move |result| {
+                        let _ = done.send(result);
+                    }),
+                );
+                completed.recv().expect("completed").expect("durable");
+            },
+            |()| assert_eq!(log.expire(100, 1000).expect("expires"), 1000),
+            criterion::BatchSize::PerIteration,
+        )
     });
     group.finish();
     log.shutdown().expect("shuts down");

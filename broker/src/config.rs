@@ -37,6 +37,8 @@ pub struct Config {
     pub mailbox: MailboxConfig,
     /// The expiry sweep.
     pub expiry: ExpiryConfig,
+    /// The mailbox log's files.
+    pub store: StoreConfig,
     /// QUIC transport tuning.
     pub transport: TransportConfig,
     /// Membership of a sharded fleet.
@@ -417,6 +419,31 @@ impl Default for ExpiryConfig {
     }
 }
 
+/// `[store]`: the mailbox log (envelopes), under `<data_dir>/log/`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Size of one segment file (preallocated); a full one is closed and a
+    /// new one started.
+    pub segment_size: ByteSize,
+    /// A segment whose live envelopes take less than this fraction of it
+    /// is compacted (its live records copied forward, then deleted).
+    pub compact_below: f64,
+    /// How often the log's index is checkpointed and compaction runs.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            segment_size: ByteSize::mib(16),
+            compact_below: 0.5,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `[transport]`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -719,6 +746,20 @@ impl Config {
                 "identity.deletion_grace",
                 "must be at most 3650 days (ten years)",
             );
+        }
+        if self.store.segment_size.as_u64() < 1024 * 1024
+            || self.store.segment_size.as_u64() > 1 << 40
+        {
+            return invalid("store.segment_size", "must be between 1 MiB and 1 TiB");
+        }
+        if !(0.0..1.0).contains(&self.store.compact_below) {
+            return invalid(
+                "store.compact_below",
+                "must be at least 0 (never compact) and below 1",
+            );
+        }
+        if self.store.checkpoint_interval < Duration::from_millis(100) {
+            return invalid("store.checkpoint_interval", "must be at least 100ms");
         }
         if self.expiry.interval.is_zero() || self.expiry.batch == 0 {
             return invalid("expiry", "interval and batch must be greater than zero");

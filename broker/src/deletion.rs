@@ -49,10 +49,10 @@ async fn blocking<T: Send + 'static>(
 pub async fn schedule(shared: &Arc<Shared>, address: Address, request_id: u64) -> Frame {
     let grace = shared.config.identity.deletion_grace;
     let purge_at_ms = (shared.clock)().saturating_add(grace.as_millis() as u64);
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let scheduled = blocking(move || {
         let record = store.schedule_deletion(&address, purge_at_ms)?;
-        store.flush()?;
+        store.sync()?;
         Ok(record)
     })
     .await;
@@ -77,10 +77,10 @@ pub async fn schedule(shared: &Arc<Shared>, address: Address, request_id: u64) -
 /// `CancelDeletion`: removes the scheduled deletion of `address`;
 /// `NotFound` when none is scheduled (never, cancelled, or already purging).
 pub async fn cancel(shared: &Arc<Shared>, address: Address, request_id: u64) -> Frame {
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let cancelled = blocking(move || {
         let cancelled = store.cancel_deletion(&address)?;
-        store.flush()?;
+        store.sync()?;
         Ok(cancelled)
     })
     .await;
@@ -167,14 +167,19 @@ pub async fn purge_identity(shared: &Arc<Shared>, address: Address) -> Result<Pu
     // 4. Everything else stored for the identity, file records included,
     // flushed; then the files' bytes (a crash in between leaves bytes
     // without a record, which the next start deletes).
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let files = blocking(move || {
         let files = store.files_of(&address)?;
-        store.purge_mailbox(&address)?;
-        store.flush()?;
+        store.purge_directory(&address)?;
+        store.sync()?;
         Ok(files)
     })
     .await?;
+    // The envelopes, durably (their head stays: the address is a tombstone).
+    let log = shared.log.clone();
+    crate::store::completed(|done| log.drop_mailbox(address, done))
+        .await
+        .map_err(|error| format!("dropping the mailbox's envelopes: {error}"))?;
     for file in &files {
         shared.files.remove(&file.id);
     }
@@ -186,11 +191,11 @@ pub async fn purge_identity(shared: &Arc<Shared>, address: Address) -> Result<Pu
         }
     }
     // 6.
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let left = untold.clone();
     blocking(move || {
         store.settle_purge(&address, &left)?;
-        store.flush()
+        store.sync()
     })
     .await?;
     let told = to_tell.len() - untold.len();
@@ -249,7 +254,7 @@ pub async fn sweep(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let (store, now_ms) = (shared.store.clone(), (shared.clock)());
+        let (store, now_ms) = (shared.directory.clone(), (shared.clock)());
         let batch = shared.config.expiry.batch;
         let due = match blocking(move || store.due_deletions(now_ms, batch)).await {
             Ok(due) => due,

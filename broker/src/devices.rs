@@ -65,12 +65,12 @@ pub async fn register(
         );
     }
     let max = shared.config.limits.max_devices;
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     // Flushed before `Done`: the device may authenticate as soon as it is
     // confirmed, on this node after a crash as well.
     let stored = blocking(move || {
         let stored = store.put_device(&address, &certificate, max)?;
-        store.flush()?;
+        store.sync()?;
         Ok(stored)
     })
     .await;
@@ -90,7 +90,7 @@ pub async fn register(
 
 /// `ListDevices`: the certificates registered for `address`.
 pub async fn list(shared: &Arc<Shared>, address: Address, request_id: u64) -> Frame {
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     match blocking(move || store.devices(&address)).await {
         Ok(devices) => Frame::Devices(Devices {
             request_id,
@@ -120,10 +120,10 @@ pub async fn unregister(
     device: DeviceId,
 ) -> Frame {
     // 1.
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let removed = blocking(move || {
         let removed = store.remove_device(&address, &device)?;
-        store.flush()?;
+        store.sync()?;
         Ok(removed)
     })
     .await;
@@ -153,12 +153,12 @@ pub async fn unregister(
     // 3. Only a stray cursor is at stake here (the device is refused
     // already), so a failure is logged rather than reported: the request
     // did what it was asked.
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let cleared = match shared.writer.flush().await {
         Ok(()) => {
             blocking(move || {
                 store.remove_device(&address, &device)?;
-                store.flush()
+                store.sync()
             })
             .await
         }

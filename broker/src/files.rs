@@ -39,7 +39,8 @@ use tracing::warn;
 
 use crate::fleet::Route;
 use crate::server::Shared;
-use crate::store::{FilePut, FileQuota, Store, StoredFile};
+use crate::store::prelude::*;
+use crate::store::{FilePut, FileQuota, StoredFile};
 use crate::wire::{FrameReader, ReadError};
 
 /// Bytes read from disk or a stream at a time.
@@ -107,7 +108,7 @@ impl Files {
     /// Deletes bytes whose record is gone (a crash between deleting a record
     /// and its bytes) and anything else that is not a file's bytes. Returns
     /// how many it deleted.
-    pub fn remove_orphans(&self, store: &dyn Store) -> anyhow::Result<usize> {
+    pub fn remove_orphans(&self, store: &dyn Directory) -> anyhow::Result<usize> {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -204,7 +205,7 @@ async fn blocking<T: Send + 'static>(
 /// The owner's unexpired file `id`, or `NotFound` (also when another
 /// identity owns it: an owner-only request says nothing of other files).
 async fn owned(shared: &Shared, owner: Address, id: FileId) -> Result<StoredFile, Refusal> {
-    let (store, now) = (shared.store.clone(), (shared.clock)());
+    let (store, now) = (shared.directory.clone(), (shared.clock)());
     match blocking(move || store.file(&id, now)).await? {
         Some(file) if file.owner == owner => Ok(file),
         _ => Err(refusal(
@@ -276,12 +277,12 @@ async fn create_file(
         max_files: config.max_files_per_identity,
         max_bytes: config.max_bytes_per_identity.as_u64(),
     };
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let record = file.clone();
     let put = blocking(move || {
         let put = store.put_file(&record, quota, now)?;
         if put == FilePut::Stored {
-            store.flush()?;
+            store.sync()?;
         }
         Ok(put)
     })
@@ -328,11 +329,11 @@ pub async fn status(shared: &Arc<Shared>, owner: Address, status: FileStatus) ->
 pub async fn delete(shared: &Arc<Shared>, owner: Address, delete: DeleteFile) -> Frame {
     let id = delete.request_id;
     let file_id = delete.file_id;
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let deleted = blocking(move || {
         let deleted = store.delete_file(&owner, &file_id)?;
         if deleted {
-            store.flush()?;
+            store.sync()?;
         }
         Ok(deleted)
     })
@@ -529,10 +530,10 @@ async fn receive(
              upload again from byte 0",
         ));
     }
-    let (store, id) = (shared.store.clone(), file.id);
+    let (store, id) = (shared.directory.clone(), file.id);
     let recorded = blocking(move || {
         let recorded = store.complete_file(&id)?;
-        store.flush()?;
+        store.sync()?;
         Ok(recorded)
     })
     .await?;
@@ -576,7 +577,7 @@ async fn transmit(
             "this file is being handed over to this node; retry shortly",
         )));
     }
-    let (store, now, file_id) = (shared.store.clone(), (shared.clock)(), download.file_id);
+    let (store, now, file_id) = (shared.directory.clone(), (shared.clock)(), download.file_id);
     let file = match blocking(move || store.file(&file_id, now)).await {
         Ok(Some(file)) => file,
         Ok(None) => return Err(Some(refusal(ErrorCode::NotFound, "no such file"))),

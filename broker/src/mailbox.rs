@@ -42,7 +42,8 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{Notify, oneshot};
 
 use crate::server::Clock;
-use crate::store::{Append, MailboxUsage, Store, StoreError, StoredEnvelope, WriteHandle};
+use crate::store::prelude::*;
+use crate::store::{Append, MailboxUsage, StoreError, StoredEnvelope, WriteHandle};
 
 /// How often a mailbox that looks full may recount what it stores, to notice
 /// room freed by expiry (deletes by the owner reset the count at once).
@@ -125,10 +126,8 @@ impl PushQueue {
 /// traffic keeps this small record and no actor.
 #[derive(Debug)]
 pub struct Watch {
-    /// The highest sequence number known durable: subscribers never read past
-    /// it from the store, because an envelope the writer has inserted but not
-    /// yet flushed is visible to reads and may still vanish in a crash (and
-    /// its sequence number be reused).
+    /// The highest sequence number known durable: how far subscribers catch
+    /// up from the log before live pushes take over.
     durable_seq: AtomicU64,
     subscribers: Mutex<HashMap<u64, Subscriber>>,
 }
@@ -147,6 +146,11 @@ impl Watch {
     /// The highest sequence number known durable.
     pub fn durable(&self) -> u64 {
         self.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Raises the durable head to `head` (read from the log).
+    fn raise(&self, head: u64) {
+        self.durable_seq.fetch_max(head, Ordering::AcqRel);
     }
 
     fn subscribers(&self) -> MutexGuard<'_, HashMap<u64, Subscriber>> {
@@ -182,18 +186,15 @@ impl Watch {
 
 /// Every mailbox's [`Watch`], shared by the actors and the sessions.
 ///
-/// The invariant that lets a session subscribe without an actor: an actor
-/// holds its mailbox's watch from the end of its `pre_start` until it is
-/// dropped, and a watch leaves the map only when nothing holds it. So when
-/// an address has no watch, no actor of it can write, and the store's head
-/// is its durable head. `epoch` closes the remaining window: it moves when
-/// an actor starts (before it reads the head) and when an actor is dropped,
-/// and a session that read the head installs a watch only if it has not
-/// moved since before its read.
+/// A watch exists while an actor or a subscribed session holds it. The
+/// log's reads and head show only durable envelopes, so anyone may start a
+/// watch at the log's head; a session re-reads the head once its
+/// subscription is in place (see [`Registry::subscribe`]), so an envelope
+/// made durable while it subscribed is either pushed to it or below the
+/// head it then knows.
 #[derive(Debug, Default)]
 pub struct Watches {
     map: DashMap<Address, Arc<Watch>>,
-    epoch: AtomicU64,
 }
 
 impl Watches {
@@ -207,66 +208,30 @@ impl Watches {
         self.map.is_empty()
     }
 
-    fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
-    fn lease(self: &Arc<Self>, address: Address, watch: Arc<Watch>, actor: bool) -> WatchLease {
+    fn lease(self: &Arc<Self>, address: Address, watch: Arc<Watch>) -> WatchLease {
         WatchLease {
             watches: self.clone(),
             address,
             watch: Some(watch),
-            actor,
         }
     }
 
     /// A hold on `address`'s watch, if it has one.
     fn existing(self: &Arc<Self>, address: &Address) -> Option<WatchLease> {
         let watch = self.map.get(address)?.clone();
-        Some(self.lease(*address, watch, false))
+        Some(self.lease(*address, watch))
     }
 
-    /// An actor taking over `address`'s watch, or starting one at `head`
-    /// (the store's head, read after [`Watches::actor_starting`]). An
-    /// existing watch keeps its durable head: `head` may include envelopes
-    /// another actor of the address (one that won a race to start) has
-    /// inserted but not yet flushed.
-    fn attach_actor(self: &Arc<Self>, address: Address, head: u64) -> WatchLease {
+    /// A hold on `address`'s watch, started at `head` (a durable head read
+    /// from the log) if there is none; an existing watch's head only rises.
+    fn attach(self: &Arc<Self>, address: Address, head: u64) -> WatchLease {
         let watch = self
             .map
             .entry(address)
             .or_insert_with(|| Watch::created(head))
             .clone();
-        self.lease(address, watch, true)
-    }
-
-    /// Called by an actor before it reads its mailbox's head.
-    fn actor_starting(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// A hold on `address`'s watch for a session that read the store's head
-    /// `head` after seeing `epoch` and no watch: the existing watch if one
-    /// appeared meanwhile, a new one at `head` if no actor started or
-    /// stopped meanwhile, and `None` otherwise.
-    fn attach_session(
-        self: &Arc<Self>,
-        address: Address,
-        head: u64,
-        epoch: u64,
-    ) -> Option<WatchLease> {
-        let watch = match self.map.entry(address) {
-            dashmap::Entry::Occupied(existing) => existing.get().clone(),
-            dashmap::Entry::Vacant(slot) => {
-                // Checked under the map's lock: an actor that starts later
-                // finds this watch.
-                if self.epoch() != epoch {
-                    return None;
-                }
-                slot.insert(Watch::created(head)).clone()
-            }
-        };
-        Some(self.lease(address, watch, false))
+        watch.raise(head);
+        self.lease(address, watch)
     }
 }
 
@@ -278,8 +243,6 @@ pub struct WatchLease {
     address: Address,
     /// Always `Some` until dropped.
     watch: Option<Arc<Watch>>,
-    /// Held by an actor: dropping it moves the epoch.
-    actor: bool,
 }
 
 impl WatchLease {
@@ -287,15 +250,6 @@ impl WatchLease {
         self.watch
             .as_deref()
             .expect("a lease holds its watch until dropped")
-    }
-
-    /// Another hold on the same watch, for a session.
-    fn share(&self) -> WatchLease {
-        let watch = self
-            .watch
-            .clone()
-            .expect("a lease holds its watch until dropped");
-        self.watches.lease(self.address, watch, false)
     }
 }
 
@@ -309,9 +263,6 @@ impl std::ops::Deref for WatchLease {
 
 impl Drop for WatchLease {
     fn drop(&mut self) {
-        if self.actor {
-            self.watches.epoch.fetch_add(1, Ordering::SeqCst);
-        }
         drop(self.watch.take());
         // Each holder drops its own hold before looking, so the last of
         // several dropping at once sees only the map's.
@@ -364,16 +315,6 @@ pub enum MailboxMsg {
         result: Result<(), StoreError>,
         /// The senders to answer.
         replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
-    },
-    /// Register a device session; answered with a hold on the mailbox's
-    /// watch, whose durable head the actor keeps current. Used only when a
-    /// session could not subscribe without the actor (see
-    /// [`Registry::subscribe`]).
-    Subscribe {
-        /// The subscription.
-        subscriber: Subscriber,
-        /// The watch the subscriber was added to.
-        reply: RpcReplyPort<WatchLease>,
     },
     /// Envelopes were deleted from the mailbox outside the actor: its quota
     /// count is stale and is taken again before the next append.
@@ -452,8 +393,10 @@ impl MailboxQuota {
 
 /// What every mailbox actor shares.
 pub struct MailboxContext {
-    /// The store, for reads.
-    pub store: Arc<dyn Store>,
+    /// The directory: policies, relationships, deletions, capabilities.
+    pub directory: Arc<dyn Directory>,
+    /// The mailbox log, for heads and quota counts.
+    pub log: Arc<dyn MailboxLog>,
     /// The group-commit writer.
     pub writer: WriteHandle,
     /// Idle actors stop after this long.
@@ -470,9 +413,12 @@ pub struct MailboxContext {
     pub default_policy: InboundPolicy,
     /// How long notices stay in a mailbox.
     pub notice_ttl: Duration,
-    /// This run's sequence floor ([`crate::store::begin_run`]): a mailbox
-    /// numbers on from its stored head or from here, whichever is higher.
-    pub seq_floor: u64,
+    /// The highest sequence number handed out per mailbox while its
+    /// appends are not all durable yet: the log's head shows only durable
+    /// ones, so an actor that replaces one that died with appends in flight
+    /// numbers on from here, never reusing a number. Entries leave once the
+    /// writes are durable.
+    pub assigned: DashMap<Address, u64>,
 }
 
 /// The mailbox actor; holds no state of its own (see [`MailboxState`]).
@@ -532,28 +478,25 @@ impl Actor for MailboxActor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let store = args.context.store.clone();
+        let (store, log) = (args.context.directory.clone(), args.context.log.clone());
         let address = args.address;
-        args.context.watches.actor_starting();
         let count_usage = args.count_usage && !args.context.quota.is_unlimited();
         let now_ms = (args.context.clock)();
-        let (stored_head, policy, relationships, deletion, usage) =
+        let (durable_head, policy, relationships, deletion, usage) =
             tokio::task::spawn_blocking(move || {
                 Ok::<_, StoreError>((
-                    store.head_seq(&address)?,
+                    log.head_seq(&address)?,
                     store.inbound_policy(&address)?,
                     store.relationships(&address)?,
                     store.deletion(&address)?,
                     count_usage
-                        .then(|| store.usage(&address, now_ms))
+                        .then(|| log.usage(&address, now_ms))
                         .transpose()?,
                 ))
             })
             .await??;
-        // Everything the store shows counts as durable (subscribers may read
-        // up to here), but numbering goes on above this run's floor, never
-        // reusing a number an earlier run may have shown and since lost.
-        let head = stored_head.max(args.context.seq_floor);
+        // Numbering goes on above every number handed out, durable or not.
+        let assigned = args.context.assigned.get(&address).map_or(0, |seq| *seq);
         let policy = policy.unwrap_or(args.context.default_policy);
         // One timer at a time, re-armed by each check for the idle time
         // still owed: a mailbox written once is checked once.
@@ -563,9 +506,9 @@ impl Actor for MailboxActor {
         metrics::gauge!("backbone_mailbox_actors").increment(1.0);
         Ok(MailboxState {
             address,
-            watch: args.context.watches.attach_actor(address, head),
+            watch: args.context.watches.attach(address, durable_head),
             context: args.context,
-            last_seq: head,
+            last_seq: durable_head.max(assigned),
             pending_writes: 0,
             counted_at: usage.map(|_| Instant::now()),
             usage,
@@ -631,11 +574,11 @@ impl Actor for MailboxActor {
                     let _ = reply.send(Err(MailboxError::IdentityDeleted));
                     return Ok(());
                 }
-                let (store, address) = (state.context.store.clone(), state.address);
+                let (store, address) = (state.context.directory.clone(), state.address);
                 let (written, held) = tokio::task::spawn_blocking(move || {
                     let written = store
                         .set_inbound_policy(&address, policy)
-                        .and_then(|()| store.flush());
+                        .and_then(|()| store.sync());
                     // A failed write or flush may still have reached the
                     // store: what the actor admits follows what is stored,
                     // so it reads the policy back.
@@ -694,6 +637,11 @@ impl Actor for MailboxActor {
                 replies,
             } => {
                 state.pending_writes -= 1;
+                if state.pending_writes == 0 {
+                    // Every number handed out is durable (or failed): the
+                    // log's head covers them from here.
+                    state.context.assigned.remove(&state.address);
+                }
                 for (reply, envelope) in replies.into_iter().zip(&envelopes) {
                     let outcome = result.clone().map(|()| envelope.seq);
                     let _ = reply.send(outcome.map_err(MailboxError::Store));
@@ -733,10 +681,10 @@ impl Actor for MailboxActor {
                         relationship: r.id,
                     })
                     .collect();
-                let (store, address) = (state.context.store.clone(), state.address);
+                let (store, address) = (state.context.directory.clone(), state.address);
                 let begun = tokio::task::spawn_blocking(move || {
                     let begun = store.begin_purge(&address, now_ms, &to_tell)?;
-                    store.flush()?;
+                    store.sync()?;
                     Ok::<_, StoreError>(begun)
                 })
                 .await?;
@@ -756,10 +704,6 @@ impl Actor for MailboxActor {
                         let _ = reply.send(Err(MailboxError::Store(error)));
                     }
                 }
-            }
-            MailboxMsg::Subscribe { subscriber, reply } => {
-                state.watch.add(subscriber);
-                let _ = reply.send(state.watch.share());
             }
             MailboxMsg::Freed => state.usage = None,
             MailboxMsg::IdleCheck => {
@@ -823,6 +767,7 @@ impl MailboxState {
     ) {
         self.last_seq += 1;
         envelope.seq = self.last_seq;
+        self.context.assigned.insert(self.address, self.last_seq);
         let envelope = Arc::new(envelope);
         let item = Append {
             address: self.address,
@@ -915,7 +860,7 @@ impl MailboxState {
                 capability_hash,
                 intro: introduction,
             } => {
-                let (store, address) = (self.context.store.clone(), self.address);
+                let (store, address) = (self.context.directory.clone(), self.address);
                 let known = tokio::task::spawn_blocking(move || {
                     store.has_capability(&address, &capability_hash)
                 })
@@ -1007,16 +952,16 @@ impl MailboxState {
                 }
             }
         };
-        let (store, address) = (self.context.store.clone(), self.address);
+        let (store, address) = (self.context.directory.clone(), self.address);
         let written = tokio::task::spawn_blocking(move || {
             store.put_relationship(&address, &record)?;
-            store.flush()
+            store.sync()
         })
         .await?;
         if let Err(error) = written {
             // The record may or may not have reached the store: read back
             // what is there, so the view admits by what a restart would see.
-            let (store, address) = (self.context.store.clone(), self.address);
+            let (store, address) = (self.context.directory.clone(), self.address);
             let stored =
                 tokio::task::spawn_blocking(move || store.relationships(&address)).await??;
             self.relationships = stored.into_iter().map(|r| (r.peer, r)).collect();
@@ -1053,7 +998,7 @@ impl MailboxState {
             .is_none_or(|at| at.elapsed() >= RECOUNT_INTERVAL);
         let full = |usage: Option<MailboxUsage>| usage.and_then(|u| quota.refusal(u, len));
         if self.usage.is_none() || (full(self.usage).is_some() && stale) {
-            let store = self.context.store.clone();
+            let store = self.context.log.clone();
             let (address, now_ms) = (self.address, (self.context.clock)());
             let counted =
                 tokio::task::spawn_blocking(move || store.usage(&address, now_ms)).await??;
@@ -1311,43 +1256,32 @@ impl Registry {
     }
 
     /// Subscribes a device session to its mailbox; the subscription ends
-    /// when dropped. Does not start the mailbox's actor unless an actor
-    /// starts or stops while the subscription is being set up.
+    /// when dropped. Never starts the mailbox's actor.
     pub async fn subscribe(
         &self,
         address: &Address,
         id: u64,
         queue: Arc<PushQueue>,
     ) -> Result<Subscription, MailboxError> {
-        let subscriber = Subscriber { id, queue };
         let watches = &self.context.watches;
-        let epoch = watches.epoch();
-        let lease = match watches.existing(address) {
-            Some(lease) => lease,
-            None => {
-                // No watch, so no actor can write: the store's head is durable.
-                let (store, owner) = (self.context.store.clone(), *address);
-                let head = tokio::task::spawn_blocking(move || store.head_seq(&owner))
+        let head = || {
+            let (log, owner) = (self.context.log.clone(), *address);
+            async move {
+                tokio::task::spawn_blocking(move || log.head_seq(&owner))
                     .await
-                    .map_err(|error| MailboxError::Unavailable(error.to_string()))??
-                    .max(self.context.seq_floor);
-                match watches.attach_session(*address, head, epoch) {
-                    Some(lease) => lease,
-                    None => {
-                        // An actor started or stopped meanwhile: let it
-                        // answer with its watch.
-                        let lease = self
-                            .call(address, |reply| MailboxMsg::Subscribe {
-                                subscriber: subscriber.clone(),
-                                reply,
-                            })
-                            .await?;
-                        return Ok(Subscription { lease, id });
-                    }
-                }
+                    .map_err(|error| MailboxError::Unavailable(error.to_string()))?
+                    .map_err(MailboxError::Store)
             }
         };
-        lease.add(subscriber);
+        let lease = match watches.existing(address) {
+            Some(lease) => lease,
+            None => watches.attach(*address, head().await?),
+        };
+        lease.add(Subscriber { id, queue });
+        // Read again now that the subscription is in place: an envelope
+        // made durable from here on is pushed to it, one made durable
+        // before is below this head.
+        lease.raise(head().await?);
         Ok(Subscription { lease, id })
     }
 
@@ -1420,12 +1354,15 @@ mod tests {
     }
 
     #[test]
-    fn a_watch_leaves_the_map_with_its_last_hold() {
+    fn a_watch_leaves_the_map_with_its_last_hold_and_its_head_only_rises() {
         let watches = Arc::new(Watches::default());
-        let actor = watches.attach_actor(address(1), 4);
-        let session = actor.share();
-        assert_eq!(session.durable(), 4);
+        let actor = watches.attach(address(1), 4);
+        let session = watches.attach(address(1), 2);
+        assert_eq!(session.durable(), 4, "a lower read does not lower it");
+        let later = watches.attach(address(1), 6);
+        assert_eq!(actor.durable(), 6, "a higher read raises it for all");
         drop(actor);
+        drop(later);
         assert_eq!(watches.len(), 1, "the session still holds it");
         let again = watches.existing(&address(1)).expect("still there");
         drop(session);
@@ -1436,49 +1373,13 @@ mod tests {
     }
 
     #[test]
-    fn a_session_installs_a_watch_only_if_no_actor_started_or_stopped_after_its_look() {
-        let watches = Arc::new(Watches::default());
-        let before = watches.epoch();
-        watches.actor_starting();
-        assert!(watches.attach_session(address(1), 3, before).is_none());
-        assert!(watches.is_empty());
-
-        let before = watches.epoch();
-        drop(watches.attach_actor(address(2), 9));
-        assert!(
-            watches.attach_session(address(1), 3, before).is_none(),
-            "an actor was dropped after the look"
-        );
-
-        let before = watches.epoch();
-        let session = watches
-            .attach_session(address(1), 3, before)
-            .expect("nothing moved");
-        assert_eq!(session.durable(), 3);
-        // A watch that appeared meanwhile is taken as it is, whatever the epoch.
-        watches.actor_starting();
-        let other = watches
-            .attach_session(address(1), 99, before)
-            .expect("joins the existing watch");
-        assert_eq!(other.durable(), 3, "the session's own read is not trusted");
-        // Session holds do not move the epoch; an actor's does.
-        let epoch = watches.epoch();
-        drop(other);
-        assert_eq!(watches.epoch(), epoch);
-    }
-
-    #[test]
     fn an_actor_takes_over_the_watch_its_devices_hold() {
         let watches = Arc::new(Watches::default());
-        let before = watches.epoch();
-        let session = watches
-            .attach_session(address(1), 5, before)
-            .expect("installed");
+        let session = watches.attach(address(1), 5);
         let (device, pushed) = subscriber(1, 4);
         session.add(device);
 
-        watches.actor_starting();
-        let actor = watches.attach_actor(address(1), 5);
+        let actor = watches.attach(address(1), 5);
         actor.publish(&Arc::new(envelope(6, 0, u64::MAX)));
         assert_eq!(session.durable(), 6);
         assert_eq!(queued(&pushed), [6]);
@@ -1486,29 +1387,16 @@ mod tests {
         // The actor stops; the device keeps the head, and the next actor
         // pushes to it too.
         drop(actor);
-        let actor = watches.attach_actor(address(1), 6);
+        let actor = watches.attach(address(1), 6);
         actor.publish(&Arc::new(envelope(7, 0, u64::MAX)));
         assert_eq!(queued(&pushed), [6, 7]);
         assert_eq!(session.durable(), 7);
     }
 
     #[test]
-    fn a_second_actor_does_not_raise_the_durable_head_to_what_it_read() {
-        let watches = Arc::new(Watches::default());
-        let winner = watches.attach_actor(address(1), 5);
-        // The loser of a race to start read the head after the winner's
-        // append was inserted, before its flush.
-        let loser = watches.attach_actor(address(1), 6);
-        assert_eq!(loser.durable(), 5, "6 is not durable yet");
-        drop(loser);
-        winner.publish(&Arc::new(envelope(6, 0, u64::MAX)));
-        assert_eq!(winner.durable(), 6);
-    }
-
-    #[test]
     fn publishing_marks_full_subscribers_lagged_and_drops_closed_ones() {
         let watches = Arc::new(Watches::default());
-        let actor = watches.attach_actor(address(1), 0);
+        let actor = watches.attach(address(1), 0);
         let (full, full_queue) = subscriber(1, 1);
         let (gone, gone_queue) = subscriber(2, 4);
         actor.add(full);
@@ -1527,11 +1415,11 @@ mod tests {
     #[test]
     fn a_dropped_subscription_leaves_the_watch() {
         let watches = Arc::new(Watches::default());
-        let actor = watches.attach_actor(address(1), 0);
+        let actor = watches.attach(address(1), 0);
         let (device, _rx) = subscriber(7, 4);
         actor.add(device);
         let subscription = Subscription {
-            lease: actor.share(),
+            lease: watches.attach(address(1), 0),
             id: 7,
         };
         assert_eq!(actor.subscribers().len(), 1);

@@ -76,7 +76,7 @@ async fn respond(
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => {
-            let store = shared.store.clone();
+            let store = shared.directory.clone();
             if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
                 metrics::gauge!("backbone_store_bytes").set(bytes as f64);
             }

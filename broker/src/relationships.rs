@@ -195,7 +195,7 @@ pub async fn request(
 /// `side` decides about its relationship with `decision.peer`.
 pub async fn decide(shared: &Arc<Shared>, side: Address, decision: DecideRelationship) -> Frame {
     let id = decision.request_id;
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let peer = decision.peer;
     let records = tokio::task::spawn_blocking(move || store.relationships(&side)).await;
     let record = match records {
@@ -247,7 +247,7 @@ pub async fn decide(shared: &Arc<Shared>, side: Address, decision: DecideRelatio
 
 /// The identity's policy and relationship records.
 pub async fn list(shared: &Arc<Shared>, address: Address, id: u64) -> Frame {
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let default = shared.config.relationships.default_inbound_policy;
     let read = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::store::StoreError>((

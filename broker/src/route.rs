@@ -199,7 +199,7 @@ pub async fn store_sealed_for(
         // A slot being imported may not have its capability hashes yet.
         return refuse(failed(shared, recipient, ErrorCode::ShardUnavailable));
     }
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let hash = *capability_hash;
     // A deleted identity's capabilities are gone with it; its sender learns
     // why, as a plain send's would.

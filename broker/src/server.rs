@@ -16,7 +16,8 @@ use crate::admission::{Admission, Decision};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::mailbox::{MailboxContext, MailboxQuota, Registry};
-use crate::store::{SledStore, Store, WriteHandle, Writer};
+use crate::store::prelude::*;
+use crate::store::{Stores, WriteHandle, Writer};
 use crate::supervisor::{ExpiryArgs, RootSupervisor};
 use crate::{metrics_http, tls, transport};
 
@@ -27,9 +28,11 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub struct Shared {
     /// The validated configuration.
     pub config: Config,
-    /// The store, for reads.
-    pub store: Arc<dyn Store>,
-    /// The group-commit writer.
+    /// The directory: everything stored but envelopes.
+    pub directory: Arc<dyn Directory>,
+    /// The mailbox log, for reads (writes go through `writer`).
+    pub log: Arc<dyn MailboxLog>,
+    /// Appends, deletes and cursor moves.
     pub writer: WriteHandle,
     /// Mailbox actors.
     pub registry: Registry,
@@ -81,8 +84,8 @@ fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
 /// Options for starting a broker beyond its config (tests and embedding).
 #[derive(Clone, Default)]
 pub struct StartOptions {
-    /// Use this store instead of opening sled under the data dir.
-    pub store: Option<Arc<dyn Store>>,
+    /// Use these stores instead of opening the data dir's.
+    pub store: Option<Stores>,
     /// Use this clock instead of the system clock.
     pub clock: Option<Clock>,
 }
@@ -172,21 +175,22 @@ impl Broker {
 
         // The store is opened only once every socket is bound: a start that
         // fails on a busy port leaves the store untouched.
-        let store: Arc<dyn Store> = match options.store {
-            Some(store) => store,
-            None => {
-                let path = data_dir.join("store");
-                Arc::new(
-                    SledStore::open(&path)
-                        .with_context(|| format!("cannot open store at {}", path.display()))?,
-                )
-            }
-        };
         let clock = options
             .clock
             .unwrap_or_else(|| Arc::new(backbone_protocol::unix_millis_now));
+        let stores = match options.store {
+            Some(stores) => stores,
+            None => {
+                let now = clock();
+                let (dir, config) = (data_dir.clone(), config.store.clone());
+                tokio::task::spawn_blocking(move || crate::store::open::open(&dir, &config, now))
+                    .await?
+                    .with_context(|| format!("cannot open the stores in {}", data_dir.display()))?
+                    .0
+            }
+        };
+        let (store, log) = (stores.directory.clone(), stores.log.clone());
         let server_id = store.server_id()?;
-        let seq_floor = crate::store::begin_run(store.as_ref())?;
         let outgoing_moves = fleet.init_handoffs(store.as_ref())?;
         let files = Arc::new(crate::files::Files::open(data_dir).with_context(|| {
             format!("cannot open the file directory in {}", data_dir.display())
@@ -198,10 +202,11 @@ impl Broker {
                 "deleted file bytes without a record (left by a crash)"
             );
         }
-        let (writer, write_handle) = Writer::start(store.clone());
+        let (writer, write_handle) = Writer::start(log.clone(), store.clone());
 
         let context = Arc::new(MailboxContext {
-            store: store.clone(),
+            directory: store.clone(),
+            log: log.clone(),
             writer: write_handle.clone(),
             idle_timeout: config.mailbox.idle_timeout,
             actors: DashMap::new(),
@@ -211,12 +216,13 @@ impl Broker {
                 max_bytes: config.limits.mailbox_max_bytes.as_u64(),
             },
             clock: clock.clone(),
-            seq_floor,
+            assigned: DashMap::new(),
             default_policy: config.relationships.default_inbound_policy,
             notice_ttl: config.limits.max_ttl,
         });
         let expiry = ExpiryArgs {
-            store: store.clone(),
+            directory: store.clone(),
+            log: log.clone(),
             interval: config.expiry.interval,
             batch: config.expiry.batch,
             clock: clock.clone(),
@@ -227,7 +233,8 @@ impl Broker {
         let shared = Arc::new(Shared {
             max_frame_len: config.limits.max_frame_len(),
             config,
-            store,
+            directory: store,
+            log,
             writer: write_handle,
             registry,
             server_id,
@@ -342,6 +349,9 @@ impl Broker {
         self.shared.registry.stop_all();
         self.supervisor.stop(None);
         tokio::task::spawn_blocking(move || self.writer.shutdown()).await??;
+        // The log last: what is queued is made durable and checkpointed.
+        let log = self.shared.log.clone();
+        tokio::task::spawn_blocking(move || log.close()).await??;
         info!("shutdown complete");
         Ok(())
     }

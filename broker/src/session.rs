@@ -46,7 +46,8 @@ use crate::mailbox::PushQueue;
 use crate::relationships;
 use crate::route::{StoreTemplate, store_everywhere, store_sealed};
 use crate::server::Shared;
-use crate::store::{Store, StoreError, StoredEnvelope, WriteHandle};
+use crate::store::prelude::*;
+use crate::store::{StoreError, StoredEnvelope, WriteHandle};
 use crate::wire::{FrameReader, Outbox, OutboxLimits, ReadError, outbox};
 
 /// Queue of outgoing frames per connection; the bytes they hold are bounded
@@ -403,7 +404,7 @@ async fn authenticate(
     let live = shared
         .sessions
         .register(address, certified.then_some(device), connection);
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let acked_seq = blocking(move || -> Result<Option<u64>, (ErrorCode, String)> {
         if store
             .deletion(&address)
@@ -754,7 +755,7 @@ async fn handle_send(shared: &Arc<Shared>, session: &Session, send: Send) -> Fra
 }
 
 async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame) -> Frame {
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let address = session.address;
     if session.certified && request.needs_identity_key() {
         return error_frame(
@@ -787,7 +788,7 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             // as soon as it is confirmed.
             let registered = blocking(move || {
                 let added = store.register_capability(&address, &hash, max)?;
-                store.flush()?;
+                store.sync()?;
                 Ok(added)
             })
             .await;
@@ -810,7 +811,7 @@ async fn handle_request(shared: &Arc<Shared>, session: &Session, request: Frame)
             // Flushed before `Done`: a revocation must survive a crash.
             let revoked = blocking(move || {
                 let existed = store.revoke_capability(&address, &hash)?;
-                store.flush()?;
+                store.sync()?;
                 Ok(existed)
             })
             .await;
@@ -918,7 +919,7 @@ async fn fetch_card(shared: &Arc<Shared>, fetch: FetchCard) -> Frame {
     if shared.fleet.is_importing(&fetch.address) {
         return shard_unavailable(shared, id, "this card is being handed over to this node");
     }
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     match blocking(move || card_here(store.as_ref(), &fetch.address)).await {
         Ok(Ok(card)) => Frame::CardResult(CardResult {
             request_id: id,
@@ -932,7 +933,7 @@ async fn fetch_card(shared: &Arc<Shared>, fetch: FetchCard) -> Frame {
 /// The card of `address` from this node's store, as a card lookup answers
 /// it (a client's here, or a peer node's): `UnknownAddress` without one,
 /// `IdentityDeleted` once the identity's purge has begun. Blocking.
-pub fn card_here(store: &dyn Store, address: &Address) -> Result<IdentityCard, ErrorCode> {
+pub fn card_here(store: &dyn Directory, address: &Address) -> Result<IdentityCard, ErrorCode> {
     let stored = || -> Result<Result<IdentityCard, ErrorCode>, StoreError> {
         if store
             .deletion(address)?
@@ -1296,7 +1297,7 @@ async fn deliver(
     'session: loop {
         // Catch up from the store while behind and the window has room.
         while sent < known_head && in_flight.len() < window {
-            let store = shared.store.clone();
+            let store = shared.log.clone();
             let behind = usize::try_from(known_head - sent).unwrap_or(usize::MAX);
             let limit = (window - in_flight.len()).min(behind);
             let (from, now) = (sent + 1, (shared.clock)());
@@ -1475,7 +1476,7 @@ mod tests {
     #[tokio::test]
     async fn cursor_writes_fold_the_acks_of_a_write_in_flight_and_finish_queues_the_last() {
         let store = Arc::new(MemoryStore::new());
-        let (writer, handle) = Writer::start(store.clone());
+        let (writer, handle) = Writer::start(store.clone(), store.clone());
         let (address, device) = (Address([1; 32]), DeviceId([2; 32]));
         let mut cursor = CursorWriter::new(handle.clone(), address, device);
 

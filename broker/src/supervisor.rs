@@ -21,7 +21,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::mailbox::{MailboxContext, MailboxState, Registry};
-use crate::store::Store;
+use crate::store::prelude::*;
 
 /// The root supervisor.
 pub struct RootSupervisor;
@@ -137,8 +137,10 @@ impl Actor for RootSupervisor {
 /// Settings of the expiry actor.
 #[derive(Clone)]
 pub struct ExpiryArgs {
-    /// The store to sweep.
-    pub store: Arc<dyn Store>,
+    /// The directory: token and file records.
+    pub directory: Arc<dyn Directory>,
+    /// The mailbox log: envelopes.
+    pub log: Arc<dyn MailboxLog>,
     /// Sweep period.
     pub interval: Duration,
     /// Most deletions per storage call.
@@ -184,18 +186,18 @@ impl Actor for ExpiryActor {
             ExpiryMsg::Sweep => {
                 let now = (state.clock)();
                 loop {
-                    let store = state.store.clone();
+                    let log = state.log.clone();
                     let batch = state.batch;
-                    // A sweep is blocking storage work: run it off the runtime.
+                    // A sweep takes locks of the log's index: off the runtime.
                     let deleted =
-                        tokio::task::spawn_blocking(move || store.expire(now, batch)).await??;
+                        tokio::task::spawn_blocking(move || log.expire(now, batch)).await??;
                     metrics::counter!("backbone_envelopes_expired_total").increment(deleted as u64);
                     if deleted < batch {
                         break;
                     }
                 }
                 loop {
-                    let store = state.store.clone();
+                    let store = state.directory.clone();
                     let batch = state.batch;
                     let deleted =
                         tokio::task::spawn_blocking(move || store.expire_tokens(now, batch))
@@ -206,7 +208,7 @@ impl Actor for ExpiryActor {
                     }
                 }
                 loop {
-                    let store = state.store.clone();
+                    let store = state.directory.clone();
                     let batch = state.batch;
                     let expired =
                         tokio::task::spawn_blocking(move || store.expire_files(now, batch))
@@ -248,10 +250,12 @@ mod tests {
 
         async fn start_with(idle_timeout: Duration, quota: MailboxQuota) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-            let (writer, handle) = Writer::start(store.clone());
+            let memory = Arc::new(MemoryStore::default());
+            let (store, log): (Arc<dyn Directory>, Arc<dyn MailboxLog>) = (memory.clone(), memory);
+            let (writer, handle) = Writer::start(log.clone(), store.clone());
             let context = Arc::new(MailboxContext {
-                store: store.clone(),
+                directory: store.clone(),
+                log: log.clone(),
                 writer: handle,
                 idle_timeout,
                 actors: dashmap::DashMap::new(),
@@ -260,10 +264,11 @@ mod tests {
                 clock: Arc::new(|| 0),
                 default_policy: InboundPolicy::Anyone,
                 notice_ttl: Duration::from_secs(60),
-                seq_floor: 0,
+                assigned: dashmap::DashMap::new(),
             });
             let expiry = ExpiryArgs {
-                store,
+                directory: store,
+                log,
                 interval: Duration::from_secs(600),
                 batch: 100,
                 clock: Arc::new(|| 0),

@@ -85,7 +85,7 @@ pub async fn create(shared: &Arc<Shared>, owner: Address, create: CreateToken) -
     let ttl_ms = (u64::from(create.ttl_secs) * 1000).min(limits.max_ttl.as_millis() as u64);
     let now = (shared.clock)();
     let max = limits.max_tokens_per_identity;
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let content = create.content.0;
     let verifier_hash = create.password_verifier.map(|verifier| verifier.hash());
     // Drawing the id takes a few thousand hashes: blocking work too.
@@ -102,7 +102,7 @@ pub async fn create(shared: &Arc<Shared>, owner: Address, create: CreateToken) -
         };
         // Flushed before `TokenCreated`: the id may be handed out at once.
         let stored = store.put_token(&token, max, now)?;
-        store.flush()?;
+        store.sync()?;
         Ok::<_, crate::store::StoreError>(stored.then_some((token.id, token.expires_at_ms)))
     })
     .await;
@@ -133,12 +133,12 @@ pub async fn create(shared: &Arc<Shared>, owner: Address, create: CreateToken) -
 /// so the answer tells a non-owner nothing about the token.
 pub async fn delete(shared: &Arc<Shared>, owner: Address, delete: DeleteToken) -> Frame {
     let id = delete.request_id;
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let token_id = delete.token_id;
     // Flushed before `Done`: a deletion must survive a crash.
     let deleted = blocking(move || {
         let deleted = store.delete_token(&owner, &token_id)?;
-        store.flush()?;
+        store.sync()?;
         Ok::<_, crate::store::StoreError>(deleted)
     })
     .await;
@@ -201,7 +201,7 @@ pub async fn fetch_local(
             "this token's slot is moving between nodes; retry shortly".into(),
         ));
     }
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let now = (shared.clock)();
     let max_attempts = shared.config.limits.token_password_attempts;
     let outcome = blocking(move || {
@@ -220,7 +220,7 @@ pub async fn fetch_local(
                     TokenAttempt::Refused { locked, .. } => {
                         // The failure count must survive a crash, or crashing
                         // the broker would reset it.
-                        store.flush()?;
+                        store.sync()?;
                         if locked {
                             Outcome::Locked
                         } else {

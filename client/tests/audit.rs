@@ -27,7 +27,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use backbone_broker::store::{SledStore, Store, StoredEnvelope};
+use backbone_broker::store::{SledStore, StoredEnvelope};
 use backbone_client::{
     Client, ClientOptions, ConnectConfig, DeliveryCapability, FileSource, SealedOptions,
     SealedSender, TokenFetcher, Trust,
@@ -87,10 +87,7 @@ fn audit_table() -> Vec<(String, String)> {
 /// Which audited record a sled record is.
 fn classify_record(tree: &str, key: &[u8]) -> String {
     match (tree, key.len()) {
-        ("envelopes", 40) => "envelopes".into(),
-        ("envelopes", 0) => "envelopes count".into(),
-        ("expiry", 48) => "expiry".into(),
-        ("heads", 32) => "heads".into(),
+        ("log_index", 32) => "log_index".into(),
         ("cursors", 64) => "cursors".into(),
         ("cards", 32) => "cards".into(),
         ("devices", 64) => "devices".into(),
@@ -108,8 +105,8 @@ fn classify_record(tree: &str, key: &[u8]) -> String {
         ("meta", _) => match std::str::from_utf8(key) {
             Ok("server_id") => "meta server_id".into(),
             Ok("write_epoch") => "meta write_epoch".into(),
+            Ok("log_checkpoint") => "meta log_checkpoint".into(),
             Ok(name) if name.starts_with("node/handoff/") => "meta node/handoff".into(),
-            Ok("node/run") => "meta node/run".into(),
             _ => format!("unaudited meta key {key:?}"),
         },
         _ => format!(
@@ -131,6 +128,15 @@ fn classify_file(relative: &Path) -> String {
         | "store/db" => text.as_ref(),
         other if other.starts_with("store/blobs/") => "store/blobs",
         other if other.starts_with("store/snap.") => "store/snap",
+        other
+            if other.strip_prefix("log/").is_some_and(|name| {
+                name.strip_suffix(".log").is_some_and(|digits| {
+                    digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())
+                })
+            }) =>
+        {
+            "log/<position>.log"
+        }
         other
             if other
                 .strip_prefix("files/")
@@ -425,8 +431,11 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         );
     }
 
+    drop(store);
+    let stores = support::open_stores(&data);
+    let store = stores.directory.clone();
     // Every field of every stored type is named in its row.
-    let stored = store.export_mailbox(&bob.address()).expect("bob's mailbox");
+    let stored = support::export(&stores, &bob.address());
     let envelope: &StoredEnvelope = stored.envelopes.first().expect("an envelope is left");
     let card: IdentityCard = store.card(&bob.address()).expect("read").expect("card");
     let device_record = stored.devices.first().expect("a device");
@@ -439,9 +448,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         panic!("one file is left");
     };
     assert_eq!(file_record.id, file.id);
-    let dave_record = store
-        .export_mailbox(&dave.address())
-        .expect("dave's mailbox");
+    let dave_record = support::export(&stores, &dave.address());
     assert_eq!(dave_record.policy, Some(InboundPolicy::RelationshipsOnly));
     let [dave_side] = &dave_record.relationships[..] else {
         panic!("one relationship: {:?}", dave_record.relationships);
@@ -477,7 +484,7 @@ async fn everything_stored_or_logged_is_in_the_audit_table() {
         );
     }
     for (id, fields) in [
-        ("envelopes", field_names(envelope)),
+        ("file log/<position>.log", field_names(envelope)),
         ("cards", field_names(&card)),
         ("devices", field_names(device_record)),
         ("tokens", field_names(token_record)),

@@ -61,6 +61,9 @@ async fn a_full_mailbox_on_another_node_refuses_with_quota_exceeded() {
     let fleet = TestFleet::start_with(2, |_, config| config.limits.mailbox_max_envelopes = 1).await;
     let alice = fleet.identity_on(0);
     let bob = fleet.identity_on(1);
+    // A forward needs the link up (before, a send is refused with a
+    // retryable `ShardUnavailable`).
+    fleet.wait_links_up().await;
     fleet.connect(&bob, 1).await;
     let alice_client = fleet.connect(&alice, 0).await;
     let ack = alice_client
@@ -639,31 +642,36 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
 
     // node-0 kept nothing of the moved slots.
     fleet.stop(0).await;
-    let store = backbone_broker::store::SledStore::open(&fleet.nodes[0].dir.path().join("store"))
-        .expect("open node-0's store");
-    use backbone_broker::store::Store;
-    let left = store
-        .addresses(&|address| (1024..=2047).contains(&backbone_protocol::fleet::slot_of(address)))
-        .expect("scan");
+    let stores = support::open_stores(fleet.nodes[0].dir.path());
+    let moved = |address: &backbone_protocol::Address| {
+        (1024..=2047).contains(&backbone_protocol::fleet::slot_of(address))
+    };
+    let mut left = stores.directory.addresses(&moved).expect("scan");
+    left.extend(stores.log.mailboxes(&moved));
     assert!(
         left.is_empty(),
         "node-0 still holds {} moved mailboxes",
         left.len()
     );
+    let stayer_address = stayer.address();
+    let is_stayer = |a: &backbone_protocol::Address| *a == stayer_address;
     assert!(
-        !store
-            .addresses(&|a| *a == stayer.address())
+        !stores
+            .directory
+            .addresses(&is_stayer)
             .expect("scan")
             .is_empty()
+            || !stores.log.mailboxes(&is_stayer).is_empty()
     );
-    drop(store);
+    stores.log.close().expect("closes");
+    drop(stores);
     // ...and node-2 merged nothing from the replay.
     fleet.stop(2).await;
-    let store = backbone_broker::store::SledStore::open(&fleet.nodes[2].dir.path().join("store"))
-        .expect("open node-2's store");
-    let head = store.head_seq(&mover.address()).expect("head");
+    let stores = support::open_stores(fleet.nodes[2].dir.path());
+    let head = stores.log.head_seq(&mover.address()).expect("head");
     assert!((5..999).contains(&head), "head {head}");
-    drop(store);
+    stores.log.close().expect("closes");
+    drop(stores);
     fleet.shutdown().await;
 }
 

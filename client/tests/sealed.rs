@@ -6,7 +6,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_broker::store::{MemoryStore, Store};
+use backbone_broker::store::MemoryStore;
+use backbone_broker::store::prelude::*;
 use backbone_client::transport::RawConnection;
 use backbone_client::{ClientError, DeliveryCapability, SealedOptions, SealedSender};
 use backbone_protocol::bytes::{Blob, CapabilityHash, TokenId};
@@ -83,6 +84,10 @@ async fn a_sealed_message_arrives_and_the_receiver_verifies_the_sender_which_the
     assert_eq!(
         store.addresses(&|address| *address == alice.address()),
         Ok(vec![])
+    );
+    assert_eq!(
+        store.mailboxes(&|address| *address == alice.address()),
+        vec![]
     );
     broker.shutdown().await;
 }

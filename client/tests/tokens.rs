@@ -7,7 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_broker::store::{MemoryStore, Store};
+use backbone_broker::store::MemoryStore;
+use backbone_broker::store::prelude::*;
 use backbone_client::transport::RawConnection;
 use backbone_client::{ClientError, Credentials, TokenError, TokenFetcher, TokenRef};
 use backbone_protocol::bytes::{Blob, TokenId};

@@ -1,8 +1,10 @@
 //! Target `store_ops`: the input is a sequence of storage operations, each
-//! applied to the broker's `MemoryStore` (the reference model) and to its
-//! `SledStore`, and every result compared.
+//! applied to the broker's `MemoryStore` (the reference model, log and
+//! directory in one) and to its on-disk stores (the mailbox log, `LogStore`,
+//! with the `SledStore` directory holding its checkpoints), and every result
+//! compared.
 //!
-//! The operations cover the whole `Store` trait: appends, reads, usage,
+//! The operations cover the mailbox log and the directory: appends, reads, usage,
 //! heads, cursors, deletes and expiry of envelopes; cards and device
 //! certificates; capability hashes with their per-mailbox limit; tokens
 //! (create with the per-owner limit, fetch, password attempts with locking,
@@ -26,16 +28,20 @@
 //! The sled store is opened once per process in a temporary directory (in
 //! `/dev/shm` where it exists, so flushes cost no disk writes) and cleared
 //! before each input with `SledStore::clear`; opening sled for every input
-//! would cost milliseconds.
+//! would cost milliseconds. The log is opened afresh for each input in a
+//! directory of its own beside it (a fresh log is cheap: one small
+//! segment file and two threads).
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use backbone_broker::store::both::Both;
+use backbone_broker::store::log::{LogConfig, LogStore};
 use backbone_broker::store::{
-    Append, FileQuota, MailboxExport, MemoryStore, SledStore, Store, StoreError, StoredEnvelope,
-    StoredFile, StoredToken,
+    Append, FileQuota, MailboxExport, MailboxLog, MemoryStore, SledStore, StoreError,
+    StoredEnvelope, StoredFile, StoredToken,
 };
 use backbone_protocol::bytes::{
     CapabilityHash, ContentHash, EncryptionKey, FileId, FileSecret, MessageId, PasswordVerifier,
@@ -96,12 +102,13 @@ fn fixtures() -> &'static Fixtures {
     })
 }
 
-/// The process's sled store, and the directory it lives in.
-fn sled() -> &'static Mutex<SledStore> {
-    static SLED: OnceLock<Mutex<SledStore>> = OnceLock::new();
+/// The process's sled store and the scratch directory it lives under.
+fn sled() -> &'static Mutex<(Arc<SledStore>, PathBuf)> {
+    static SLED: OnceLock<Mutex<(Arc<SledStore>, PathBuf)>> = OnceLock::new();
     SLED.get_or_init(|| {
         let directory = scratch_directory();
-        Mutex::new(SledStore::open(&directory).expect("open the sled store"))
+        let store = SledStore::open(&directory.join("store")).expect("open the sled store");
+        Mutex::new((Arc::new(store), directory))
     })
 }
 
@@ -157,6 +164,7 @@ impl Input<'_> {
 struct Pair<'a> {
     memory: MemoryStore,
     sled: &'a SledStore,
+    log: LogStore,
     now_ms: u64,
     /// Token and file ids created, so each is created once.
     token_ids: BTreeSet<u8>,
@@ -172,10 +180,16 @@ impl Pair<'_> {
     fn both<T: PartialEq + Debug>(
         &mut self,
         what: &str,
-        call: impl Fn(&dyn Store) -> Result<T, StoreError>,
+        call: impl Fn(Both<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let expected = call(&self.memory);
-        let got = call(self.sled);
+        let expected = call(Both {
+            log: &self.memory,
+            dir: &self.memory,
+        });
+        let got = call(Both {
+            log: &self.log,
+            dir: self.sled,
+        });
         assert_eq!(
             got, expected,
             "operation {} ({what}): the sled store (left) differs from the memory store (right)",
@@ -205,27 +219,47 @@ pub fn store_ops_target(data: &[u8]) {
 /// Applies the operations `data` describes to both stores and compares
 /// them; returns how many operations ran.
 pub fn run_store_ops(data: &[u8]) -> usize {
-    let sled = sled().lock().unwrap_or_else(|poisoned| {
+    let held = sled().lock().unwrap_or_else(|poisoned| {
         // A failed assertion in an earlier input (the replay driver goes
         // on after one) poisons the lock; the store is cleared anyway.
         poisoned.into_inner()
     });
-    sled.clear().expect("clear the sled store");
-    let mut pair = Pair {
-        memory: MemoryStore::new(),
-        sled: &sled,
-        now_ms: START_MS,
-        token_ids: BTreeSet::new(),
-        file_ids: BTreeSet::new(),
-        saved: Vec::new(),
-        operations: 0,
-    };
+    let mut pair = fresh_pair(&held);
     let mut input = Input(data);
     while operation(&mut pair, &mut input).is_some() {
         pair.operations += 1;
     }
     compare_everything(&mut pair);
-    pair.operations
+    let operations = pair.operations;
+    pair.log.close().expect("close the log");
+    operations
+}
+
+/// Both stores emptied: the sled directory cleared, a new log on it.
+fn fresh_pair(held: &(Arc<SledStore>, PathBuf)) -> Pair<'_> {
+    let (sled, scratch) = (&held.0, &held.1);
+    sled.clear().expect("clear the sled store");
+    let log_dir = scratch.join("log");
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let config = LogConfig {
+        dir: log_dir,
+        segment_bytes: 1 << 20,
+        compact_below: 0.5,
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        // Durability is the power-loss test's; this target checks logic.
+        no_sync: true,
+    };
+    let (log, _) = LogStore::open(config, sled.clone(), START_MS).expect("open the log");
+    Pair {
+        memory: MemoryStore::new(),
+        sled,
+        log,
+        now_ms: START_MS,
+        token_ids: BTreeSet::new(),
+        file_ids: BTreeSet::new(),
+        saved: Vec::new(),
+        operations: 0,
+    }
 }
 
 /// Applies one operation; `None` when the input ran out.
@@ -237,7 +271,7 @@ fn operation(pair: &mut Pair<'_>, input: &mut Input<'_>) -> Option<()> {
             let count = 1 + input.below(4)?;
             let mut next: Vec<u64> = Vec::new();
             for i in 0..IDENTITIES {
-                next.push(pair.memory.head_seq(&address(i)).expect("memory") + 1);
+                next.push(MailboxLog::head_seq(&pair.memory, &address(i)).expect("memory") + 1);
             }
             let mut items = Vec::new();
             for _ in 0..count {
@@ -649,6 +683,7 @@ pub fn store_ops_seeds() -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backbone_broker::store::TokenStore;
 
     #[test]
     fn the_seeds_run_every_operation_and_agree() {
@@ -665,19 +700,10 @@ mod tests {
         // A token put only into the sled store makes the final comparison
         // fail: the check compares, it does not just run.
         let caught = std::panic::catch_unwind(|| {
-            let sled = sled()
+            let held = sled()
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            sled.clear().expect("clear");
-            let mut pair = Pair {
-                memory: MemoryStore::new(),
-                sled: &sled,
-                now_ms: START_MS,
-                token_ids: BTreeSet::new(),
-                file_ids: BTreeSet::new(),
-                saved: Vec::new(),
-                operations: 0,
-            };
+            let mut pair = fresh_pair(&held);
             let token = StoredToken {
                 id: token_id(1),
                 owner: address(0),
@@ -688,7 +714,7 @@ mod tests {
                 failed_attempts: 0,
                 locked: false,
             };
-            sled.put_token(&token, 1, 0).expect("put");
+            pair.sled.put_token(&token, 1, 0).expect("put");
             compare_everything(&mut pair);
         });
         assert!(caught.is_err());

@@ -82,7 +82,7 @@ async fn blocking<T: Send + 'static>(
 /// One pass: transfer (unless already confirmed), then delete the local
 /// copies. Returns how many mailboxes were deleted here.
 async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
-    let store = shared.store.clone();
+    let store = shared.directory.clone();
     let done_key = shared.fleet.handoff_out_key(m);
     let done = {
         let (store, key) = (store.clone(), done_key.clone());
@@ -90,15 +90,22 @@ async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
     };
     let slots = m.clone();
     let addresses = {
-        let store = store.clone();
-        blocking(move || store.addresses(&|address| slots.contains(slot_of(address)))).await?
+        let (store, log) = (store.clone(), shared.log.clone());
+        blocking(move || {
+            let filter = |address: &backbone_protocol::Address| slots.contains(slot_of(address));
+            let mut all: std::collections::BTreeSet<_> =
+                store.addresses(&filter)?.into_iter().collect();
+            all.extend(log.mailboxes(&filter));
+            Ok::<_, crate::store::StoreError>(all.into_iter().collect::<Vec<_>>())
+        })
+        .await?
     };
     if !done {
         transfer(shared, m, &addresses).await?;
         let store = store.clone();
         blocking(move || {
             store.put_meta(&done_key, b"done")?;
-            store.flush()
+            store.sync()
         })
         .await?;
     }
@@ -106,14 +113,20 @@ async fn attempt(shared: &Arc<Shared>, m: &Move) -> Result<usize, String> {
         .fleet
         .set_handoff_state(m, format!("deleting {} local copies", addresses.len()));
     let count = addresses.len();
+    for address in &addresses {
+        let log = shared.log.clone();
+        crate::store::completed(|done| log.drop_mailbox(*address, done))
+            .await
+            .map_err(|error| format!("dropping a handed-over mailbox's envelopes: {error}"))?;
+    }
     let files = blocking(move || {
         let mut files = Vec::new();
         for address in &addresses {
             files.extend(store.files_of(address)?.into_iter().map(|file| file.id));
-            store.purge_mailbox(address)?;
+            store.purge_directory(address)?;
             store.remove_deletion(address)?;
         }
-        store.flush()?;
+        store.sync()?;
         Ok(files)
     })
     .await?;
@@ -142,8 +155,9 @@ async fn transfer(
             format!("transferring {done}/{} mailboxes", addresses.len()),
         );
         let export = {
-            let (store, address) = (shared.store.clone(), *address);
-            blocking(move || store.export_mailbox(&address)).await?
+            let (store, log, address) = (shared.directory.clone(), shared.log.clone(), *address);
+            blocking(move || crate::store::export_mailbox(log.as_ref(), store.as_ref(), &address))
+                .await?
         };
         for part in split(export) {
             batch_bytes += part
@@ -188,7 +202,7 @@ async fn transfer_files(
     owner: backbone_protocol::Address,
 ) -> Result<(), String> {
     let files = {
-        let store = shared.store.clone();
+        let store = shared.directory.clone();
         blocking(move || store.files_of(&owner)).await?
     };
     for file in files {

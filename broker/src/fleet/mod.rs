@@ -30,7 +30,8 @@ use backbone_protocol::fleet::{SLOT_COUNT, slot_of};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+use crate::store::prelude::*;
 pub use link::{LinkState, Links};
 pub use map::{FleetMap, Move, Node};
 
@@ -120,7 +121,7 @@ impl Fleet {
     /// Reads handoff progress from the store: slots moving here whose import
     /// is not complete stop being served until it is. Returns the moves out
     /// of this node, which [`handoff::hand_over`] runs (or finishes).
-    pub fn init_handoffs(&self, store: &dyn Store) -> Result<Vec<Move>, StoreError> {
+    pub fn init_handoffs(&self, store: &dyn Directory) -> Result<Vec<Move>, StoreError> {
         let epoch = self.map.epoch();
         let mut outgoing = Vec::new();
         let mut progress = Vec::new();
@@ -165,9 +166,9 @@ impl Fleet {
 
     /// Records that every mailbox of `m` arrived (durably, in `store`) and
     /// starts serving its slots.
-    pub fn finish_import(&self, m: &Move, store: &dyn Store) -> Result<(), StoreError> {
+    pub fn finish_import(&self, m: &Move, store: &dyn Directory) -> Result<(), StoreError> {
         store.put_meta(&handoff_key("in", self.map.epoch(), &m.from), b"done")?;
-        store.flush()?;
+        store.sync()?;
         for slot in (0..SLOT_COUNT).filter(|&slot| m.contains(slot)) {
             self.importing[usize::from(slot)].store(false, Ordering::Release);
         }

@@ -240,7 +240,7 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
             {
                 Err(ErrorCode::ShardUnavailable as u16)
             } else {
-                let store = shared.store.clone();
+                let store = shared.directory.clone();
                 let address = fetch.address;
                 match tokio::task::spawn_blocking(move || {
                     crate::session::card_here(store.as_ref(), &address)
@@ -325,12 +325,15 @@ async fn import_mailboxes(
         return Ok(());
     }
     let count = mailboxes.len();
-    let store = shared.store.clone();
+    let (store, log) = (shared.directory.clone(), shared.log.clone());
     tokio::task::spawn_blocking(move || {
         for mailbox in mailboxes {
-            store.import_mailbox(&to_export(mailbox))?;
+            let export = to_export(mailbox);
+            crate::store::wait_for(|done| {
+                crate::store::import_mailbox(log.as_ref(), store.as_ref(), &export, done)
+            })?;
         }
-        store.flush()
+        store.sync()
     })
     .await
     .map_err(|error| (ErrorCode::Internal, error.to_string()))?
@@ -357,7 +360,7 @@ async fn import_file(
     if !shared.fleet.is_move_importing(m) {
         return Ok(()); // already complete: the sender missed our answer
     }
-    let (store, files) = (shared.store.clone(), shared.files.clone());
+    let (store, files) = (shared.directory.clone(), shared.files.clone());
     tokio::task::spawn_blocking(move || {
         let file = import.file;
         files
@@ -380,7 +383,7 @@ async fn import_file(
             };
             let stored = store
                 .put_file(&record, unlimited, 0)
-                .and_then(|_| store.flush());
+                .and_then(|_| store.sync());
             stored.map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;
         }
         Ok(())
@@ -409,7 +412,7 @@ async fn finish_import(
         return Ok(()); // already complete: the sender missed our answer
     }
     let inner = shared.clone();
-    tokio::task::spawn_blocking(move || inner.fleet.finish_import(&m, inner.store.as_ref()))
+    tokio::task::spawn_blocking(move || inner.fleet.finish_import(&m, inner.directory.as_ref()))
         .await
         .map_err(|error| (ErrorCode::Internal, error.to_string()))?
         .map_err(|error| (ErrorCode::StorageFailure, error.to_string()))?;

@@ -6,26 +6,31 @@
 //! [`MemoryStore::inject_append_failures`] makes appends fail on demand.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use backbone_protocol::bytes::{CapabilityHash, FileId, ServerId, TokenId, VerifierHash};
 use backbone_protocol::deletion::{self, Deletion, PeerToTell};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 
+use super::log::checkpoint::{Checkpoints, Visit};
+use super::prelude::*;
 use super::{
-    Append, FilePut, FileQuota, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope,
-    StoredFile, StoredToken, TokenAttempt, merge_token,
+    Append, Completion, FilePut, FileQuota, MailboxExport, MailboxUsage, StoreError,
+    StoredEnvelope, StoredFile, StoredToken, TokenAttempt, merge_token,
 };
 
-/// A [`Store`] held entirely in memory.
-#[derive(Debug, Default)]
+/// The mailbox log and the directory, held entirely in memory.
+#[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    /// While `true`, appends wait after writing (see [`MemoryStore::hold_appends`]).
-    held: Mutex<bool>,
-    released: Condvar,
+    /// While `Some`, appends wait there, not durable and invisible to
+    /// reads (see [`MemoryStore::hold_appends`]).
+    held: Mutex<Option<Vec<HeldBatch>>>,
 }
+
+/// A batch of appends waiting for [`MemoryStore::release_appends`].
+type HeldBatch = (Vec<Append>, Completion);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -52,6 +57,9 @@ struct Inner {
     deletion_index: BTreeSet<(u64, Address)>,
     server_id: Option<ServerId>,
     meta: HashMap<String, Vec<u8>>,
+    /// The log index checkpoint's values and the position it covers.
+    log_index: BTreeMap<Address, Vec<u8>>,
+    log_checkpoint: Option<u64>,
     /// How many upcoming `append_batch` calls fail with [`StoreError::Injected`].
     failing_appends: u32,
     /// How many upcoming `flush` calls fail with [`StoreError::Injected`].
@@ -135,13 +143,19 @@ impl Inner {
     }
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Makes the next `count` calls to [`Store::append_batch`] fail with
+    /// Makes the next `count` calls to [`MailboxLog::append`] fail with
     /// [`StoreError::Injected`] without writing anything, to exercise error paths.
     pub fn inject_append_failures(&self, count: u32) {
         if let Ok(mut inner) = self.lock() {
@@ -149,7 +163,7 @@ impl MemoryStore {
         }
     }
 
-    /// Makes the next `count` calls to [`Store::flush`] fail with
+    /// Makes the next `count` calls to [`Directory::sync`] fail with
     /// [`StoreError::Injected`]; what was written before stays written: a
     /// flush whose outcome the caller cannot know.
     pub fn inject_flush_failures(&self, count: u32) {
@@ -158,17 +172,28 @@ impl MemoryStore {
         }
     }
 
-    /// Until [`MemoryStore::release_appends`], every [`Store::append_batch`]
-    /// writes its envelopes (reads see them) and then waits before returning:
-    /// a flush that has not returned yet, the state a crash could still undo.
+    /// Until [`MemoryStore::release_appends`], appends are held: not
+    /// durable yet, so invisible to reads and not completed — the state of
+    /// a write whose fdatasync has not returned.
     pub fn hold_appends(&self) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Vec::new);
     }
 
-    /// Lets held and later appends return.
+    /// Makes the held appends durable (visible and completed), in order, and
+    /// lets later ones through.
     pub fn release_appends(&self) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.released.notify_all();
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        for (items, done) in held {
+            done(self.apply_appends(&items));
+        }
     }
 
     /// How many `append_batch` calls have succeeded; each stands for one flush.
@@ -196,13 +221,10 @@ fn due<Id: Copy>(index: &BTreeSet<(u64, Id)>, now_ms: u64, limit: usize) -> Vec<
         .collect()
 }
 
-impl Store for MemoryStore {
-    fn append_batch(&self, items: &[Append]) -> Result<(), StoreError> {
+impl MemoryStore {
+    /// Applies appends under the lock: the memory log's "durable".
+    fn apply_appends(&self, items: &[Append]) -> Result<usize, StoreError> {
         let mut inner = self.lock()?;
-        if inner.failing_appends > 0 {
-            inner.failing_appends -= 1;
-            return Err(StoreError::Injected);
-        }
         for item in items {
             let envelope = &item.envelope;
             let key = (item.address, envelope.seq);
@@ -219,13 +241,96 @@ impl Store for MemoryStore {
             *head = (*head).max(envelope.seq);
         }
         inner.append_batches += 1;
-        drop(inner);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held {
-            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
-        }
         metrics::counter!("backbone_store_appends_total").increment(items.len() as u64);
-        Ok(())
+        Ok(items.len())
+    }
+}
+
+impl MailboxLog for MemoryStore {
+    fn append(&self, items: Vec<Append>, done: Completion) {
+        {
+            let mut inner = match self.lock() {
+                Ok(inner) => inner,
+                Err(error) => return done(Err(error)),
+            };
+            if inner.failing_appends > 0 {
+                inner.failing_appends -= 1;
+                drop(inner);
+                return done(Err(StoreError::Injected));
+            }
+        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_some() {
+            // Not durable yet: invisible to reads until released.
+            held.get_or_insert_with(Vec::new).push((items, done));
+            return;
+        }
+        drop(held);
+        done(self.apply_appends(&items));
+    }
+
+    fn delete(&self, address: Address, seqs: Vec<u64>, done: Completion) {
+        let deleted = self.lock().map(|mut inner| {
+            let mut deleted = 0;
+            for seq in seqs {
+                if let Some(old) = inner.envelopes.remove(&(address, seq)) {
+                    inner.expiry.remove(&(old.expires_at_ms, address, seq));
+                    deleted += 1;
+                }
+            }
+            deleted
+        });
+        done(deleted);
+    }
+
+    fn drop_mailbox(&self, address: Address, done: Completion) {
+        let dropped = self.lock().map(|mut inner| {
+            let keys: Vec<(Address, u64)> = inner
+                .envelopes
+                .range((address, 0)..=(address, u64::MAX))
+                .map(|(key, _)| *key)
+                .collect();
+            for key in &keys {
+                if let Some(old) = inner.envelopes.remove(key) {
+                    inner.expiry.remove(&(old.expires_at_ms, key.0, key.1));
+                }
+            }
+            // Forgotten, head included, as the log's drop does.
+            inner.heads.remove(&address);
+            keys.len()
+        });
+        done(dropped);
+    }
+
+    fn import(
+        &self,
+        address: Address,
+        envelopes: Vec<StoredEnvelope>,
+        head: u64,
+        done: Completion,
+    ) {
+        let items: Vec<Append> = envelopes
+            .into_iter()
+            .map(|envelope| Append {
+                address,
+                envelope: std::sync::Arc::new(envelope),
+            })
+            .collect();
+        let imported = self.apply_appends(&items).and_then(|count| {
+            // A head of 0 is no head: recording it would list an address
+            // that holds nothing.
+            if head > 0 {
+                let mut inner = self.lock()?;
+                let held = inner.heads.entry(address).or_insert(0);
+                *held = (*held).max(head);
+            }
+            Ok(count)
+        });
+        done(imported);
+    }
+
+    fn barrier(&self, done: Completion) {
+        done(Ok(0));
     }
 
     fn read_from(
@@ -272,27 +377,13 @@ impl Store for MemoryStore {
             .map(|((_, seq), _)| *seq))
     }
 
-    fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError> {
-        Ok(self.lock()?.cursors.get(&(*address, *device)).copied())
-    }
-
-    fn set_cursor(&self, address: &Address, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
-        let mut inner = self.lock()?;
-        let cursor = inner.cursors.entry((*address, *device)).or_insert(seq);
-        *cursor = (*cursor).max(seq);
-        Ok(())
-    }
-
-    fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError> {
-        let mut inner = self.lock()?;
-        let mut deleted = 0;
-        for seq in seqs {
-            if let Some(old) = inner.envelopes.remove(&(*address, *seq)) {
-                inner.expiry.remove(&(old.expires_at_ms, *address, *seq));
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+    fn export(&self, address: &Address) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .envelopes
+            .range((*address, 0)..=(*address, u64::MAX))
+            .map(|(_, envelope)| envelope.clone())
+            .collect())
     }
 
     fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
@@ -311,6 +402,80 @@ impl Store for MemoryStore {
         Ok(due.len())
     }
 
+    fn mailboxes(&self, filter: &dyn Fn(&Address) -> bool) -> Vec<Address> {
+        let Ok(inner) = self.lock() else {
+            return Vec::new();
+        };
+        let all: BTreeSet<Address> = inner
+            .envelopes
+            .keys()
+            .map(|(address, _)| *address)
+            .chain(inner.heads.keys().copied())
+            .filter(|address| filter(address))
+            .collect();
+        all.into_iter().collect()
+    }
+
+    fn envelope_count(&self) -> u64 {
+        self.lock().map_or(0, |inner| inner.envelopes.len() as u64)
+    }
+
+    fn log_bytes_on_disk(&self) -> u64 {
+        0
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl Checkpoints for MemoryStore {
+    fn load_checkpoint(&self, visit: &mut Visit<'_>) -> Result<Option<u64>, StoreError> {
+        let inner = self.lock()?;
+        let Some(position) = inner.log_checkpoint else {
+            return Ok(None);
+        };
+        for (address, value) in &inner.log_index {
+            visit(*address, value)?;
+        }
+        Ok(Some(position))
+    }
+
+    fn checkpointed(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.log_index.get(address).cloned())
+    }
+
+    fn write_checkpoint(
+        &self,
+        mailboxes: &[(Address, Option<Vec<u8>>)],
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        for (address, value) in mailboxes {
+            match value {
+                Some(value) => inner.log_index.insert(*address, value.clone()),
+                None => inner.log_index.remove(address),
+            };
+        }
+        inner.log_checkpoint = Some(position);
+        Ok(())
+    }
+}
+
+impl CursorStore for MemoryStore {
+    fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        Ok(self.lock()?.cursors.get(&(*address, *device)).copied())
+    }
+
+    fn set_cursor(&self, address: &Address, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let cursor = inner.cursors.entry((*address, *device)).or_insert(seq);
+        *cursor = (*cursor).max(seq);
+        Ok(())
+    }
+}
+
+impl CardStore for MemoryStore {
     fn put_card(&self, card: &IdentityCard) -> Result<(), StoreError> {
         self.lock()?.cards.insert(card.address(), *card);
         Ok(())
@@ -319,7 +484,9 @@ impl Store for MemoryStore {
     fn card(&self, address: &Address) -> Result<Option<IdentityCard>, StoreError> {
         Ok(self.lock()?.cards.get(address).copied())
     }
+}
 
+impl DeviceStore for MemoryStore {
     fn put_device(
         &self,
         address: &Address,
@@ -352,7 +519,9 @@ impl Store for MemoryStore {
     ) -> Result<Option<DeviceCertificate>, StoreError> {
         Ok(self.lock()?.devices.get(&(*address, *device)).copied())
     }
+}
 
+impl CapabilityStore for MemoryStore {
     fn register_capability(
         &self,
         address: &Address,
@@ -389,7 +558,9 @@ impl Store for MemoryStore {
             .map(|(_, hash)| *hash)
             .collect())
     }
+}
 
+impl TokenStore for MemoryStore {
     fn put_token(&self, token: &StoredToken, max: usize, now_ms: u64) -> Result<bool, StoreError> {
         let mut inner = self.lock()?;
         let held = inner
@@ -450,7 +621,9 @@ impl Store for MemoryStore {
         }
         Ok(due.len())
     }
+}
 
+impl FileStore for MemoryStore {
     fn put_file(
         &self,
         file: &StoredFile,
@@ -513,7 +686,9 @@ impl Store for MemoryStore {
         }
         Ok(due)
     }
+}
 
+impl ConsentStore for MemoryStore {
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         Ok(self.lock()?.policies.get(address).copied())
     }
@@ -544,7 +719,9 @@ impl Store for MemoryStore {
             .insert((*address, relationship.peer), *relationship);
         Ok(())
     }
+}
 
+impl DeletionStore for MemoryStore {
     fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError> {
         Ok(self.lock()?.deletions.get(address).cloned())
     }
@@ -622,13 +799,41 @@ impl Store for MemoryStore {
         Ok(due(&inner.deletion_index, now_ms, limit))
     }
 
+    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(due) = inner
+            .deletions
+            .remove(address)
+            .and_then(|held| held.due_at_ms())
+        {
+            inner.deletion_index.remove(&(due, *address));
+        }
+        Ok(())
+    }
+}
+
+impl MetaStore for MemoryStore {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.meta.get(key).cloned())
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.lock()?.meta.insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn server_id(&self) -> Result<ServerId, StoreError> {
+        Ok(*self.lock()?.server_id.get_or_insert_with(ServerId::random))
+    }
+}
+
+impl Directory for MemoryStore {
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let inner = self.lock()?;
         let all: BTreeSet<Address> = inner
-            .envelopes
+            .log_index
             .keys()
-            .map(|(address, _)| *address)
-            .chain(inner.heads.keys().copied())
+            .copied()
             .chain(inner.cursors.keys().map(|(address, _)| *address))
             .chain(inner.cards.keys().copied())
             .chain(inner.devices.keys().map(|(address, _)| *address))
@@ -643,14 +848,8 @@ impl Store for MemoryStore {
         Ok(all.into_iter().collect())
     }
 
-    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError> {
-        let head = self.head_seq(address)?;
+    fn export_directory(&self, address: &Address) -> Result<MailboxExport, StoreError> {
         let inner = self.lock()?;
-        let envelopes = inner
-            .envelopes
-            .range((*address, 0)..=(*address, u64::MAX))
-            .map(|(_, envelope)| envelope.clone())
-            .collect();
         let mut cursors: Vec<(DeviceId, u64)> = inner
             .cursors
             .iter()
@@ -660,8 +859,9 @@ impl Store for MemoryStore {
         cursors.sort();
         Ok(MailboxExport {
             address: *address,
-            head,
-            envelopes,
+            // The log's half: filled in by `store::export_mailbox`.
+            head: 0,
+            envelopes: Vec::new(),
             cursors,
             card: inner.cards.get(address).copied(),
             devices: inner.devices_of(address),
@@ -677,26 +877,9 @@ impl Store for MemoryStore {
         })
     }
 
-    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError> {
+    fn import_directory(&self, export: &MailboxExport) -> Result<(), StoreError> {
         let address = export.address;
         let mut inner = self.lock()?;
-        for envelope in &export.envelopes {
-            if let Some(old) = inner
-                .envelopes
-                .insert((address, envelope.seq), envelope.clone())
-            {
-                inner.expiry.remove(&(old.expires_at_ms, address, old.seq));
-            }
-            inner
-                .expiry
-                .insert((envelope.expires_at_ms, address, envelope.seq));
-        }
-        // A head of 0 is no head: recording it would make `addresses` list
-        // an address that holds nothing.
-        if export.head > 0 {
-            let head = inner.heads.entry(address).or_insert(0);
-            *head = (*head).max(export.head);
-        }
         for (device, seq) in &export.cursors {
             let cursor = inner.cursors.entry((address, *device)).or_insert(*seq);
             *cursor = (*cursor).max(*seq);
@@ -731,19 +914,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
+    fn purge_directory(&self, address: &Address) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
-        let keys: Vec<(Address, u64)> = inner
-            .envelopes
-            .range((*address, 0)..=(*address, u64::MAX))
-            .map(|(key, _)| *key)
-            .collect();
-        for key in keys {
-            if let Some(old) = inner.envelopes.remove(&key) {
-                inner.expiry.remove(&(old.expires_at_ms, key.0, key.1));
-            }
-        }
-        inner.heads.remove(address);
         inner.cursors.retain(|(owner, _), _| owner != address);
         inner.cards.remove(address);
         inner.devices.retain(|(owner, _), _| owner != address);
@@ -761,32 +933,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
-        let mut inner = self.lock()?;
-        if let Some(due) = inner
-            .deletions
-            .remove(address)
-            .and_then(|held| held.due_at_ms())
-        {
-            inner.deletion_index.remove(&(due, *address));
-        }
-        Ok(())
-    }
-
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock()?.meta.get(key).cloned())
-    }
-
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.lock()?.meta.insert(key.to_owned(), value.to_vec());
-        Ok(())
-    }
-
-    fn server_id(&self) -> Result<ServerId, StoreError> {
-        Ok(*self.lock()?.server_id.get_or_insert_with(ServerId::random))
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         if inner.failing_flushes > 0 {
             inner.failing_flushes -= 1;
@@ -796,14 +943,8 @@ impl Store for MemoryStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        // Nothing is on disk; report the envelope bytes held so the metric
-        // still means "how much is stored".
-        let inner = self.lock()?;
-        Ok(inner
-            .envelopes
-            .values()
-            .map(|envelope| envelope.envelope.len() as u64)
-            .sum())
+        // Nothing is on disk.
+        Ok(0)
     }
 }
 
@@ -829,33 +970,57 @@ mod tests {
         }
     }
 
+    fn append(store: &MemoryStore, items: Vec<Append>) -> Result<usize, StoreError> {
+        crate::store::wait_for(|done| store.append(items, done))
+    }
+
     #[test]
     fn memory_store_injected_failures_write_nothing_and_then_stop() {
         let store = MemoryStore::new();
         store.inject_append_failures(2);
-        assert_eq!(store.append_batch(&[item(1)]), Err(StoreError::Injected));
-        assert_eq!(store.append_batch(&[item(1)]), Err(StoreError::Injected));
+        assert_eq!(append(&store, vec![item(1)]), Err(StoreError::Injected));
+        assert_eq!(append(&store, vec![item(1)]), Err(StoreError::Injected));
         assert_eq!(store.head_seq(&Address([1; 32])), Ok(0));
         assert_eq!(store.expire(u64::MAX, 10), Ok(0));
         assert_eq!(store.append_batches(), 0);
-        assert_eq!(store.append_batch(&[item(1)]), Ok(()));
+        assert_eq!(append(&store, vec![item(1)]), Ok(1));
         assert_eq!(store.head_seq(&Address([1; 32])), Ok(1));
         assert_eq!(store.append_batches(), 1);
-        assert_eq!(store.size_on_disk(), Ok(3));
+    }
+
+    #[test]
+    fn held_appends_are_invisible_and_incomplete_until_released() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        store.hold_appends();
+        let (done, completed) = std::sync::mpsc::channel();
+        store.append(
+            vec![item(1)],
+            Box::new(move |outcome| {
+                let _ = done.send(outcome);
+            }),
+        );
+        assert!(completed.try_recv().is_err(), "not durable yet");
+        assert_eq!(store.head_seq(&Address([1; 32])), Ok(0));
+        assert_eq!(store.read_from(&Address([1; 32]), 0, 10, 0), Ok(vec![]));
+        store.release_appends();
+        assert_eq!(completed.recv(), Ok(Ok(1)));
+        assert_eq!(store.head_seq(&Address([1; 32])), Ok(1));
     }
 
     #[test]
     fn memory_store_overwriting_a_seq_replaces_its_expiry_entry() {
         let store = MemoryStore::new();
-        store.append_batch(&[item(1)]).expect("append");
+        append(&store, vec![item(1)]).expect("append");
         let mut later = StoredEnvelope::clone(&item(1).envelope);
         later.expires_at_ms = 100;
-        store
-            .append_batch(&[Append {
+        append(
+            &store,
+            vec![Append {
                 address: Address([1; 32]),
                 envelope: Arc::new(later),
-            }])
-            .expect("append");
+            }],
+        )
+        .expect("append");
         assert_eq!(store.expire(50, 10), Ok(0));
         assert_eq!(
             store

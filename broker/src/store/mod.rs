@@ -37,13 +37,16 @@ use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
 use serde::{Deserialize, Serialize};
 
+pub mod both;
 pub mod failpoint;
 pub mod log;
 mod memory;
+pub mod open;
 mod sled_store;
 mod writer;
 
 pub use memory::MemoryStore;
+pub use open::Stores;
 pub use sled_store::{DumpedRecord, SledStore, StoredRecord, decode_record};
 pub use writer::{WriteHandle, Writer};
 
@@ -280,53 +283,36 @@ pub enum StoreError {
     Injected,
 }
 
-/// The meta key of the run counter (see [`begin_run`]).
-pub const RUN_KEY: &str = "run";
+/// Completes an asynchronous log operation: with a count (envelopes
+/// appended, envelopes deleted) once durable, or with why it failed.
+pub type Completion = log::pipeline::Completion;
 
-/// How many sequence numbers one run of the broker may hand out per mailbox
-/// before it could reach the next run's floor (see [`begin_run`]).
-pub const SEQS_PER_RUN: u64 = 1 << 32;
-
-/// Starts a run of the broker on `store`: counts it durably and returns the
-/// **sequence floor** of this run, `(run − 1) × 2³²`, below which no mailbox
-/// hands out a sequence number in this run. Blocking; call once, before serving.
+/// The mailbox log: envelopes, their order and their durability.
 ///
-/// Why: after a crash, the store may show envelopes whose appends were never
-/// flushed (the backend wrote them, but no flush covered them). They are
-/// delivered, and counted in the head, like any other. The next crash may
-/// lose them again, and the head with them (sled 0.34 does this: a
-/// crash-loop run showed seq 192 missing while 193 survived). Numbering on
-/// from that lower head would hand out sequence numbers devices have already
-/// seen for other envelopes, and a device skips what it thinks it has
-/// (cursors are cumulative), losing acknowledged envelopes. Each run's
-/// numbers start above every number an earlier run could have shown, since
-/// the counter is flushed before the run serves anything.
-///
-/// The first run's floor is 0, so a fresh store numbers from 1.
-pub fn begin_run(store: &dyn Store) -> Result<u64, StoreError> {
-    let previous =
-        match store.meta(RUN_KEY)? {
-            None => 0,
-            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                StoreError::Corrupt {
-                    what: format!("run counter has {} bytes, not 8", bytes.len()),
-                }
-            })?),
-        };
-    let run = previous + 1;
-    store.put_meta(RUN_KEY, &run.to_be_bytes())?;
-    store.flush()?;
-    Ok(previous.saturating_mul(SEQS_PER_RUN))
-}
+/// Writes never block: each takes a [`Completion`], called once the write is
+/// durable (its fdatasync returned) and visible to reads, or failed. Reads
+/// block (call them off the async runtime) and only ever see durable
+/// envelopes, so a reader never meets an envelope a crash could take back.
+pub trait MailboxLog: Send + Sync + 'static {
+    /// Appends envelopes, each under the sequence number it carries;
+    /// completes with their count.
+    fn append(&self, items: Vec<Append>, done: Completion);
 
-/// The broker's storage interface. Every method blocks.
-pub trait Store: Send + Sync + 'static {
-    /// Writes all appends (envelope + expiry index entry), then
-    /// makes them durable (flush) before returning. Blocking.
-    ///
-    /// On error nothing is acknowledged, but some of the items may still have
-    /// been written and become visible.
-    fn append_batch(&self, items: &[Append]) -> Result<(), StoreError>;
+    /// Deletes the listed envelopes of `address`; completes with how many
+    /// existed.
+    fn delete(&self, address: Address, seqs: Vec<u64>, done: Completion);
+
+    /// Forgets the mailbox of `address`, its envelopes and its head: the
+    /// purge of a deleted identity (whose tombstone stops any new envelope),
+    /// or a mailbox handed over to another node (which carries the head on).
+    fn drop_mailbox(&self, address: Address, done: Completion);
+
+    /// Appends a handed-over mailbox's envelopes under their own sequence
+    /// numbers and raises its head to `head`.
+    fn import(&self, address: Address, envelopes: Vec<StoredEnvelope>, head: u64, done: Completion);
+
+    /// Completes once everything submitted before is durable.
+    fn barrier(&self, done: Completion);
 
     /// Envelopes of `address` with `seq >= from_seq` in ascending order, at most
     /// `limit`, skipping any with `expires_at_ms <= now_ms`.
@@ -339,41 +325,61 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredEnvelope>, StoreError>;
 
     /// The envelopes of `address` with `expires_at_ms > now_ms`, and their
-    /// total envelope length. Reads the whole mailbox: used for quota checks
-    /// when a mailbox actor starts or recounts, not per append.
+    /// total envelope length: the mailbox's quota usage.
     fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError>;
 
-    /// Highest seq ever assigned in the mailbox (0 if none). Survives deletion
-    /// and expiry of all envelopes: a store records the head before it
-    /// removes a mailbox's highest envelope.
+    /// Highest seq ever durable in the mailbox (0 if none). Survives deletion
+    /// and expiry of all envelopes.
     fn head_seq(&self, address: &Address) -> Result<u64, StoreError>;
 
     /// Lowest stored seq (`None` if empty). Envelopes that have expired but not
-    /// yet been swept by [`Store::expire`] still count as stored.
+    /// yet been swept by [`MailboxLog::expire`] still count as stored.
     fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, StoreError>;
 
+    /// Every stored envelope of `address` (expired but unswept included),
+    /// ascending: what a slot handover moves.
+    fn export(&self, address: &Address) -> Result<Vec<StoredEnvelope>, StoreError>;
+
+    /// Removes up to `limit` envelopes with `expires_at_ms <= now_ms`,
+    /// earliest first, never scanning. Returns how many.
+    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Every address with stored envelopes for which `filter` holds.
+    fn mailboxes(&self, filter: &dyn Fn(&Address) -> bool) -> Vec<Address>;
+
+    /// Envelopes stored.
+    fn envelope_count(&self) -> u64;
+
+    /// Bytes the log takes on disk.
+    fn log_bytes_on_disk(&self) -> u64;
+
+    /// Finishes what is queued and stops; a clean stop leaves a checkpoint.
+    fn close(&self) -> Result<(), StoreError>;
+}
+
+/// Each device's cursor. Cursor moves may lag: a moved cursor lost in a
+/// crash only means an envelope is delivered again (delivery is
+/// at-least-once and clients drop sequence numbers they have seen).
+pub trait CursorStore {
     /// The last sequence number `device` acknowledged in `address`'s mailbox.
     fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError>;
 
     /// Stores `max(existing, seq)`. Not flushed by itself (a later flush covers it).
     fn set_cursor(&self, address: &Address, device: &DeviceId, seq: u64) -> Result<(), StoreError>;
+}
 
-    /// Deletes the listed seqs of the mailbox (and their expiry index entries);
-    /// returns how many existed. Not flushed by itself.
-    fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError>;
-
-    /// Deletes up to `limit` envelopes with `expires_at_ms <= now_ms`, found
-    /// through an expiry index keyed `(expires_at_ms BE, address, seq BE)`,
-    /// never a full scan. Earliest expiry goes first. Returns how many were deleted.
-    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
-
+/// Identity cards.
+pub trait CardStore {
     /// Stores `card` under `card.address()`, replacing any previous card. The
     /// caller has verified it.
     fn put_card(&self, card: &IdentityCard) -> Result<(), StoreError>;
 
     /// The card stored for `address`.
     fn card(&self, address: &Address) -> Result<Option<IdentityCard>, StoreError>;
+}
 
+/// Device certificates.
+pub trait DeviceStore {
     /// Stores `cert` under `(address, cert.device_key.device_id())`, unless
     /// the address already holds `max` other devices; returns whether it is
     /// stored. A device already stored gets the new certificate whatever the
@@ -401,7 +407,10 @@ pub trait Store: Send + Sync + 'static {
         address: &Address,
         device: &DeviceId,
     ) -> Result<Option<DeviceCertificate>, StoreError>;
+}
 
+/// Delivery capability hashes.
+pub trait CapabilityStore {
     /// Registers the capability hash `hash` for `address`, unless the
     /// mailbox already holds `max` other hashes: returns `false` then, and
     /// stores nothing. Registering a hash that is already registered
@@ -426,7 +435,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every capability hash registered for `address`, ascending.
     fn capabilities(&self, address: &Address) -> Result<Vec<CapabilityHash>, StoreError>;
+}
 
+/// Tokens.
+pub trait TokenStore {
     /// Stores `token`, unless its owner already holds `max` tokens unexpired
     /// at `now_ms`: returns `false` then, and stores nothing. The count and
     /// the write are one atomic step, so concurrent creations cannot pass
@@ -457,7 +469,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` tokens with `expires_at_ms <= now_ms`, found
     /// through a token expiry index, earliest first. Returns how many.
     fn expire_tokens(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+}
 
+/// File records.
+pub trait FileStore {
     /// Records `file`, unless its owner would then hold more than
     /// `quota.max_files` files or `quota.max_bytes` declared bytes unexpired
     /// at `now_ms`: returns which limit refused it then, and stores nothing.
@@ -492,7 +507,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` file records with `expires_at_ms <= now_ms`,
     /// earliest first, and returns their ids; the caller deletes their bytes.
     fn expire_files(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>, StoreError>;
+}
 
+/// Inbound policies and relationships.
+pub trait ConsentStore {
     /// The address's recorded inbound policy; `None` if it never set one
     /// (the broker's configured default applies).
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError>;
@@ -515,7 +533,10 @@ pub trait Store: Send + Sync + 'static {
         address: &Address,
         relationship: &Relationship,
     ) -> Result<(), StoreError>;
+}
 
+/// Identity deletions.
+pub trait DeletionStore {
     /// The address's deletion record: scheduled, being purged, or a
     /// tombstone (see `backbone_protocol::deletion`).
     fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError>;
@@ -565,36 +586,13 @@ pub trait Store: Send + Sync + 'static {
     /// entries a crash left without a matching record.
     fn due_deletions(&self, now_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError>;
 
-    /// Every address with any record (envelope, head, cursor, card, device,
-    /// capability, token, file, policy, relationship or deletion) for which
-    /// `filter` holds, ascending. Visits each address once, not each record.
-    fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
-
-    /// Everything stored for `address`.
-    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError>;
-
-    /// Merges `export` in: envelopes are written under their sequence numbers
-    /// (with expiry index entries), the head and cursors only grow, the card
-    /// and devices are replaced, capability hashes and tokens are added
-    /// (without the per-identity limits: the previous owner already applied
-    /// them). A token already present keeps the higher failed-attempt count
-    /// and stays locked if either copy is. The policy and relationship
-    /// records are replaced by the exported ones, and the deletion record
-    /// is merged by `backbone_protocol::deletion::merge` (a tombstone
-    /// survives any import). Importing the same export twice changes
-    /// nothing. Not flushed by itself.
-    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError>;
-
-    /// Deletes every record of `address` except its deletion record: what
-    /// the purge of a deleted identity removes, and, with
-    /// [`Store::remove_deletion`], what a slot handover removes from the
-    /// previous owner. Not flushed by itself.
-    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError>;
-
     /// Deletes the address's deletion record and its index entry, whatever
     /// its state (a slot handover, after the new owner has it). Not flushed.
     fn remove_deletion(&self, address: &Address) -> Result<(), StoreError>;
+}
 
+/// Node-level values.
+pub trait MetaStore {
     /// A node-level value stored under `key` (for example handoff progress).
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -603,12 +601,116 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns the node's persistent [`ServerId`], creating a random one on first call.
     fn server_id(&self) -> Result<ServerId, StoreError>;
+}
 
-    /// Flushes everything to disk.
-    fn flush(&self) -> Result<(), StoreError>;
+/// The directory: everything the broker stores besides envelopes, by
+/// domain, and the checkpoints of the log's index. Every method blocks.
+///
+/// Writes are not durable by themselves: a caller that answers a client
+/// calls [`Directory::sync`] first, which makes every write before it
+/// durable (for the sled directory: sled's flush, then fdatasync of its
+/// files, since sled's own flush never calls fsync).
+pub trait Directory:
+    CursorStore
+    + CardStore
+    + DeviceStore
+    + CapabilityStore
+    + TokenStore
+    + FileStore
+    + ConsentStore
+    + DeletionStore
+    + MetaStore
+    + log::checkpoint::Checkpoints
+    + Send
+    + Sync
+    + 'static
+{
+    /// Every address with a directory record (cursor, card, device,
+    /// capability, token, file, policy, relationship, deletion or log index
+    /// checkpoint) for which `filter` holds, ascending, each once.
+    fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError>;
+
+    /// Everything the directory holds for `address` (the envelopes and the
+    /// head are the log's): the directory's half of a [`MailboxExport`].
+    fn export_directory(&self, address: &Address) -> Result<MailboxExport, StoreError>;
+
+    /// Merges the directory's half of `export` in: cursors only grow, the
+    /// card and devices are replaced, capability hashes and tokens are added
+    /// (without the per-identity limits: the previous owner already applied
+    /// them). A token already present keeps the higher failed-attempt count
+    /// and stays locked if either copy is. The policy and relationship
+    /// records are replaced by the exported ones, and the deletion record
+    /// is merged by `backbone_protocol::deletion::merge` (a tombstone
+    /// survives any import). Importing the same export twice changes
+    /// nothing. Not synced by itself.
+    fn import_directory(&self, export: &MailboxExport) -> Result<(), StoreError>;
+
+    /// Deletes every directory record of `address` except its deletion
+    /// record and its log index checkpoint: what the purge of a deleted
+    /// identity removes, and, with [`DeletionStore::remove_deletion`], what
+    /// a slot handover removes from the previous owner. Not synced.
+    fn purge_directory(&self, address: &Address) -> Result<(), StoreError>;
+
+    /// Makes every write before it durable.
+    fn sync(&self) -> Result<(), StoreError>;
 
     /// Bytes used on disk (approximate), for metrics.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// The domain traits, to call directory methods on a `dyn Directory`.
+pub mod prelude {
+    pub use super::{
+        CapabilityStore, CardStore, ConsentStore, CursorStore, DeletionStore, DeviceStore,
+        Directory, FileStore, MailboxLog, MetaStore, TokenStore,
+    };
+}
+
+/// Everything stored for `address`, from the log and the directory: what
+/// moves when its slot changes owner. Blocking.
+pub fn export_mailbox(
+    log: &dyn MailboxLog,
+    directory: &dyn Directory,
+    address: &Address,
+) -> Result<MailboxExport, StoreError> {
+    let mut export = directory.export_directory(address)?;
+    export.head = log.head_seq(address)?;
+    export.envelopes = log.export(address)?;
+    Ok(export)
+}
+
+/// Merges `export` into the log and the directory, the directory first; the
+/// log's half completes `done`. Blocking for the directory's half.
+pub fn import_mailbox(
+    log: &dyn MailboxLog,
+    directory: &dyn Directory,
+    export: &MailboxExport,
+    done: Completion,
+) {
+    if let Err(error) = directory.import_directory(export) {
+        done(Err(error));
+        return;
+    }
+    log.import(export.address, export.envelopes.clone(), export.head, done);
+}
+
+/// Waits for a log operation: the blocking form, for threads that may
+/// block (`spawn_blocking`, the store's own threads, tests).
+pub fn wait_for(op: impl FnOnce(Completion)) -> Result<usize, StoreError> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    op(Box::new(move |outcome| {
+        let _ = sender.send(outcome);
+    }));
+    receiver.recv().unwrap_or(Err(StoreError::Closed))
+}
+
+/// Waits for a log operation on the async runtime.
+pub async fn completed(op: impl FnOnce(Completion)) -> Result<usize, StoreError> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    op(Box::new(move |outcome| {
+        let _ = sender.send(outcome);
+    }));
+    receiver.await.unwrap_or(Err(StoreError::Closed))
 }
 
 /// An imported token merged with the copy already held, if any: the higher
@@ -637,6 +739,60 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The log and the directory seen as one store.
+    pub(crate) type Pair<'a> = both::Both<'a>;
+
+    /// The on-disk stores in one temporary directory: the mailbox log with
+    /// its checkpoints in the sled directory.
+    pub(crate) struct Disk {
+        pub(crate) log: Option<log::LogStore>,
+        pub(crate) sled: Option<Arc<SledStore>>,
+        pub(crate) dir: tempfile::TempDir,
+    }
+
+    impl Disk {
+        pub(crate) fn new() -> Self {
+            let mut disk = Self {
+                log: None,
+                sled: None,
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            disk.open();
+            disk
+        }
+
+        /// (Re)opens both stores on the directory.
+        pub(crate) fn open(&mut self) {
+            drop(self.log.take());
+            drop(self.sled.take());
+            let sled = Arc::new(open_sled(&self.dir.path().join("store")));
+            let config = log::LogConfig {
+                dir: self.dir.path().join("log"),
+                segment_bytes: 1 << 20,
+                compact_below: 0.5,
+                checkpoint_interval: std::time::Duration::from_secs(3600),
+                no_sync: false,
+            };
+            let (log, _) = log::LogStore::open(config, sled.clone(), 0).expect("log opens");
+            self.log = Some(log);
+            self.sled = Some(sled);
+        }
+
+        pub(crate) fn pair(&self) -> Pair<'_> {
+            Pair {
+                log: self.log.as_ref().expect("open"),
+                dir: self.sled.as_deref().expect("open"),
+            }
+        }
+    }
+
+    pub(crate) fn memory(store: &MemoryStore) -> Pair<'_> {
+        Pair {
+            log: store,
+            dir: store,
+        }
+    }
 
     #[test]
     fn stored_bytes_keep_the_layout_of_a_u8_sequence_so_old_records_decode() {
@@ -709,7 +865,7 @@ pub(crate) mod tests {
 
     /// Tokens: quota, expiry hiding, password attempts and lockout, owner-only
     /// delete, and the expiry sweep. On a fresh store.
-    fn token_suite(store: &dyn Store) {
+    fn token_suite(store: &Pair<'_>) {
         let (a, b) = (address(1), address(2));
         let right = PasswordVerifier([0x77; 32]);
         let wrong = PasswordVerifier([0x78; 32]);
@@ -832,7 +988,7 @@ pub(crate) mod tests {
 
     /// Files: both quota limits, expiry hiding, completion, owner-only
     /// delete, the sweep, and a purge. On a fresh store.
-    fn file_suite(store: &dyn Store) {
+    fn file_suite(store: &Pair<'_>) {
         let (a, b) = (address(1), address(2));
         let quota = FileQuota {
             max_files: 2,
@@ -921,14 +1077,15 @@ pub(crate) mod tests {
 
     #[test]
     fn memory_store_passes_the_file_suite() {
-        file_suite(&MemoryStore::new());
+        file_suite(&memory(&MemoryStore::new()));
     }
 
     #[test]
-    fn sled_store_passes_the_file_suite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        file_suite(&SledStore::open(dir.path()).expect("open"));
-        let store = SledStore::open(dir.path()).expect("reopen");
+    fn disk_stores_pass_the_file_suite() {
+        let mut disk = Disk::new();
+        file_suite(&disk.pair());
+        disk.open();
+        let store = disk.pair();
         assert_eq!(
             store.file(&FileId([6; 32]), 0),
             Ok(Some(file(6, address(1), 10, 5_000)))
@@ -938,15 +1095,16 @@ pub(crate) mod tests {
 
     #[test]
     fn memory_store_passes_the_token_suite() {
-        token_suite(&MemoryStore::new());
+        token_suite(&memory(&MemoryStore::new()));
     }
 
     #[test]
-    fn sled_store_passes_the_token_suite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        token_suite(&SledStore::open(dir.path()).expect("open"));
+    fn disk_stores_pass_the_token_suite() {
+        let mut disk = Disk::new();
+        token_suite(&disk.pair());
         // And the tokens survive a restart with their index.
-        let store = SledStore::open(dir.path()).expect("reopen");
+        disk.open();
+        let store = disk.pair();
         assert_eq!(
             store.token(&TokenId([6; 32]), 0),
             Ok(Some(token(6, address(1), 2_000)))
@@ -981,7 +1139,7 @@ pub(crate) mod tests {
     }
 
     /// Checks every method of a fresh, empty store.
-    fn conformance_suite(store: &dyn Store) {
+    fn conformance_suite(store: &Pair<'_>) {
         let a = address(1);
         let b = address(2);
         let device = DeviceId([7; 32]);
@@ -1146,7 +1304,7 @@ pub(crate) mod tests {
 
     /// Registration up to the limit, listing and removal of devices, for
     /// `identity`, which holds `first` as its only device.
-    fn device_suite(store: &dyn Store, identity: &Keypair, first: DeviceCertificate) {
+    fn device_suite(store: &Pair<'_>, identity: &Keypair, first: DeviceCertificate) {
         let owner = identity.address();
         let other = address(9);
         let second_key = Keypair::from_secret_bytes([7; 32]).public();
@@ -1185,7 +1343,7 @@ pub(crate) mod tests {
     }
 
     /// Export, import, purge and meta, on two fresh stores of the same kind.
-    fn handoff_suite(from: &dyn Store, to: &dyn Store) {
+    fn handoff_suite(from: &Pair<'_>, to: &Pair<'_>) {
         let (a, b, c) = (address(1), address(2), address(3));
         let device = DeviceId([7; 32]);
         let identity = Keypair::from_secret_bytes([3; 32]);
@@ -1373,7 +1531,7 @@ pub(crate) mod tests {
     /// Identity deletion: scheduling (idempotent), cancelling, the index
     /// by time, the start of a purge, the tombstone, and how a purge of
     /// the mailbox leaves the deletion record alone. On a fresh store.
-    fn deletion_suite(store: &dyn Store) {
+    fn deletion_suite(store: &Pair<'_>) {
         let (a, b, c) = (address(1), address(2), address(3));
         assert_eq!(store.deletion(&a), Ok(None));
         assert_eq!(store.due_deletions(u64::MAX, 10), Ok(vec![]));
@@ -1474,22 +1632,24 @@ pub(crate) mod tests {
 
     #[test]
     fn memory_store_passes_the_deletion_suite() {
-        deletion_suite(&MemoryStore::new());
+        deletion_suite(&memory(&MemoryStore::new()));
     }
 
     #[test]
-    fn sled_store_passes_the_deletion_suite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        deletion_suite(&SledStore::open(dir.path()).expect("open"));
+    fn disk_stores_pass_the_deletion_suite() {
+        let mut disk = Disk::new();
+        deletion_suite(&disk.pair());
         // Schedules and tombstones survive a restart with their index.
         let a = address(1);
+        disk.open();
         {
-            let store = SledStore::open(dir.path()).expect("reopen");
+            let store = disk.pair();
             store.schedule_deletion(&a, 70).expect("schedule");
             store.begin_purge(&a, 70, &[tell(4)]).expect("begin");
             store.schedule_deletion(&address(5), 80).expect("schedule");
         }
-        let store = SledStore::open(dir.path()).expect("reopen");
+        disk.open();
+        let store = disk.pair();
         assert_eq!(store.due_deletions(100, 10), Ok(vec![a, address(5)]));
         assert_eq!(
             store.deletion(&a),
@@ -1501,51 +1661,29 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn each_run_numbers_above_every_earlier_run() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = SledStore::open(dir.path()).expect("open");
-            assert_eq!(begin_run(&store), Ok(0), "a fresh store numbers from 1");
-            assert_eq!(begin_run(&store), Ok(SEQS_PER_RUN));
-        }
-        // The counter is durable: a reopened store goes on from it.
-        let store = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(begin_run(&store), Ok(2 * SEQS_PER_RUN));
-        store.put_meta(RUN_KEY, b"bad").expect("meta");
-        assert!(matches!(begin_run(&store), Err(StoreError::Corrupt { .. })));
-    }
-
-    #[test]
     fn memory_store_passes_the_handoff_suite() {
-        handoff_suite(&MemoryStore::new(), &MemoryStore::new());
+        handoff_suite(&memory(&MemoryStore::new()), &memory(&MemoryStore::new()));
     }
 
     #[test]
-    fn sled_store_passes_the_handoff_suite() {
-        let (one, two) = (
-            tempfile::tempdir().expect("dir"),
-            tempfile::tempdir().expect("dir"),
-        );
-        handoff_suite(
-            &SledStore::open(one.path()).expect("open"),
-            &SledStore::open(two.path()).expect("open"),
-        );
+    fn disk_stores_pass_the_handoff_suite() {
+        let (one, two) = (Disk::new(), Disk::new());
+        handoff_suite(&one.pair(), &two.pair());
     }
 
     #[test]
     fn memory_store_passes_the_conformance_suite() {
-        conformance_suite(&MemoryStore::new());
+        conformance_suite(&memory(&MemoryStore::new()));
     }
 
     #[test]
-    fn sled_store_passes_the_conformance_suite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        conformance_suite(&SledStore::open(dir.path()).expect("open"));
+    fn disk_stores_pass_the_conformance_suite() {
+        conformance_suite(&Disk::new().pair());
     }
 
     #[test]
     fn store_expiry_removes_only_expired_envelopes_and_reads_hide_them_early() {
-        fn check(store: &dyn Store) {
+        fn check(store: &Pair<'_>) {
             let a = address(1);
             let b = address(2);
             let items = vec![
@@ -1581,14 +1719,13 @@ pub(crate) mod tests {
             assert_eq!(store.head_seq(&a), Ok(3));
             assert_eq!(store.head_seq(&b), Ok(2));
         }
-        check(&MemoryStore::new());
-        let dir = tempfile::tempdir().expect("tempdir");
-        check(&SledStore::open(dir.path()).expect("open"));
+        check(&memory(&MemoryStore::new()));
+        check(&Disk::new().pair());
     }
 
     #[test]
     fn store_head_survives_deleting_every_envelope() {
-        fn check(store: &dyn Store) {
+        fn check(store: &Pair<'_>) {
             let a = address(9);
             let items: Vec<Append> = (1..=3)
                 .map(|seq| append(a, envelope(seq, 0, 100)))
@@ -1598,14 +1735,12 @@ pub(crate) mod tests {
             assert_eq!(store.oldest_seq(&a), Ok(None));
             assert_eq!(store.head_seq(&a), Ok(3));
         }
-        check(&MemoryStore::new());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let on_disk = SledStore::open(dir.path()).expect("open");
-        check(&on_disk);
-        drop(on_disk);
-        let reopened = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(reopened.head_seq(&address(9)), Ok(3));
-        assert_eq!(reopened.oldest_seq(&address(9)), Ok(None));
+        check(&memory(&MemoryStore::new()));
+        let mut disk = Disk::new();
+        check(&disk.pair());
+        disk.open();
+        assert_eq!(disk.pair().head_seq(&address(9)), Ok(3));
+        assert_eq!(disk.pair().oldest_seq(&address(9)), Ok(None));
     }
 
     #[test]
@@ -1613,16 +1748,15 @@ pub(crate) mod tests {
         // Found by the store_ops fuzz target: the memory store recorded a
         // head of 0 for an empty import, so `addresses` listed an address
         // with nothing stored, which the sled store does not.
-        fn check(store: &dyn Store) {
+        fn check(store: &Pair<'_>) {
             let a = address(9);
             let empty = store.export_mailbox(&a).expect("export");
             store.import_mailbox(&empty).expect("import");
             assert_eq!(store.addresses(&|_| true), Ok(vec![]));
             assert_eq!(store.export_mailbox(&a), Ok(empty));
         }
-        check(&MemoryStore::new());
-        let dir = tempfile::tempdir().expect("tempdir");
-        check(&SledStore::open(dir.path()).expect("open"));
+        check(&memory(&MemoryStore::new()));
+        check(&Disk::new().pair());
     }
 
     // ---- Property test against a reference model -------------------------
@@ -1724,20 +1858,25 @@ pub(crate) mod tests {
         }
     }
 
-    /// Holds the store under test; `reopen` and `crash` replace it for the
-    /// sled store, whose fail points `fail_after` arms.
+    /// Holds the stores under test; `reopen` and `crash` replace the disk
+    /// stores, whose fail points `fail_after` arms.
     trait Subject {
-        fn store(&self) -> &dyn Store;
+        fn store(&self) -> Pair<'_>;
         fn reopen(&mut self);
         fn crash(&mut self);
         fn fail_after(&self, writes: u32);
         /// Whether an armed failure fired since the last call.
         fn fired(&self) -> bool;
+        /// Whether a failed fdatasync left the log refusing writes until
+        /// it is opened again.
+        fn broken(&self) -> bool {
+            false
+        }
     }
 
     impl Subject for MemoryStore {
-        fn store(&self) -> &dyn Store {
-            self
+        fn store(&self) -> Pair<'_> {
+            memory(self)
         }
         fn reopen(&mut self) {}
         fn crash(&mut self) {}
@@ -1747,38 +1886,44 @@ pub(crate) mod tests {
         }
     }
 
-    /// Fields drop in order: the store closes before its directory is removed.
-    struct SledSubject {
-        store: Option<SledStore>,
-        dir: tempfile::TempDir,
-    }
-
-    impl Subject for SledSubject {
-        fn store(&self) -> &dyn Store {
-            self.store.as_ref().expect("store is open")
+    impl Subject for Disk {
+        fn store(&self) -> Pair<'_> {
+            self.pair()
         }
         fn reopen(&mut self) {
-            let store = self.store.take().expect("store is open");
-            store.flush().expect("flush before close");
-            drop(store);
-            self.store = Some(open_sled(self.dir.path()));
+            if !self.broken() {
+                self.pair().flush().expect("flush before close");
+                self.log.as_ref().expect("open").close().expect("close");
+            }
+            self.open();
         }
         fn crash(&mut self) {
-            drop(self.store.take());
-            self.store = Some(open_sled(self.dir.path()));
+            // Without closing: no last checkpoint, the sled directory not
+            // synced. (Writes the log acknowledged were synced already.)
+            self.open();
         }
         fn fail_after(&self, writes: u32) {
-            self.store
-                .as_ref()
-                .expect("store is open")
-                .fail_after(writes, None);
+            let log = self.log.as_ref().expect("open");
+            let sled = self.sled.as_ref().expect("open");
+            if writes == u32::MAX {
+                log.fail_points().disarm();
+                sled.fail_after(u32::MAX, None);
+                return;
+            }
+            // One store's fail points or the other's, by the count's parity.
+            if writes.is_multiple_of(2) {
+                log.fail_points().fail_after(writes / 2, None);
+            } else {
+                sled.fail_after(writes / 2, None);
+            }
         }
         fn fired(&self) -> bool {
-            self.store
-                .as_ref()
-                .expect("store is open")
-                .take_fired()
-                .is_some()
+            let log = self.log.as_ref().expect("open").fail_points().take_fired();
+            let sled = self.sled.as_ref().expect("open").take_fired();
+            log.is_some() || sled.is_some()
+        }
+        fn broken(&self) -> bool {
+            self.log.as_ref().expect("open").failed()
         }
     }
 
@@ -1786,8 +1931,10 @@ pub(crate) mod tests {
     /// store somewhere between two states.
     #[derive(Default)]
     struct Certain {
-        /// Every envelope ever handed to `append_batch`: nothing else may appear.
-        ever: BTreeMap<(u8, u64), StoredEnvelope>,
+        /// Every envelope ever handed to `append_batch`, each version of a
+        /// sequence number a failed append left to be reused: nothing else
+        /// may appear.
+        ever: BTreeMap<(u8, u64), Vec<StoredEnvelope>>,
         /// Acknowledged envelopes no delete or expiry has touched: none may vanish.
         acked: BTreeSet<(u8, u64)>,
         /// The highest acknowledged seq per mailbox: the head may not fall below it.
@@ -1799,7 +1946,7 @@ pub(crate) mod tests {
     /// After an injected failure or a crash: checks that the store is in one
     /// of the states the failure allows, then takes it as the model's state.
     fn reconcile(
-        store: &dyn Store,
+        store: &Pair<'_>,
         model: &mut Model,
         certain: &Certain,
     ) -> Result<(), TestCaseError> {
@@ -1810,10 +1957,13 @@ pub(crate) mod tests {
             let export = store.export_mailbox(&address(mailbox)).expect("export");
             for envelope in export.envelopes {
                 let key = (mailbox, envelope.seq);
-                prop_assert_eq!(
-                    certain.ever.get(&key),
-                    Some(&envelope),
-                    "an envelope that was never appended"
+                prop_assert!(
+                    certain
+                        .ever
+                        .get(&key)
+                        .is_some_and(|versions| versions.contains(&envelope)),
+                    "an envelope that was never appended: {:?}",
+                    envelope
                 );
                 model.envelopes.insert(key, envelope);
             }
@@ -1830,6 +1980,17 @@ pub(crate) mod tests {
             }
         }
         for key in &certain.acked {
+            // An envelope already expired may be swept at any time; the
+            // log's replay does not index one (an append of TTL 0 at time
+            // 0 is born expired).
+            let expired = certain.ever.get(key).is_some_and(|versions| {
+                versions
+                    .iter()
+                    .all(|envelope| envelope.expires_at_ms <= model.now_ms)
+            });
+            if expired {
+                continue;
+            }
             prop_assert!(
                 model.envelopes.contains_key(key),
                 "acknowledged envelope {:?} lost",
@@ -1848,6 +2009,9 @@ pub(crate) mod tests {
         let fired = subject.fired();
         match outcome {
             Ok(_) => prop_assert!(!fired, "an injected failure was swallowed"),
+            // After a failed fdatasync the log refuses every write, as it
+            // must, until it is opened again.
+            Err(StoreError::Backend(_)) if subject.broken() => return Ok(true),
             Err(error) => prop_assert!(
                 fired && *error == StoreError::Injected,
                 "unexpected error {error}"
@@ -1883,11 +2047,15 @@ pub(crate) mod tests {
                         .map(|e| append(address(mailbox), e.clone()))
                         .collect();
                     for e in &stored {
-                        certain.ever.insert((mailbox, e.seq), e.clone());
+                        certain
+                            .ever
+                            .entry((mailbox, e.seq))
+                            .or_default()
+                            .push(e.clone());
                     }
                     let outcome = subject.store().append_batch(&items);
                     if faulted(subject, &outcome)? {
-                        reconcile(subject.store(), &mut model, &certain)?;
+                        reconcile(&subject.store(), &mut model, &certain)?;
                     } else {
                         for e in stored {
                             certain.acked.insert((mailbox, e.seq));
@@ -1913,7 +2081,7 @@ pub(crate) mod tests {
                     }
                     let outcome = subject.store().delete(&address(mailbox), &doomed);
                     if faulted(subject, &outcome)? {
-                        reconcile(subject.store(), &mut model, &certain)?;
+                        reconcile(&subject.store(), &mut model, &certain)?;
                     } else {
                         prop_assert_eq!(outcome.expect("delete"), expected);
                     }
@@ -1930,7 +2098,7 @@ pub(crate) mod tests {
                             .store()
                             .set_cursor(&address(mailbox), &device_id(device), seq);
                     if faulted(subject, &outcome)? {
-                        reconcile(subject.store(), &mut model, &certain)?;
+                        reconcile(&subject.store(), &mut model, &certain)?;
                     } else {
                         let cursor = model.cursors.entry((mailbox, device)).or_insert(seq);
                         *cursor = (*cursor).max(seq);
@@ -1940,16 +2108,18 @@ pub(crate) mod tests {
                     model.now_ms += advance_ms;
                     // Whatever has expired may go, whether or not this sweep finishes.
                     let now_ms = model.now_ms;
+                    // (The acknowledged version of a key is its last.)
                     certain.acked.retain(|key| {
                         certain
                             .ever
                             .get(key)
+                            .and_then(|versions| versions.last())
                             .is_some_and(|e| e.expires_at_ms > now_ms)
                     });
                     let expected = model.expire(limit);
                     let outcome = subject.store().expire(model.now_ms, limit);
                     if faulted(subject, &outcome)? {
-                        reconcile(subject.store(), &mut model, &certain)?;
+                        reconcile(&subject.store(), &mut model, &certain)?;
                     } else {
                         prop_assert_eq!(outcome.expect("expire"), expected);
                     }
@@ -1957,7 +2127,7 @@ pub(crate) mod tests {
                 Op::FailAfter { writes } => subject.fail_after(writes),
                 Op::Crash => {
                     subject.crash();
-                    reconcile(subject.store(), &mut model, &certain)?;
+                    reconcile(&subject.store(), &mut model, &certain)?;
                 }
                 Op::Read {
                     mailbox,
@@ -1972,9 +2142,14 @@ pub(crate) mod tests {
                 }
                 Op::Reopen => {
                     // A clean reopen: disarm any armed failure so the flush
-                    // before closing succeeds.
+                    // before closing succeeds. A log a failed fdatasync
+                    // stopped cannot close cleanly: that reopen is a crash.
+                    let crashed = subject.broken();
                     subject.fail_after(u32::MAX);
                     subject.reopen();
+                    if crashed {
+                        reconcile(&subject.store(), &mut model, &certain)?;
+                    }
                 }
             }
             // After every step the full visible state must agree.
@@ -2021,13 +2196,26 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn an_envelope_born_expired_may_be_gone_after_a_crash() {
+        // Found by the property below: the log's replay does not index an
+        // envelope expired at its time, which expiry may remove anyway.
+        let ops = [
+            Op::Append {
+                mailbox: 0,
+                count: 1,
+                ttl_ms: 0,
+            },
+            Op::Crash,
+        ];
+        run_model(&mut Disk::new(), &ops).expect("agrees with the model");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
-        fn sled_store_matches_the_reference_model(ops in prop::collection::vec(op(), 1..60)) {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let store = open_sled(dir.path());
-            run_model(&mut SledSubject { store: Some(store), dir }, &ops)?;
+        fn disk_stores_match_the_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+            run_model(&mut Disk::new(), &ops)?;
         }
     }
 }

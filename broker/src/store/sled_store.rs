@@ -100,7 +100,6 @@
 //! ([`SledStore::fail_point`]). In test builds a test can make the n-th next
 //! one fail with [`StoreError::Injected`]; in other builds the check is empty.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -117,9 +116,11 @@ mod records;
 
 pub use records::{StoredRecord, decode_record};
 
+use super::log::checkpoint::{Checkpoints, Visit};
+use super::prelude::*;
 use super::{
-    Append, FilePut, FileQuota, MailboxExport, MailboxUsage, Store, StoreError, StoredEnvelope,
-    StoredFile, StoredToken, TokenAttempt, merge_token,
+    FilePut, FileQuota, MailboxExport, StoreError, StoredEnvelope, StoredFile, StoredToken,
+    TokenAttempt, merge_token,
 };
 
 const ADDRESS_LEN: usize = 32;
@@ -143,15 +144,11 @@ const EPOCH_SLOT_LEN: usize = 32;
 /// Every fail point of this module, in the order they appear in it.
 #[cfg(test)]
 pub(crate) const FAIL_POINTS: &[&str] = &[
-    "append.expiry",
-    "append.envelopes",
+    "sync.files",
+    "legacy.envelope",
+    "legacy.expiry",
+    "legacy.head",
     "cursor",
-    "delete.head",
-    "delete.envelope",
-    "delete.expiry",
-    "expire.head",
-    "expire.envelope",
-    "expire.index",
     "card",
     "device",
     "device.remove",
@@ -160,10 +157,6 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "capability.revoke",
     "policy",
     "relationship",
-    "import.expiry.stale",
-    "import.expiry",
-    "import.head",
-    "import.envelope",
     "import.capability",
     "token.expiry",
     "token.owner",
@@ -189,14 +182,13 @@ pub(crate) const FAIL_POINTS: &[&str] = &[
     "deletion.unindex",
     "import.policy",
     "import.relationship",
-    "purge.envelope",
-    "purge.expiry",
-    "purge.head",
     "purge.pair",
     "purge.card",
     "purge.policy",
     "meta",
     "server_id",
+    "checkpoint.index",
+    "checkpoint.position",
     "epoch",
     "flush",
     "epoch.file",
@@ -208,9 +200,16 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
+    /// The directory sled keeps its files in.
+    path: std::path::PathBuf,
+    /// Legacy: envelopes, their expiry index and heads of a data directory
+    /// written before the mailbox log. Only the migration reads them, and
+    /// empties them.
     envelopes: sled::Tree,
     expiry: sled::Tree,
     heads: sled::Tree,
+    /// The log's index checkpoint: one value per mailbox.
+    log_index: sled::Tree,
     cursors: sled::Tree,
     cards: sled::Tree,
     devices: sled::Tree,
@@ -355,8 +354,10 @@ impl SledStore {
         // surviving records: the count is taken afresh.
         let count = check_envelope_count(&envelopes, had_epoch_file)?;
         tracing::info!(envelopes = count, write_epoch = epoch, "store opened");
-        Ok(Self {
+        let store = Self {
+            path: path.to_owned(),
             envelopes,
+            log_index: db.open_tree("log_index")?,
             expiry: db.open_tree("expiry")?,
             heads: db.open_tree("heads")?,
             cursors: db.open_tree("cursors")?,
@@ -387,7 +388,118 @@ impl SledStore {
             epoch_file: Mutex::new(epoch_file),
             #[cfg(test)]
             fail_points: FailPoints::default(),
-        })
+        };
+        // sled wrote its files without fsync: make what it recovered durable
+        // before anything is built on it.
+        store.sync_files()?;
+        Ok(store)
+    }
+
+    /// Makes what sled has written durable: sled 0.34 ends its flushes with
+    /// `sync_file_range`, which neither commits the metadata of newly
+    /// allocated blocks nor flushes the drive's cache, and writes blob files
+    /// (values too large for its segments) without any sync. So after a
+    /// flush, its log file and every blob file are fdatasync'd, and the
+    /// directories, so that new files are found after a power cut.
+    fn sync_files(&self) -> Result<(), StoreError> {
+        let io = |path: &Path, error: std::io::Error| {
+            StoreError::Backend(format!("{}: {error}", path.display()))
+        };
+        self.fail_point("sync.files")?;
+        for name in ["db", "conf"] {
+            let file = self.path.join(name);
+            if file.exists() {
+                std::fs::File::open(&file)
+                    .and_then(|file| file.sync_data())
+                    .map_err(|error| io(&file, error))?;
+            }
+        }
+        let blobs = self.path.join("blobs");
+        if blobs.is_dir() {
+            for entry in std::fs::read_dir(&blobs).map_err(|error| io(&blobs, error))? {
+                let path = entry.map_err(|error| io(&blobs, error))?.path();
+                std::fs::File::open(&path)
+                    .and_then(|file| file.sync_data())
+                    .map_err(|error| io(&path, error))?;
+            }
+            std::fs::File::open(&blobs)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|error| io(&blobs, error))?;
+        }
+        std::fs::File::open(&self.path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|error| io(&self.path, error))
+    }
+
+    /// Legacy: the mailboxes with envelopes or a head in the trees of a data
+    /// directory written before the mailbox log.
+    pub fn legacy_mailboxes(&self) -> Result<Vec<Address>, StoreError> {
+        let mut found = std::collections::BTreeSet::new();
+        for tree in [&self.envelopes, &self.heads] {
+            // Skip-scan from the first address (the count's empty key sorts
+            // before it), reading one key per address.
+            let mut next = Some([0u8; ADDRESS_LEN]);
+            while let Some(start) = next {
+                let Some(entry) = tree.range(start..).next() else {
+                    break;
+                };
+                let (key, _) = entry?;
+                let address: [u8; ADDRESS_LEN] = key
+                    .get(..ADDRESS_LEN)
+                    .and_then(|a| a.try_into().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("legacy key of {} bytes has no address", key.len()),
+                    })?;
+                found.insert(Address(address));
+                next = successor(&address);
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// Legacy: a mailbox's envelopes, ascending, and its head, from the
+    /// trees of a data directory written before the mailbox log.
+    pub fn legacy_mailbox(
+        &self,
+        address: &Address,
+    ) -> Result<(Vec<StoredEnvelope>, u64), StoreError> {
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        let envelopes = self
+            .envelopes
+            .range(range)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode_envelope(&key, &value)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let top = envelopes.last().map_or(0, |envelope| envelope.seq);
+        Ok((envelopes, self.stored_head(address)?.max(top)))
+    }
+
+    /// Legacy: removes a migrated mailbox's envelopes, index entries and
+    /// head from the old trees. Not flushed.
+    pub fn remove_legacy_mailbox(&self, address: &Address) -> Result<(), StoreError> {
+        let mut count = self.lock_mutations();
+        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
+        let mut doomed = Vec::new();
+        for entry in self.envelopes.range(range) {
+            let (key, value) = entry?;
+            let (_, seq) = split_envelope_key(&key)?;
+            doomed.push((seq, envelope_expiry(&value)?));
+        }
+        if !doomed.is_empty() {
+            self.fail_point("legacy.envelope")?;
+            let keys = doomed.iter().map(|(seq, _)| envelope_key(address, *seq));
+            self.remove_envelopes(&mut count, keys)?;
+        }
+        for (seq, expires_at_ms) in doomed {
+            self.fail_point("legacy.expiry")?;
+            self.expiry
+                .remove(expiry_key(expires_at_ms, address, seq))?;
+        }
+        self.fail_point("legacy.head")?;
+        self.heads.remove(address.0)?;
+        Ok(())
     }
 
     /// Every record of every tree, default tree included: what a metadata
@@ -422,6 +534,7 @@ impl SledStore {
             &self.envelopes,
             &self.expiry,
             &self.heads,
+            &self.log_index,
             &self.cursors,
             &self.cards,
             &self.devices,
@@ -529,31 +642,6 @@ impl SledStore {
             .map(|value| decode_u64(&value, "mailbox head"))
             .transpose()
             .map(|head| head.unwrap_or(0))
-    }
-
-    /// Before envelopes are removed: records the head of each mailbox whose
-    /// highest stored envelope is among them (`tops` maps an address to the
-    /// highest seq removed from it), so that [`Store::head_seq`] does not
-    /// fall back once they are gone. Appends write no head record; see
-    /// "Crash ordering" in the module documentation.
-    fn keep_heads(
-        &self,
-        tops: BTreeMap<Address, u64>,
-        fail_point: &'static str,
-    ) -> Result<(), StoreError> {
-        let mut heads = sled::Batch::default();
-        let mut any = false;
-        for (address, top) in tops {
-            if top > self.stored_head(&address)? && self.last_stored_seq(&address)? <= Some(top) {
-                heads.insert(&address.0[..], &top.to_be_bytes()[..]);
-                any = true;
-            }
-        }
-        if any {
-            self.fail_point(fail_point)?;
-            self.heads.apply_batch(heads)?;
-        }
-        Ok(())
     }
 
     /// Removes envelopes that exist, with the count, in one atomic batch.
@@ -731,102 +819,9 @@ impl SledStore {
         }
         Ok(())
     }
-
-    /// The highest stored envelope seq of `address`.
-    fn last_stored_seq(&self, address: &Address) -> Result<Option<u64>, StoreError> {
-        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
-        match self.envelopes.range(range).next_back() {
-            Some(entry) => Ok(Some(split_envelope_key(&entry?.0)?.1)),
-            None => Ok(None),
-        }
-    }
 }
 
-impl Store for SledStore {
-    fn append_batch(&self, items: &[Append]) -> Result<(), StoreError> {
-        {
-            let mut count = self.lock_mutations();
-            let mut envelopes = sled::Batch::default();
-            let mut expiry = sled::Batch::default();
-            let mut new_count = *count;
-            for item in items {
-                let envelope = &item.envelope;
-                let key = envelope_key(&item.address, envelope.seq);
-                if !self.envelopes.contains_key(key)? {
-                    new_count += 1;
-                }
-                envelopes.insert(&key[..], encode_envelope(envelope)?);
-                expiry.insert(
-                    &expiry_key(envelope.expires_at_ms, &item.address, envelope.seq)[..],
-                    &[][..],
-                );
-            }
-            // See "Crash ordering" in the module documentation. No head
-            // record: while an envelope is stored, it is its own head.
-            self.fail_point("append.expiry")?;
-            self.expiry.apply_batch(expiry)?;
-            self.fail_point("append.envelopes")?;
-            envelopes.insert(COUNT_KEY, &new_count.to_be_bytes()[..]);
-            self.envelopes.apply_batch(envelopes)?;
-            *count = new_count;
-        }
-        self.flush()?;
-        metrics::counter!("backbone_store_appends_total").increment(items.len() as u64);
-        Ok(())
-    }
-
-    fn read_from(
-        &self,
-        address: &Address,
-        from_seq: u64,
-        limit: usize,
-        now_ms: u64,
-    ) -> Result<Vec<StoredEnvelope>, StoreError> {
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        let range = envelope_key(address, from_seq)..=envelope_key(address, u64::MAX);
-        for entry in self.envelopes.range(range) {
-            let (key, value) = entry?;
-            if envelope_expiry(&value)? <= now_ms {
-                continue;
-            }
-            out.push(decode_envelope(&key, &value)?);
-            if out.len() == limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError> {
-        let mut usage = MailboxUsage::default();
-        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
-        for entry in self.envelopes.range(range) {
-            let (key, value) = entry?;
-            if envelope_expiry(&value)? <= now_ms {
-                continue;
-            }
-            usage.envelopes += 1;
-            usage.bytes += decode_envelope(&key, &value)?.envelope.len() as u64;
-        }
-        Ok(usage)
-    }
-
-    fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {
-        let stored = self.last_stored_seq(address)?.unwrap_or(0);
-        Ok(self.stored_head(address)?.max(stored))
-    }
-
-    fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, StoreError> {
-        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
-        match self.envelopes.range(range).next() {
-            Some(entry) => Ok(Some(split_envelope_key(&entry?.0)?.1)),
-            None => Ok(None),
-        }
-    }
-
+impl CursorStore for SledStore {
     fn cursor(&self, address: &Address, device: &DeviceId) -> Result<Option<u64>, StoreError> {
         self.cursors
             .get(pair_key(address, &device.0))?
@@ -857,77 +852,9 @@ impl Store for SledStore {
         }
         Ok(())
     }
+}
 
-    fn delete(&self, address: &Address, seqs: &[u64]) -> Result<usize, StoreError> {
-        let mut count = self.lock_mutations();
-        let mut doomed = BTreeMap::new();
-        for &seq in seqs {
-            if let Some(value) = self.envelopes.get(envelope_key(address, seq))? {
-                doomed.insert(seq, envelope_expiry(&value)?);
-            }
-        }
-        if doomed.is_empty() {
-            return Ok(0);
-        }
-        let top = doomed.keys().copied().max().unwrap_or(0);
-        self.keep_heads(BTreeMap::from([(*address, top)]), "delete.head")?;
-        let keys = doomed.keys().map(|seq| envelope_key(address, *seq));
-        self.fail_point("delete.envelope")?;
-        self.remove_envelopes(&mut count, keys)?;
-        for (seq, expires_at_ms) in &doomed {
-            self.fail_point("delete.expiry")?;
-            self.expiry
-                .remove(expiry_key(*expires_at_ms, address, *seq))?;
-        }
-        Ok(doomed.len())
-    }
-
-    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        if limit == 0 {
-            return Ok(0);
-        }
-        let mut count = self.lock_mutations();
-        // Every index key with expires_at_ms <= now_ms sorts below the 8-byte
-        // prefix now_ms + 1.
-        let due = match now_ms.checked_add(1) {
-            Some(bound) => self.expiry.range(..bound.to_be_bytes()),
-            None => self.expiry.iter(),
-        };
-        let mut doomed = Vec::new();
-        let mut tops: BTreeMap<Address, u64> = BTreeMap::new();
-        let mut index_keys = Vec::new();
-        for entry in due {
-            let (index_key, _) = entry?;
-            let (expires_at_ms, address, seq) = split_expiry_key(&index_key)?;
-            let key = envelope_key(&address, seq);
-            let matches = match self.envelopes.get(key)? {
-                Some(value) => envelope_expiry(&value)? == expires_at_ms,
-                None => false,
-            };
-            if matches {
-                doomed.push(key);
-                let top = tops.entry(address).or_insert(seq);
-                *top = (*top).max(seq);
-            }
-            // A stale entry (see "Crash ordering") is dropped without counting it.
-            index_keys.push(index_key);
-            if doomed.len() == limit {
-                break;
-            }
-        }
-        if !doomed.is_empty() {
-            self.keep_heads(tops, "expire.head")?;
-            self.fail_point("expire.envelope")?;
-            self.remove_envelopes(&mut count, doomed.iter().copied())?;
-        }
-        // Envelopes before their index entries (see "Crash ordering").
-        for index_key in index_keys {
-            self.fail_point("expire.index")?;
-            self.expiry.remove(&index_key)?;
-        }
-        Ok(doomed.len())
-    }
-
+impl CardStore for SledStore {
     fn put_card(&self, card: &IdentityCard) -> Result<(), StoreError> {
         self.fail_point("card")?;
         self.cards.insert(card.address().0, encode(card)?)?;
@@ -940,7 +867,9 @@ impl Store for SledStore {
             .map(|value| decode(&value, "identity card"))
             .transpose()
     }
+}
 
+impl DeviceStore for SledStore {
     fn put_device(
         &self,
         address: &Address,
@@ -997,7 +926,9 @@ impl Store for SledStore {
             .map(|value| decode(&value, "device certificate"))
             .transpose()
     }
+}
 
+impl CapabilityStore for SledStore {
     fn register_capability(
         &self,
         address: &Address,
@@ -1060,7 +991,9 @@ impl Store for SledStore {
             })
             .collect()
     }
+}
 
+impl TokenStore for SledStore {
     fn put_token(&self, token: &StoredToken, max: usize, now_ms: u64) -> Result<bool, StoreError> {
         let _tokens = self.lock_tokens();
         // At most `max` live entries are counted: the limit bounds the scan.
@@ -1158,7 +1091,9 @@ impl Store for SledStore {
         }
         Ok(doomed.len())
     }
+}
 
+impl FileStore for SledStore {
     fn put_file(
         &self,
         file: &StoredFile,
@@ -1264,7 +1199,9 @@ impl Store for SledStore {
         }
         Ok(doomed.into_iter().map(|file| file.id).collect())
     }
+}
 
+impl ConsentStore for SledStore {
     fn inbound_policy(&self, address: &Address) -> Result<Option<InboundPolicy>, StoreError> {
         self.policies
             .get(address.0)?
@@ -1301,7 +1238,9 @@ impl Store for SledStore {
             .insert(pair_key(address, &relationship.peer.0), value)?;
         Ok(())
     }
+}
 
+impl DeletionStore for SledStore {
     fn deletion(&self, address: &Address) -> Result<Option<Deletion>, StoreError> {
         self.deletions
             .get(address.0)?
@@ -1407,11 +1346,58 @@ impl Store for SledStore {
         Ok(found)
     }
 
+    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
+        let _deletions = self.lock_deletions();
+        if let Some(held) = self.deletion(address)? {
+            self.delete_deletion(address, &held)?;
+        }
+        Ok(())
+    }
+}
+
+impl MetaStore for SledStore {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(meta_key(key))?.map(|value| value.to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.fail_point("meta")?;
+        self.meta.insert(meta_key(key), value)?;
+        Ok(())
+    }
+
+    fn server_id(&self) -> Result<ServerId, StoreError> {
+        if let Some(value) = self.meta.get(SERVER_ID_KEY)? {
+            return decode_server_id(&value);
+        }
+        let fresh = ServerId::random();
+        // Compare-and-swap so two first callers agree on one id.
+        self.fail_point("server_id")?;
+        match self
+            .meta
+            .compare_and_swap(SERVER_ID_KEY, None::<&[u8]>, Some(&fresh.0[..]))?
+        {
+            Ok(()) => {
+                // The id is bound into auth signatures; it must not change
+                // after a crash, so make it durable before handing it out.
+                self.sync()?;
+                Ok(fresh)
+            }
+            Err(raced) => match raced.current {
+                Some(value) => decode_server_id(&value),
+                None => Err(StoreError::Corrupt {
+                    what: "server id vanished".into(),
+                }),
+            },
+        }
+    }
+}
+
+impl Directory for SledStore {
     fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Result<Vec<Address>, StoreError> {
         let mut all = std::collections::BTreeSet::new();
         for tree in [
-            &self.envelopes,
-            &self.heads,
+            &self.log_index,
             &self.cursors,
             &self.cards,
             &self.devices,
@@ -1445,16 +1431,7 @@ impl Store for SledStore {
         Ok(all.into_iter().collect())
     }
 
-    fn export_mailbox(&self, address: &Address) -> Result<MailboxExport, StoreError> {
-        let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
-        let envelopes = self
-            .envelopes
-            .range(range)
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode_envelope(&key, &value)
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+    fn export_directory(&self, address: &Address) -> Result<MailboxExport, StoreError> {
         let mut cursors = Vec::new();
         for entry in self.cursors.scan_prefix(address.0) {
             let (key, value) = entry?;
@@ -1471,8 +1448,9 @@ impl Store for SledStore {
         let devices = self.devices(address)?;
         Ok(MailboxExport {
             address: *address,
-            head: self.head_seq(address)?,
-            envelopes,
+            // The log's half: filled in by `store::export_mailbox`.
+            head: 0,
+            envelopes: Vec::new(),
             cursors,
             card: self.card(address)?,
             devices,
@@ -1489,54 +1467,8 @@ impl Store for SledStore {
         })
     }
 
-    fn import_mailbox(&self, export: &MailboxExport) -> Result<(), StoreError> {
+    fn import_directory(&self, export: &MailboxExport) -> Result<(), StoreError> {
         let address = &export.address;
-        {
-            let mut count = self.lock_mutations();
-            // Same order as appends (see "Crash ordering"): index, head, envelope.
-            for envelope in &export.envelopes {
-                let key = envelope_key(address, envelope.seq);
-                if let Some(old) = self.envelopes.get(key)? {
-                    let old_expiry = envelope_expiry(&old)?;
-                    if old_expiry != envelope.expires_at_ms {
-                        self.fail_point("import.expiry.stale")?;
-                        self.expiry
-                            .remove(expiry_key(old_expiry, address, envelope.seq))?;
-                    }
-                }
-                self.fail_point("import.expiry")?;
-                self.expiry.insert(
-                    expiry_key(envelope.expires_at_ms, address, envelope.seq),
-                    &[][..],
-                )?;
-            }
-            let top = export
-                .envelopes
-                .iter()
-                .map(|envelope| envelope.seq)
-                .max()
-                .unwrap_or(0)
-                .max(export.head);
-            if top > self.stored_head(address)? {
-                self.fail_point("import.head")?;
-                self.heads.insert(address.0, &top.to_be_bytes()[..])?;
-            }
-            let mut batch = sled::Batch::default();
-            let mut new_count = *count;
-            for envelope in &export.envelopes {
-                let key = envelope_key(address, envelope.seq);
-                if !self.envelopes.contains_key(key)? {
-                    new_count += 1;
-                }
-                batch.insert(&key[..], encode_envelope(envelope)?);
-            }
-            if new_count != *count || !export.envelopes.is_empty() {
-                batch.insert(COUNT_KEY, &new_count.to_be_bytes()[..]);
-                self.fail_point("import.envelope")?;
-                self.envelopes.apply_batch(batch)?;
-                *count = new_count;
-            }
-        }
         for (device, seq) in &export.cursors {
             self.set_cursor(address, device, *seq)?;
         }
@@ -1579,30 +1511,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn purge_mailbox(&self, address: &Address) -> Result<(), StoreError> {
-        {
-            let mut count = self.lock_mutations();
-            let range = envelope_key(address, 0)..=envelope_key(address, u64::MAX);
-            let mut doomed = Vec::new();
-            for entry in self.envelopes.range(range) {
-                let (key, value) = entry?;
-                let (_, seq) = split_envelope_key(&key)?;
-                doomed.push((seq, envelope_expiry(&value)?));
-            }
-            if !doomed.is_empty() {
-                // Envelopes before their index entries (see "Crash ordering").
-                self.fail_point("purge.envelope")?;
-                let keys = doomed.iter().map(|(seq, _)| envelope_key(address, *seq));
-                self.remove_envelopes(&mut count, keys)?;
-            }
-            for (seq, expires_at_ms) in doomed {
-                self.fail_point("purge.expiry")?;
-                self.expiry
-                    .remove(expiry_key(expires_at_ms, address, seq))?;
-            }
-            self.fail_point("purge.head")?;
-            self.heads.remove(address.0)?;
-        }
+    fn purge_directory(&self, address: &Address) -> Result<(), StoreError> {
         {
             let _tokens = self.lock_tokens();
             for (id, _) in self.token_entries(address)? {
@@ -1646,59 +1555,60 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn remove_deletion(&self, address: &Address) -> Result<(), StoreError> {
-        let _deletions = self.lock_deletions();
-        if let Some(held) = self.deletion(address)? {
-            self.delete_deletion(address, &held)?;
-        }
-        Ok(())
-    }
-
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(meta_key(key))?.map(|value| value.to_vec()))
-    }
-
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.fail_point("meta")?;
-        self.meta.insert(meta_key(key), value)?;
-        Ok(())
-    }
-
-    fn server_id(&self) -> Result<ServerId, StoreError> {
-        if let Some(value) = self.meta.get(SERVER_ID_KEY)? {
-            return decode_server_id(&value);
-        }
-        let fresh = ServerId::random();
-        // Compare-and-swap so two first callers agree on one id.
-        self.fail_point("server_id")?;
-        match self
-            .meta
-            .compare_and_swap(SERVER_ID_KEY, None::<&[u8]>, Some(&fresh.0[..]))?
-        {
-            Ok(()) => {
-                // The id is bound into auth signatures; it must not change
-                // after a crash, so make it durable before handing it out.
-                self.flush()?;
-                Ok(fresh)
-            }
-            Err(raced) => match raced.current {
-                Some(value) => decode_server_id(&value),
-                None => Err(StoreError::Corrupt {
-                    what: "server id vanished".into(),
-                }),
-            },
-        }
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         // The epoch goes into sled at most every EPOCH_INTERVAL: a write per
-        // flush would cost every group commit a page update (measured: about
-        // a fifth of an append batch's time).
-        self.flush_with_epoch(false)
+        // flush would cost every sync a page update.
+        self.flush_with_epoch(false)?;
+        self.sync_files()
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// The meta key of the position the log's index checkpoint covers.
+const LOG_CHECKPOINT_KEY: &[u8] = b"log_checkpoint";
+
+impl Checkpoints for SledStore {
+    fn load_checkpoint(&self, visit: &mut Visit<'_>) -> Result<Option<u64>, StoreError> {
+        let Some(position) = self.meta.get(LOG_CHECKPOINT_KEY)? else {
+            return Ok(None);
+        };
+        for entry in self.log_index.iter() {
+            let (key, value) = entry?;
+            let address = Address(key.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                what: format!("log index key of {} bytes", key.len()),
+            })?);
+            visit(address, &value)?;
+        }
+        Ok(Some(decode_u64(&position, "log checkpoint position")?))
+    }
+
+    fn checkpointed(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.log_index.get(address.0)?.map(|value| value.to_vec()))
+    }
+
+    fn write_checkpoint(
+        &self,
+        mailboxes: &[(Address, Option<Vec<u8>>)],
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (address, value) in mailboxes {
+            match value {
+                Some(value) => batch.insert(&address.0[..], value.as_slice()),
+                None => batch.remove(&address.0[..]),
+            }
+        }
+        self.fail_point("checkpoint.index")?;
+        self.log_index.apply_batch(batch)?;
+        // The values durable before the position that says they cover it.
+        self.sync()?;
+        self.fail_point("checkpoint.position")?;
+        self.meta
+            .insert(LOG_CHECKPOINT_KEY, &position.to_be_bytes()[..])?;
+        self.sync()
     }
 }
 
@@ -1787,6 +1697,10 @@ fn check_envelope_count(envelopes: &sled::Tree, enforce: bool) -> Result<u64, St
             ),
         }),
         Some(recorded) if recorded == counted => Ok(counted),
+        // A new store, or one whose legacy envelopes were all migrated
+        // into the log: envelopes live there, and the legacy tree stays
+        // empty without a count.
+        None if counted == 0 => Ok(counted),
         _ => {
             tracing::warn!(counted, "recording the envelope count found in the store");
             envelopes.insert(COUNT_KEY, &counted.to_be_bytes()[..])?;
@@ -2096,7 +2010,6 @@ fn decode_envelope(key: &[u8], value: &[u8]) -> Result<StoredEnvelope, StoreErro
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use backbone_protocol::Keypair;
     use backbone_protocol::bytes::{EncryptionKey, MessageId};
@@ -2114,10 +2027,41 @@ mod tests {
         }
     }
 
-    fn append(address: Address, envelope: StoredEnvelope) -> Append {
-        Append {
-            address,
-            envelope: Arc::new(envelope),
+    /// Writes envelopes (and a head) the way a store from before the
+    /// mailbox log held them, through the legacy layout's own helpers.
+    pub(super) fn write_legacy(
+        store: &SledStore,
+        address: &Address,
+        envelopes: &[StoredEnvelope],
+        head: Option<u64>,
+    ) {
+        let mut count = store.lock_mutations();
+        for envelope in envelopes {
+            store
+                .expiry
+                .insert(
+                    expiry_key(envelope.expires_at_ms, address, envelope.seq),
+                    &[][..],
+                )
+                .expect("expiry");
+            store
+                .envelopes
+                .insert(
+                    envelope_key(address, envelope.seq),
+                    encode_envelope(envelope).expect("encodes"),
+                )
+                .expect("envelope");
+            *count += 1;
+        }
+        store
+            .envelopes
+            .insert(COUNT_KEY, &count.to_be_bytes()[..])
+            .expect("count");
+        if let Some(head) = head {
+            store
+                .heads
+                .insert(address.0, &head.to_be_bytes()[..])
+                .expect("head");
         }
     }
 
@@ -2133,43 +2077,48 @@ mod tests {
 
         let store = SledStore::open(dir.path()).expect("open");
         let server_id = store.server_id().expect("server id");
-        let items: Vec<Append> = (1..=4).map(|seq| append(a, envelope(seq, 1_000))).collect();
-        store.append_batch(&items).expect("append");
         store.set_cursor(&a, &device, 2).expect("cursor");
-        store.delete(&a, &[1, 2]).expect("delete");
         store.put_card(&card).expect("card");
         assert_eq!(store.put_device(&identity.address(), &cert, 10), Ok(true));
-        store.flush().expect("flush");
+        store
+            .write_checkpoint(&[(a, Some(vec![1, 2, 3]))], 77)
+            .expect("checkpoint");
+        store.sync().expect("sync");
         drop(store);
 
         let store = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(store.server_id(), Ok(server_id));
-        assert_eq!(store.head_seq(&a), Ok(4));
-        assert_eq!(store.oldest_seq(&a), Ok(Some(3)));
-        assert_eq!(
-            store.read_from(&a, 0, 10, 0),
-            Ok(vec![envelope(3, 1_000), envelope(4, 1_000)])
-        );
         assert_eq!(store.cursor(&a, &device), Ok(Some(2)));
         assert_eq!(store.card(&identity.address()), Ok(Some(card)));
         assert_eq!(store.device(&identity.address(), &device), Ok(Some(cert)));
-        // The expiry index survived too.
-        assert_eq!(store.expire(1_000, 10), Ok(2));
-        assert_eq!(store.oldest_seq(&a), Ok(None));
-        assert_eq!(store.head_seq(&a), Ok(4));
+        assert_eq!(store.checkpointed(&a), Ok(Some(vec![1, 2, 3])));
+        let mut seen = Vec::new();
+        assert_eq!(
+            store.load_checkpoint(&mut |address, bytes| {
+                seen.push((address, bytes.to_vec()));
+                Ok(())
+            }),
+            Ok(Some(77))
+        );
+        assert_eq!(seen, vec![(a, vec![1, 2, 3])]);
         assert!(store.size_on_disk().expect("size") > 0);
 
-        // A removal, once flushed, survives the next restart too: the
-        // device is gone with its cursor.
+        // A removal, once synced, survives the next restart too: the
+        // device is gone with its cursor, a forgotten mailbox's checkpoint
+        // value too.
         let owner = identity.address();
         store.set_cursor(&owner, &device, 3).expect("cursor");
         assert_eq!(store.remove_device(&owner, &device), Ok(true));
-        store.flush().expect("flush");
+        store
+            .write_checkpoint(&[(a, None)], 78)
+            .expect("checkpoint");
+        store.sync().expect("sync");
         drop(store);
         let store = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(store.device(&owner, &device), Ok(None));
         assert_eq!(store.cursor(&owner, &device), Ok(None));
         assert_eq!(store.devices(&owner), Ok(vec![]));
+        assert_eq!(store.checkpointed(&a), Ok(None));
     }
 
     #[test]
@@ -2178,124 +2127,45 @@ mod tests {
         let a = Address([1; 32]);
         let store = SledStore::open(dir.path()).expect("open");
         let server_id = store.server_id().expect("server id");
-        store
-            .append_batch(&[append(a, envelope(1, 1_000)), append(a, envelope(2, 1_000))])
-            .expect("append");
-        store.delete(&a, &[2]).expect("delete");
+        write_legacy(&store, &a, &[envelope(1, 1_000)], Some(3));
         store.put_meta("handoff", b"done").expect("meta");
         store.clear().expect("clear");
-        assert_eq!(store.head_seq(&a), Ok(0));
-        assert_eq!(store.read_from(&a, 0, 10, 0), Ok(vec![]));
-        assert_eq!(store.expire(u64::MAX, 10), Ok(0));
+        assert_eq!(store.legacy_mailboxes(), Ok(vec![]));
         assert_eq!(store.meta("handoff"), Ok(None));
         assert_ne!(store.server_id(), Ok(server_id));
-        store
-            .append_batch(&[append(a, envelope(1, 1_000))])
-            .expect("append after clear");
+        write_legacy(&store, &a, &[envelope(1, 1_000)], None);
         drop(store);
         // The envelope count restarted with the tree, so the damage check on
         // open (which compares it with the keys) passes.
         let store = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.head_seq(&a), Ok(1));
+        assert_eq!(store.legacy_mailboxes(), Ok(vec![a]));
     }
 
     #[test]
-    fn sled_store_expire_uses_the_index_not_a_scan() {
+    fn legacy_mailboxes_read_with_their_heads_and_leave_when_migrated() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
-        let a = Address([1; 32]);
-        store
-            .append_batch(&[append(a, envelope(1, 10))])
-            .expect("append");
-        // An envelope written behind the index's back is invisible to expiry:
-        // only a full scan could find it.
-        let hidden = envelope(2, 10);
-        store
-            .envelopes
-            .insert(
-                envelope_key(&a, 2),
-                encode_envelope(&hidden).expect("encode"),
-            )
-            .expect("insert");
-        assert_eq!(store.expire(100, 10), Ok(1));
-        assert_eq!(store.oldest_seq(&a), Ok(Some(2)));
-        assert_eq!(store.expiry.len(), 0);
-    }
-
-    #[test]
-    fn sled_store_drops_stale_index_entries_without_counting_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let a = Address([1; 32]);
-        // Entries left by a crash: one without an envelope, one whose envelope
-        // was rewritten with another expiry.
-        store
-            .expiry
-            .insert(expiry_key(5, &a, 7), &[][..])
-            .expect("insert");
-        store
-            .append_batch(&[append(a, envelope(1, 5))])
-            .expect("append");
-        store
-            .append_batch(&[append(a, envelope(1, 50))])
-            .expect("rewrite");
-        store
-            .append_batch(&[append(a, envelope(2, 6))])
-            .expect("append");
-        assert_eq!(store.expire(10, 1), Ok(1));
-        assert_eq!(store.read_from(&a, 0, 10, 10), Ok(vec![envelope(1, 50)]));
-        assert_eq!(store.expire(100, 10), Ok(1));
-        assert_eq!(store.expiry.len(), 0);
-    }
-
-    #[test]
-    fn sled_store_head_never_falls_below_a_stored_envelope() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let a = Address([1; 32]);
-        store
-            .append_batch(&[append(a, envelope(3, 10))])
-            .expect("append");
-        // A crash that kept the envelope but lost the head record.
-        store.heads.remove(a.0).expect("remove");
-        assert_eq!(store.head_seq(&a), Ok(3));
-    }
-
-    #[test]
-    fn sled_store_writes_a_head_record_only_when_the_highest_envelope_goes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let (a, b) = (Address([1; 32]), Address([2; 32]));
-        store
-            .append_batch(&[
-                append(a, envelope(1, 10)),
-                append(a, envelope(2, 50)),
-                append(a, envelope(3, 10)),
-                append(b, envelope(1, 10)),
-                append(b, envelope(2, 50)),
-            ])
-            .expect("append");
-        assert_eq!(store.heads.len(), 0, "appends write no head record");
-        // Removing envelopes below the highest needs no record.
-        assert_eq!(store.delete(&a, &[1]), Ok(1));
-        assert_eq!(store.heads.len(), 0);
-        // Removing the highest records it first.
-        assert_eq!(store.delete(&a, &[3]), Ok(1));
-        assert_eq!(store.stored_head(&a), Ok(3));
-        assert_eq!(store.head_seq(&a), Ok(3));
-        // Expiry: the first sweep takes only b's 1, below its highest (no
-        // record); the second takes a's 2, below a's recorded head, and b's
-        // highest, which is recorded.
-        assert_eq!(store.expire(10, 10), Ok(1));
-        assert_eq!(store.stored_head(&b), Ok(0));
-        assert_eq!(store.expire(50, 10), Ok(2));
-        assert_eq!(store.stored_head(&a), Ok(3));
-        assert_eq!(store.stored_head(&b), Ok(2));
-        assert_eq!(store.head_seq(&b), Ok(2));
+        let (a, b, c) = (Address([1; 32]), Address([2; 32]), Address([3; 32]));
+        write_legacy(&store, &a, &[envelope(2, 10), envelope(5, 20)], None);
+        // Every envelope of b was deleted: only its head record is left.
+        write_legacy(&store, &b, &[], Some(9));
+        write_legacy(&store, &c, &[envelope(1, 10)], Some(4));
+        assert_eq!(store.legacy_mailboxes(), Ok(vec![a, b, c]));
+        assert_eq!(
+            store.legacy_mailbox(&a),
+            Ok((vec![envelope(2, 10), envelope(5, 20)], 5))
+        );
+        assert_eq!(store.legacy_mailbox(&b), Ok((vec![], 9)));
+        assert_eq!(store.legacy_mailbox(&c), Ok((vec![envelope(1, 10)], 4)));
+        store.remove_legacy_mailbox(&a).expect("removes");
+        store.remove_legacy_mailbox(&b).expect("removes");
+        assert_eq!(store.legacy_mailboxes(), Ok(vec![c]));
         drop(store);
+        // The count stayed consistent with the tree.
         let store = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.head_seq(&a), Ok(3));
-        assert_eq!(store.head_seq(&b), Ok(2));
+        store.remove_legacy_mailbox(&c).expect("removes");
+        assert_eq!(store.legacy_mailboxes(), Ok(vec![]));
+        assert_eq!(store.expiry.len(), 0, "the expiry entries went too");
     }
 
     #[test]
@@ -2305,18 +2175,6 @@ mod tests {
         let a = Address([1; 32]);
         let device = DeviceId([2; 32]);
         store
-            .envelopes
-            .insert(envelope_key(&a, 1), &[1, 2, 3][..])
-            .expect("insert");
-        // A valid, unexpired expiry prefix followed by garbage.
-        store
-            .envelopes
-            .insert(
-                envelope_key(&a, 2),
-                &[0, 0, 0, 0, 0, 0, 0, 9, 1, 2, 3, 4][..],
-            )
-            .expect("insert");
-        store
             .cursors
             .insert(pair_key(&a, &device.0), &[1][..])
             .expect("insert");
@@ -2325,14 +2183,10 @@ mod tests {
             .meta
             .insert(SERVER_ID_KEY, &[1; 3][..])
             .expect("insert");
-        assert!(matches!(
-            store.read_from(&a, 1, 1, 0),
-            Err(StoreError::Corrupt { .. })
-        ));
-        assert!(matches!(
-            store.read_from(&a, 2, 1, 0),
-            Err(StoreError::Corrupt { .. })
-        ));
+        store
+            .meta
+            .insert(LOG_CHECKPOINT_KEY, &[1; 3][..])
+            .expect("insert");
         assert!(matches!(
             store.cursor(&a, &device),
             Err(StoreError::Corrupt { .. })
@@ -2343,13 +2197,17 @@ mod tests {
         ));
         assert!(matches!(store.card(&a), Err(StoreError::Corrupt { .. })));
         assert!(matches!(store.server_id(), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.load_checkpoint(&mut |_, _| Ok(())),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
-    fn an_envelope_value_shorter_than_its_expiry_prefix_is_corrupt_on_export() {
-        // Found by the stored_records fuzz target: export (a slot handover)
-        // decodes envelopes without reading their expiry first, and a value
-        // of fewer than 8 bytes panicked there instead of being reported.
+    fn a_legacy_envelope_value_shorter_than_its_expiry_prefix_is_corrupt() {
+        // Found by the stored_records fuzz target: reading envelopes without
+        // their expiry first, a value of fewer than 8 bytes panicked instead
+        // of being reported.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let a = Address([1; 32]);
@@ -2358,7 +2216,11 @@ mod tests {
             .insert(envelope_key(&a, 1), &[1, 2, 3][..])
             .expect("insert");
         assert!(matches!(
-            store.export_mailbox(&a),
+            store.legacy_mailbox(&a),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.remove_legacy_mailbox(&a),
             Err(StoreError::Corrupt { .. })
         ));
     }
@@ -2378,8 +2240,6 @@ mod tests {
 mod fault_tests {
     //! Fail points on every write and flush, and detection of a damaged store.
 
-    use std::sync::Arc;
-
     use backbone_protocol::Keypair;
     use backbone_protocol::bytes::RelationshipId;
     use backbone_protocol::bytes::{EncryptionKey, MessageId, PasswordVerifier};
@@ -2396,14 +2256,6 @@ mod fault_tests {
             expires_at_ms,
             envelope: vec![seq as u8; 1024],
         }
-    }
-
-    fn appends(address: Address, seqs: std::ops::RangeInclusive<u64>, expires: u64) -> Vec<Append> {
-        seqs.map(|seq| Append {
-            address,
-            envelope: Arc::new(envelope(seq, expires)),
-        })
-        .collect()
     }
 
     fn token(n: u8, owner: Address, expires_at_ms: u64) -> StoredToken {
@@ -2448,19 +2300,17 @@ mod fault_tests {
         let identity = Keypair::from_secret_bytes([2; 32]);
         let device_key = Keypair::from_secret_bytes([5; 32]).public();
         store.server_id()?;
-        store.append_batch(&appends(a, 1..=3, 100))?;
         store.set_cursor(&a, &device_key.device_id(), 2)?;
-        store.delete(&a, &[1])?;
-        store.expire(150, 10)?;
         store.put_card(&IdentityCard::sign(&identity, EncryptionKey([3; 32]), 4))?;
         store.put_device(&b, &DeviceCertificate::issue(&identity, device_key, 6), 10)?;
         let removed = Keypair::from_secret_bytes([6; 32]).public();
         store.put_device(&b, &DeviceCertificate::issue(&identity, removed, 6), 10)?;
         store.remove_device(&b, &removed.device_id())?;
-        store.append_batch(&appends(b, 1..=2, 1_000))?;
-        store.delete(&b, &[2])?;
-        // The same envelopes with another expiry, and a higher head.
-        store.import_mailbox(&MailboxExport {
+        // A mailbox migrated from the old layout.
+        super::tests::write_legacy(store, &a, &[envelope(1, 100)], Some(3));
+        store.remove_legacy_mailbox(&a)?;
+        store.write_checkpoint(&[(a, Some(vec![1])), (b, None)], 10)?;
+        store.import_directory(&MailboxExport {
             address: b,
             head: 9,
             envelopes: vec![envelope(1, 2_000), envelope(2, 2_000)],
@@ -2530,11 +2380,11 @@ mod fault_tests {
             relationship: RelationshipId([4; 16]),
         }];
         store.begin_purge(&b, 450, &to_tell)?;
-        store.purge_mailbox(&b)?;
+        store.purge_directory(&b)?;
         store.settle_purge(&b, &[])?;
         store.remove_deletion(&b)?;
         store.put_meta("progress", b"1")?;
-        store.flush()
+        store.sync()
     }
 
     #[test]
@@ -2566,12 +2416,12 @@ mod fault_tests {
 
             let store = SledStore::open(dir.path())
                 .unwrap_or_else(|error| panic!("reopen after a failure at {site}: {error}"));
-            let a = Address([1; 32]);
-            let head = store.head_seq(&a).expect("head");
+            let (a, device) = (Address([1; 32]), DeviceId([9; 32]));
             store
-                .append_batch(&appends(a, head + 1..=head + 1, 5_000))
-                .unwrap_or_else(|error| panic!("append after a failure at {site}: {error}"));
-            assert_eq!(store.head_seq(&a), Ok(head + 1));
+                .set_cursor(&a, &device, 7)
+                .and_then(|()| store.sync())
+                .unwrap_or_else(|error| panic!("a write after a failure at {site}: {error}"));
+            assert_eq!(store.cursor(&a, &device), Ok(Some(7)));
             workload(&store).unwrap_or_else(|error| panic!("workload after {site}: {error}"));
         }
     }
@@ -2604,26 +2454,52 @@ mod fault_tests {
         }
     }
 
+    /// The device ids of the damage test's records.
+    fn device(n: u64) -> DeviceId {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        DeviceId(id)
+    }
+
+    /// Every cursor the damage test wrote that reads back as written; one
+    /// that reads back as anything else but absent fails the test.
+    fn cursors(store: &SledStore, a: &Address) -> Result<u64, StoreError> {
+        let mut intact = 0;
+        for n in 1..=RECORDS {
+            match store.cursor(a, &device(n))? {
+                Some(seq) if seq == n => intact += 1,
+                None => {}
+                Some(other) => panic!("cursor {n} altered to {other}"),
+            }
+        }
+        Ok(intact)
+    }
+
+    const RECORDS: u64 = 3_000;
+
     /// sled alone silently serves what precedes a damaged record. With the
-    /// write epoch, damage anywhere in the data file either leaves every
-    /// acknowledged envelope readable or stops the open with `Damaged`.
+    /// write epoch, damage to the data file mostly stops the open with
+    /// `Damaged`; what is served is never altered, but sled may skip a
+    /// damaged page and serve the rest without one record (a limit of the
+    /// directory store, documented in `docs/operations.md`; envelopes are in
+    /// the checksummed log, where the start refuses such damage).
     #[test]
-    fn a_damaged_data_file_is_refused_at_open_never_served_with_losses() {
+    fn a_damaged_data_file_is_refused_at_open_never_served_altered() {
         let pristine = tempfile::tempdir().expect("tempdir");
         let a = Address([1; 32]);
-        const ENVELOPES: u64 = 3_000;
         {
             let store = SledStore::open(pristine.path()).expect("open");
-            for first in (1..=ENVELOPES).step_by(50) {
-                store
-                    .append_batch(&appends(a, first..=first + 49, u64::MAX))
-                    .expect("append");
+            for first in (1..=RECORDS).step_by(50) {
+                for n in first..first + 50 {
+                    store.set_cursor(&a, &device(n), n).expect("cursor");
+                }
+                store.sync().expect("sync");
             }
         }
         let len = std::fs::metadata(pristine.path().join("db"))
             .expect("db file")
             .len();
-        let (mut refused, mut intact) = (0, 0);
+        let (mut refused, mut intact, mut lost) = (0, 0, 0);
         for step in 1..32 {
             let offset = len * step / 32;
             let dir = tempfile::tempdir().expect("tempdir");
@@ -2643,8 +2519,8 @@ mod fault_tests {
                         // store opens and serves what survived.
                         std::fs::remove_file(dir.path().join(EPOCH_FILE)).expect("remove");
                         let store = SledStore::open(dir.path()).expect("accepted damage");
-                        match store.read_from(&a, 0, usize::MAX, 0) {
-                            Ok(survivors) => assert!(survivors.len() as u64 <= ENVELOPES),
+                        match cursors(&store, &a) {
+                            Ok(survivors) => assert!(survivors <= RECORDS),
                             Err(error) => assert!(matches!(error, StoreError::Corrupt { .. })),
                         }
                         drop(store);
@@ -2655,22 +2531,14 @@ mod fault_tests {
                 Err(StoreError::Corrupt { .. }) => refused += 1,
                 Err(other) => panic!("damage at {offset} gave {other}"),
                 Ok(store) => {
-                    let stored = store.read_from(&a, 0, usize::MAX, 0);
-                    match stored {
+                    match cursors(&store, &a) {
+                        Ok(stored) if stored == RECORDS => intact += 1,
                         Ok(stored) => {
-                            assert_eq!(
-                                stored.len() as u64,
-                                ENVELOPES,
-                                "damage at {offset} of {len} silently lost envelopes"
+                            eprintln!(
+                                "damage at {offset} of {len} lost {} records",
+                                RECORDS - stored
                             );
-                            assert!(
-                                stored
-                                    .iter()
-                                    .zip(1..)
-                                    .all(|(e, seq)| *e == envelope(seq, u64::MAX)),
-                                "damage at {offset} altered an envelope"
-                            );
-                            intact += 1;
+                            lost += 1;
                         }
                         // A damaged record found while reading is an error, not a loss.
                         Err(StoreError::Corrupt { .. }) => refused += 1,
@@ -2679,12 +2547,12 @@ mod fault_tests {
                 }
             }
         }
-        eprintln!("damaged copies: {refused} refused, {intact} intact");
+        eprintln!("damaged copies: {refused} refused, {intact} intact, {lost} silently short");
         // Without the check, most of these offsets lose data silently (sled
         // truncates its log at the damaged record); the test must see that.
         assert!(
-            refused >= 8,
-            "only {refused} of 31 damaged copies refused ({intact} intact)"
+            refused >= 8 && lost <= refused / 4,
+            "{refused} of 31 damaged copies refused ({intact} intact, {lost} silently short)"
         );
     }
 
@@ -2694,12 +2562,10 @@ mod fault_tests {
         let a = Address([1; 32]);
         {
             let store = SledStore::open(dir.path()).expect("open");
-            store
-                .append_batch(&appends(a, 1..=1, u64::MAX))
-                .expect("append");
-            store
-                .append_batch(&appends(a, 2..=2, u64::MAX))
-                .expect("append");
+            store.set_cursor(&a, &device(1), 1).expect("cursor");
+            store.sync().expect("sync");
+            store.set_cursor(&a, &device(2), 2).expect("cursor");
+            store.sync().expect("sync");
         }
         let path = dir.path().join(EPOCH_FILE);
         let mut bytes = std::fs::read(&path).expect("epoch file");
@@ -2708,7 +2574,7 @@ mod fault_tests {
         bytes[EPOCH_SLOT_LEN + 20] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
         let store = SledStore::open(dir.path()).expect("one valid slot is enough");
-        assert_eq!(store.head_seq(&a), Ok(2));
+        assert_eq!(store.cursor(&a, &device(2)), Ok(Some(2)));
         drop(store);
         std::fs::write(&path, [7u8; 64]).expect("write");
         assert!(matches!(

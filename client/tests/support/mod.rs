@@ -13,8 +13,8 @@ use backbone_protocol::Keypair;
 
 pub struct TestBroker {
     pub broker: Option<Broker>,
-    /// A store to use instead of sled under the data dir.
-    pub store: Option<Arc<dyn backbone_broker::store::Store>>,
+    /// Stores to use instead of the data dir's.
+    pub store: Option<backbone_broker::store::Stores>,
     pub dir: tempfile::TempDir,
     pub config: Config,
     pub clock: Arc<AtomicU64>,
@@ -36,13 +36,13 @@ impl TestBroker {
     }
 
     /// A broker serving from `store` (to play a misbehaving broker's data).
-    pub async fn start_with_store(store: Arc<dyn backbone_broker::store::Store>) -> TestBroker {
+    pub async fn start_with_store(store: Arc<backbone_broker::store::MemoryStore>) -> TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = test_config(dir.path());
         let clock = Arc::new(AtomicU64::new(backbone_protocol::unix_millis_now()));
         let mut broker = TestBroker {
             broker: None,
-            store: Some(store),
+            store: Some(backbone_broker::store::Stores::memory(store)),
             dir,
             config,
             clock,
@@ -411,4 +411,24 @@ impl TestFleet {
             node.shutdown().await;
         }
     }
+}
+
+/// Opens a stopped broker's stores (mailbox log and directory) in `data_dir`.
+pub fn open_stores(data_dir: &std::path::Path) -> backbone_broker::store::Stores {
+    backbone_broker::store::open::open(
+        data_dir,
+        &backbone_broker::config::StoreConfig::default(),
+        backbone_protocol::unix_millis_now(),
+    )
+    .expect("opens the stores")
+    .0
+}
+
+/// Everything stored for `address` in `stores`, from the log and the directory.
+pub fn export(
+    stores: &backbone_broker::store::Stores,
+    address: &backbone_protocol::Address,
+) -> backbone_broker::store::MailboxExport {
+    backbone_broker::store::export_mailbox(stores.log.as_ref(), stores.directory.as_ref(), address)
+        .expect("export")
 }

@@ -33,11 +33,12 @@ pub trait Checkpoints: Send + Sync {
     /// The checkpointed value of one mailbox.
     fn checkpointed(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// Writes `mailboxes`' values and makes them durable, then records that
-    /// the checkpoint covers the log up to `position`, durably.
+    /// Writes `mailboxes`' values (`None` removes a forgotten mailbox's)
+    /// and makes them durable, then records that the checkpoint covers the
+    /// log up to `position`, durably.
     fn write_checkpoint(
         &self,
-        mailboxes: &[(Address, Vec<u8>)],
+        mailboxes: &[(Address, Option<Vec<u8>>)],
         position: u64,
     ) -> Result<(), StoreError>;
 }

@@ -248,11 +248,21 @@ impl Index {
     }
 
     /// Removes every envelope up to `through_seq`, keeping the head at least
-    /// there.
+    /// there; `u64::MAX` forgets the mailbox, head included (its purge, or
+    /// its handover to another node).
     pub fn drop_through(&self, address: &Address, through_seq: u64) {
         let mut changes = Vec::new();
         {
             let mut shard = self.shard(address);
+            if through_seq == u64::MAX {
+                if let Some(mailbox) = shard.mailboxes.remove(address) {
+                    changes.extend(mailbox.entries.into_iter().map(Change::Removed));
+                }
+                shard.dirty.insert(*address);
+                drop(shard);
+                self.account(address, &changes);
+                return;
+            }
             let mailbox = shard.mailboxes.entry(*address).or_default();
             while mailbox
                 .entries
@@ -333,6 +343,11 @@ impl Index {
     /// Raises the mailbox's head (a head the checkpoint knew and memory did
     /// not, or one imported with a handover).
     pub fn raise_head(&self, address: &Address, head: u64) {
+        if head == 0 {
+            // No head to keep: creating an empty record would list the
+            // mailbox as holding something.
+            return;
+        }
         let mut shard = self.shard(address);
         let mailbox = shard.mailboxes.entry(*address).or_default();
         if head > mailbox.head {
@@ -393,14 +408,14 @@ impl Index {
     }
 
     /// Takes the mailboxes changed since the last call, with their state
-    /// now, for a checkpoint.
-    pub fn take_dirty(&self) -> Vec<(Address, MailboxIndex)> {
+    /// now (`None`: forgotten), for a checkpoint.
+    pub fn take_dirty(&self) -> Vec<(Address, Option<MailboxIndex>)> {
         let mut taken = Vec::new();
         for shard in &self.shards {
             let mut shard = lock(shard);
             let dirty = std::mem::take(&mut shard.dirty);
             for address in dirty {
-                let mailbox = shard.mailboxes.get(&address).cloned().unwrap_or_default();
+                let mailbox = shard.mailboxes.get(&address).cloned();
                 taken.push((address, mailbox));
             }
         }
@@ -536,7 +551,12 @@ mod tests {
         index.delete(&b, &[7]);
         let taken = index.take_dirty();
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].1.head, 7);
+        assert_eq!(taken[0].1.as_ref().map(|m| m.head), Some(7));
+        index.drop_through(&b, u64::MAX);
+        assert_eq!(index.head(&b), None);
+        assert_eq!(index.take_dirty(), vec![(b, None)], "a forgotten mailbox");
+        index.raise_head(&b, 7);
+        index.take_dirty();
         index.evict_empty([a, b]);
         assert_eq!(index.head(&b), None, "b's head now lives in the checkpoint");
         assert_eq!(index.head(&a), Some(1), "a still holds an envelope");

@@ -44,11 +44,11 @@ use backbone_protocol::Address;
 
 use self::checkpoint::Checkpoints;
 use self::index::{Entry, Index};
-use self::pipeline::{Completion, Op, Pipeline};
+use self::pipeline::{Op, Pipeline};
 use self::record::Record;
 use self::segment::{Scanned, Scanner, Segments};
 use super::failpoint::FailPoints;
-use super::{Append, MailboxUsage, StoreError, StoredEnvelope};
+use super::{Append, Completion, MailboxLog, MailboxUsage, StoreError, StoredEnvelope};
 
 /// How the log is laid out and kept small.
 #[derive(Clone, Debug)]
@@ -166,6 +166,15 @@ impl LogStore {
         recovery.checkpoint = checkpoint;
         check_positions(&segments, &index)?;
         recovery.envelopes = index.envelopes();
+        // What replay indexed may be writes a crashed run made but never
+        // synced (the page cache kept them): make them durable before they
+        // are served, or a power cut now could take back envelopes devices
+        // were given and acknowledged, and their numbers be handed out again.
+        if let Some(last) = segments.last()
+            && !config.no_sync
+        {
+            last.sync(&fail)?;
+        }
         let end = segments.last().map_or(0, |segment| segment.end());
         index.set_applied_through(end);
         let pipeline = Pipeline::start(
@@ -232,75 +241,6 @@ impl LogStore {
         }
     }
 
-    /// Queues envelopes; `done` gets their count once durable and indexed.
-    pub fn append(&self, items: Vec<Append>, done: Completion) {
-        #[cfg(feature = "unsafe-early-ack")]
-        if early_ack::enabled() {
-            done(Ok(items.len()));
-            self.pipeline.submit(Op::Append(items), Box::new(|_| {}));
-            return;
-        }
-        self.pipeline.submit(Op::Append(items), done);
-    }
-
-    /// Queues a delete; `done` gets how many of `seqs` existed, once durable.
-    pub fn delete(&self, address: Address, seqs: Vec<u64>, done: Completion) {
-        self.pipeline.submit(Op::Delete { address, seqs }, done);
-    }
-
-    /// Queues the removal of every envelope of `address`, keeping its head.
-    pub fn drop_mailbox(&self, address: Address, done: Completion) {
-        let through_seq = self.index.head(&address).unwrap_or(0);
-        self.pipeline.submit(
-            Op::Drop {
-                address,
-                through_seq,
-            },
-            done,
-        );
-    }
-
-    /// `done` is called once everything queued before is durable.
-    pub fn barrier(&self, done: Completion) {
-        self.pipeline.submit(Op::Barrier, done);
-    }
-
-    /// Imports envelopes under their own sequence numbers (a slot handover)
-    /// and raises the head to `head`.
-    pub fn import(
-        &self,
-        address: Address,
-        envelopes: Vec<StoredEnvelope>,
-        head: u64,
-        done: Completion,
-    ) {
-        self.index.raise_head(&address, head);
-        let items = envelopes
-            .into_iter()
-            .map(|envelope| Append {
-                address,
-                envelope: Arc::new(envelope),
-            })
-            .collect();
-        self.pipeline.submit(Op::Append(items), done);
-    }
-
-    /// Envelopes of `address` from `from_seq` on, unexpired at `now_ms`, at
-    /// most `limit`, ascending. Reads each from its segment and checks it.
-    pub fn read_from(
-        &self,
-        address: &Address,
-        from_seq: u64,
-        limit: usize,
-        now_ms: u64,
-    ) -> Result<Vec<StoredEnvelope>, StoreError> {
-        self.index
-            .read(address, from_seq, limit, now_ms)
-            .into_iter()
-            .map(|entry| self.read_entry(address, &entry))
-            .collect()
-    }
-
     fn read_entry(&self, address: &Address, entry: &Entry) -> Result<StoredEnvelope, StoreError> {
         let bytes = self.segments.read_at(entry.position, entry.len as usize)?;
         let damaged = |what: String| StoreError::Damaged {
@@ -325,52 +265,6 @@ impl LogStore {
             Ok(_) => Err(damaged("another record than the index expects".into())),
             Err(error) => Err(damaged(error.to_string())),
         }
-    }
-
-    /// The highest sequence number ever durable in the mailbox (0 if none).
-    pub fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {
-        if let Some(head) = self.index.head(address) {
-            return Ok(head);
-        }
-        Ok(match self.checkpoints.checkpointed(address)? {
-            Some(bytes) => checkpoint::decode(&bytes)?.head,
-            None => 0,
-        })
-    }
-
-    /// Envelopes unexpired at `now_ms`, and their bytes.
-    pub fn usage(&self, address: &Address, now_ms: u64) -> MailboxUsage {
-        let (envelopes, bytes) = self.index.usage(address, now_ms);
-        MailboxUsage { envelopes, bytes }
-    }
-
-    /// The lowest stored sequence number.
-    pub fn oldest_seq(&self, address: &Address) -> Option<u64> {
-        self.index.oldest(address)
-    }
-
-    /// Every envelope of the mailbox (expired but unswept included).
-    pub fn export(&self, address: &Address) -> Result<Vec<StoredEnvelope>, StoreError> {
-        self.index
-            .entries(address)
-            .iter()
-            .map(|entry| self.read_entry(address, entry))
-            .collect()
-    }
-
-    /// Removes up to `limit` envelopes expired at `now_ms` from the index.
-    pub fn expire(&self, now_ms: u64, limit: usize) -> usize {
-        self.index.expire(now_ms, limit)
-    }
-
-    /// Every mailbox with envelopes for which `filter` holds.
-    pub fn addresses(&self, filter: &dyn Fn(&Address) -> bool) -> Vec<Address> {
-        self.index.addresses(filter)
-    }
-
-    /// Envelopes indexed.
-    pub fn envelopes(&self) -> u64 {
-        self.index.envelopes()
     }
 
     /// Bytes the segment files take on disk, preallocated space included.
@@ -414,9 +308,9 @@ impl LogStore {
         // a record before the position is dirty by then (see `index`).
         let position = self.index.applied_through();
         let dirty = self.index.take_dirty();
-        let values: Vec<(Address, Vec<u8>)> = dirty
+        let values: Vec<(Address, Option<Vec<u8>>)> = dirty
             .iter()
-            .map(|(address, mailbox)| (*address, checkpoint::encode(mailbox)))
+            .map(|(address, mailbox)| (*address, mailbox.as_ref().map(checkpoint::encode)))
             .collect();
         if let Err(error) = self.checkpoints.write_checkpoint(&values, position) {
             self.index
@@ -427,7 +321,7 @@ impl LogStore {
         self.index.evict_empty(
             dirty
                 .iter()
-                .filter(|(_, mailbox)| mailbox.entries.is_empty())
+                .filter(|(_, mailbox)| mailbox.as_ref().is_some_and(|m| m.entries.is_empty()))
                 .map(|(address, _)| *address),
         );
         metrics::counter!("backbone_log_checkpoints_total").increment(1);
@@ -521,9 +415,129 @@ impl LogStore {
         &self.config.dir
     }
 
+    /// Whether an fdatasync failed: the log refuses every write until it
+    /// is opened again.
+    pub fn failed(&self) -> bool {
+        self.pipeline.failed()
+    }
+
     /// The fail points of this log (tests arm them).
     pub fn fail_points(&self) -> &FailPoints {
         &self.fail
+    }
+}
+
+impl MailboxLog for LogStore {
+    fn append(&self, items: Vec<Append>, done: Completion) {
+        #[cfg(feature = "unsafe-early-ack")]
+        if early_ack::enabled() {
+            done(Ok(items.len()));
+            self.pipeline.submit(Op::Append(items), Box::new(|_| {}));
+            return;
+        }
+        self.pipeline.submit(Op::Append(items), done);
+    }
+
+    fn delete(&self, address: Address, seqs: Vec<u64>, done: Completion) {
+        self.pipeline.submit(Op::Delete { address, seqs }, done);
+    }
+
+    fn drop_mailbox(&self, address: Address, done: Completion) {
+        self.pipeline.submit(
+            Op::Drop {
+                address,
+                through_seq: u64::MAX,
+            },
+            done,
+        );
+    }
+
+    fn import(
+        &self,
+        address: Address,
+        envelopes: Vec<StoredEnvelope>,
+        head: u64,
+        done: Completion,
+    ) {
+        let head = head.max(envelopes.iter().map(|e| e.seq).max().unwrap_or(0));
+        if let Err(error) = self.head_seq(&address).map(|held| {
+            self.index.raise_head(&address, held.max(head));
+        }) {
+            return done(Err(error));
+        }
+        let items = envelopes
+            .into_iter()
+            .map(|envelope| Append {
+                address,
+                envelope: Arc::new(envelope),
+            })
+            .collect();
+        self.pipeline.submit(Op::Append(items), done);
+    }
+
+    fn barrier(&self, done: Completion) {
+        self.pipeline.submit(Op::Barrier, done);
+    }
+
+    fn read_from(
+        &self,
+        address: &Address,
+        from_seq: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        self.index
+            .read(address, from_seq, limit, now_ms)
+            .into_iter()
+            .map(|entry| self.read_entry(address, &entry))
+            .collect()
+    }
+
+    fn usage(&self, address: &Address, now_ms: u64) -> Result<MailboxUsage, StoreError> {
+        let (envelopes, bytes) = self.index.usage(address, now_ms);
+        Ok(MailboxUsage { envelopes, bytes })
+    }
+
+    fn head_seq(&self, address: &Address) -> Result<u64, StoreError> {
+        if let Some(head) = self.index.head(address) {
+            return Ok(head);
+        }
+        Ok(match self.checkpoints.checkpointed(address)? {
+            Some(bytes) => checkpoint::decode(&bytes)?.head,
+            None => 0,
+        })
+    }
+
+    fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, StoreError> {
+        Ok(self.index.oldest(address))
+    }
+
+    fn export(&self, address: &Address) -> Result<Vec<StoredEnvelope>, StoreError> {
+        self.index
+            .entries(address)
+            .iter()
+            .map(|entry| self.read_entry(address, entry))
+            .collect()
+    }
+
+    fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        Ok(self.index.expire(now_ms, limit))
+    }
+
+    fn mailboxes(&self, filter: &dyn Fn(&Address) -> bool) -> Vec<Address> {
+        self.index.addresses(filter)
+    }
+
+    fn envelope_count(&self) -> u64 {
+        self.index.envelopes()
+    }
+
+    fn log_bytes_on_disk(&self) -> u64 {
+        self.segments.file_bytes()
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.shutdown()
     }
 }
 
@@ -691,8 +705,9 @@ fn check_positions(segments: &Segments, index: &Index) -> Result<(), StoreError>
 /// Test-only sabotage, compiled in only with the `unsafe-early-ack` feature
 /// (which the test suite enables and no release build has) and active only
 /// with `BACKBONE_UNSAFE_EARLY_ACK=1`: appends are acknowledged before they
-/// are written. It exists so the crash-loop test can show that its checker
-/// catches a broker that acks before the fdatasync.
+/// are written, and the writer holds each batch in memory for 250 ms before
+/// writing it. It exists so the crash-loop test can show that its checker
+/// catches a broker that acks before the write and its fdatasync.
 #[cfg(feature = "unsafe-early-ack")]
 mod early_ack {
     use std::sync::OnceLock;

@@ -255,6 +255,12 @@ fn encode(op: &Op, out: &mut Vec<u8>) -> Vec<(usize, u32)> {
 fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<WrittenBatch>) {
     let mut buf = Vec::new();
     while let Ok(first) = jobs.recv() {
+        // The early-ack sabotage has already acknowledged what is queued:
+        // holding it in memory a while makes a crash in between lose it.
+        #[cfg(feature = "unsafe-early-ack")]
+        if super::early_ack::enabled() {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
         let mut batch = vec![first];
         buf.clear();
         Record::Batch {

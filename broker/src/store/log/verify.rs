@@ -141,7 +141,7 @@ pub fn repair(
         });
         if mailbox.entries.len() != before {
             dropped += before - mailbox.entries.len();
-            changed.push((address, checkpoint::encode(&mailbox)));
+            changed.push((address, Some(checkpoint::encode(&mailbox))));
         }
     }
     if !changed.is_empty() {
