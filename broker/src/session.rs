@@ -1347,7 +1347,17 @@ async fn deliver(
                 if changed.is_err() {
                     break;
                 }
-                let up_to = (*acks.borrow_and_update()).min(sent);
+                let claimed = *acks.borrow_and_update();
+                if claimed > sent {
+                    // The device has more than this session pushed: it got
+                    // them in an earlier session, and its cursor's last
+                    // move was lost with a crash (cursor moves are synced
+                    // only with checkpoints). Skip what it has, up to the
+                    // durable head; waiting for an ack of a redelivery it
+                    // drops as a repeat would stall the window for good.
+                    sent = sent.max(claimed.min(known_head));
+                }
+                let up_to = claimed.min(sent);
                 if up_to > acked {
                     let newly = in_flight.iter().take_while(|seq| **seq <= up_to).count();
                     in_flight.drain(..newly);

@@ -1404,7 +1404,7 @@ async fn dispatch(
         if deliver.seq <= delivered.load(Ordering::Acquire) {
             return true;
         }
-        delivered.store(deliver.seq, Ordering::Release);
+        let seq = deliver.seq;
         let delivery = Delivery {
             seq: deliver.seq,
             message_id: deliver.message_id,
@@ -1413,7 +1413,15 @@ async fn dispatch(
             expires_at_ms: deliver.expires_at_ms,
             envelope: deliver.envelope.0,
         };
-        return deliveries.send(delivery).await.is_ok();
+        // Counted as handed out only once it is: the connection's end
+        // aborts this task, possibly while it waits for room in the
+        // channel, and a delivery dropped then must not be skipped as a
+        // repeat when the broker sends it again.
+        if deliveries.send(delivery).await.is_err() {
+            return false;
+        }
+        delivered.store(seq, Ordering::Release);
+        return true;
     }
     if let Frame::Ping(ping) = frame {
         debug!(nonce = ping.nonce, "ping from broker");

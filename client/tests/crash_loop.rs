@@ -45,6 +45,76 @@ async fn the_checker_catches_a_broker_that_acks_before_the_flush() {
     );
 }
 
+/// A device's cursor moves are made durable only with the next checkpoint,
+/// so a crash can take the last ones back: the device then reconnects
+/// acknowledging more than the broker remembers, and the broker pushes
+/// again what it has, which the client drops as repeats without acking
+/// them. The broker must take the device's acknowledgement as its cursor;
+/// before it did, the window filled with repeats nobody acked and nothing
+/// new was ever pushed (the crash loop found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_cursor_a_crash_took_back_still_gets_new_envelopes() {
+    use backbone_client::Client;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("BACKBONE__LIMITS__PUSH_WINDOW", "4"),
+        // No checkpoint before the crash: the cursor's moves are lost.
+        ("BACKBONE__STORE__CHECKPOINT_INTERVAL", "1h"),
+    ];
+    let mut broker = Broker::start(&dir.path().join("data"), dir.path(), &env);
+    let (alice, bob) = (support::Identity::new(), support::Identity::new());
+    let options = |identity| fault_loop::options(broker.port(), &broker.ca(), identity);
+    let sender = Client::connect(options(&alice)).await.expect("connects");
+    sender.publish_card().await.expect("card");
+    let receiver = Client::connect(options(&bob)).await.expect("connects");
+    receiver.publish_card().await.expect("card");
+    let wait = Duration::from_secs(10);
+    for round in 0..10u8 {
+        sender
+            .send_envelope(&[bob.address()], vec![round], Duration::from_secs(3600))
+            .await
+            .expect("sent");
+        let delivery = tokio::time::timeout(wait, receiver.next_delivery())
+            .await
+            .expect("delivered in time")
+            .expect("running");
+        receiver.ack(delivery.seq).await.expect("acks");
+    }
+    // Let the acks reach the broker, then crash it before any checkpoint.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.kill_9();
+    broker.restart();
+    broker.wait_listening();
+    // The sender reconnects first (its requests fail until it has).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match sender
+            .send_envelope(
+                &[bob.address()],
+                b"after".to_vec(),
+                Duration::from_secs(3600),
+            )
+            .await
+        {
+            Ok(ack) if ack.stored.len() == 1 => break,
+            outcome => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cannot send: {outcome:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let delivery = tokio::time::timeout(Duration::from_secs(20), receiver.next_delivery())
+        .await
+        .expect("the new envelope arrives although the cursor went back")
+        .expect("running");
+    assert_eq!(delivery.envelope, b"after");
+    assert_eq!(delivery.seq, 11);
+    broker.kill_9();
+}
+
 /// Runs the loop for `cycles` crashes and returns the outcome.
 async fn crash_loop(cycles: u32, early_ack: bool) -> fault_loop::Outcome {
     let dir = tempfile::tempdir().expect("tempdir");

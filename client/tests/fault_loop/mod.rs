@@ -44,7 +44,8 @@ fn decode(run: u64, bytes: &[u8]) -> Option<PayloadId> {
     })
 }
 
-fn options(port: u16, ca: &Path, identity: &Identity) -> ClientOptions {
+/// The client options of the loop's clients (quick keep-alive and backoff).
+pub fn options(port: u16, ca: &Path, identity: &Identity) -> ClientOptions {
     let mut connect = ConnectConfig::new(format!("127.0.0.1:{port}"), Trust::CaFile(ca.into()));
     connect.server_name = Some("localhost".into());
     connect.connect_timeout = Duration::from_secs(2);
