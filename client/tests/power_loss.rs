@@ -37,9 +37,6 @@ use rand::Rng;
 const CYCLES: u32 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sled 0.34 never fsyncs, so today's store loses acknowledged envelopes on power \
-            loss (docs/reliability.md, Power loss); the storage issue's segment log with \
-            fdatasync removes this ignore"]
 async fn acknowledged_envelopes_survive_power_loss() {
     let cycles = fault_loop::cycles("BACKBONE_POWER_LOSS_CYCLES", CYCLES);
     if let Some(outcome) = power_loss(cycles, false).await {

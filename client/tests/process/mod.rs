@@ -18,17 +18,13 @@ const TEST_FEATURES: &str = "unsafe-early-ack";
 /// them (`unsafe-early-ack`): a crash right after an acknowledgement loses it.
 pub const UNSAFE_EARLY_ACK: &[(&str, &str)] = &[("BACKBONE_UNSAFE_EARLY_ACK", "1")];
 
-/// The environment that makes the broker skip durability: its acknowledged
-/// envelopes are not on stable storage, so a power cut right after an
-/// acknowledgement loses them. The power-loss test's sabotage run uses it to
-/// show that its checker catches a missing fdatasync.
-///
-/// Today's store (sled 0.34) never fdatasyncs, so there is no sync to skip
-/// yet, and the nearest sabotage is acknowledging before writing at all.
-/// When the segment log lands with its fdatasync, its test-only switch to
-/// skip it (say an `unsafe-no-sync` feature, in `TEST_FEATURES` above, read
-/// from `BACKBONE_UNSAFE_NO_SYNC=1`) replaces this.
-pub const UNSAFE_SKIP_DURABILITY: &[(&str, &str)] = UNSAFE_EARLY_ACK;
+/// The environment that makes the broker skip durability: its mailbox log
+/// never calls `fdatasync` (`BACKBONE_UNSAFE_NO_SYNC`, in the
+/// `unsafe-early-ack` feature), so its acknowledged envelopes are not on
+/// stable storage and a power cut right after an acknowledgement loses
+/// them. The power-loss test's sabotage run uses it to show that its
+/// checker catches a missing fdatasync.
+pub const UNSAFE_SKIP_DURABILITY: &[(&str, &str)] = &[("BACKBONE_UNSAFE_NO_SYNC", "1")];
 
 /// The broker binary of this target directory, brought up to date once per
 /// test process (with the `TEST_FEATURES` compiled in), so the tests never
