@@ -24,6 +24,9 @@ enum Command {
     /// Fleet administration.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Check or repair a stopped broker's mailbox log.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Exit 0 if the broker's /health answers 200 (for container healthchecks).
     Healthcheck {
         /// The health URL (plain HTTP).
@@ -32,6 +35,32 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3)]
         timeout_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Read every record of the mailbox log and report each damaged range:
+    /// its file, offset, length, what is wrong, and the mailboxes with
+    /// envelopes in it. Exits 0 when the log is whole, 1 when damage was
+    /// found. The broker must be stopped.
+    Verify {
+        /// The broker's data directory.
+        #[arg(long, default_value = "backbone-data")]
+        data_dir: PathBuf,
+    },
+    /// Drop the damaged ranges `verify` reports: each is overwritten in
+    /// place by a void record (a damaged end of the log is cut off), and
+    /// the index entries that pointed into them are removed. The envelopes
+    /// in them are lost; everything else is kept. Copy the data directory
+    /// first. The broker must be stopped.
+    Repair {
+        /// The broker's data directory.
+        #[arg(long, default_value = "backbone-data")]
+        data_dir: PathBuf,
+        /// Repair without asking.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -78,6 +107,80 @@ struct ServeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// `backbone store verify|repair`.
+fn store(command: StoreCommand) -> anyhow::Result<()> {
+    use backbone_broker::store::SledStore;
+    use backbone_broker::store::log::verify;
+    let (data_dir, repair, yes) = match command {
+        StoreCommand::Verify { data_dir } => (data_dir, false, false),
+        StoreCommand::Repair { data_dir, yes } => (data_dir, true, yes),
+    };
+    let (store_path, log_path) = backbone_broker::store::open::paths(&data_dir);
+    anyhow::ensure!(
+        log_path.is_dir(),
+        "{} holds no mailbox log (no {} directory)",
+        data_dir.display(),
+        log_path.display()
+    );
+    // Opening the directory takes its lock: a running broker holds it.
+    let directory = SledStore::open(&store_path).with_context(|| {
+        format!(
+            "cannot open {} (is a broker running on this data directory?)",
+            store_path.display()
+        )
+    })?;
+    let damages = verify::verify(&log_path, &directory)?;
+    if damages.is_empty() {
+        println!("{}: the mailbox log is whole", log_path.display());
+        return Ok(());
+    }
+    for damage in &damages {
+        println!(
+            "{} offset {} ({} bytes{}): {}",
+            damage.file.display(),
+            damage.offset,
+            damage.len,
+            if damage.tail {
+                ", the end of the log"
+            } else {
+                ""
+            },
+            damage.error
+        );
+        for address in &damage.mailboxes {
+            println!("  envelopes of {address} are in it");
+        }
+        if let Some(address) = damage.possibly {
+            println!("  possibly envelopes of {address} (read from the damaged bytes)");
+        }
+    }
+    if !repair {
+        println!(
+            "{} damaged range(s); `backbone store repair --data-dir {}` drops them",
+            damages.len(),
+            data_dir.display()
+        );
+        std::process::exit(1);
+    }
+    if !yes {
+        eprint!(
+            "drop {} damaged range(s) and the envelopes in them? Copy the data directory first. [y/N] ",
+            damages.len()
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            anyhow::bail!("nothing changed");
+        }
+    }
+    let dropped = verify::repair(&log_path, &directory, &damages)?;
+    println!(
+        "repaired {} range(s); {dropped} indexed envelope(s) dropped",
+        damages.len()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Colours only for a terminal: log files, `docker logs` and journald get
@@ -94,6 +197,7 @@ fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::Fleet(command) => return fleet(command),
+        Command::Store(command) => return store(command),
         Command::Healthcheck { url, timeout_secs } => {
             return healthcheck(&url, std::time::Duration::from_secs(timeout_secs));
         }
