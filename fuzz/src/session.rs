@@ -178,6 +178,10 @@ fn expected_answer(frame: &Frame) -> Option<Expected> {
         F::Ping(ping) => Some(Expected::Pong(ping.nonce)),
         F::Send(f) => request(f.request_id, &["SendAck"]),
         F::RegisterDevice(f) => request(f.request_id, &["Done"]),
+        // Refused unless signed by the identity key, which a certified
+        // device's session could not be; answered on this one.
+        F::UnregisterDevice(f) => request(f.request_id, &["Done"]),
+        F::ListDevices(f) => request(f.request_id, &["Devices"]),
         F::PublishCard(f) => request(f.request_id, &["Done"]),
         F::FetchCard(f) => request(f.request_id, &["CardResult", "Redirect"]),
         F::Delete(f) => request(f.request_id, &["Done"]),
@@ -226,6 +230,7 @@ const SERVER_FRAMES: &[&str] = &[
     "FileCreated",
     "FileState",
     "FileData",
+    "Devices",
 ];
 
 fn name(frame: &Frame) -> &'static str {
@@ -250,6 +255,7 @@ fn answer_id(frame: &Frame) -> Option<u64> {
         F::FileCreated(f) => f.request_id,
         F::FileState(f) => f.request_id,
         F::FileData(f) => f.request_id,
+        F::Devices(f) => f.request_id,
         _ => return None,
     })
 }
@@ -741,6 +747,25 @@ pub fn session_seeds() -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_list_is_answered_with_devices() {
+        // Found by the long run: `ListDevices` (and `UnregisterDevice`)
+        // were not in the harness's table of requests, so their answers
+        // were taken for answers to nothing.
+        let input: &[u8] = &[
+            0, 11, 0, 0, 0, 0, 7, 1, 0, 0, 0, 0, 1, 1, 0, 17, 0, 0, 0, 0, 13, 1, 47, 0, 0, 0, 1, 0,
+            0, 0, 0, 6, 170, 0, 0, 4, 0, 0, 0, 0, 0, 1, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 31, 168, 0, 45, 0, 0, 0, 0, 13,
+            1, 16, 0, 0, 0, 3, 0, 0, 0, 0, 0, 4, 0, 1, 5, 0, 0, 254, 0, 2, 1,
+        ];
+        run_session(input);
+    }
 
     #[test]
     fn an_input_ending_inside_a_frame_with_a_bad_header_ends_there() {
