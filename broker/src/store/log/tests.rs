@@ -396,7 +396,10 @@ fn disk_use_follows_live_envelopes_under_mixed_ttls() {
     // Live: the long-lived ones and the last round's short ones.
     let live_bytes = (live_long + 18) * LEN as u64;
     let on_disk = log.bytes_on_disk();
-    assert!(written > 4 * on_disk, "{written} written, {on_disk} on disk");
+    assert!(
+        written > 4 * on_disk,
+        "{written} written, {on_disk} on disk"
+    );
     // Records carry ~100 bytes besides the envelope; allow for that, for the
     // segment being written (preallocated) and one awaiting compaction.
     assert!(
