@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use backbone_broker::config::StoreConfig;
-use backbone_broker::store::{Append, MailboxLog, StoredEnvelope, open, wait_for};
+use backbone_broker::store::{Append, StoredEnvelope, open, wait_for};
 use backbone_protocol::Address;
 use backbone_protocol::bytes::MessageId;
 
