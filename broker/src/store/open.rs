@@ -133,3 +133,119 @@ pub fn migrate(directory: &SledStore, log: &LogStore) -> Result<(u64, u64), Stor
     );
     Ok((envelopes, mailboxes.len() as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use backbone_protocol::Address;
+    use backbone_protocol::bytes::MessageId;
+
+    use super::*;
+    use crate::store::StoredEnvelope;
+    use crate::store::sled_store::tests::write_legacy;
+
+    const NOW_MS: u64 = 1_000;
+
+    fn envelope(seq: u64) -> StoredEnvelope {
+        StoredEnvelope {
+            seq,
+            message_id: MessageId([seq as u8; 16]),
+            sender: None,
+            stored_at_ms: 1,
+            expires_at_ms: u64::MAX,
+            envelope: vec![seq as u8; 40],
+        }
+    }
+
+    /// Mailboxes of the old layout: envelopes and heads (one mailbox with
+    /// only a head left, its envelopes deleted).
+    fn old_layout() -> BTreeMap<Address, (Vec<StoredEnvelope>, u64)> {
+        let mut mailboxes = BTreeMap::new();
+        mailboxes.insert(Address([1; 32]), ((1..=5).map(envelope).collect(), 5));
+        mailboxes.insert(Address([2; 32]), (vec![envelope(3), envelope(9)], 12));
+        mailboxes.insert(Address([3; 32]), (Vec::new(), 7));
+        mailboxes
+    }
+
+    fn write_old(data: &Path) {
+        let store = SledStore::open(&paths(data).0).expect("opens");
+        for (address, (envelopes, head)) in old_layout() {
+            write_legacy(&store, &address, &envelopes, Some(head));
+        }
+        store.sync().expect("syncs");
+    }
+
+    /// Opens the stores as the broker does and checks that every envelope
+    /// and head of the old layout is in the log, once, and none in sled.
+    fn assert_migrated(data: &Path) {
+        let (stores, _) = open(data, &StoreConfig::default(), NOW_MS).expect("opens");
+        for (address, (envelopes, head)) in old_layout() {
+            assert_eq!(stores.log.export(&address), Ok(envelopes), "{address}");
+            assert_eq!(stores.log.head_seq(&address), Ok(head), "{address}");
+        }
+        stores.log.close().expect("closes");
+        drop(stores);
+        let store = SledStore::open(&paths(data).0).expect("opens");
+        assert_eq!(store.legacy_mailboxes(), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_data_directory_from_before_the_log_is_migrated_at_the_first_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old(dir.path());
+        let (stores, opened) = open(dir.path(), &StoreConfig::default(), NOW_MS).expect("opens");
+        assert_eq!(
+            (opened.migrated_envelopes, opened.migrated_mailboxes),
+            (7, 3)
+        );
+        stores.log.close().expect("closes");
+        drop(stores);
+        assert_migrated(dir.path());
+    }
+
+    /// A migration that fails at the n-th write or sync of either store
+    /// (what a kill there leaves, or more: writes before it may have
+    /// reached the disk) is finished by the next start, every envelope
+    /// once, every head kept.
+    #[test]
+    fn a_migration_interrupted_at_any_write_is_finished_by_the_next_start() {
+        for in_log in [false, true] {
+            for n in 0.. {
+                let dir = tempfile::tempdir().expect("tempdir");
+                write_old(dir.path());
+                let (store_path, log_path) = paths(dir.path());
+                let fired = {
+                    let directory = Arc::new(SledStore::open(&store_path).expect("opens"));
+                    let config = LogConfig {
+                        dir: log_path,
+                        segment_bytes: 1 << 20,
+                        compact_below: 0.5,
+                        checkpoint_interval: std::time::Duration::from_secs(3600),
+                        no_sync: false,
+                    };
+                    let (log, _) =
+                        LogStore::open(config, directory.clone(), NOW_MS).expect("opens");
+                    if in_log {
+                        log.fail_points().fail_after(n, None);
+                    } else {
+                        directory.fail_after(n, None);
+                    }
+                    let outcome = migrate(&directory, &log);
+                    let fired = if in_log {
+                        log.fail_points().take_fired()
+                    } else {
+                        directory.take_fired()
+                    };
+                    assert_eq!(outcome.is_err(), fired.is_some(), "{outcome:?}");
+                    fired
+                };
+                assert_migrated(dir.path());
+                if fired.is_none() {
+                    assert!(n > 2, "the migration passed only {n} fail points");
+                    break;
+                }
+            }
+        }
+    }
+}

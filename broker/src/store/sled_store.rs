@@ -2009,7 +2009,7 @@ fn decode_envelope(key: &[u8], value: &[u8]) -> Result<StoredEnvelope, StoreErro
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
 
     use backbone_protocol::Keypair;
     use backbone_protocol::bytes::{EncryptionKey, MessageId};
@@ -2029,7 +2029,7 @@ mod tests {
 
     /// Writes envelopes (and a head) the way a store from before the
     /// mailbox log held them, through the legacy layout's own helpers.
-    pub(super) fn write_legacy(
+    pub(in crate::store) fn write_legacy(
         store: &SledStore,
         address: &Address,
         envelopes: &[StoredEnvelope],
