@@ -14,35 +14,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use backbone_protocol::Address;
 use backbone_protocol::deletion::{Deletion, PeerToTell};
-use backbone_protocol::frame::{DeletionScheduled, Done, ErrorCode, ErrorFrame, Frame};
+use backbone_protocol::frame::{DeletionScheduled, Done, ErrorCode, Frame};
 use backbone_protocol::relationship::SideChange;
 use tracing::{debug, info, warn};
 
 use crate::fleet::Route;
 use crate::server::Shared;
-use crate::store::StoreError;
-
-/// Extra time, beyond `server.shutdown_grace`, that a purge waits for the
-/// identity's sessions to finish their requests once it closed them.
-const SESSION_END_SLACK: Duration = Duration::from_secs(1);
-
-fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
-    metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
-    Frame::Error(ErrorFrame::new(id, code, message))
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| format!("blocking task failed: {error}"))?
-        .map_err(|error| format!("storage: {error}"))
-}
+use crate::session::{SESSION_END_SLACK, error_frame as error};
+use crate::store::run_blocking as blocking;
 
 /// `DeleteIdentity`: schedules the deletion of `address`, durably, and
 /// answers when it will be purged. Asking again answers the same time.

@@ -17,32 +17,14 @@
 //! carry than the devices still registered.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use backbone_protocol::frame::{Devices, Done, ErrorCode, ErrorFrame, Frame};
+use backbone_protocol::frame::{Devices, Done, ErrorCode, Frame};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId};
 use tracing::{info, warn};
 
 use crate::server::Shared;
-use crate::store::StoreError;
-
-/// Extra time, beyond `server.shutdown_grace`, that an unregistration waits
-/// for the device's sessions to finish their requests once it closed them.
-const SESSION_END_SLACK: Duration = Duration::from_secs(1);
-
-fn refusal(id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
-    metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
-    Frame::Error(ErrorFrame::new(id, code, message))
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| format!("blocking task failed: {error}"))?
-        .map_err(|error| format!("storage: {error}"))
-}
+use crate::session::{SESSION_END_SLACK, error_frame as refusal};
+use crate::store::run_blocking as blocking;
 
 /// `RegisterDevice`: stores the certificate of a device of `address`,
 /// durably, within the `limits.max_devices` of the identity.

@@ -63,10 +63,16 @@ fn close(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
     connection.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
 }
 
-fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
+/// An `Error` frame answering `request_id`, counted by code.
+pub(crate) fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
     metrics::counter!("backbone_errors_total", "code" => code.name()).increment(1);
     Frame::Error(ErrorFrame::new(request_id, code, message))
 }
+
+/// Extra time, beyond `server.shutdown_grace`, that closing sessions (an
+/// identity's purge, a device's unregistration) waits for them to finish
+/// their requests.
+pub(crate) const SESSION_END_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An authenticated session.
 struct Session {

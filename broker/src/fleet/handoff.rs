@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use super::Move;
 use crate::server::Shared;
 use crate::store::MailboxExport;
+use crate::store::run_blocking as blocking;
 
 /// Envelope bytes per [`Import`] frame, well under the frame limit.
 const BATCH_BYTES: usize = 2 * 1024 * 1024;
@@ -68,15 +69,6 @@ pub async fn hand_over(shared: Arc<Shared>, m: Move) {
             }
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| format!("blocking task failed: {error}"))?
-        .map_err(|error| format!("storage: {error}"))
 }
 
 /// One pass: transfer (unless already confirmed), then delete the local

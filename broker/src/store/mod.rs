@@ -704,6 +704,17 @@ pub fn wait_for(op: impl FnOnce(Completion)) -> Result<usize, StoreError> {
     receiver.recv().unwrap_or(Err(StoreError::Closed))
 }
 
+/// Runs blocking storage `work` off the async workers; a failure of the
+/// task or of the store comes back as text.
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| format!("blocking task failed: {error}"))?
+        .map_err(|error| format!("storage: {error}"))
+}
+
 /// Waits for a log operation on the async runtime.
 pub async fn completed(op: impl FnOnce(Completion)) -> Result<usize, StoreError> {
     let (sender, receiver) = tokio::sync::oneshot::channel();
