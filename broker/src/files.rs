@@ -383,6 +383,20 @@ pub async fn serve_stream(
                 error.decode_error().to_string(),
             ),
         ),
+        Ok(Ok(header @ (Frame::UploadFile(_) | Frame::DownloadFile(_))))
+            if header.request_id() == Some(0) =>
+        {
+            error_frame(
+                0,
+                refusal(
+                    ErrorCode::InvalidRequestId,
+                    format!(
+                        "{} with request_id 0: requests need a non-zero id",
+                        Frame::TAG_NAMES[header.tag() as usize]
+                    ),
+                ),
+            )
+        }
         Ok(Ok(Frame::UploadFile(upload))) => match owner {
             Some(owner) => {
                 let id = upload.request_id;

@@ -556,6 +556,18 @@ async fn next_request(
             _ = shutdown.wait_for(|stop| *stop) => return None,
         };
         match frame {
+            Ok(frame) if frame.request_id() == Some(0) => {
+                // 0 is what answers about the connection carry, so an answer
+                // to this request could not be told from them.
+                let name = Frame::TAG_NAMES[frame.tag() as usize];
+                out.send(error_frame(
+                    0,
+                    ErrorCode::InvalidRequestId,
+                    format!("{name} with request_id 0: requests need a non-zero id"),
+                ))
+                .await
+                .ok()?;
+            }
             Ok(frame) => return Some(frame),
             Err(ReadError::Closed) => return None,
             Err(ReadError::Frame(BufferError::Skipped(error))) => {
@@ -1131,34 +1143,7 @@ impl AnonymousBudget {
 
 /// The request id a refusal of `frame` answers, 0 for frames without one.
 fn request_id_of(frame: &Frame) -> u64 {
-    match frame {
-        Frame::RegisterDevice(f) => f.request_id,
-        Frame::PublishCard(f) => f.request_id,
-        Frame::FetchCard(f) => f.request_id,
-        Frame::Send(f) => f.request_id,
-        Frame::Delete(f) => f.request_id,
-        Frame::RegisterCapability(f) => f.request_id,
-        Frame::RevokeCapability(f) => f.request_id,
-        Frame::ListCapabilities(f) => f.request_id,
-        Frame::SealedSend(f) => f.request_id,
-        Frame::CreateToken(f) => f.request_id,
-        Frame::GetToken(f) => f.request_id,
-        Frame::DeleteToken(f) => f.request_id,
-        Frame::SetInboundPolicy(f) => f.request_id,
-        Frame::RequestRelationship(f) => f.request_id,
-        Frame::DecideRelationship(f) => f.request_id,
-        Frame::ListRelationships(f) => f.request_id,
-        Frame::CreateFile(f) => f.request_id,
-        Frame::FileStatus(f) => f.request_id,
-        Frame::DeleteFile(f) => f.request_id,
-        Frame::UploadFile(f) => f.request_id,
-        Frame::DownloadFile(f) => f.request_id,
-        Frame::DeleteIdentity(f) => f.request_id,
-        Frame::CancelDeletion(f) => f.request_id,
-        Frame::UnregisterDevice(f) => f.request_id,
-        Frame::ListDevices(f) => f.request_id,
-        _ => 0,
-    }
+    frame.request_id().unwrap_or(0)
 }
 
 /// A sealed send: the same envelope and TTL checks as [`handle_send`] (the

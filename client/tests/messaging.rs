@@ -402,6 +402,101 @@ async fn malformed_and_oversize_requests_get_typed_errors_and_the_session_goes_o
     broker.shutdown().await;
 }
 
+/// `request_id` 0 is what answers about the connection carry: a request
+/// with it is refused with `InvalidRequestId` (id 0) and not carried out,
+/// on the session's stream and as a file stream's header.
+#[tokio::test]
+async fn a_request_with_id_zero_is_refused_and_not_carried_out() {
+    let broker = TestBroker::start().await;
+    let identity = Keypair::generate();
+    let mut raw = RawConnection::connect(&broker.connect_config())
+        .await
+        .expect("connects");
+    raw.authenticate(&Credentials::primary(&identity))
+        .await
+        .expect("auth");
+    raw.send(&Frame::Send(Send {
+        request_id: 0,
+        ttl_secs: 60,
+        recipients: vec![identity.address()],
+        envelope: Blob(vec![7; 10]),
+    }))
+    .await
+    .expect("sends");
+    match tokio::time::timeout(WAIT, raw.recv())
+        .await
+        .expect("in time")
+        .expect("frame")
+    {
+        Frame::Error(error) => {
+            assert_eq!(error.request_id, 0);
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidRequestId as u16,
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected InvalidRequestId, got {other:?}"),
+    }
+
+    // A file stream whose header has id 0 gets the same answer on the stream.
+    let (mut send, mut recv) = raw.connection().open_bi().await.expect("stream");
+    let header = backbone_protocol::codec::frame_to_vec(&Frame::DownloadFile(
+        backbone_protocol::frame::DownloadFile {
+            request_id: 0,
+            file_id: backbone_protocol::bytes::FileId([1; 32]),
+            secret: backbone_protocol::bytes::FileSecret([2; 32]),
+            offset: 0,
+        },
+    ))
+    .expect("encodes");
+    send.write_all(&header).await.expect("writes");
+    send.finish().expect("finishes");
+    let answer = tokio::time::timeout(WAIT, recv.read_to_end(4096))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    match backbone_protocol::codec::decode_frame(&answer, 4096, backbone_protocol::Phase::Any) {
+        Ok(backbone_protocol::Decoded::Frame {
+            frame: Frame::Error(error),
+            ..
+        }) => {
+            assert_eq!(error.request_id, 0);
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidRequestId as u16,
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected InvalidRequestId, got {other:?}"),
+    }
+
+    // Nothing was stored: the mailbox is empty, and the session goes on.
+    raw.send(&Frame::Ping(Ping { nonce: 5 }))
+        .await
+        .expect("sends");
+    match tokio::time::timeout(WAIT, raw.recv())
+        .await
+        .expect("in time")
+        .expect("pong")
+    {
+        Frame::Pong(pong) => assert_eq!(pong.nonce, 5),
+        other => panic!("expected the Pong and no push, got {other:?}"),
+    }
+    raw.close().await;
+    let owner = Identity {
+        signing: identity,
+        encryption: backbone_client::envelope::EncryptionKeypair::generate(),
+    };
+    let client = backbone_client::Client::connect(owner.options(&broker))
+        .await
+        .expect("connects");
+    assert_no_delivery(&client, Duration::from_millis(500)).await;
+    broker.shutdown().await;
+}
+
 async fn expect_error(raw: &mut RawConnection, code: ErrorCode) {
     match tokio::time::timeout(WAIT, raw.recv())
         .await

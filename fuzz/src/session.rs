@@ -26,7 +26,8 @@
 //! Properties: every frame the broker sends is one a broker may send; every
 //! request gets exactly one answer, carrying its request id, of a type that
 //! answers that request (or an `Error`); every skipped invalid frame gets an
-//! error with id 0 and the decode error's code; every other frame a client
+//! error with id 0 and the decode error's code, and so does a request with
+//! id 0 (code `InvalidRequestId`); every other frame a client
 //! should not send gets an error with id 0; the `Ping` gets its `Pong`;
 //! nothing else is answered; a file stream gets at most one answer frame,
 //! with the header's request id (or 0), and a `FileData` is followed by
@@ -54,7 +55,7 @@ use backbone_client::transport::{ConnectConfig, Credentials, RawConnection, Trus
 use backbone_protocol::bytes::{FileId, TokenId};
 use backbone_protocol::codec::{self, DecodeError, FrameBuffer, MAX_FRAME_LEN, decode_frame};
 use backbone_protocol::frame::Ping;
-use backbone_protocol::{Decoded, Frame, Keypair, Phase};
+use backbone_protocol::{Decoded, ErrorCode, Frame, Keypair, Phase};
 
 /// How long an input's answers may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,6 +174,10 @@ enum Expected {
 fn expected_answer(frame: &Frame) -> Option<Expected> {
     use Frame as F;
     let request = |id, answers| Some(Expected::Request(id, answers));
+    if frame.request_id() == Some(0) {
+        // Request ids are non-zero: such a request is refused unread.
+        return Some(Expected::Invalid(ErrorCode::InvalidRequestId as u16));
+    }
     match frame {
         F::Ack(_) | F::Pong(_) | F::Error(_) => None,
         F::Ping(ping) => Some(Expected::Pong(ping.nonce)),

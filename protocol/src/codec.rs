@@ -296,7 +296,12 @@ pub fn decode_peer_frame(
             version: frame_bytes[0],
         });
     }
-    let frame = decode_exact::<PeerFrame>(&frame_bytes[1..])?;
+    let body = &frame_bytes[1..];
+    let tag = peek_tag(body)?;
+    if tag as usize >= PeerFrame::TAG_NAMES.len() {
+        return Err(DecodeError::UnknownFrameType { tag });
+    }
+    let frame = decode_exact::<PeerFrame>(body)?;
     Ok(Some((frame, 4 + len)))
 }
 

@@ -363,6 +363,49 @@ pub struct HandoffAck {
 }
 
 impl PeerFrame {
+    /// The wire tag of each variant, in order. Keep in sync with the enum
+    /// (a test checks every variant's name against its tag).
+    pub const TAG_NAMES: [&'static str; 16] = [
+        "Hello",
+        "Welcome",
+        "Refuse",
+        "Forward",
+        "ForwardAck",
+        "FetchCard",
+        "CardResult",
+        "Import",
+        "HandoffDone",
+        "HandoffAck",
+        "SealedForward",
+        "GetToken",
+        "TokenResult",
+        "Consent",
+        "ConsentResult",
+        "ImportFile",
+    ];
+
+    /// The wire tag of this frame.
+    pub fn tag(&self) -> u32 {
+        match self {
+            PeerFrame::Hello(_) => 0,
+            PeerFrame::Welcome(_) => 1,
+            PeerFrame::Refuse(_) => 2,
+            PeerFrame::Forward(_) => 3,
+            PeerFrame::ForwardAck(_) => 4,
+            PeerFrame::FetchCard(_) => 5,
+            PeerFrame::CardResult(_) => 6,
+            PeerFrame::Import(_) => 7,
+            PeerFrame::HandoffDone(_) => 8,
+            PeerFrame::HandoffAck(_) => 9,
+            PeerFrame::SealedForward(_) => 10,
+            PeerFrame::GetToken(_) => 11,
+            PeerFrame::TokenResult(_) => 12,
+            PeerFrame::Consent(_) => 13,
+            PeerFrame::ConsentResult(_) => 14,
+            PeerFrame::ImportFile(_) => 15,
+        }
+    }
+
     /// The request id of a request or response, `None` for link control frames.
     pub fn request_id(&self) -> Option<u64> {
         match self {

@@ -254,6 +254,65 @@ impl Frame {
         }
     }
 
+    /// The `request_id` of a request a client sends (on the session's
+    /// stream, or as a file stream's header), `None` for every other frame:
+    /// the handshake, `Ack`, `Ping`, `Pong`, `Error` and what only a broker
+    /// sends.
+    pub fn request_id(&self) -> Option<u64> {
+        use Frame as F;
+        Some(match self {
+            F::RegisterDevice(f) => f.request_id,
+            F::PublishCard(f) => f.request_id,
+            F::FetchCard(f) => f.request_id,
+            F::Send(f) => f.request_id,
+            F::Delete(f) => f.request_id,
+            F::RegisterCapability(f) => f.request_id,
+            F::RevokeCapability(f) => f.request_id,
+            F::ListCapabilities(f) => f.request_id,
+            F::SealedSend(f) => f.request_id,
+            F::CreateToken(f) => f.request_id,
+            F::GetToken(f) => f.request_id,
+            F::DeleteToken(f) => f.request_id,
+            F::SetInboundPolicy(f) => f.request_id,
+            F::RequestRelationship(f) => f.request_id,
+            F::DecideRelationship(f) => f.request_id,
+            F::ListRelationships(f) => f.request_id,
+            F::DeleteIdentity(f) => f.request_id,
+            F::CancelDeletion(f) => f.request_id,
+            F::CreateFile(f) => f.request_id,
+            F::FileStatus(f) => f.request_id,
+            F::DeleteFile(f) => f.request_id,
+            F::UploadFile(f) => f.request_id,
+            F::DownloadFile(f) => f.request_id,
+            F::UnregisterDevice(f) => f.request_id,
+            F::ListDevices(f) => f.request_id,
+            F::Hello(_)
+            | F::Challenge(_)
+            | F::Auth(_)
+            | F::AuthOk(_)
+            | F::CardResult(_)
+            | F::SendAck(_)
+            | F::Deliver(_)
+            | F::Ack(_)
+            | F::Done(_)
+            | F::Error(_)
+            | F::Redirect(_)
+            | F::Ping(_)
+            | F::Pong(_)
+            | F::Capabilities(_)
+            | F::Anonymous(_)
+            | F::TokenCreated(_)
+            | F::TokenContent(_)
+            | F::RelationshipChanged(_)
+            | F::Relationships(_)
+            | F::DeletionScheduled(_)
+            | F::FileCreated(_)
+            | F::FileState(_)
+            | F::FileData(_)
+            | F::Devices(_) => return None,
+        })
+    }
+
     /// Whether a broker accepts this tag from a client that has not
     /// authenticated: `Hello`, `Auth` and `Anonymous`.
     pub fn tag_allowed_before_auth(tag: u32) -> bool {
@@ -875,6 +934,10 @@ error_codes! {
     TrailingBytes = 5, false;
     /// The frame ended before its body did.
     TruncatedFrame = 6, false;
+    /// A request carried `request_id` 0, which is reserved for answers
+    /// about the connection; the request was not carried out. Answered with
+    /// `request_id` 0, and the session goes on.
+    InvalidRequestId = 7, false;
     /// A frame other than Hello, Auth or Anonymous arrived before
     /// authentication, or a frame that needs an identity arrived on an anonymous session.
     NotAuthenticated = 10, false;

@@ -1122,6 +1122,11 @@ proptest! {
             decode_peer_frame(&bytes, MAX_FRAME_LEN),
             Ok(Some((frame.clone(), bytes.len())))
         );
+        // The tag on the wire is `tag()`, and `TAG_NAMES` names the variant.
+        prop_assert_eq!(u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]), frame.tag());
+        let variant = format!("{}(", PeerFrame::TAG_NAMES[frame.tag() as usize]);
+        let debug = format!("{frame:?}");
+        prop_assert!(debug.starts_with(&variant), "{} is not a {}", debug, variant);
         for cut in 0..bytes.len() {
             prop_assert_eq!(decode_peer_frame(&bytes[..cut], MAX_FRAME_LEN), Ok(None));
         }

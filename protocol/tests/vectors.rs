@@ -29,9 +29,11 @@ use backbone_protocol::bytes::{
 use backbone_protocol::bytes::{ContentHash, FileId, FileSecret};
 use backbone_protocol::capability::CAPABILITY_HASH_CONTEXT;
 use backbone_protocol::codec::{
-    MAX_FRAME_LEN, decode_frame, decode_value, encode_value, frame_to_vec,
+    DecodeError, MAX_FRAME_LEN, decode_frame, decode_peer_frame, decode_value, encode_value,
+    frame_to_vec,
 };
 use backbone_protocol::file::SECRET_HASH_CONTEXT;
+use backbone_protocol::fleet::PeerFrame;
 use backbone_protocol::frame::{
     Ack, Anonymous, AuthOk, CancelDeletion, Capabilities, CardResult, Challenge, CreateToken,
     DecideRelationship, Delete, DeleteIdentity, DeleteToken, DeletionScheduled, Deliver, Done,
@@ -1072,4 +1074,58 @@ fn body_sizes_match_the_documented_layouts() {
             vector.title
         );
     }
+}
+
+/// The lowest tag `unknown` says a decoder refuses as an unknown frame type,
+/// after checking that it refuses every tag above it (up to 1,000) and none
+/// below it.
+fn first_unknown_tag(unknown: impl Fn(u32) -> bool) -> u32 {
+    let bound = (0..1_000)
+        .find(|&tag| unknown(tag))
+        .expect("some tag is unknown");
+    assert!((bound..1_000).all(&unknown), "a tag above {bound} decodes");
+    assert!(!(0..bound).any(&unknown));
+    bound
+}
+
+/// A frame with version 1, `tag` and nothing after the tag.
+fn bare_frame(tag: u32) -> Vec<u8> {
+    let mut bytes = 5u32.to_be_bytes().to_vec();
+    bytes.push(1);
+    bytes.extend_from_slice(&tag.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn protocol_md_states_the_tag_bounds_the_decoders_enforce() {
+    let client = first_unknown_tag(|tag| {
+        matches!(
+            decode_frame(&bare_frame(tag), MAX_FRAME_LEN, Phase::Any),
+            Err(DecodeError::UnknownFrameType { .. })
+        )
+    });
+    let peer = first_unknown_tag(|tag| {
+        matches!(
+            decode_peer_frame(&bare_frame(tag), MAX_FRAME_LEN),
+            Err(DecodeError::UnknownFrameType { .. })
+        )
+    });
+    assert_eq!(client as usize, Frame::TAG_NAMES.len());
+    assert_eq!(peer as usize, PeerFrame::TAG_NAMES.len());
+    let document = std::fs::read_to_string(protocol_md_path()).expect("read docs/protocol.md");
+    let words = document.split_whitespace().collect::<Vec<_>>().join(" ");
+    for sentence in [
+        format!("a tag of {client} or more (`UnknownFrameType`)"),
+        format!("a tag of {peer} or more,"),
+    ] {
+        assert!(
+            words.contains(&sentence),
+            "docs/protocol.md should say \"{sentence}\""
+        );
+    }
+    assert_eq!(
+        words.matches("a tag of ").count(),
+        2,
+        "docs/protocol.md states a tag bound this test does not check"
+    );
 }
