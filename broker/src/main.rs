@@ -1,17 +1,31 @@
 //! `backbone`: the broker binary.
+//!
+//! `main` parses the command line, sets up logging and runs one command.
+//! Every result goes through [`Output`]: text for people, or with `--json`
+//! one JSON object per line for scripts (docs/operations.md lists the
+//! fields); an error is then one JSON object on standard error.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use backbone_broker::{Broker, Config, StartOptions};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use serde::Serialize;
 
 /// Backbone: a zero-knowledge message broker.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "backbone", version, about)]
 struct Cli {
+    /// Print results as JSON for scripts: one object per line on standard
+    /// output (logs go to standard error), with the field names
+    /// docs/operations.md lists. An error is one JSON object on standard
+    /// error (`error`, `message`), and the exit code stays what it is
+    /// without --json.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +49,22 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3)]
         timeout_secs: u64,
+    },
+    /// Print a shell completion script on standard output. For bash:
+    /// `backbone completions bash > ~/.local/share/bash-completion/completions/backbone`;
+    /// zsh: write `_backbone` into a directory of your `$fpath`; fish:
+    /// `~/.config/fish/completions/backbone.fish`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for backbone and one for each of its subcommands
+    /// (`backbone-store-verify.1`, ...) into a directory, for example
+    /// `/usr/local/share/man/man1`.
+    Man {
+        /// The directory to write the pages into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -107,8 +137,148 @@ struct ServeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// Where a command prints its results, and in which form.
+#[derive(Clone, Copy)]
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Prints one result on standard output: `value` as one JSON line, or
+    /// the lines `text` returns (nothing when it returns an empty string).
+    fn result<T: Serialize>(self, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        if self.json {
+            serde_json::to_writer(&mut stdout, value)?;
+            writeln!(stdout)?;
+        } else {
+            let text = text();
+            if !text.is_empty() {
+                writeln!(stdout, "{text}")?;
+            }
+        }
+        stdout.flush()?;
+        Ok(())
+    }
+}
+
+/// What kind of failure ended a command: the stable `error` field of a JSON
+/// error. Every kind but `usage` (exit code 2) exits with 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum ErrorKind {
+    /// The command line does not parse.
+    Usage,
+    /// Anything not listed below.
+    Failed,
+    /// `store verify` or `store repair` found damaged ranges.
+    Damaged,
+    /// `fleet check --previous` found slots changing owner without a move.
+    UnsafeTransition,
+    /// `healthcheck` got no 200 from /health, or no answer at all.
+    Unhealthy,
+}
+
+/// A failure of a kind other than [`ErrorKind::Failed`].
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Failure {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Failure {
+    /// An error of `kind`.
+    fn error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Failure {
+            kind,
+            message: message.into(),
+        })
+    }
+}
+
+/// An error as `--json` prints it on standard error.
+#[derive(Serialize)]
+struct ErrorReport<'a> {
+    error: ErrorKind,
+    message: &'a str,
+}
+
+fn print_json_error(kind: ErrorKind, message: &str) {
+    // An error object holds only strings: it always serializes.
+    let line = serde_json::to_string(&ErrorReport {
+        error: kind,
+        message,
+    })
+    .unwrap_or_default();
+    eprintln!("{line}");
+}
+
+/// Prints `error` on standard error and returns exit code 1.
+fn report_error(output: Output, error: &anyhow::Error) -> ExitCode {
+    if output.json {
+        let kind = error
+            .downcast_ref::<Failure>()
+            .map_or(ErrorKind::Failed, |failure| failure.kind);
+        print_json_error(kind, &format!("{error:#}"));
+    } else {
+        // As a `main` returning the error would print it.
+        eprintln!("Error: {error:?}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The command line failed to parse: as JSON with `--json` among the
+/// arguments (`--help` and `--version` print as usual), else as clap prints it.
+fn usage_error(error: clap::Error) -> ExitCode {
+    let json_asked = std::env::args_os()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg == "--json");
+    if !json_asked || !error.use_stderr() {
+        error.exit()
+    }
+    let rendered = error.render().to_string();
+    let message = rendered.lines().next().unwrap_or_default();
+    print_json_error(ErrorKind::Usage, message.trim_start_matches("error: "));
+    ExitCode::from(2)
+}
+
+/// One damaged range of the mailbox log, in `store verify|repair --json`.
+#[derive(Serialize)]
+struct DamagedRange {
+    file: String,
+    offset: u64,
+    position: u64,
+    len: u64,
+    /// Whether the range runs to the end of the log.
+    tail: bool,
+    error: String,
+    /// Addresses with envelopes indexed in the range.
+    mailboxes: Vec<String>,
+    /// For a range no checkpoint covers: the address its damaged bytes read as.
+    possibly: Option<String>,
+}
+
+/// `store verify --json`.
+#[derive(Serialize)]
+struct Verified {
+    log: String,
+    whole: bool,
+    damaged: Vec<DamagedRange>,
+}
+
+/// `store repair --json`.
+#[derive(Serialize)]
+struct Repaired {
+    log: String,
+    damaged: Vec<DamagedRange>,
+    repaired_ranges: usize,
+    dropped_envelopes: usize,
+}
+
 /// `backbone store verify|repair`.
-fn store(command: StoreCommand) -> anyhow::Result<()> {
+fn store(output: Output, command: StoreCommand) -> anyhow::Result<()> {
     use backbone_broker::store::SledStore;
     use backbone_broker::store::log::verify;
     let (data_dir, repair, yes) = match command {
@@ -130,37 +300,58 @@ fn store(command: StoreCommand) -> anyhow::Result<()> {
         )
     })?;
     let damages = verify::verify(&log_path, &directory)?;
-    if damages.is_empty() {
-        println!("{}: the mailbox log is whole", log_path.display());
-        return Ok(());
-    }
-    for damage in &damages {
-        println!(
-            "{} offset {} ({} bytes{}): {}",
-            damage.file.display(),
-            damage.offset,
-            damage.len,
-            if damage.tail {
-                ", the end of the log"
-            } else {
-                ""
-            },
-            damage.error
-        );
-        for address in &damage.mailboxes {
-            println!("  envelopes of {address} are in it");
-        }
-        if let Some(address) = damage.possibly {
-            println!("  possibly envelopes of {address} (read from the damaged bytes)");
-        }
+    let damaged: Vec<DamagedRange> = damages
+        .iter()
+        .map(|damage| DamagedRange {
+            file: damage.file.display().to_string(),
+            offset: damage.offset,
+            position: damage.position,
+            len: damage.len,
+            tail: damage.tail,
+            error: damage.error.clone(),
+            mailboxes: damage.mailboxes.iter().map(ToString::to_string).collect(),
+            possibly: damage.possibly.map(|address| address.to_string()),
+        })
+        .collect();
+    let log = log_path.display().to_string();
+    let whole_text = || format!("{log}: the mailbox log is whole");
+    if damages.is_empty() && repair {
+        let repaired = Repaired {
+            log: log.clone(),
+            damaged,
+            repaired_ranges: 0,
+            dropped_envelopes: 0,
+        };
+        return output.result(&repaired, whole_text);
     }
     if !repair {
-        println!(
-            "{} damaged range(s); `backbone store repair --data-dir {}` drops them",
-            damages.len(),
-            data_dir.display()
-        );
-        std::process::exit(1);
+        let whole = damages.is_empty();
+        let verified = Verified {
+            log: log.clone(),
+            whole,
+            damaged,
+        };
+        output.result(&verified, || {
+            if whole {
+                whole_text()
+            } else {
+                damage_text(&verified.damaged)
+            }
+        })?;
+        if whole {
+            return Ok(());
+        }
+        return Err(Failure::error(
+            ErrorKind::Damaged,
+            format!(
+                "{} damaged range(s); `backbone store repair --data-dir {}` drops them",
+                damages.len(),
+                data_dir.display()
+            ),
+        ));
+    }
+    if !output.json {
+        println!("{}", damage_text(&damaged));
     }
     if !yes {
         eprint!(
@@ -174,34 +365,118 @@ fn store(command: StoreCommand) -> anyhow::Result<()> {
         }
     }
     let dropped = verify::repair(&log_path, &directory, &damages)?;
-    println!(
-        "repaired {} range(s); {dropped} indexed envelope(s) dropped",
-        damages.len()
-    );
-    Ok(())
+    let repaired = Repaired {
+        log,
+        damaged,
+        repaired_ranges: damages.len(),
+        dropped_envelopes: dropped,
+    };
+    output.result(&repaired, || {
+        format!(
+            "repaired {} range(s); {dropped} indexed envelope(s) dropped",
+            repaired.repaired_ranges
+        )
+    })
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    // Colours only for a terminal: log files, `docker logs` and journald get
-    // plain text (and each connection's span keeps its fields without escape
-    // codes). NO_COLOR turns them off on a terminal too.
-    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_ansi(ansi)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let args = match cli.command {
-        Command::Serve(args) => args,
-        Command::Fleet(command) => return fleet(command),
-        Command::Store(command) => return store(command),
-        Command::Healthcheck { url, timeout_secs } => {
-            return healthcheck(&url, std::time::Duration::from_secs(timeout_secs));
+/// The damaged ranges as `store verify` prints them for people.
+fn damage_text(damaged: &[DamagedRange]) -> String {
+    let mut lines = Vec::new();
+    for damage in damaged {
+        lines.push(format!(
+            "{} offset {} ({} bytes{}): {}",
+            damage.file,
+            damage.offset,
+            damage.len,
+            if damage.tail {
+                ", the end of the log"
+            } else {
+                ""
+            },
+            damage.error
+        ));
+        for address in &damage.mailboxes {
+            lines.push(format!("  envelopes of {address} are in it"));
         }
+        if let Some(address) = &damage.possibly {
+            lines.push(format!(
+                "  possibly envelopes of {address} (read from the damaged bytes)"
+            ));
+        }
+    }
+    lines.join("\n")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
     };
+    let output = Output { json: cli.json };
+    init_logging(output);
+    match run(output, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report_error(output, &error),
+    }
+}
+
+/// Logs go to standard output, or to standard error with `--json` so that
+/// standard output holds only JSON. Colours only for a terminal: log files,
+/// `docker logs` and journald get plain text (and each connection's span
+/// keeps its fields without escape codes). NO_COLOR turns them off on a
+/// terminal too.
+fn init_logging(output: Output) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colours = std::env::var_os("NO_COLOR").is_none();
+    if output.json {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(colours && std::io::stderr().is_terminal())
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_ansi(colours && std::io::stdout().is_terminal())
+            .with_env_filter(filter)
+            .init();
+    }
+}
+
+fn run(output: Output, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(output, args),
+        Command::Fleet(command) => fleet(output, command),
+        Command::Store(command) => store(output, command),
+        Command::Healthcheck { url, timeout_secs } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            // Whatever went wrong, the broker is not known to be healthy.
+            healthcheck(output, &url, timeout).map_err(|error| match error.is::<Failure>() {
+                true => error,
+                false => Failure::error(ErrorKind::Unhealthy, format!("{error:#}")),
+            })
+        }
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            let mut stdout = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut command, "backbone", &mut stdout);
+            stdout.flush()?;
+            Ok(())
+        }
+        Command::Man { out } => man(output, &out),
+    }
+}
+
+/// `serve --json`: where the broker listens, printed once it does.
+#[derive(Serialize)]
+struct Listening {
+    quic_addr: String,
+    certificate: String,
+    fingerprint: String,
+    metrics_addr: Option<String>,
+}
+
+fn serve(output: Output, args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
@@ -224,12 +499,25 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         backbone_broker::metrics_http::handle();
         let broker = Broker::start(config, StartOptions::default()).await?;
-        println!("backbone listening on {} (udp)", broker.quic_addr);
-        println!("certificate: {}", broker.cert_path.display());
-        println!("fingerprint: {}", broker.fingerprint);
-        if let Some(addr) = broker.metrics_addr {
-            println!("metrics: http://{addr}/metrics  health: http://{addr}/health");
-        }
+        let listening = Listening {
+            quic_addr: broker.quic_addr.to_string(),
+            certificate: broker.cert_path.display().to_string(),
+            fingerprint: broker.fingerprint.clone(),
+            metrics_addr: broker.metrics_addr.map(|addr| addr.to_string()),
+        };
+        output.result(&listening, || {
+            let mut lines = vec![
+                format!("backbone listening on {} (udp)", listening.quic_addr),
+                format!("certificate: {}", listening.certificate),
+                format!("fingerprint: {}", listening.fingerprint),
+            ];
+            if let Some(addr) = &listening.metrics_addr {
+                lines.push(format!(
+                    "metrics: http://{addr}/metrics  health: http://{addr}/health"
+                ));
+            }
+            lines.join("\n")
+        })?;
         wait_for_signal().await?;
         broker.shutdown().await
     })
@@ -244,7 +532,88 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+/// `man --json`: every page written.
+#[derive(Serialize)]
+struct ManPages {
+    pages: Vec<String>,
+}
+
+/// `man --out DIR`: one page for backbone and one for each subcommand,
+/// named as man expects (`backbone-store-verify.1`).
+fn man(output: Output, out: &Path) -> anyhow::Result<()> {
+    fn write_pages(
+        command: &clap::Command,
+        out: &Path,
+        pages: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let page = clap_mangen::Man::new(command.clone());
+        let path = page
+            .generate_to(out)
+            .with_context(|| format!("writing {} in {}", page.get_filename(), out.display()))?;
+        pages.push(path.display().to_string());
+        for subcommand in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+            write_pages(subcommand, out, pages)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Built once from the top, so that every subcommand's page is titled
+    // with its full name (`backbone-store-verify`), not just `verify`.
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    let mut pages = Vec::new();
+    write_pages(&command, out, &mut pages)?;
+    let written = ManPages { pages };
+    output.result(&written, || {
+        written
+            .pages
+            .iter()
+            .map(|page| format!("wrote {page}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// `fleet pki --json`: the files written (none when every node already had
+/// a certificate).
+#[derive(Serialize)]
+struct PkiWritten {
+    written: Vec<String>,
+}
+
+/// `fleet check --json`.
+#[derive(Serialize)]
+struct FleetChecked {
+    epoch: u64,
+    digest: String,
+    nodes: Vec<FleetNode>,
+    moves: Vec<FleetMove>,
+    /// With `--previous`: that map's epoch.
+    previous_epoch: Option<u64>,
+    /// With `--previous`: slots changing owner without a move (empty when
+    /// the transition is safe).
+    problems: Vec<String>,
+}
+
+/// One node of a fleet map; slots as inclusive `[first, last]` ranges.
+#[derive(Serialize)]
+struct FleetNode {
+    name: String,
+    slot_count: usize,
+    slots: Vec<(u16, u16)>,
+    peer: String,
+    public: String,
+}
+
+/// One `[[move]]` of a fleet map.
+#[derive(Serialize)]
+struct FleetMove {
+    from: String,
+    to: String,
+    slots: Vec<(u16, u16)>,
+}
+
+fn fleet(output: Output, command: FleetCommand) -> anyhow::Result<()> {
     match command {
         FleetCommand::Pki {
             dir,
@@ -268,62 +637,134 @@ fn fleet(command: FleetCommand) -> anyhow::Result<()> {
                 );
             }
             let written = backbone_broker::fleet::pki::generate(&dir, &nodes, &extra_names)?;
-            for path in &written {
-                println!("wrote {}", path.display());
-            }
-            if written.is_empty() {
-                println!("nothing to do: every node already has a certificate");
-            }
-            Ok(())
+            let written = PkiWritten {
+                written: written
+                    .iter()
+                    .map(|path| path.display().to_string())
+                    .collect(),
+            };
+            output.result(&written, || {
+                if written.written.is_empty() {
+                    return "nothing to do: every node already has a certificate".to_owned();
+                }
+                written
+                    .written
+                    .iter()
+                    .map(|path| format!("wrote {path}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
         }
         FleetCommand::Check { file, previous } => {
             let map = backbone_broker::fleet::FleetMap::load(&file)?;
-            println!("epoch {} digest {}", map.epoch(), hex::encode(map.digest()));
-            for node in map.nodes() {
-                let ranges: Vec<String> = map
-                    .slot_ranges(&node.name)
-                    .into_iter()
-                    .map(|(a, b)| {
-                        if a == b {
-                            a.to_string()
-                        } else {
-                            format!("{a}-{b}")
-                        }
+            let previous = previous
+                .map(|path| backbone_broker::fleet::FleetMap::load(&path))
+                .transpose()?;
+            let checked = FleetChecked {
+                epoch: map.epoch(),
+                digest: hex::encode(map.digest()),
+                nodes: map
+                    .nodes()
+                    .iter()
+                    .map(|node| FleetNode {
+                        name: node.name.clone(),
+                        slot_count: node.slot_count,
+                        slots: map.slot_ranges(&node.name),
+                        peer: node.peer.clone(),
+                        public: node.public.clone(),
                     })
-                    .collect();
-                println!(
-                    "{}: {} slots [{}] peer {} public {}",
-                    node.name,
-                    node.slot_count,
-                    ranges.join(", "),
-                    node.peer,
-                    node.public
-                );
-            }
-            for m in map.moves() {
-                let ranges: Vec<String> = m.slots.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-                println!("move {} -> {}: [{}]", m.from, m.to, ranges.join(", "));
-            }
-            if let Some(previous) = previous {
-                let previous = backbone_broker::fleet::FleetMap::load(&previous)?;
-                let problems = backbone_broker::fleet::map::check_transition(&previous, &map);
-                if !problems.is_empty() {
-                    for problem in &problems {
-                        eprintln!("{problem}");
+                    .collect(),
+                moves: map
+                    .moves()
+                    .iter()
+                    .map(|m| FleetMove {
+                        from: m.from.clone(),
+                        to: m.to.clone(),
+                        slots: m.slots.clone(),
+                    })
+                    .collect(),
+                previous_epoch: previous.as_ref().map(|previous| previous.epoch()),
+                problems: previous
+                    .as_ref()
+                    .map(|previous| {
+                        backbone_broker::fleet::map::check_transition(previous, &map)
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            output.result(&checked, || fleet_text(&checked))?;
+            if let Some(epoch) = checked.previous_epoch {
+                if !checked.problems.is_empty() {
+                    if !output.json {
+                        for problem in &checked.problems {
+                            eprintln!("{problem}");
+                        }
                     }
-                    anyhow::bail!("the transition from epoch {} is not safe", previous.epoch());
+                    return Err(Failure::error(
+                        ErrorKind::UnsafeTransition,
+                        format!("the transition from epoch {epoch} is not safe"),
+                    ));
                 }
-                println!("transition from epoch {} checked", previous.epoch());
+                if !output.json {
+                    println!("transition from epoch {epoch} checked");
+                }
             }
             Ok(())
         }
     }
 }
 
+/// A checked fleet map as `fleet check` prints it for people.
+fn fleet_text(checked: &FleetChecked) -> String {
+    let ranges = |slots: &[(u16, u16)], collapse: bool| {
+        slots
+            .iter()
+            .map(|&(a, b)| {
+                if collapse && a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut lines = vec![format!("epoch {} digest {}", checked.epoch, checked.digest)];
+    for node in &checked.nodes {
+        lines.push(format!(
+            "{}: {} slots [{}] peer {} public {}",
+            node.name,
+            node.slot_count,
+            ranges(&node.slots, true),
+            node.peer,
+            node.public
+        ));
+    }
+    for m in &checked.moves {
+        lines.push(format!(
+            "move {} -> {}: [{}]",
+            m.from,
+            m.to,
+            ranges(&m.slots, false)
+        ));
+    }
+    lines.join("\n")
+}
+
+/// `healthcheck --json`.
+#[derive(Serialize)]
+struct Healthy {
+    url: String,
+    /// The response's status line.
+    status: String,
+}
+
 /// A minimal HTTP/1.1 GET: the broker serves /health itself, so the image
 /// needs no curl.
-fn healthcheck(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+fn healthcheck(output: Output, url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use std::io::Read;
     let rest = url
         .strip_prefix("http://")
         .context("only http:// URLs are supported")?;
@@ -343,9 +784,17 @@ fn healthcheck(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
     let mut response = String::new();
     stream.take(64 * 1024).read_to_string(&mut response)?;
     let status = response.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        anyhow::bail!("unhealthy: {status:?}")
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(Failure::error(
+            ErrorKind::Unhealthy,
+            format!("unhealthy: {status:?}"),
+        ));
     }
+    output.result(
+        &Healthy {
+            url: url.to_owned(),
+            status: status.to_owned(),
+        },
+        String::new,
+    )
 }
