@@ -1697,12 +1697,33 @@ fn check_envelope_count(envelopes: &sled::Tree, enforce: bool) -> Result<u64, St
             ),
         }),
         Some(recorded) if recorded == counted => Ok(counted),
-        // A new store, or one whose legacy envelopes were all migrated
-        // into the log: envelopes live there, and the legacy tree stays
-        // empty without a count.
+        // A new store (a first start is routine, not worth a warning), or
+        // one whose legacy envelopes were all migrated into the log:
+        // envelopes live there, and the legacy tree stays empty without a
+        // count.
         None if counted == 0 => Ok(counted),
+        // A store from before the count and the epoch file existed: there
+        // is nothing to compare with, so the count found becomes the count.
+        None if !enforce => {
+            tracing::info!(
+                counted,
+                "recording the envelope count found in a store from before the count was kept"
+            );
+            envelopes.insert(COUNT_KEY, &counted.to_be_bytes()[..])?;
+            Ok(counted)
+        }
+        // What the warning is for: the recorded count disagrees with the
+        // envelopes found, and it is accepted only because the epoch file
+        // is gone (an operator deleted it to serve what survived damage, as
+        // `StoreError::Damaged` tells them to); or a store that keeps an
+        // epoch file has lost its count.
         _ => {
-            tracing::warn!(counted, "recording the envelope count found in the store");
+            tracing::warn!(
+                counted,
+                ?recorded,
+                "recording the envelope count found in the store, which disagrees with the \
+                 count it had recorded: envelopes may have been lost to damage"
+            );
             envelopes.insert(COUNT_KEY, &counted.to_be_bytes()[..])?;
             Ok(counted)
         }
