@@ -500,7 +500,7 @@ async fn receive(
             }
             disk_file.write_all(&chunk).await.map_err(disk)?;
             written += chunk.len() as u64;
-            metrics::counter!("backbone_file_bytes_received_total").increment(chunk.len() as u64);
+            metrics::counter!("backbone_file_received_bytes_total").increment(chunk.len() as u64);
         }
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(next)) => chunk = next.bytes.to_vec(),
@@ -650,7 +650,7 @@ async fn transmit(
         }
         send.write_all(&buf[..read]).await.map_err(|_| None)?;
         remaining -= read as u64;
-        metrics::counter!("backbone_file_bytes_sent_total").increment(read as u64);
+        metrics::counter!("backbone_file_sent_bytes_total").increment(read as u64);
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! - [`store`]: storage behind a narrow trait; the only module naming sled, and the group-commit writer.
 //! - [`tls`], [`transport`]: certificates and QUIC tuning.
 //! - [`metrics_http`]: `/metrics` and `/health`.
+//! - [`telemetry`]: every exported metric's name, kind, unit, labels and help text.
 
 pub mod admission;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod transport;

@@ -7,11 +7,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_process::Collector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::server::Shared;
+use crate::telemetry;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -19,16 +21,27 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
-            .expect("static bucket list is non-empty");
+            .set_buckets(telemetry::SECONDS_BUCKETS)
+            .and_then(|builder| {
+                builder.set_buckets_for_metric(
+                    Matcher::Suffix("_bytes".into()),
+                    telemetry::BYTES_BUCKETS,
+                )
+            })
+            .and_then(|builder| {
+                builder.set_buckets_for_metric(
+                    Matcher::Suffix("_envelopes".into()),
+                    telemetry::COUNT_BUCKETS,
+                )
+            })
+            .expect("static bucket lists are non-empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (an embedding program);
         // then this endpoint serves an empty registry rather than failing.
         let _ = metrics::set_global_recorder(recorder);
+        telemetry::describe();
+        process_collector().describe();
         handle
     })
 }
@@ -81,6 +94,7 @@ async fn respond(
                 metrics::gauge!("backbone_store_bytes").set(bytes as f64);
             }
             record_process_gauges();
+            record_scrape_gauges(shared);
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ("GET", "/health") => {
@@ -120,18 +134,34 @@ async fn respond(
     stream.shutdown().await
 }
 
-/// Samples the process-wide gauges a leak would move: live tokio tasks and
-/// open file descriptors. They are read when scraped, like
-/// `backbone_store_bytes`, so an idle broker pays nothing for them.
+/// Samples what an operator alerts on and nothing else updates: the data
+/// directory's file system, and handoffs that have not finished.
+fn record_scrape_gauges(shared: &Shared) {
+    // Linux and other Unixes; elsewhere the gauges are absent.
+    if let Ok(fs) = rustix::fs::statvfs(&shared.config.server.data_dir) {
+        let block = fs.f_frsize;
+        metrics::gauge!("backbone_data_dir_size_bytes").set((fs.f_blocks * block) as f64);
+        metrics::gauge!("backbone_data_dir_available_bytes").set((fs.f_bavail * block) as f64);
+    }
+    metrics::gauge!("backbone_fleet_handoffs_unfinished")
+        .set(shared.fleet.unfinished_handoffs() as f64);
+}
+
+/// The standard process metrics (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`,
+/// `process_start_time_seconds`, ...).
+fn process_collector() -> &'static Collector {
+    static COLLECTOR: OnceLock<Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(Collector::default)
+}
+
+/// Samples the gauges a leak would move: the process metrics and live tokio
+/// tasks. They are read when scraped, like `backbone_store_bytes`, so an
+/// idle broker pays nothing for them.
 fn record_process_gauges() {
+    process_collector().collect();
     let tasks = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
     metrics::gauge!("backbone_tokio_tasks").set(tasks as f64);
-    // Linux only; elsewhere the gauge is simply absent.
-    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-        // The directory handle being read is itself one of the entries.
-        let fds = entries.count().saturating_sub(1);
-        metrics::gauge!("backbone_open_fds").set(fds as f64);
-    }
 }

@@ -263,7 +263,10 @@ async fn forward(
         return (Vec::new(), refused);
     };
     metrics::counter!("backbone_fleet_forwards_sent_total", "peer" => node.clone()).increment(1);
+    let started = std::time::Instant::now();
     let answer = links.request(&node, build).await;
+    metrics::histogram!("backbone_fleet_forward_seconds", "peer" => node.clone())
+        .record(started.elapsed().as_secs_f64());
     match answer {
         Ok(PeerFrame::ForwardAck(ack)) => {
             // Only recipients that were asked for count; anything else the

@@ -657,7 +657,11 @@ async fn serve_authenticated(
                 let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
                 tokio::spawn(
                     async move {
+                        let started = Instant::now();
                         let response = handle_send(&shared, &session, send).await;
+                        metrics::histogram!("backbone_send_seconds", "kind" => "send")
+                            .record(started.elapsed().as_secs_f64());
+                        count_refused_copies("send", &response);
                         let _ = out.send(response).await;
                         drop(permit);
                     }
@@ -705,6 +709,22 @@ async fn serve_authenticated(
             ErrorCode::ShuttingDown,
             "broker is shutting down",
         );
+    }
+}
+
+/// Counts the envelope copies a `Send` or `SealedSend` answer refuses, by
+/// code: the whole request once when it is refused, else each recipient
+/// listed as failed.
+fn count_refused_copies(kind: &'static str, answer: &Frame) {
+    let count = |code: u16| {
+        let code = ErrorCode::from_u16(code).map_or("unknown", ErrorCode::name);
+        metrics::counter!("backbone_sends_refused_total", "kind" => kind, "code" => code)
+            .increment(1);
+    };
+    match answer {
+        Frame::Error(error) => count(error.code),
+        Frame::SendAck(ack) => ack.failed.iter().for_each(|failed| count(failed.code)),
+        _ => {}
     }
 }
 
@@ -1061,7 +1081,14 @@ async fn serve_anonymous(
         tokio::spawn(
             async move {
                 let response = match request {
-                    Frame::SealedSend(send) => handle_sealed_send(&shared, send).await,
+                    Frame::SealedSend(send) => {
+                        let started = Instant::now();
+                        let response = handle_sealed_send(&shared, send).await;
+                        metrics::histogram!("backbone_send_seconds", "kind" => "sealed")
+                            .record(started.elapsed().as_secs_f64());
+                        count_refused_copies("sealed", &response);
+                        response
+                    }
                     Frame::FetchCard(fetch) => fetch_card(&shared, fetch).await,
                     Frame::GetToken(get) => crate::token::get(&shared, get).await,
                     other => error_frame(
@@ -1252,6 +1279,34 @@ fn respond<T>(
 /// Pushes the mailbox to one device: first what is stored after its cursor,
 /// then live envelopes, in sequence order, never more than `push_window`
 /// unacknowledged. Ends when the session's ack channel closes.
+/// One device session's share of `backbone_push_pending_envelopes`: the
+/// envelopes up to the durable head it has not acknowledged. Taken back
+/// when the session ends.
+#[derive(Default)]
+struct PendingGauge {
+    reported: u64,
+}
+
+impl PendingGauge {
+    fn set(&mut self, pending: u64) {
+        if pending != self.reported {
+            let gauge = metrics::gauge!("backbone_push_pending_envelopes");
+            if pending > self.reported {
+                gauge.increment((pending - self.reported) as f64);
+            } else {
+                gauge.decrement((self.reported - pending) as f64);
+            }
+            self.reported = pending;
+        }
+    }
+}
+
+impl Drop for PendingGauge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 async fn deliver(
     shared: Arc<Shared>,
     session: Arc<Session>,
@@ -1284,8 +1339,10 @@ async fn deliver(
     let mut sent = acked;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
+    let mut pending = PendingGauge::default();
 
     'session: loop {
+        pending.set(known_head.saturating_sub(acked));
         // Catch up from the store while behind and the window has room.
         while sent < known_head && in_flight.len() < window {
             let store = shared.log.clone();
@@ -1354,6 +1411,8 @@ async fn deliver(
                     in_flight.drain(..newly);
                     metrics::counter!("backbone_envelopes_acked_total").increment(newly as u64);
                     acked = up_to;
+                    metrics::histogram!("backbone_device_push_lag_envelopes")
+                        .record(known_head.saturating_sub(acked) as f64);
                     cursor.ack(up_to);
                 }
             }

@@ -242,7 +242,7 @@ async fn transfer_files(
                 .await
                 .map_err(|error| error.to_string())?;
             check_ack(answer)?;
-            metrics::counter!("backbone_fleet_handoff_file_bytes_sent_total").increment(len as u64);
+            metrics::counter!("backbone_fleet_handoff_file_sent_bytes_total").increment(len as u64);
             if last {
                 break;
             }

@@ -176,6 +176,17 @@ impl Fleet {
         Ok(())
     }
 
+    /// Handoffs of this epoch not yet finished on this node's side: moves
+    /// out not `done`, moves in not `imported`.
+    pub fn unfinished_handoffs(&self) -> usize {
+        self.handoffs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, state)| state != "done" && state != "imported")
+            .count()
+    }
+
     /// Updates the progress shown for `m`.
     pub fn set_handoff_state(&self, m: &Move, state: String) {
         let mut handoffs = self.handoffs.lock().unwrap_or_else(|e| e.into_inner());

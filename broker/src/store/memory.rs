@@ -241,7 +241,6 @@ impl MemoryStore {
             *head = (*head).max(envelope.seq);
         }
         inner.append_batches += 1;
-        metrics::counter!("backbone_store_appends_total").increment(items.len() as u64);
         Ok(items.len())
     }
 }

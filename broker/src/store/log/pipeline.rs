@@ -299,6 +299,14 @@ fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<
             }
         };
         metrics::histogram!("backbone_log_batch_bytes").record(buf.len() as f64);
+        let appended: usize = batch
+            .iter()
+            .map(|job| match &job.op {
+                Op::Append(items) => items.len(),
+                _ => 0,
+            })
+            .sum();
+        metrics::counter!("backbone_log_records_appended_total").increment(appended as u64);
         let jobs = batch
             .into_iter()
             .zip(offsets)
