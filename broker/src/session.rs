@@ -1378,6 +1378,7 @@ async fn deliver(
                 }
             }
         }
+        let cursor_due = cursor.waiting_until();
         tokio::select! {
             envelope = live.recv() => {
                 known_head = known_head.max(envelope.seq);
@@ -1420,8 +1421,11 @@ async fn deliver(
                 if let Err(error) = result {
                     warn!(%error, "persisting a cursor failed");
                 }
-                cursor.next();
+                cursor.next_if_due();
             }
+            () = tokio::time::sleep_until(
+                cursor_due.unwrap_or_else(tokio::time::Instant::now)
+            ), if cursor_due.is_some() => cursor.next(),
         }
         if live.take_lagged() {
             // Live envelopes were dropped for this slow device: catch up from
@@ -1436,10 +1440,19 @@ async fn deliver(
 /// A cursor write queued at the writer, awaiting its outcome.
 type CursorWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + std::marker::Send>>;
 
-/// A device's cursor on its way to the store: one write in flight at a
-/// time, and the acks that arrive meanwhile folded into the next one, so a
-/// device acking every envelope costs one store write per writer batch, not
-/// one per envelope.
+/// How often a device's cursor is written to the directory at most. A
+/// cursor move is not synced on its own (it becomes durable with the next
+/// checkpoint, every `store.checkpoint_interval`), and a lost move only
+/// means envelopes are delivered again, which clients drop as repeats; so
+/// holding a busy device's acks this long costs no durability and saves
+/// most of its directory writes. A session's last move is queued at once
+/// when it ends ([`CursorWriter::finish`]).
+const CURSOR_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A device's cursor on its way to the store: at most one write in flight
+/// and one per [`CURSOR_WRITE_INTERVAL`], the acks that arrive meanwhile
+/// folded into the next one, so a device acking every envelope costs a few
+/// store writes a second, not one per envelope.
 struct CursorWriter {
     writer: WriteHandle,
     address: Address,
@@ -1447,6 +1460,8 @@ struct CursorWriter {
     /// The highest seq acked and not yet handed to the writer.
     wanted: Option<u64>,
     in_flight: Option<CursorWrite>,
+    /// When the last write was queued.
+    last_write: Option<tokio::time::Instant>,
 }
 
 impl CursorWriter {
@@ -1457,19 +1472,44 @@ impl CursorWriter {
             device,
             wanted: None,
             in_flight: None,
+            last_write: None,
         }
     }
 
-    /// Records an ack; it is queued at once unless a write is in flight.
+    /// Records an ack; it is queued at once unless a write is in flight or
+    /// the last one was queued less than [`CURSOR_WRITE_INTERVAL`] ago.
     fn ack(&mut self, up_to: u64) {
         self.wanted = Some(self.wanted.map_or(up_to, |wanted| wanted.max(up_to)));
-        if self.in_flight.is_none() {
-            self.next();
-        }
+        self.next_if_due();
     }
 
     fn is_writing(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// When acks wait for the interval to pass (and no write is in
+    /// flight), the time the next write may be queued.
+    fn waiting_until(&self) -> Option<tokio::time::Instant> {
+        if self.wanted.is_none() || self.in_flight.is_some() {
+            return None;
+        }
+        Some(
+            self.last_write
+                .map_or_else(tokio::time::Instant::now, |last| {
+                    last + CURSOR_WRITE_INTERVAL
+                }),
+        )
+    }
+
+    /// Queues the folded acks if no write is in flight and the interval
+    /// has passed.
+    fn next_if_due(&mut self) {
+        let due = self
+            .last_write
+            .is_none_or(|last| last.elapsed() >= CURSOR_WRITE_INTERVAL);
+        if self.in_flight.is_none() && due {
+            self.next();
+        }
     }
 
     /// The write in flight's outcome; pending forever when there is none.
@@ -1489,6 +1529,7 @@ impl CursorWriter {
         if let Some(seq) = self.wanted.take() {
             let write = self.writer.set_cursor(self.address, self.device, seq);
             self.in_flight = Some(Box::pin(write));
+            self.last_write = Some(tokio::time::Instant::now());
         }
     }
 
@@ -1548,9 +1589,17 @@ mod tests {
         // Only the first ack was written; 2 and 3 wait, folded into one.
         assert_eq!(store.cursor(&address, &device), Ok(Some(1)));
         assert!(!cursor.is_writing());
-        cursor.next();
+        // They wait for the interval since the first write, then go as one.
+        let due = cursor.waiting_until().expect("acks wait");
+        cursor.next_if_due();
+        assert!(!cursor.is_writing(), "not before the interval is over");
+        tokio::time::sleep_until(due).await;
+        cursor.next_if_due();
         assert!(cursor.is_writing());
         cursor.ack(4);
+        // A write in flight: 4 waits.
+        assert!(cursor.is_writing());
+        assert_eq!(cursor.waiting_until(), None);
         // The session ends with 3 in flight and 4 still wanted: both are
         // queued before anything submitted after it.
         cursor.finish();
