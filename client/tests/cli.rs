@@ -1259,3 +1259,400 @@ fn a_data_directory_from_before_the_mailbox_log_is_upgraded_and_served() {
         "{log}"
     );
 }
+
+/// The one JSON object a successful command printed on standard output.
+fn json(output: &std::process::Output) -> serde_json::Value {
+    let printed = stdout(output);
+    let mut lines = printed.lines();
+    let value = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|error| panic!("{error}: {printed:?}"));
+    assert_eq!(lines.next(), None, "one JSON object: {printed}");
+    value
+}
+
+/// The JSON lines a successful command printed on standard output.
+fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    stdout(output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect()
+}
+
+/// The JSON error object a failed command printed as the last line of
+/// standard error (warnings may be logged before it).
+fn json_error(output: &std::process::Output) -> serde_json::Value {
+    assert!(!output.status.success(), "{}", stderr(output));
+    let text = stderr(output);
+    let error: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|error| panic!("{error}: {text}"));
+    assert!(error["message"].is_string(), "{error}");
+    error
+}
+
+#[test]
+fn every_command_prints_json_for_scripts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let _broker = start_broker(&data, port, dir.path().join("broker.log"));
+    let server = format!("127.0.0.1:{port}");
+    let ca = data.join("tls/cert.pem");
+    let path = |path: &Path| path.to_str().expect("utf8").to_owned();
+    let (alice_key, bob_key) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+
+    // keygen and address agree.
+    let alice = json(&run_cli(&["keygen", "--out", &path(&alice_key), "--json"]));
+    assert_eq!(alice["key_file"], path(&alice_key));
+    let alice = alice["address"].as_str().expect("address").to_owned();
+    assert!(alice.starts_with("bb1"), "{alice}");
+    let shown = json(&run_cli(&["--json", "address", "--key", &path(&alice_key)]));
+    assert_eq!(shown["address"], alice);
+    let bob = json(&run_cli(&["keygen", "--json", "--out", &path(&bob_key)]))["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+
+    let as_ = |key: &Path, args: &[&str]| {
+        Command::new(cli())
+            .args(args)
+            .args(["--json", "--server", &server, "--ca", &path(&ca)])
+            .args(["--key", &path(key)])
+            .output()
+            .expect("cli runs")
+    };
+    // Bob publishes his card (the broker may still be starting).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let output = as_(&bob_key, &["relationship", "list"]);
+        if output.status.success() {
+            break json(&output);
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&output));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(listed["policy"], "anyone", "{listed}");
+    assert_eq!(listed["relationships"], serde_json::json!([]), "{listed}");
+
+    // send gives the message's id and its seq in each mailbox; listen
+    // prints the same id, one object per line.
+    let sent = json(&as_(
+        &alice_key,
+        &["send", "--to", &bob, "--message", "hello in json"],
+    ));
+    let message_id = sent["message_id"].as_str().expect("message_id").to_owned();
+    assert_eq!(message_id.len(), 32, "{sent}");
+    assert_eq!(sent["delivered"][0]["address"], bob, "{sent}");
+    assert_eq!(sent["failed"], serde_json::json!([]), "{sent}");
+    let received = json_lines(&as_(
+        &bob_key,
+        &["listen", "--count", "1", "--timeout", "30s"],
+    ));
+    assert_eq!(received.len(), 1, "{received:?}");
+    let line = &received[0];
+    assert_eq!(line["event"], "message", "{line}");
+    assert_eq!(line["text"], "hello in json", "{line}");
+    assert_eq!(line["sender"], alice, "{line}");
+    assert_eq!(line["message_id"], message_id.as_str(), "{line}");
+    assert_eq!(line["seq"], sent["delivered"][0]["seq"], "{line}");
+    assert!(line["sent_at_ms"].as_u64().is_some(), "{line}");
+
+    // A token round-trips its content; with --out the content is in the file.
+    let created = json(&as_(
+        &alice_key,
+        &[
+            "token",
+            "create",
+            "--text",
+            "a note in a token",
+            "--ttl",
+            "1h",
+        ],
+    ));
+    let reference = created["reference"].as_str().expect("reference").to_owned();
+    assert!(reference.starts_with("bbt1:"), "{created}");
+    assert_eq!(created["password_protected"], false, "{created}");
+    let fetched = json(&run_cli(&[
+        "token",
+        "get",
+        &reference,
+        "--json",
+        "--server",
+        &server,
+        "--ca",
+        &path(&ca),
+    ]));
+    assert_eq!(fetched["text"], "a note in a token", "{fetched}");
+    assert_eq!(
+        fetched["content_hex"],
+        hex::encode("a note in a token"),
+        "{fetched}"
+    );
+    assert_eq!(fetched["size"], 17, "{fetched}");
+    assert_eq!(fetched["out"], serde_json::Value::Null, "{fetched}");
+    let note = dir.path().join("note");
+    let saved = json(&as_(
+        &bob_key,
+        &["token", "get", &reference, "--out", &path(&note)],
+    ));
+    assert_eq!(saved["out"], path(&note), "{saved}");
+    assert_eq!(saved["text"], serde_json::Value::Null, "{saved}");
+    assert_eq!(std::fs::read(&note).expect("written"), b"a note in a token");
+    let deleted = json(&as_(&alice_key, &["token", "delete", &reference]));
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+    assert_eq!(deleted["reference"], reference.as_str(), "{deleted}");
+    let gone = json_error(&as_(&bob_key, &["token", "get", &reference]));
+    assert_eq!(gone["error"], "refused", "{gone}");
+    assert!(gone["code"].is_string(), "{gone}");
+
+    // Capabilities: created, listed by hash, revoked.
+    let capability = json(&as_(&bob_key, &["capability", "create"]));
+    assert_eq!(capability["capability"].as_str().map(str::len), Some(64));
+    let hash = capability["hash"].as_str().expect("hash").to_owned();
+    let listed = json(&as_(&bob_key, &["capability", "list"]));
+    assert_eq!(
+        listed["capabilities"],
+        serde_json::json!([{ "hash": hash }])
+    );
+    let revoked = json(&as_(&bob_key, &["capability", "revoke", &hash]));
+    assert_eq!(revoked["hash"], hash.as_str(), "{revoked}");
+    assert_eq!(
+        json(&as_(&bob_key, &["capability", "list"]))["capabilities"],
+        serde_json::json!([])
+    );
+
+    // Devices: added, listed, revoked.
+    let laptop_key = dir.path().join("bob-laptop.key");
+    let added = json(&as_(
+        &bob_key,
+        &["device", "add", "--out", &path(&laptop_key)],
+    ));
+    let device_id = added["device_id"].as_str().expect("device_id").to_owned();
+    assert_eq!(device_id.len(), 64, "{added}");
+    assert_eq!(added["key_file"], path(&laptop_key), "{added}");
+    let devices = json(&as_(&bob_key, &["device", "list"]));
+    assert_eq!(devices["devices"][0]["device_id"], device_id.as_str());
+    assert!(devices["devices"][0]["issued_at"].is_string(), "{devices}");
+    assert!(devices["devices"][0]["issued_at_ms"].is_u64(), "{devices}");
+    let revoked = json(&as_(&bob_key, &["device", "revoke", &device_id]));
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    assert_eq!(
+        json(&as_(&bob_key, &["device", "list"]))["devices"],
+        serde_json::json!([])
+    );
+
+    // Relationships: a template, a request, the owner's list, an
+    // acceptance the requester hears of as a notice line, a policy.
+    let template = json(&as_(&bob_key, &["relationship", "template", "--ttl", "1h"]));
+    let template = template["reference"]
+        .as_str()
+        .expect("reference")
+        .to_owned();
+    let requested = json(&as_(&alice_key, &["relationship", "request", &template]));
+    assert_eq!(requested["state"], "pending", "{requested}");
+    assert_eq!(requested["role"], "requester", "{requested}");
+    assert_eq!(requested["peer"], bob, "{requested}");
+    assert_eq!(
+        requested["id"].as_str().map(str::len),
+        Some(32),
+        "{requested}"
+    );
+    let listed = json(&as_(&bob_key, &["relationship", "list"]));
+    assert_eq!(listed["relationships"][0]["role"], "owner", "{listed}");
+    assert_eq!(listed["relationships"][0]["peer"], alice, "{listed}");
+    assert_eq!(listed["relationships"][0]["id"], requested["id"]);
+    let accepted = json(&as_(&bob_key, &["relationship", "accept", &alice]));
+    assert_eq!(accepted["state"], "active", "{accepted}");
+    let notices = json_lines(&as_(&alice_key, &["listen", "--timeout", "3s"]));
+    assert!(
+        notices.iter().any(|line| line["event"] == "relationship"
+            && line["relationship"]["state"] == "active"
+            && line["relationship"]["peer"] == bob),
+        "{notices:?}"
+    );
+    let policy = json(&as_(
+        &bob_key,
+        &["relationship", "policy", "relationships-only"],
+    ));
+    assert_eq!(policy["policy"], "relationships-only", "{policy}");
+    let ended = json(&as_(&alice_key, &["relationship", "terminate", &bob]));
+    assert_eq!(ended["state"], "terminated", "{ended}");
+
+    // A file: announced, uploaded, its status, downloaded to --out, deleted.
+    let original = dir.path().join("report.txt");
+    std::fs::write(&original, "a small report".repeat(100)).expect("write");
+    let put = json_lines(&as_(&alice_key, &["file", "put", &path(&original)]));
+    assert_eq!(put.len(), 2, "{put:?}");
+    assert_eq!(put[0]["event"], "announced", "{put:?}");
+    assert_eq!(put[1]["event"], "uploaded", "{put:?}");
+    assert_eq!(put[1]["reference"], put[0]["reference"], "{put:?}");
+    assert_eq!(put[1]["path"], path(&original), "{put:?}");
+    let file = put[0]["reference"].as_str().expect("reference").to_owned();
+    let status = json(&as_(&alice_key, &["file", "status", &file]));
+    // The broker's sizes are of the sealed content, a little larger.
+    assert!(
+        status["size"].as_u64().is_some_and(|size| size > 1400),
+        "{status}"
+    );
+    assert_eq!(status["received"], status["size"], "{status}");
+    assert_eq!(status["complete"], true, "{status}");
+    let copy = dir.path().join("copy.txt");
+    let downloaded = json(&as_(
+        &bob_key,
+        &["file", "get", &file, "--out", &path(&copy)],
+    ));
+    assert_eq!(downloaded["size"], 1400, "{downloaded}");
+    assert_eq!(
+        std::fs::read(&copy).expect("downloaded"),
+        std::fs::read(&original).expect("original")
+    );
+    let to_stdout = json_error(&as_(&bob_key, &["file", "get", &file]));
+    assert_eq!(to_stdout["error"], "failed", "{to_stdout}");
+    let deleted = json(&as_(&alice_key, &["file", "delete", &file]));
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+
+    // delete-identity: scheduled, then cancelled.
+    let scheduled = json(&as_(&alice_key, &["delete-identity", "--yes"]));
+    assert_eq!(scheduled["address"], alice, "{scheduled}");
+    assert!(scheduled["purge_at_ms"].as_u64().is_some(), "{scheduled}");
+    assert!(scheduled["purge_at"].is_string(), "{scheduled}");
+    let cancelled = json(&as_(&alice_key, &["delete-identity", "--cancel"]));
+    assert_eq!(cancelled["cancelled"], true, "{cancelled}");
+
+    // Errors: one JSON object on standard error, the exit code unchanged.
+    let typo = as_(&alice_key, &["send", "--to", "bb1typo", "--message", "x"]);
+    assert_eq!(typo.status.code(), Some(1));
+    assert_eq!(json_error(&typo)["error"], "failed");
+    let quiet = as_(&bob_key, &["listen", "--count", "1", "--timeout", "1s"]);
+    assert_eq!(quiet.status.code(), Some(6), "{}", stderr(&quiet));
+    let timeout = json_error(&quiet);
+    assert_eq!(timeout["error"], "timeout", "{timeout}");
+    assert_eq!(timeout["message"], "timed out after 0 of 1 messages");
+    // A recipient refused: the result names it and why, and the command
+    // fails as without --json.
+    let refused = as_(
+        &alice_key,
+        &["send", "--to", &bob, "--message", "not consented"],
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert_eq!(json_error(&refused)["error"], "failed");
+    let result: serde_json::Value =
+        serde_json::from_slice(&refused.stdout).expect("the result on standard output");
+    assert_eq!(result["delivered"], serde_json::json!([]), "{result}");
+    assert_eq!(result["failed"][0]["address"], bob, "{result}");
+    assert_eq!(result["failed"][0]["error"], "NotConsented", "{result}");
+    let usage = run_cli(&["--json", "send", "--no-such-flag"]);
+    assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
+    assert_eq!(json_error(&usage)["error"], "usage");
+    let nobody = run_cli(&[
+        "listen",
+        "--json",
+        "--server",
+        &format!("127.0.0.1:{}", free_udp_port()),
+        "--fingerprint",
+        &"0".repeat(64),
+        "--key",
+        &path(&alice_key),
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(nobody.status.code(), Some(3), "{}", stderr(&nobody));
+    assert_eq!(json_error(&nobody)["error"], "unreachable");
+}
+
+/// Whether `program` can be run (for the optional shells and man).
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+#[test]
+fn completion_scripts_and_man_pages_name_every_subcommand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let subcommands = [
+        "keygen",
+        "address",
+        "send",
+        "listen",
+        "device",
+        "capability",
+        "token",
+        "relationship",
+        "file",
+        "delete-identity",
+        "completions",
+        "man",
+    ];
+    for (shell, check) in [
+        ("bash", &["-n"][..]),
+        ("zsh", &["-n"][..]),
+        ("fish", &["--no-execute"][..]),
+    ] {
+        let script = stdout(&run_cli(&["completions", shell]));
+        assert!(!script.is_empty(), "{shell}");
+        for subcommand in subcommands.iter().chain(&["create", "revoke", "template"]) {
+            assert!(script.contains(subcommand), "{shell}: no {subcommand}");
+        }
+        // bash is always there; zsh and fish are checked where installed.
+        if shell != "bash" && !installed(shell) {
+            continue;
+        }
+        let file = dir.path().join(format!("backbone-cli.{shell}"));
+        std::fs::write(&file, &script).expect("write");
+        let checked = Command::new(shell)
+            .args(check)
+            .arg(&file)
+            .output()
+            .expect("shell runs");
+        assert!(checked.status.success(), "{shell}: {}", stderr(&checked));
+    }
+
+    let out = dir.path().join("man1");
+    let written = json(&run_cli(&[
+        "man",
+        "--out",
+        out.to_str().expect("utf8"),
+        "--json",
+    ]));
+    let pages = written["pages"].as_array().expect("pages");
+    let names = std::iter::once("backbone-cli".to_owned())
+        .chain(
+            subcommands
+                .iter()
+                .map(|name| format!("backbone-cli-{name}")),
+        )
+        .chain(
+            [
+                "backbone-cli-token-create",
+                "backbone-cli-relationship-accept",
+            ]
+            .map(str::to_owned),
+        );
+    for name in names {
+        let page = out.join(format!("{name}.1"));
+        assert!(
+            pages.contains(&serde_json::Value::from(page.to_str().expect("utf8"))),
+            "{name} not in {pages:?}"
+        );
+        let text = std::fs::read_to_string(&page).expect("the page exists");
+        assert!(text.contains(&format!(".TH {name} 1")), "{text}");
+        // roff escapes the hyphens of the name in the NAME section.
+        assert!(text.contains(&name.replace('-', "\\-")), "{text}");
+    }
+    let create = std::fs::read_to_string(out.join("backbone-cli-token-create.1")).expect("page");
+    assert!(create.contains("password\\-file"), "{create}");
+    // Rendered by man where it is installed.
+    if installed("man") {
+        let rendered = Command::new("man")
+            .arg("-l")
+            .arg(out.join("backbone-cli-send.1"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man runs");
+        let page = stdout(&rendered);
+        assert!(page.contains("backbone-cli-send"), "{page}");
+        assert!(page.contains("--sealed"), "{page}");
+    }
+}
