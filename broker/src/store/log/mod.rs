@@ -175,6 +175,13 @@ impl LogStore {
         {
             last.sync(&fail)?;
         }
+        // A segment cut to its records at the last shutdown is preallocated
+        // again, so that appends to it sync data only, not a growing size.
+        if let Some(last) = segments.last()
+            && last.file_len()? < config.segment_bytes
+        {
+            last.truncate(last.end(), Some(config.segment_bytes), &fail)?;
+        }
         let end = segments.last().map_or(0, |segment| segment.end());
         index.set_applied_through(end);
         let pipeline = Pipeline::start(
@@ -407,7 +414,14 @@ impl LogStore {
         );
         let _ = wait.recv();
         self.pipeline.shutdown();
-        self.checkpoint()
+        self.checkpoint()?;
+        // A stopped broker's data directory holds no preallocated zeros
+        // (they would be copied by backups and counted by `du`); the next
+        // start preallocates again.
+        if let Some(last) = self.segments.last() {
+            last.truncate(last.end(), None, &self.fail)?;
+        }
+        Ok(())
     }
 
     /// The directory of the segment files.

@@ -167,6 +167,38 @@ fn appended_envelopes_read_back_and_survive_reopening_with_and_without_a_checkpo
     assert_eq!(log.head_seq(&address(3)), Ok(0));
 }
 
+#[test]
+fn a_clean_shutdown_leaves_no_preallocated_tail_and_the_next_start_preallocates_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
+    let segment_bytes = 1 << 20;
+    let file = dir.path().join("log").join(format!("{:020}.log", 0));
+    let file_len = || std::fs::metadata(&file).expect("the segment").len();
+    let a = address(1);
+    let log = open(dir.path(), &checkpoints, segment_bytes);
+    assert_eq!(file_len(), segment_bytes, "a new segment is preallocated");
+    assert_eq!(append(&log, a, &[envelope(1, 1_000, 100)]), Ok(1));
+    log.shutdown().expect("shuts down");
+    assert_eq!(
+        file_len(),
+        log.record_bytes(),
+        "cut to its records at shutdown"
+    );
+    assert!(file_len() < 1_000);
+
+    let log = open(dir.path(), &checkpoints, segment_bytes);
+    assert_eq!(file_len(), segment_bytes, "preallocated again at start");
+    assert_eq!(append(&log, a, &[envelope(2, 1_000, 100)]), Ok(1));
+    drop(log);
+    // Killed with the tail preallocated: the zeros are found, not damage.
+    let log = open(dir.path(), &checkpoints, segment_bytes);
+    assert_eq!(seqs(&log, &a, 0), [1, 2]);
+    assert_eq!(append(&log, a, &[envelope(3, 1_000, 100)]), Ok(1));
+    log.shutdown().expect("shuts down");
+    let log = open(dir.path(), &checkpoints, segment_bytes);
+    assert_eq!(seqs(&log, &a, 0), [1, 2, 3]);
+}
+
 /// Writes `bytes` at `position` of the segment file at `path`, whose base
 /// is 0 (the tests' logs fit in one segment).
 fn scribble(path: &std::path::Path, position: u64, bytes: &[u8]) {
@@ -393,24 +425,34 @@ fn disk_use_follows_live_envelopes_under_mixed_ttls() {
         wait(|done| log.barrier(done)).expect("barrier");
         log.maintain().expect("maintains");
     }
+    // Live: the long-lived ones and the last round's short ones. Records
+    // carry ~100 bytes besides the envelope. A closed segment is compacted
+    // once less than `compact_below` of it is live, so every closed one
+    // left is at least that full: the bound is the live records over that
+    // fraction, plus the segment being written (preallocated) and one
+    // awaiting compaction. (Which segments end up just above the fraction
+    // depends on how batches fell, so a tighter bound holds only by luck.)
+    let live_bytes = (live_long + 18) * LEN as u64;
+    let compact_below = config(dir.path(), SEGMENT).compact_below;
+    let bound = ((live_bytes * 11 / 10) as f64 / compact_below) as u64 + 2 * SEGMENT;
+    assert!(
+        written > 2 * bound,
+        "the test writes far more than it keeps"
+    );
     // Let the last passes' copies become durable and covered, so the
-    // segments they evacuated go (how many passes that takes depends on
-    // when each batch's completion landed).
-    for _ in 0..2 {
+    // segments they evacuated go. How many passes that takes depends on
+    // when each batch's completion landed (more on a loaded machine); a log
+    // that kept what it should drop never settles under the bound.
+    for _ in 0..10 {
         wait(|done| log.barrier(done)).expect("barrier");
         log.maintain().expect("maintains");
+        if log.bytes_on_disk() <= bound {
+            break;
+        }
     }
-    // Live: the long-lived ones and the last round's short ones.
-    let live_bytes = (live_long + 18) * LEN as u64;
     let on_disk = log.bytes_on_disk();
     assert!(
-        written > 4 * on_disk,
-        "{written} written, {on_disk} on disk"
-    );
-    // Records carry ~100 bytes besides the envelope; allow for that, for the
-    // segment being written (preallocated) and one awaiting compaction.
-    assert!(
-        on_disk <= live_bytes * 13 / 10 + 2 * SEGMENT,
+        on_disk <= bound,
         "{on_disk} bytes on disk for {live_bytes} live"
     );
     assert_eq!(log.envelope_count(), live_long + 18);
