@@ -468,9 +468,9 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "CreateFile",
-            "request_id 19, size 1048576, content_hash CONTENT_HASH, secret_hash FILE_SECRET's hash, ttl_secs 86400",
+            "request_id 21, size 1048576, content_hash CONTENT_HASH, secret_hash FILE_SECRET's hash, ttl_secs 86400",
             Frame::CreateFile(CreateFile {
-                request_id: 19,
+                request_id: 21,
                 size: 1_048_576,
                 content_hash: f.content_hash,
                 secret_hash: f.file_secret.hash(),
@@ -479,26 +479,26 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "FileCreated",
-            "request_id 19, file_id FILE_ID, expires_at_ms T + 86400000",
+            "request_id 21, file_id FILE_ID, expires_at_ms T + 86400000",
             Frame::FileCreated(FileCreated {
-                request_id: 19,
+                request_id: 21,
                 file_id: f.file_id,
                 expires_at_ms: f.time_ms + 86_400_000,
             }),
         ),
         vector(
             "FileStatus",
-            "request_id 20, file_id FILE_ID",
+            "request_id 22, file_id FILE_ID",
             Frame::FileStatus(FileStatus {
-                request_id: 20,
+                request_id: 22,
                 file_id: f.file_id,
             }),
         ),
         vector(
             "FileState",
-            "request_id 20, file_id FILE_ID, size 1048576, received 65552, complete false, expires_at_ms T + 86400000, content_hash CONTENT_HASH",
+            "request_id 22, file_id FILE_ID, size 1048576, received 65552, complete false, expires_at_ms T + 86400000, content_hash CONTENT_HASH",
             Frame::FileState(FileState {
-                request_id: 20,
+                request_id: 22,
                 file_id: f.file_id,
                 size: 1_048_576,
                 received: 65_552,
@@ -509,26 +509,26 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "DeleteFile",
-            "request_id 21, file_id FILE_ID",
+            "request_id 23, file_id FILE_ID",
             Frame::DeleteFile(DeleteFile {
-                request_id: 21,
+                request_id: 23,
                 file_id: f.file_id,
             }),
         ),
         vector(
             "UploadFile",
-            "request_id 22, file_id FILE_ID, offset 65552 (the raw bytes follow the frame)",
+            "request_id 24, file_id FILE_ID, offset 65552 (the raw bytes follow the frame)",
             Frame::UploadFile(UploadFile {
-                request_id: 22,
+                request_id: 24,
                 file_id: f.file_id,
                 offset: 65_552,
             }),
         ),
         vector(
             "DownloadFile",
-            "request_id 23, file_id FILE_ID, secret FILE_SECRET, offset 0",
+            "request_id 25, file_id FILE_ID, secret FILE_SECRET, offset 0",
             Frame::DownloadFile(DownloadFile {
-                request_id: 23,
+                request_id: 25,
                 file_id: f.file_id,
                 secret: f.file_secret,
                 offset: 0,
@@ -536,9 +536,9 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "FileData",
-            "request_id 23, size 1048576, offset 0, content_hash CONTENT_HASH (the raw bytes follow the frame)",
+            "request_id 25, size 1048576, offset 0, content_hash CONTENT_HASH (the raw bytes follow the frame)",
             Frame::FileData(FileData {
-                request_id: 23,
+                request_id: 25,
                 size: 1_048_576,
                 offset: 0,
                 content_hash: f.content_hash,
@@ -546,26 +546,110 @@ fn frame_vectors(f: &Fixtures) -> Vec<FrameVector> {
         ),
         vector(
             "UnregisterDevice",
-            "request_id 24, device_id = device id of DEVICE",
+            "request_id 26, device_id = device id of DEVICE",
             Frame::UnregisterDevice(UnregisterDevice {
-                request_id: 24,
+                request_id: 26,
                 device_id: f.device.public().device_id(),
             }),
         ),
         vector(
             "ListDevices",
-            "request_id 25",
-            Frame::ListDevices(ListDevices { request_id: 25 }),
+            "request_id 27",
+            Frame::ListDevices(ListDevices { request_id: 27 }),
         ),
         vector(
             "Devices",
-            "request_id 25, devices [CERTIFICATE]",
+            "request_id 27, devices [CERTIFICATE]",
             Frame::Devices(Devices {
-                request_id: 25,
+                request_id: 27,
                 devices: vec![f.certificate()],
             }),
         ),
     ]
+}
+
+/// The `request_id` a vector's frame carries: a request's own, or the one a
+/// response echoes. Every variant is listed, so a new frame type must say
+/// whether it carries one.
+fn carried_request_id(frame: &Frame) -> Option<u64> {
+    use Frame as F;
+    match frame {
+        F::CardResult(f) => Some(f.request_id),
+        F::SendAck(f) => Some(f.request_id),
+        F::Done(f) => Some(f.request_id),
+        F::Error(f) => Some(f.request_id),
+        F::Redirect(f) => Some(f.request_id),
+        F::Capabilities(f) => Some(f.request_id),
+        F::TokenCreated(f) => Some(f.request_id),
+        F::TokenContent(f) => Some(f.request_id),
+        F::RelationshipChanged(f) => Some(f.request_id),
+        F::Relationships(f) => Some(f.request_id),
+        F::DeletionScheduled(f) => Some(f.request_id),
+        F::FileCreated(f) => Some(f.request_id),
+        F::FileState(f) => Some(f.request_id),
+        F::FileData(f) => Some(f.request_id),
+        F::Devices(f) => Some(f.request_id),
+        F::RegisterDevice(_)
+        | F::PublishCard(_)
+        | F::FetchCard(_)
+        | F::Send(_)
+        | F::Delete(_)
+        | F::RegisterCapability(_)
+        | F::RevokeCapability(_)
+        | F::ListCapabilities(_)
+        | F::SealedSend(_)
+        | F::CreateToken(_)
+        | F::GetToken(_)
+        | F::DeleteToken(_)
+        | F::SetInboundPolicy(_)
+        | F::RequestRelationship(_)
+        | F::DecideRelationship(_)
+        | F::ListRelationships(_)
+        | F::DeleteIdentity(_)
+        | F::CancelDeletion(_)
+        | F::CreateFile(_)
+        | F::FileStatus(_)
+        | F::DeleteFile(_)
+        | F::UploadFile(_)
+        | F::DownloadFile(_)
+        | F::UnregisterDevice(_)
+        | F::ListDevices(_) => frame.request_id(),
+        F::Hello(_)
+        | F::Challenge(_)
+        | F::Auth(_)
+        | F::AuthOk(_)
+        | F::Deliver(_)
+        | F::Ack(_)
+        | F::Ping(_)
+        | F::Pong(_)
+        | F::Anonymous(_) => None,
+    }
+}
+
+/// The frame type's name, as the document writes it.
+fn frame_name(frame: &Frame) -> &'static str {
+    Frame::TAG_NAMES[frame.tag() as usize]
+}
+
+/// The (request, response) names of the vectors that share a `request_id`,
+/// in vector order: the response answers the request.
+fn answered_requests(vectors: &[FrameVector]) -> Vec<(&'static str, &'static str)> {
+    let mut pairs = Vec::new();
+    for (index, response) in vectors.iter().enumerate() {
+        if response.frame.request_id().is_some() {
+            continue;
+        }
+        let Some(id) = carried_request_id(&response.frame) else {
+            continue;
+        };
+        if let Some(request) = vectors[..index]
+            .iter()
+            .find(|request| request.frame.request_id() == Some(id))
+        {
+            pairs.push((frame_name(&request.frame), frame_name(&response.frame)));
+        }
+    }
+    pairs
 }
 
 /// The relationship of the vectors.
@@ -774,10 +858,22 @@ fn vectors_block() -> String {
     out.push_str(
         "Each vector is one complete frame, shown as its 5-byte header (length prefix and \
          version byte) and its body; the body's lines start at body offsets 0, 32, 64, ..., \
-         as in the layout tables. MESSAGE_ID = `[0x44; 16]`, ENVELOPE = `de ad be ef`, FILE_ID = `[0x99; 32]`, \
-         CONTENT_HASH = `[0xbb; 32]`.\n\n",
+         as in the layout tables. MESSAGE_ID = `[0x44; 16]`, ENVELOPE = `de ad be ef`, \
+         TOKEN_ID = `[0x88; 32]`, FILE_ID = `[0x99; 32]`, CONTENT_HASH = `[0xbb; 32]`.\n\n",
     );
-    for vector in frame_vectors(&f) {
+    let vectors = frame_vectors(&f);
+    let answers = answered_requests(&vectors)
+        .iter()
+        .map(|(request, response)| format!("`{response}` answers `{request}`"))
+        .collect::<Vec<_>>();
+    let _ = writeln!(
+        out,
+        "Every request vector has a `request_id` of its own. A response vector carries the \
+         `request_id` of the request vector it answers: {}. `Error` answers none of them, and \
+         `Redirect` carries 0, which concerns the connection.\n",
+        answers.join(", ")
+    );
+    for vector in vectors {
         let bytes = frame_to_vec(&vector.frame).expect("vectors encode");
         let _ = writeln!(out, "#### Tag {}: {}\n", vector.frame.tag(), vector.title);
         let _ = writeln!(out, "Inputs: {}. {} bytes.\n", vector.inputs, bytes.len());
@@ -1128,4 +1224,108 @@ fn protocol_md_states_the_tag_bounds_the_decoders_enforce() {
         2,
         "docs/protocol.md states a tag bound this test does not check"
     );
+}
+
+/// The success response the "Requests and responses" table of the document
+/// gives for each request: the first name in backticks of each row's first
+/// and second cells.
+fn documented_responses(document: &str) -> std::collections::HashMap<String, String> {
+    let start = document
+        .find("## Requests and responses")
+        .expect("docs/protocol.md has a Requests and responses section");
+    let first_name = |cell: &str| {
+        let mut parts = cell.split('`');
+        parts.next();
+        parts.next().map(str::to_owned)
+    };
+    document[start..]
+        .lines()
+        .skip_while(|line| !line.starts_with('|'))
+        .take_while(|line| line.starts_with('|'))
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').collect();
+            Some((first_name(cells.get(1)?)?, first_name(cells.get(2)?)?))
+        })
+        .collect()
+}
+
+/// No two vectors share a `request_id` unless one is a request and the other
+/// the response the document's table gives for it, so an implementer can
+/// tell the vectors apart by their ids and see each answer next to its
+/// request. 0 is left to the connection-level `Redirect`.
+#[test]
+fn every_request_vector_has_its_own_request_id() {
+    let f = Fixtures::new();
+    let vectors = frame_vectors(&f);
+    let document = std::fs::read_to_string(protocol_md_path()).expect("read docs/protocol.md");
+    let responses = documented_responses(&document);
+    assert_eq!(
+        responses.get("FetchCard").map(String::as_str),
+        Some("CardResult"),
+        "the Requests and responses table is parsed"
+    );
+    let mut by_id: std::collections::BTreeMap<u64, Vec<&FrameVector>> = Default::default();
+    for vector in &vectors {
+        if let Some(id) = carried_request_id(&vector.frame) {
+            by_id.entry(id).or_default().push(vector);
+        }
+    }
+    for (id, sharing) in &by_id {
+        let titles: Vec<&str> = sharing.iter().map(|vector| vector.title).collect();
+        if *id == 0 {
+            assert!(
+                sharing
+                    .iter()
+                    .all(|vector| vector.frame.request_id().is_none()),
+                "request_id 0 is refused on requests, yet {titles:?} carry it"
+            );
+            continue;
+        }
+        match sharing[..] {
+            [_] => {}
+            [request, response] => {
+                assert!(
+                    request.frame.request_id().is_some() && response.frame.request_id().is_none(),
+                    "request_id {id} is shared by {titles:?}, which are not a request and its response"
+                );
+                let (request, response) = (frame_name(&request.frame), frame_name(&response.frame));
+                assert_eq!(
+                    responses.get(request).map(String::as_str),
+                    Some(response),
+                    "request_id {id}: {response} is not the documented answer to {request}"
+                );
+            }
+            _ => panic!("request_id {id} is shared by {titles:?}"),
+        }
+    }
+    assert!(
+        !answered_requests(&vectors).is_empty(),
+        "some response vectors answer their request vectors"
+    );
+}
+
+/// Every fixture a frame vector's inputs name (a word in capitals such as
+/// `TOKEN_ID`) is defined in the generated block, as `NAME = ...`,
+/// `NAME: ...` or `NAME (...) = ...`.
+#[test]
+fn every_fixture_a_vector_names_is_defined() {
+    let f = Fixtures::new();
+    let block = vectors_block();
+    for vector in frame_vectors(&f) {
+        let names = vector
+            .inputs
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| {
+                !word.is_empty() && word.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            });
+        for name in names {
+            assert!(
+                [" = ", ": ", " ("]
+                    .iter()
+                    .any(|follows| block.contains(&format!("{name}{follows}"))),
+                "vector {} uses {name}, which the vectors block does not define",
+                vector.title
+            );
+        }
+    }
 }
