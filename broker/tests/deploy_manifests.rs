@@ -896,7 +896,16 @@ fn the_pods_are_sandboxed_sized_and_run_the_built_image() {
         pod.pointer("/securityContext/runAsNonRoot"),
         Some(&Value::Bool(true))
     );
-    assert_ne!(u64_at(pod, "/securityContext/runAsUser"), 0);
+    let uid = u64_at(pod, "/securityContext/runAsUser");
+    assert_ne!(uid, 0);
+    // The image's user has exactly that uid and gid (docker/Dockerfile).
+    let dockerfile = std::fs::read_to_string(repo().join("docker/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("useradd --system --uid {uid} --gid {uid} "))
+            && dockerfile.contains(&format!("groupadd --system --gid {uid} backbone")),
+        "the pods run as uid {uid}, which docker/Dockerfile's backbone user must have"
+    );
+    assert_eq!(u64_at(pod, "/securityContext/runAsGroup"), uid);
     // Service links would add BACKBONE_* variables next to the broker's own.
     assert_eq!(
         pod.pointer("/enableServiceLinks"),
