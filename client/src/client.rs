@@ -1325,7 +1325,7 @@ async fn run_connection(
 fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>, last_acked: &mut u64) {
     let frame = match command {
         Command::Request { frame, reply } => {
-            if let Some(id) = request_id(&frame) {
+            if let Some(id) = frame.request_id() {
                 pending.lock().expect("pending lock").insert(id, reply);
             }
             frame
@@ -1340,54 +1340,6 @@ fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>, last_acked: &mu
     };
     if let Err(error) = backbone_protocol::codec::encode_frame(&frame, out) {
         warn!(%error, "cannot encode a request");
-    }
-}
-
-fn request_id(frame: &Frame) -> Option<u64> {
-    match frame {
-        Frame::Send(f) => Some(f.request_id),
-        Frame::PublishCard(f) => Some(f.request_id),
-        Frame::FetchCard(f) => Some(f.request_id),
-        Frame::RegisterDevice(f) => Some(f.request_id),
-        Frame::Delete(f) => Some(f.request_id),
-        Frame::RegisterCapability(f) => Some(f.request_id),
-        Frame::RevokeCapability(f) => Some(f.request_id),
-        Frame::ListCapabilities(f) => Some(f.request_id),
-        Frame::CreateToken(f) => Some(f.request_id),
-        Frame::GetToken(f) => Some(f.request_id),
-        Frame::DeleteToken(f) => Some(f.request_id),
-        Frame::SetInboundPolicy(f) => Some(f.request_id),
-        Frame::RequestRelationship(f) => Some(f.request_id),
-        Frame::DecideRelationship(f) => Some(f.request_id),
-        Frame::ListRelationships(f) => Some(f.request_id),
-        Frame::CreateFile(f) => Some(f.request_id),
-        Frame::FileStatus(f) => Some(f.request_id),
-        Frame::DeleteFile(f) => Some(f.request_id),
-        Frame::DeleteIdentity(f) => Some(f.request_id),
-        Frame::CancelDeletion(f) => Some(f.request_id),
-        Frame::UnregisterDevice(f) => Some(f.request_id),
-        Frame::ListDevices(f) => Some(f.request_id),
-        _ => None,
-    }
-}
-
-fn response_id(frame: &Frame) -> Option<u64> {
-    match frame {
-        Frame::SendAck(f) => Some(f.request_id),
-        Frame::CardResult(f) => Some(f.request_id),
-        Frame::Done(f) => Some(f.request_id),
-        Frame::Error(f) => Some(f.request_id),
-        Frame::Redirect(f) => Some(f.request_id),
-        Frame::Capabilities(f) => Some(f.request_id),
-        Frame::TokenCreated(f) => Some(f.request_id),
-        Frame::TokenContent(f) => Some(f.request_id),
-        Frame::RelationshipChanged(f) => Some(f.request_id),
-        Frame::Relationships(f) => Some(f.request_id),
-        Frame::FileCreated(f) => Some(f.request_id),
-        Frame::FileState(f) => Some(f.request_id),
-        Frame::DeletionScheduled(f) => Some(f.request_id),
-        Frame::Devices(f) => Some(f.request_id),
-        _ => None,
     }
 }
 
@@ -1427,7 +1379,7 @@ async fn dispatch(
         debug!(nonce = ping.nonce, "ping from broker");
         return true;
     }
-    match response_id(&frame) {
+    match frame.answer_id() {
         Some(id) if id != 0 => {
             if let Some(reply) = pending.lock().expect("pending lock").remove(&id) {
                 let _ = reply.send(Ok(frame));

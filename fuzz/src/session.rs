@@ -242,29 +242,6 @@ fn name(frame: &Frame) -> &'static str {
     Frame::TAG_NAMES[frame.tag() as usize]
 }
 
-/// The request id an answer carries, if its type has one.
-fn answer_id(frame: &Frame) -> Option<u64> {
-    use Frame as F;
-    Some(match frame {
-        F::CardResult(f) => f.request_id,
-        F::SendAck(f) => f.request_id,
-        F::Done(f) => f.request_id,
-        F::Error(f) => f.request_id,
-        F::Redirect(f) => f.request_id,
-        F::Capabilities(f) => f.request_id,
-        F::TokenCreated(f) => f.request_id,
-        F::TokenContent(f) => f.request_id,
-        F::RelationshipChanged(f) => f.request_id,
-        F::Relationships(f) => f.request_id,
-        F::DeletionScheduled(f) => f.request_id,
-        F::FileCreated(f) => f.request_id,
-        F::FileState(f) => f.request_id,
-        F::FileData(f) => f.request_id,
-        F::Devices(f) => f.request_id,
-        _ => return None,
-    })
-}
-
 /// One piece of a control segment: a frame, or an invalid frame the broker
 /// skips (its bytes and the code of its decode error).
 enum Piece<'a> {
@@ -482,7 +459,7 @@ fn settles(expected: &Expected, frame: &Frame) -> bool {
     match (expected, frame) {
         (Expected::Pong(nonce), Frame::Pong(pong)) => pong.nonce == *nonce,
         (Expected::Request(id, answers), _) => {
-            answer_id(frame) == Some(*id) && answers.contains(&name(frame))
+            frame.answer_id() == Some(*id) && answers.contains(&name(frame))
         }
         _ => false,
     }
@@ -542,7 +519,7 @@ async fn file_stream(connection: &mut RawConnection, segment: &[u8], created: &C
         Ok(Some(frame)) => frame,
         other => panic!("a file stream's answer is not a frame: {other:?}"),
     };
-    let id = answer_id(&frame);
+    let id = frame.answer_id();
     assert!(
         id == Some(0) || (id.is_some() && id == header_id),
         "a file stream answered {frame:?} to a header with id {header_id:?}"

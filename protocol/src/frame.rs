@@ -313,6 +313,64 @@ impl Frame {
         })
     }
 
+    /// The `request_id` an answer a broker sends carries (the request it
+    /// answers, or 0 for the connection), `None` for frames that answer
+    /// nothing: requests, the handshake, `Deliver`, `Ack`, `Ping`, `Pong`.
+    pub fn answer_id(&self) -> Option<u64> {
+        use Frame as F;
+        Some(match self {
+            F::CardResult(f) => f.request_id,
+            F::SendAck(f) => f.request_id,
+            F::Done(f) => f.request_id,
+            F::Error(f) => f.request_id,
+            F::Redirect(f) => f.request_id,
+            F::Capabilities(f) => f.request_id,
+            F::TokenCreated(f) => f.request_id,
+            F::TokenContent(f) => f.request_id,
+            F::RelationshipChanged(f) => f.request_id,
+            F::Relationships(f) => f.request_id,
+            F::DeletionScheduled(f) => f.request_id,
+            F::FileCreated(f) => f.request_id,
+            F::FileState(f) => f.request_id,
+            F::FileData(f) => f.request_id,
+            F::Devices(f) => f.request_id,
+            F::Hello(_)
+            | F::Challenge(_)
+            | F::Auth(_)
+            | F::AuthOk(_)
+            | F::RegisterDevice(_)
+            | F::PublishCard(_)
+            | F::FetchCard(_)
+            | F::Send(_)
+            | F::Deliver(_)
+            | F::Ack(_)
+            | F::Delete(_)
+            | F::Ping(_)
+            | F::Pong(_)
+            | F::RegisterCapability(_)
+            | F::RevokeCapability(_)
+            | F::ListCapabilities(_)
+            | F::Anonymous(_)
+            | F::SealedSend(_)
+            | F::CreateToken(_)
+            | F::GetToken(_)
+            | F::DeleteToken(_)
+            | F::SetInboundPolicy(_)
+            | F::RequestRelationship(_)
+            | F::DecideRelationship(_)
+            | F::ListRelationships(_)
+            | F::DeleteIdentity(_)
+            | F::CancelDeletion(_)
+            | F::CreateFile(_)
+            | F::FileStatus(_)
+            | F::DeleteFile(_)
+            | F::UploadFile(_)
+            | F::DownloadFile(_)
+            | F::UnregisterDevice(_)
+            | F::ListDevices(_) => return None,
+        })
+    }
+
     /// Whether a broker accepts this tag from a client that has not
     /// authenticated: `Hello`, `Auth` and `Anonymous`.
     pub fn tag_allowed_before_auth(tag: u32) -> bool {
