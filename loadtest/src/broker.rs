@@ -269,10 +269,10 @@ mod tests {
     #[test]
     fn scrape_reads_unlabelled_series_and_skips_comments_and_labels() {
         let text = "# TYPE backbone_tokio_tasks gauge\nbackbone_tokio_tasks 812\n\
-                    backbone_errors_total{code=\"RateLimited\"} 3\nbackbone_open_fds 17\n";
+                    backbone_errors_total{code=\"RateLimited\"} 3\nprocess_open_fds 17\n";
         let series = parse_unlabelled(text);
         assert_eq!(series.get("backbone_tokio_tasks"), Some(&812.0));
-        assert_eq!(series.get("backbone_open_fds"), Some(&17.0));
+        assert_eq!(series.get("process_open_fds"), Some(&17.0));
         assert_eq!(series.len(), 2);
     }
 }
