@@ -1060,14 +1060,22 @@ async fn serve_anonymous(
                 continue;
             }
             other => {
-                let refusal = error_frame(
-                    request_id_of(&other),
-                    ErrorCode::NotAuthenticated,
-                    format!(
-                        "{} needs an authenticated session; this one is anonymous",
-                        Frame::TAG_NAMES[other.tag() as usize]
-                    ),
-                );
+                let name = Frame::TAG_NAMES[other.tag() as usize];
+                // A request (or an `Ack`) needs an identity; a frame only a
+                // broker sends is refused as on an authenticated session.
+                let refusal = if other.request_id().is_some() || matches!(other, Frame::Ack(_)) {
+                    error_frame(
+                        request_id_of(&other),
+                        ErrorCode::NotAuthenticated,
+                        format!("{name} needs an authenticated session; this one is anonymous"),
+                    )
+                } else {
+                    error_frame(
+                        0,
+                        ErrorCode::UnexpectedFrame,
+                        format!("{name} is not a client request"),
+                    )
+                };
                 if out.send(refusal).await.is_err() {
                     break;
                 }

@@ -184,7 +184,7 @@ async fn frames_only_the_broker_sends_are_refused_with_request_id_0_and_the_sess
         anonymous.send(&frame).await.expect("sends");
         assert_eq!(
             next_error(&mut anonymous).await,
-            (0, Some(ErrorCode::NotAuthenticated)),
+            (0, Some(ErrorCode::UnexpectedFrame)),
             "{frame:?} on an anonymous session"
         );
     }
