@@ -36,6 +36,16 @@ impl Percentiles {
     }
 }
 
+/// The load generator's own CPU use (this process, from
+/// `/proc/self/stat`): the client library's cost, next to the broker's.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GeneratorUsage {
+    /// CPU seconds this process used during the measured phase.
+    pub cpu_seconds: f64,
+    /// CPU microseconds per acknowledged message.
+    pub cpu_us_per_message: f64,
+}
+
 /// Broker-side resource use, from /proc.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BrokerUsage {
@@ -220,6 +230,8 @@ pub struct RunResult {
     pub acked_per_second: Vec<u64>,
     /// Broker CPU and memory, when it runs on this machine.
     pub broker: Option<BrokerUsage>,
+    /// The load generator's CPU, for scenarios that send messages.
+    pub generator: Option<GeneratorUsage>,
     /// Connect-storm figures.
     pub connect: Option<ConnectFigures>,
     /// Idle-mailboxes figures.
@@ -297,6 +309,12 @@ pub fn print(result: &RunResult) {
             broker.cpu_seconds,
             broker.rss_start_bytes / (1 << 20),
             broker.rss_end_bytes / (1 << 20)
+        );
+    }
+    if let Some(generator) = &result.generator {
+        println!(
+            "load generator  {:.2} CPU-s, {:.1} µs CPU per message",
+            generator.cpu_seconds, generator.cpu_us_per_message
         );
     }
     if let Some(soak) = &result.soak {

@@ -15,7 +15,9 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{Semaphore, watch};
 
 use crate::broker::Target;
-use crate::report::{BrokerUsage, ConnectFigures, IdleFigures, Percentiles, RunResult};
+use crate::report::{
+    BrokerUsage, ConnectFigures, GeneratorUsage, IdleFigures, Percentiles, RunResult,
+};
 use crate::{Cli, Scenario, SteadyArgs};
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -382,6 +384,7 @@ async fn steady(
         .collect();
 
     let before = target.sample();
+    let generator_before = crate::broker::proc_sample(std::process::id());
     let started = Instant::now();
     let deadline = catchup.is_none().then(|| started + args.duration);
     let lanes = args.senders * args.inflight;
@@ -454,6 +457,7 @@ async fn steady(
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = target.sample();
+    let generator_after = crate::broker::proc_sample(std::process::id());
 
     if offline > 0 {
         bar.set_message("offline mailboxes reconnecting and draining");
@@ -515,6 +519,14 @@ async fn steady(
         }),
         _ => None,
     };
+    let generator = match (generator_before, generator_after) {
+        (Some(before), Some(after)) => Some(GeneratorUsage {
+            cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+            cpu_us_per_message: (after.cpu_seconds - before.cpu_seconds) * 1e6
+                / merged.acked.max(1) as f64,
+        }),
+        _ => None,
+    };
     Ok(RunResult {
         scenario,
         opaque,
@@ -535,6 +547,7 @@ async fn steady(
         errors: merged.errors,
         acked_per_second: merged.per_second,
         broker,
+        generator,
         connect: None,
         idle: None,
         soak: None,
@@ -622,6 +635,7 @@ async fn connect_storm(
         seconds,
         errors,
         broker,
+        generator: None,
         connect: Some(ConnectFigures {
             connections: connected,
             rate_per_s: connected as f64 / seconds,

@@ -70,6 +70,14 @@ fn steady_verifies_every_delivery_and_writes_json_and_svg() {
             .expect("broker sampled")
             > 0.0
     );
+    // The load generator measures itself too (#21: the client's cost).
+    assert!(
+        result["generator"]["cpu_us_per_message"]
+            .as_f64()
+            .expect("generator sampled")
+            > 0.0,
+        "{result}"
+    );
     assert!(
         std::fs::read_to_string(&svg)
             .expect("svg written")
