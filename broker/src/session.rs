@@ -1290,22 +1290,27 @@ fn respond<T>(
 /// One device session's share of `backbone_push_pending_envelopes`: the
 /// envelopes up to the durable head it has not acknowledged. Taken back
 /// when the session ends.
-#[derive(Default)]
 struct PendingGauge {
+    /// The gauge's handle, looked up once per session rather than per push.
+    gauge: metrics::Gauge,
     reported: u64,
 }
 
 impl PendingGauge {
-    fn set(&mut self, pending: u64) {
-        if pending != self.reported {
-            let gauge = metrics::gauge!("backbone_push_pending_envelopes");
-            if pending > self.reported {
-                gauge.increment((pending - self.reported) as f64);
-            } else {
-                gauge.decrement((self.reported - pending) as f64);
-            }
-            self.reported = pending;
+    fn new() -> Self {
+        Self {
+            gauge: metrics::gauge!("backbone_push_pending_envelopes"),
+            reported: 0,
         }
+    }
+
+    fn set(&mut self, pending: u64) {
+        if pending > self.reported {
+            self.gauge.increment((pending - self.reported) as f64);
+        } else if pending < self.reported {
+            self.gauge.decrement((self.reported - pending) as f64);
+        }
+        self.reported = pending;
     }
 }
 
@@ -1347,7 +1352,8 @@ async fn deliver(
     let mut sent = acked;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
-    let mut pending = PendingGauge::default();
+    let mut pending = PendingGauge::new();
+    let lag = metrics::histogram!("backbone_device_push_lag_envelopes");
 
     'session: loop {
         pending.set(known_head.saturating_sub(acked));
@@ -1420,8 +1426,7 @@ async fn deliver(
                     in_flight.drain(..newly);
                     metrics::counter!("backbone_envelopes_acked_total").increment(newly as u64);
                     acked = up_to;
-                    metrics::histogram!("backbone_device_push_lag_envelopes")
-                        .record(known_head.saturating_sub(acked) as f64);
+                    lag.record(known_head.saturating_sub(acked) as f64);
                     cursor.ack(up_to);
                 }
             }
