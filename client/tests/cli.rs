@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use process::{free_udp_port, start_broker, start_broker_with_metrics};
+use process::{free_tcp_port, free_udp_port, http_get, start_broker, start_broker_with_metrics};
 
 fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_backbone-cli"))
@@ -240,26 +240,6 @@ fn fingerprint(log: &Path) -> String {
         .expect("broker prints its fingerprint")
         .trim()
         .to_owned()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 #[test]

@@ -423,22 +423,12 @@ async fn a_request_with_id_zero_is_refused_and_not_carried_out() {
     }))
     .await
     .expect("sends");
-    match tokio::time::timeout(WAIT, raw.recv())
-        .await
-        .expect("in time")
-        .expect("frame")
-    {
-        Frame::Error(error) => {
-            assert_eq!(error.request_id, 0);
-            assert_eq!(
-                error.code,
-                ErrorCode::InvalidRequestId as u16,
-                "{}",
-                error.message
-            );
-        }
-        other => panic!("expected InvalidRequestId, got {other:?}"),
-    }
+    assert_invalid_request_id(
+        tokio::time::timeout(WAIT, raw.recv())
+            .await
+            .expect("in time")
+            .expect("frame"),
+    );
 
     // A file stream whose header has id 0 gets the same answer on the stream.
     let (mut send, mut recv) = raw.connection().open_bi().await.expect("stream");
@@ -458,19 +448,8 @@ async fn a_request_with_id_zero_is_refused_and_not_carried_out() {
         .expect("in time")
         .expect("an answer");
     match backbone_protocol::codec::decode_frame(&answer, 4096, backbone_protocol::Phase::Any) {
-        Ok(backbone_protocol::Decoded::Frame {
-            frame: Frame::Error(error),
-            ..
-        }) => {
-            assert_eq!(error.request_id, 0);
-            assert_eq!(
-                error.code,
-                ErrorCode::InvalidRequestId as u16,
-                "{}",
-                error.message
-            );
-        }
-        other => panic!("expected InvalidRequestId, got {other:?}"),
+        Ok(backbone_protocol::Decoded::Frame { frame, .. }) => assert_invalid_request_id(frame),
+        other => panic!("expected a frame on the stream, got {other:?}"),
     }
 
     // Nothing was stored: the mailbox is empty, and the session goes on.
@@ -495,6 +474,23 @@ async fn a_request_with_id_zero_is_refused_and_not_carried_out() {
         .expect("connects");
     assert_no_delivery(&client, Duration::from_millis(500)).await;
     broker.shutdown().await;
+}
+
+/// Asserts that `frame` refuses a request with id 0: `InvalidRequestId`,
+/// itself with id 0.
+fn assert_invalid_request_id(frame: Frame) {
+    match frame {
+        Frame::Error(error) => {
+            assert_eq!(error.request_id, 0);
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidRequestId as u16,
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected InvalidRequestId, got {other:?}"),
+    }
 }
 
 async fn expect_error(raw: &mut RawConnection, code: ErrorCode) {

@@ -16,7 +16,7 @@
 mod process;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -29,7 +29,7 @@ use backbone_client::{Client, ClientOptions, ConnectConfig, Trust};
 use backbone_protocol::bytes::Blob;
 use backbone_protocol::frame::Send;
 use backbone_protocol::{Frame, Keypair};
-use process::{free_udp_port, start_broker_with_metrics};
+use process::{free_tcp_port, free_udp_port, start_broker_with_metrics};
 
 /// The process metrics the broker must export (from `metrics-process`).
 const PROCESS_METRICS: &[&str] = &[
@@ -113,25 +113,12 @@ fn run_promtool(args: &[&str], dir: &Path, stdin: Option<&str>) -> (bool, String
     (output.status.success(), text)
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
+/// The body of a `200 OK` answer to `GET path` from `addr`.
+fn http_body(addr: &str, path: &str) -> String {
+    let response = process::http_get(addr, path);
     let (head, body) = response.split_once("\r\n\r\n").expect("a header");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// Sends, pushes, acknowledgements and a refused send against the broker
@@ -208,8 +195,8 @@ fn a_live_brokers_metrics_pass_promtool_and_are_all_documented() {
             data.join("tls/cert.pem"),
         ));
     // Scraped twice: the second scrape shows the gauges the first sampled.
-    http_get(&metrics, "/metrics");
-    let exposition = http_get(&metrics, "/metrics");
+    http_body(&metrics, "/metrics");
+    let exposition = http_body(&metrics, "/metrics");
 
     let (ok, report) = run_promtool(&["check", "metrics"], dir.path(), Some(&exposition));
     assert!(
