@@ -2,17 +2,16 @@
 //! and `--json` output (fields as docs/operations.md lists them) for the
 //! commands that print a result.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
 use backbone_broker::config::StoreConfig;
-use backbone_broker::store::{Append, StoredEnvelope, open, wait_for};
+use backbone_broker::store::{Append, open, wait_for};
 use backbone_protocol::Address;
-use backbone_protocol::bytes::MessageId;
+use common::{NOW_MS, damage_marked_record, envelope, text};
 use serde_json::Value;
-
-const NOW_MS: u64 = 1_800_000_000_000;
 
 /// The subcommands every completion script and the man pages must name.
 const SUBCOMMANDS: &[&str] = &[
@@ -29,14 +28,6 @@ fn backbone(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("backbone runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The one JSON object a command printed on standard output.
@@ -164,17 +155,6 @@ fn man_pages_are_written_for_every_subcommand() {
     }
 }
 
-fn envelope(seq: u64, payload: &[u8]) -> Arc<StoredEnvelope> {
-    Arc::new(StoredEnvelope {
-        seq,
-        message_id: MessageId([seq as u8; 16]),
-        sender: None,
-        stored_at_ms: NOW_MS,
-        expires_at_ms: NOW_MS + 3_600_000,
-        envelope: payload.to_vec(),
-    })
-}
-
 #[test]
 fn store_verify_and_repair_report_as_json() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -202,18 +182,7 @@ fn store_verify_and_repair_report_as_json() {
     assert_eq!(report["log"], data.join("log").display().to_string());
 
     // One damaged byte in the middle of the log.
-    let segment = std::fs::read_dir(data.join("log"))
-        .expect("log dir")
-        .map(|entry| entry.expect("entry").path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "log"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&segment).expect("read");
-    let at = bytes
-        .windows(marker.len())
-        .position(|window| window == marker)
-        .expect("the marked envelope is in the segment");
-    bytes[at + 10] ^= 0xff;
-    std::fs::write(&segment, &bytes).expect("write");
+    let segment = damage_marked_record(data, &marker);
 
     let damaged = backbone(&["--json", "store", "verify", "--data-dir", data_arg]);
     assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged));

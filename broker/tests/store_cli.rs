@@ -1,16 +1,15 @@
 //! `backbone store verify` and `backbone store repair` against a data
 //! directory with a damaged record in the middle of its mailbox log.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 
 use backbone_broker::config::StoreConfig;
-use backbone_broker::store::{Append, StoredEnvelope, open, wait_for};
+use backbone_broker::store::{Append, open, wait_for};
 use backbone_protocol::Address;
-use backbone_protocol::bytes::MessageId;
-
-const NOW_MS: u64 = 1_800_000_000_000;
+use common::{NOW_MS, damage_marked_record, envelope, text};
 
 fn backbone(args: &[&str], data: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_backbone"))
@@ -19,25 +18,6 @@ fn backbone(args: &[&str], data: &Path) -> Output {
         .arg(data)
         .output()
         .expect("backbone runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn envelope(seq: u64, payload: &[u8]) -> Arc<StoredEnvelope> {
-    Arc::new(StoredEnvelope {
-        seq,
-        message_id: MessageId([seq as u8; 16]),
-        sender: None,
-        stored_at_ms: NOW_MS,
-        expires_at_ms: NOW_MS + 3_600_000,
-        envelope: payload.to_vec(),
-    })
 }
 
 /// The seqs the log holds for `address`.
@@ -84,18 +64,7 @@ fn verify_finds_a_damaged_record_and_repair_drops_only_it() {
     assert!(text(&verified).contains("the mailbox log is whole"));
 
     // Damage one byte of alice's third envelope, in the middle of the log.
-    let segment = std::fs::read_dir(data.join("log"))
-        .expect("log dir")
-        .map(|entry| entry.expect("entry").path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "log"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&segment).expect("read");
-    let at = bytes
-        .windows(marker.len())
-        .position(|window| window == marker)
-        .expect("the marked envelope is in the segment");
-    bytes[at + 10] ^= 0xff;
-    std::fs::write(&segment, &bytes).expect("write");
+    damage_marked_record(data, &marker);
 
     let verified = backbone(&["store", "verify"], data);
     let report = text(&verified);
