@@ -1168,20 +1168,22 @@ impl Registry {
         address: &Address,
         build: impl Fn(RpcReplyPort<T>) -> MailboxMsg,
     ) -> Result<T, MailboxError> {
-        self.call_for(address, false, build).await
+        self.call_for(address, false, Some(self.call_timeout), build)
+            .await
     }
 
     /// [`Registry::call`], telling a new actor whether it starts for a
-    /// write.
+    /// write, with `timeout` (`None`: as long as the actor takes).
     async fn call_for<T: Send + 'static>(
         &self,
         address: &Address,
         for_write: bool,
+        timeout: Option<Duration>,
         build: impl Fn(RpcReplyPort<T>) -> MailboxMsg,
     ) -> Result<T, MailboxError> {
         for _ in 0..3 {
             let actor = self.actor(address, for_write).await?;
-            match actor.call(&build, Some(self.call_timeout)).await {
+            match actor.call(&build, timeout).await {
                 Ok(ractor::rpc::CallResult::Success(value)) => return Ok(value),
                 Ok(ractor::rpc::CallResult::Timeout) => return Err(MailboxError::Timeout),
                 Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
@@ -1197,12 +1199,18 @@ impl Registry {
     }
 
     /// Appends to a mailbox; returns the sequence number once durable.
+    ///
+    /// Without a timeout of its own: the actor answers every append once
+    /// the log reports it (or refuses it at once), so the wait is the log's,
+    /// and a timer per envelope would cost more than the rest of the call.
+    /// A client that gives up waits on its own request timeout; the append
+    /// stays counted against the session's requests in progress until then.
     pub async fn append(
         &self,
         address: &Address,
         envelope: StoredEnvelope,
     ) -> Result<u64, MailboxError> {
-        self.call_for(address, true, |reply| MailboxMsg::Append {
+        self.call_for(address, true, None, |reply| MailboxMsg::Append {
             envelope: envelope.clone(),
             reply,
         })

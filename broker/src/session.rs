@@ -37,6 +37,8 @@ use backbone_protocol::frame::{
 use backbone_protocol::handshake::{HandshakeParams, HandshakeStep, ServerHandshake};
 use backbone_protocol::{Address, DeviceId, Frame, IdentityCard};
 use dashmap::DashMap;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -636,50 +638,50 @@ async fn serve_authenticated(
     );
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_inflight_requests));
     let mut shutdown = shared.shutdown.clone();
+    // Sends run inside this task, not as a task each: a send spends nearly
+    // all its time waiting for its mailbox and the log, and a task per send
+    // costs a spawn, a schedule and a wake-up on another worker each time.
+    // They progress whenever this task waits: for the next frame, for a
+    // permit, for room in the outbox.
+    let mut sends = FuturesUnordered::new();
     loop {
-        let Some(frame) = next_request(
+        let next = next_request(
             shared,
             connection,
             &mut reader,
             &out,
             &mut files,
             &mut shutdown,
-        )
-        .await
-        else {
+        );
+        let Some(frame) = while_sending(&mut sends, next).await else {
             break;
         };
         match frame {
             Frame::Send(send) => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
+                let Some(permit) = while_sending(&mut sends, permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                else {
                     break;
                 };
-                let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
-                tokio::spawn(
-                    async move {
-                        let started = Instant::now();
-                        let response = handle_send(&shared, &session, send).await;
-                        metrics::histogram!("backbone_send_seconds", "kind" => "send")
-                            .record(started.elapsed().as_secs_f64());
-                        count_refused_copies("send", &response);
-                        let _ = out.send(response).await;
-                        drop(permit);
-                    }
-                    .in_current_span(),
-                );
+                sends.push(answer_send(shared, &session, &out, send, permit));
             }
             Frame::Ack(ack) => {
                 ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
             }
             Frame::Ping(ping) => {
-                let _ = out.send(Frame::Pong(Pong { nonce: ping.nonce })).await;
+                let pong = out.send(Frame::Pong(Pong { nonce: ping.nonce }));
+                let _ = while_sending(&mut sends, pong).await;
             }
             Frame::Pong(_) => {}
             Frame::Error(error) => {
                 debug!(code = error.code, message = %error.message, "client reported an error")
             }
             request => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
+                let Some(permit) = while_sending(&mut sends, permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                else {
                     break;
                 };
                 let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
@@ -696,10 +698,10 @@ async fn serve_authenticated(
     }
     // Let in-flight requests finish (bounded by the shutdown grace), then stop.
     let all = shared.config.limits.max_inflight_requests as u32;
-    let _ = tokio::time::timeout(
-        shared.config.server.shutdown_grace,
-        permits.acquire_many(all),
-    )
+    let _ = tokio::time::timeout(shared.config.server.shutdown_grace, async {
+        while sends.next().await.is_some() {}
+        permits.acquire_many(all).await
+    })
     .await;
     drop(ack_tx);
     let _ = delivery.await;
@@ -710,6 +712,40 @@ async fn serve_authenticated(
             "broker is shutting down",
         );
     }
+}
+
+/// Awaits `future` while driving the session's sends in progress, so that
+/// they complete while the session waits for anything else.
+async fn while_sending<T>(
+    sends: &mut FuturesUnordered<impl Future<Output = ()>>,
+    future: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(future);
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = sends.next(), if !sends.is_empty() => {}
+            output = &mut future => return output,
+        }
+    }
+}
+
+/// One send of an authenticated session, from its checks to its answer in
+/// the outbox; holds one of the session's request permits.
+async fn answer_send(
+    shared: &Arc<Shared>,
+    session: &Session,
+    out: &Outbox,
+    send: Send,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let response = handle_send(shared, session, send).await;
+    metrics::histogram!("backbone_send_seconds", "kind" => "send")
+        .record(started.elapsed().as_secs_f64());
+    count_refused_copies("send", &response);
+    let _ = out.send(response).await;
+    drop(permit);
 }
 
 /// Counts the envelope copies a `Send` or `SealedSend` answer refuses, by
