@@ -15,9 +15,12 @@
 //! [`Registry::subscribe`]).
 //!
 //! Blocking storage work never runs in a handler: the head is read in
-//! `spawn_blocking`, writes go to the writer thread, and the writer thread
-//! reports each completion back to the actor as a message, in submission
-//! order.
+//! `spawn_blocking` and appends go to the log. An append's completion runs
+//! on the log's sync thread, in log order: it answers the sender, publishes
+//! the envelope to the watch and settles the mailbox's [`Writes`] there,
+//! without a message to the actor (one hop less per envelope); the actor
+//! hears of completions only when a retirement waits for them or an append
+//! failed.
 //!
 //! The actor of a deleted identity refuses everything with `IdentityDeleted`:
 //! it learns so when it starts (the store holds the tombstone) or when the
@@ -245,6 +248,18 @@ pub struct WatchLease {
     watch: Option<Arc<Watch>>,
 }
 
+/// Another hold on the same watch: a write's completion holds one until it
+/// has published, so the watch outlives the write.
+impl Clone for WatchLease {
+    fn clone(&self) -> Self {
+        let watch = self
+            .watch
+            .clone()
+            .expect("a lease holds its watch until dropped");
+        self.watches.lease(self.address, watch)
+    }
+}
+
 impl WatchLease {
     fn watch(&self) -> &Watch {
         self.watch
@@ -297,6 +312,64 @@ impl Drop for Subscription {
     }
 }
 
+/// A mailbox's writes in flight, shared by its actor (which starts them)
+/// and their completions on the log's sync thread (which end them).
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// Appends handed to the log and not yet completed.
+    pending: AtomicU64,
+    /// Of those, the envelopes and bytes counted against the quota.
+    envelopes: AtomicU64,
+    bytes: AtomicU64,
+    /// A retirement waits for `pending` to reach 0.
+    drain_awaited: AtomicBool,
+}
+
+impl Writes {
+    /// An append of `counted` bytes (`None`: not counted) starts.
+    fn started(&self, counted: Option<u64>) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if let Some(len) = counted {
+            self.envelopes.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+
+    /// An append started with `counted` completed; whether it was the last
+    /// one in flight.
+    fn finished(&self, counted: Option<u64>) -> bool {
+        if let Some(len) = counted {
+            self.envelopes.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        self.pending.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// Appends in flight.
+    fn pending(&self) -> u64 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// What the appends in flight add to the mailbox's usage.
+    fn in_flight(&self) -> MailboxUsage {
+        MailboxUsage {
+            envelopes: self.envelopes.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the completion that ends the last write in flight to tell the
+    /// actor ([`MailboxMsg::Drained`]).
+    fn tell_when_drained(&self) {
+        self.drain_awaited.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the actor asked to be told.
+    fn drain_awaited(&self) -> bool {
+        self.drain_awaited.load(Ordering::SeqCst)
+    }
+}
+
 /// Messages a mailbox actor handles.
 #[derive(Debug)]
 pub enum MailboxMsg {
@@ -307,14 +380,14 @@ pub enum MailboxMsg {
         /// Answered after the flush, or at once if the mailbox is full.
         reply: RpcReplyPort<Result<u64, MailboxError>>,
     },
-    /// Internal: the writer finished a batch of this mailbox's appends.
-    Durable {
-        /// The envelopes written.
-        envelopes: Vec<Arc<StoredEnvelope>>,
-        /// The flush outcome.
-        result: Result<(), StoreError>,
-        /// The senders to answer.
-        replies: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
+    /// Internal: the mailbox's last write in flight completed while a
+    /// retirement waited for it (see [`Writes`]).
+    Drained,
+    /// Internal: an append failed in the log; it no longer counts in the
+    /// mailbox's usage.
+    Unwritten {
+        /// The envelope's length.
+        bytes: u64,
     },
     /// Envelopes were deleted from the mailbox outside the actor: its quota
     /// count is stale and is taken again before the next append.
@@ -433,15 +506,14 @@ pub struct MailboxState {
     /// The durable head and the subscribed devices, held while the actor
     /// lives.
     watch: WatchLease,
-    pending_writes: usize,
+    /// The mailbox's writes in flight, shared with their completions.
+    writes: Arc<Writes>,
     /// What the mailbox stores plus what is being written, for the quota: an
     /// upper bound, because expiry and deletes outside the actor only lower
     /// the real figure. `None` until first counted, and after a delete.
     usage: Option<MailboxUsage>,
     /// When `usage` was last counted from the store.
     counted_at: Option<Instant>,
-    /// Envelopes handed to the writer and not yet reported durable.
-    in_flight: MailboxUsage,
     last_activity: Instant,
     /// The inbound policy and this side's relationship records, loaded when
     /// the actor starts; every change goes through the actor.
@@ -509,10 +581,9 @@ impl Actor for MailboxActor {
             watch: args.context.watches.attach(address, durable_head),
             context: args.context,
             last_seq: durable_head.max(assigned),
-            pending_writes: 0,
+            writes: Arc::default(),
             counted_at: usage.map(|_| Instant::now()),
             usage,
-            in_flight: MailboxUsage::default(),
             last_activity: Instant::now(),
             policy,
             relationships: relationships.into_iter().map(|r| (r.peer, r)).collect(),
@@ -631,44 +702,19 @@ impl Actor for MailboxActor {
                     }
                 }
             }
-            MailboxMsg::Durable {
-                envelopes,
-                result,
-                replies,
-            } => {
-                state.pending_writes -= 1;
-                if state.pending_writes == 0 {
-                    // Every number handed out is durable (or failed): the
-                    // log's head covers them from here.
-                    state.context.assigned.remove(&state.address);
-                }
-                for (reply, envelope) in replies.into_iter().zip(&envelopes) {
-                    let outcome = result.clone().map(|()| envelope.seq);
-                    let _ = reply.send(outcome.map_err(MailboxError::Store));
-                }
-                if !state.context.quota.is_unlimited() {
-                    for envelope in &envelopes {
-                        let len = envelope.envelope.len() as u64;
-                        state.in_flight.envelopes = state.in_flight.envelopes.saturating_sub(1);
-                        state.in_flight.bytes = state.in_flight.bytes.saturating_sub(len);
-                        // Not stored (or not durably): stop counting it. A
-                        // partial write that did become visible is found by
-                        // the next recount.
-                        if let (Err(_), Some(usage)) = (&result, &mut state.usage) {
-                            usage.envelopes = usage.envelopes.saturating_sub(1);
-                            usage.bytes = usage.bytes.saturating_sub(len);
-                        }
-                    }
-                }
-                if result.is_ok() {
-                    for envelope in &envelopes {
-                        state.watch.publish(envelope);
-                    }
-                }
-                if state.pending_writes == 0
+            MailboxMsg::Drained => {
+                if state.writes.pending() == 0
                     && let Some((reply, tombstone)) = state.retiring.take()
                 {
                     state.stop_retired(&myself, reply, tombstone);
+                }
+            }
+            MailboxMsg::Unwritten { bytes } => {
+                // Not stored (or not durably): stop counting it. A partial
+                // write that did become visible is found by the next recount.
+                if let Some(usage) = &mut state.usage {
+                    usage.envelopes = usage.envelopes.saturating_sub(1);
+                    usage.bytes = usage.bytes.saturating_sub(bytes);
                 }
             }
             MailboxMsg::Retire { now_ms, reply } => {
@@ -691,7 +737,11 @@ impl Actor for MailboxActor {
                 match begun {
                     Ok(Some(tombstone)) => {
                         state.deleted = true;
-                        if state.pending_writes == 0 {
+                        // Asked to be told before looking: the last
+                        // completion either sees the request or finished
+                        // before the look.
+                        state.writes.tell_when_drained();
+                        if state.writes.pending() == 0 {
                             state.stop_retired(&myself, reply, tombstone);
                         } else {
                             state.retiring = Some((reply, tombstone));
@@ -711,8 +761,9 @@ impl Actor for MailboxActor {
                 // it, and the next write starts an actor that takes it over.
                 let timeout = state.context.idle_timeout;
                 let quiet = state.last_activity.elapsed();
-                if state.pending_writes > 0 || quiet < timeout {
-                    let next = if state.pending_writes > 0 {
+                let pending = state.writes.pending() > 0;
+                if pending || quiet < timeout {
+                    let next = if pending {
                         timeout / 2
                     } else {
                         timeout - quiet
@@ -757,8 +808,14 @@ impl MailboxState {
     }
 
     /// Numbers `envelope`, hands it to the writer, and answers `reply` with
-    /// its sequence number once durable: the writer reports back with a
-    /// [`MailboxMsg::Durable`], in submission order.
+    /// its sequence number once durable.
+    ///
+    /// The completion runs on the log's sync thread, in log order (so in
+    /// sequence order for this mailbox): it answers the sender, publishes
+    /// the envelope to the mailbox's watch and settles the write's
+    /// accounting ([`Writes`]) itself, without a message to the actor; the
+    /// actor hears of it only when a retirement waits for its writes, or an
+    /// append failed.
     fn submit(
         &mut self,
         myself: &ActorRef<MailboxMsg>,
@@ -767,35 +824,40 @@ impl MailboxState {
     ) {
         self.last_seq += 1;
         envelope.seq = self.last_seq;
-        self.context.assigned.insert(self.address, self.last_seq);
+        let (seq, len) = (envelope.seq, envelope.envelope.len() as u64);
+        let counted = !self.context.quota.is_unlimited();
+        self.writes.started(counted.then_some(len));
+        self.context.assigned.insert(self.address, seq);
         let envelope = Arc::new(envelope);
         let item = Append {
             address: self.address,
             envelope: envelope.clone(),
         };
-        let actor = myself.clone();
+        let (actor, writes, watch) = (myself.clone(), self.writes.clone(), self.watch.clone());
+        let (context, address) = (self.context.clone(), self.address);
         self.context
             .writer
             .submit_append_then(vec![item], move |result| {
-                let message = MailboxMsg::Durable {
-                    envelopes: vec![envelope],
-                    result,
-                    replies: vec![reply],
-                };
-                // If the actor is gone, answer the senders so none waits forever.
-                if let Err(ractor::MessagingErr::SendErr(MailboxMsg::Durable {
-                    replies,
-                    result,
-                    envelopes,
-                })) = actor.cast(message)
-                {
-                    for (reply, envelope) in replies.into_iter().zip(envelopes) {
-                        let outcome = result.clone().map(|()| envelope.seq);
-                        let _ = reply.send(outcome.map_err(MailboxError::Store));
+                let durable = result.is_ok();
+                let _ = reply.send(result.map(|()| seq).map_err(MailboxError::Store));
+                if durable {
+                    watch.publish(&envelope);
+                } else if counted {
+                    let _ = actor.cast(MailboxMsg::Unwritten { bytes: len });
+                }
+                drop(watch);
+                if writes.finished(counted.then_some(len)) {
+                    // Every number handed out is durable (or failed): the
+                    // log's head covers them from here, unless the actor
+                    // numbered another meanwhile.
+                    context
+                        .assigned
+                        .remove_if(&address, |_, assigned| *assigned == seq);
+                    if writes.drain_awaited() {
+                        let _ = actor.cast(MailboxMsg::Drained);
                     }
                 }
             });
-        self.pending_writes += 1;
     }
 
     /// Stores a broker notice about `peer` in this mailbox, past the inbound
@@ -815,10 +877,6 @@ impl MailboxState {
         if let Some(usage) = &mut self.usage {
             usage.envelopes += 1;
             usage.bytes += len;
-        }
-        if !self.context.quota.is_unlimited() {
-            self.in_flight.envelopes += 1;
-            self.in_flight.bytes += len;
         }
         let now = (self.context.clock)();
         let envelope = StoredEnvelope {
@@ -1004,9 +1062,10 @@ impl MailboxState {
                 tokio::task::spawn_blocking(move || store.usage(&address, now_ms)).await??;
             // Appends in flight may or may not be in the store's count yet;
             // adding them keeps the figure an upper bound.
+            let in_flight = self.writes.in_flight();
             self.usage = Some(MailboxUsage {
-                envelopes: counted.envelopes + self.in_flight.envelopes,
-                bytes: counted.bytes + self.in_flight.bytes,
+                envelopes: counted.envelopes + in_flight.envelopes,
+                bytes: counted.bytes + in_flight.bytes,
             });
             self.counted_at = Some(Instant::now());
         }
@@ -1017,8 +1076,6 @@ impl MailboxState {
             usage.envelopes += 1;
             usage.bytes += len;
         }
-        self.in_flight.envelopes += 1;
-        self.in_flight.bytes += len;
         Ok(None)
     }
 }

@@ -236,7 +236,7 @@ mod tests {
     /// A registry linked to a running root supervisor, as the broker runs
     /// them, over a memory store.
     struct Tree {
-        registry: Registry,
+        registry: Arc<Registry>,
         context: Arc<MailboxContext>,
         supervisor: ActorRef<RootMsg>,
         writer: Writer,
@@ -249,9 +249,18 @@ mod tests {
         }
 
         async fn start_with(idle_timeout: Duration, quota: MailboxQuota) -> Self {
-            let dir = tempfile::tempdir().expect("tempdir");
             let memory = Arc::new(MemoryStore::default());
-            let (store, log): (Arc<dyn Directory>, Arc<dyn MailboxLog>) = (memory.clone(), memory);
+            Self::start_over(idle_timeout, quota, memory.clone(), memory).await
+        }
+
+        /// A tree over `store` and `log`.
+        async fn start_over(
+            idle_timeout: Duration,
+            quota: MailboxQuota,
+            store: Arc<dyn Directory>,
+            log: Arc<dyn MailboxLog>,
+        ) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
             let (writer, handle) = Writer::start(log.clone(), store.clone());
             let context = Arc::new(MailboxContext {
                 directory: store.clone(),
@@ -278,7 +287,7 @@ mod tests {
                 .await
                 .expect("supervisor");
             Self {
-                registry,
+                registry: Arc::new(registry),
                 context,
                 supervisor,
                 writer,
@@ -395,6 +404,153 @@ mod tests {
             tree.try_append(b).await,
             Err(MailboxError::QuotaExceeded(_))
         ));
+        tree.stop().await;
+    }
+
+    /// A mailbox log whose appends complete only when released: the memory
+    /// store's, held back.
+    struct HeldLog {
+        inner: Arc<MemoryStore>,
+        held: std::sync::Mutex<Vec<(Vec<crate::store::Append>, crate::store::Completion)>>,
+    }
+
+    impl HeldLog {
+        fn held(&self) -> usize {
+            self.held.lock().expect("lock").len()
+        }
+
+        /// Hands every held append to the memory store, in order.
+        fn release(&self) {
+            for (items, done) in self.held.lock().expect("lock").drain(..) {
+                self.inner.append(items, done);
+            }
+        }
+    }
+
+    impl MailboxLog for HeldLog {
+        fn append(&self, items: Vec<crate::store::Append>, done: crate::store::Completion) {
+            self.held.lock().expect("lock").push((items, done));
+        }
+        fn delete(&self, address: Address, seqs: Vec<u64>, done: crate::store::Completion) {
+            self.inner.delete(address, seqs, done)
+        }
+        fn drop_mailbox(&self, address: Address, done: crate::store::Completion) {
+            self.inner.drop_mailbox(address, done)
+        }
+        fn import(
+            &self,
+            address: Address,
+            envelopes: Vec<crate::store::StoredEnvelope>,
+            head: u64,
+            done: crate::store::Completion,
+        ) {
+            self.inner.import(address, envelopes, head, done)
+        }
+        fn barrier(&self, done: crate::store::Completion) {
+            self.inner.barrier(done)
+        }
+        fn read_from(
+            &self,
+            address: &Address,
+            from_seq: u64,
+            limit: usize,
+            now_ms: u64,
+        ) -> Result<Vec<crate::store::StoredEnvelope>, crate::store::StoreError> {
+            self.inner.read_from(address, from_seq, limit, now_ms)
+        }
+        fn usage(
+            &self,
+            address: &Address,
+            now_ms: u64,
+        ) -> Result<crate::store::MailboxUsage, crate::store::StoreError> {
+            self.inner.usage(address, now_ms)
+        }
+        fn head_seq(&self, address: &Address) -> Result<u64, crate::store::StoreError> {
+            self.inner.head_seq(address)
+        }
+        fn oldest_seq(&self, address: &Address) -> Result<Option<u64>, crate::store::StoreError> {
+            self.inner.oldest_seq(address)
+        }
+        fn export(
+            &self,
+            address: &Address,
+        ) -> Result<Vec<crate::store::StoredEnvelope>, crate::store::StoreError> {
+            self.inner.export(address)
+        }
+        fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, crate::store::StoreError> {
+            self.inner.expire(now_ms, limit)
+        }
+        fn mailboxes(&self, filter: &dyn Fn(&Address) -> bool) -> Vec<Address> {
+            self.inner.mailboxes(filter)
+        }
+        fn envelope_count(&self) -> u64 {
+            self.inner.envelope_count()
+        }
+        fn log_bytes_on_disk(&self) -> u64 {
+            self.inner.log_bytes_on_disk()
+        }
+        fn close(&self) -> Result<(), crate::store::StoreError> {
+            self.inner.close()
+        }
+    }
+
+    /// Appends complete on the log's thread without a message to the actor;
+    /// a retirement must still wait for the mailbox's writes in flight,
+    /// hear when the last one completes, and only then answer and stop.
+    #[tokio::test]
+    async fn a_retirement_waits_for_the_writes_in_flight_and_stops_after_the_last() {
+        let memory = Arc::new(MemoryStore::default());
+        let log = Arc::new(HeldLog {
+            inner: memory.clone(),
+            held: std::sync::Mutex::default(),
+        });
+        let quota = MailboxQuota {
+            max_envelopes: 10,
+            max_bytes: 0,
+        };
+        let tree =
+            Tree::start_over(Duration::from_secs(600), quota, memory.clone(), log.clone()).await;
+        let a = address(1);
+        let registry = tree.registry.clone();
+        let appends: Vec<_> = (0..2)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.append(&a, envelope(0, 0, u64::MAX)).await })
+            })
+            .collect();
+        while log.held() < 2 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        memory.schedule_deletion(&a, 0).expect("scheduled");
+        let retirement = {
+            let registry = registry.clone();
+            tokio::spawn(async move { registry.retire(&a, 1).await })
+        };
+        // The tombstone is written, but two appends are still in flight.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!retirement.is_finished(), "answered with writes in flight");
+        assert!(
+            tree.context.actors.contains_key(&a),
+            "stopped with writes in flight"
+        );
+
+        log.release();
+        let tombstone = tokio::time::timeout(Duration::from_secs(10), retirement)
+            .await
+            .expect("answered once the writes completed")
+            .expect("joins")
+            .expect("retires");
+        assert!(tombstone.is_some_and(|deletion| deletion.is_tombstone()));
+        let mut seqs = Vec::new();
+        for append in appends {
+            seqs.push(append.await.expect("joins").expect("durable"));
+        }
+        assert_eq!(seqs, [1, 2]);
+        tree.until_gone(&a, Duration::from_secs(10)).await;
+        assert!(
+            tree.context.assigned.is_empty(),
+            "numbers handed out are forgotten once durable"
+        );
         tree.stop().await;
     }
 }
