@@ -1390,6 +1390,12 @@ async fn deliver(
     let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
     let mut pending = PendingGauge::new();
     let lag = metrics::histogram!("backbone_device_push_lag_envelopes");
+    // One timer for the session, moved only when the cursor's next write
+    // time changes: a timer made afresh on every push and ack costs a
+    // registration and a removal each.
+    let cursor_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(cursor_timer);
+    let mut cursor_timer_at = None;
 
     'session: loop {
         pending.set(known_head.saturating_sub(acked));
@@ -1429,6 +1435,12 @@ async fn deliver(
             }
         }
         let cursor_due = cursor.waiting_until();
+        if let Some(due) = cursor_due
+            && cursor_timer_at != Some(due)
+        {
+            cursor_timer.as_mut().reset(due);
+            cursor_timer_at = Some(due);
+        }
         tokio::select! {
             envelope = live.recv() => {
                 known_head = known_head.max(envelope.seq);
@@ -1472,9 +1484,10 @@ async fn deliver(
                 }
                 cursor.next_if_due();
             }
-            () = tokio::time::sleep_until(
-                cursor_due.unwrap_or_else(tokio::time::Instant::now)
-            ), if cursor_due.is_some() => cursor.next(),
+            () = &mut cursor_timer, if cursor_due.is_some() => {
+                cursor_timer_at = None;
+                cursor.next();
+            }
         }
         if live.take_lagged() {
             // Live envelopes were dropped for this slow device: catch up from
@@ -1496,7 +1509,7 @@ type CursorWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + std::ma
 /// holding a busy device's acks this long costs no durability and saves
 /// most of its directory writes. A session's last move is queued at once
 /// when it ends ([`CursorWriter::finish`]).
-const CURSOR_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+const CURSOR_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A device's cursor on its way to the store: at most one write in flight
 /// and one per [`CURSOR_WRITE_INTERVAL`], the acks that arrive meanwhile
