@@ -62,7 +62,8 @@ pub async fn store_for(
 ) -> (Vec<Stored>, Vec<Failed>) {
     let mut stored = Vec::with_capacity(recipients.len());
     let mut refused = Vec::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    // A `JoinSet` allocates even empty: made only for several recipients.
+    let mut tasks = None;
     let mut single = None;
     let local: Vec<Address> = recipients
         .into_iter()
@@ -80,6 +81,7 @@ pub async fn store_for(
             shared.registry.append(&only, template.envelope()).await,
         ));
     } else {
+        let tasks = tasks.insert(tokio::task::JoinSet::new());
         for recipient in local {
             let (shared, envelope) = (shared.clone(), template.envelope());
             tasks.spawn(async move {
@@ -90,7 +92,11 @@ pub async fn store_for(
             });
         }
     }
-    let outcomes = single.into_iter().chain(tasks.join_all().await);
+    let others = match tasks {
+        Some(tasks) => tasks.join_all().await,
+        None => Vec::new(),
+    };
+    let outcomes = single.into_iter().chain(others);
     for (address, outcome) in outcomes {
         match outcome {
             Ok(seq) => stored.push(Stored { address, seq }),
