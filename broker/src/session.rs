@@ -675,6 +675,7 @@ async fn serve_authenticated(
                 ));
             }
             Frame::Ack(ack) => {
+                send_metrics.acks.increment(1);
                 ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
             }
             Frame::Ping(ping) => {
@@ -722,12 +723,14 @@ async fn serve_authenticated(
     }
 }
 
-/// The metrics every send of a session records, looked up once per session:
+/// The metrics a session's requests record, looked up once per session:
 /// looking a metric up allocates in the exporter's registry, which per
 /// envelope was a fifth of the broker's allocations.
 struct SendMetrics {
     seconds: metrics::Histogram,
     accepted: metrics::Counter,
+    /// `Ack` frames received.
+    acks: metrics::Counter,
 }
 
 impl SendMetrics {
@@ -735,6 +738,7 @@ impl SendMetrics {
         Self {
             seconds: metrics::histogram!("backbone_send_seconds", "kind" => "send"),
             accepted: metrics::counter!("backbone_envelopes_accepted_total"),
+            acks: metrics::counter!("backbone_acks_received_total"),
         }
     }
 }

@@ -99,6 +99,11 @@ const fn histogram(
 
 /// Every metric the broker records, sorted by name.
 pub const METRICS: &[Metric] = &[
+    counter(
+        "backbone_acks_received_total",
+        &[],
+        "Ack frames received from devices; each is cumulative and may cover many envelopes (clients gather their acks for a moment).",
+    ),
     gauge(
         "backbone_anonymous_sessions",
         Unit::Count,

@@ -80,6 +80,89 @@ pub struct ClientOptions {
     /// How [`Client::send`] pads envelopes (by default to powers of two
     /// from 256 bytes, so the broker learns only a size bucket).
     pub padding: Padding,
+    /// When [`Client::ack`]s go to the broker: gathered for a moment, not
+    /// one `Ack` per delivery.
+    pub acks: AckPolicy,
+}
+
+/// When a device's acknowledgements go to the broker. An `Ack` is
+/// cumulative (everything up to a sequence number), so acks made in a short
+/// while fold into one: it goes out once `delay` has passed since the
+/// first ack not yet sent, once it covers `every` sequence numbers past the
+/// last one sent, or with the next request written (whichever comes first).
+/// During a catch-up of thousands of envelopes that is one `Ack` per
+/// `every` instead of one per envelope. Acks are at-least-once either way:
+/// a cursor move lost with the connection only means envelopes are pushed
+/// again, and the client drops those it has handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckPolicy {
+    /// How long an ack may wait for more to fold into it; zero sends each
+    /// at once. Keep it under QUIC's ack delay (25 ms) so that the
+    /// transport's own acknowledgement rides on it.
+    pub delay: Duration,
+    /// An ack goes at once when it covers this many sequence numbers past
+    /// the last one sent; keep it below the broker's push window
+    /// (`limits.push_window`, 256 by default), or pushes wait for `delay`.
+    pub every: u64,
+}
+
+impl Default for AckPolicy {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(10),
+            every: 32,
+        }
+    }
+}
+
+/// The acks of one connection not yet written (see [`AckPolicy`]).
+#[derive(Debug)]
+struct PendingAck {
+    policy: AckPolicy,
+    /// The highest sequence number acked by the application.
+    wanted: u64,
+    /// The highest written to the broker on this connection.
+    written: u64,
+    /// When `wanted` must be written at the latest.
+    due: Option<tokio::time::Instant>,
+}
+
+impl PendingAck {
+    /// Nothing pending: `written` is what the connection has already sent.
+    fn new(policy: AckPolicy, written: u64) -> Self {
+        Self {
+            policy,
+            wanted: written,
+            written,
+            due: None,
+        }
+    }
+
+    /// The application acked up to `seq`.
+    fn record(&mut self, seq: u64, now: tokio::time::Instant) {
+        self.wanted = self.wanted.max(seq);
+        if self.wanted > self.written && self.due.is_none() {
+            self.due = Some(now + self.policy.delay);
+        }
+    }
+
+    /// The ack to write now, if one is due: its delay has passed, it covers
+    /// `every` sequence numbers, or something else is being written anyway
+    /// (`piggyback`).
+    fn take(&mut self, now: tokio::time::Instant, piggyback: bool) -> Option<u64> {
+        if self.wanted <= self.written {
+            return None;
+        }
+        let due = piggyback
+            || self.wanted - self.written >= self.policy.every
+            || self.due.is_some_and(|due| due <= now);
+        if !due {
+            return None;
+        }
+        self.written = self.wanted;
+        self.due = None;
+        Some(self.wanted)
+    }
 }
 
 impl ClientOptions {
@@ -98,6 +181,7 @@ impl ClientOptions {
             backoff: Backoff::default(),
             delivery_buffer: 1024,
             padding: Padding::default(),
+            acks: AckPolicy::default(),
         }
     }
 }
@@ -1173,6 +1257,7 @@ async fn connection_loop(
         let _ = current.send(Some(raw.connection().clone()));
         let outcome = run_connection(
             raw,
+            options.acks,
             &mut commands,
             &deliveries,
             &mut last_acked,
@@ -1215,6 +1300,7 @@ enum Outcome {
 
 async fn run_connection(
     raw: RawConnection,
+    ack_policy: AckPolicy,
     commands: &mut mpsc::Receiver<Command>,
     deliveries: &mpsc::Sender<Delivery>,
     last_acked: &mut u64,
@@ -1262,7 +1348,18 @@ async fn run_connection(
         })
     };
     tokio::pin!(reader);
+    // The ack written above (if any) is the last the application made.
+    let mut acks = PendingAck::new(ack_policy, *last_acked);
+    let ack_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(ack_timer);
+    let mut ack_timer_at = None;
     let outcome = loop {
+        if let Some(seq) = acks.take(tokio::time::Instant::now(), !out.is_empty()) {
+            let _ = backbone_protocol::codec::encode_frame(
+                &Frame::Ack(Ack { up_to_seq: seq }),
+                &mut out,
+            );
+        }
         if !out.is_empty() {
             match send.write_all(&out).await {
                 Ok(()) => {}
@@ -1276,14 +1373,31 @@ async fn run_connection(
         }
         tokio::select! {
             command = commands.recv() => {
-                let Some(command) = command else { break Outcome::ClientDropped };
-                queue(command, &pending, &mut out, last_acked);
+                let Some(command) = command else {
+                    // Acks still gathering go out before the connection closes.
+                    if let Some(seq) = acks.take(tokio::time::Instant::now(), true) {
+                        let mut last = Vec::new();
+                        let _ = backbone_protocol::codec::encode_frame(&Frame::Ack(Ack { up_to_seq: seq }), &mut last);
+                        let _ = send.write_all(&last).await;
+                    }
+                    break Outcome::ClientDropped;
+                };
+                queue(command, &pending, &mut out, &mut acks, last_acked);
                 while out.len() < 256 * 1024 {
                     match commands.try_recv() {
-                        Ok(command) => queue(command, &pending, &mut out, last_acked),
+                        Ok(command) => queue(command, &pending, &mut out, &mut acks, last_acked),
                         Err(_) => break,
                     }
                 }
+                if let Some(due) = acks.due
+                    && ack_timer_at != Some(due)
+                {
+                    ack_timer.as_mut().reset(due);
+                    ack_timer_at = Some(due);
+                }
+            }
+            () = &mut ack_timer, if acks.due.is_some() => {
+                ack_timer_at = None;
             }
             error = &mut reader => {
                 break Outcome::Lost(error.unwrap_or_else(|e| ClientError::Disconnected(e.to_string())));
@@ -1322,7 +1436,13 @@ async fn run_connection(
     outcome
 }
 
-fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>, last_acked: &mut u64) {
+fn queue(
+    command: Command,
+    pending: &Pending,
+    out: &mut Vec<u8>,
+    acks: &mut PendingAck,
+    last_acked: &mut u64,
+) {
     let frame = match command {
         Command::Request { frame, reply } => {
             if let Some(id) = frame.request_id() {
@@ -1331,11 +1451,11 @@ fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>, last_acked: &mu
             frame
         }
         Command::Ack(seq) => {
-            if seq <= *last_acked {
-                return;
-            }
-            *last_acked = seq;
-            Frame::Ack(Ack { up_to_seq: seq })
+            // Gathered, and written by the connection loop when due; a
+            // reconnect sends the highest one first.
+            *last_acked = (*last_acked).max(seq);
+            acks.record(seq, tokio::time::Instant::now());
+            return;
         }
     };
     if let Err(error) = backbone_protocol::codec::encode_frame(&frame, out) {
@@ -1439,5 +1559,50 @@ mod tests {
         ] {
             assert!(!gives_up_on(&error), "{error}");
         }
+    }
+
+    #[test]
+    fn acks_fold_until_their_delay_their_count_or_another_write() {
+        let policy = AckPolicy {
+            delay: Duration::from_millis(10),
+            every: 4,
+        };
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut acks = PendingAck::new(policy, 5);
+        assert_eq!(acks.take(at(0), true), None, "nothing past what was sent");
+
+        // Folded until the delay since the first one passes.
+        acks.record(6, at(0));
+        acks.record(7, at(3));
+        assert_eq!(acks.due, Some(at(10)), "the first ack sets the deadline");
+        assert_eq!(acks.take(at(9), false), None);
+        assert_eq!(acks.take(at(10), false), Some(7));
+        assert_eq!(acks.due, None);
+        assert_eq!(acks.take(at(30), false), None, "sent once");
+
+        // At `every` sequence numbers past the last sent, at once.
+        acks.record(10, at(31));
+        assert_eq!(acks.take(at(31), false), None, "3 past: waits");
+        acks.record(11, at(32));
+        assert_eq!(acks.take(at(32), false), Some(11), "4 past: goes");
+
+        // With another write, whatever is pending rides along.
+        acks.record(12, at(40));
+        assert_eq!(acks.take(at(40), true), Some(12));
+
+        // An older ack changes nothing; a zero delay sends each at once.
+        acks.record(3, at(50));
+        assert_eq!(acks.due, None);
+        assert_eq!(acks.take(at(99), false), None);
+        let mut at_once = PendingAck::new(
+            AckPolicy {
+                delay: Duration::ZERO,
+                every: 32,
+            },
+            0,
+        );
+        at_once.record(1, at(0));
+        assert_eq!(at_once.take(at(0), false), Some(1));
     }
 }

@@ -93,7 +93,7 @@ pub mod token;
 pub mod transport;
 
 pub use backbone_protocol::capability::{CapabilityHash, DeliveryCapability};
-pub use client::{Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
+pub use client::{AckPolicy, Backoff, Client, ClientOptions, Delivery, Event, Message, Status};
 pub use error::ClientError;
 pub use file::{FileError, FileFetcher, FileRef, FileSource};
 pub use sealed::{SealedOptions, SealedSender};
