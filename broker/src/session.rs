@@ -2,9 +2,10 @@
 //!
 //! The client opens one bidirectional stream and everything flows over it:
 //! requests and their responses (matched by `request_id`) and pushed
-//! [`Deliver`] frames. The reader loop dispatches requests; sends run as
-//! tasks bounded by a semaphore, so a client that floods requests stops being
-//! read and QUIC flow control pushes back. A delivery task per session pushes
+//! [`Deliver`] frames. The reader loop dispatches requests: sends run inside
+//! the session's task, other requests as tasks of their own, all bounded by
+//! a semaphore, so a client that floods requests stops being read and QUIC
+//! flow control pushes back. A delivery task per session pushes
 //! envelopes in sequence order with at most `push_window` unacknowledged.
 //!
 //! Every authenticated session is listed in [`LiveSessions`] under its
@@ -643,43 +644,49 @@ async fn serve_authenticated(
     // costs a spawn, a schedule and a wake-up on another worker each time.
     // They progress whenever this task waits: for the next frame, for a
     // permit, for room in the outbox.
-    let send_metrics = SendMetrics::new();
-    let mut sends = FuturesUnordered::new();
+    let send_metrics = SendMetrics::get();
+    // Made at the first send: an empty `FuturesUnordered` already holds a
+    // stub task as large as a send's future, which an idle connection
+    // would pay for.
+    let mut sends = None;
     loop {
-        let next = next_request(
+        let next = std::pin::pin!(next_request(
             shared,
             connection,
             &mut reader,
             &out,
             &mut files,
             &mut shutdown,
-        );
+        ));
         let Some(frame) = while_sending(&mut sends, next).await else {
             break;
         };
         match frame {
             Frame::Send(send) => {
-                let Some(permit) = while_sending(&mut sends, permits.clone().acquire_owned())
-                    .await
-                    .ok()
+                let Some(permit) =
+                    while_sending(&mut sends, std::pin::pin!(permits.clone().acquire_owned()))
+                        .await
+                        .ok()
                 else {
                     break;
                 };
-                sends.push(answer_send(
-                    shared,
-                    &session,
-                    &out,
-                    &send_metrics,
-                    send,
-                    permit,
-                ));
+                sends
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(answer_send(
+                        shared,
+                        &session,
+                        &out,
+                        send_metrics,
+                        send,
+                        permit,
+                    ));
             }
             Frame::Ack(ack) => {
                 send_metrics.acks.increment(1);
                 ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
             }
             Frame::Ping(ping) => {
-                let pong = out.send(Frame::Pong(Pong { nonce: ping.nonce }));
+                let pong = std::pin::pin!(out.send(Frame::Pong(Pong { nonce: ping.nonce })));
                 let _ = while_sending(&mut sends, pong).await;
             }
             Frame::Pong(_) => {}
@@ -687,9 +694,10 @@ async fn serve_authenticated(
                 debug!(code = error.code, message = %error.message, "client reported an error")
             }
             request => {
-                let Some(permit) = while_sending(&mut sends, permits.clone().acquire_owned())
-                    .await
-                    .ok()
+                let Some(permit) =
+                    while_sending(&mut sends, std::pin::pin!(permits.clone().acquire_owned()))
+                        .await
+                        .ok()
                 else {
                     break;
                 };
@@ -708,7 +716,9 @@ async fn serve_authenticated(
     // Let in-flight requests finish (bounded by the shutdown grace), then stop.
     let all = shared.config.limits.max_inflight_requests as u32;
     let _ = tokio::time::timeout(shared.config.server.shutdown_grace, async {
-        while sends.next().await.is_some() {}
+        if let Some(sends) = &mut sends {
+            while sends.next().await.is_some() {}
+        }
         permits.acquire_many(all).await
     })
     .await;
@@ -723,9 +733,9 @@ async fn serve_authenticated(
     }
 }
 
-/// The metrics a session's requests record, looked up once per session:
-/// looking a metric up allocates in the exporter's registry, which per
-/// envelope was a fifth of the broker's allocations.
+/// The metrics a session's requests record, looked up once: looking a
+/// metric up allocates in the exporter's registry, which per envelope was a
+/// fifth of the broker's allocations.
 struct SendMetrics {
     seconds: metrics::Histogram,
     accepted: metrics::Counter,
@@ -734,22 +744,33 @@ struct SendMetrics {
 }
 
 impl SendMetrics {
-    fn new() -> Self {
-        Self {
+    /// The process's handles, looked up at the first session (the
+    /// recorder is installed before the broker starts) and shared by all:
+    /// handles held per session would cost every idle connection a few
+    /// hundred bytes.
+    fn get() -> &'static Self {
+        static METRICS: std::sync::OnceLock<SendMetrics> = std::sync::OnceLock::new();
+        METRICS.get_or_init(|| Self {
             seconds: metrics::histogram!("backbone_send_seconds", "kind" => "send"),
             accepted: metrics::counter!("backbone_envelopes_accepted_total"),
             acks: metrics::counter!("backbone_acks_received_total"),
-        }
+        })
     }
 }
 
 /// Awaits `future` while driving the session's sends in progress, so that
 /// they complete while the session waits for anything else.
-async fn while_sending<T>(
-    sends: &mut FuturesUnordered<impl Future<Output = ()>>,
-    future: impl Future<Output = T>,
-) -> T {
-    tokio::pin!(future);
+///
+/// The future is pinned by the caller and only borrowed here, so that the
+/// session's state holds it once (a future moved in and pinned again would
+/// take its size twice in every idle connection's task).
+async fn while_sending<F: Future>(
+    sends: &mut Option<FuturesUnordered<impl Future<Output = ()>>>,
+    mut future: Pin<&mut F>,
+) -> F::Output {
+    let Some(sends) = sends else {
+        return future.await;
+    };
     loop {
         tokio::select! {
             biased;
@@ -1421,12 +1442,12 @@ async fn deliver(
     let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
     let mut pending = PendingGauge::new();
     let lag = metrics::histogram!("backbone_device_push_lag_envelopes");
-    let pushes = PushMetrics::new();
+    let pushes = PushMetrics::get();
     // One timer for the session, moved only when the cursor's next write
     // time changes: a timer made afresh on every push and ack costs a
-    // registration and a removal each.
-    let cursor_timer = tokio::time::sleep_until(tokio::time::Instant::now());
-    tokio::pin!(cursor_timer);
+    // registration and a removal each. Made when first needed, so an idle
+    // session does not hold one.
+    let mut cursor_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut cursor_timer_at = None;
 
     'session: loop {
@@ -1462,7 +1483,7 @@ async fn deliver(
                 sent = envelope.seq;
                 in_flight.push_back(envelope.seq);
                 if out
-                    .send(deliver_frame(&shared, &pushes, &envelope))
+                    .send(deliver_frame(&shared, pushes, &envelope))
                     .await
                     .is_err()
                 {
@@ -1474,7 +1495,10 @@ async fn deliver(
         if let Some(due) = cursor_due
             && cursor_timer_at != Some(due)
         {
-            cursor_timer.as_mut().reset(due);
+            match &mut cursor_timer {
+                Some(timer) => timer.as_mut().reset(due),
+                None => cursor_timer = Some(Box::pin(tokio::time::sleep_until(due))),
+            }
             cursor_timer_at = Some(due);
         }
         tokio::select! {
@@ -1484,7 +1508,7 @@ async fn deliver(
                     sent = envelope.seq;
                     if envelope.expires_at_ms > (shared.clock)() {
                         in_flight.push_back(envelope.seq);
-                        if out.send(deliver_frame(&shared, &pushes, &envelope)).await.is_err() {
+                        if out.send(deliver_frame(&shared, pushes, &envelope)).await.is_err() {
                             break;
                         }
                     }
@@ -1520,7 +1544,8 @@ async fn deliver(
                 }
                 cursor.next_if_due();
             }
-            () = &mut cursor_timer, if cursor_due.is_some() => {
+            () = async { cursor_timer.as_mut().expect("armed with a due time").await },
+                if cursor_due.is_some() => {
                 cursor_timer_at = None;
                 cursor.next();
             }
@@ -1652,8 +1677,8 @@ impl CursorWriter {
     }
 }
 
-/// The metrics of a device session's pushes and acks, looked up once per
-/// session (see [`SendMetrics`]).
+/// The metrics of device sessions' pushes and acks, looked up once (see
+/// [`SendMetrics`]).
 struct PushMetrics {
     delay: metrics::Histogram,
     pushed: metrics::Counter,
@@ -1661,12 +1686,14 @@ struct PushMetrics {
 }
 
 impl PushMetrics {
-    fn new() -> Self {
-        Self {
+    /// The process's handles (see [`SendMetrics::get`]).
+    fn get() -> &'static Self {
+        static METRICS: std::sync::OnceLock<PushMetrics> = std::sync::OnceLock::new();
+        METRICS.get_or_init(|| Self {
             delay: metrics::histogram!("backbone_push_delay_seconds"),
             pushed: metrics::counter!("backbone_envelopes_pushed_total"),
             acked: metrics::counter!("backbone_envelopes_acked_total"),
-        }
+        })
     }
 }
 
