@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use backbone_broker::Config;
 use backbone_client::transport::{Credentials, RawConnection};
-use backbone_client::{ConnectConfig, Trust};
+use backbone_client::{AckPolicy, ConnectConfig, Trust};
 use backbone_protocol::bytes::{Blob, MessageId};
 use backbone_protocol::frame::{
     Deliver, ErrorFrame, FetchCard, ListDevices, Ping, SendAck, Stored,
@@ -285,6 +285,15 @@ fn protocol_md_quotes_the_default_keep_alive_idle_timeout_and_auth_limits() {
         format!(
             "The reference client sends a QUIC keep-alive after {} of quiet",
             secs(client.keep_alive)
+        ),
+        format!(
+            "the reference client gathers them for up to {} ms or {} sequence numbers",
+            AckPolicy::default().delay.as_millis(),
+            AckPolicy::default().every
+        ),
+        format!(
+            "(`push_window` envelopes unacknowledged, {} by default)",
+            defaults.limits.push_window
         ),
     ] {
         assert!(
