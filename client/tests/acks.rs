@@ -11,7 +11,7 @@ use std::time::Duration;
 use backbone_client::envelope::EncryptionKeypair;
 use backbone_client::{AckPolicy, Client, ClientOptions, ConnectConfig, Trust};
 use backbone_protocol::Keypair;
-use process::{free_tcp_port, free_udp_port, start_broker_with_metrics};
+use process::start_metered_broker;
 
 /// Envelopes in the catch-up.
 const ENVELOPES: u64 = 200;
@@ -29,13 +29,8 @@ fn counter(exposition: &str, name: &str) -> u64 {
 
 #[test]
 fn a_catch_up_acked_one_by_one_reaches_the_broker_as_a_few_acks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let port = free_udp_port();
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let _broker = start_broker_with_metrics(&data, port, dir.path().join("broker.log"), &metrics);
-    let server = format!("127.0.0.1:{port}");
-    let ca = data.join("tls/cert.pem");
+    let broker = start_metered_broker();
+    let (server, ca) = (&broker.server, &broker.ca);
     let options = |key: &Keypair| {
         let mut connect = ConnectConfig::new(server.clone(), Trust::CaFile(ca.clone()));
         connect.server_name = Some("localhost".into());
@@ -79,7 +74,7 @@ fn a_catch_up_acked_one_by_one_reaches_the_broker_as_a_few_acks() {
             tokio::time::sleep(policy.delay * 20).await;
             last
         });
-    let exposition = process::http_get(&metrics, "/metrics");
+    let exposition = process::http_get(&broker.metrics, "/metrics");
     let acked = counter(&exposition, "backbone_envelopes_acked_total");
     let frames = counter(&exposition, "backbone_acks_received_total");
     assert_eq!(

@@ -29,7 +29,7 @@ use backbone_client::{Client, ClientOptions, ConnectConfig, Trust};
 use backbone_protocol::bytes::Blob;
 use backbone_protocol::frame::Send;
 use backbone_protocol::{Frame, Keypair};
-use process::{free_tcp_port, free_udp_port, start_broker_with_metrics};
+use process::start_metered_broker;
 
 /// The process metrics the broker must export (from `metrics-process`).
 const PROCESS_METRICS: &[&str] = &[
@@ -183,20 +183,14 @@ fn families(exposition: &str) -> BTreeSet<String> {
 
 #[test]
 fn a_live_brokers_metrics_pass_promtool_and_are_all_documented() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let port = free_udp_port();
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let _broker = start_broker_with_metrics(&data, port, dir.path().join("broker.log"), &metrics);
+    let broker = start_metered_broker();
+    let (dir, metrics) = (&broker.dir, &broker.metrics);
     tokio::runtime::Runtime::new()
         .expect("runtime")
-        .block_on(traffic(
-            &format!("127.0.0.1:{port}"),
-            data.join("tls/cert.pem"),
-        ));
+        .block_on(traffic(&broker.server, broker.ca.clone()));
     // Scraped twice: the second scrape shows the gauges the first sampled.
-    http_body(&metrics, "/metrics");
-    let exposition = http_body(&metrics, "/metrics");
+    http_body(metrics, "/metrics");
+    let exposition = http_body(metrics, "/metrics");
 
     let (ok, report) = run_promtool(&["check", "metrics"], dir.path(), Some(&exposition));
     assert!(

@@ -131,6 +131,37 @@ pub fn start_broker_with_metrics(
     broker
 }
 
+/// A broker process on free loopback ports in a temporary directory, with
+/// its metrics served: what a test that reads `/metrics` starts.
+pub struct MeteredBroker {
+    /// Dropped first: the process is killed before its directory goes.
+    pub process: BrokerProcess,
+    /// Its QUIC address, `127.0.0.1:port`.
+    pub server: String,
+    /// Its metrics address.
+    pub metrics: String,
+    /// The certificate it made, for clients to trust.
+    pub ca: PathBuf,
+    /// The temporary directory (data directory `data/`, log `broker.log`).
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a [`MeteredBroker`] and waits until it listens.
+pub fn start_metered_broker() -> MeteredBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let process = start_broker_with_metrics(&data, port, dir.path().join("broker.log"), &metrics);
+    MeteredBroker {
+        process,
+        server: format!("127.0.0.1:{port}"),
+        metrics,
+        ca: data.join("tls/cert.pem"),
+        dir,
+    }
+}
+
 /// Starts a broker without waiting for it.
 pub fn spawn_broker(
     data_dir: &Path,
