@@ -644,7 +644,7 @@ async fn serve_authenticated(
     // costs a spawn, a schedule and a wake-up on another worker each time.
     // They progress whenever this task waits: for the next frame, for a
     // permit, for room in the outbox.
-    let send_metrics = SendMetrics::get();
+    let send_metrics = SessionMetrics::get();
     // Made at the first send: an empty `FuturesUnordered` already holds a
     // stub task as large as a send's future, which an idle connection
     // would pay for.
@@ -733,27 +733,36 @@ async fn serve_authenticated(
     }
 }
 
-/// The metrics a session's requests record, looked up once: looking a
+/// The metrics sessions record per envelope, looked up once: looking a
 /// metric up allocates in the exporter's registry, which per envelope was a
 /// fifth of the broker's allocations.
-struct SendMetrics {
-    seconds: metrics::Histogram,
+struct SessionMetrics {
+    /// A send's time from its checks to its answer.
+    send_seconds: metrics::Histogram,
     accepted: metrics::Counter,
     /// `Ack` frames received.
     acks: metrics::Counter,
+    push_delay: metrics::Histogram,
+    pushed: metrics::Counter,
+    acked: metrics::Counter,
 }
 
-impl SendMetrics {
-    /// The process's handles, looked up at the first session (the
-    /// recorder is installed before the broker starts) and shared by all:
-    /// handles held per session would cost every idle connection a few
-    /// hundred bytes.
+impl SessionMetrics {
+    /// The process's handles, looked up at the first session and shared by
+    /// all: handles held per session would cost every idle connection a few
+    /// hundred bytes. The recorder is installed before any session (the
+    /// binary installs it at start, `Broker::start` before it listens), so
+    /// the first lookup finds it; a process that installs one only after
+    /// its first session keeps these handles recording nowhere.
     fn get() -> &'static Self {
-        static METRICS: std::sync::OnceLock<SendMetrics> = std::sync::OnceLock::new();
+        static METRICS: std::sync::OnceLock<SessionMetrics> = std::sync::OnceLock::new();
         METRICS.get_or_init(|| Self {
-            seconds: metrics::histogram!("backbone_send_seconds", "kind" => "send"),
+            send_seconds: metrics::histogram!("backbone_send_seconds", "kind" => "send"),
             accepted: metrics::counter!("backbone_envelopes_accepted_total"),
             acks: metrics::counter!("backbone_acks_received_total"),
+            push_delay: metrics::histogram!("backbone_push_delay_seconds"),
+            pushed: metrics::counter!("backbone_envelopes_pushed_total"),
+            acked: metrics::counter!("backbone_envelopes_acked_total"),
         })
     }
 }
@@ -786,13 +795,13 @@ async fn answer_send(
     shared: &Arc<Shared>,
     session: &Session,
     out: &Outbox,
-    metrics: &SendMetrics,
+    metrics: &SessionMetrics,
     send: Send,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
     let response = handle_send(shared, session, send).await;
-    metrics.seconds.record(started.elapsed().as_secs_f64());
+    metrics.send_seconds.record(started.elapsed().as_secs_f64());
     if let Frame::SendAck(ack) = &response {
         metrics.accepted.increment(ack.stored.len() as u64);
     }
@@ -1442,7 +1451,7 @@ async fn deliver(
     let mut cursor = CursorWriter::new(shared.writer.clone(), address, session.device);
     let mut pending = PendingGauge::new();
     let lag = metrics::histogram!("backbone_device_push_lag_envelopes");
-    let pushes = PushMetrics::get();
+    let pushes = SessionMetrics::get();
     // One timer for the session, moved only when the cursor's next write
     // time changes: a timer made afresh on every push and ack costs a
     // registration and a removal each. Made when first needed, so an idle
@@ -1677,30 +1686,10 @@ impl CursorWriter {
     }
 }
 
-/// The metrics of device sessions' pushes and acks, looked up once (see
-/// [`SendMetrics`]).
-struct PushMetrics {
-    delay: metrics::Histogram,
-    pushed: metrics::Counter,
-    acked: metrics::Counter,
-}
-
-impl PushMetrics {
-    /// The process's handles (see [`SendMetrics::get`]).
-    fn get() -> &'static Self {
-        static METRICS: std::sync::OnceLock<PushMetrics> = std::sync::OnceLock::new();
-        METRICS.get_or_init(|| Self {
-            delay: metrics::histogram!("backbone_push_delay_seconds"),
-            pushed: metrics::counter!("backbone_envelopes_pushed_total"),
-            acked: metrics::counter!("backbone_envelopes_acked_total"),
-        })
-    }
-}
-
-fn deliver_frame(shared: &Shared, metrics: &PushMetrics, envelope: &StoredEnvelope) -> Frame {
+fn deliver_frame(shared: &Shared, metrics: &SessionMetrics, envelope: &StoredEnvelope) -> Frame {
     let now = (shared.clock)();
     metrics
-        .delay
+        .push_delay
         .record(now.saturating_sub(envelope.stored_at_ms) as f64 / 1000.0);
     metrics.pushed.increment(1);
     Frame::Deliver(Deliver {
