@@ -97,6 +97,12 @@ impl Harness {
             // Short TTLs keep what inputs store from piling up: the sweep
             // (every second) removes it.
             config.limits.max_ttl = Duration::from_secs(2);
+            // Capability hashes never expire, so at the default limit
+            // (1,000) the list grows with every input and encoding it
+            // became most of the target's time (70 hashes: 0.7 ms each
+            // answer, instrumented); a small limit keeps answers small
+            // and lets inputs reach the limit's refusal.
+            config.limits.max_capabilities = 16;
             let options = StartOptions {
                 store: Some(backbone_broker::store::Stores::memory(std::sync::Arc::new(
                     MemoryStore::new(),
