@@ -15,6 +15,15 @@ use backbone_broker::{Broker, Config, StartOptions};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
+/// mimalloc instead of the C library's allocator: about a quarter less CPU
+/// per envelope at saturation (glibc's malloc and free were a tenth of the
+/// broker's profile: envelopes are allocated on tokio's workers and freed
+/// on the log's threads, and back). Built without transparent huge pages
+/// (the `no_thp` feature), which cost idle connections about 3 KB each.
+/// Measurements in docs/benchmarks.md (2026-12-07, fourth session).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Backbone: a zero-knowledge message broker.
 #[derive(Parser)]
 #[command(name = "backbone", version, about)]

@@ -231,12 +231,23 @@ impl LiveSessions {
 /// `auth.deadline` runs from the first packet: a QUIC/TLS handshake that
 /// never completes holds its place no longer than one that completes and
 /// never authenticates.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut ticket: Ticket) {
+///
+/// Not an `async fn`: the state of a connection's task lasts as long as the
+/// connection, and an `async fn` would keep its arguments in it for good
+/// (`quinn::Incoming` alone is 384 bytes, kept twice, with the block below).
+/// The QUIC handshake's future is boxed for the same reason: it is dropped
+/// once the handshake is over.
+pub fn serve(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    mut ticket: Ticket,
+) -> impl Future<Output = ()> + std::marker::Send {
     let remote = incoming.remote_address();
     let span = info_span!("conn", %remote, address = tracing::field::Empty);
+    let deadline = tokio::time::Instant::now() + shared.config.auth.deadline;
+    let handshake = Box::pin(tokio::time::timeout_at(deadline, incoming));
     async move {
-        let deadline = tokio::time::Instant::now() + shared.config.auth.deadline;
-        let connection = match tokio::time::timeout_at(deadline, incoming).await {
+        let connection = match handshake.await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
                 debug!(%error, "handshake failed");
@@ -257,7 +268,6 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, mut ticket: T
         metrics::gauge!("backbone_connections").decrement(1.0);
     }
     .instrument(span)
-    .await
 }
 
 async fn run(
@@ -306,7 +316,9 @@ async fn run(
             debug!("anonymous session");
             metrics::gauge!("backbone_anonymous_sessions").increment(1.0);
             let source = (!ticket.exempt()).then_some(ticket.source());
-            serve_anonymous(shared, connection, source, reader, out).await;
+            // Boxed: its state is larger than an authenticated session's,
+            // and every connection's task would otherwise be sized for it.
+            Box::pin(serve_anonymous(shared, connection, source, reader, out)).await;
             metrics::gauge!("backbone_anonymous_sessions").decrement(1.0);
             return;
         }
