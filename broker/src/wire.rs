@@ -1,9 +1,10 @@
 //! Frame I/O over one QUIC stream: a reader feeding the protocol's sans-IO
-//! [`FrameBuffer`], and a writer task that batches outgoing frames into few
-//! stream writes, with the bytes waiting for it bounded ([`Outbox`]).
+//! [`FrameBuffer`], and an [`Outbox`] whose senders write the stream
+//! themselves, batching what is queued into few stream writes, with the
+//! bytes waiting bounded.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use backbone_protocol::codec::{self, BufferError, FrameBuffer, Phase};
 use backbone_protocol::{ErrorCode, Frame};
@@ -71,25 +72,51 @@ impl FrameReader {
 /// session stops reading its requests ([`Outbox::room`]). A frame is let in
 /// whenever the queue is under the budget, so a frame larger than the
 /// budget still passes, alone.
+///
+/// There is no writer task: the sender that finds the stream free writes
+/// what is queued itself, for itself and for every frame queued while it
+/// writes, and puts the stream back when the queue is empty. So a frame
+/// costs no hand-off to another task (one wake-up fewer for each answer
+/// and push), an idle connection holds no writer task and channel, and
+/// frames queued together still go out in one write. A sender cancelled
+/// while writing puts the stream and what it had not written back, and a
+/// task writes the rest.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
-    budget: Arc<Budget>,
+    inner: Arc<Inner>,
 }
 
-/// The bytes queued for one connection and its limit.
+#[derive(Debug)]
+struct Inner {
+    budget: Budget,
+    pending: Mutex<Pending>,
+    /// Closed with `Overloaded` when a write makes no progress in time.
+    connection: quinn::Connection,
+    stall_timeout: std::time::Duration,
+}
+
+/// What waits for the stream, and the stream while no sender writes.
+#[derive(Debug)]
+struct Pending {
+    frames: Vec<Bytes>,
+    stream: Option<quinn::SendStream>,
+}
+
+/// The bytes and frames queued for one connection and their limits.
 #[derive(Debug)]
 struct Budget {
     limit: AtomicUsize,
     queued: AtomicUsize,
-    /// Set when the writer has stopped: nothing will drain any more.
+    frame_limit: usize,
+    frames: AtomicUsize,
+    /// Set when writing has failed: nothing will drain any more.
     closed: AtomicBool,
     drained: Notify,
 }
 
 impl Budget {
-    /// Waits until the queue is under the limit; `Err` once the writer
-    /// has stopped.
+    /// Waits until the queue is under its limits; `Err` once writing has
+    /// failed.
     async fn room(&self) -> Result<(), OutboxClosed> {
         loop {
             let notified = self.drained.notified();
@@ -100,15 +127,18 @@ impl Budget {
             if self.closed.load(Ordering::Acquire) {
                 return Err(OutboxClosed);
             }
-            if self.queued.load(Ordering::Acquire) < self.limit.load(Ordering::Relaxed) {
+            if self.queued.load(Ordering::Acquire) < self.limit.load(Ordering::Relaxed)
+                && self.frames.load(Ordering::Acquire) < self.frame_limit
+            {
                 return Ok(());
             }
             notified.await;
         }
     }
 
-    fn release(&self, bytes: usize) {
+    fn release(&self, bytes: usize, frames: usize) {
         self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.frames.fetch_sub(frames, Ordering::AcqRel);
         self.drained.notify_waiters();
     }
 
@@ -118,53 +148,192 @@ impl Budget {
     }
 }
 
-/// The connection's writer has stopped; the frame was not sent.
+/// The connection's output has failed; the frame was not sent.
 #[derive(Debug, thiserror::Error)]
 #[error("the connection's writer has stopped")]
 pub struct OutboxClosed;
 
 impl Outbox {
     /// Queues `frame`, waiting while the connection's output is at its
-    /// budget or the queue is full.
+    /// budget, and writes the queue if no other sender is writing.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
         let mut bytes = Vec::new();
         if let Err(error) = codec::encode_frame(&frame, &mut bytes) {
             tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
             return Ok(());
         }
-        self.budget.room().await?;
-        self.budget.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        let len = bytes.len();
-        if self.tx.send(Bytes::from(bytes)).await.is_err() {
-            self.budget.release(len);
-            return Err(OutboxClosed);
-        }
-        Ok(())
+        self.inner.budget.room().await?;
+        let stream = {
+            let mut pending = self.inner.lock();
+            if self.inner.budget.closed.load(Ordering::Acquire) {
+                return Err(OutboxClosed);
+            }
+            self.inner
+                .budget
+                .queued
+                .fetch_add(bytes.len(), Ordering::AcqRel);
+            self.inner.budget.frames.fetch_add(1, Ordering::AcqRel);
+            pending.frames.push(Bytes::from(bytes));
+            match pending.stream.take() {
+                Some(stream) => stream,
+                // Another sender is writing and takes this frame too.
+                None => return Ok(()),
+            }
+        };
+        Writing::new(self.inner.clone(), stream).run().await
     }
 
     /// Waits until the connection's output is under its budget: the session
     /// reads the next request only then.
     pub async fn room(&self) -> Result<(), OutboxClosed> {
-        self.budget.room().await
+        self.inner.budget.room().await
     }
 
     /// Changes the budget (an authenticated session gets a larger one
     /// than a connection still in its handshake).
     pub fn set_budget(&self, bytes: usize) {
-        self.budget.limit.store(bytes, Ordering::Relaxed);
-        self.budget.drained.notify_waiters();
+        self.inner.budget.limit.store(bytes, Ordering::Relaxed);
+        self.inner.budget.drained.notify_waiters();
     }
 
     /// Bytes queued and not yet taken by QUIC.
     pub fn queued(&self) -> usize {
-        self.budget.queued.load(Ordering::Acquire)
+        self.inner.budget.queued.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Nothing panics while holding it; a poisoned lock still holds a
+        // consistent queue.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Inner {
+    /// The last sender is gone and nothing is being written: the stream
+    /// ends after what was written.
+    fn drop(&mut self) {
+        let pending = self
+            .pending
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(stream) = &mut pending.stream {
+            let _ = stream.finish();
+        }
+    }
+}
+
+/// A sender holding the stream, writing the queue until it is empty.
+struct Writing {
+    inner: Arc<Inner>,
+    stream: Option<quinn::SendStream>,
+    /// The frames taken from the queue, written up to `at`.
+    chunks: Vec<Bytes>,
+    at: usize,
+}
+
+impl Writing {
+    fn new(inner: Arc<Inner>, stream: quinn::SendStream) -> Self {
+        Self {
+            inner,
+            stream: Some(stream),
+            chunks: Vec::new(),
+            at: 0,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), OutboxClosed> {
+        loop {
+            {
+                let mut pending = self.inner.lock();
+                if pending.frames.is_empty() {
+                    pending.stream = self.stream.take();
+                    return Ok(());
+                }
+                self.chunks.clear();
+                self.at = 0;
+                std::mem::swap(&mut self.chunks, &mut pending.frames);
+            }
+            let stream = self.stream.as_mut().expect("held while writing");
+            while self.at < self.chunks.len() {
+                let written = tokio::time::timeout(
+                    self.inner.stall_timeout,
+                    stream.write_chunks(&mut self.chunks[self.at..]),
+                )
+                .await;
+                match written {
+                    Ok(Ok(written)) => {
+                        self.at += written.chunks;
+                        self.inner.budget.release(written.bytes, written.chunks);
+                    }
+                    Ok(Err(_)) => return Err(self.fail()),
+                    Err(_) => {
+                        metrics::counter!("backbone_connections_closed_total", "reason" => "output_stalled")
+                            .increment(1);
+                        tracing::debug!("output stalled; closing the connection");
+                        self.inner.connection.close(
+                            quinn::VarInt::from_u32(ErrorCode::Overloaded as u32),
+                            b"output not drained in time",
+                        );
+                        return Err(self.fail());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stream failed: senders waiting for room are woken with
+    /// `OutboxClosed`, and what is queued is dropped.
+    fn fail(&mut self) -> OutboxClosed {
+        self.stream = None;
+        self.chunks.clear();
+        let mut pending = self.inner.lock();
+        self.inner.budget.close();
+        pending.frames.clear();
+        OutboxClosed
+    }
+}
+
+impl Drop for Writing {
+    /// Cancelled while writing: the stream and the frames not written go
+    /// back, in order before those queued since, and a task writes them so
+    /// none waits for the next sender.
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        let mut pending = self.inner.lock();
+        let unwritten: Vec<Bytes> = self
+            .chunks
+            .drain(self.at.min(self.chunks.len())..)
+            .collect();
+        pending.frames.splice(0..0, unwritten);
+        if pending.frames.is_empty() {
+            pending.stream = Some(stream);
+            return;
+        }
+        drop(pending);
+        let rest = Writing::new(self.inner.clone(), stream);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = rest.run().await;
+                });
+            }
+            // No runtime (the broker is shutting down): the stream goes
+            // back with the frames, for the next sender if there is one.
+            Err(_) => drop(rest),
+        }
     }
 }
 
 /// How a connection's outbox behaves.
 #[derive(Clone, Copy, Debug)]
 pub struct OutboxLimits {
-    /// Frames queued at most (the channel's capacity).
+    /// Frames queued at most.
     pub frames: usize,
     /// Bytes queued above which senders wait (see [`Outbox`]).
     pub budget: usize,
@@ -172,71 +341,34 @@ pub struct OutboxLimits {
     pub stall_timeout: std::time::Duration,
 }
 
-/// An [`Outbox`] with `limits` and the task writing it to `send`. The task
-/// coalesces whatever is queued into one write, ends when every sender is
-/// dropped or the stream fails, and finishes the stream on the way out. A
-/// write that makes no progress for `limits.stall_timeout` (the client
-/// neither reads nor acknowledges) closes `connection` with `Overloaded`.
+/// An [`Outbox`] with `limits` writing to `send`. Frames queued together
+/// go out in one write; the stream is finished when every sender is
+/// dropped. A write that makes no progress for `limits.stall_timeout` (the
+/// client neither reads nor acknowledges) closes `connection` with
+/// `Overloaded`.
 pub fn outbox(
     connection: quinn::Connection,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     limits: OutboxLimits,
 ) -> Outbox {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(limits.frames);
-    let budget = Arc::new(Budget {
-        limit: AtomicUsize::new(limits.budget),
-        queued: AtomicUsize::new(0),
-        closed: AtomicBool::new(false),
-        drained: Notify::new(),
-    });
-    let writer_budget = budget.clone();
-    tokio::spawn(async move {
-        let budget = writer_budget;
-        let mut chunks: Vec<Bytes> = Vec::new();
-        'frames: while let Some(first) = rx.recv().await {
-            let mut batch = first.len();
-            chunks.push(first);
-            while batch < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(frame) => {
-                        batch += frame.len();
-                        chunks.push(frame);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let mut at = 0;
-            while at < chunks.len() {
-                let written = tokio::time::timeout(
-                    limits.stall_timeout,
-                    send.write_chunks(&mut chunks[at..]),
-                )
-                .await;
-                match written {
-                    Ok(Ok(written)) => {
-                        at += written.chunks;
-                        budget.release(written.bytes);
-                    }
-                    Ok(Err(_)) => break 'frames,
-                    Err(_) => {
-                        metrics::counter!("backbone_connections_closed_total", "reason" => "output_stalled")
-                            .increment(1);
-                        tracing::debug!("output stalled; closing the connection");
-                        connection.close(
-                            quinn::VarInt::from_u32(ErrorCode::Overloaded as u32),
-                            b"output not drained in time",
-                        );
-                        break 'frames;
-                    }
-                }
-            }
-            chunks.clear();
-        }
-        // Wakes every sender waiting for room: nothing drains any more.
-        budget.close();
-        let _ = send.finish();
-    });
-    Outbox { tx, budget }
+    Outbox {
+        inner: Arc::new(Inner {
+            budget: Budget {
+                limit: AtomicUsize::new(limits.budget),
+                queued: AtomicUsize::new(0),
+                frame_limit: limits.frames,
+                frames: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+                drained: Notify::new(),
+            },
+            pending: Mutex::new(Pending {
+                frames: Vec::new(),
+                stream: Some(send),
+            }),
+            connection,
+            stall_timeout: limits.stall_timeout,
+        }),
+    }
 }
 
 /// Spawns the task that writes frames from `rx` to `send`, each encoded by
@@ -267,4 +399,202 @@ pub fn spawn_writer_with<T: Send + 'static>(
         }
         let _ = send.finish();
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use backbone_protocol::frame::Ping;
+    use quinn::crypto::rustls::QuicClientConfig;
+
+    use super::*;
+    use crate::config::{TlsConfig, TransportConfig};
+
+    /// A server and a client endpoint on loopback and one bidirectional
+    /// stream between them: the server's send half, the client's receive
+    /// half. The client's stream window is `window` bytes, so a test can
+    /// make the server's writes wait by not reading.
+    struct Pair {
+        server_connection: quinn::Connection,
+        server_send: quinn::SendStream,
+        client_recv: quinn::RecvStream,
+        _client_send: quinn::SendStream,
+        _endpoints: (quinn::Endpoint, quinn::Endpoint),
+        _dir: tempfile::TempDir,
+    }
+
+    async fn pair(window: u32) -> Pair {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let material =
+            crate::tls::load_or_generate(&TlsConfig::default(), dir.path()).expect("cert");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(material.chain[0].clone()).expect("root");
+        let server_tls = crate::tls::server_config(material).expect("server tls");
+        let server = crate::transport::bind_endpoint(
+            &TransportConfig::default(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            server_tls,
+            &[7u8; 32],
+        )
+        .expect("server endpoint");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![backbone_protocol::ALPN.to_vec()];
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(quinn::VarInt::from_u32(window));
+        let mut client_config = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).expect("quic tls"),
+        ));
+        client_config.transport_config(Arc::new(transport));
+        let mut client = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("client endpoint");
+        client.set_default_client_config(client_config);
+        let server_addr = server.local_addr().expect("addr");
+        let (client_connection, server_connection) = tokio::join!(
+            async {
+                client
+                    .connect(server_addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .expect("handshake")
+            },
+            async {
+                server
+                    .accept()
+                    .await
+                    .expect("incoming")
+                    .await
+                    .expect("accepted")
+            }
+        );
+        let (mut client_send, client_recv) = client_connection.open_bi().await.expect("open");
+        // A stream is announced to the peer with its first byte.
+        client_send.write_all(b"x").await.expect("announce");
+        let (server_send, _server_recv) = server_connection.accept_bi().await.expect("accept");
+        Pair {
+            server_connection,
+            server_send,
+            client_recv,
+            _client_send: client_send,
+            _endpoints: (server, client),
+            _dir: dir,
+        }
+    }
+
+    fn limits() -> OutboxLimits {
+        OutboxLimits {
+            frames: 1024,
+            budget: 1 << 20,
+            stall_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn ping(nonce: u64) -> Frame {
+        Frame::Ping(Ping { nonce })
+    }
+
+    /// Reads frames until the stream ends.
+    async fn read_all(recv: quinn::RecvStream) -> Vec<Frame> {
+        let mut reader = FrameReader::new(recv, codec::MAX_FRAME_LEN);
+        let mut frames = Vec::new();
+        loop {
+            match reader.next(Phase::Any).await {
+                Ok(frame) => frames.push(frame),
+                Err(ReadError::Closed) => return frames,
+                Err(error) => panic!("a bad frame: {error}"),
+            }
+        }
+    }
+
+    fn nonces(frames: &[Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|frame| match frame {
+                Frame::Ping(ping) => ping.nonce,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn concurrent_senders_share_the_stream_in_order_and_the_last_drop_ends_it() {
+        let pair = pair(1 << 20).await;
+        let out = outbox(pair.server_connection.clone(), pair.server_send, limits());
+        let reading = tokio::spawn(read_all(pair.client_recv));
+        let mut senders = Vec::new();
+        for sender in 0..20u64 {
+            let out = out.clone();
+            senders.push(tokio::spawn(async move {
+                for n in 0..100u64 {
+                    out.send(ping(sender << 32 | n)).await.expect("sent");
+                    if n % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        for sender in senders {
+            sender.await.expect("sender");
+        }
+        drop(out);
+        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("the stream ends when the last sender is gone")
+            .expect("reader");
+        let nonces = nonces(&frames);
+        assert_eq!(nonces.len(), 2000);
+        for sender in 0..20u64 {
+            let own: Vec<u64> = nonces
+                .iter()
+                .filter(|nonce| *nonce >> 32 == sender)
+                .map(|nonce| nonce & 0xffff_ffff)
+                .collect();
+            assert_eq!(own, (0..100).collect::<Vec<_>>(), "sender {sender}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sender_cancelled_while_writing_loses_no_frame_and_no_stream() {
+        // A 16 KiB window the client does not read yet.
+        let pair = pair(16 * 1024).await;
+        let out = outbox(pair.server_connection.clone(), pair.server_send, limits());
+        // About 84 KB of small frames, one send each: the sender is the
+        // writer of every one, and some send ends up waiting in a write.
+        let mut writer = Box::pin(async {
+            for nonce in 0..6000u64 {
+                out.send(ping(nonce)).await.expect("sent");
+            }
+        });
+        // Poll the first sender until it is stuck in a write.
+        let stuck = tokio::time::timeout(Duration::from_millis(300), writer.as_mut()).await;
+        assert!(stuck.is_err(), "the window should hold the writer back");
+        assert!(out.queued() > 0, "some of its frames are still queued");
+        // Another sender queues behind it, then the stuck one is cancelled.
+        let other = out.clone();
+        let late = tokio::spawn(async move { other.send(ping(u64::MAX)).await });
+        tokio::task::yield_now().await;
+        drop(writer);
+        let reading = tokio::spawn(read_all(pair.client_recv));
+        late.await.expect("task").expect("sent");
+        drop(out);
+        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("what was queued is written and the stream ends")
+            .expect("reader");
+        let nonces = nonces(&frames);
+        assert_eq!(nonces.last(), Some(&u64::MAX), "the late frame comes last");
+        let before: Vec<u64> = nonces[..nonces.len() - 1].to_vec();
+        assert_eq!(
+            before,
+            (0..before.len() as u64).collect::<Vec<_>>(),
+            "the cancelled sender's frames arrive whole and in order"
+        );
+        assert!(before.len() > 500, "it had written many: {}", before.len());
+    }
 }
