@@ -19,7 +19,7 @@ use serde::Serialize;
 /// per envelope at saturation (glibc's malloc and free were a tenth of the
 /// broker's profile: envelopes are allocated on tokio's workers and freed
 /// on the log's threads, and back). Built without transparent huge pages
-/// (the `no_thp` feature), which cost idle connections about 3 KB each.
+/// (the `no_thp` feature), which cost idle connections 4-5 KB each.
 /// Measurements in docs/benchmarks.md (2026-12-07, fourth session).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
