@@ -527,6 +527,15 @@ mod tests {
         }
     }
 
+    /// The nonces of the frames `reading` got, once the stream ended.
+    async fn nonces_to_end(reading: tokio::task::JoinHandle<Vec<Frame>>) -> Vec<u64> {
+        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("what was queued is written and the stream ends when the last sender is gone")
+            .expect("reader");
+        nonces(&frames)
+    }
+
     fn nonces(frames: &[Frame]) -> Vec<u64> {
         frames
             .iter()
@@ -558,11 +567,7 @@ mod tests {
             sender.await.expect("sender");
         }
         drop(out);
-        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
-            .await
-            .expect("the stream ends when the last sender is gone")
-            .expect("reader");
-        let nonces = nonces(&frames);
+        let nonces = nonces_to_end(reading).await;
         assert_eq!(nonces.len(), 2000);
         for sender in 0..20u64 {
             let own: Vec<u64> = nonces
@@ -596,11 +601,7 @@ mod tests {
         let reading = tokio::spawn(read_all(pair.client_recv));
         out.send(ping(u64::MAX)).await.expect("sent");
         drop(out);
-        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
-            .await
-            .expect("what was queued is written and the stream ends")
-            .expect("reader");
-        let nonces = nonces(&frames);
+        let nonces = nonces_to_end(reading).await;
         let mut expected: Vec<u64> = (0..6000).collect();
         expected.push(u64::MAX);
         assert_eq!(nonces, expected, "every frame, whole and in order");
