@@ -217,6 +217,7 @@ impl Broker {
             },
             clock: clock.clone(),
             assigned: DashMap::new(),
+            forgotten: Default::default(),
             default_policy: config.relationships.default_inbound_policy,
             notice_ttl: config.limits.max_ttl,
         });
