@@ -21,7 +21,7 @@ use backbone_protocol::frame::{
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, Frame, IdentityCard, Keypair};
 use tokio::io::AsyncWrite;
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::envelope::{self, EncryptionKeypair, Opened, Padding};
@@ -165,6 +165,58 @@ impl PendingAck {
     }
 }
 
+/// The application's acks, shared with the connection task. An ack is a
+/// store; it wakes the task only when the task has something to do about
+/// it: the first ack past what the task has written arms the task's delay
+/// timer, and one that covers [`AckPolicy::every`] past it is written at
+/// once. (Sent through the command channel, every delivery's ack woke the
+/// task.)
+#[derive(Debug, Default)]
+struct SharedAcks {
+    /// The highest sequence number the application acked.
+    wanted: AtomicU64,
+    /// The highest the connection task has taken in (it writes it when
+    /// due, and its delay timer runs meanwhile).
+    seen: AtomicU64,
+    /// The highest the connection task has written.
+    written: AtomicU64,
+    wake: Notify,
+}
+
+impl SharedAcks {
+    /// The application acked up to `seq`.
+    fn ack(&self, seq: u64, every: u64) {
+        let before = self.wanted.fetch_max(seq, Ordering::SeqCst);
+        if seq <= before {
+            return;
+        }
+        let written = self.written.load(Ordering::SeqCst);
+        // With `before > written` an earlier ack is pending, so the task
+        // will look at `wanted` again (its timer runs, or a wake-up is
+        // owed, or it has yet to check before it waits).
+        if before <= written || seq - written >= every.max(1) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// What the connection task takes in: the highest acked, if it is new.
+    fn take_in(&self) -> Option<u64> {
+        let wanted = self.wanted.load(Ordering::SeqCst);
+        let seen = self.seen.swap(wanted, Ordering::SeqCst);
+        (wanted > seen).then_some(wanted)
+    }
+
+    /// Whether an ack came after the last [`SharedAcks::take_in`].
+    fn more(&self) -> bool {
+        self.wanted.load(Ordering::SeqCst) > self.seen.load(Ordering::SeqCst)
+    }
+
+    /// The connection task has written (or is writing) up to `seq`.
+    fn wrote(&self, seq: u64) {
+        self.written.fetch_max(seq, Ordering::SeqCst);
+    }
+}
+
 impl ClientOptions {
     /// Options for an identity authenticating as its own primary device.
     pub fn primary(
@@ -273,7 +325,6 @@ enum Command {
         frame: Frame,
         reply: oneshot::Sender<Result<Frame, ClientError>>,
     },
-    Ack(u64),
 }
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Frame, ClientError>>>>>;
@@ -283,6 +334,7 @@ pub struct Client {
     options: ClientOptions,
     address: Address,
     commands: mpsc::Sender<Command>,
+    acks: Arc<SharedAcks>,
     deliveries: Mutex<mpsc::Receiver<Delivery>>,
     status: watch::Receiver<Status>,
     next_request: AtomicU64,
@@ -328,10 +380,12 @@ impl Client {
         let (status_tx, status) = watch::channel(Status::Connected);
         let (connection_tx, current) = watch::channel(None);
         let closed = Closed::default();
+        let acks = Arc::new(SharedAcks::default());
         let task = tokio::spawn(connection_loop(
             options.clone(),
             connection,
             command_rx,
+            acks.clone(),
             delivery_tx,
             status_tx,
             connection_tx,
@@ -341,6 +395,7 @@ impl Client {
             options,
             address,
             commands,
+            acks,
             deliveries: Mutex::new(deliveries),
             status,
             next_request: AtomicU64::new(1),
@@ -1126,10 +1181,11 @@ impl Client {
 
     /// Acknowledges every delivery up to and including `seq` (cumulative).
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
-        self.commands
-            .send(Command::Ack(seq))
-            .await
-            .map_err(|_| stopped(&self.closed, "client stopped"))
+        if self.commands.is_closed() {
+            return Err(stopped(&self.closed, "client stopped"));
+        }
+        self.acks.ack(seq, self.options.acks.every);
+        Ok(())
     }
 
     /// Deletes envelopes from this identity's mailbox (for all its devices).
@@ -1221,13 +1277,13 @@ async fn connection_loop(
     options: ClientOptions,
     first: RawConnection,
     mut commands: mpsc::Receiver<Command>,
+    acks: Arc<SharedAcks>,
     deliveries: mpsc::Sender<Delivery>,
     status: watch::Sender<Status>,
     current: watch::Sender<Option<quinn::Connection>>,
     closed: Closed,
 ) {
     let mut connection = Some(first);
-    let mut last_acked = 0u64;
     let mut last_delivered = 0u64;
     let mut attempt = 0u32;
     loop {
@@ -1259,8 +1315,8 @@ async fn connection_loop(
             raw,
             options.acks,
             &mut commands,
+            &acks,
             &deliveries,
-            &mut last_acked,
             &mut last_delivered,
         )
         .await;
@@ -1302,18 +1358,22 @@ async fn run_connection(
     raw: RawConnection,
     ack_policy: AckPolicy,
     commands: &mut mpsc::Receiver<Command>,
+    shared_acks: &SharedAcks,
     deliveries: &mpsc::Sender<Delivery>,
-    last_acked: &mut u64,
     last_delivered: &mut u64,
 ) -> Outcome {
     let (connection, _endpoint, mut send, mut recv, mut buffer) = raw.into_parts();
     let pending: Pending = Arc::default();
-    // The ack of the previous connection may have been lost with it.
+    // The ack of the previous connection may have been lost with it: the
+    // highest the application made goes first.
     let mut out = Vec::new();
-    if *last_acked > 0 {
+    let _ = shared_acks.take_in();
+    let last_acked = shared_acks.seen.load(Ordering::SeqCst);
+    shared_acks.wrote(last_acked);
+    if last_acked > 0 {
         let _ = backbone_protocol::codec::encode_frame(
             &Frame::Ack(Ack {
-                up_to_seq: *last_acked,
+                up_to_seq: last_acked,
             }),
             &mut out,
         );
@@ -1349,16 +1409,20 @@ async fn run_connection(
     };
     tokio::pin!(reader);
     // The ack written above (if any) is the last the application made.
-    let mut acks = PendingAck::new(ack_policy, *last_acked);
+    let mut acks = PendingAck::new(ack_policy, last_acked);
     let ack_timer = tokio::time::sleep_until(tokio::time::Instant::now());
     tokio::pin!(ack_timer);
     let mut ack_timer_at = None;
     let outcome = loop {
+        if let Some(seq) = shared_acks.take_in() {
+            acks.record(seq, tokio::time::Instant::now());
+        }
         if let Some(seq) = acks.take(tokio::time::Instant::now(), !out.is_empty()) {
             let _ = backbone_protocol::codec::encode_frame(
                 &Frame::Ack(Ack { up_to_seq: seq }),
                 &mut out,
             );
+            shared_acks.wrote(seq);
         }
         if !out.is_empty() {
             match send.write_all(&out).await {
@@ -1371,10 +1435,24 @@ async fn run_connection(
             }
             out.clear();
         }
+        if let Some(due) = acks.due
+            && ack_timer_at != Some(due)
+        {
+            ack_timer.as_mut().reset(due);
+            ack_timer_at = Some(due);
+        }
+        // An ack that came since it was taken in above may have counted on
+        // this task to look again (see `SharedAcks::ack`).
+        if shared_acks.more() {
+            continue;
+        }
         tokio::select! {
             command = commands.recv() => {
                 let Some(command) = command else {
                     // Acks still gathering go out before the connection closes.
+                    if let Some(seq) = shared_acks.take_in() {
+                        acks.record(seq, tokio::time::Instant::now());
+                    }
                     if let Some(seq) = acks.take(tokio::time::Instant::now(), true) {
                         let mut last = Vec::new();
                         let _ = backbone_protocol::codec::encode_frame(&Frame::Ack(Ack { up_to_seq: seq }), &mut last);
@@ -1382,20 +1460,16 @@ async fn run_connection(
                     }
                     break Outcome::ClientDropped;
                 };
-                queue(command, &pending, &mut out, &mut acks, last_acked);
+                queue(command, &pending, &mut out);
                 while out.len() < 256 * 1024 {
                     match commands.try_recv() {
-                        Ok(command) => queue(command, &pending, &mut out, &mut acks, last_acked),
+                        Ok(command) => queue(command, &pending, &mut out),
                         Err(_) => break,
                     }
                 }
-                if let Some(due) = acks.due
-                    && ack_timer_at != Some(due)
-                {
-                    ack_timer.as_mut().reset(due);
-                    ack_timer_at = Some(due);
-                }
             }
+            // Taken in at the top of the loop.
+            () = shared_acks.wake.notified() => {}
             () = &mut ack_timer, if acks.due.is_some() => {
                 ack_timer_at = None;
             }
@@ -1436,28 +1510,11 @@ async fn run_connection(
     outcome
 }
 
-fn queue(
-    command: Command,
-    pending: &Pending,
-    out: &mut Vec<u8>,
-    acks: &mut PendingAck,
-    last_acked: &mut u64,
-) {
-    let frame = match command {
-        Command::Request { frame, reply } => {
-            if let Some(id) = frame.request_id() {
-                pending.lock().expect("pending lock").insert(id, reply);
-            }
-            frame
-        }
-        Command::Ack(seq) => {
-            // Gathered, and written by the connection loop when due; a
-            // reconnect sends the highest one first.
-            *last_acked = (*last_acked).max(seq);
-            acks.record(seq, tokio::time::Instant::now());
-            return;
-        }
-    };
+fn queue(command: Command, pending: &Pending, out: &mut Vec<u8>) {
+    let Command::Request { frame, reply } = command;
+    if let Some(id) = frame.request_id() {
+        pending.lock().expect("pending lock").insert(id, reply);
+    }
     if let Err(error) = backbone_protocol::codec::encode_frame(&frame, out) {
         warn!(%error, "cannot encode a request");
     }
@@ -1559,6 +1616,35 @@ mod tests {
         ] {
             assert!(!gives_up_on(&error), "{error}");
         }
+    }
+
+    #[test]
+    fn an_ack_wakes_the_connection_task_only_when_it_has_something_to_do() {
+        use std::future::Future;
+        fn woken(acks: &SharedAcks) -> bool {
+            let wait = std::pin::pin!(acks.wake.notified());
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            wait.poll(&mut context).is_ready()
+        }
+        let acks = SharedAcks::default();
+        acks.ack(1, 32);
+        assert!(woken(&acks), "the first ack arms the task's timer");
+        assert_eq!(acks.take_in(), Some(1));
+        for seq in 2..=31 {
+            acks.ack(seq, 32);
+        }
+        assert!(!woken(&acks), "gathered while the timer runs");
+        assert!(acks.more(), "the task looks again before it waits");
+        acks.ack(32, 32);
+        assert!(woken(&acks), "32 past what was written: written at once");
+        assert_eq!(acks.take_in(), Some(32));
+        assert_eq!(acks.take_in(), None, "taken in once");
+        assert!(!acks.more());
+        acks.wrote(32);
+        acks.ack(20, 32);
+        assert!(!woken(&acks), "an older ack changes nothing");
+        acks.ack(33, 32);
+        assert!(woken(&acks), "the first past what was written");
     }
 
     #[test]
