@@ -384,8 +384,10 @@ impl Client {
         let task = tokio::spawn(connection_loop(
             options.clone(),
             connection,
-            command_rx,
-            acks.clone(),
+            FromClient {
+                commands: command_rx,
+                acks: acks.clone(),
+            },
             delivery_tx,
             status_tx,
             connection_tx,
@@ -1276,8 +1278,7 @@ fn gives_up_on(error: &ClientError) -> bool {
 async fn connection_loop(
     options: ClientOptions,
     first: RawConnection,
-    mut commands: mpsc::Receiver<Command>,
-    acks: Arc<SharedAcks>,
+    mut from_client: FromClient,
     deliveries: mpsc::Sender<Delivery>,
     status: watch::Sender<Status>,
     current: watch::Sender<Option<quinn::Connection>>,
@@ -1314,8 +1315,7 @@ async fn connection_loop(
         let outcome = run_connection(
             raw,
             options.acks,
-            &mut commands,
-            &acks,
+            &mut from_client,
             &deliveries,
             &mut last_delivered,
         )
@@ -1349,6 +1349,12 @@ fn remember_close(closed: &Closed, error: &ClientError) {
     }
 }
 
+/// What the application hands the connection task: requests, and acks.
+struct FromClient {
+    commands: mpsc::Receiver<Command>,
+    acks: Arc<SharedAcks>,
+}
+
 enum Outcome {
     ClientDropped,
     Lost(ClientError),
@@ -1357,11 +1363,14 @@ enum Outcome {
 async fn run_connection(
     raw: RawConnection,
     ack_policy: AckPolicy,
-    commands: &mut mpsc::Receiver<Command>,
-    shared_acks: &SharedAcks,
+    from_client: &mut FromClient,
     deliveries: &mpsc::Sender<Delivery>,
     last_delivered: &mut u64,
 ) -> Outcome {
+    let FromClient {
+        commands,
+        acks: shared_acks,
+    } = from_client;
     let (connection, _endpoint, mut send, mut recv, mut buffer) = raw.into_parts();
     let pending: Pending = Arc::default();
     // The ack of the previous connection may have been lost with it: the
