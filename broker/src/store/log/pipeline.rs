@@ -11,6 +11,11 @@
 //! - The **sync thread** takes every written batch queued, calls
 //!   `fdatasync` once for all of them, then applies them to the index and
 //!   completes their operations, in log order.
+//! - When nothing else is queued and the sync thread has nothing in hand,
+//!   the writer syncs and completes its batch itself: at a light load a
+//!   batch is one envelope, and handing it to the sync thread only added a
+//!   thread's wake-up to each (under load the sync thread always has a
+//!   batch in hand, so the writer hands over and writes on).
 //!
 //! **Architecture Invariant:** an operation completes (a `SendAck` is sent,
 //! a delete answers `Done`) only after an fdatasync that covers its records,
@@ -22,7 +27,7 @@
 //! the kernel has reported a lost write, what is on disk is unknown until
 //! the broker restarts and recovery reads it back.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -99,8 +104,12 @@ struct State {
     synced_through: AtomicU64,
     /// Set once a sync failed: every operation fails from then on.
     failed: AtomicBool,
-    /// Signalled by the sync thread after each sync.
+    /// Signalled after each sync.
     synced: (Mutex<()>, Condvar),
+    /// Operations submitted and not yet taken by the writer.
+    queued: AtomicUsize,
+    /// Batches handed to the sync thread and not yet completed.
+    in_sync: AtomicUsize,
     /// Skip fdatasync (test sabotage only).
     no_sync: bool,
 }
@@ -132,6 +141,8 @@ impl Pipeline {
             synced_through: AtomicU64::new(synced_through),
             failed: AtomicBool::new(false),
             synced: (Mutex::new(()), Condvar::new()),
+            queued: AtomicUsize::new(0),
+            in_sync: AtomicUsize::new(0),
             no_sync,
         });
         let (requests, jobs) = mpsc::channel::<Job>();
@@ -160,11 +171,13 @@ impl Pipeline {
     /// sender against shutdown.
     pub fn submit(&self, op: Op, done: Completion) {
         let job = Job { op, done };
+        self.state.queued.fetch_add(1, Ordering::SeqCst);
         let refused = match &*lock(&self.requests) {
             Some(requests) => requests.send(job).err().map(|mpsc::SendError(job)| job),
             None => Some(job),
         };
         if let Some(job) = refused {
+            self.state.queued.fetch_sub(1, Ordering::SeqCst);
             (job.done)(Err(StoreError::Closed));
         }
     }
@@ -261,6 +274,7 @@ fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<
         if super::early_ack::enabled() {
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
+        state.queued.fetch_sub(1, Ordering::SeqCst);
         let mut batch = vec![first];
         buf.clear();
         Record::Batch {
@@ -270,6 +284,7 @@ fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<
         let mut offsets = vec![encode(&batch[0].op, &mut buf)];
         while buf.len() < MAX_BATCH_BYTES {
             let Ok(job) = jobs.try_recv() else { break };
+            state.queued.fetch_sub(1, Ordering::SeqCst);
             offsets.push(encode(&job.op, &mut buf));
             batch.push(job);
         }
@@ -319,8 +334,19 @@ fn write_loop(state: &State, jobs: &mpsc::Receiver<Job>, written: &mpsc::Sender<
             })
             .collect();
         let end = start + buf.len() as u64;
-        if let Err(mpsc::SendError(batch)) = written.send(WrittenBatch { segment, end, jobs }) {
-            fail_all(batch.jobs.into_iter().map(|w| w.job), &StoreError::Closed);
+        let batch = WrittenBatch { segment, end, jobs };
+        // Nothing waits to be written and the sync thread has completed
+        // everything handed to it: syncing here keeps the log's order and
+        // spares the sync thread's wake-up. Only this thread hands batches
+        // over, so `in_sync` cannot rise meanwhile.
+        if state.queued.load(Ordering::SeqCst) == 0 && state.in_sync.load(Ordering::SeqCst) == 0 {
+            sync_and_complete(state, vec![batch]);
+        } else {
+            state.in_sync.fetch_add(1, Ordering::SeqCst);
+            if let Err(mpsc::SendError(batch)) = written.send(batch) {
+                state.in_sync.fetch_sub(1, Ordering::SeqCst);
+                fail_all(batch.jobs.into_iter().map(|w| w.job), &StoreError::Closed);
+            }
         }
         // A buffer grown by one large batch is not kept.
         if buf.capacity() > 2 * MAX_BATCH_BYTES {
@@ -382,55 +408,65 @@ fn sync_loop(state: &State, written: &mpsc::Receiver<WrittenBatch>) {
         while let Ok(more) = written.try_recv() {
             batches.push(more);
         }
-        // Every batch here is in the last segment or (just before a new
-        // segment) fully in the one before: sync each file once.
-        let started = Instant::now();
-        let mut result = Ok(());
-        if state.failed.load(Ordering::Acquire) {
-            result = Err(failed_error());
-        } else if !state.no_sync {
-            let mut synced: Vec<u64> = Vec::new();
-            for batch in &batches {
-                let base = batch.segment.base();
-                if !synced.contains(&base) {
-                    synced.push(base);
-                    if let Err(error) = batch.segment.sync(&state.fail) {
-                        tracing::error!(%error, "fdatasync of the log failed; refusing writes until restart");
-                        state.failed.store(true, Ordering::Release);
-                        result = Err(error);
-                        break;
-                    }
+        let count = batches.len();
+        sync_and_complete(state, batches);
+        // After the completions: the writer syncs a batch itself only once
+        // every earlier one has completed.
+        state.in_sync.fetch_sub(count, Ordering::SeqCst);
+    }
+}
+
+/// Makes `batches` durable with one `fdatasync` per segment, then applies
+/// them to the index and completes their operations, in log order.
+fn sync_and_complete(state: &State, batches: Vec<WrittenBatch>) {
+    // Every batch here is in the last segment or (just before a new
+    // segment) fully in the one before: sync each file once.
+    let started = Instant::now();
+    let mut result = Ok(());
+    if state.failed.load(Ordering::Acquire) {
+        result = Err(failed_error());
+    } else if !state.no_sync {
+        let mut synced: Vec<u64> = Vec::new();
+        for batch in &batches {
+            let base = batch.segment.base();
+            if !synced.contains(&base) {
+                synced.push(base);
+                if let Err(error) = batch.segment.sync(&state.fail) {
+                    tracing::error!(%error, "fdatasync of the log failed; refusing writes until restart");
+                    state.failed.store(true, Ordering::Release);
+                    result = Err(error);
+                    break;
                 }
             }
         }
-        metrics::histogram!("backbone_log_sync_seconds").record(started.elapsed().as_secs_f64());
-        if result.is_ok() {
-            let end = batches.last().map_or(0, |batch| batch.end);
-            state.synced_through.fetch_max(end, Ordering::AcqRel);
-        }
-        {
-            let (guard, synced) = &state.synced;
-            let _guard = lock(guard);
-            synced.notify_all();
-        }
-        for batch in batches {
-            match &result {
-                Ok(()) => {
-                    // Applied, and the position recorded, before anyone
-                    // hears of it: a checkpoint taken after a completion
-                    // covers the completed operation.
-                    let outcomes: Vec<usize> = batch
-                        .jobs
-                        .iter()
-                        .map(|written| apply(&state.index, written))
-                        .collect();
-                    state.index.set_applied_through(batch.end);
-                    for (written, outcome) in batch.jobs.into_iter().zip(outcomes) {
-                        (written.job.done)(Ok(outcome));
-                    }
+    }
+    metrics::histogram!("backbone_log_sync_seconds").record(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        let end = batches.last().map_or(0, |batch| batch.end);
+        state.synced_through.fetch_max(end, Ordering::AcqRel);
+    }
+    {
+        let (guard, synced) = &state.synced;
+        let _guard = lock(guard);
+        synced.notify_all();
+    }
+    for batch in batches {
+        match &result {
+            Ok(()) => {
+                // Applied, and the position recorded, before anyone
+                // hears of it: a checkpoint taken after a completion
+                // covers the completed operation.
+                let outcomes: Vec<usize> = batch
+                    .jobs
+                    .iter()
+                    .map(|written| apply(&state.index, written))
+                    .collect();
+                state.index.set_applied_through(batch.end);
+                for (written, outcome) in batch.jobs.into_iter().zip(outcomes) {
+                    (written.job.done)(Ok(outcome));
                 }
-                Err(error) => fail_all(batch.jobs.into_iter().map(|w| w.job), error),
             }
+            Err(error) => fail_all(batch.jobs.into_iter().map(|w| w.job), error),
         }
     }
 }
