@@ -214,19 +214,22 @@ pub struct MailboxContext {
     pub forgotten: Forgotten,
 }
 
-/// How many mailboxes left the registry, counted in stripes by address.
+/// How many mailboxes left the registry, counted in stripes by address:
+/// enough stripes (32 KiB of counters) that a start is rarely outdated by
+/// another mailbox than its own, even while many stop at once.
 #[derive(Debug)]
-pub struct Forgotten([AtomicU64; 64]);
+pub struct Forgotten(Box<[AtomicU64; 4096]>);
 
 impl Default for Forgotten {
     fn default() -> Self {
-        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+        Self(Box::new(std::array::from_fn(|_| AtomicU64::new(0))))
     }
 }
 
 impl Forgotten {
     fn stripe(&self, address: &Address) -> &AtomicU64 {
-        &self.0[usize::from(address.0[0]) % self.0.len()]
+        let stripe = usize::from(u16::from_le_bytes([address.0[0], address.0[1]]));
+        &self.0[stripe % self.0.len()]
     }
 
     /// The count of `address`'s stripe.
