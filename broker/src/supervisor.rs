@@ -515,14 +515,16 @@ mod tests {
             Tree::start_over(Duration::from_secs(600), quota, memory.clone(), log.clone()).await;
         let a = address(1);
         let registry = tree.registry.clone();
-        let appends: Vec<_> = (0..2)
-            .map(|_| {
-                let registry = registry.clone();
-                tokio::spawn(async move { registry.append(&a, envelope(0, 0, u64::MAX)).await })
-            })
-            .collect();
-        while log.held() < 2 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        // One after the other reaches the log, so their numbers are known.
+        let mut appends = Vec::new();
+        for held in 1..=2 {
+            let registry = registry.clone();
+            appends.push(tokio::spawn(async move {
+                registry.append(&a, envelope(0, 0, u64::MAX)).await
+            }));
+            while log.held() < held {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         memory.schedule_deletion(&a, 0).expect("scheduled");
         let retirement = {

@@ -207,9 +207,7 @@ impl Core {
         {
             return Admission::NotConsented;
         }
-        let counted = if self.quota.is_unlimited() {
-            None
-        } else {
+        if !self.quota.is_unlimited() {
             let stale = self
                 .counted_at
                 .is_none_or(|at| now.saturating_duration_since(at) >= RECOUNT_INTERVAL);
@@ -219,21 +217,21 @@ impl Core {
                 (Some(Some(refusal)), false) => return Admission::OverQuota(refusal),
                 (Some(None), _) => {}
             }
-            if let Some(usage) = &mut self.usage {
-                usage.envelopes += 1;
-                usage.bytes += len;
-            }
-            Some(len)
-        };
-        Admission::Numbered {
-            seq: self.number_one(),
-            counted,
         }
+        let (seq, counted) = self.number(len);
+        Admission::Numbered { seq, counted }
     }
 
-    fn number_one(&mut self) -> u64 {
+    /// The next sequence number, for an envelope of `len` bytes counted in
+    /// the mailbox's usage (which is only kept under a quota), and the
+    /// bytes the quota counts while it is written.
+    fn number(&mut self, len: u64) -> (u64, Option<u64>) {
+        if let Some(usage) = &mut self.usage {
+            usage.envelopes += 1;
+            usage.bytes += len;
+        }
         self.last_seq += 1;
-        self.last_seq
+        (self.last_seq, (!self.quota.is_unlimited()).then_some(len))
     }
 
     /// Numbers a broker notice of `len` bytes: past the policy and the
@@ -241,12 +239,7 @@ impl Core {
     /// mailbox's usage like any envelope.
     pub fn number_notice(&mut self, len: u64, now: Instant) -> (u64, Option<u64>) {
         self.last_activity = now;
-        if let Some(usage) = &mut self.usage {
-            usage.envelopes += 1;
-            usage.bytes += len;
-        }
-        let counted = (!self.quota.is_unlimited()).then_some(len);
-        (self.number_one(), counted)
+        self.number(len)
     }
 
     /// The mailbox stores `stored` (just read from the log) and `in_flight`

@@ -1121,10 +1121,10 @@ impl Registry {
 
     /// Appends to a mailbox; returns the sequence number once durable.
     ///
-    /// A running mailbox's core takes the append directly, under its lock,
-    /// without a message to the actor; the actor's queue is the way when
-    /// none runs (it starts one), when the core is busy with a change, or
-    /// when the quota needs a count first.
+    /// The mailbox's core (started for this write if none runs) takes the
+    /// append directly, under its lock, without a message to the actor; the
+    /// actor's queue is the way only when the core is busy with a change,
+    /// or the quota needs a count first.
     ///
     /// Without a timeout of its own: every append is answered once the log
     /// reports it (or refused at once), so the wait is the log's, and a
@@ -1136,23 +1136,19 @@ impl Registry {
         address: &Address,
         envelope: StoredEnvelope,
     ) -> Result<u64, MailboxError> {
-        let running = self.context.actors.get(address).map(|m| m.clone());
-        let envelope = match running {
-            Some(mailbox) => {
-                let (reply, answer) = oneshot::channel();
-                match mailbox.try_append(&self.context, Caller::Session, envelope, reply.into()) {
-                    Ok(()) => {
-                        return answer.await.unwrap_or_else(|_| {
-                            Err(MailboxError::Unavailable(
-                                "the append's answer was dropped".into(),
-                            ))
-                        });
-                    }
-                    Err(NotNow::Recount(envelope, _) | NotNow::Deferred(envelope)) => envelope,
+        let mailbox = self.actor(address, true).await?;
+        let (reply, answer) = oneshot::channel();
+        let envelope =
+            match mailbox.try_append(&self.context, Caller::Session, envelope, reply.into()) {
+                Ok(()) => {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(MailboxError::Unavailable(
+                            "the append's answer was dropped".into(),
+                        ))
+                    });
                 }
-            }
-            None => envelope,
-        };
+                Err(NotNow::Recount(envelope, _) | NotNow::Deferred(envelope)) => envelope,
+            };
         self.call_for(address, true, None, |reply| MailboxMsg::Append {
             envelope: envelope.clone(),
             reply,
