@@ -1,0 +1,163 @@
+//! The receive loop: every envelope the Backbone pushes is opened, recorded
+//! in the local database with its event and webhook deliveries, and only
+//! then acknowledged to the Backbone. A crash between the commit and the
+//! ack means the envelope is pushed again; the database recognises it by
+//! its broker message id and records nothing twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backbone_client::{Client, Event};
+use backbone_protocol::relationship::Notice;
+use tokio::sync::{Notify, watch};
+
+use crate::api::relationships::record_of;
+use crate::content::Content;
+use crate::db::{Database, DbError, NewEvent, NewMessage};
+
+/// What the loop needs.
+pub struct Receiver {
+    /// The connection.
+    pub client: Arc<Client>,
+    /// The database.
+    pub db: Database,
+    /// The webhook endpoints' URLs: each event gets a delivery to each.
+    pub endpoints: Vec<String>,
+    /// Told the newest event's position.
+    pub events: watch::Sender<i64>,
+    /// Woken when a delivery is queued.
+    pub webhooks: Arc<Notify>,
+}
+
+impl Receiver {
+    /// Receives until `shutdown` turns true or the Backbone ends the
+    /// session for good (the identity deleted, the device revoked).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let event = tokio::select! {
+                event = self.client.next_event() => event,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let Some(event) = event else {
+                let reason = match self.client.status() {
+                    backbone_client::Status::Stopped(reason) => reason,
+                    other => format!("{other:?}"),
+                };
+                tracing::error!(%reason, "the Backbone ended this identity's session for good");
+                return;
+            };
+            let seq = match &event {
+                Event::Message(message) => message.delivery.seq,
+                Event::Notice(delivery, _) | Event::Unreadable(delivery, _) => delivery.seq,
+            };
+            // Nothing is acknowledged before it is committed: a failing
+            // database holds the loop (the Backbone keeps the envelopes).
+            let mut attempt = 0u32;
+            let position = loop {
+                match self.record(&event).await {
+                    Ok(position) => break position,
+                    Err(error) => {
+                        attempt += 1;
+                        tracing::error!(%error, seq, attempt, "recording a received envelope");
+                        let wait = Duration::from_millis(100 << attempt.min(6));
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                        }
+                    }
+                }
+            };
+            if let Some(position) = position {
+                self.events.send_replace(position);
+                self.webhooks.notify_one();
+            }
+            if let Err(error) = self.client.ack(seq).await {
+                // The ack goes with the next one (acks are cumulative) or
+                // the envelope comes again and is recognised.
+                tracing::warn!(%error, seq, "acknowledging to the Backbone");
+            }
+        }
+    }
+
+    /// Records one pushed envelope; the new event's position, if it raised one.
+    async fn record(&self, event: &Event) -> Result<Option<i64>, DbError> {
+        match event {
+            Event::Message(message) => {
+                let opened = &message.opened;
+                let content = Content::decode(opened.plaintext.clone());
+                let recorded = self
+                    .db
+                    .record_received(
+                        NewMessage {
+                            broker_message_id: hex::encode(message.delivery.message_id.as_bytes()),
+                            seq: Some(message.delivery.seq),
+                            sender: opened.sender.to_string(),
+                            recipients: opened.recipients.iter().map(ToString::to_string).collect(),
+                            sent_at_ms: opened.sent_at_ms,
+                            stored_at_ms: Some(message.delivery.stored_at_ms),
+                            expires_at_ms: Some(message.delivery.expires_at_ms),
+                            content_type: content.content_type,
+                            content: content.body,
+                            attachments: content.attachments,
+                        },
+                        self.endpoints.clone(),
+                    )
+                    .await?;
+                metrics::counter!(
+                    "connector_messages_received_total",
+                    "duplicate" => if recorded.is_some() { "false" } else { "true" }
+                )
+                .increment(1);
+                Ok(recorded.map(|(_, position)| position))
+            }
+            Event::Notice(delivery, notice) => {
+                let (relationship, reason, intro) = match notice {
+                    Notice::Relationship {
+                        relationship,
+                        intro,
+                    } => {
+                        let intro = intro.as_ref().map(|intro| {
+                            self.client
+                                .open_intro(&relationship.peer, &intro.0)
+                                .map(|opened| {
+                                    String::from_utf8_lossy(&opened.plaintext).into_owned()
+                                })
+                                .map_err(|error| error.to_string())
+                        });
+                        (relationship, "changed", intro)
+                    }
+                    Notice::IdentityDeleted { relationship } => {
+                        (relationship, "identity_deleted", None)
+                    }
+                };
+                let record = record_of(relationship);
+                let mut data = serde_json::json!({
+                    "relationship": record,
+                    "reason": reason,
+                });
+                match intro {
+                    Some(Ok(text)) => data["intro"] = text.into(),
+                    Some(Err(error)) => data["intro_error"] = error.into(),
+                    None => {}
+                }
+                let event = NewEvent {
+                    source: format!("notice:{}", hex::encode(delivery.message_id.as_bytes())),
+                    kind: "relationship.changed",
+                    peer: record.peer.clone(),
+                    data,
+                };
+                metrics::counter!("connector_notices_received_total").increment(1);
+                self.db
+                    .record_relationship(record, Some(event), self.endpoints.clone())
+                    .await
+            }
+            Event::Unreadable(delivery, error) => {
+                // It will never open: keeping it unacknowledged would only
+                // have the Backbone push it again and again.
+                metrics::counter!("connector_unreadable_envelopes_total").increment(1);
+                tracing::warn!(seq = delivery.seq, %error, "an envelope could not be opened; dropped");
+                Ok(None)
+            }
+        }
+    }
+}
