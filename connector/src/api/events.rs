@@ -51,7 +51,7 @@ pub struct EventPage {
 }
 
 /// Lists recorded events, oldest first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/events", params(EventParams), responses(
+#[utoipa::path(operation_id = "events_list", get, path = "/api/v1/events", params(EventParams), responses(
     (status = 200, body = EventPage),
     (status = 400, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -77,7 +77,7 @@ pub async fn list(
 /// position, its `event` its kind and its `data` the event as JSON. A
 /// client that reconnects with `Last-Event-ID` (or `after`) gets what it
 /// missed first.
-#[utoipa::path(get, path = "/api/v1/events/stream", params(EventParams), responses(
+#[utoipa::path(operation_id = "events_stream", get, path = "/api/v1/events/stream", params(EventParams), responses(
     (status = 200, description = "An endless stream of events", content_type = "text/event-stream", body = EventRecord),
     (status = 400, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -148,7 +148,7 @@ pub struct DeliveryParams {
 }
 
 /// Lists webhook deliveries, newest first.
-#[utoipa::path(get, path = "/api/v1/webhooks/deliveries", params(DeliveryParams), responses(
+#[utoipa::path(operation_id = "events_deliveries", get, path = "/api/v1/webhooks/deliveries", params(DeliveryParams), responses(
     (status = 200, body = Vec<DeliveryRecord>),
     (status = 400, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -171,7 +171,7 @@ pub async fn deliveries(
 }
 
 /// Queues a failed delivery again, due at once (with a fresh retry window).
-#[utoipa::path(post, path = "/api/v1/webhooks/deliveries/{id}/retry", params(("id" = i64, Path, description = "The delivery's id")), responses(
+#[utoipa::path(operation_id = "events_retry_delivery", post, path = "/api/v1/webhooks/deliveries/{id}/retry", params(("id" = i64, Path, description = "The delivery's id")), responses(
     (status = 200, description = "The delivery, pending again (or unchanged if it had not failed)", body = DeliveryRecord),
     (status = 404, body = Problem, content_type = "application/problem+json"),
 ))]

@@ -65,7 +65,7 @@ pub struct UploadParams {
 /// Uploads a file: the request body, of any content type, is encrypted here
 /// under a fresh key and uploaded to the Backbone. Attach it to messages by
 /// its id, or hand out its reference.
-#[utoipa::path(post, path = "/api/v1/files", params(UploadParams), request_body(
+#[utoipa::path(operation_id = "files_upload", post, path = "/api/v1/files", params(UploadParams), request_body(
     content = Vec<u8>,
     content_type = "application/octet-stream",
     description = "The file's bytes, with any content type",
@@ -136,7 +136,7 @@ pub async fn upload(
 }
 
 /// Lists the files this Connector uploaded.
-#[utoipa::path(get, path = "/api/v1/files", responses(
+#[utoipa::path(operation_id = "files_list", get, path = "/api/v1/files", responses(
     (status = 200, body = Vec<Published>),
 ))]
 pub async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<Published>>, ApiError> {
@@ -160,7 +160,7 @@ pub struct FileStatus {
 }
 
 /// The status of a file this Connector uploaded.
-#[utoipa::path(get, path = "/api/v1/files/{id}", params(
+#[utoipa::path(operation_id = "files_status", get, path = "/api/v1/files/{id}", params(
     ("id" = String, Path, description = "The file's id (hex), as listed"),
 ), responses(
     (status = 200, body = FileStatus),
@@ -183,7 +183,7 @@ pub async fn status(
 }
 
 /// Downloads a file this Connector uploaded, decrypted, streamed.
-#[utoipa::path(get, path = "/api/v1/files/{id}/content", params(
+#[utoipa::path(operation_id = "files_download", get, path = "/api/v1/files/{id}/content", params(
     ("id" = String, Path, description = "The file's id (hex), as listed"),
 ), responses(
     (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
@@ -208,7 +208,7 @@ pub struct FetchFile {
 
 /// Downloads any file by its reference (one a peer shared, say), decrypted,
 /// streamed.
-#[utoipa::path(post, path = "/api/v1/files/fetch", request_body = FetchFile, responses(
+#[utoipa::path(operation_id = "files_fetch", post, path = "/api/v1/files/fetch", request_body = FetchFile, responses(
     (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 404, description = "No such file (or it expired)", body = Problem, content_type = "application/problem+json"),
@@ -227,7 +227,7 @@ pub async fn fetch(
 }
 
 /// Deletes a file this Connector uploaded, at the Backbone and here.
-#[utoipa::path(delete, path = "/api/v1/files/{id}", params(
+#[utoipa::path(operation_id = "files_delete", delete, path = "/api/v1/files/{id}", params(
     ("id" = String, Path, description = "The file's id (hex), as listed"),
 ), responses(
     (status = 204, description = "Deleted"),

@@ -144,7 +144,7 @@ pub struct Sent {
 
 /// Sends a message: encrypted to each recipient's published key, signed by
 /// this identity, and recorded once the Backbone has stored it durably.
-#[utoipa::path(post, path = "/api/v1/messages", request_body = SendMessage, responses(
+#[utoipa::path(operation_id = "messages_send", post, path = "/api/v1/messages", request_body = SendMessage, responses(
     (status = 201, description = "Stored for at least one recipient", body = Sent),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 404, description = "A recipient or attachment is unknown", body = Problem, content_type = "application/problem+json"),
@@ -295,7 +295,7 @@ pub struct MessagePage {
 }
 
 /// Lists messages, oldest first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/messages", params(ListParams), responses(
+#[utoipa::path(operation_id = "messages_list", get, path = "/api/v1/messages", params(ListParams), responses(
     (status = 200, body = MessagePage),
     (status = 400, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -331,7 +331,7 @@ pub async fn list(
 }
 
 /// One message.
-#[utoipa::path(get, path = "/api/v1/messages/{id}", params(("id" = i64, Path, description = "The local id")), responses(
+#[utoipa::path(operation_id = "messages_get_one", get, path = "/api/v1/messages/{id}", params(("id" = i64, Path, description = "The local id")), responses(
     (status = 200, body = MessageView),
     (status = 404, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -348,7 +348,7 @@ pub async fn get_one(
 }
 
 /// Downloads a message's attachment from the Backbone, decrypted, streamed.
-#[utoipa::path(get, path = "/api/v1/messages/{id}/attachments/{index}", params(
+#[utoipa::path(operation_id = "messages_attachment", get, path = "/api/v1/messages/{id}/attachments/{index}", params(
     ("id" = i64, Path, description = "The message's local id"),
     ("index" = usize, Path, description = "The attachment's position, from 0"),
 ), responses(

@@ -222,7 +222,7 @@ pub struct Health {
 }
 
 /// Liveness and the Backbone connection; needs no API key.
-#[utoipa::path(get, path = "/health", security(()), responses(
+#[utoipa::path(operation_id = "health", get, path = "/health", security(()), responses(
     (status = 200, description = "Connected to the Backbone", body = Health),
     (status = 503, description = "Not connected to the Backbone", body = Health),
 ))]
@@ -256,7 +256,7 @@ pub struct Identity {
 }
 
 /// The Connector's identity.
-#[utoipa::path(get, path = "/api/v1/identity", responses(
+#[utoipa::path(operation_id = "identity", get, path = "/api/v1/identity", responses(
     (status = 200, body = Identity),
     (status = 401, body = problem::Problem, content_type = "application/problem+json"),
 ))]

@@ -62,7 +62,7 @@ pub struct RelationshipList {
 
 /// Lists the relationships live from the Backbone, and refreshes the local
 /// copy with them.
-#[utoipa::path(get, path = "/api/v1/relationships", responses(
+#[utoipa::path(operation_id = "relationships_list", get, path = "/api/v1/relationships", responses(
     (status = 200, body = RelationshipList),
     (status = 503, body = Problem, content_type = "application/problem+json"),
 ))]
@@ -95,7 +95,7 @@ pub struct Policy {
 }
 
 /// Sets the inbound policy at the Backbone.
-#[utoipa::path(put, path = "/api/v1/relationships/policy", request_body = Policy, responses(
+#[utoipa::path(operation_id = "relationships_set_policy", put, path = "/api/v1/relationships/policy", request_body = Policy, responses(
     (status = 200, description = "The policy now in force", body = Policy),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 503, body = Problem, content_type = "application/problem+json"),
@@ -127,7 +127,7 @@ pub struct CreateTemplate {
 
 /// Publishes a relationship template: whoever holds its reference can ask
 /// this identity for a relationship until it expires.
-#[utoipa::path(post, path = "/api/v1/relationships/templates", request_body = CreateTemplate, responses(
+#[utoipa::path(operation_id = "relationships_create_template", post, path = "/api/v1/relationships/templates", request_body = CreateTemplate, responses(
     (status = 201, description = "Published; hand out `reference`", body = Published),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 409, description = "A quota on the Backbone is full", body = Problem, content_type = "application/problem+json"),
@@ -166,7 +166,7 @@ pub async fn create_template(
 }
 
 /// Lists the templates this Connector published.
-#[utoipa::path(get, path = "/api/v1/relationships/templates", responses(
+#[utoipa::path(operation_id = "relationships_list_templates", get, path = "/api/v1/relationships/templates", responses(
     (status = 200, body = Vec<Published>),
 ))]
 pub async fn list_templates(
@@ -192,7 +192,7 @@ pub struct RequestRelationship {
 
 /// Asks a template's owner for a relationship; it stays `pending` until the
 /// owner decides.
-#[utoipa::path(post, path = "/api/v1/relationships/requests", request_body = RequestRelationship, responses(
+#[utoipa::path(operation_id = "relationships_request", post, path = "/api/v1/relationships/requests", request_body = RequestRelationship, responses(
     (status = 201, description = "Requested", body = RelationshipRecord),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 403, description = "A wrong password, or a locked template", body = Problem, content_type = "application/problem+json"),
@@ -226,7 +226,7 @@ pub async fn request(
 }
 
 /// Accepts, rejects or terminates the relationship with a peer.
-#[utoipa::path(post, path = "/api/v1/relationships/{peer}/{decision}", params(
+#[utoipa::path(operation_id = "relationships_decide", post, path = "/api/v1/relationships/{peer}/{decision}", params(
     ("peer" = String, Path, description = "The other identity's address"),
     ("decision" = String, Path, description = "`accept` or `reject` (the owner, of a pending \
         request), or `terminate` (either side; the requester withdraws a pending request)"),

@@ -42,7 +42,7 @@ pub struct CreateToken {
 
 /// Publishes a token: the content is encrypted here under a fresh key that
 /// only the returned reference holds.
-#[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken, responses(
+#[utoipa::path(operation_id = "tokens_create", post, path = "/api/v1/tokens", request_body = CreateToken, responses(
     (status = 201, description = "Published; hand out `reference`", body = Published),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 409, description = "This identity holds as many tokens as the Backbone allows", body = Problem, content_type = "application/problem+json"),
@@ -80,7 +80,7 @@ pub async fn create(
 }
 
 /// Lists the tokens this Connector published.
-#[utoipa::path(get, path = "/api/v1/tokens", responses(
+#[utoipa::path(operation_id = "tokens_list", get, path = "/api/v1/tokens", responses(
     (status = 200, body = Vec<Published>),
 ))]
 pub async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<Published>>, ApiError> {
@@ -110,7 +110,7 @@ pub struct TokenContent {
 
 /// Fetches and decrypts any token by its reference. A wrong password counts
 /// against the token: after too many, the Backbone locks it.
-#[utoipa::path(post, path = "/api/v1/tokens/fetch", request_body = FetchToken, responses(
+#[utoipa::path(operation_id = "tokens_fetch", post, path = "/api/v1/tokens/fetch", request_body = FetchToken, responses(
     (status = 200, body = TokenContent),
     (status = 400, body = Problem, content_type = "application/problem+json"),
     (status = 403, description = "A wrong or missing password, or a locked token", body = Problem, content_type = "application/problem+json"),
@@ -138,7 +138,7 @@ pub async fn fetch(
 }
 
 /// Deletes a token this Connector published, at the Backbone and here.
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(
+#[utoipa::path(operation_id = "tokens_delete", delete, path = "/api/v1/tokens/{id}", params(
     ("id" = String, Path, description = "The token's id (hex), as listed"),
 ), responses(
     (status = 204, description = "Deleted"),
