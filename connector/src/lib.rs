@@ -67,6 +67,7 @@ impl Connector {
         let db = Database::open(&config.storage.data_dir)
             .await
             .context("opening the database")?;
+        db.claim_identity(address.clone()).await?;
         let recorder = PrometheusBuilder::new().build_recorder();
         let metrics = recorder.handle();
         // A process has one global recorder; a second Connector in the same

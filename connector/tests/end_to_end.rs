@@ -149,6 +149,42 @@ async fn two_connectors_exchange_messages_relationships_files_and_tokens() {
     let a_sent = a.api.messages("direction=out").await;
     assert_eq!(a_sent.len(), 1);
 
+    // Bytes with a media type, to two recipients at once.
+    let c = Connector::start(&broker, &[]).await;
+    let c_address = c.address().await;
+    let edi = "AAFVTkEreno6MyeSCg==";
+    let sent = a
+        .api
+        .post_ok(
+            "/api/v1/messages",
+            &json!({
+                "recipients": [b_address, c_address],
+                "content_base64": edi,
+                "content_type": "application/edifact",
+            }),
+            201,
+        )
+        .await;
+    assert_eq!(
+        sent["stored"].as_array().expect("stored").len(),
+        2,
+        "{sent}"
+    );
+    for (name, connector) in [("B", &b), ("C", &c)] {
+        let got = eventually(&format!("{name} gets the bytes"), || async {
+            connector
+                .api
+                .messages("direction=in")
+                .await
+                .into_iter()
+                .find(|m| m["content_type"] == "application/edifact")
+        })
+        .await;
+        assert_eq!(got["content_base64"], edi);
+        assert_eq!(got["text"], Value::Null);
+        assert_eq!(got["recipients"], json!([b_address, c_address]));
+    }
+
     // A file of several MiB: uploaded to A, attached, downloaded by B.
     let file: Vec<u8> = (0..5 * 1024 * 1024 + 123)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)

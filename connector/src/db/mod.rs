@@ -29,6 +29,17 @@ pub enum DbError {
     /// A stored JSON column did not parse (the database was edited by hand).
     #[error("database: a stored record is corrupt: {0}")]
     Corrupt(String),
+    /// The database belongs to another identity than the key file's.
+    #[error(
+        "the database in this data_dir belongs to identity {database}, but the key file is \
+         {key}'s: point storage.key_file and storage.data_dir at one identity's files"
+    )]
+    WrongIdentity {
+        /// The identity the database was made for.
+        database: String,
+        /// The key file's identity.
+        key: String,
+    },
     /// The blocking task panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(String),
@@ -321,6 +332,32 @@ impl Database {
         })
         .await
         .map_err(|error| DbError::Task(error.to_string()))?
+    }
+
+    /// Binds the database to `address` on first use, and refuses another
+    /// identity's key afterwards: mixing two identities' messages in one
+    /// database would corrupt both histories.
+    pub async fn claim_identity(&self, address: String) -> Result<(), DbError> {
+        self.call(move |connection| {
+            connection.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('identity', ?1)",
+                params![address],
+            )?;
+            let owner: String = connection.query_row(
+                "SELECT value FROM meta WHERE key = 'identity'",
+                [],
+                |row| row.get(0),
+            )?;
+            if owner == address {
+                Ok(())
+            } else {
+                Err(DbError::WrongIdentity {
+                    database: owner,
+                    key: address,
+                })
+            }
+        })
+        .await
     }
 
     /// Records a received message, its event and its webhook deliveries in
@@ -994,6 +1031,25 @@ mod tests {
         assert_eq!(again, None);
         assert_eq!(db.events_after(0, 10).await.expect("events").len(), 1);
         assert_eq!(db.deliveries(None, 10).await.expect("deliveries").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_database_refuses_another_identity() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = Database::open(dir.path()).await.expect("open");
+        db.claim_identity("bb1alice".into())
+            .await
+            .expect("first claim");
+        db.claim_identity("bb1alice".into())
+            .await
+            .expect("same again");
+        drop(db);
+        let db = Database::open(dir.path()).await.expect("reopen");
+        let error = db
+            .claim_identity("bb1mallory".into())
+            .await
+            .expect_err("another identity");
+        assert!(matches!(error, DbError::WrongIdentity { .. }), "{error}");
     }
 
     #[tokio::test]
