@@ -683,12 +683,15 @@ impl Database {
                         e.id, e.event_id, e.kind, e.peer, e.created_at_ms, e.payload
                  FROM webhook_deliveries d JOIN events e ON e.id = d.event
                  WHERE d.state = 'pending' AND d.next_attempt_at_ms <= ?1
+                   AND d.endpoint IN (SELECT value FROM json_each(?3))
                    AND d.id = (SELECT MIN(o.id) FROM webhook_deliveries o
                                WHERE o.state = 'pending' AND o.endpoint = d.endpoint
                                  AND o.peer = d.peer)
                  ORDER BY d.id LIMIT ?2",
             )?;
-            let rows = statement.query_map(params![now_ms as i64, limit], |row| {
+            let endpoints = serde_json::to_string(&endpoints)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
+            let rows = statement.query_map(params![now_ms as i64, limit, endpoints], |row| {
                 let delivery = read_delivery(row)?;
                 let event = read_event_at(row, 11)?;
                 Ok((delivery, event))
@@ -696,12 +699,10 @@ impl Database {
             let mut due = Vec::new();
             for row in rows {
                 let (delivery, event) = row?;
-                if endpoints.contains(&delivery.endpoint) {
-                    due.push(DueDelivery {
-                        delivery,
-                        event: event?,
-                    });
-                }
+                due.push(DueDelivery {
+                    delivery,
+                    event: event?,
+                });
             }
             Ok(due)
         })
