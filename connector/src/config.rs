@@ -143,13 +143,22 @@ impl Default for WebhookConfig {
 }
 
 /// One `[[webhooks.endpoints]]`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookEndpoint {
     /// The URL events are POSTed to (`http` or `https`).
     pub url: String,
     /// The shared secret of the HMAC-SHA256 signature (at least 16 bytes).
     pub secret: String,
+}
+
+impl std::fmt::Debug for WebhookEndpoint {
+    // The secret is never printed, so that logging the config cannot leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookEndpoint")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[messages]`.
@@ -287,7 +296,16 @@ impl Config {
         if self.api.max_file_size.as_u64() == 0 {
             return invalid("api.max_file_size", "must be greater than zero");
         }
-        for endpoint in &self.webhooks.endpoints {
+        for (index, endpoint) in self.webhooks.endpoints.iter().enumerate() {
+            if self.webhooks.endpoints[..index]
+                .iter()
+                .any(|earlier| earlier.url == endpoint.url)
+            {
+                return Err(ConfigError::Invalid {
+                    key: "webhooks.endpoints.url",
+                    message: format!("{:?} is listed twice", endpoint.url),
+                });
+            }
             match reqwest::Url::parse(&endpoint.url) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") => {}
                 Ok(_) => return invalid("webhooks.endpoints.url", "must be an http(s) URL"),
@@ -501,7 +519,13 @@ mod tests {
         assert!(config.validate().is_err());
         config.webhooks.endpoints[0].url = "http://127.0.0.1:9/hook".into();
         config.validate().expect("valid");
+        let twice = config.webhooks.endpoints[0].clone();
+        config.webhooks.endpoints.push(twice);
+        let error = config.validate().expect_err("a URL twice");
+        assert!(error.to_string().contains("listed twice"), "{error}");
+        config.webhooks.endpoints.pop();
         config.webhooks.endpoints[0].secret = "short".into();
         assert!(config.validate().is_err());
+        assert!(!format!("{:?}", config.webhooks.endpoints[0]).contains("short"));
     }
 }

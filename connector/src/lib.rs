@@ -68,6 +68,7 @@ impl Connector {
             .await
             .context("opening the database")?;
         db.claim_identity(address.clone()).await?;
+        remove_stale_uploads(&config.storage.data_dir.join("uploads"));
         let recorder = PrometheusBuilder::new().build_recorder();
         let metrics = recorder.handle();
         // A process has one global recorder; a second Connector in the same
@@ -84,6 +85,7 @@ impl Connector {
         let last_position = db.last_event_position().await?;
         let (events_tx, events) = watch::channel(last_position);
         let webhooks = Arc::new(Notify::new());
+        let stalled = Arc::new(std::sync::Mutex::new(None));
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -94,6 +96,8 @@ impl Connector {
             webhooks: webhooks.clone(),
             metrics,
             key_hashes: Arc::new(config.api.key_hashes()),
+            stalled: stalled.clone(),
+            uploads: Arc::new(tokio::sync::Semaphore::new(api::PARALLEL_UPLOADS)),
         };
         let mut tasks = JoinSet::new();
 
@@ -132,10 +136,15 @@ impl Connector {
                 client,
                 db,
                 endpoints,
-                events: events_tx,
+                events: events_tx.clone(),
                 webhooks,
+                stalled,
             };
-            receiver.run(stop_connecting).await;
+            receiver.run(stop_connecting.clone()).await;
+            // Event streams follow the database: they stay open after the
+            // session ended, until the Connector stops.
+            let _ = stop_connecting.wait_for(|stop| *stop).await;
+            drop(events_tx);
         });
         tracing::info!(%api_addr, %address, "the Connector is running");
         Ok(Connector {
@@ -215,4 +224,22 @@ fn client_options(config: &Config, keys: keyfile::IdentityKeys) -> anyhow::Resul
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);
     Ok(options)
+}
+
+/// Removes the staged uploads a previous process left (it was killed
+/// mid-upload): nothing refers to them any more.
+fn remove_stale_uploads(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "part")
+            && let Err(error) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(%error, path = %path.display(), "removing a stale upload");
+        }
+    }
 }

@@ -74,13 +74,10 @@ fn main() -> ExitCode {
         } => init(&data_dir, &config, server, ca, fingerprint),
         Command::Serve { config } => serve(config.as_deref()),
         Command::HashKey => hash_key(),
-        Command::Openapi => {
-            use utoipa::OpenApi;
-            backbone_connector::api::ApiDoc::openapi()
-                .to_pretty_json()
-                .map(|json| println!("{json}"))
-                .map_err(anyhow::Error::from)
-        }
+        Command::Openapi => backbone_connector::api::openapi_document()
+            .to_pretty_json()
+            .map(|json| println!("{json}"))
+            .map_err(anyhow::Error::from),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

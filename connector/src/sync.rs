@@ -13,7 +13,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::api::relationships::record_of;
 use crate::content::Content;
-use crate::db::{Database, DbError, NewEvent, NewMessage};
+use crate::db::{Database, DbError, NewEvent, NewMessage, UnreadableEnvelope};
 
 /// What the loop needs.
 pub struct Receiver {
@@ -27,6 +27,8 @@ pub struct Receiver {
     pub events: watch::Sender<i64>,
     /// Woken when a delivery is queued.
     pub webhooks: Arc<Notify>,
+    /// Why receiving is stuck, if it is (`/health` reports it).
+    pub stalled: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Receiver {
@@ -44,6 +46,7 @@ impl Receiver {
                     other => format!("{other:?}"),
                 };
                 tracing::error!(%reason, "the Backbone ended this identity's session for good");
+                self.set_stalled(Some(format!("the Backbone ended the session: {reason}")));
                 return;
             };
             let seq = match &event {
@@ -55,10 +58,16 @@ impl Receiver {
             let mut attempt = 0u32;
             let position = loop {
                 match self.record(&event).await {
-                    Ok(position) => break position,
+                    Ok(position) => {
+                        if attempt > 0 {
+                            self.set_stalled(None);
+                        }
+                        break position;
+                    }
                     Err(error) => {
                         attempt += 1;
                         tracing::error!(%error, seq, attempt, "recording a received envelope");
+                        self.set_stalled(Some(format!("recording a received envelope: {error}")));
                         let wait = Duration::from_millis(100 << attempt.min(6));
                         tokio::select! {
                             () = tokio::time::sleep(wait) => {}
@@ -76,6 +85,12 @@ impl Receiver {
                 // the envelope comes again and is recognised.
                 tracing::warn!(%error, seq, "acknowledging to the Backbone");
             }
+        }
+    }
+
+    fn set_stalled(&self, reason: Option<String>) {
+        if let Ok(mut stalled) = self.stalled.lock() {
+            *stalled = reason;
         }
     }
 
@@ -152,11 +167,23 @@ impl Receiver {
                     .await
             }
             Event::Unreadable(delivery, error) => {
-                // It will never open: keeping it unacknowledged would only
-                // have the Backbone push it again and again.
+                // It will never open; it is kept as it came (and raises an
+                // event) before it is acknowledged, like everything else.
                 metrics::counter!("connector_unreadable_envelopes_total").increment(1);
-                tracing::warn!(seq = delivery.seq, %error, "an envelope could not be opened; dropped");
-                Ok(None)
+                tracing::warn!(seq = delivery.seq, %error, "an envelope could not be opened; kept aside");
+                self.db
+                    .record_unreadable(
+                        UnreadableEnvelope {
+                            broker_message_id: hex::encode(delivery.message_id.as_bytes()),
+                            seq: delivery.seq,
+                            sender: delivery.sender.map(|sender| sender.to_string()),
+                            stored_at_ms: delivery.stored_at_ms,
+                            envelope: delivery.envelope.clone(),
+                            error: error.to_string(),
+                        },
+                        self.endpoints.clone(),
+                    )
+                    .await
             }
         }
     }

@@ -17,13 +17,14 @@
 //! `max_age` that still fails is marked failed and the next one for its
 //! peer goes ahead; failed ones are listed and retried through the API.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
 use crate::config::{WebhookConfig, WebhookEndpoint};
 use crate::db::{Database, DueDelivery, EventRecord};
@@ -87,9 +88,16 @@ pub fn backoff(config: &WebhookConfig, attempts: u32) -> Duration {
 /// The outbox's worker.
 pub struct Worker {
     db: Database,
-    config: WebhookConfig,
+    config: Arc<WebhookConfig>,
     http: reqwest::Client,
     wake: Arc<Notify>,
+}
+
+/// How one attempt ended, for the scheduler: whether its outcome could be
+/// written down (if not, the scheduler pauses instead of attempting the
+/// delivery again at once).
+struct Attempted {
+    recorded: bool,
 }
 
 impl Worker {
@@ -105,13 +113,18 @@ impl Worker {
             .build()?;
         Ok(Self {
             db,
-            config,
+            config: Arc::new(config),
             http,
             wake,
         })
     }
 
     /// Delivers until `shutdown` turns true.
+    ///
+    /// Up to [`PARALLEL`] attempts run at once, at most one per endpoint and
+    /// peer (the head of that queue); a slow endpoint holds up only its own
+    /// queues. Attempts cut short by the shutdown are made again after the
+    /// restart (at least once).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let urls: Vec<String> = self
             .config
@@ -119,83 +132,154 @@ impl Worker {
             .iter()
             .map(|endpoint| endpoint.url.clone())
             .collect();
+        match self.db.fail_unconfigured(urls.clone()).await {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(
+                count,
+                "webhook deliveries to endpoints no longer configured are marked failed"
+            ),
+            Err(error) => tracing::error!(%error, "failing deliveries to removed endpoints"),
+        }
         if urls.is_empty() {
             return;
         }
+        let mut in_flight: JoinSet<Attempted> = JoinSet::new();
+        // The queues (endpoint, peer) with an attempt in flight, with the
+        // delivery's id, and the attempts' tasks with their queue.
+        let mut busy: HashMap<(String, String), i64> = HashMap::new();
+        let mut tasks: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
+        let mut pause = Duration::ZERO;
         loop {
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                pause = Duration::ZERO;
+            }
             let now = backbone_protocol::unix_millis_now();
-            let due = match self.db.due_deliveries(urls.clone(), now, 256).await {
-                Ok(due) => due,
+            if in_flight.len() < PARALLEL {
+                match self.db.due_deliveries(urls.clone(), now, 256).await {
+                    Ok(due) => {
+                        for due in due {
+                            if in_flight.len() >= PARALLEL {
+                                break;
+                            }
+                            let queue = (due.delivery.endpoint.clone(), due.delivery.peer.clone());
+                            if busy.contains_key(&queue) {
+                                continue;
+                            }
+                            busy.insert(queue.clone(), due.delivery.id);
+                            let task = in_flight.spawn(attempt(
+                                self.db.clone(),
+                                self.config.clone(),
+                                self.http.clone(),
+                                due,
+                            ));
+                            tasks.insert(task.id(), queue);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "reading the webhook outbox");
+                        pause = Duration::from_secs(1);
+                        continue;
+                    }
+                }
+            }
+            let busy_ids: Vec<i64> = busy.values().copied().collect();
+            let wait = match self.db.next_due_ms(urls.clone(), busy_ids).await {
+                Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now)),
+                Ok(None) => Duration::from_secs(60),
                 Err(error) => {
                     tracing::error!(%error, "reading the webhook outbox");
-                    Vec::new()
+                    Duration::from_secs(1)
                 }
             };
-            let attempted = due.len();
-            futures_util::stream::iter(due)
-                .for_each_concurrent(PARALLEL, |due| self.attempt(due))
-                .await;
-            if attempted > 0 {
-                continue;
-            }
-            let wait = match self.db.next_due_ms(urls.clone()).await {
-                Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now)),
-                _ => Duration::from_secs(60),
+            // Below a millisecond the next one is due already: with the
+            // queue full, wait for an attempt to end instead.
+            let timer = if wait.is_zero() && in_flight.len() < PARALLEL {
+                Duration::ZERO
+            } else {
+                wait.max(Duration::from_millis(1))
             };
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                Some(ended) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let (task, recorded) = match ended {
+                        Ok((task, attempted)) => (task, attempted.recorded),
+                        Err(error) => {
+                            tracing::error!(%error, "a webhook attempt failed to run");
+                            (error.id(), false)
+                        }
+                    };
+                    if let Some(queue) = tasks.remove(&task) {
+                        busy.remove(&queue);
+                    }
+                    if !recorded {
+                        pause = Duration::from_secs(1);
+                    }
+                }
+                () = tokio::time::sleep(timer) => {}
                 () = self.wake.notified() => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    in_flight.abort_all();
+                    return;
+                }
             }
         }
     }
+}
 
-    /// One attempt of one delivery; its outcome is recorded.
-    async fn attempt(&self, due: DueDelivery) {
-        let Some(endpoint) = self
-            .config
-            .endpoints
-            .iter()
-            .find(|endpoint| endpoint.url == due.delivery.endpoint)
-        else {
-            return;
-        };
-        let started = std::time::Instant::now();
-        let outcome = post(&self.http, endpoint, &due.event).await;
-        metrics::histogram!("connector_webhook_seconds").record(started.elapsed().as_secs_f64());
-        let id = due.delivery.id;
-        let recorded = match outcome {
-            Ok(()) => {
-                metrics::counter!("connector_webhook_deliveries_total", "outcome" => "delivered")
-                    .increment(1);
-                self.db.delivery_succeeded(id).await
-            }
-            Err(error) => {
-                let now = backbone_protocol::unix_millis_now();
-                let age = Duration::from_millis(now.saturating_sub(due.delivery.created_at_ms));
-                let retry_at = (age < self.config.max_age)
-                    .then(|| now + backoff(&self.config, due.delivery.attempts).as_millis() as u64);
-                let outcome = if retry_at.is_some() {
-                    "retry"
-                } else {
-                    "failed"
-                };
-                metrics::counter!("connector_webhook_deliveries_total", "outcome" => outcome)
-                    .increment(1);
-                tracing::warn!(
-                    delivery = id,
-                    endpoint = %endpoint.url,
-                    attempts = due.delivery.attempts + 1,
-                    %error,
-                    gave_up = retry_at.is_none(),
-                    "webhook delivery failed"
-                );
-                self.db.delivery_attempt_failed(id, error, retry_at).await
-            }
-        };
-        if let Err(error) = recorded {
-            tracing::error!(%error, delivery = id, "recording a webhook delivery's outcome");
+/// One attempt of one delivery; its outcome is recorded.
+async fn attempt(
+    db: Database,
+    config: Arc<WebhookConfig>,
+    http: reqwest::Client,
+    due: DueDelivery,
+) -> Attempted {
+    let id = due.delivery.id;
+    let Some(endpoint) = config
+        .endpoints
+        .iter()
+        .find(|endpoint| endpoint.url == due.delivery.endpoint)
+    else {
+        return Attempted { recorded: true };
+    };
+    let started = std::time::Instant::now();
+    let outcome = post(&http, endpoint, &due.event).await;
+    metrics::histogram!("connector_webhook_seconds").record(started.elapsed().as_secs_f64());
+    let recorded = match outcome {
+        Ok(()) => {
+            metrics::counter!("connector_webhook_deliveries_total", "outcome" => "delivered")
+                .increment(1);
+            db.delivery_succeeded(id).await
         }
+        Err(error) => {
+            let now = backbone_protocol::unix_millis_now();
+            let age = Duration::from_millis(now.saturating_sub(due.delivery.created_at_ms));
+            let retry_at = (age < config.max_age)
+                .then(|| now + backoff(&config, due.delivery.attempts).as_millis() as u64);
+            let outcome = if retry_at.is_some() {
+                "retry"
+            } else {
+                "failed"
+            };
+            metrics::counter!("connector_webhook_deliveries_total", "outcome" => outcome)
+                .increment(1);
+            tracing::warn!(
+                delivery = id,
+                attempts = due.delivery.attempts + 1,
+                %error,
+                gave_up = retry_at.is_none(),
+                "webhook delivery failed"
+            );
+            db.delivery_attempt_failed(id, error, retry_at).await
+        }
+    };
+    if let Err(error) = &recorded {
+        tracing::error!(%error, delivery = id, "recording a webhook delivery's outcome");
+    }
+    Attempted {
+        recorded: recorded.is_ok(),
     }
 }
 
@@ -219,7 +303,8 @@ async fn post(
         .body(body)
         .send()
         .await
-        .map_err(|error| format!("{error}"))?;
+        // Without the URL, which may carry credentials and goes to the log.
+        .map_err(|error| error.without_url().to_string())?;
     if response.status().is_success() {
         Ok(())
     } else {

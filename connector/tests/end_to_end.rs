@@ -338,17 +338,19 @@ async fn bad_input_gets_a_typed_problem_and_stores_nothing() {
     assert_eq!(status, 404, "{answer}");
     problem(404, &answer, "not-found");
 
-    // A body over the JSON limit (1 MiB by default).
+    // A body over the JSON limit (1 MiB by default). The server answers
+    // before reading it all and closes that connection, so the request goes
+    // on a client of its own, whose pool no later request shares.
     let huge = "x".repeat(2 * 1024 * 1024);
-    let (status, answer) = a
-        .api
-        .post(
-            "/api/v1/messages",
-            &json!({ "recipients": [b_address], "text": huge }),
-        )
-        .await;
-    assert_eq!(status, 413, "{answer}");
-    problem(413, &answer, "too-large");
+    let response = reqwest::Client::new()
+        .post(a.api.url("/api/v1/messages"))
+        .bearer_auth(&a.api.key)
+        .json(&json!({ "recipients": [b_address], "text": huge }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 413);
+    problem(413, &response.json().await.expect("JSON"), "too-large");
 
     // Bad references.
     for (path, body) in [
@@ -363,6 +365,43 @@ async fn bad_input_gets_a_typed_problem_and_stores_nothing() {
         assert_eq!(status, 400, "{path}: {answer}");
         problem(400, &answer, "bad-reference");
     }
+
+    // Out-of-range numbers.
+    for query in [
+        "since_ms=9223372036854775808",
+        "until_ms=18446744073709551615",
+        "limit=0",
+    ] {
+        let response = a
+            .api
+            .request(reqwest::Method::GET, &format!("/api/v1/messages?{query}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 400, "{query}");
+    }
+    let (status, answer) = a
+        .api
+        .post(
+            "/api/v1/messages",
+            &json!({ "recipients": [b_address], "text": "x", "ttl_secs": 1u64 << 40 }),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+
+    // A method a path does not have.
+    let response = a
+        .api
+        .request(reqwest::Method::DELETE, "/api/v1/messages")
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(response.status(), 405);
+    problem(
+        405,
+        &response.json().await.expect("JSON"),
+        "method-not-allowed",
+    );
 
     // Unknown records and routes.
     let response = a
@@ -613,8 +652,21 @@ async fn an_envelope_is_acknowledged_only_after_the_local_commit() {
         .execute_batch("BEGIN EXCLUSIVE")
         .expect("take the write lock");
     send("held").await;
-    // Long enough for the push to reach B and B's first commit to give up.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // B's first commit gives up after SQLite's busy timeout (5 s): from then
+    // on /health says receiving is stuck.
+    let health = eventually("B reports that it cannot record", || async {
+        let response = b.api.http.get(b.api.url("/health")).send().await.ok()?;
+        let status = response.status();
+        let body: Value = response.json().await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        health["receive_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("recording")),
+        "{health}"
+    );
     b.kill();
     locker.execute_batch("ROLLBACK").expect("release");
     drop(locker);
@@ -632,4 +684,58 @@ async fn an_envelope_is_acknowledged_only_after_the_local_commit() {
     })
     .await;
     assert_eq!(texts, ["before", "held"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_does_not_open_is_kept_with_an_event_not_dropped() {
+    let broker = Broker::start().await;
+    let b = Connector::start(&broker, &[]).await;
+    let b_address: backbone_protocol::Address = b.address().await.parse().expect("address");
+    // A misbehaving client sends B bytes that are no envelope at all.
+    let mut connect = backbone_client::ConnectConfig::new(
+        broker.broker.quic_addr.to_string(),
+        backbone_client::Trust::CaFile(broker.broker.cert_path.clone()),
+    );
+    connect.server_name = Some("localhost".into());
+    let mallory = backbone_client::Client::connect(backbone_client::ClientOptions::primary(
+        connect,
+        backbone_protocol::Keypair::generate(),
+        backbone_client::envelope::EncryptionKeypair::generate(),
+    ))
+    .await
+    .expect("connect");
+    mallory
+        .send_envelope(
+            &[b_address],
+            b"not an envelope".to_vec(),
+            Duration::from_secs(600),
+        )
+        .await
+        .expect("stored");
+    let event = eventually("B records an unreadable event", || async {
+        let page = b.api.get("/api/v1/events").await;
+        page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .find(|event| event["kind"] == "message.unreadable")
+            .cloned()
+    })
+    .await;
+    assert_eq!(event["data"]["sender"], mallory.address().to_string());
+    assert!(
+        event["data"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    );
+    assert!(b.api.messages("").await.is_empty(), "not a message");
+    // Still healthy: one bad envelope does not stop receiving.
+    let response = b
+        .api
+        .http
+        .get(b.api.url("/health"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 200);
 }

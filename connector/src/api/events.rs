@@ -4,29 +4,26 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::{get, post};
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState};
 use crate::db::{DeliveryRecord, EventRecord};
 
 /// The routes of this module.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/events", get(list))
-        .route("/api/v1/events/stream", get(stream))
-        .route("/api/v1/webhooks/deliveries", get(deliveries))
-        .route(
-            "/api/v1/webhooks/deliveries/{id}/retry",
-            post(retry_delivery),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(stream))
+        .routes(routes!(deliveries))
+        .routes(routes!(retry_delivery))
 }
 
 /// Where an event stream or page starts.
@@ -174,16 +171,25 @@ pub async fn deliveries(
 #[utoipa::path(operation_id = "events_retry_delivery", post, path = "/api/v1/webhooks/deliveries/{id}/retry", params(("id" = i64, Path, description = "The delivery's id")), responses(
     (status = 200, description = "The delivery, pending again (or unchanged if it had not failed)", body = DeliveryRecord),
     (status = 404, body = Problem, content_type = "application/problem+json"),
+    (status = 409, description = "The endpoint is no longer configured", body = Problem, content_type = "application/problem+json"),
 ))]
 pub async fn retry_delivery(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<ApiJson<DeliveryRecord>, ApiError> {
+    let endpoints = state.endpoints();
     let delivery = state
         .db
-        .retry_delivery(id)
+        .retry_delivery(id, endpoints.clone())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
+    if !endpoints.contains(&delivery.endpoint) {
+        return Err(ApiError::conflict(
+            "endpoint-gone",
+            "The delivery's endpoint is no longer configured",
+            format!("delivery {id} was to an endpoint that is no longer configured"),
+        ));
+    }
     state.webhooks.notify_one();
     Ok(ApiJson(delivery))
 }

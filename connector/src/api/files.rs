@@ -10,12 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post};
 use backbone_client::{ClientError, FileRef, FileSource};
 use backbone_protocol::ErrorCode;
 use futures_util::StreamExt;
@@ -23,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::{JoinError, JoinHandle};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::tokens::expires_at;
@@ -40,13 +40,15 @@ const UPLOAD_BUFFER: usize = 256 * 1024;
 /// The longest file name accepted or put in a header, in characters.
 const MAX_NAME_CHARS: usize = 255;
 
-/// The routes of this module. `/api/v1/files` itself (list and upload) is
-/// mounted by [`super::router`], under the larger body limit of uploads.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/files/fetch", post(fetch))
-        .route("/api/v1/files/{id}", get(status).delete(delete))
-        .route("/api/v1/files/{id}/content", get(download))
+/// The routes of this module. Uploads take the raw body, which
+/// `DefaultBodyLimit` does not bound: `receive` counts the bytes against
+/// `api.max_file_size` itself.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, upload))
+        .routes(routes!(fetch))
+        .routes(routes!(status, delete))
+        .routes(routes!(download))
 }
 
 /// `POST /api/v1/files` parameters.
@@ -93,8 +95,14 @@ pub async fn upload(
         return Err(too_large(limit));
     }
     // Before the body is read: there is no point storing it without a
-    // connection to upload it on.
+    // connection to upload it on, or beyond the uploads staged at once.
     let client = state.client()?;
+    let _staging = state.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::busy(format!(
+            "{} uploads are in progress; retry when one has finished",
+            super::PARALLEL_UPLOADS
+        ))
+    })?;
     let dir = state.config.storage.data_dir.join("uploads");
     tokio::fs::create_dir_all(&dir)
         .await
@@ -554,6 +562,8 @@ mod tests {
                 .build_recorder()
                 .handle(),
             key_hashes: Arc::new(Vec::new()),
+            stalled: Arc::new(std::sync::Mutex::new(None)),
+            uploads: Arc::new(tokio::sync::Semaphore::new(super::super::PARALLEL_UPLOADS)),
         };
         (broker, state, dir)
     }

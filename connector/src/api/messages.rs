@@ -1,14 +1,14 @@
 //! `/api/v1/messages`: send a message, list and get messages, download an
 //! attachment.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
 use backbone_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, parse_address, ttl_or};
@@ -16,11 +16,11 @@ use crate::content::{self, Content};
 use crate::db::{Attachment, Direction, MessageFilter, MessageRecord, NewMessage, PublishedKind};
 
 /// The routes of this module.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/messages", get(list).post(send))
-        .route("/api/v1/messages/{id}", get(get_one))
-        .route("/api/v1/messages/{id}/attachments/{index}", get(attachment))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, send))
+        .routes(routes!(get_one))
+        .routes(routes!(attachment))
 }
 
 /// A message as the API shows it.
@@ -309,6 +309,14 @@ pub async fn list(
     }
     if let Some(peer) = &params.peer {
         parse_address(peer)?;
+    }
+    for (name, value) in [("since_ms", params.since_ms), ("until_ms", params.until_ms)] {
+        if value.is_some_and(|ms| i64::try_from(ms).is_err()) {
+            return Err(ApiError::invalid(format!(
+                "{name} must be at most {}",
+                i64::MAX
+            )));
+        }
     }
     let records = state
         .db

@@ -20,7 +20,6 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use backbone_client::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -30,6 +29,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, watch};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use problem::ApiError;
 
@@ -55,7 +56,14 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The API keys' SHA-256 hashes.
     pub key_hashes: Arc<Vec<[u8; 32]>>,
+    /// Why receiving is stuck, if it is (set by the receive loop).
+    pub stalled: Arc<std::sync::Mutex<Option<String>>>,
+    /// Uploads in progress at once (each may stage `api.max_file_size` on disk).
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many uploads may be staged on disk at once.
+pub const PARALLEL_UPLOADS: usize = 4;
 
 impl AppState {
     /// The Backbone connection, or 503 while there is none yet.
@@ -97,7 +105,8 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
     }
 }
 
-/// The OpenAPI document.
+/// The OpenAPI document's frame; the paths come from the handlers'
+/// annotations as [`api_router`] registers them.
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -105,34 +114,6 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
         description = "An organisation's client of the Backbone: messages, relationships, \
                        tokens and files through a local database, with webhooks.",
         version = "1"
-    ),
-    paths(
-        health,
-        identity,
-        messages::send,
-        messages::list,
-        messages::get_one,
-        messages::attachment,
-        relationships::list,
-        relationships::set_policy,
-        relationships::create_template,
-        relationships::list_templates,
-        relationships::request,
-        relationships::decide,
-        tokens::create,
-        tokens::list,
-        tokens::fetch,
-        tokens::delete,
-        files::upload,
-        files::list,
-        files::status,
-        files::download,
-        files::fetch,
-        files::delete,
-        events::stream,
-        events::list,
-        events::deliveries,
-        events::retry_delivery,
     ),
     components(schemas(problem::Problem)),
     modifiers(&ApiKeyScheme),
@@ -157,31 +138,39 @@ impl Modify for ApiKeyScheme {
     }
 }
 
-/// The whole router.
-pub fn router(state: AppState) -> Router {
-    let json_limit = state.config.api.max_json_body.as_u64() as usize;
-    let file_limit = state.config.api.max_file_size.as_u64() as usize;
-    let files = Router::new()
-        .route("/api/v1/files", get(files::list).post(files::upload))
-        .layer(axum::extract::DefaultBodyLimit::max(file_limit));
-    let api = Router::new()
-        .route("/api/v1/identity", get(identity))
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/metrics", get(metrics))
+/// Every route with its documentation: routes are only ever registered
+/// here, through `routes!`, so the router and the OpenAPI document cannot
+/// disagree. With `auth`, every route but `/health` requires an API key.
+pub fn api_router(auth: Option<AppState>) -> OpenApiRouter<AppState> {
+    let mut keyed = OpenApiRouter::new()
+        .routes(routes!(identity))
+        .routes(routes!(openapi))
+        .routes(routes!(metrics))
         .merge(messages::routes())
         .merge(relationships::routes())
         .merge(tokens::routes())
         .merge(files::routes())
-        .merge(events::routes())
+        .merge(events::routes());
+    if let Some(state) = auth {
+        keyed = keyed.route_layer(axum::middleware::from_fn_with_state(state, require_api_key));
+    }
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .merge(keyed)
+}
+
+/// The OpenAPI document.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_router(None).into_openapi()
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let json_limit = state.config.api.max_json_body.as_u64() as usize;
+    let (router, _) = api_router(Some(state.clone())).split_for_parts();
+    router
         .layer(axum::extract::DefaultBodyLimit::max(json_limit))
-        .merge(files)
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    Router::new()
-        .route("/health", get(health))
-        .merge(api)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }
@@ -197,8 +186,10 @@ async fn require_api_key(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(|key| Sha256::digest(key.trim().as_bytes()));
+        .and_then(|value| value.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| Sha256::digest(key.trim().as_bytes()));
     let Some(presented) = presented else {
         return Err(ApiError::unauthorized());
     };
@@ -215,16 +206,20 @@ async fn require_api_key(
 /// `/health`.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// `ok` when connected to the Backbone, `degraded` otherwise.
+    /// `ok` when connected to the Backbone and receiving, `degraded` otherwise.
     pub status: String,
     /// Whether the connection to the Backbone is up.
     pub backbone_connected: bool,
+    /// Why received envelopes cannot be recorded (and so are not
+    /// acknowledged), if that is the case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_error: Option<String>,
 }
 
 /// Liveness and the Backbone connection; needs no API key.
 #[utoipa::path(operation_id = "health", get, path = "/health", security(()), responses(
-    (status = 200, description = "Connected to the Backbone", body = Health),
-    (status = 503, description = "Not connected to the Backbone", body = Health),
+    (status = 200, description = "Connected to the Backbone and receiving", body = Health),
+    (status = 503, description = "Not connected to the Backbone, or received envelopes cannot be recorded", body = Health),
 ))]
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let connected = state
@@ -232,7 +227,13 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
         .borrow()
         .as_ref()
         .is_some_and(|client| client.status() == backbone_client::Status::Connected);
-    let status = if connected {
+    let receive_error = state
+        .stalled
+        .lock()
+        .ok()
+        .and_then(|stalled| stalled.clone());
+    let healthy = connected && receive_error.is_none();
+    let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -240,8 +241,9 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     (
         status,
         Json(Health {
-            status: if connected { "ok" } else { "degraded" }.into(),
+            status: if healthy { "ok" } else { "degraded" }.into(),
             backbone_connected: connected,
+            receive_error,
         }),
     )
 }
@@ -267,13 +269,35 @@ async fn identity(State(state): State<AppState>) -> Json<Identity> {
     })
 }
 
+/// This document.
+#[utoipa::path(operation_id = "openapi", get, path = "/api/v1/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3 document of this API", content_type = "application/json", body = Object),
+    (status = 401, body = problem::Problem, content_type = "application/problem+json"),
+))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(openapi_document())
 }
 
+/// Prometheus metrics: requests refused by type, messages received and
+/// sent, webhook deliveries by outcome, and the database's counts.
+#[utoipa::path(operation_id = "metrics", get, path = "/metrics", responses(
+    (status = 200, description = "The Prometheus text format", content_type = "text/plain", body = String),
+    (status = 401, body = problem::Problem, content_type = "application/problem+json"),
+))]
 async fn metrics(State(state): State<AppState>) -> Response {
     if let Ok(counts) = state.db.counts().await {
-        for (name, count) in counts {
+        // Every known series is set, so that one that fell to zero says so.
+        for name in [
+            "messages_in",
+            "messages_out",
+            "deliveries_pending",
+            "deliveries_delivered",
+            "deliveries_failed",
+        ] {
+            let count = counts
+                .iter()
+                .find(|(counted, _)| counted == name)
+                .map_or(0, |(_, count)| *count);
             metrics::gauge!(format!("connector_{name}")).set(count as f64);
         }
     }
@@ -289,6 +313,11 @@ pub fn ttl_or(ttl_secs: Option<u64>, default: Duration) -> Result<Duration, ApiE
     match ttl_secs {
         None => Ok(default),
         Some(0) => Err(ApiError::invalid("ttl_secs must be at least 1")),
+        // The wire carries TTLs as 32-bit seconds; the Backbone caps them lower.
+        Some(secs) if secs > u64::from(u32::MAX) => Err(ApiError::invalid(format!(
+            "ttl_secs must be at most {}",
+            u32::MAX
+        ))),
         Some(secs) => Ok(Duration::from_secs(secs)),
     }
 }

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use backbone_client::{ClientError, TokenError};
+use backbone_client::{ClientError, FileError, TokenError};
 use backbone_protocol::ErrorCode;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -100,6 +100,33 @@ impl ApiError {
             "No such resource",
             detail.into(),
         )
+    }
+
+    /// 405: the path exists, the method does not.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "The method is not allowed on this path",
+            "see /api/v1/openapi.json for the methods of each path".into(),
+        )
+    }
+
+    /// 409: the request contradicts the current state.
+    pub fn conflict(slug: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, slug, title, detail.into())
+    }
+
+    /// 429: too many uploads at once.
+    pub fn busy(detail: impl Into<String>) -> Self {
+        let mut error = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            "Too many requests of this kind at once",
+            detail.into(),
+        );
+        error.retry_after_ms = Some(1000);
+        error
     }
 
     /// 413: the body is over the configured limit.
@@ -337,12 +364,20 @@ impl From<ClientError> for ApiError {
                     detail,
                 ),
             },
-            ClientError::File(_) => ApiError::new(
+            ClientError::File(FileError::Undecryptable) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "undecryptable",
                 "The content could not be opened with the reference's key",
                 detail,
             ),
+            ClientError::File(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "backbone-error",
+                "The Backbone sent a file that does not add up",
+                detail,
+            ),
+            // A local file (an upload's temporary copy) could not be read.
+            ClientError::Io(_) => ApiError::internal(detail),
             _ => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "backbone-error",

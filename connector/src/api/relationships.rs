@@ -2,14 +2,14 @@
 //! Backbone holds them, relationship templates to hand out, requests with a
 //! template, and decisions.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
 use backbone_client::TokenRef;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::tokens::{expires_at, password_of};
@@ -17,16 +17,13 @@ use super::{ApiError, ApiJson, ApiPath, AppState, parse_address, ttl_or};
 use crate::db::{Published, PublishedKind, RelationshipRecord};
 
 /// The routes of this module.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/relationships", get(list))
-        .route("/api/v1/relationships/policy", put(set_policy))
-        .route(
-            "/api/v1/relationships/templates",
-            get(list_templates).post(create_template),
-        )
-        .route("/api/v1/relationships/requests", post(request))
-        .route("/api/v1/relationships/{peer}/{decision}", post(decide))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(set_policy))
+        .routes(routes!(list_templates, create_template))
+        .routes(routes!(request))
+        .routes(routes!(decide))
 }
 
 /// The local record of one side's view of a relationship.

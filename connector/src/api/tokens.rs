@@ -4,25 +4,25 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete as delete_route, get, post};
 use backbone_client::{ClientError, TokenError, TokenRef};
 use backbone_protocol::bytes::TokenId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::{ApiError, ApiJson, ApiPath, AppState, text_or_base64, ttl_or};
 use crate::db::{Published, PublishedKind};
 
 /// The routes of this module.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/tokens", get(list).post(create))
-        .route("/api/v1/tokens/fetch", post(fetch))
-        .route("/api/v1/tokens/{id}", delete_route(delete))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(fetch))
+        .routes(routes!(delete))
 }
 
 /// `POST /api/v1/tokens`.

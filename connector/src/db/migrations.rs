@@ -8,11 +8,13 @@ use rusqlite::Connection;
 /// Every migration, in order. Index `i` takes the database from version `i`
 /// to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    // 1: messages, relationships, templates, tokens, files, events and the
-    // webhook outbox.
+    // 1: messages (and envelopes that could not be opened), relationships,
+    // templates, tokens, files, events and the webhook outbox. Ids that
+    // page (messages, events) are AUTOINCREMENT, so that an id is never
+    // reused after rows are deleted and cursors never skip.
     r#"
     CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
         broker_message_id TEXT NOT NULL,
         seq INTEGER,
@@ -33,6 +35,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (peer, message)
     ) WITHOUT ROWID;
     CREATE INDEX messages_by_time ON messages (recorded_at_ms);
+
+    CREATE TABLE unreadable (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        broker_message_id TEXT NOT NULL UNIQUE,
+        seq INTEGER NOT NULL,
+        sender TEXT,
+        stored_at_ms INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        error TEXT NOT NULL,
+        recorded_at_ms INTEGER NOT NULL
+    );
 
     CREATE TABLE relationships (
         id TEXT PRIMARY KEY,
@@ -66,7 +79,7 @@ const MIGRATIONS: &[&str] = &[
     );
 
     CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         event_id TEXT NOT NULL UNIQUE,
         source TEXT NOT NULL UNIQUE,
         kind TEXT NOT NULL,

@@ -116,6 +116,24 @@ pub struct NewMessage {
     pub attachments: Vec<Attachment>,
 }
 
+/// A pushed envelope that could not be opened (tampered, not for this
+/// identity, a notice of a newer broker), kept as it came.
+#[derive(Clone, Debug)]
+pub struct UnreadableEnvelope {
+    /// The broker's id of the message (hex).
+    pub broker_message_id: String,
+    /// The sequence number in this identity's mailbox.
+    pub seq: u64,
+    /// The sender as the broker authenticated it (none for a sealed send).
+    pub sender: Option<String>,
+    /// When the broker stored it (Unix ms).
+    pub stored_at_ms: u64,
+    /// The sealed bytes.
+    pub envelope: Vec<u8>,
+    /// Why it could not be opened.
+    pub error: String,
+}
+
 /// A stored message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageRecord {
@@ -276,7 +294,9 @@ pub struct DeliveryRecord {
     pub next_attempt_at_ms: u64,
     /// The last attempt's error.
     pub last_error: Option<String>,
-    /// When the event was recorded (Unix ms).
+    /// When the delivery was queued (Unix ms): when its event was
+    /// recorded, or when it was last retried through the API. `max_age`
+    /// counts from here.
     pub created_at_ms: u64,
     /// When it was delivered (Unix ms).
     pub delivered_at_ms: Option<u64>,
@@ -389,6 +409,52 @@ impl Database {
         .await
     }
 
+    /// Records an envelope that could not be opened, with a
+    /// `message.unreadable` event, so that it is acknowledged only once
+    /// kept. `None` when it was recorded before.
+    pub async fn record_unreadable(
+        &self,
+        envelope: UnreadableEnvelope,
+        endpoints: Vec<String>,
+    ) -> Result<Option<i64>, DbError> {
+        self.call(move |connection| {
+            let transaction = connection.transaction()?;
+            let changed = transaction.execute(
+                "INSERT INTO unreadable (broker_message_id, seq, sender, stored_at_ms, envelope,
+                     error, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (broker_message_id) DO NOTHING",
+                params![
+                    envelope.broker_message_id,
+                    envelope.seq as i64,
+                    envelope.sender,
+                    envelope.stored_at_ms as i64,
+                    envelope.envelope,
+                    envelope.error,
+                    now_ms() as i64
+                ],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            let event = NewEvent {
+                source: format!("unreadable:{}", envelope.broker_message_id),
+                kind: "message.unreadable",
+                peer: envelope.sender.clone().unwrap_or_default(),
+                data: serde_json::json!({
+                    "message_id": envelope.broker_message_id,
+                    "seq": envelope.seq,
+                    "sender": envelope.sender,
+                    "stored_at_ms": envelope.stored_at_ms,
+                    "error": envelope.error,
+                }),
+            };
+            let position = insert_event(&transaction, &event, &endpoints)?;
+            transaction.commit()?;
+            Ok(Some(position))
+        })
+        .await
+    }
+
     /// Records a message this Connector sent.
     pub async fn record_sent(&self, message: NewMessage) -> Result<MessageRecord, DbError> {
         self.call(move |connection| {
@@ -430,7 +496,8 @@ impl Database {
                 "INSERT INTO relationships (id, peer, role, state, changed_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET peer = ?2, role = ?3, state = ?4,
-                     changed_at_ms = ?5",
+                     changed_at_ms = ?5
+                 WHERE excluded.changed_at_ms >= relationships.changed_at_ms",
                 params![
                     relationship.id,
                     relationship.peer,
@@ -445,26 +512,6 @@ impl Database {
             };
             transaction.commit()?;
             Ok(position)
-        })
-        .await
-    }
-
-    /// The relationships as last seen.
-    pub async fn relationships(&self) -> Result<Vec<RelationshipRecord>, DbError> {
-        self.call(|connection| {
-            let mut statement = connection.prepare(
-                "SELECT id, peer, role, state, changed_at_ms FROM relationships ORDER BY changed_at_ms",
-            )?;
-            let rows = statement.query_map([], |row| {
-                Ok(RelationshipRecord {
-                    id: row.get(0)?,
-                    peer: row.get(1)?,
-                    role: row.get(2)?,
-                    state: row.get(3)?,
-                    changed_at_ms: row.get::<_, i64>(4)? as u64,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -587,39 +634,48 @@ impl Database {
 
     /// The tokens, templates or files this Connector published.
     pub async fn list_published(&self, kind: PublishedKind) -> Result<Vec<Published>, DbError> {
-        self.call(move |connection| {
-            let sql = match kind {
-                PublishedKind::Template => {
-                    "SELECT CAST(id AS TEXT), reference, password_protected, 0, NULL,
-                            created_at_ms, expires_at_ms FROM templates ORDER BY id"
-                }
-                PublishedKind::Token => {
-                    "SELECT id, reference, password_protected, size, NULL, created_at_ms,
-                            expires_at_ms FROM tokens ORDER BY created_at_ms"
-                }
-                PublishedKind::File => {
-                    "SELECT id, reference, 0, size, name, created_at_ms, expires_at_ms
-                     FROM files ORDER BY created_at_ms"
-                }
-            };
-            let mut statement = connection.prepare(sql)?;
-            let rows = statement.query_map([], read_published)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.select_published(kind, None).await
     }
 
-    /// One token or file this Connector published, by id.
+    /// One token or file this Connector published, by id (hex, lowercase).
     pub async fn published(
         &self,
         kind: PublishedKind,
         id: String,
     ) -> Result<Option<Published>, DbError> {
         Ok(self
-            .list_published(kind)
+            .select_published(kind, Some(id.to_ascii_lowercase()))
             .await?
-            .into_iter()
-            .find(|record| record.id == id))
+            .pop())
+    }
+
+    async fn select_published(
+        &self,
+        kind: PublishedKind,
+        id: Option<String>,
+    ) -> Result<Vec<Published>, DbError> {
+        self.call(move |connection| {
+            let sql = match kind {
+                PublishedKind::Template => {
+                    "SELECT CAST(id AS TEXT), reference, password_protected, 0, NULL,
+                            created_at_ms, expires_at_ms FROM templates
+                     WHERE ?1 IS NULL OR CAST(id AS TEXT) = ?1 ORDER BY id"
+                }
+                PublishedKind::Token => {
+                    "SELECT id, reference, password_protected, size, NULL, created_at_ms,
+                            expires_at_ms FROM tokens
+                     WHERE ?1 IS NULL OR id = ?1 ORDER BY created_at_ms"
+                }
+                PublishedKind::File => {
+                    "SELECT id, reference, 0, size, name, created_at_ms, expires_at_ms
+                     FROM files WHERE ?1 IS NULL OR id = ?1 ORDER BY created_at_ms"
+                }
+            };
+            let mut statement = connection.prepare(sql)?;
+            let rows = statement.query_map(params![id], read_published)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
     /// Forgets a token or file this Connector published.
@@ -709,24 +765,50 @@ impl Database {
         .await
     }
 
-    /// The earliest time a pending delivery to one of `endpoints` is due.
-    pub async fn next_due_ms(&self, endpoints: Vec<String>) -> Result<Option<u64>, DbError> {
+    /// The earliest time a delivery becomes due: over the oldest pending
+    /// delivery of each endpoint and peer (the only ones
+    /// [`Database::due_deliveries`] returns), to one of `endpoints`, except
+    /// the deliveries `in_flight`.
+    pub async fn next_due_ms(
+        &self,
+        endpoints: Vec<String>,
+        in_flight: Vec<i64>,
+    ) -> Result<Option<u64>, DbError> {
         self.call(move |connection| {
-            let mut statement = connection.prepare(
-                "SELECT endpoint, MIN(next_attempt_at_ms) FROM webhook_deliveries
-                 WHERE state = 'pending' GROUP BY endpoint",
+            let endpoints = serde_json::to_string(&endpoints)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
+            let in_flight = serde_json::to_string(&in_flight)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
+            let next: Option<i64> = connection.query_row(
+                "SELECT MIN(d.next_attempt_at_ms) FROM webhook_deliveries d
+                 WHERE d.state = 'pending'
+                   AND d.endpoint IN (SELECT value FROM json_each(?1))
+                   AND d.id NOT IN (SELECT value FROM json_each(?2))
+                   AND d.id = (SELECT MIN(o.id) FROM webhook_deliveries o
+                               WHERE o.state = 'pending' AND o.endpoint = d.endpoint
+                                 AND o.peer = d.peer)",
+                params![endpoints, in_flight],
+                |row| row.get(0),
             )?;
-            let rows = statement.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-            })?;
-            let mut next: Option<u64> = None;
-            for row in rows {
-                let (endpoint, at) = row?;
-                if endpoints.contains(&endpoint) {
-                    next = Some(next.map_or(at, |next| next.min(at)));
-                }
-            }
-            Ok(next)
+            Ok(next.map(|at| at.max(0) as u64))
+        })
+        .await
+    }
+
+    /// Marks the pending deliveries to endpoints no longer configured as
+    /// failed (listed through the API), so they do not wait unseen forever.
+    /// Returns how many.
+    pub async fn fail_unconfigured(&self, endpoints: Vec<String>) -> Result<usize, DbError> {
+        self.call(move |connection| {
+            let endpoints = serde_json::to_string(&endpoints)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
+            Ok(connection.execute(
+                "UPDATE webhook_deliveries SET state = 'failed',
+                     last_error = 'the endpoint is no longer configured'
+                 WHERE state = 'pending'
+                   AND endpoint NOT IN (SELECT value FROM json_each(?1))",
+                params![endpoints],
+            )?)
         })
         .await
     }
@@ -789,16 +871,24 @@ impl Database {
         .await
     }
 
-    /// Puts a failed delivery back in the queue, due now. Returns the
-    /// delivery, or `None` if there is no such delivery; a delivery that is
-    /// not failed is returned unchanged.
-    pub async fn retry_delivery(&self, id: i64) -> Result<Option<DeliveryRecord>, DbError> {
+    /// Puts a failed delivery to one of `endpoints` back in the queue, due
+    /// now, with a fresh `max_age` window (`created_at_ms` is reset). Returns
+    /// the delivery, or `None` if there is no such delivery; a delivery that
+    /// is not failed, or is to another endpoint, is returned unchanged.
+    pub async fn retry_delivery(
+        &self,
+        id: i64,
+        endpoints: Vec<String>,
+    ) -> Result<Option<DeliveryRecord>, DbError> {
         self.call(move |connection| {
+            let endpoints = serde_json::to_string(&endpoints)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
             connection.execute(
                 "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at_ms = ?2,
                      created_at_ms = ?2
-                 WHERE id = ?1 AND state = 'failed'",
-                params![id, now_ms() as i64],
+                 WHERE id = ?1 AND state = 'failed'
+                   AND endpoint IN (SELECT value FROM json_each(?3))",
+                params![id, now_ms() as i64, endpoints],
             )?;
             Ok(connection
                 .query_row(
@@ -1096,7 +1186,10 @@ mod tests {
             .await
             .expect("failed");
         assert_eq!(failed.len(), 1);
-        let retried = db.retry_delivery(alice_first).await.expect("retry");
+        let retried = db
+            .retry_delivery(alice_first, endpoints.clone())
+            .await
+            .expect("retry");
         assert_eq!(retried.map(|d| d.state), Some("pending".to_owned()));
         // Endpoints no longer configured are not delivered to.
         assert!(
