@@ -1,6 +1,7 @@
 //! The receive loop: every envelope the Backbone pushes is opened, recorded
-//! in the local database with its event and webhook deliveries, and only
-//! then acknowledged to the Backbone. A crash between the commit and the
+//! in the local database with its event and webhook deliveries (what
+//! arrived together in one transaction), and only then acknowledged to the
+//! Backbone. A crash between the commit and the
 //! ack means the envelope is pushed again; the database recognises it by
 //! its broker message id and records nothing twice.
 
@@ -9,11 +10,12 @@ use std::time::Duration;
 
 use backbone_client::{Client, Event};
 use backbone_protocol::relationship::Notice;
+use futures_util::FutureExt;
 use tokio::sync::{Notify, watch};
 
 use crate::api::relationships::record_of;
 use crate::content::Content;
-use crate::db::{Database, DbError, NewEvent, NewMessage, UnreadableEnvelope};
+use crate::db::{Database, Incoming, NewEvent, NewMessage, UnreadableEnvelope};
 
 /// What the loop needs.
 pub struct Receiver {
@@ -30,6 +32,11 @@ pub struct Receiver {
     /// Why receiving is stuck, if it is (`/health` reports it).
     pub stalled: Arc<std::sync::Mutex<Option<String>>>,
 }
+
+/// Envelopes recorded in one transaction at most: what has arrived while
+/// the previous batch was being committed, so that a burst costs one sync
+/// to disk per batch instead of one per envelope.
+const BATCH: usize = 128;
 
 impl Receiver {
     /// Receives until `shutdown` turns true or the Backbone ends the
@@ -49,15 +56,27 @@ impl Receiver {
                 self.set_stalled(Some(format!("the Backbone ended the session: {reason}")));
                 return;
             };
-            let seq = match &event {
-                Event::Message(message) => message.delivery.seq,
-                Event::Notice(delivery, _) | Event::Unreadable(delivery, _) => delivery.seq,
-            };
+            // Whatever else has arrived goes in the same transaction.
+            // (`next_event` only waits on a lock and a channel, so polling
+            // it once and dropping it loses nothing.)
+            let mut events = vec![event];
+            while events.len() < BATCH {
+                match self.client.next_event().now_or_never() {
+                    Some(Some(event)) => events.push(event),
+                    _ => break,
+                }
+            }
+            let seq = events.iter().map(seq_of).max().unwrap_or_default();
+            let batch: Vec<Incoming> = events.iter().map(|event| self.incoming(event)).collect();
             // Nothing is acknowledged before it is committed: a failing
             // database holds the loop (the Backbone keeps the envelopes).
             let mut attempt = 0u32;
             let position = loop {
-                match self.record(&event).await {
+                match self
+                    .db
+                    .record_incoming(batch.clone(), self.endpoints.clone())
+                    .await
+                {
                     Ok(position) => {
                         if attempt > 0 {
                             self.set_stalled(None);
@@ -66,8 +85,8 @@ impl Receiver {
                     }
                     Err(error) => {
                         attempt += 1;
-                        tracing::error!(%error, seq, attempt, "recording a received envelope");
-                        self.set_stalled(Some(format!("recording a received envelope: {error}")));
+                        tracing::error!(%error, seq, attempt, "recording received envelopes");
+                        self.set_stalled(Some(format!("recording received envelopes: {error}")));
                         let wait = Duration::from_millis(100 << attempt.min(6));
                         tokio::select! {
                             () = tokio::time::sleep(wait) => {}
@@ -76,13 +95,16 @@ impl Receiver {
                     }
                 }
             };
+            metrics::histogram!("connector_receive_batch_envelopes").record(batch.len() as f64);
             if let Some(position) = position {
                 self.events.send_replace(position);
                 self.webhooks.notify_one();
             }
+            // One cumulative ack covers the batch: pushes come in sequence
+            // order, so every envelope up to `seq` is committed.
             if let Err(error) = self.client.ack(seq).await {
                 // The ack goes with the next one (acks are cumulative) or
-                // the envelope comes again and is recognised.
+                // the envelopes come again and are recognised.
                 tracing::warn!(%error, seq, "acknowledging to the Backbone");
             }
         }
@@ -94,36 +116,25 @@ impl Receiver {
         }
     }
 
-    /// Records one pushed envelope; the new event's position, if it raised one.
-    async fn record(&self, event: &Event) -> Result<Option<i64>, DbError> {
+    /// What to record of one pushed envelope.
+    fn incoming(&self, event: &Event) -> Incoming {
         match event {
             Event::Message(message) => {
                 let opened = &message.opened;
                 let content = Content::decode(opened.plaintext.clone());
-                let recorded = self
-                    .db
-                    .record_received(
-                        NewMessage {
-                            broker_message_id: hex::encode(message.delivery.message_id.as_bytes()),
-                            seq: Some(message.delivery.seq),
-                            sender: opened.sender.to_string(),
-                            recipients: opened.recipients.iter().map(ToString::to_string).collect(),
-                            sent_at_ms: opened.sent_at_ms,
-                            stored_at_ms: Some(message.delivery.stored_at_ms),
-                            expires_at_ms: Some(message.delivery.expires_at_ms),
-                            content_type: content.content_type,
-                            content: content.body,
-                            attachments: content.attachments,
-                        },
-                        self.endpoints.clone(),
-                    )
-                    .await?;
-                metrics::counter!(
-                    "connector_messages_received_total",
-                    "duplicate" => if recorded.is_some() { "false" } else { "true" }
-                )
-                .increment(1);
-                Ok(recorded.map(|(_, position)| position))
+                metrics::counter!("connector_messages_received_total").increment(1);
+                Incoming::Message(NewMessage {
+                    broker_message_id: hex::encode(message.delivery.message_id.as_bytes()),
+                    seq: Some(message.delivery.seq),
+                    sender: opened.sender.to_string(),
+                    recipients: opened.recipients.iter().map(ToString::to_string).collect(),
+                    sent_at_ms: opened.sent_at_ms,
+                    stored_at_ms: Some(message.delivery.stored_at_ms),
+                    expires_at_ms: Some(message.delivery.expires_at_ms),
+                    content_type: content.content_type,
+                    content: content.body,
+                    attachments: content.attachments,
+                })
             }
             Event::Notice(delivery, notice) => {
                 let (relationship, reason, intro) = match notice {
@@ -162,29 +173,29 @@ impl Receiver {
                     data,
                 };
                 metrics::counter!("connector_notices_received_total").increment(1);
-                self.db
-                    .record_relationship(record, Some(event), self.endpoints.clone())
-                    .await
+                Incoming::Relationship(record, event)
             }
             Event::Unreadable(delivery, error) => {
                 // It will never open; it is kept as it came (and raises an
                 // event) before it is acknowledged, like everything else.
                 metrics::counter!("connector_unreadable_envelopes_total").increment(1);
                 tracing::warn!(seq = delivery.seq, %error, "an envelope could not be opened; kept aside");
-                self.db
-                    .record_unreadable(
-                        UnreadableEnvelope {
-                            broker_message_id: hex::encode(delivery.message_id.as_bytes()),
-                            seq: delivery.seq,
-                            sender: delivery.sender.map(|sender| sender.to_string()),
-                            stored_at_ms: delivery.stored_at_ms,
-                            envelope: delivery.envelope.clone(),
-                            error: error.to_string(),
-                        },
-                        self.endpoints.clone(),
-                    )
-                    .await
+                Incoming::Unreadable(UnreadableEnvelope {
+                    broker_message_id: hex::encode(delivery.message_id.as_bytes()),
+                    seq: delivery.seq,
+                    sender: delivery.sender.map(|sender| sender.to_string()),
+                    stored_at_ms: delivery.stored_at_ms,
+                    envelope: delivery.envelope.clone(),
+                    error: error.to_string(),
+                })
             }
         }
+    }
+}
+
+fn seq_of(event: &Event) -> u64 {
+    match event {
+        Event::Message(message) => message.delivery.seq,
+        Event::Notice(delivery, _) | Event::Unreadable(delivery, _) => delivery.seq,
     }
 }

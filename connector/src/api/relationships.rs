@@ -71,10 +71,7 @@ pub async fn list(State(state): State<AppState>) -> Result<ApiJson<RelationshipL
         let record = record_of(relationship);
         // No event: a change is announced when its notice arrives, and this
         // only refreshes the copy that the notice would bring up to date.
-        state
-            .db
-            .record_relationship(record.clone(), None, vec![])
-            .await?;
+        state.db.record_relationship(record.clone()).await?;
         records.push(record);
     }
     Ok(ApiJson(RelationshipList {
@@ -215,10 +212,7 @@ pub async fn request(
         )
         .await?;
     let record = record_of(&relationship);
-    state
-        .db
-        .record_relationship(record.clone(), None, vec![])
-        .await?;
+    state.db.record_relationship(record.clone()).await?;
     Ok((StatusCode::CREATED, ApiJson(record)))
 }
 
@@ -251,10 +245,7 @@ pub async fn decide(
     let peer = parse_address(&peer)?;
     let relationship = state.client()?.decide_relationship(&peer, decision).await?;
     let record = record_of(&relationship);
-    state
-        .db
-        .record_relationship(record.clone(), None, vec![])
-        .await?;
+    state.db.record_relationship(record.clone()).await?;
     Ok(ApiJson(record))
 }
 

@@ -326,6 +326,8 @@ impl Database {
             // the ack to the broker relies on.
             connection.pragma_update(None, "synchronous", "FULL")?;
             connection.pragma_update(None, "foreign_keys", "ON")?;
+            // Every statement is prepared once and kept (about thirty).
+            connection.set_prepared_statement_cache_capacity(64);
             connection.busy_timeout(std::time::Duration::from_secs(5))?;
             migrations::migrate(&mut connection)?;
             Ok(connection)
@@ -359,15 +361,12 @@ impl Database {
     /// database would corrupt both histories.
     pub async fn claim_identity(&self, address: String) -> Result<(), DbError> {
         self.call(move |connection| {
-            connection.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('identity', ?1)",
-                params![address],
-            )?;
-            let owner: String = connection.query_row(
-                "SELECT value FROM meta WHERE key = 'identity'",
-                [],
-                |row| row.get(0),
-            )?;
+            connection
+                .prepare_cached("INSERT OR IGNORE INTO meta (key, value) VALUES ('identity', ?1)")?
+                .execute(params![address])?;
+            let owner: String = connection
+                .prepare_cached("SELECT value FROM meta WHERE key = 'identity'")?
+                .query_row([], |row| row.get(0))?;
             if owner == address {
                 Ok(())
             } else {
@@ -380,10 +379,42 @@ impl Database {
         .await
     }
 
-    /// Records a received message, its event and its webhook deliveries in
-    /// one transaction. Returns the message's local id and the event's
-    /// position, or `None` when the message was recorded before (the broker
-    /// pushes again what was not acknowledged): no second event then.
+    /// Records what the Backbone pushed, in one transaction (one sync to
+    /// disk for the whole batch): each message, unreadable envelope or
+    /// relationship change with its event and its webhook deliveries. An
+    /// item recorded before (pushed again because its ack was lost) is
+    /// skipped and raises no second event. Returns the newest event's
+    /// position, if the batch raised one.
+    pub async fn record_incoming(
+        &self,
+        batch: Vec<Incoming>,
+        endpoints: Vec<String>,
+    ) -> Result<Option<i64>, DbError> {
+        self.call(move |connection| {
+            let transaction = connection.transaction()?;
+            let mut newest = None;
+            for item in &batch {
+                let position = match item {
+                    Incoming::Message(message) => received_in(&transaction, message, &endpoints)?
+                        .map(|(_, position)| position),
+                    Incoming::Unreadable(envelope) => {
+                        unreadable_in(&transaction, envelope, &endpoints)?
+                    }
+                    Incoming::Relationship(relationship, event) => {
+                        relationship_in(&transaction, relationship, Some(event), &endpoints)?
+                    }
+                };
+                newest = position.or(newest);
+            }
+            transaction.commit()?;
+            Ok(newest)
+        })
+        .await
+    }
+
+    /// Records one received message (see [`Database::record_incoming`]):
+    /// its local id and its event's position, or `None` if it was recorded
+    /// before.
     pub async fn record_received(
         &self,
         message: NewMessage,
@@ -391,66 +422,9 @@ impl Database {
     ) -> Result<Option<(i64, i64)>, DbError> {
         self.call(move |connection| {
             let transaction = connection.transaction()?;
-            let Some(id) = insert_message(&transaction, Direction::In, &message)? else {
-                return Ok(None);
-            };
-            let stored = message_by_id(&transaction, id)?
-                .ok_or_else(|| DbError::Corrupt("a message vanished".into()))?;
-            let event = NewEvent {
-                source: format!("message:{}", message.broker_message_id),
-                kind: "message.received",
-                peer: message.sender.clone(),
-                data: crate::api::messages::MessageView::from(&stored).to_json(),
-            };
-            let position = insert_event(&transaction, &event, &endpoints)?;
+            let recorded = received_in(&transaction, &message, &endpoints)?;
             transaction.commit()?;
-            Ok(Some((id, position)))
-        })
-        .await
-    }
-
-    /// Records an envelope that could not be opened, with a
-    /// `message.unreadable` event, so that it is acknowledged only once
-    /// kept. `None` when it was recorded before.
-    pub async fn record_unreadable(
-        &self,
-        envelope: UnreadableEnvelope,
-        endpoints: Vec<String>,
-    ) -> Result<Option<i64>, DbError> {
-        self.call(move |connection| {
-            let transaction = connection.transaction()?;
-            let changed = transaction.execute(
-                "INSERT INTO unreadable (broker_message_id, seq, sender, stored_at_ms, envelope,
-                     error, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (broker_message_id) DO NOTHING",
-                params![
-                    envelope.broker_message_id,
-                    envelope.seq as i64,
-                    envelope.sender,
-                    envelope.stored_at_ms as i64,
-                    envelope.envelope,
-                    envelope.error,
-                    now_ms() as i64
-                ],
-            )?;
-            if changed == 0 {
-                return Ok(None);
-            }
-            let event = NewEvent {
-                source: format!("unreadable:{}", envelope.broker_message_id),
-                kind: "message.unreadable",
-                peer: envelope.sender.clone().unwrap_or_default(),
-                data: serde_json::json!({
-                    "message_id": envelope.broker_message_id,
-                    "seq": envelope.seq,
-                    "sender": envelope.sender,
-                    "stored_at_ms": envelope.stored_at_ms,
-                    "error": envelope.error,
-                }),
-            };
-            let position = insert_event(&transaction, &event, &endpoints)?;
-            transaction.commit()?;
-            Ok(Some(position))
+            Ok(recorded)
         })
         .await
     }
@@ -469,49 +443,18 @@ impl Database {
         .await
     }
 
-    /// Records a relationship as seen now, and, when `event` is set, the
-    /// event of its change with its webhook deliveries. Returns the event's
-    /// position, if one was recorded.
+    /// Records a relationship as seen now (a newer record is kept over an
+    /// older one), without an event: what the API learns when it lists or
+    /// decides relationships.
     pub async fn record_relationship(
         &self,
         relationship: RelationshipRecord,
-        event: Option<NewEvent>,
-        endpoints: Vec<String>,
-    ) -> Result<Option<i64>, DbError> {
+    ) -> Result<(), DbError> {
         self.call(move |connection| {
             let transaction = connection.transaction()?;
-            if let Some(event) = &event {
-                let seen: Option<i64> = transaction
-                    .query_row(
-                        "SELECT id FROM events WHERE source = ?1",
-                        params![event.source],
-                        |row| row.get(0),
-                    )
-                    .optional()?;
-                if seen.is_some() {
-                    return Ok(None);
-                }
-            }
-            transaction.execute(
-                "INSERT INTO relationships (id, peer, role, state, changed_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET peer = ?2, role = ?3, state = ?4,
-                     changed_at_ms = ?5
-                 WHERE excluded.changed_at_ms >= relationships.changed_at_ms",
-                params![
-                    relationship.id,
-                    relationship.peer,
-                    relationship.role,
-                    relationship.state,
-                    relationship.changed_at_ms as i64
-                ],
-            )?;
-            let position = match event {
-                Some(event) => Some(insert_event(&transaction, &event, &endpoints)?),
-                None => None,
-            };
+            relationship_in(&transaction, &relationship, None, &[])?;
             transaction.commit()?;
-            Ok(position)
+            Ok(())
         })
         .await
     }
@@ -556,7 +499,7 @@ impl Database {
             }
             values.push(i64::from(filter.limit).into());
             sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
-            let mut statement = connection.prepare(&sql)?;
+            let mut statement = connection.prepare_cached(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(values), read_message)?;
             let mut messages = Vec::new();
             for row in rows {
@@ -577,16 +520,15 @@ impl Database {
             let table = kind.table();
             match kind {
                 PublishedKind::Template => {
-                    connection.execute(
+                    connection.prepare_cached(
                         "INSERT INTO templates (reference, password_protected, created_at_ms, expires_at_ms)
-                         VALUES (?1, ?2, ?3, ?4)",
+                         VALUES (?1, ?2, ?3, ?4)")?.execute(
                         params![
                             record.reference,
                             record.password_protected,
                             record.created_at_ms as i64,
                             record.expires_at_ms as i64
-                        ],
-                    )?;
+                        ])?;
                     let id = connection.last_insert_rowid();
                     Ok(Published {
                         id: id.to_string(),
@@ -594,11 +536,11 @@ impl Database {
                     })
                 }
                 PublishedKind::Token => {
-                    connection.execute(
+                    connection.prepare_cached(
                         &format!(
                             "INSERT OR REPLACE INTO {table} (id, reference, password_protected, size,
                                  created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                        ),
+                        ))?.execute(
                         params![
                             record.id,
                             record.reference,
@@ -606,16 +548,15 @@ impl Database {
                             record.size as i64,
                             record.created_at_ms as i64,
                             record.expires_at_ms as i64
-                        ],
-                    )?;
+                        ])?;
                     Ok(record)
                 }
                 PublishedKind::File => {
-                    connection.execute(
+                    connection.prepare_cached(
                         &format!(
                             "INSERT OR REPLACE INTO {table} (id, reference, name, size,
                                  created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                        ),
+                        ))?.execute(
                         params![
                             record.id,
                             record.reference,
@@ -623,8 +564,7 @@ impl Database {
                             record.size as i64,
                             record.created_at_ms as i64,
                             record.expires_at_ms as i64
-                        ],
-                    )?;
+                        ])?;
                     Ok(record)
                 }
             }
@@ -671,7 +611,7 @@ impl Database {
                      FROM files WHERE ?1 IS NULL OR id = ?1 ORDER BY created_at_ms"
                 }
             };
-            let mut statement = connection.prepare(sql)?;
+            let mut statement = connection.prepare_cached(sql)?;
             let rows = statement.query_map(params![id], read_published)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -681,10 +621,9 @@ impl Database {
     /// Forgets a token or file this Connector published.
     pub async fn delete_published(&self, kind: PublishedKind, id: String) -> Result<bool, DbError> {
         self.call(move |connection| {
-            let changed = connection.execute(
-                &format!("DELETE FROM {} WHERE id = ?1", kind.table()),
-                params![id],
-            )?;
+            let changed = connection
+                .prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", kind.table()))?
+                .execute(params![id])?;
             Ok(changed > 0)
         })
         .await
@@ -697,7 +636,7 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<EventRecord>, DbError> {
         self.call(move |connection| {
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT id, event_id, kind, peer, created_at_ms, payload FROM events
                  WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
@@ -714,11 +653,9 @@ impl Database {
     /// The last event's position (0 when there is none).
     pub async fn last_event_position(&self) -> Result<i64, DbError> {
         self.call(|connection| {
-            Ok(
-                connection.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |row| {
-                    row.get(0)
-                })?,
-            )
+            Ok(connection
+                .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM events")?
+                .query_row([], |row| row.get(0))?)
         })
         .await
     }
@@ -733,7 +670,7 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<DueDelivery>, DbError> {
         self.call(move |connection| {
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT d.id, d.endpoint, d.event, e.event_id, d.peer, d.state, d.attempts,
                         d.next_attempt_at_ms, d.last_error, d.created_at_ms, d.delivered_at_ms,
                         e.id, e.event_id, e.kind, e.peer, e.created_at_ms, e.payload
@@ -779,17 +716,17 @@ impl Database {
                 .map_err(|error| DbError::Corrupt(error.to_string()))?;
             let in_flight = serde_json::to_string(&in_flight)
                 .map_err(|error| DbError::Corrupt(error.to_string()))?;
-            let next: Option<i64> = connection.query_row(
-                "SELECT MIN(d.next_attempt_at_ms) FROM webhook_deliveries d
+            let next: Option<i64> = connection
+                .prepare_cached(
+                    "SELECT MIN(d.next_attempt_at_ms) FROM webhook_deliveries d
                  WHERE d.state = 'pending'
                    AND d.endpoint IN (SELECT value FROM json_each(?1))
                    AND d.id NOT IN (SELECT value FROM json_each(?2))
                    AND d.id = (SELECT MIN(o.id) FROM webhook_deliveries o
                                WHERE o.state = 'pending' AND o.endpoint = d.endpoint
                                  AND o.peer = d.peer)",
-                params![endpoints, in_flight],
-                |row| row.get(0),
-            )?;
+                )?
+                .query_row(params![endpoints, in_flight], |row| row.get(0))?;
             Ok(next.map(|at| at.max(0) as u64))
         })
         .await
@@ -802,13 +739,14 @@ impl Database {
         self.call(move |connection| {
             let endpoints = serde_json::to_string(&endpoints)
                 .map_err(|error| DbError::Corrupt(error.to_string()))?;
-            Ok(connection.execute(
-                "UPDATE webhook_deliveries SET state = 'failed',
+            Ok(connection
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'failed',
                      last_error = 'the endpoint is no longer configured'
                  WHERE state = 'pending'
                    AND endpoint NOT IN (SELECT value FROM json_each(?1))",
-                params![endpoints],
-            )?)
+                )?
+                .execute(params![endpoints])?)
         })
         .await
     }
@@ -816,11 +754,12 @@ impl Database {
     /// Marks a delivery done.
     pub async fn delivery_succeeded(&self, id: i64) -> Result<(), DbError> {
         self.call(move |connection| {
-            connection.execute(
-                "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,
+            connection
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,
                      delivered_at_ms = ?2, last_error = NULL WHERE id = ?1",
-                params![id, now_ms() as i64],
-            )?;
+                )?
+                .execute(params![id, now_ms() as i64])?;
             Ok(())
         })
         .await
@@ -836,16 +775,18 @@ impl Database {
     ) -> Result<(), DbError> {
         self.call(move |connection| {
             match retry_at_ms {
-                Some(at) => connection.execute(
-                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?2,
+                Some(at) => connection
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?2,
                          next_attempt_at_ms = ?3 WHERE id = ?1",
-                    params![id, error, at as i64],
-                )?,
-                None => connection.execute(
-                    "UPDATE webhook_deliveries SET state = 'failed', attempts = attempts + 1,
+                    )?
+                    .execute(params![id, error, at as i64])?,
+                None => connection
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET state = 'failed', attempts = attempts + 1,
                          last_error = ?2 WHERE id = ?1",
-                    params![id, error],
-                )?,
+                    )?
+                    .execute(params![id, error])?,
             };
             Ok(())
         })
@@ -859,7 +800,7 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<DeliveryRecord>, DbError> {
         self.call(move |connection| {
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT d.id, d.endpoint, d.event, e.event_id, d.peer, d.state, d.attempts,
                         d.next_attempt_at_ms, d.last_error, d.created_at_ms, d.delivered_at_ms
                  FROM webhook_deliveries d JOIN events e ON e.id = d.event
@@ -883,21 +824,21 @@ impl Database {
         self.call(move |connection| {
             let endpoints = serde_json::to_string(&endpoints)
                 .map_err(|error| DbError::Corrupt(error.to_string()))?;
-            connection.execute(
-                "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at_ms = ?2,
+            connection
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at_ms = ?2,
                      created_at_ms = ?2
                  WHERE id = ?1 AND state = 'failed'
                    AND endpoint IN (SELECT value FROM json_each(?3))",
-                params![id, now_ms() as i64, endpoints],
-            )?;
+                )?
+                .execute(params![id, now_ms() as i64, endpoints])?;
             Ok(connection
-                .query_row(
+                .prepare_cached(
                     "SELECT d.id, d.endpoint, d.event, e.event_id, d.peer, d.state, d.attempts,
                             d.next_attempt_at_ms, d.last_error, d.created_at_ms, d.delivered_at_ms
                      FROM webhook_deliveries d JOIN events e ON e.id = d.event WHERE d.id = ?1",
-                    params![id],
-                    read_delivery,
-                )
+                )?
+                .query_row(params![id], read_delivery)
                 .optional()?)
         })
         .await
@@ -906,7 +847,7 @@ impl Database {
     /// Counts for the metrics: messages by direction, deliveries by state.
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, DbError> {
         self.call(|connection| {
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT 'messages_' || direction, COUNT(*) FROM messages GROUP BY direction
                  UNION ALL
                  SELECT 'deliveries_' || state, COUNT(*) FROM webhook_deliveries GROUP BY state",
@@ -915,6 +856,113 @@ impl Database {
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
+    }
+}
+
+/// What the Backbone pushed, as [`Database::record_incoming`] records it.
+#[derive(Clone, Debug)]
+pub enum Incoming {
+    /// A message, opened.
+    Message(NewMessage),
+    /// An envelope that did not open.
+    Unreadable(UnreadableEnvelope),
+    /// A relationship notice, with its event.
+    Relationship(RelationshipRecord, NewEvent),
+}
+
+fn received_in(
+    transaction: &rusqlite::Transaction<'_>,
+    message: &NewMessage,
+    endpoints: &[String],
+) -> Result<Option<(i64, i64)>, DbError> {
+    let Some(id) = insert_message(transaction, Direction::In, message)? else {
+        return Ok(None);
+    };
+    let stored = message_by_id(transaction, id)?
+        .ok_or_else(|| DbError::Corrupt("a message vanished".into()))?;
+    let event = NewEvent {
+        source: format!("message:{}", message.broker_message_id),
+        kind: "message.received",
+        peer: message.sender.clone(),
+        data: crate::api::messages::MessageView::from(&stored).to_json(),
+    };
+    let position = insert_event(transaction, &event, endpoints)?;
+    Ok(Some((id, position)))
+}
+
+fn unreadable_in(
+    transaction: &rusqlite::Transaction<'_>,
+    envelope: &UnreadableEnvelope,
+    endpoints: &[String],
+) -> Result<Option<i64>, DbError> {
+    let changed = transaction
+        .prepare_cached(
+            "INSERT INTO unreadable (broker_message_id, seq, sender, stored_at_ms, envelope,
+                 error, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (broker_message_id) DO NOTHING",
+        )?
+        .execute(params![
+            envelope.broker_message_id,
+            envelope.seq as i64,
+            envelope.sender,
+            envelope.stored_at_ms as i64,
+            envelope.envelope,
+            envelope.error,
+            now_ms() as i64
+        ])?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    let event = NewEvent {
+        source: format!("unreadable:{}", envelope.broker_message_id),
+        kind: "message.unreadable",
+        peer: envelope.sender.clone().unwrap_or_default(),
+        data: serde_json::json!({
+            "message_id": envelope.broker_message_id,
+            "seq": envelope.seq,
+            "sender": envelope.sender,
+            "stored_at_ms": envelope.stored_at_ms,
+            "error": envelope.error,
+        }),
+    };
+    Ok(Some(insert_event(transaction, &event, endpoints)?))
+}
+
+/// Upserts a relationship (a newer record wins) and, with `event`, records
+/// the event unless its source was recorded before (then nothing changes).
+fn relationship_in(
+    transaction: &rusqlite::Transaction<'_>,
+    relationship: &RelationshipRecord,
+    event: Option<&NewEvent>,
+    endpoints: &[String],
+) -> Result<Option<i64>, DbError> {
+    if let Some(event) = event {
+        let seen: Option<i64> = transaction
+            .prepare_cached("SELECT id FROM events WHERE source = ?1")?
+            .query_row(params![event.source], |row| row.get(0))
+            .optional()?;
+        if seen.is_some() {
+            return Ok(None);
+        }
+    }
+    transaction
+        .prepare_cached(
+            "INSERT INTO relationships (id, peer, role, state, changed_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET peer = ?2, role = ?3, state = ?4,
+                 changed_at_ms = ?5
+             WHERE excluded.changed_at_ms >= relationships.changed_at_ms",
+        )?
+        .execute(params![
+            relationship.id,
+            relationship.peer,
+            relationship.role,
+            relationship.state,
+            relationship.changed_at_ms as i64
+        ])?;
+    match event {
+        Some(event) => Ok(Some(insert_event(transaction, event, endpoints)?)),
+        None => Ok(None),
     }
 }
 
@@ -927,11 +975,11 @@ fn insert_message(
         .map_err(|error| DbError::Corrupt(error.to_string()))?;
     let attachments = serde_json::to_string(&message.attachments)
         .map_err(|error| DbError::Corrupt(error.to_string()))?;
-    let changed = transaction.execute(
+    let changed = transaction.prepare_cached(
         "INSERT INTO messages (direction, broker_message_id, seq, sender, recipients, sent_at_ms,
              stored_at_ms, expires_at_ms, recorded_at_ms, content_type, content, attachments)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-         ON CONFLICT (direction, broker_message_id) DO NOTHING",
+         ON CONFLICT (direction, broker_message_id) DO NOTHING")?.execute(
         params![
             direction.as_str(),
             message.broker_message_id,
@@ -945,8 +993,7 @@ fn insert_message(
             message.content_type,
             message.content,
             attachments
-        ],
-    )?;
+        ])?;
     if changed == 0 {
         return Ok(None);
     }
@@ -956,10 +1003,9 @@ fn insert_message(
         Direction::Out => message.recipients.iter().collect(),
     };
     for peer in peers {
-        transaction.execute(
-            "INSERT OR IGNORE INTO message_peers (peer, message) VALUES (?1, ?2)",
-            params![peer, id],
-        )?;
+        transaction
+            .prepare_cached("INSERT OR IGNORE INTO message_peers (peer, message) VALUES (?1, ?2)")?
+            .execute(params![peer, id])?;
     }
     Ok(Some(id))
 }
@@ -971,38 +1017,39 @@ fn insert_event(
 ) -> Result<i64, DbError> {
     let event_id = format!("evt_{}", hex::encode(rand::random::<[u8; 16]>()));
     let now = now_ms() as i64;
-    transaction.execute(
-        "INSERT INTO events (event_id, source, kind, peer, created_at_ms, payload)
+    transaction
+        .prepare_cached(
+            "INSERT INTO events (event_id, source, kind, peer, created_at_ms, payload)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+        )?
+        .execute(params![
             event_id,
             event.source,
             event.kind,
             event.peer,
             now,
             event.data.to_string()
-        ],
-    )?;
+        ])?;
     let position = transaction.last_insert_rowid();
     for endpoint in endpoints {
-        transaction.execute(
-            "INSERT INTO webhook_deliveries (event, endpoint, peer, state, next_attempt_at_ms,
+        transaction
+            .prepare_cached(
+                "INSERT INTO webhook_deliveries (event, endpoint, peer, state, next_attempt_at_ms,
                  created_at_ms) VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
-            params![position, endpoint, event.peer, now],
-        )?;
+            )?
+            .execute(params![position, endpoint, event.peer, now])?;
     }
     Ok(position)
 }
 
 fn message_by_id(connection: &Connection, id: i64) -> Result<Option<MessageRecord>, DbError> {
     connection
-        .query_row(
+        .prepare_cached(
             "SELECT id, direction, broker_message_id, seq, sender, recipients, sent_at_ms,
                     stored_at_ms, expires_at_ms, recorded_at_ms, content_type, content, attachments
              FROM messages WHERE id = ?1",
-            params![id],
-            read_message,
-        )
+        )?
+        .query_row(params![id], read_message)
         .optional()?
         .transpose()
 }
