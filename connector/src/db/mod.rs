@@ -391,6 +391,9 @@ impl Database {
         endpoints: Vec<String>,
     ) -> Result<Option<i64>, DbError> {
         self.call(move |connection| {
+            // The ack to the Backbone relies on this commit being synced:
+            // say so here, whatever an earlier write left set.
+            connection.pragma_update(None, "synchronous", "FULL")?;
             let transaction = connection.transaction()?;
             let mut newest = None;
             for item in &batch {
@@ -754,13 +757,15 @@ impl Database {
     /// Marks a delivery done.
     pub async fn delivery_succeeded(&self, id: i64) -> Result<(), DbError> {
         self.call(move |connection| {
-            connection
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,
-                     delivered_at_ms = ?2, last_error = NULL WHERE id = ?1",
-                )?
-                .execute(params![id, now_ms() as i64])?;
-            Ok(())
+            without_sync(connection, |connection| {
+                connection
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,
+                         delivered_at_ms = ?2, last_error = NULL WHERE id = ?1",
+                    )?
+                    .execute(params![id, now_ms() as i64])?;
+                Ok(())
+            })
         })
         .await
     }
@@ -774,7 +779,8 @@ impl Database {
         retry_at_ms: Option<u64>,
     ) -> Result<(), DbError> {
         self.call(move |connection| {
-            match retry_at_ms {
+            without_sync(connection, |connection| {
+                match retry_at_ms {
                 Some(at) => connection
                     .prepare_cached(
                         "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?2,
@@ -788,7 +794,8 @@ impl Database {
                     )?
                     .execute(params![id, error])?,
             };
-            Ok(())
+                Ok(())
+            })
         })
         .await
     }
@@ -857,6 +864,24 @@ impl Database {
         })
         .await
     }
+}
+
+/// Runs `write` with `synchronous = NORMAL`: its commit reaches the
+/// write-ahead log but is not synced to disk on its own; the next `FULL`
+/// commit (the next received envelope) or checkpoint syncs it. For webhook
+/// outcomes only: a power cut may forget that a delivery happened, and it
+/// is then made again, which at-least-once delivery allows. A process
+/// crash forgets nothing (the log is in the page cache). It spares a sync
+/// per delivery, which would otherwise bound one peer's webhooks (sent one
+/// after another) at the disk's sync rate.
+fn without_sync<R>(
+    connection: &mut Connection,
+    write: impl FnOnce(&mut Connection) -> Result<R, DbError>,
+) -> Result<R, DbError> {
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = write(connection);
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    result
 }
 
 /// What the Backbone pushed, as [`Database::record_incoming`] records it.
