@@ -49,7 +49,11 @@ const TOLERANCE: Duration = Duration::from_secs(300);
 #[derive(Parser)]
 struct Args {
     /// Where to listen for deliveries and requests.
-    #[arg(long, env = "WEBHOOK_RECEIVER_LISTEN", default_value = "127.0.0.1:8090")]
+    #[arg(
+        long,
+        env = "WEBHOOK_RECEIVER_LISTEN",
+        default_value = "127.0.0.1:8090"
+    )]
     listen: SocketAddr,
     /// The endpoint's shared secret, as in the Connector's
     /// `[[webhooks.endpoints]]` (taken from the environment, so that it
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
