@@ -39,7 +39,8 @@ struct Args {
     /// Messages per second offered (open loop); 0 for a closed loop.
     #[arg(long, default_value_t = 200)]
     rate: u32,
-    /// Requests in flight in a closed loop.
+    /// Messages in flight in a closed loop (each sender sends its next
+    /// message once the webhook of its last one arrived).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// How long to send.
@@ -65,6 +66,8 @@ struct Arrival {
 
 #[derive(Default)]
 struct Shared {
+    /// Woken on every arrival (closed-loop senders wait for theirs).
+    arrived: tokio::sync::Notify,
     /// Sends refused, by the first line of the answer.
     refused: Mutex<HashMap<String, u64>>,
     arrivals: Mutex<HashMap<u64, Arrival>>,
@@ -259,6 +262,7 @@ async fn receive(
             stored_at_ms: data["stored_at_ms"].as_u64().unwrap_or(0),
             recorded_at_ms: data["recorded_at_ms"].as_u64().unwrap_or(0),
         });
+    shared.arrived.notify_waiters();
     StatusCode::NO_CONTENT
 }
 
@@ -387,7 +391,22 @@ async fn main() -> anyhow::Result<()> {
                     let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match send_one(&http, &a_base, &a_key, &to, index, &padding).await {
                         Ok(one) => sent.lock().expect("lock").push(one),
-                        Err(error) => refuse(&shared, &error),
+                        Err(error) => {
+                            refuse(&shared, &error);
+                            continue;
+                        }
+                    }
+                    // The loop closes over the webhook: the next send
+                    // waits until this one came out at B.
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        let arrived = shared.arrived.notified();
+                        if shared.arrivals.lock().expect("lock").contains_key(&index)
+                            || Instant::now() > deadline
+                        {
+                            break;
+                        }
+                        let _ = tokio::time::timeout(Duration::from_millis(100), arrived).await;
                     }
                 }
             });
@@ -473,7 +492,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "mode: {}; message {} bytes; counted {counted} sends (of {sent_until}) after a {:?} warm-up",
         if args.rate == 0 {
-            format!("closed loop, {} in flight", args.concurrency)
+            format!(
+                "closed loop over the webhook, {} in flight",
+                args.concurrency
+            )
         } else {
             format!("open loop, {} msgs/s offered", args.rate)
         },
