@@ -739,3 +739,50 @@ async fn an_envelope_that_does_not_open_is_kept_with_an_event_not_dropped() {
         .expect("GET");
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_template_refuses_requests() {
+    let broker = Broker::start().await;
+    let a = Connector::start(&broker, &[]).await;
+    let b = Connector::start(&broker, &[]).await;
+    let template = b
+        .api
+        .post_ok(
+            "/api/v1/relationships/templates",
+            &json!({ "ttl_secs": 3600 }),
+            201,
+        )
+        .await;
+    let id = template["id"].as_str().expect("id").to_owned();
+    let withdraw = |expected: u16| {
+        let api = &b.api;
+        let id = id.clone();
+        async move {
+            let response = api
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/relationships/templates/{id}"),
+                )
+                .send()
+                .await
+                .expect("DELETE");
+            assert_eq!(response.status(), expected);
+        }
+    };
+    withdraw(204).await;
+    let listed = b.api.get("/api/v1/relationships/templates").await;
+    assert!(listed.as_array().expect("list").is_empty(), "{listed}");
+    let (status, answer) = a
+        .api
+        .post(
+            "/api/v1/relationships/requests",
+            &json!({ "reference": template["reference"], "message": "hello" }),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(
+        answer["type"],
+        "urn:backbone:connector:problem:backbone-not-found"
+    );
+    withdraw(404).await;
+}

@@ -114,6 +114,7 @@ fn every_route_is_documented() {
         ("put", "/api/v1/relationships/policy"),
         ("get", "/api/v1/relationships/templates"),
         ("post", "/api/v1/relationships/templates"),
+        ("delete", "/api/v1/relationships/templates/{id}"),
         ("post", "/api/v1/relationships/requests"),
         ("post", "/api/v1/relationships/{peer}/{decision}"),
         ("get", "/api/v1/tokens"),

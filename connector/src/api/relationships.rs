@@ -4,7 +4,8 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use backbone_client::TokenRef;
+use backbone_client::{ClientError, TokenError, TokenRef};
+use backbone_protocol::ErrorCode;
 use backbone_protocol::relationship::{Decision, InboundPolicy, Relationship, Role};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -22,6 +23,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list))
         .routes(routes!(set_policy))
         .routes(routes!(list_templates, create_template))
+        .routes(routes!(withdraw_template))
         .routes(routes!(request))
         .routes(routes!(decide))
 }
@@ -135,15 +137,14 @@ pub async fn create_template(
     let password = password_of(request.password)?;
     let client = state.client()?;
     let created_at_ms = backbone_protocol::unix_millis_now();
-    // The capability is not kept: the template's token carries it, and it
-    // stays registered at the Backbone until revoked there.
-    let (reference, _capability) = client
+    // The capability's hash is kept so that withdrawing the template can
+    // revoke it; the capability itself lives only in the template's token.
+    let (reference, capability) = client
         .create_relationship_template(ttl, password.as_deref())
         .await?;
     let record = state
         .db
-        .record_published(
-            PublishedKind::Template,
+        .record_template(
             Published {
                 // The database numbers templates; this is replaced.
                 id: String::new(),
@@ -154,9 +155,63 @@ pub async fn create_template(
                 created_at_ms,
                 expires_at_ms: expires_at(created_at_ms, ttl),
             },
+            hex::encode(capability.hash().0),
         )
         .await?;
     Ok((StatusCode::CREATED, ApiJson(record)))
+}
+
+/// Withdraws a template this Connector published: the delivery capability
+/// behind it is revoked (requests through it are refused from then on,
+/// also by anyone who fetched it already) and its token deleted.
+#[utoipa::path(operation_id = "relationships_withdraw_template", delete, path = "/api/v1/relationships/templates/{id}", params(
+    ("id" = String, Path, description = "The template's id, as listed"),
+), responses(
+    (status = 204, description = "Withdrawn"),
+    (status = 404, description = "Not a template of this Connector", body = Problem, content_type = "application/problem+json"),
+    (status = 503, body = Problem, content_type = "application/problem+json"),
+))]
+pub async fn withdraw_template(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let (reference, capability_hash) = state
+        .db
+        .template(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no template {id}")))?;
+    let client = state.client()?;
+    if let Some(hash) = capability_hash {
+        let bytes: [u8; 32] = hex::decode(&hash)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| {
+                ApiError::internal(format!("template {id}: a corrupt capability hash"))
+            })?;
+        match client
+            .revoke_capability(&backbone_client::CapabilityHash(bytes))
+            .await
+        {
+            Ok(()) => {}
+            // Revoked already (a withdrawal that failed half-way).
+            Err(ClientError::Server { code, .. })
+                if code == ErrorCode::UnknownCapability as u16 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let token: TokenRef = reference
+        .parse()
+        .map_err(|error| ApiError::internal(format!("template {id}'s reference: {error}")))?;
+    match client.delete_token(&token.id).await {
+        // Expired or deleted already: the template is gone either way.
+        Ok(()) | Err(ClientError::Token(TokenError::NotFound)) => {}
+        Err(error) => return Err(error.into()),
+    }
+    state
+        .db
+        .delete_published(PublishedKind::Template, id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Lists the templates this Connector published.

@@ -107,6 +107,11 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 2: the hash of the delivery capability behind each relationship
+    // template, so that withdrawing a template revokes it.
+    r#"
+    ALTER TABLE templates ADD COLUMN capability_hash TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -90,22 +90,9 @@ impl Database {
         self.call(move |connection| {
             let table = kind.table();
             match kind {
-                PublishedKind::Template => {
-                    connection.prepare_cached(
-                        "INSERT INTO templates (reference, password_protected, created_at_ms, expires_at_ms)
-                         VALUES (?1, ?2, ?3, ?4)")?.execute(
-                        params![
-                            record.reference,
-                            record.password_protected,
-                            record.created_at_ms as i64,
-                            record.expires_at_ms as i64
-                        ])?;
-                    let id = connection.last_insert_rowid();
-                    Ok(Published {
-                        id: id.to_string(),
-                        ..record
-                    })
-                }
+                // A template whose capability is not known (see
+                // `record_template` for one that can be withdrawn).
+                PublishedKind::Template => insert_template(connection, record, None),
                 PublishedKind::Token => {
                     connection.prepare_cached(
                         &format!(
@@ -189,6 +176,31 @@ impl Database {
         .await
     }
 
+    /// Records a relationship template with the hash of the delivery
+    /// capability behind it (hex), so that it can be withdrawn.
+    pub async fn record_template(
+        &self,
+        record: Published,
+        capability_hash: String,
+    ) -> Result<Published, DbError> {
+        self.call(move |connection| insert_template(connection, record, Some(capability_hash)))
+            .await
+    }
+
+    /// A template's reference and its capability's hash (none for a
+    /// template recorded before hashes were kept).
+    pub async fn template(&self, id: String) -> Result<Option<(String, Option<String>)>, DbError> {
+        self.call(move |connection| {
+            Ok(connection
+                .prepare_cached(
+                    "SELECT reference, capability_hash FROM templates WHERE CAST(id AS TEXT) = ?1",
+                )?
+                .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?)
+        })
+        .await
+    }
+
     /// Forgets a token or file this Connector published.
     pub async fn delete_published(&self, kind: PublishedKind, id: String) -> Result<bool, DbError> {
         self.call(move |connection| {
@@ -247,5 +259,28 @@ fn read_published(row: &rusqlite::Row<'_>) -> rusqlite::Result<Published> {
         name: row.get(4)?,
         created_at_ms: row.get::<_, i64>(5)? as u64,
         expires_at_ms: row.get::<_, i64>(6)? as u64,
+    })
+}
+
+fn insert_template(
+    connection: &rusqlite::Connection,
+    record: Published,
+    capability_hash: Option<String>,
+) -> Result<Published, DbError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO templates (reference, password_protected, created_at_ms, expires_at_ms,
+                 capability_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            record.reference,
+            record.password_protected,
+            record.created_at_ms as i64,
+            record.expires_at_ms as i64,
+            capability_hash
+        ])?;
+    Ok(Published {
+        id: connection.last_insert_rowid().to_string(),
+        ..record
     })
 }
