@@ -34,14 +34,9 @@ const PARALLEL: usize = 16;
 
 /// The signature header's value for `body` sent at `timestamp`.
 pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
     format!(
         "t={timestamp},v1={}",
-        hex::encode(mac.finalize().into_bytes())
+        hex::encode(mac(secret, timestamp, body).finalize().into_bytes())
     )
 }
 
@@ -64,14 +59,19 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now_secs: u64, tolerance:
     if now_secs.abs_diff(timestamp) > tolerance.as_secs() {
         return false;
     }
-    signatures.iter().any(|signature| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-            .expect("HMAC takes keys of any length");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        mac.verify_slice(signature).is_ok()
-    })
+    signatures
+        .iter()
+        .any(|signature| mac(secret, timestamp, body).verify_slice(signature).is_ok())
+}
+
+/// HMAC-SHA256 under `secret`, fed `"<timestamp>.<body>"`: what `v1` signs.
+fn mac(secret: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
 }
 
 /// The delay before attempt `attempts + 1`: `initial · 2^attempts`, capped
