@@ -61,6 +61,18 @@ pub struct ConnectConfig {
     pub mtu_discovery: bool,
 }
 
+/// The TLS server name to verify for `server` (`host:port`) when the
+/// operator named none: `localhost` when the host is an IP address (a
+/// broker's generated certificate is issued for `localhost`), and `None`
+/// otherwise, so that the host name itself is verified.
+pub fn default_server_name(server: &str) -> Option<String> {
+    let host = server.rsplit_once(':').map_or(server, |(host, _)| host);
+    host.trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+        .then(|| "localhost".to_owned())
+}
+
 impl ConnectConfig {
     /// Defaults for `server` and `trust`.
     pub fn new(server: impl Into<String>, trust: Trust) -> Self {
@@ -460,5 +472,23 @@ pub(crate) fn unexpected(frame: Frame) -> ClientError {
                 .copied()
                 .unwrap_or("unknown")
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ip_address_verifies_localhost_and_a_host_name_itself() {
+        assert_eq!(
+            default_server_name("127.0.0.1:7700").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(
+            default_server_name("[::1]:7700").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(default_server_name("broker.example.org:7700"), None);
     }
 }

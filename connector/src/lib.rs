@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use backbone_client::keyfile;
+use backbone_client::transport::default_server_name;
 use backbone_client::{Client, ClientOptions, ConnectConfig, Credentials, Trust};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::{Notify, watch};
@@ -210,16 +211,10 @@ fn client_options(config: &Config, keys: keyfile::IdentityKeys) -> anyhow::Resul
         _ => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
     };
     connect.endpoint = Some(quinn::Endpoint::client(bind).context("binding a UDP socket")?);
-    connect.server_name = backbone.server_name.clone().or_else(|| {
-        let host = backbone
-            .server
-            .rsplit_once(':')
-            .map_or(backbone.server.as_str(), |(host, _)| host);
-        host.trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok()
-            .then(|| "localhost".to_owned())
-    });
+    connect.server_name = backbone
+        .server_name
+        .clone()
+        .or_else(|| default_server_name(&backbone.server));
     let mut options =
         ClientOptions::primary(connect, keys.signing.clone(), keys.encryption.clone());
     options.credentials = Credentials::primary(&keys.signing);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use backbone_client::envelope::Padding;
 use backbone_client::keyfile::{self, KeyFile};
+use backbone_client::transport::default_server_name;
 use backbone_client::{Client, ClientOptions, ConnectConfig, Credentials, Trust};
 
 use super::args::{ConnectArgs, ServerArgs};
@@ -71,17 +72,10 @@ pub(crate) fn connect_config(args: &ConnectArgs) -> anyhow::Result<ConnectConfig
     };
     let mut connect = ConnectConfig::new(args.server.clone(), trust);
     connect.endpoint = endpoint_for(&args.server)?;
-    connect.server_name = args.server_name.clone().or_else(|| {
-        let host = args
-            .server
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(&args.server);
-        host.trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok()
-            .then(|| "localhost".to_owned())
-    });
+    connect.server_name = args
+        .server_name
+        .clone()
+        .or_else(|| default_server_name(&args.server));
     Ok(connect)
 }
 
