@@ -12,7 +12,7 @@ use metrics_process::Collector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::telemetry;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

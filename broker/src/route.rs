@@ -11,7 +11,7 @@ use backbone_protocol::frame::{ErrorCode, Failed, Stored};
 use tracing::warn;
 
 use crate::fleet::Route;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::StoredEnvelope;
 
 /// What every recipient's copy of an envelope shares.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backbone_protocol::bytes::ServerId;
+
 use dashmap::DashMap;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -15,65 +15,11 @@ use tracing::{debug, info, warn};
 use crate::admission::{Admission, Decision};
 use crate::config::Config;
 use crate::fleet::Fleet;
-use crate::mailbox::{MailboxContext, MailboxQuota, Registry};
-use crate::store::prelude::*;
-use crate::store::{Stores, WriteHandle, Writer};
+use crate::mailbox::{MailboxContext, MailboxQuota};
+use crate::shared::{Clock, Shared};
+use crate::store::{Stores, Writer};
 use crate::supervisor::{ExpiryArgs, RootSupervisor};
 use crate::{metrics_http, tls, transport};
-
-/// A clock in Unix milliseconds; injectable so tests can move time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// State shared by every connection.
-pub struct Shared {
-    /// The validated configuration.
-    pub config: Config,
-    /// The directory: everything stored but envelopes.
-    pub directory: Arc<dyn Directory>,
-    /// The mailbox log, for reads (writes go through `writer`).
-    pub log: Arc<dyn MailboxLog>,
-    /// Appends, deletes and cursor moves.
-    pub writer: WriteHandle,
-    /// Mailbox actors.
-    pub registry: Registry,
-    /// This node's persistent id.
-    pub server_id: ServerId,
-    /// Frame size limit derived from the config.
-    pub max_frame_len: usize,
-    /// The clock.
-    pub clock: Clock,
-    /// Becomes `true` when shutdown begins.
-    pub shutdown: watch::Receiver<bool>,
-    /// The fleet map, this node's place in it, and links to its peers.
-    pub fleet: Fleet,
-    /// Per-identity send rate (`limits.send_rate`), if limited.
-    pub send_limiter: Option<governor::DefaultKeyedRateLimiter<backbone_protocol::Address>>,
-    /// Per-capability sealed send rate (`limits.sealed_rate`), if limited;
-    /// checked on the recipient's node.
-    pub sealed_limiter:
-        Option<governor::DefaultKeyedRateLimiter<backbone_protocol::bytes::CapabilityHash>>,
-    /// Per-requester relationship request rate
-    /// (`relationships.requests_per_minute`), if limited.
-    pub relationship_limiter: Option<governor::DefaultKeyedRateLimiter<backbone_protocol::Address>>,
-    /// The per-connection sealed send rate of anonymous sessions
-    /// (`limits.anonymous_rate`), if limited; each session gets its own limiter.
-    pub anonymous_quota: Option<governor::Quota>,
-    /// Per-source relationship request rate
-    /// (`limits.per_source.relationship_requests_per_minute`), if limited.
-    pub source_relationship_limiter:
-        Option<governor::DefaultKeyedRateLimiter<crate::admission::Source>>,
-    /// Per-source anonymous request rate
-    /// (`limits.per_source.anonymous_rate`), if limited.
-    pub source_anonymous_limiter:
-        Option<governor::DefaultKeyedRateLimiter<crate::admission::Source>>,
-    /// Which connections are accepted, and the places they hold.
-    pub admission: Arc<Admission>,
-    /// The bytes of stored files, and the uploads running.
-    pub files: Arc<crate::files::Files>,
-    /// The authenticated sessions of each address (to end a deleted
-    /// identity's connections).
-    pub sessions: crate::session::LiveSessions,
-}
 
 fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
     let rate = std::num::NonZeroU32::new(rate)?;
@@ -192,7 +138,7 @@ impl Broker {
         let (store, log) = (stores.directory.clone(), stores.log.clone());
         let server_id = store.server_id()?;
         let outgoing_moves = fleet.init_handoffs(store.as_ref())?;
-        let files = Arc::new(crate::files::Files::open(data_dir).with_context(|| {
+        let files = Arc::new(crate::store::Files::open(data_dir).with_context(|| {
             format!("cannot open the file directory in {}", data_dir.display())
         })?);
         let orphans = files.remove_orphans(store.as_ref())?;
@@ -250,7 +196,7 @@ impl Broker {
             source_anonymous_limiter,
             admission,
             files,
-            sessions: crate::session::LiveSessions::default(),
+            sessions: crate::shared::LiveSessions::default(),
         });
         tokio::spawn(forget_idle_senders(shared.clone()));
         metrics::gauge!("backbone_fleet_epoch").set(shared.fleet.map().epoch() as f64);
@@ -258,7 +204,7 @@ impl Broker {
         for m in outgoing_moves {
             tokio::spawn(crate::fleet::handoff::hand_over(shared.clone(), m));
         }
-        let deletions = tokio::spawn(crate::deletion::sweep(shared.clone()));
+        let deletions = tokio::spawn(crate::cmd::deletion::sweep(shared.clone()));
         let mut peer_server = None;
         if let Some((peer_endpoint, peer_addr)) = peer {
             peer_server = Some(tokio::spawn(crate::fleet::peer::serve(

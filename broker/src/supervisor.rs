@@ -11,7 +11,7 @@
 //! re-reads its head from the store (nothing acknowledged lives only in memory).
 //!
 //! Due identity deletions are swept on the same `expiry.interval`, but by a
-//! task of their own (`crate::deletion::sweep`) rather than by this actor: a
+//! task of their own (`crate::cmd::deletion::sweep`) rather than by this actor: a
 //! purge needs the whole broker (mailbox actors, sessions, fleet links), not
 //! only the store, and it resumes from the store after any failure.
 
@@ -141,7 +141,7 @@ pub struct ExpiryArgs {
     /// The clock, in Unix milliseconds (injectable for tests).
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Where expired files' bytes are deleted.
-    pub files: Arc<crate::files::Files>,
+    pub files: Arc<crate::store::Files>,
 }
 
 /// Deletes expired envelopes, tokens and files through the store's expiry
@@ -206,7 +206,7 @@ impl Actor for ExpiryActor {
                     let expired =
                         tokio::task::spawn_blocking(move || store.expire_files(now, batch))
                             .await??;
-                    crate::files::remove_expired(&state.files, &expired);
+                    crate::store::file_bytes::remove_expired(&state.files, &expired);
                     if expired.len() < batch {
                         break;
                     }
@@ -275,7 +275,7 @@ mod tests {
                 interval: Duration::from_secs(600),
                 batch: 100,
                 clock: Arc::new(|| 0),
-                files: Arc::new(crate::files::Files::open(dir.path()).expect("files")),
+                files: Arc::new(crate::store::Files::open(dir.path()).expect("files")),
             };
             let (supervisor, registry) = RootSupervisor::start(context.clone(), expiry)
                 .await

@@ -376,28 +376,6 @@ impl Frame {
     pub fn tag_allowed_before_auth(tag: u32) -> bool {
         matches!(tag, 0 | 2 | 22)
     }
-
-    /// Whether a broker serves this request only on a session the identity
-    /// key itself authenticated, refusing it on a certified device's session
-    /// with [`ErrorCode::IdentityKeyRequired`]: the requests that decide
-    /// which keys act for the identity (`RegisterDevice`,
-    /// `UnregisterDevice`), whether the identity goes on existing
-    /// (`DeleteIdentity`, `CancelDeletion`), and who may write to its
-    /// mailbox as a whole (`RegisterCapability`, `RevokeCapability`,
-    /// `SetInboundPolicy`). A stolen device must not be able to lock its
-    /// owner out, keep itself registered, or open the mailbox to strangers.
-    pub fn needs_identity_key(&self) -> bool {
-        matches!(
-            self,
-            Frame::RegisterDevice(_)
-                | Frame::UnregisterDevice(_)
-                | Frame::DeleteIdentity(_)
-                | Frame::CancelDeletion(_)
-                | Frame::RegisterCapability(_)
-                | Frame::RevokeCapability(_)
-                | Frame::SetInboundPolicy(_)
-        )
-    }
 }
 
 /// Version negotiation; the broker picks the highest version both speak.

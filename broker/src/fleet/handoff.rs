@@ -34,7 +34,7 @@ use backbone_protocol::fleet::{
 use tracing::{info, warn};
 
 use super::Move;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::MailboxExport;
 use crate::store::run_blocking as blocking;
 

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use backbone_protocol::bytes::Text;
 use backbone_protocol::fleet::{
-    ForwardAck, HandoffAck, ImportFile, MailboxTransfer, PeerCardResult, PeerFrame, PeerHello,
-    PeerRefuse, slot_of,
+    HandoffAck, ImportFile, MailboxTransfer, PeerFrame, PeerHello, PeerRefuse, slot_of,
 };
 use backbone_protocol::frame::ErrorCode;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -18,8 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::handoff::to_export;
 use super::link::{PeerReader, encode_peer_logged};
-use crate::route::{StoreTemplate, store_for, store_sealed_for};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{FileQuota, StoredFile};
 use crate::wire::spawn_writer_with;
 
@@ -181,6 +179,8 @@ async fn serve_peer(shared: Arc<Shared>, connection: quinn::Connection) {
     let _ = writer.await;
 }
 
+/// The answer to one frame of a peer link: the handover frames here, the
+/// relayed requests through [`crate::cmd::apply_peer`].
 async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<PeerFrame> {
     match frame {
         PeerFrame::Import(import) => {
@@ -196,74 +196,15 @@ async fn answer(shared: &Arc<Shared>, peer: &str, frame: PeerFrame) -> Option<Pe
             let result = finish_import(shared, peer, done.epoch, done.slots).await;
             Some(handoff_ack(done.request_id, result))
         }
-        PeerFrame::Forward(forward) => {
-            metrics::counter!("backbone_fleet_forwards_received_total").increment(1);
-            let template = StoreTemplate {
-                message_id: forward.message_id,
-                sender: forward.sender,
-                stored_at_ms: forward.stored_at_ms,
-                expires_at_ms: forward.expires_at_ms,
-                envelope: forward.envelope.0,
-            };
-            let (stored, failed) = store_for(shared, forward.recipients, &template).await;
-            Some(PeerFrame::ForwardAck(ForwardAck {
-                request_id: forward.request_id,
-                stored,
-                failed,
-            }))
-        }
-        PeerFrame::SealedForward(forward) => {
-            metrics::counter!("backbone_fleet_forwards_received_total").increment(1);
-            let template = StoreTemplate {
-                message_id: forward.message_id,
-                sender: None,
-                stored_at_ms: forward.stored_at_ms,
-                expires_at_ms: forward.expires_at_ms,
-                envelope: forward.envelope.0,
-            };
-            let (stored, failed) = store_sealed_for(
-                shared,
-                forward.recipient,
-                &forward.capability_hash,
-                &template,
-            )
-            .await;
-            Some(PeerFrame::ForwardAck(ForwardAck {
-                request_id: forward.request_id,
-                stored,
-                failed,
-            }))
-        }
-        PeerFrame::FetchCard(fetch) => {
-            let result = if !matches!(shared.fleet.route(&fetch.address), super::Route::Local)
-                || shared.fleet.is_importing(&fetch.address)
-            {
-                Err(ErrorCode::ShardUnavailable as u16)
-            } else {
-                let store = shared.directory.clone();
-                let address = fetch.address;
-                match tokio::task::spawn_blocking(move || {
-                    crate::session::card_here(store.as_ref(), &address)
-                })
-                .await
-                {
-                    Ok(card) => card.map_err(|code| code as u16),
-                    Err(_) => Err(ErrorCode::Internal as u16),
-                }
-            };
-            Some(PeerFrame::CardResult(PeerCardResult {
-                request_id: fetch.request_id,
-                result,
-            }))
-        }
-        PeerFrame::GetToken(get) => Some(crate::token::answer_peer(shared, get).await),
-        PeerFrame::Consent(consent) => {
-            Some(crate::relationships::answer_peer(shared, consent).await)
-        }
-        other => {
-            debug!(frame = ?other.request_id(), "unexpected frame on a peer link");
-            None
-        }
+        // The requests another node relays to this one, the owner of
+        // the address they name, go through the command table's dispatch.
+        other => match crate::cmd::apply_peer(shared, other).await {
+            Ok(answer) => Some(answer),
+            Err(other) => {
+                debug!(frame = ?other.request_id(), "unexpected frame on a peer link");
+                None
+            }
+        },
     }
 }
 

@@ -58,7 +58,7 @@ use tokio::sync::oneshot;
 pub use self::core::MailboxQuota;
 use self::core::{Admission, Caller, Core, Idle, MIN_IDLE_CHECK, Start};
 pub use self::watch::{PushQueue, Subscriber, Subscription, Watch, WatchLease, Watches};
-use crate::server::Clock;
+use crate::shared::Clock;
 use crate::store::prelude::*;
 use crate::store::{Append, MailboxUsage, StoreError, StoredEnvelope, WriteHandle};
 

@@ -39,12 +39,14 @@ use serde::{Deserialize, Serialize};
 
 pub mod both;
 pub mod failpoint;
+pub mod file_bytes;
 pub mod log;
 mod memory;
 pub mod open;
 mod sled_store;
 mod writer;
 
+pub use file_bytes::Files;
 pub use memory::MemoryStore;
 pub use open::Stores;
 pub use sled_store::{DumpedRecord, SledStore, StoredRecord, decode_record};

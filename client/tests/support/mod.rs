@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backbone_broker::server::Clock;
+use backbone_broker::shared::Clock;
 use backbone_broker::{Broker, Config, StartOptions};
 use backbone_client::envelope::EncryptionKeypair;
 use backbone_client::{Client, ClientOptions, ConnectConfig, Trust};

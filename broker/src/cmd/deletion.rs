@@ -22,9 +22,10 @@ use backbone_protocol::frame::{DeletionScheduled, Done, ErrorCode, Frame};
 use backbone_protocol::relationship::SideChange;
 use tracing::{debug, info, warn};
 
+use crate::cmd::error_frame as error;
 use crate::fleet::Route;
-use crate::server::Shared;
-use crate::session::{SESSION_END_SLACK, error_frame as error};
+use crate::shared::Shared;
+use crate::shared::live::SESSION_END_SLACK;
 use crate::store::run_blocking as blocking;
 
 /// `DeleteIdentity`: schedules the deletion of `address`, durably, and
@@ -204,7 +205,7 @@ async fn tell(shared: &Arc<Shared>, address: Address, peer: &PeerToTell) -> bool
     let change = SideChange::PeerDeleted {
         id: peer.relationship,
     };
-    match crate::relationships::apply(shared, peer.peer, address, change).await {
+    match super::relationships::apply(shared, peer.peer, address, change).await {
         Ok(_) => true,
         // The peer's side is gone, or the peer was deleted too: nobody to tell.
         Err((ErrorCode::NotFound | ErrorCode::IdentityDeleted, _)) => true,

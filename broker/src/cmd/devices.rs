@@ -22,8 +22,9 @@ use backbone_protocol::frame::{Devices, Done, ErrorCode, Frame};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId};
 use tracing::{info, warn};
 
-use crate::server::Shared;
-use crate::session::{SESSION_END_SLACK, error_frame as refusal};
+use crate::cmd::error_frame as refusal;
+use crate::shared::Shared;
+use crate::shared::live::SESSION_END_SLACK;
 use crate::store::run_blocking as blocking;
 
 /// `RegisterDevice`: stores the certificate of a device of `address`,

@@ -21,7 +21,7 @@ use backbone_protocol::{Address, Frame};
 use tracing::warn;
 
 use crate::fleet::Route;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{StoredToken, TokenAttempt};
 
 /// Why a token fetch failed: a stable code and a message for people.

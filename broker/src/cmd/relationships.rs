@@ -21,7 +21,7 @@ use backbone_protocol::frame::{
 use backbone_protocol::relationship::{self, Relationship, SideChange};
 
 use crate::fleet::Route;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// A refusal: a wire code and a reason.
 pub type Refusal = (ErrorCode, String);
@@ -107,11 +107,11 @@ pub async fn answer_peer(shared: &Arc<Shared>, consent: PeerConsent) -> PeerFram
     })
 }
 
-/// `requester` asks `request.owner` for a relationship.
+/// `requester` asks `request.owner` for a relationship; its rate was
+/// checked by [`super::gate`].
 pub async fn request(
     shared: &Arc<Shared>,
     requester: Address,
-    source: Option<crate::admission::Source>,
     request: RequestRelationship,
 ) -> Frame {
     let id = request.request_id;
@@ -133,46 +133,6 @@ pub async fn request(
                 format!("the introduction exceeds {limit}"),
             ),
         );
-    }
-    if let Some(limiter) = &shared.relationship_limiter
-        && let Err(not_until) = limiter.check_key(&requester)
-    {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
-        let mut frame = ErrorFrame::new(
-            id,
-            ErrorCode::RateLimited,
-            format!(
-                "over {} relationship requests per minute",
-                shared.config.relationships.requests_per_minute
-            ),
-        );
-        frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
-        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
-            .increment(1);
-        return Frame::Error(frame);
-    }
-    // Identities are free, so one host could ask in the names of many: the
-    // requests of all identities connected from one source share a budget.
-    if let (Some(limiter), Some(source)) = (&shared.source_relationship_limiter, source)
-        && let Err(not_until) = limiter.check_key(&source)
-    {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
-        let mut frame = ErrorFrame::new(
-            id,
-            ErrorCode::RateLimited,
-            format!(
-                "over {} relationship requests per minute from this address",
-                shared
-                    .config
-                    .limits
-                    .per_source
-                    .relationship_requests_per_minute
-            ),
-        );
-        frame.retry_after_ms = Some(wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
-        metrics::counter!("backbone_errors_total", "code" => ErrorCode::RateLimited.name())
-            .increment(1);
-        return Frame::Error(frame);
     }
     let change = SideChange::Request {
         capability_hash: request.capability.hash(),
