@@ -8,6 +8,11 @@
 //!   library (`protocol/src/codec.rs`) and exactly one names the storage
 //!   engine (`broker/src/store/sled_store.rs`), so replacing either is a
 //!   one-file change.
+//! - **Architecture Invariant:** in the broker, only `lib.rs` and `main.rs`
+//!   reach into `server.rs`, which wires the broker together; services take
+//!   the shared state from `shared/`, and nothing below the sessions (the
+//!   command table, the shared state, the store, mailboxes, the fleet,
+//!   routing) imports `session/`.
 //! - **Architecture Invariant:** the lossy test filesystem
 //!   (`backbone-lossyfs`) depends on no other crate of the workspace, and no
 //!   crate of the workspace depends on it except in its tests.
@@ -233,5 +238,59 @@ fn only_the_sled_store_names_sled_paths() {
     assert!(
         offenders.is_empty(),
         "only {STORAGE_MODULE} may name the storage engine: {offenders:?}"
+    );
+}
+
+/// Broker files (under `broker/src/`) that name `needle`, but for `allowed`.
+fn broker_files_naming<'a>(
+    sources: &'a [(String, String)],
+    needle: &str,
+    allowed: &[&str],
+) -> Vec<&'a str> {
+    files_naming(sources, needle)
+        .into_iter()
+        .filter(|path| path.starts_with("broker/src/") && !allowed.contains(path))
+        .collect()
+}
+
+#[test]
+fn no_broker_service_imports_the_wiring() {
+    let sources = rust_sources();
+    let offenders = broker_files_naming(
+        &sources,
+        "crate::server::",
+        &["broker/src/server.rs", "broker/src/lib.rs"],
+    );
+    assert!(
+        offenders.is_empty(),
+        "server.rs only wires the broker together; take the shared state from \
+         crate::shared instead: {offenders:?}"
+    );
+}
+
+#[test]
+fn nothing_below_the_sessions_imports_them() {
+    let sources = rust_sources();
+    let below = [
+        "broker/src/cmd/",
+        "broker/src/shared/",
+        "broker/src/store/",
+        "broker/src/mailbox/",
+        "broker/src/fleet/",
+        "broker/src/route.rs",
+    ];
+    assert!(
+        sources
+            .iter()
+            .any(|(path, _)| path.starts_with("broker/src/cmd/")),
+        "the walk finds the command table"
+    );
+    let offenders: Vec<&str> = broker_files_naming(&sources, "crate::session", &[])
+        .into_iter()
+        .filter(|path| below.iter().any(|prefix| path.starts_with(prefix)))
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "the command table and the services below it must not import session/: {offenders:?}"
     );
 }
