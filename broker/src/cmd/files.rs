@@ -12,7 +12,7 @@
 //!
 //! Order of writes: a record is written before its bytes exist and deleted
 //! before its bytes are, so bytes never outlive their record except after a
-//! crash between the two; [`Files::remove_orphans`] deletes those at start.
+//! crash between the two; [`crate::store::Files::remove_orphans`] deletes those at start.
 //!
 //! Ids route like addresses (drawn in the owner's slot), so a download
 //! asked of a node that does not hold the file is answered with a
@@ -238,7 +238,7 @@ pub async fn delete(shared: &Arc<Shared>, owner: Address, delete: DeleteFile) ->
 /// Serves one file stream a client opened next to its first stream: reads
 /// its header frame, then uploads or downloads. `owner` is the session's
 /// identity; `None` for an anonymous session, which may only download. The
-/// session's request loop accepts the streams (`session::next_request`).
+/// session's request loop accepts the streams (`session::requests::next_request`).
 pub async fn serve_stream(
     shared: Arc<Shared>,
     owner: Option<Address>,

@@ -9,11 +9,11 @@
 //! flow control pushes back. A delivery task per session pushes envelopes
 //! in sequence order with at most `push_window` unacknowledged.
 //!
-//! - [`handshake`]: `Hello`, the challenge, `Auth` or `Anonymous`.
-//! - [`requests`]: reading requests, and the file streams opened beside them.
-//! - [`authenticated`]: an authenticated session's request loop.
-//! - [`anonymous`]: an anonymous session's request loop and its budgets.
-//! - [`delivery`]: pushes to one device, and its cursor.
+//! - `handshake`: `Hello`, the challenge, `Auth` or `Anonymous`.
+//! - `requests`: reading requests, and the file streams opened beside them.
+//! - `authenticated`: an authenticated session's request loop.
+//! - `anonymous`: an anonymous session's request loop and its budgets.
+//! - `delivery`: pushes to one device, and its cursor.
 //!
 //! Every authenticated session is listed in
 //! [`LiveSessions`](crate::shared::LiveSessions) under its address (and its
