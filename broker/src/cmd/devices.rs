@@ -3,10 +3,11 @@
 //! A device is a key pair of its own, certified by the identity key and
 //! registered with the identity's home node; only registered devices pass
 //! authentication. Registering and unregistering are served only on a
-//! session the identity key itself authenticated (the session checks
-//! [`backbone_protocol::Frame::needs_identity_key`] before it gets here),
-//! so a stolen device cannot keep itself registered or remove the owner's
-//! other devices.
+//! session the identity key itself authenticated (they are
+//! [`Access::IdentityKey`](super::Access::IdentityKey) rows of the command
+//! table, which [`super::gate`] checks before a request gets here), so a
+//! stolen device cannot keep itself registered or remove the owner's other
+//! devices.
 //!
 //! [`unregister`] is the one place that decides what removing a device
 //! takes: its certificate (durably, before anything else, so from then on

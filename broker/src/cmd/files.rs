@@ -37,6 +37,7 @@ use backbone_protocol::{Address, Frame};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tracing::warn;
 
+use crate::cmd::Caller;
 use crate::fleet::Route;
 use crate::shared::Shared;
 use crate::store::{FilePut, FileQuota, StoredFile};
@@ -236,12 +237,13 @@ pub async fn delete(shared: &Arc<Shared>, owner: Address, delete: DeleteFile) ->
 }
 
 /// Serves one file stream a client opened next to its first stream: reads
-/// its header frame, then uploads or downloads. `owner` is the session's
-/// identity; `None` for an anonymous session, which may only download. The
-/// session's request loop accepts the streams (`session::requests::next_request`).
+/// its header frame, which the command table admits for `caller`
+/// ([`crate::cmd::gate_stream`]: an anonymous session may only download),
+/// then uploads or downloads. The session's request loop accepts the
+/// streams (`session::requests::next_request`).
 pub async fn serve_stream(
     shared: Arc<Shared>,
-    owner: Option<Address>,
+    caller: Caller,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -257,59 +259,32 @@ pub async fn serve_stream(
                 error.decode_error().to_string(),
             ),
         ),
-        Ok(Ok(header @ (Frame::UploadFile(_) | Frame::DownloadFile(_))))
-            if header.request_id() == Some(0) =>
-        {
-            error_frame(
-                0,
-                refusal(
-                    ErrorCode::InvalidRequestId,
-                    format!(
-                        "{} with request_id 0: requests need a non-zero id",
-                        Frame::TAG_NAMES[header.tag() as usize]
-                    ),
-                ),
-            )
-        }
-        Ok(Ok(Frame::UploadFile(upload))) => match owner {
-            Some(owner) => {
-                let id = upload.request_id;
-                let (recv, first) = reader.into_parts();
-                match receive(&shared, owner, upload, recv, first).await {
-                    Ok(frame) => frame,
-                    Err(refused) => error_frame(id, refused),
+        Ok(Ok(header)) => match crate::cmd::gate_stream(&caller, &header) {
+            Err(refused) => refused.answer(&header),
+            Ok(_) => match (caller, header) {
+                (Caller::Identity { address: owner, .. }, Frame::UploadFile(upload)) => {
+                    let id = upload.request_id;
+                    let (recv, first) = reader.into_parts();
+                    match receive(&shared, owner, upload, recv, first).await {
+                        Ok(frame) => frame,
+                        Err(refused) => error_frame(id, refused),
+                    }
                 }
-            }
-            None => error_frame(
-                upload.request_id,
-                refusal(
-                    ErrorCode::NotAuthenticated,
-                    "uploading needs an authenticated session; this one is anonymous",
-                ),
-            ),
+                (_, Frame::DownloadFile(download)) => {
+                    let id = download.request_id;
+                    match transmit(&shared, download, &mut send).await {
+                        Ok(()) => {
+                            let _ = send.finish();
+                            return;
+                        }
+                        Err(Some(refused)) => error_frame(id, refused),
+                        // The stream broke mid-way; nothing more can be said on it.
+                        Err(None) => return,
+                    }
+                }
+                (_, other) => crate::cmd::internal(&other),
+            },
         },
-        Ok(Ok(Frame::DownloadFile(download))) => {
-            let id = download.request_id;
-            match transmit(&shared, download, &mut send).await {
-                Ok(()) => {
-                    let _ = send.finish();
-                    return;
-                }
-                Err(Some(refused)) => error_frame(id, refused),
-                // The stream broke mid-way; nothing more can be said on it.
-                Err(None) => return,
-            }
-        }
-        Ok(Ok(other)) => error_frame(
-            0,
-            refusal(
-                ErrorCode::UnexpectedFrame,
-                format!(
-                    "a file stream starts with UploadFile or DownloadFile, not {}",
-                    Frame::TAG_NAMES[other.tag() as usize]
-                ),
-            ),
-        ),
     };
     answer_stream(send, answer).await;
 }

@@ -29,8 +29,8 @@
 //! - [`rate`]: the rate limits the table names, and an anonymous session's budgets.
 //!
 //! **Architecture Invariant:** a request reaches its handler only through
-//! [`gate`]; no session or listener matches on request kinds to decide who
-//! may send them.
+//! [`gate`] (a file stream's header through [`gate_stream`]); no session,
+//! stream or listener decides by itself who may send a request kind.
 
 pub mod capabilities;
 pub mod cards;
@@ -243,6 +243,9 @@ pub enum Refusal {
     /// A frame only a broker sends.
     #[error("{0} is not a client request")]
     NotARequest(&'static str),
+    /// A file stream that does not start with a file transfer's header.
+    #[error("a file stream starts with UploadFile or DownloadFile, not {0}")]
+    NotAStreamHeader(&'static str),
     /// A request with `request_id` 0, which answers about the connection
     /// carry, so an answer to it could not be told from them.
     #[error("{0} with request_id 0: requests need a non-zero id")]
@@ -263,9 +266,10 @@ impl Refusal {
         match self {
             Refusal::NotAuthenticated(_) => ErrorCode::NotAuthenticated,
             Refusal::IdentityKeyRequired(_) => ErrorCode::IdentityKeyRequired,
-            Refusal::AnonymousOnly(_) | Refusal::OwnStream(_) | Refusal::NotARequest(_) => {
-                ErrorCode::UnexpectedFrame
-            }
+            Refusal::AnonymousOnly(_)
+            | Refusal::OwnStream(_)
+            | Refusal::NotARequest(_)
+            | Refusal::NotAStreamHeader(_) => ErrorCode::UnexpectedFrame,
             Refusal::HandshakeOver(_) => ErrorCode::ChallengeReused,
             Refusal::ZeroRequestId(_) => ErrorCode::InvalidRequestId,
             Refusal::RateLimited { .. } => ErrorCode::RateLimited,
@@ -307,14 +311,36 @@ fn admit(caller: &Caller, frame: &Frame) -> Result<Rules, Refusal> {
     let Some(rules) = rules(frame) else {
         return Err(Refusal::NotARequest(Frame::TAG_NAMES[frame.tag() as usize]));
     };
+    check_access(caller, frame, rules)?;
+    if rules.runs == Runs::OwnStream {
+        return Err(Refusal::OwnStream(rules.name));
+    }
+    Ok(rules)
+}
+
+/// Admits the header frame of a stream a client opened for a file
+/// transfer: a frame the table runs on its own stream ([`Runs::OwnStream`])
+/// that `caller` may send.
+pub fn gate_stream(caller: &Caller, header: &Frame) -> Result<Rules, Refusal> {
+    let Some(rules) = rules(header).filter(|rules| rules.runs == Runs::OwnStream) else {
+        return Err(Refusal::NotAStreamHeader(
+            Frame::TAG_NAMES[header.tag() as usize],
+        ));
+    };
+    check_access(caller, header, rules)?;
+    Ok(rules)
+}
+
+/// Refuses a request with id 0, and one `caller` may not send by `rules`.
+fn check_access(caller: &Caller, frame: &Frame, rules: Rules) -> Result<(), Refusal> {
     if frame.request_id() == Some(0) {
         return Err(Refusal::ZeroRequestId(rules.name));
     }
     let anonymous = matches!(caller, Caller::Anonymous);
     match rules.access {
-        Access::HandshakeOnly => return Err(Refusal::HandshakeOver(rules.name)),
+        Access::HandshakeOnly => Err(Refusal::HandshakeOver(rules.name)),
         Access::Authenticated | Access::IdentityKey if anonymous => {
-            return Err(Refusal::NotAuthenticated(rules.name));
+            Err(Refusal::NotAuthenticated(rules.name))
         }
         Access::IdentityKey
             if matches!(
@@ -325,15 +351,11 @@ fn admit(caller: &Caller, frame: &Frame) -> Result<Rules, Refusal> {
                 }
             ) =>
         {
-            return Err(Refusal::IdentityKeyRequired(rules.name));
+            Err(Refusal::IdentityKeyRequired(rules.name))
         }
-        Access::AnonymousOnly if !anonymous => return Err(Refusal::AnonymousOnly(rules.name)),
-        _ => {}
+        Access::AnonymousOnly if !anonymous => Err(Refusal::AnonymousOnly(rules.name)),
+        _ => Ok(()),
     }
-    if rules.runs == Runs::OwnStream {
-        return Err(Refusal::OwnStream(rules.name));
-    }
-    Ok(rules)
 }
 
 /// Runs a request [`gate`] admitted for `caller` and returns its answer.
@@ -573,6 +595,48 @@ mod tests {
                     expected,
                     "{} from {caller:?}",
                     Frame::TAG_NAMES[frame.tag() as usize]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_stream_starts_with_a_transfer_header_the_caller_may_send() {
+        use ErrorCode::*;
+        let upload = Frame::UploadFile(UploadFile {
+            request_id: 1,
+            file_id: FileId([5; 32]),
+            offset: 0,
+        });
+        let download = Frame::DownloadFile(backbone_protocol::frame::DownloadFile {
+            request_id: 2,
+            file_id: FileId([5; 32]),
+            secret: backbone_protocol::bytes::FileSecret([6; 32]),
+            offset: 0,
+        });
+        let zero = Frame::UploadFile(UploadFile {
+            request_id: 0,
+            file_id: FileId([5; 32]),
+            offset: 0,
+        });
+        let ok = Ok(());
+        let cases: Vec<(Frame, [Result<(), ErrorCode>; 3])> = vec![
+            (upload, [ok, ok, Err(NotAuthenticated)]),
+            (download, [ok, ok, ok]),
+            (zero, [Err(InvalidRequestId); 3]),
+            (send(1), [Err(UnexpectedFrame); 3]),
+            (Frame::Ping(Ping { nonce: 1 }), [Err(UnexpectedFrame); 3]),
+        ];
+        for (header, expected) in cases {
+            for (caller, expected) in CALLERS.iter().zip(expected) {
+                let outcome = gate_stream(caller, &header)
+                    .map(|_| ())
+                    .map_err(|r| r.code());
+                assert_eq!(
+                    outcome,
+                    expected,
+                    "{} from {caller:?}",
+                    Frame::TAG_NAMES[header.tag() as usize]
                 );
             }
         }

@@ -34,7 +34,7 @@ pub(super) async fn serve_authenticated(
 ) {
     let session = Arc::new(session);
     let caller = session.caller();
-    let mut files = FileStreams::new(Some(session.address));
+    let mut files = FileStreams::new(caller);
     let (ack_tx, ack_rx) = watch::channel(session.acked_seq);
     let delivery = tokio::spawn(
         deliver(shared.clone(), session.clone(), out.clone(), ack_rx).in_current_span(),

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use backbone_protocol::Address;
 use backbone_protocol::Frame;
 use backbone_protocol::codec::{BufferError, Phase};
 use tokio::sync::watch;
@@ -19,9 +18,8 @@ use crate::wire::{FrameReader, Outbox, ReadError};
 /// loop accepts them (a task per connection just to accept them cost about
 /// 1 KB of every idle connection) and serves each in a task of its own.
 pub(super) struct FileStreams {
-    /// The session's identity; `None` for an anonymous session, which may
-    /// only download.
-    owner: Option<Address>,
+    /// The session, as the command table admits its streams' headers.
+    caller: Caller,
     /// An anonymous session's request budgets, which every stream counts
     /// against like a request.
     budget: Option<Arc<AnonymousBudget>>,
@@ -30,9 +28,9 @@ pub(super) struct FileStreams {
 }
 
 impl FileStreams {
-    pub(super) fn new(owner: Option<Address>) -> Self {
+    pub(super) fn new(caller: Caller) -> Self {
         Self {
-            owner,
+            caller,
             budget: None,
             open: true,
         }
@@ -40,7 +38,7 @@ impl FileStreams {
 
     pub(super) fn anonymous(budget: Arc<AnonymousBudget>) -> Self {
         Self {
-            owner: None,
+            caller: Caller::Anonymous,
             budget: Some(budget),
             open: true,
         }
@@ -61,7 +59,7 @@ impl FileStreams {
                     return;
                 }
                 tokio::spawn(
-                    crate::cmd::files::serve_stream(shared.clone(), self.owner, send, recv)
+                    crate::cmd::files::serve_stream(shared.clone(), self.caller, send, recv)
                         .in_current_span(),
                 );
             }
