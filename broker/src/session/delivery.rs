@@ -3,7 +3,6 @@
 //! at most once a second.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -17,7 +16,7 @@ use super::{Session, SessionMetrics};
 use crate::cmd::error_frame;
 use crate::mailbox::PushQueue;
 use crate::shared::Shared;
-use crate::store::{StoreError, StoredEnvelope, WriteHandle};
+use crate::store::{StoredEnvelope, WriteHandle};
 use crate::wire::Outbox;
 
 /// One device session's share of `backbone_push_pending_envelopes`: the
@@ -186,12 +185,6 @@ pub(super) async fn deliver(
                     cursor.ack(up_to);
                 }
             }
-            result = cursor.written(), if cursor.is_writing() => {
-                if let Err(error) = result {
-                    warn!(%error, "persisting a cursor failed");
-                }
-                cursor.next_if_due();
-            }
             () = async { cursor_timer.as_mut().expect("armed with a due time").await },
                 if cursor_due.is_some() => {
                 cursor_timer_at = None;
@@ -208,9 +201,6 @@ pub(super) async fn deliver(
     drop(subscription);
 }
 
-/// A cursor write queued at the writer, awaiting its outcome.
-type CursorWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + std::marker::Send>>;
-
 /// How often a device's cursor is written to the directory at most. A
 /// cursor move is not synced on its own (it becomes durable with the next
 /// checkpoint, every `store.checkpoint_interval`), and a lost move only
@@ -220,18 +210,18 @@ type CursorWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + std::ma
 /// when it ends ([`CursorWriter::finish`]).
 const CURSOR_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A device's cursor on its way to the store: at most one write in flight
-/// and one per [`CURSOR_WRITE_INTERVAL`], the acks that arrive meanwhile
-/// folded into the next one, so a device acking every envelope costs a few
-/// store writes a second, not one per envelope.
+/// A device's cursor on its way to the store: at most one move queued per
+/// [`CURSOR_WRITE_INTERVAL`], the acks that arrive meanwhile folded into
+/// the next one, so a device acking every envelope costs one store write a
+/// second, not one per envelope. Moves are queued and forgotten (the
+/// writer's thread logs a failure), so a write wakes no session.
 struct CursorWriter {
     writer: WriteHandle,
     address: Address,
     device: DeviceId,
     /// The highest seq acked and not yet handed to the writer.
     wanted: Option<u64>,
-    in_flight: Option<CursorWrite>,
-    /// When the last write was queued.
+    /// When the last move was queued.
     last_write: Option<tokio::time::Instant>,
 }
 
@@ -242,28 +232,21 @@ impl CursorWriter {
             address,
             device,
             wanted: None,
-            in_flight: None,
             last_write: None,
         }
     }
 
-    /// Records an ack; it is queued at once unless a write is in flight or
-    /// the last one was queued less than [`CURSOR_WRITE_INTERVAL`] ago.
+    /// Records an ack; it is queued at once unless the last move was
+    /// queued less than [`CURSOR_WRITE_INTERVAL`] ago.
     fn ack(&mut self, up_to: u64) {
         self.wanted = Some(self.wanted.map_or(up_to, |wanted| wanted.max(up_to)));
         self.next_if_due();
     }
 
-    fn is_writing(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
-    /// When acks wait for the interval to pass (and no write is in
-    /// flight), the time the next write may be queued.
+    /// When acks wait for the interval to pass, the time the next move may
+    /// be queued.
     fn waiting_until(&self) -> Option<tokio::time::Instant> {
-        if self.wanted.is_none() || self.in_flight.is_some() {
-            return None;
-        }
+        self.wanted?;
         Some(
             self.last_write
                 .map_or_else(tokio::time::Instant::now, |last| {
@@ -272,56 +255,28 @@ impl CursorWriter {
         )
     }
 
-    /// Queues the folded acks if no write is in flight and the interval
-    /// has passed.
+    /// Queues the folded acks if the interval has passed.
     fn next_if_due(&mut self) {
-        let due = self
+        if self
             .last_write
-            .is_none_or(|last| last.elapsed() >= CURSOR_WRITE_INTERVAL);
-        if self.in_flight.is_none() && due {
+            .is_none_or(|last| last.elapsed() >= CURSOR_WRITE_INTERVAL)
+        {
             self.next();
-        }
-    }
-
-    /// The write in flight's outcome; pending forever when there is none.
-    async fn written(&mut self) -> Result<(), StoreError> {
-        match &mut self.in_flight {
-            Some(write) => {
-                let result = write.await;
-                self.in_flight = None;
-                result
-            }
-            None => std::future::pending().await,
         }
     }
 
     /// Queues the folded acks, if any.
     fn next(&mut self) {
         if let Some(seq) = self.wanted.take() {
-            let write = self.writer.set_cursor(self.address, self.device, seq);
-            self.in_flight = Some(Box::pin(write));
+            self.writer.set_cursor(self.address, self.device, seq);
             self.last_write = Some(tokio::time::Instant::now());
         }
     }
 
     /// Queues what is still unwritten now, so it is ordered before anything
-    /// submitted after the session ends (an identity's purge), and logs the
-    /// outcomes in the background.
+    /// submitted after the session ends (an identity's purge).
     fn finish(mut self) {
-        let last = self.wanted.take().map(|seq| -> CursorWrite {
-            Box::pin(self.writer.set_cursor(self.address, self.device, seq))
-        });
-        let writes: Vec<CursorWrite> = self.in_flight.take().into_iter().chain(last).collect();
-        if writes.is_empty() {
-            return;
-        }
-        tokio::spawn(async move {
-            for write in writes {
-                if let Err(error) = write.await {
-                    warn!(%error, "persisting a cursor failed");
-                }
-            }
-        });
+        self.next();
     }
 }
 
@@ -348,7 +303,7 @@ mod tests {
     use crate::store::{MemoryStore, Writer};
 
     #[tokio::test]
-    async fn cursor_writes_fold_the_acks_of_a_write_in_flight_and_finish_queues_the_last() {
+    async fn cursor_moves_fold_the_acks_of_an_interval_and_finish_queues_the_last() {
         let store = Arc::new(MemoryStore::new());
         let (writer, handle) = Writer::start(store.clone(), store.clone());
         let (address, device) = (Address([1; 32]), DeviceId([2; 32]));
@@ -357,24 +312,31 @@ mod tests {
         cursor.ack(1);
         cursor.ack(2);
         cursor.ack(3);
-        assert!(cursor.is_writing());
-        assert_eq!(cursor.written().await, Ok(()));
-        // Only the first ack was written; 2 and 3 wait, folded into one.
+        handle.flush().await.expect("flushes");
+        // Only the first ack was queued; 2 and 3 wait, folded into one.
         assert_eq!(store.cursor(&address, &device), Ok(Some(1)));
-        assert!(!cursor.is_writing());
-        // They wait for the interval since the first write, then go as one.
         let due = cursor.waiting_until().expect("acks wait");
+        assert!(
+            due > tokio::time::Instant::now(),
+            "the interval runs from the first move"
+        );
         cursor.next_if_due();
-        assert!(!cursor.is_writing(), "not before the interval is over");
+        handle.flush().await.expect("flushes");
+        assert_eq!(
+            store.cursor(&address, &device),
+            Ok(Some(1)),
+            "not before the interval is over"
+        );
         tokio::time::sleep_until(due).await;
         cursor.next_if_due();
-        assert!(cursor.is_writing());
+        assert_eq!(cursor.waiting_until(), None, "nothing waits once queued");
         cursor.ack(4);
-        // A write in flight: 4 waits.
-        assert!(cursor.is_writing());
-        assert_eq!(cursor.waiting_until(), None);
-        // The session ends with 3 in flight and 4 still wanted: both are
-        // queued before anything submitted after it.
+        assert!(
+            cursor.waiting_until().is_some(),
+            "4 waits for the next interval"
+        );
+        // The session ends with 4 still wanted: it is queued before anything
+        // submitted after it.
         cursor.finish();
         handle.flush().await.expect("flushes");
         assert_eq!(store.cursor(&address, &device), Ok(Some(4)));

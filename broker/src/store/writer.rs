@@ -4,16 +4,20 @@
 //!
 //! Cursor moves are the one directory write per acknowledgement, so they
 //! are gathered: the thread takes every move queued, keeps the highest per
-//! device, and writes those. They are not synced on their own (a lost move
-//! only means an envelope is delivered again). A flush request applies the
-//! moves queued before it first and then syncs the directory, so it covers
-//! them (an identity's purge relies on that), and then waits for the log to
-//! make everything queued before it durable too.
+//! device, writes those, and then rests for [`GATHER`] before it looks
+//! again, so that at a light load it wakes a few dozen times a second, not
+//! once per move. A move is queued and forgotten: nobody waits for it (a
+//! failed one is logged here), as it is not synced on its own and a lost
+//! move only means an envelope is delivered again. A flush request applies
+//! the moves queued before it first and then syncs the directory, so it
+//! covers them (an identity's purge relies on that), and then waits for the
+//! log to make everything queued before it durable too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use backbone_protocol::{Address, DeviceId};
 use tokio::sync::oneshot;
@@ -22,12 +26,16 @@ use super::{Append, Directory, MailboxLog, StoreError, completed};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// How long the cursor thread rests after writing what it found, letting
+/// moves queue up meanwhile: a move queued while it rests does not wake it.
+/// A flush waits at most this much longer.
+pub const GATHER: Duration = Duration::from_millis(20);
+
 enum Request {
     SetCursor {
         address: Address,
         device: DeviceId,
         seq: u64,
-        done: Reply<()>,
     },
     Flush {
         done: Reply<()>,
@@ -108,23 +116,17 @@ impl WriteHandle {
             .append(items, Box::new(move |outcome| then(outcome.map(|_| ()))));
     }
 
-    /// Moves `device`'s cursor in `address`'s mailbox forward to `seq`. The
-    /// request is queued when this is called, not when the future is first
-    /// polled, so a caller that spawns the wait still has its write ordered
-    /// before anything it submits later (an identity's purge waits for its
-    /// sessions, then flushes).
-    pub fn set_cursor(
-        &self,
-        address: Address,
-        device: DeviceId,
-        seq: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<> {
-        self.call(move |done| Request::SetCursor {
+    /// Queues a move of `device`'s cursor in `address`'s mailbox forward to
+    /// `seq`, ordered before anything submitted after it (an identity's
+    /// purge waits for its sessions, then flushes). Nobody waits for the
+    /// write: the thread logs a failure.
+    pub fn set_cursor(&self, address: Address, device: DeviceId, seq: u64) {
+        // If the thread is gone, so is the broker's store.
+        let _ = self.requests.send(Request::SetCursor {
             address,
             device,
             seq,
-            done,
-        })
+        });
     }
 
     /// Deletes `seqs` from `address`'s mailbox once durable; returns how
@@ -171,11 +173,9 @@ fn run(directory: &dyn Directory, queue: &mpsc::Receiver<Request>) -> Result<(),
                     address,
                     device,
                     seq,
-                    done,
                 } => {
-                    let entry = moves.entry((address, device)).or_insert((seq, Vec::new()));
-                    entry.0 = entry.0.max(seq);
-                    entry.1.push(done);
+                    let wanted = moves.entry((address, device)).or_insert(seq);
+                    *wanted = (*wanted).max(seq);
                 }
                 Request::Flush { done } => {
                     // The moves queued before the flush, then the sync.
@@ -189,17 +189,17 @@ fn run(directory: &dyn Directory, queue: &mpsc::Receiver<Request>) -> Result<(),
         if shutdown {
             return directory.sync();
         }
+        std::thread::sleep(GATHER);
     }
 }
 
-/// The highest cursor per device of one drain, with everyone waiting on it.
-type Moves = HashMap<(Address, DeviceId), (u64, Vec<Reply<()>>)>;
+/// The highest cursor per device of one drain.
+type Moves = HashMap<(Address, DeviceId), u64>;
 
 fn write_moves(directory: &dyn Directory, moves: Moves) {
-    for ((address, device), (seq, waiters)) in moves {
-        let result = directory.set_cursor(&address, &device, seq);
-        for done in waiters {
-            let _ = done.send(result.clone());
+    for ((address, device), seq) in moves {
+        if let Err(error) = directory.set_cursor(&address, &device, seq) {
+            tracing::warn!(%error, "persisting a cursor failed");
         }
     }
 }
@@ -216,12 +216,10 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let (writer, handle) = Writer::start(store.clone(), store.clone());
         let (address, device) = (Address([1; 32]), DeviceId([2; 32]));
-        let first = handle.set_cursor(address, device, 3);
-        let second = handle.set_cursor(address, device, 2);
+        handle.set_cursor(address, device, 3);
+        handle.set_cursor(address, device, 2);
         // A lower move never takes a cursor back.
         handle.flush().await.expect("flushes");
-        assert_eq!(first.await, Ok(()));
-        assert_eq!(second.await, Ok(()));
         assert_eq!(store.cursor(&address, &device), Ok(Some(3)));
         // Appends and deletes go to the log.
         let envelope = StoredEnvelope {
