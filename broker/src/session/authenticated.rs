@@ -64,36 +64,35 @@ pub(super) async fn serve_authenticated(
         let Some((frame, rules)) = while_sending(&mut sends, next).await else {
             break;
         };
-        if rules.runs == Runs::Task {
-            let Some(permit) =
-                while_sending(&mut sends, std::pin::pin!(permits.clone().acquire_owned()))
-                    .await
-                    .ok()
-            else {
-                break;
-            };
-            let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
-            tokio::spawn(
-                async move {
-                    let response = crate::cmd::apply(&shared, caller, frame).await;
-                    let _ = out.send(response).await;
-                    // The session stays listed until its requests are over.
-                    drop(session);
-                    drop(permit);
+        if rules.runs == Runs::Connection {
+            match frame {
+                Frame::Ack(ack) => {
+                    send_metrics.acks.increment(1);
+                    ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
                 }
-                .in_current_span(),
-            );
+                Frame::Ping(ping) => {
+                    let pong = std::pin::pin!(out.send(Frame::Pong(Pong { nonce: ping.nonce })));
+                    let _ = while_sending(&mut sends, pong).await;
+                }
+                Frame::Error(error) => {
+                    debug!(code = error.code, message = %error.message, "client reported an error")
+                }
+                // A `Pong`; the table admits no other connection frame after
+                // the handshake.
+                _ => {}
+            }
             continue;
         }
+        let Some(permit) =
+            while_sending(&mut sends, std::pin::pin!(permits.clone().acquire_owned()))
+                .await
+                .ok()
+        else {
+            break;
+        };
         match frame {
+            // `Runs::InSession`.
             Frame::Send(send) => {
-                let Some(permit) =
-                    while_sending(&mut sends, std::pin::pin!(permits.clone().acquire_owned()))
-                        .await
-                        .ok()
-                else {
-                    break;
-                };
                 sends
                     .get_or_insert_with(FuturesUnordered::new)
                     .push(answer_send(
@@ -105,22 +104,19 @@ pub(super) async fn serve_authenticated(
                         permit,
                     ));
             }
-            Frame::Ack(ack) => {
-                send_metrics.acks.increment(1);
-                ack_tx.send_modify(|acked| *acked = (*acked).max(ack.up_to_seq));
-            }
-            Frame::Ping(ping) => {
-                let pong = std::pin::pin!(out.send(Frame::Pong(Pong { nonce: ping.nonce })));
-                let _ = while_sending(&mut sends, pong).await;
-            }
-            Frame::Pong(_) => {}
-            Frame::Error(error) => {
-                debug!(code = error.code, message = %error.message, "client reported an error")
-            }
-            // The table runs no other frame in the session.
-            other => {
-                let answer = std::pin::pin!(out.send(crate::cmd::internal(&other)));
-                let _ = while_sending(&mut sends, answer).await;
+            // `Runs::Task`.
+            request => {
+                let (shared, session, out) = (shared.clone(), session.clone(), out.clone());
+                tokio::spawn(
+                    async move {
+                        let response = crate::cmd::apply(&shared, caller, request).await;
+                        let _ = out.send(response).await;
+                        // The session stays listed until its requests are over.
+                        drop(session);
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
             }
         }
     }
