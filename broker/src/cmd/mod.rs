@@ -28,9 +28,11 @@
 //! - [`deletion`]: `DeleteIdentity`, `CancelDeletion`, and the sweep that purges.
 //! - [`rate`]: the rate limits the table names, and an anonymous session's budgets.
 //!
-//! **Architecture Invariant:** a request reaches its handler only through
-//! [`gate`] (a file stream's header through [`gate_stream`]); no session,
-//! stream or listener decides by itself who may send a request kind.
+//! **Architecture Invariant:** a client's request reaches its handler only
+//! through [`gate`] (a file stream's header through [`gate_stream`]) on the
+//! node the client is connected to; no session, stream or listener decides
+//! by itself who may send a request kind. A peer node relays to
+//! [`apply_peer`] only what its own gate admitted.
 
 pub mod capabilities;
 pub mod cards;
