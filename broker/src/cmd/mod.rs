@@ -278,10 +278,17 @@ impl Refusal {
         }
     }
 
-    /// The `Error` frame refusing `frame` (its `request_id`, 0 for frames
-    /// without one), counted in `backbone_errors_total`.
+    /// The `Error` frame refusing `frame`, counted in
+    /// `backbone_errors_total`: for its `request_id`, or 0 (the connection
+    /// or the stream) for a frame without one and for a file stream that
+    /// does not start with a transfer's header, which refuses the stream,
+    /// not the request.
     pub fn answer(&self, frame: &Frame) -> Frame {
-        self.answer_id(frame.request_id().unwrap_or(0))
+        let id = match self {
+            Refusal::NotAStreamHeader(_) => 0,
+            _ => frame.request_id().unwrap_or(0),
+        };
+        self.answer_id(id)
     }
 
     /// The `Error` frame of this refusal for `request_id`, counted in
@@ -629,6 +636,14 @@ mod tests {
             (send(1), [Err(UnexpectedFrame); 3]),
             (Frame::Ping(Ping { nonce: 1 }), [Err(UnexpectedFrame); 3]),
         ];
+        let refusal = gate_stream(&CALLERS[0], &send(7)).expect_err("not a header");
+        let Frame::Error(error) = refusal.answer(&send(7)) else {
+            panic!("an error frame");
+        };
+        assert_eq!(
+            error.request_id, 0,
+            "a stream that is not a transfer is refused as a stream"
+        );
         for (header, expected) in cases {
             for (caller, expected) in CALLERS.iter().zip(expected) {
                 let outcome = gate_stream(caller, &header)
