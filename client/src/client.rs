@@ -418,6 +418,13 @@ impl Client {
         self.status.borrow().clone()
     }
 
+    /// The connection status as a [`watch::Receiver`]: every change is seen,
+    /// even a reconnect that completes before anyone looks at
+    /// [`Client::status`] (an app's status line, a test).
+    pub fn status_changes(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
     /// Waits until the client is connected (after a reconnect).
     pub async fn wait_connected(&self) -> Result<(), ClientError> {
         let mut status = self.status.clone();
