@@ -56,7 +56,7 @@ fn batch(seq: &mut u64, n: usize) -> Vec<Append> {
                     sender: Some(Address([1; 32])),
                     stored_at_ms: 0,
                     expires_at_ms: u64::MAX,
-                    envelope: vec![0xab; 1024],
+                    envelope: vec![0xab; 1024].into(),
                 }),
             }
         })

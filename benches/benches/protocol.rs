@@ -13,7 +13,7 @@ fn frames(c: &mut Criterion) {
         request_id: 1,
         ttl_secs: 3600,
         recipients: vec![Address([7; 32])],
-        envelope: Blob(vec![0xab; 1024]),
+        envelope: Blob::from(vec![0xab; 1024]),
     });
     let deliver = Frame::Deliver(Deliver {
         seq: 42,
@@ -21,7 +21,7 @@ fn frames(c: &mut Criterion) {
         sender: Some(Address([2; 32])),
         stored_at_ms: 1,
         expires_at_ms: 2,
-        envelope: Blob(vec![0xcd; 1024]),
+        envelope: Blob::from(vec![0xcd; 1024]),
     });
     let mut group = c.benchmark_group("frame");
     group.throughput(Throughput::Elements(1));

@@ -67,7 +67,7 @@ fn write(dir: &Path, checkpoint: bool) {
                     sender: Some(address(u64::MAX)),
                     stored_at_ms: 1,
                     expires_at_ms: u64::MAX,
-                    envelope: vec![0xab; 1024],
+                    envelope: vec![0xab; 1024].into(),
                 }),
             })
             .collect();

@@ -8,6 +8,7 @@ use backbone_protocol::Address;
 use backbone_protocol::bytes::{Blob, CapabilityHash, MessageId};
 use backbone_protocol::fleet::{Forward, PeerFrame, SealedForward};
 use backbone_protocol::frame::{ErrorCode, Failed, Stored};
+use bytes::Bytes;
 use tracing::warn;
 
 use crate::fleet::Route;
@@ -25,8 +26,8 @@ pub struct StoreTemplate {
     pub stored_at_ms: u64,
     /// When it expires.
     pub expires_at_ms: u64,
-    /// The opaque envelope.
-    pub envelope: Vec<u8>,
+    /// The opaque envelope, shared by every recipient's copy.
+    pub envelope: Bytes,
 }
 
 impl StoreTemplate {

@@ -156,24 +156,32 @@ pub struct OutboxClosed;
 impl Outbox {
     /// Queues `frame`, waiting while the connection's output is at its
     /// budget, and writes the queue if no other sender is writing.
+    ///
+    /// A push's envelope is queued as it is, shared, after the frame's
+    /// other bytes ([`codec::encode_frame_shared`]): QUIC takes the pieces
+    /// without the envelope being copied into the frame.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
         let mut bytes = Vec::new();
-        if let Err(error) = codec::encode_frame(&frame, &mut bytes) {
-            tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
-            return Ok(());
-        }
+        let payload = match codec::encode_frame_shared(&frame, &mut bytes) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, tag = frame.tag(), "cannot encode outgoing frame");
+                return Ok(());
+            }
+        };
+        drop(frame);
+        let len = bytes.len() + payload.as_ref().map_or(0, Bytes::len);
+        let pieces = 1 + usize::from(payload.is_some());
         self.inner.budget.room().await?;
         let stream = {
             let mut pending = self.inner.lock();
             if self.inner.budget.closed.load(Ordering::Acquire) {
                 return Err(OutboxClosed);
             }
-            self.inner
-                .budget
-                .queued
-                .fetch_add(bytes.len(), Ordering::AcqRel);
-            self.inner.budget.frames.fetch_add(1, Ordering::AcqRel);
+            self.inner.budget.queued.fetch_add(len, Ordering::AcqRel);
+            self.inner.budget.frames.fetch_add(pieces, Ordering::AcqRel);
             pending.frames.push(Bytes::from(bytes));
+            pending.frames.extend(payload);
             match pending.stream.take() {
                 Some(stream) => stream,
                 // Another sender is writing and takes this frame too.
@@ -348,7 +356,8 @@ impl Writing {
 /// How a connection's outbox behaves.
 #[derive(Clone, Copy, Debug)]
 pub struct OutboxLimits {
-    /// Frames queued at most.
+    /// Pieces queued at most: a frame is one, a push whose envelope is
+    /// queued as it is two (see [`Outbox::send`]).
     pub frames: usize,
     /// Bytes queued above which senders wait (see [`Outbox`]).
     pub budget: usize,
@@ -605,5 +614,39 @@ mod tests {
         let mut expected: Vec<u64> = (0..6000).collect();
         expected.push(u64::MAX);
         assert_eq!(nonces, expected, "every frame, whole and in order");
+    }
+
+    #[tokio::test]
+    async fn pushes_whose_envelope_is_queued_apart_arrive_whole_between_other_frames() {
+        use backbone_protocol::bytes::{Blob, MessageId};
+        use backbone_protocol::frame::Deliver;
+        let pair = pair(64 * 1024).await;
+        let out = outbox(pair.server_connection.clone(), pair.server_send, limits());
+        let reading = tokio::spawn(read_all(pair.client_recv));
+        // Sizes on both sides of the size from which an envelope is its own
+        // piece, and a window smaller than what is queued, so that some
+        // write stops between a push's head and its envelope.
+        let sizes = [0, 1, 511, 512, 513, 1024, 40_000, 100_000];
+        let mut sent = Vec::new();
+        for (n, len) in sizes.iter().cycle().take(40).enumerate() {
+            let deliver = Frame::Deliver(Deliver {
+                seq: n as u64 + 1,
+                message_id: MessageId([n as u8; 16]),
+                sender: None,
+                stored_at_ms: 1,
+                expires_at_ms: 2,
+                envelope: Blob::from(vec![n as u8; *len]),
+            });
+            out.send(deliver.clone()).await.expect("sent");
+            out.send(ping(n as u64)).await.expect("sent");
+            sent.push(deliver);
+            sent.push(ping(n as u64));
+        }
+        drop(out);
+        let frames = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("the stream ends")
+            .expect("reader");
+        assert_eq!(frames, sent, "every frame, whole and in order");
     }
 }

@@ -20,6 +20,7 @@ use backbone_protocol::frame::{
 };
 use backbone_protocol::relationship::{Decision, InboundPolicy, Notice, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, Frame, IdentityCard, Keypair};
+use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -271,8 +272,8 @@ pub struct Delivery {
     pub stored_at_ms: u64,
     /// When it expires (Unix ms).
     pub expires_at_ms: u64,
-    /// The sealed bytes.
-    pub envelope: Vec<u8>,
+    /// The sealed bytes, a slice of the frame they came in (not a copy).
+    pub envelope: Bytes,
 }
 
 impl Delivery {
@@ -558,7 +559,7 @@ impl Client {
             request_id: self.request_id(),
             ttl_secs,
             recipients: recipients.to_vec(),
-            envelope: Blob(envelope),
+            envelope: Blob::from(envelope),
         });
         match self.request(frame).await? {
             Frame::SendAck(ack) => Ok(ack),
@@ -660,7 +661,7 @@ impl Client {
         let frame = Frame::CreateToken(CreateToken {
             request_id: self.request_id(),
             ttl_secs: u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX),
-            content: Blob(sealed),
+            content: Blob::from(sealed),
             password_verifier,
         });
         match self.request(frame).await.map_err(token::classify)? {
@@ -1092,7 +1093,7 @@ impl Client {
             request_id: self.request_id(),
             owner: *owner,
             capability: *capability,
-            intro: Blob(sealed),
+            intro: Blob::from(sealed),
         }))
         .await
     }

@@ -166,7 +166,7 @@ impl SealedSender {
             ttl_secs: u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX),
             recipient: *recipient,
             capability: *capability,
-            envelope: Blob(envelope),
+            envelope: Blob::from(envelope),
         });
         match self.request(frame, id).await? {
             Frame::SendAck(ack) => Ok(ack),

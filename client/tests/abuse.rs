@@ -501,7 +501,7 @@ async fn large_frames_and_extra_streams_leave_no_memory_behind() {
             ttl_secs: 1,
             recipient: backbone_protocol::Address([0; 32]),
             capability: backbone_protocol::bytes::DeliveryCapability([0; 32]),
-            envelope: backbone_protocol::bytes::Blob(Vec::new()),
+            envelope: backbone_protocol::bytes::Blob::default(),
         }))
         .expect("encodes")[5..9]
             .to_vec();

@@ -110,7 +110,7 @@ async fn a_device_whose_cursor_a_crash_took_back_still_gets_new_envelopes() {
         .await
         .expect("the new envelope arrives although the cursor went back")
         .expect("running");
-    assert_eq!(delivery.envelope, b"after");
+    assert_eq!(delivery.envelope, &b"after"[..]);
     assert_eq!(delivery.seq, 11);
     broker.kill_9();
 }

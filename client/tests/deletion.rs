@@ -431,7 +431,7 @@ async fn every_way_to_reach_a_deleted_identity_is_refused() {
         ttl_secs: 60,
         recipient: a,
         capability,
-        envelope: Blob(vec![1; 64]),
+        envelope: Blob::from(vec![1; 64]),
     }))
     .await
     .expect("sends");
@@ -449,7 +449,7 @@ async fn every_way_to_reach_a_deleted_identity_is_refused() {
         request_id: 2,
         owner: a,
         capability,
-        intro: Blob(Vec::new()),
+        intro: Blob::default(),
     }))
     .await
     .expect("sends");

@@ -56,7 +56,7 @@ async fn a_device_is_never_shown_an_envelope_before_its_flush_returns() {
     // envelope and nothing else while the flush is open.
     let bob_client = bob.connect(&broker).await;
     let first = next_delivery(&bob_client, Duration::from_secs(10)).await;
-    assert_eq!(first.envelope, b"durable");
+    assert_eq!(first.envelope, &b"durable"[..]);
     assert_eq!(first.seq, 1);
     assert_no_delivery(&bob_client, Duration::from_millis(500)).await;
 
@@ -65,7 +65,7 @@ async fn a_device_is_never_shown_an_envelope_before_its_flush_returns() {
     let ack = sending.await.expect("task").expect("acknowledged");
     assert_eq!(ack.stored.len(), 1);
     let second = next_delivery(&bob_client, Duration::from_secs(10)).await;
-    assert_eq!(second.envelope, b"not yet durable");
+    assert_eq!(second.envelope, &b"not yet durable"[..]);
     assert_eq!(second.seq, 2);
     broker.shutdown().await;
 }

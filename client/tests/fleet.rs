@@ -584,7 +584,7 @@ async fn a_new_node_takes_over_slots_with_their_mailboxes_under_traffic() {
             sender: None,
             stored_at_ms: 1,
             expires_at_ms: u64::MAX,
-            envelope: backbone_protocol::bytes::Blob(vec![9; 8]),
+            envelope: backbone_protocol::bytes::Blob::from(vec![9; 8]),
         }],
         cursors: vec![],
         card: None,

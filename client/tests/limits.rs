@@ -198,7 +198,7 @@ async fn a_receiver_that_never_reads_does_not_hold_up_others() {
         .expect("sent");
     assert_eq!(ack.stored.len(), 1);
     let delivery = support::next_delivery(&bob_client, Duration::from_secs(5)).await;
-    assert_eq!(delivery.envelope, b"still flowing");
+    assert_eq!(delivery.envelope, &b"still flowing"[..]);
     drop(raw);
     broker.shutdown().await;
 }

@@ -361,7 +361,7 @@ async fn malformed_and_oversize_requests_get_typed_errors_and_the_session_goes_o
             request_id: 9,
             ttl_secs,
             recipients,
-            envelope: Blob(vec![0; size]),
+            envelope: Blob::from(vec![0; size]),
         })
     };
     raw.send(&send(vec![identity.address()], 5000, 60))
@@ -419,7 +419,7 @@ async fn a_request_with_id_zero_is_refused_and_not_carried_out() {
         request_id: 0,
         ttl_secs: 60,
         recipients: vec![identity.address()],
-        envelope: Blob(vec![7; 10]),
+        envelope: Blob::from(vec![7; 10]),
     }))
     .await
     .expect("sends");
@@ -713,7 +713,7 @@ async fn a_connected_device_keeps_no_actor_and_still_gets_pushes() {
             .expect("sent");
         let delivery = next_delivery(&bob_client, WAIT).await;
         assert_eq!(delivery.seq, ack.stored[0].seq);
-        assert_eq!(delivery.envelope, [round]);
+        assert_eq!(delivery.envelope, &[round][..]);
         // Wait for Bob's actor to stop while he stays connected: the next
         // envelope starts a new one, which must push to him too.
         eventually("every actor stops", WAIT, async || {

@@ -162,7 +162,7 @@ async fn traffic(server: &str, ca: PathBuf) {
         request_id: 1,
         ttl_secs: 0,
         recipients: vec![bob.address()],
-        envelope: Blob(vec![1; 10]),
+        envelope: Blob::from(vec![1; 10]),
     }))
     .await
     .expect("sends");

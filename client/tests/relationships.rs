@@ -349,7 +349,7 @@ async fn envelopes_that_look_like_broker_notices_are_refused() {
         ttl_secs: 60,
         recipient: bob.address(),
         capability,
-        envelope: Blob(forged.clone()),
+        envelope: Blob::from(forged.clone()),
     }))
     .await
     .expect("sends");
@@ -368,7 +368,7 @@ async fn envelopes_that_look_like_broker_notices_are_refused() {
         request_id: 1,
         ttl_secs: 60,
         recipients: vec![bob.address()],
-        envelope: Blob(forged),
+        envelope: Blob::from(forged),
     }))
     .await
     .expect("sends");

@@ -254,7 +254,7 @@ async fn an_anonymous_session_may_only_send_sealed_fetch_cards_and_ping() {
             request_id: 1,
             ttl_secs: 60,
             recipients: vec![bob.address()],
-            envelope: Blob(vec![1]),
+            envelope: Blob::from(vec![1]),
         }),
         Frame::Delete(Delete {
             request_id: 2,
@@ -277,7 +277,7 @@ async fn an_anonymous_session_may_only_send_sealed_fetch_cards_and_ping() {
         Frame::CreateToken(CreateToken {
             request_id: 7,
             ttl_secs: 60,
-            content: Blob(vec![1]),
+            content: Blob::from(vec![1]),
             password_verifier: None,
         }),
         Frame::DeleteToken(DeleteToken {
@@ -352,7 +352,7 @@ async fn an_authenticated_session_cannot_send_sealed() {
         ttl_secs: 60,
         recipient: bob.address(),
         capability,
-        envelope: Blob(vec![1; 8]),
+        envelope: Blob::from(vec![1; 8]),
     }))
     .await
     .expect("sends");

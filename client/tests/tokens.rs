@@ -384,7 +384,7 @@ async fn raw_refusals_a_zero_ttl_and_token_creation_on_an_anonymous_session() {
     raw.send(&Frame::CreateToken(CreateToken {
         request_id: 1,
         ttl_secs: 0,
-        content: Blob(vec![1]),
+        content: Blob::from(vec![1]),
         password_verifier: None,
     }))
     .await
@@ -407,7 +407,7 @@ async fn raw_refusals_a_zero_ttl_and_token_creation_on_an_anonymous_session() {
         .send(&Frame::CreateToken(CreateToken {
             request_id: 2,
             ttl_secs: 60,
-            content: Blob(vec![1]),
+            content: Blob::from(vec![1]),
             password_verifier: None,
         }))
         .await

@@ -69,7 +69,7 @@ fn broker_frames() -> [Frame; 2] {
             sender: None,
             stored_at_ms: 1,
             expires_at_ms: 2,
-            envelope: Blob(vec![1, 2, 3]),
+            envelope: Blob::from(vec![1, 2, 3]),
         }),
     ]
 }
@@ -112,7 +112,7 @@ async fn a_send_to_an_address_that_never_authenticated_is_stored_for_it() {
         Frame::Deliver(deliver) => {
             assert_eq!(deliver.seq, 1);
             assert_eq!(deliver.sender, Some(alice.address()));
-            assert_eq!(deliver.envelope.0, b"opaque");
+            assert_eq!(deliver.envelope.0, &b"opaque"[..]);
         }
         other => panic!("expected the stored envelope, got {other:?}"),
     }

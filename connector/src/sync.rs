@@ -185,7 +185,7 @@ impl Receiver {
                     seq: delivery.seq,
                     sender: delivery.sender.map(|sender| sender.to_string()),
                     stored_at_ms: delivery.stored_at_ms,
-                    envelope: delivery.envelope.clone(),
+                    envelope: delivery.envelope.to_vec(),
                     error: error.to_string(),
                 })
             }

@@ -248,7 +248,7 @@ fn sample_frames() -> Vec<Frame> {
     let address = identity.address();
     let certificate = DeviceCertificate::issue(&identity, device.public(), 1_700_000_000_000);
     let card = IdentityCard::sign(&identity, EncryptionKey([0x55; 32]), 1_700_000_000_000);
-    let envelope = Blob(vec![0xde, 0xad, 0xbe, 0xef]);
+    let envelope = Blob::from(vec![0xde, 0xad, 0xbe, 0xef]);
     let capability = DeliveryCapability([0x66; 32]);
     vec![
         Frame::Hello(Hello {
@@ -344,12 +344,12 @@ fn sample_frames() -> Vec<Frame> {
             ttl_secs: 3600,
             recipient: address,
             capability,
-            envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            envelope: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
         }),
         Frame::CreateToken(CreateToken {
             request_id: 12,
             ttl_secs: 600,
-            content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            content: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
             password_verifier: Some(PasswordVerifier([0x77; 32])),
         }),
         Frame::TokenCreated(TokenCreated {
@@ -364,7 +364,7 @@ fn sample_frames() -> Vec<Frame> {
         }),
         Frame::TokenContent(TokenContent {
             request_id: 13,
-            content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            content: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
             expires_at_ms: 1_700_000_600_000,
         }),
         Frame::DeleteToken(DeleteToken {
@@ -379,7 +379,7 @@ fn sample_frames() -> Vec<Frame> {
             request_id: 16,
             owner: address,
             capability,
-            intro: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            intro: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
         }),
         Frame::DecideRelationship(DecideRelationship {
             request_id: 17,
@@ -860,7 +860,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
         epoch: 3,
         map_digest: [0x66; 32],
     };
-    let envelope = Blob(vec![0xde, 0xad, 0xbe, 0xef]);
+    let envelope = Blob::from(vec![0xde, 0xad, 0xbe, 0xef]);
     vec![
         PeerFrame::Hello(hello.clone()),
         PeerFrame::Welcome(hello),
@@ -915,7 +915,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                     id: TokenId([0x88; 32]),
                     created_at_ms: 1_700_000_000_000,
                     expires_at_ms: 1_700_000_600_000,
-                    content: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+                    content: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
                     verifier_hash: Some(PasswordVerifier([0x77; 32]).hash()),
                     failed_attempts: 2,
                     locked: false,
@@ -953,7 +953,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
             expires_at_ms: 1_700_003_600_000,
             recipient: address,
             capability_hash: DeliveryCapability([0x66; 32]).hash(),
-            envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            envelope: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
         }),
         PeerFrame::GetToken(PeerGetToken {
             request_id: 6,
@@ -962,7 +962,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
         }),
         PeerFrame::TokenResult(PeerTokenResult {
             request_id: 6,
-            result: Ok((Blob(vec![0xde, 0xad, 0xbe, 0xef]), 1_700_000_600_000)),
+            result: Ok((Blob::from(vec![0xde, 0xad, 0xbe, 0xef]), 1_700_000_600_000)),
         }),
         PeerFrame::Consent(PeerConsent {
             request_id: 7,
@@ -970,7 +970,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
             peer: address,
             change: SideChange::Request {
                 capability_hash: DeliveryCapability([0x66; 32]).hash(),
-                intro: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+                intro: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
             },
         }),
         PeerFrame::ConsentResult(PeerConsentResult {
@@ -996,7 +996,7 @@ fn sample_peer_frames() -> Vec<PeerFrame> {
                 complete: true,
             },
             offset: 0,
-            bytes: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            bytes: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
             last: true,
         }),
     ]

@@ -624,7 +624,7 @@ pub fn session_seeds() -> Vec<Vec<u8>> {
                 request_id: 4,
                 ttl_secs: 1,
                 recipients: vec![me, other],
-                envelope: Blob(vec![1, 2, 3]),
+                envelope: Blob::from(vec![1, 2, 3]),
             }),
             Frame::Ack(Ack { up_to_seq: 1 }),
             Frame::Delete(Delete {
@@ -650,7 +650,7 @@ pub fn session_seeds() -> Vec<Vec<u8>> {
                 request_id: 10,
                 owner: other,
                 capability,
-                intro: Blob(vec![4]),
+                intro: Blob::from(vec![4]),
             }),
             Frame::ListRelationships(ListRelationships { request_id: 11 }),
         ]),
@@ -658,7 +658,7 @@ pub fn session_seeds() -> Vec<Vec<u8>> {
             frames(&[Frame::CreateToken(CreateToken {
                 request_id: 12,
                 ttl_secs: 1,
-                content: Blob(vec![5; 8]),
+                content: Blob::from(vec![5; 8]),
                 password_verifier: Some(PasswordVerifier([0x77; 32])),
             })]),
             frames(&[

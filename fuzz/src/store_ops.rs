@@ -293,7 +293,7 @@ fn operation(pair: &mut Pair<'_>, input: &mut Input<'_>) -> Option<()> {
                         sender: (sender < IDENTITIES).then(|| address(sender)),
                         stored_at_ms: pair.now_ms,
                         expires_at_ms: pair.now_ms + ttl_ms,
-                        envelope: vec![len as u8; len],
+                        envelope: vec![len as u8; len].into(),
                     }),
                 });
             }

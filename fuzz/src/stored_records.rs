@@ -117,7 +117,7 @@ fn sample_records() -> Vec<StoredRecord> {
                 sender: Some(peer),
                 stored_at_ms: 10,
                 expires_at_ms: 1_000,
-                envelope: vec![5; 6],
+                envelope: vec![5; 6].into(),
             },
         },
         StoredRecord::EnvelopeCount(3),
@@ -230,7 +230,7 @@ pub fn stored_records_seeds() -> Vec<Vec<u8>> {
             address: *address,
             envelope: StoredEnvelope {
                 sender: None,
-                envelope: Vec::new(),
+                envelope: Default::default(),
                 ..envelope.clone()
             },
         });

@@ -9,6 +9,7 @@ use anyhow::Context;
 use backbone_client::envelope::EncryptionKeypair;
 use backbone_client::{Client, ClientError, ClientOptions};
 use backbone_protocol::{Address, Keypair};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -180,13 +181,16 @@ pub(crate) fn spawn_receiver(
 }
 
 /// The next delivery's seq and payload (`None` payload when it could not be opened).
-async fn next_payload(client: &Client, opaque: bool) -> Option<(u64, Option<Vec<u8>>)> {
+async fn next_payload(client: &Client, opaque: bool) -> Option<(u64, Option<Bytes>)> {
     if opaque {
         let delivery = client.next_delivery().await?;
         Some((delivery.seq, Some(delivery.envelope)))
     } else {
         match client.next_message().await? {
-            Ok(message) => Some((message.delivery.seq, Some(message.opened.plaintext))),
+            Ok(message) => Some((
+                message.delivery.seq,
+                Some(Bytes::from(message.opened.plaintext)),
+            )),
             Err((delivery, _)) => Some((delivery.seq, None)),
         }
     }

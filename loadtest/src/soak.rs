@@ -38,6 +38,7 @@ use anyhow::Context;
 use backbone_client::{Client, ClientOptions};
 use backbone_protocol::bytes::EncryptionKey;
 use backbone_protocol::{Address, Keypair};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
@@ -367,9 +368,9 @@ async fn next_delivery(client: &Client, opaque: bool) -> Option<(u64, u64, u64)>
             Ok(message) => (
                 message.delivery.seq,
                 message.delivery.envelope.len() as u64,
-                message.opened.plaintext,
+                Bytes::from(message.opened.plaintext),
             ),
-            Err((delivery, _)) => (delivery.seq, delivery.envelope.len() as u64, Vec::new()),
+            Err((delivery, _)) => (delivery.seq, delivery.envelope.len() as u64, Bytes::new()),
         }
     };
     let expires_ms = payload

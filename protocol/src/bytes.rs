@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeTuple, Serializer};
 use serde::{Deserialize, Serialize};
@@ -192,8 +193,13 @@ fixed_bytes!(
 );
 
 /// Variable-length opaque bytes (envelopes, addresses of other nodes).
+///
+/// Shared, not copied: a clone is a reference count, so one envelope can go
+/// to the log, to every recipient and to every push without its bytes being
+/// copied. A `Blob` decoded from a large frame is a slice of that frame's
+/// bytes (see [`crate::codec`]), not a copy of them.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct Blob(pub Vec<u8>);
+pub struct Blob(pub Bytes);
 
 impl fmt::Debug for Blob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -204,7 +210,32 @@ impl fmt::Debug for Blob {
 
 impl From<Vec<u8>> for Blob {
     fn from(bytes: Vec<u8>) -> Self {
+        Self(Bytes::from(bytes))
+    }
+}
+
+impl From<Bytes> for Blob {
+    fn from(bytes: Bytes) -> Self {
         Self(bytes)
+    }
+}
+
+impl From<&[u8]> for Blob {
+    fn from(bytes: &[u8]) -> Self {
+        Self(Bytes::copy_from_slice(bytes))
+    }
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Blob {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -218,15 +249,20 @@ impl<'de> Deserialize<'de> for Blob {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct BlobVisitor;
         impl<'de> Visitor<'de> for BlobVisitor {
-            type Value = Vec<u8>;
+            type Value = Bytes;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("bytes")
             }
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+                // A slice of the frame being decoded, when the codec
+                // decodes from shared bytes; else a copy.
+                Ok(crate::codec::shared_slice(v).unwrap_or_else(|| Bytes::copy_from_slice(v)))
+            }
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-                Ok(v.to_vec())
+                Ok(Bytes::copy_from_slice(v))
             }
             fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
-                Ok(v)
+                Ok(Bytes::from(v))
             }
         }
         deserializer.deserialize_bytes(BlobVisitor).map(Blob)

@@ -15,12 +15,16 @@
 //! fields from the input first so a forged inner length cannot make it
 //! allocate more than the bytes actually present.
 
+use std::cell::RefCell;
+
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
+use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::PROTOCOL_VERSION;
+use crate::bytes::Blob;
 use crate::fleet::PeerFrame;
 use crate::frame::{ErrorCode, Frame};
 
@@ -38,6 +42,17 @@ pub const PRE_AUTH_MAX_FRAME_LEN: usize = 4096;
 /// A [`FrameBuffer`] gives its memory back once it is empty and holds more
 /// than this (after one large frame, say).
 const RETAINED_CAPACITY: usize = 64 * 1024;
+
+/// A frame body at least this long is copied once into shared bytes and
+/// decoded from them, so that its [`Blob`]s are slices of it instead of
+/// copies (an envelope is then never copied again on its way through a
+/// broker). A shorter body is decoded in place and its blobs copied: for a
+/// few hundred bytes the copy costs less than the shared allocation.
+pub const SHARE_FROM: usize = 512;
+
+/// A [`Blob`] at least this long is written by [`encode_frame_shared`] as
+/// its own piece, shared, instead of being copied into the frame's buffer.
+pub const SEND_SHARED_FROM: usize = 512;
 
 type Config = Configuration<LittleEndian, Fixint, Limit<MAX_FRAME_LEN>>;
 
@@ -178,6 +193,39 @@ fn encode_framed<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Encod
     Ok(())
 }
 
+/// Encodes one frame for a writer that takes pieces (QUIC's
+/// `write_chunks`): appends the frame to `out`, header included, except for
+/// a [`Frame::Deliver`]'s envelope of at least [`SEND_SHARED_FROM`] bytes,
+/// which is returned instead (shared, not copied) to be written right after
+/// `out`'s bytes. `out` followed by the returned bytes is exactly what
+/// [`encode_frame`] writes.
+pub fn encode_frame_shared(frame: &Frame, out: &mut Vec<u8>) -> Result<Option<Bytes>, EncodeError> {
+    let Frame::Deliver(deliver) = frame else {
+        return encode_frame(frame, out).map(|()| None);
+    };
+    if deliver.envelope.len() < SEND_SHARED_FROM {
+        return encode_frame(frame, out).map(|()| None);
+    }
+    let payload = deliver.envelope.0.clone();
+    // The envelope is `Deliver`'s last field, a `u64` length and the bytes:
+    // encoded empty, the frame ends in that length, which is patched.
+    let start = out.len();
+    let head = Frame::Deliver(crate::frame::Deliver {
+        envelope: Blob::default(),
+        ..deliver.clone()
+    });
+    encode_frame(&head, out)?;
+    let frame_len = out.len() - start - 4 + payload.len();
+    if frame_len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge);
+    }
+    let end = out.len();
+    out[end - 8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[start..start + 4].copy_from_slice(&(frame_len as u32).to_be_bytes());
+    Ok(Some(payload))
+}
+
 /// Encodes one frame into a fresh buffer.
 pub fn frame_to_vec(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::new();
@@ -229,7 +277,7 @@ pub fn decode_frame(
     };
     let body = &frame_bytes[1..];
     check_tag(peek_tag(body)?, phase)?;
-    let frame = decode_exact::<Frame>(body)?;
+    let frame = decode_shared::<Frame>(body)?;
     Ok(Decoded::Frame {
         frame,
         consumed: total,
@@ -252,6 +300,50 @@ pub fn peek_tag(body: &[u8]) -> Result<u32, DecodeError> {
     body.get(..4)
         .map(|tag| u32::from_le_bytes([tag[0], tag[1], tag[2], tag[3]]))
         .ok_or(DecodeError::Truncated)
+}
+
+thread_local! {
+    /// The shared bytes being decoded by [`decode_shared`] on this thread.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// `slice` as a slice of the shared bytes [`decode_shared`] is decoding on
+/// this thread, if it lies within them (a [`Blob`]'s bytes do).
+pub(crate) fn shared_slice(slice: &[u8]) -> Option<Bytes> {
+    if slice.is_empty() {
+        return None;
+    }
+    SOURCE.with_borrow(|source| {
+        let source = source.as_ref()?;
+        let start = source.as_ptr() as usize;
+        let at = slice.as_ptr() as usize;
+        (at >= start && at + slice.len() <= start + source.len()).then(|| source.slice_ref(slice))
+    })
+}
+
+/// [`decode_exact`], with the [`Blob`]s of a body of at least
+/// [`SHARE_FROM`] bytes sliced from one shared copy of it (see
+/// [`SHARE_FROM`]).
+fn decode_shared<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    if body.len() < SHARE_FROM {
+        return decode_exact(body);
+    }
+    decode_from_shared(&Bytes::copy_from_slice(body))
+}
+
+/// Decodes `shared` as [`decode_exact`] does, with every [`Blob`] a slice
+/// of `shared` instead of a copy.
+fn decode_from_shared<T: DeserializeOwned>(shared: &Bytes) -> Result<T, DecodeError> {
+    /// Puts back what the thread decoded before, also if decoding panics.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            SOURCE.with_borrow_mut(|source| *source = previous);
+        }
+    }
+    let _restore = Restore(SOURCE.with_borrow_mut(|source| source.replace(shared.clone())));
+    decode_exact(shared)
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
@@ -301,7 +393,7 @@ pub fn decode_peer_frame(
     if tag as usize >= PeerFrame::TAG_NAMES.len() {
         return Err(DecodeError::UnknownFrameType { tag });
     }
-    let frame = decode_exact::<PeerFrame>(body)?;
+    let frame = decode_shared::<PeerFrame>(body)?;
     Ok(Some((frame, 4 + len)))
 }
 
@@ -321,7 +413,7 @@ pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bytes::{Blob, Text};
+    use crate::bytes::Text;
     use crate::frame::{ErrorFrame, Hello, Ping, Send};
     use crate::identity::Address;
 
@@ -449,7 +541,7 @@ mod tests {
             request_id: 1,
             ttl_secs: 60,
             recipients: vec![Address([1; 32])],
-            envelope: Blob(vec![5; 8]),
+            envelope: Blob::from(vec![5; 8]),
         });
         let mut bytes = frame_to_vec(&send).expect("encodes");
         // The envelope length is the u64 right before its 8 bytes at the end.
@@ -488,6 +580,77 @@ mod tests {
             decode_frame(&bytes, 1024, Phase::Any),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    fn deliver(len: usize) -> Frame {
+        Frame::Deliver(crate::frame::Deliver {
+            seq: 7,
+            message_id: crate::bytes::MessageId([3; 16]),
+            sender: Some(Address([4; 32])),
+            stored_at_ms: 5,
+            expires_at_ms: 6,
+            envelope: Blob::from((0..len).map(|i| i as u8).collect::<Vec<_>>()),
+        })
+    }
+
+    #[test]
+    fn a_shared_encoding_is_the_frame_in_two_pieces_from_the_threshold_on() {
+        for len in [0, 1, SEND_SHARED_FROM - 1, SEND_SHARED_FROM, 70_000] {
+            let frame = deliver(len);
+            let whole = frame_to_vec(&frame).expect("encodes");
+            let mut head = vec![9, 9];
+            let payload = encode_frame_shared(&frame, &mut head).expect("encodes");
+            assert_eq!(payload.is_some(), len >= SEND_SHARED_FROM, "{len} bytes");
+            let Frame::Deliver(sent) = &frame else {
+                unreachable!()
+            };
+            if let Some(payload) = &payload {
+                assert_eq!(
+                    payload.as_ptr(),
+                    sent.envelope.as_ptr(),
+                    "the envelope is shared, not copied"
+                );
+            }
+            let mut joined = head[2..].to_vec();
+            joined.extend_from_slice(payload.as_deref().unwrap_or_default());
+            assert_eq!(joined, whole, "{len} bytes");
+            assert_eq!(&head[..2], &[9, 9], "appended after what was there");
+        }
+        // Other frames are written whole.
+        let mut out = Vec::new();
+        let ping_frame = Frame::Ping(Ping { nonce: 7 });
+        assert!(matches!(
+            encode_frame_shared(&ping_frame, &mut out),
+            Ok(None)
+        ));
+        assert_eq!(out, ping());
+    }
+
+    #[test]
+    fn blobs_decoded_from_shared_bytes_are_slices_of_them_and_the_source_is_put_back() {
+        let frame = deliver(600);
+        let bytes = frame_to_vec(&frame).expect("encodes");
+        let shared = Bytes::copy_from_slice(&bytes[HEADER_LEN..]);
+        let decoded: Frame = decode_from_shared(&shared).expect("decodes");
+        assert_eq!(decoded, frame);
+        let Frame::Deliver(decoded) = decoded else {
+            unreachable!()
+        };
+        let range = shared.as_ptr_range();
+        assert!(
+            range.contains(&decoded.envelope.as_ptr()),
+            "the envelope is a slice of the frame's bytes, not a copy"
+        );
+        assert!(SOURCE.with_borrow(Option::is_none), "nothing left behind");
+        // Large frames are decoded that way, small ones in place; both the same.
+        for len in [10, SHARE_FROM, 5000] {
+            let frame = deliver(len);
+            let bytes = frame_to_vec(&frame).expect("encodes");
+            match decode_frame(&bytes, MAX_FRAME_LEN, Phase::Any) {
+                Ok(Decoded::Frame { frame: decoded, .. }) => assert_eq!(decoded, frame),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -459,7 +459,7 @@ mod tests {
     fn notices_round_trip_and_are_told_apart_from_envelopes() {
         let notice = Notice::Relationship {
             relationship: record(Role::Owner, State::Pending),
-            intro: Some(Blob(vec![9; 40])),
+            intro: Some(Blob::from(vec![9; 40])),
         };
         let bytes = notice.to_envelope().expect("encodes");
         assert!(is_reserved(&bytes));

@@ -88,7 +88,7 @@ fn encryption_key() -> impl Strategy<Value = EncryptionKey> {
 }
 
 fn blob() -> impl Strategy<Value = Blob> {
-    vec(any::<u8>(), 0..2048).prop_map(Blob)
+    vec(any::<u8>(), 0..2048).prop_map(Blob::from)
 }
 
 fn text() -> impl Strategy<Value = Text> {

@@ -107,7 +107,7 @@ impl Fixtures {
             message_id: MessageId([0x44; 16]),
             encryption_key: EncryptionKey([0x55; 32]),
             time_ms: 1_700_000_000_000,
-            envelope: Blob(vec![0xde, 0xad, 0xbe, 0xef]),
+            envelope: Blob::from(vec![0xde, 0xad, 0xbe, 0xef]),
             capability: DeliveryCapability([0x66; 32]),
             verifier: PasswordVerifier([0x77; 32]),
             token_id: TokenId([0x88; 32]),

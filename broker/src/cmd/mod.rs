@@ -524,7 +524,7 @@ mod tests {
             request_id,
             ttl_secs: 60,
             recipients: vec![Address([2; 32])],
-            envelope: Blob(vec![0; 16]),
+            envelope: Blob::from(vec![0; 16]),
         })
     }
 
@@ -666,7 +666,7 @@ mod tests {
             ttl_secs: 60,
             recipient: OWNER,
             capability: backbone_protocol::bytes::DeliveryCapability([6; 32]),
-            envelope: Blob(vec![1; 8]),
+            envelope: Blob::from(vec![1; 8]),
         });
         let codes: Vec<_> = CALLERS
             .iter()

@@ -10,6 +10,7 @@ use backbone_protocol::bytes::MessageId;
 use backbone_protocol::fleet::{Forward, ForwardAck, PeerFrame, SealedForward};
 use backbone_protocol::frame::{ErrorCode, SealedSend, Send, SendAck};
 use backbone_protocol::{Address, Frame};
+use bytes::Bytes;
 
 use super::{error_frame, relationships};
 use crate::route::{StoreTemplate, store_everywhere, store_for, store_sealed, store_sealed_for};
@@ -123,7 +124,7 @@ fn template(
     shared: &Shared,
     sender: Option<Address>,
     ttl_secs: u32,
-    envelope: Vec<u8>,
+    envelope: Bytes,
 ) -> StoreTemplate {
     let max_ttl_ms = shared.config.limits.max_ttl.as_millis() as u64;
     let ttl_ms = (u64::from(ttl_secs) * 1000).min(max_ttl_ms);

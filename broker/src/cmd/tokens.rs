@@ -95,7 +95,7 @@ pub async fn create(shared: &Arc<Shared>, owner: Address, create: CreateToken) -
             owner,
             created_at_ms: now,
             expires_at_ms: now + ttl_ms,
-            content,
+            content: Vec::from(content),
             verifier_hash,
             failed_attempts: 0,
             locked: false,
@@ -168,7 +168,7 @@ pub async fn get(shared: &Arc<Shared>, get: GetToken) -> Frame {
     match result {
         Ok((content, expires_at_ms)) => Frame::TokenContent(TokenContent {
             request_id: id,
-            content: Blob(content),
+            content: Blob::from(content),
             expires_at_ms,
         }),
         Err((ErrorCode::ShardUnavailable, message)) => refused(
@@ -292,7 +292,7 @@ async fn fetch_remote(
         Ok(PeerFrame::TokenResult(PeerTokenResult {
             result: Ok((content, expires_at_ms)),
             ..
-        })) => Ok((content.0, expires_at_ms)),
+        })) => Ok((Vec::from(content.0), expires_at_ms)),
         Ok(PeerFrame::TokenResult(PeerTokenResult {
             result: Err(code), ..
         })) => {
@@ -314,7 +314,7 @@ async fn fetch_remote(
 pub async fn answer_peer(shared: &Arc<Shared>, get: PeerGetToken) -> PeerFrame {
     let result = fetch_local(shared, get.token_id, get.password_verifier)
         .await
-        .map(|(content, expires_at_ms)| (Blob(content), expires_at_ms))
+        .map(|(content, expires_at_ms)| (Blob::from(content), expires_at_ms))
         .map_err(|(code, _)| code as u16);
     PeerFrame::TokenResult(PeerTokenResult {
         request_id: get.request_id,

@@ -232,7 +232,7 @@ async fn transfer_files(
                 epoch,
                 file: record.clone(),
                 offset,
-                bytes: Blob(bytes),
+                bytes: Blob::from(bytes),
                 last,
             };
             let answer = links
@@ -326,7 +326,7 @@ fn split(export: MailboxExport) -> Vec<MailboxTransfer> {
             id: token.id,
             created_at_ms: token.created_at_ms,
             expires_at_ms: token.expires_at_ms,
-            content: Blob(token.content),
+            content: Blob::from(token.content),
             verifier_hash: token.verifier_hash,
             failed_attempts: token.failed_attempts,
             locked: token.locked,
@@ -375,7 +375,7 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
                 owner: transfer.address,
                 created_at_ms: token.created_at_ms,
                 expires_at_ms: token.expires_at_ms,
-                content: token.content.0,
+                content: Vec::from(token.content.0),
                 verifier_hash: token.verifier_hash,
                 failed_attempts: token.failed_attempts,
                 locked: token.locked,
@@ -404,7 +404,7 @@ mod tests {
                 sender: None,
                 stored_at_ms: 1,
                 expires_at_ms: 2,
-                envelope: vec![seq as u8; 1024 * 1024],
+                envelope: vec![seq as u8; 1024 * 1024].into(),
             })
             .collect();
         let export = MailboxExport {

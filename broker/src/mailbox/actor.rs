@@ -427,7 +427,7 @@ impl MailboxState {
             sender: Some(peer),
             stored_at_ms: now,
             expires_at_ms: now + self.context.notice_ttl.as_millis() as u64,
-            envelope: bytes,
+            envelope: bytes.into(),
         };
         let mut core = self.mailbox.core();
         let (seq, counted) = core.number_notice(envelope.envelope.len() as u64, Instant::now());

@@ -49,9 +49,10 @@ use crate::cmd::Caller;
 use crate::shared::Shared;
 use crate::shared::live::{LiveSession, close};
 
-/// Queue of outgoing frames per connection; the bytes they hold are bounded
-/// by the connection's output budget (see [`Outbox`]).
-const OUT_QUEUE: usize = 1024;
+/// Queue of outgoing pieces per connection (1,024 frames, a push being
+/// two pieces); the bytes they hold are bounded by the connection's output
+/// budget (see [`Outbox`]).
+const OUT_QUEUE: usize = 2048;
 
 /// How long a redirected connection stays open for the client to read the redirect.
 const REDIRECT_LINGER: std::time::Duration = std::time::Duration::from_secs(5);

@@ -964,7 +964,7 @@ mod tests {
                 sender: None,
                 stored_at_ms: 0,
                 expires_at_ms: 10,
-                envelope: vec![1, 2, 3],
+                envelope: vec![1, 2, 3].into(),
             }),
         }
     }

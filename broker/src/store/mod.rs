@@ -35,6 +35,7 @@ use backbone_protocol::bytes::{
 use backbone_protocol::deletion::{Deletion, PeerToTell};
 use backbone_protocol::relationship::{InboundPolicy, Relationship};
 use backbone_protocol::{Address, DeviceCertificate, DeviceId, IdentityCard};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod both;
@@ -65,11 +66,11 @@ pub struct StoredEnvelope {
     pub stored_at_ms: u64,
     /// When the envelope stops being delivered, milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
-    /// The sealed envelope bytes; opaque to the broker. Encoded as bytes,
-    /// not as a sequence of `u8` (the same layout, decoded in one copy
-    /// instead of byte by byte).
-    #[serde(with = "serde_bytes")]
-    pub envelope: Vec<u8>,
+    /// The sealed envelope bytes; opaque to the broker. Shared, not
+    /// copied, between the request it came in, the log's write and every
+    /// push. Encoded as bytes, not as a sequence of `u8` (the same layout,
+    /// decoded in one copy instead of byte by byte).
+    pub envelope: Bytes,
 }
 
 /// One token as stored: an opaque blob its owner shares by handing out the
@@ -1136,7 +1137,7 @@ pub(crate) mod tests {
             sender: seq.is_multiple_of(2).then(|| address(0xee)),
             stored_at_ms,
             expires_at_ms,
-            envelope: vec![seq as u8; (seq % 7) as usize + 1],
+            envelope: vec![seq as u8; (seq % 7) as usize + 1].into(),
         }
     }
 

@@ -154,7 +154,7 @@ mod tests {
             sender: None,
             stored_at_ms: 1,
             expires_at_ms: u64::MAX,
-            envelope: vec![seq as u8; 40],
+            envelope: vec![seq as u8; 40].into(),
         }
     }
 

@@ -2044,7 +2044,7 @@ pub(super) mod tests {
             sender: Some(Address([0xaa; 32])),
             stored_at_ms: 1,
             expires_at_ms,
-            envelope: vec![seq as u8; 100],
+            envelope: vec![seq as u8; 100].into(),
         }
     }
 
@@ -2275,7 +2275,7 @@ mod fault_tests {
             sender: None,
             stored_at_ms: 1,
             expires_at_ms,
-            envelope: vec![seq as u8; 1024],
+            envelope: vec![seq as u8; 1024].into(),
         }
     }
 

@@ -228,7 +228,7 @@ mod tests {
             sender: None,
             stored_at_ms: 0,
             expires_at_ms: u64::MAX,
-            envelope: vec![1],
+            envelope: vec![1].into(),
         };
         handle
             .append(vec![Append {

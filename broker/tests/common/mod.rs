@@ -29,7 +29,7 @@ pub fn envelope(seq: u64, payload: &[u8]) -> Arc<StoredEnvelope> {
         sender: None,
         stored_at_ms: NOW_MS,
         expires_at_ms: NOW_MS + 3_600_000,
-        envelope: payload.to_vec(),
+        envelope: payload.to_vec().into(),
     })
 }
 

@@ -34,6 +34,7 @@
 
 use backbone_protocol::Address;
 use backbone_protocol::bytes::MessageId;
+use bytes::Bytes;
 
 use crate::store::StoredEnvelope;
 
@@ -326,7 +327,7 @@ fn decode_append_fields(reader: &mut Reader<'_>) -> Option<StoredEnvelope> {
     let stored_at_ms = reader.u64()?;
     let expires_at_ms = reader.u64()?;
     let len = reader.u32()? as usize;
-    let envelope = reader.take(len)?.to_vec();
+    let envelope = Bytes::copy_from_slice(reader.take(len)?);
     Some(StoredEnvelope {
         seq,
         message_id,
@@ -378,7 +379,7 @@ mod tests {
             sender,
             stored_at_ms: 1_000 + seq,
             expires_at_ms: 9_000 + seq,
-            envelope: bytes.to_vec(),
+            envelope: Bytes::copy_from_slice(bytes),
         }
     }
 

@@ -80,7 +80,7 @@ fn envelope(seq: u64, expires_at_ms: u64, len: usize) -> StoredEnvelope {
         sender: None,
         stored_at_ms: 1,
         expires_at_ms,
-        envelope: vec![seq as u8; len],
+        envelope: vec![seq as u8; len].into(),
     }
 }
 

@@ -527,7 +527,7 @@ mod tests {
             sender: Some(peer),
             stored_at_ms: 10,
             expires_at_ms: 1_000,
-            envelope: vec![seq as u8; 5],
+            envelope: vec![seq as u8; 5].into(),
         };
         // Legacy envelopes (and a head) of a store from before the log.
         super::super::tests::write_legacy(store, &address, &[envelope(1), envelope(2)], Some(3));
