@@ -16,13 +16,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc, as the broker uses: the load generator shares the machine's
-/// cores with the broker it measures, so its own CPU per message counts
-/// against the broker's throughput (glibc's malloc and free were about 6 %
-/// of its profile). Measured in docs/benchmarks.md (2026-12-08).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Load-test a Backbone broker.
 #[derive(Parser)]
 #[command(version, about)]
