@@ -59,26 +59,27 @@ pub struct MessageView {
 
 impl From<&MessageRecord> for MessageView {
     fn from(record: &MessageRecord) -> Self {
-        let text = record
+        let message = &record.message;
+        let text = message
             .content_type
             .starts_with("text/")
-            .then(|| String::from_utf8(record.content.clone()).ok())
+            .then(|| String::from_utf8(message.content.clone()).ok())
             .flatten();
         Self {
             id: record.id,
             direction: record.direction,
-            message_id: record.broker_message_id.clone(),
-            seq: record.seq,
-            sender: record.sender.clone(),
-            recipients: record.recipients.clone(),
-            sent_at_ms: record.sent_at_ms,
-            stored_at_ms: record.stored_at_ms,
-            expires_at_ms: record.expires_at_ms,
+            message_id: message.broker_message_id.clone(),
+            seq: message.seq,
+            sender: message.sender.clone(),
+            recipients: message.recipients.clone(),
+            sent_at_ms: message.sent_at_ms,
+            stored_at_ms: message.stored_at_ms,
+            expires_at_ms: message.expires_at_ms,
             recorded_at_ms: record.recorded_at_ms,
-            content_type: record.content_type.clone(),
+            content_type: message.content_type.clone(),
             text,
-            content_base64: data_encoding::BASE64.encode(&record.content),
-            attachments: record.attachments.clone(),
+            content_base64: data_encoding::BASE64.encode(&message.content),
+            attachments: message.attachments.clone(),
         }
     }
 }
@@ -372,10 +373,10 @@ pub async fn attachment(
         .message(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
-    let attachment = record
-        .attachments
-        .get(index)
-        .ok_or_else(|| ApiError::not_found(format!("message {id} has no attachment {index}")))?;
+    let attachment =
+        record.message.attachments.get(index).ok_or_else(|| {
+            ApiError::not_found(format!("message {id} has no attachment {index}"))
+        })?;
     let reference = attachment
         .reference
         .parse()

@@ -50,8 +50,8 @@ pub struct Attachment {
 }
 
 /// A message to record (see [`Database::record_received`] and
-/// [`Database::record_sent`]).
-#[derive(Clone, Debug)]
+/// [`Database::record_sent`]), and as recorded ([`MessageRecord::message`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
     /// The broker's id of the message (hex).
     pub broker_message_id: String,
@@ -93,35 +93,17 @@ pub struct UnreadableEnvelope {
     pub error: String,
 }
 
-/// A stored message.
+/// A stored message: the message as recorded, and what the Connector adds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageRecord {
     /// The local id.
     pub id: i64,
     /// Received or sent.
     pub direction: Direction,
-    /// The broker's id (hex).
-    pub broker_message_id: String,
-    /// The mailbox sequence number (received messages).
-    pub seq: Option<u64>,
-    /// The sender.
-    pub sender: String,
-    /// The recipients.
-    pub recipients: Vec<String>,
-    /// When the sender sent it (Unix ms).
-    pub sent_at_ms: u64,
-    /// When the broker stored it (received messages).
-    pub stored_at_ms: Option<u64>,
-    /// When the broker drops it.
-    pub expires_at_ms: Option<u64>,
     /// When this Connector recorded it (Unix ms).
     pub recorded_at_ms: u64,
-    /// The content's media type.
-    pub content_type: String,
-    /// The content.
-    pub content: Vec<u8>,
-    /// Attached files.
-    pub attachments: Vec<Attachment>,
+    /// The message.
+    pub message: NewMessage,
 }
 
 /// Which messages [`Database::list_messages`] returns.
@@ -394,19 +376,21 @@ fn read_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<MessageRecor
         Ok(MessageRecord {
             id: row.get(0)?,
             direction: Direction::parse(&direction)?,
-            broker_message_id: row.get(2)?,
-            seq: row.get::<_, Option<i64>>(3)?.map(|seq| seq as u64),
-            sender: row.get(4)?,
-            recipients: serde_json::from_str(&recipients)
-                .map_err(|error| DbError::Corrupt(error.to_string()))?,
-            sent_at_ms: row.get::<_, i64>(6)? as u64,
-            stored_at_ms: row.get::<_, Option<i64>>(7)?.map(|at| at as u64),
-            expires_at_ms: row.get::<_, Option<i64>>(8)?.map(|at| at as u64),
             recorded_at_ms: row.get::<_, i64>(9)? as u64,
-            content_type: row.get(10)?,
-            content: row.get(11)?,
-            attachments: serde_json::from_str(&attachments)
-                .map_err(|error| DbError::Corrupt(error.to_string()))?,
+            message: NewMessage {
+                broker_message_id: row.get(2)?,
+                seq: row.get::<_, Option<i64>>(3)?.map(|seq| seq as u64),
+                sender: row.get(4)?,
+                recipients: serde_json::from_str(&recipients)
+                    .map_err(|error| DbError::Corrupt(error.to_string()))?,
+                sent_at_ms: row.get::<_, i64>(6)? as u64,
+                stored_at_ms: row.get::<_, Option<i64>>(7)?.map(|at| at as u64),
+                expires_at_ms: row.get::<_, Option<i64>>(8)?.map(|at| at as u64),
+                content_type: row.get(10)?,
+                content: row.get(11)?,
+                attachments: serde_json::from_str(&attachments)
+                    .map_err(|error| DbError::Corrupt(error.to_string()))?,
+            },
         })
     })();
     Ok(record)

@@ -300,6 +300,6 @@ mod tests {
             .await
             .expect("out");
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].recipients, ["alice", "carol"]);
+        assert_eq!(out[0].message.recipients, ["alice", "carol"]);
     }
 }
