@@ -44,9 +44,9 @@ pub const PRE_AUTH_MAX_FRAME_LEN: usize = 4096;
 const RETAINED_CAPACITY: usize = 64 * 1024;
 
 /// A frame body at least this long is copied once into shared bytes and
-/// decoded from them, so that its [`Blob`]s are slices of it instead of
-/// copies (an envelope is then never copied again on its way through a
-/// broker). A shorter body is decoded in place and its blobs copied: for a
+/// decoded from them, so that a [`Blob`] that is most of it (an envelope,
+/// see [`shared_slice`]) is a slice of it instead of a copy, never copied
+/// again on its way through a broker. A shorter body is decoded in place and its blobs copied: for a
 /// few hundred bytes the copy costs less than the shared allocation.
 pub const SHARE_FROM: usize = 512;
 
@@ -308,7 +308,15 @@ thread_local! {
 }
 
 /// `slice` as a slice of the shared bytes [`decode_shared`] is decoding on
-/// this thread, if it lies within them (a [`Blob`]'s bytes do).
+/// this thread, if it lies within them (a [`Blob`]'s bytes do) and is at
+/// least half of them.
+///
+/// A slice keeps all of its source alive, while whoever holds it (an
+/// outbox's byte budget, QUIC's send window, a quota) counts only the
+/// slice: sharing only a blob that is most of its frame keeps what is held
+/// within twice what is counted. A small blob in a large frame (a 512-byte
+/// envelope beside a hundred recipients, one token of a mailbox's
+/// handover) is copied instead.
 pub(crate) fn shared_slice(slice: &[u8]) -> Option<Bytes> {
     if slice.is_empty() {
         return None;
@@ -317,7 +325,8 @@ pub(crate) fn shared_slice(slice: &[u8]) -> Option<Bytes> {
         let source = source.as_ref()?;
         let start = source.as_ptr() as usize;
         let at = slice.as_ptr() as usize;
-        (at >= start && at + slice.len() <= start + source.len()).then(|| source.slice_ref(slice))
+        (at >= start && at + slice.len() <= start + source.len() && slice.len() * 2 >= source.len())
+            .then(|| source.slice_ref(slice))
     })
 }
 
@@ -642,6 +651,26 @@ mod tests {
             "the envelope is a slice of the frame's bytes, not a copy"
         );
         assert!(SOURCE.with_borrow(Option::is_none), "nothing left behind");
+        // A blob that is less than half of its frame is copied: a slice would
+        // keep the whole frame alive while counted as the blob.
+        let send = Frame::Send(crate::frame::Send {
+            request_id: 1,
+            recipients: (0..100u8).map(|i| Address([i; 32])).collect(),
+            ttl_secs: 60,
+            envelope: Blob::from(vec![5; 600]),
+        });
+        let bytes = frame_to_vec(&send).expect("encodes");
+        let shared = Bytes::copy_from_slice(&bytes[HEADER_LEN..]);
+        assert!(shared.len() > 2 * 600);
+        let decoded: Frame = decode_from_shared(&shared).expect("decodes");
+        assert_eq!(decoded, send);
+        let Frame::Send(decoded) = decoded else {
+            unreachable!()
+        };
+        assert!(
+            !shared.as_ptr_range().contains(&decoded.envelope.as_ptr()),
+            "a small envelope in a large frame is a copy"
+        );
         // Large frames are decoded that way, small ones in place; both the same.
         for len in [10, SHARE_FROM, 5000] {
             let frame = deliver(len);

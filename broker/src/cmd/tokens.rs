@@ -95,7 +95,7 @@ pub async fn create(shared: &Arc<Shared>, owner: Address, create: CreateToken) -
             owner,
             created_at_ms: now,
             expires_at_ms: now + ttl_ms,
-            content: Vec::from(content),
+            content: content.to_vec(),
             verifier_hash,
             failed_attempts: 0,
             locked: false,
@@ -292,7 +292,7 @@ async fn fetch_remote(
         Ok(PeerFrame::TokenResult(PeerTokenResult {
             result: Ok((content, expires_at_ms)),
             ..
-        })) => Ok((Vec::from(content.0), expires_at_ms)),
+        })) => Ok((content.0.to_vec(), expires_at_ms)),
         Ok(PeerFrame::TokenResult(PeerTokenResult {
             result: Err(code), ..
         })) => {

@@ -375,7 +375,7 @@ pub fn to_export(transfer: MailboxTransfer) -> MailboxExport {
                 owner: transfer.address,
                 created_at_ms: token.created_at_ms,
                 expires_at_ms: token.expires_at_ms,
-                content: Vec::from(token.content.0),
+                content: token.content.0.to_vec(),
                 verifier_hash: token.verifier_hash,
                 failed_attempts: token.failed_attempts,
                 locked: token.locked,
