@@ -46,8 +46,9 @@ const RETAINED_CAPACITY: usize = 64 * 1024;
 /// A frame body at least this long is copied once into shared bytes and
 /// decoded from them, so that a [`Blob`] that is most of it (an envelope,
 /// see `shared_slice`) is a slice of it instead of a copy, never copied
-/// again on its way through a broker. A shorter body is decoded in place and its blobs copied: for a
-/// few hundred bytes the copy costs less than the shared allocation.
+/// again on its way through a broker. A shorter body is decoded in place
+/// and its blobs copied: for a few hundred bytes the copy costs less than
+/// the shared allocation.
 pub const SHARE_FROM: usize = 512;
 
 /// A [`Blob`] at least this long is written by [`encode_frame_shared`] as
